@@ -1,0 +1,109 @@
+"""The Backend contract: load a variant, turn a request into a prompt, stream tokens, unload.
+
+A backend runs inside a worker process and knows nothing about workers, timing or the UI: it
+yields chunks of text with the number of tokens each stands for, and the worker times them.
+Capabilities are class attributes, so callers never dispatch on class names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from playground.config import GenerationParams, ModelConfig, Mode
+
+ShouldStop = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked: chat messages or raw completion text, with sampling settings."""
+
+    mode: Mode
+    params: GenerationParams
+    messages: tuple[dict[str, str], ...] = ()
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode == "chat" and not self.messages:
+            raise ValueError("a chat request needs at least one message")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request made ready for one backend: its own payload and its length in tokens."""
+
+    n_tokens: int | None  # None where only the server knows (remote endpoints)
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Newly generated text and the number of tokens it stands for."""
+
+    text: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts reported by the backend itself; they replace the worker's own counts."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    backend: str
+    device: str
+    dtype: str
+    n_params: int | None
+    context_length: int
+    load_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    # Capabilities, read by the engine and the UI.
+    streams_tokens: ClassVar[bool] = True  # chunks are single tokens as they are made
+    supports_grammar: ClassVar[bool] = False
+    counts_tokens_locally: ClassVar[bool] = True  # False: counts come from a server's Usage
+    runs_remote: ClassVar[bool] = False
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def load(self) -> LoadInfo:
+        """Load the weights; raise LoadError with a readable message on any failure."""
+
+    @abstractmethod
+    def prepare(self, request: Request) -> Prompt:
+        """Format and tokenize the request (chat template, Alpaca or raw)."""
+
+    @abstractmethod
+    def stream(
+        self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop
+    ) -> Iterator[Chunk | Usage]:
+        """Generate at most params.max_new_tokens tokens, stopping early when should_stop()."""
+
+    def finish_reason(self) -> FinishReason:
+        """Why the last stream ended: an end-of-sequence token, the token limit, or a stop."""
+        return getattr(self, "_finish_reason", "stop")
+
+    def reset_memory_peaks(self) -> None:
+        """Start a new peak-memory window (GPU backends reset their allocator's peak)."""
+
+    def device_memory(self) -> dict[str, int]:
+        """Accelerator memory figures for the last window (bytes); empty on CPU."""
+        return {}
+
+    def unload(self) -> None:
+        """Free what can be freed in-process; the worker process exits right after anyway."""

@@ -1,0 +1,155 @@
+"""llama.cpp backend (llama-cpp-python): GGUF files, the chat template stored in the file.
+
+Tokens come from `Llama.generate` one at a time, so chunks are single tokens and the worker's
+timing sees each one. GPU layers are offloaded only when the build supports it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop
+from playground.config import GenerationParams, ModelConfig
+from playground.errors import GenerationError, LoadError
+from playground.prompts import render_without_template
+from playground.sources import check_gguf_header, fetch
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    supports_grammar = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.llm: Any = None
+        self.device = "cpu"
+        self._chat_formatter: Any = None
+
+    def load(self) -> LoadInfo:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        started = time.perf_counter()
+        weights = fetch(self.config)
+        if weights.kind != "gguf":
+            raise LoadError(f"{weights.location}: the llamacpp backend needs a .gguf file")
+        check_gguf_header(weights.path)
+        options = self.config.llamacpp
+        wants_gpu = self.config.device != "cpu" and options.n_gpu_layers != 0
+        can_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if self.config.device == "cuda" and not can_offload:
+            raise LoadError("this variant asks for device cuda, but llama-cpp-python was built without GPU support")
+        n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(weights.path),
+                n_ctx=self.config.context_length,
+                n_batch=options.n_batch,
+                n_threads=options.n_threads or physical_cores(),
+                n_gpu_layers=n_gpu_layers,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as err:
+            raise LoadError(f"llama.cpp could not load {weights.path.name}: {err}") from None
+        self.device = "cuda" if n_gpu_layers else "cpu"
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if template:
+            self._chat_formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._token_text(self.llm.token_eos()),
+                bos_token=self._token_text(self.llm.token_bos()),
+            )
+        notes = [] if template else ["the GGUF file holds no chat template: chat mode is off"]
+        return LoadInfo(
+            backend=self.name,
+            device=self.device,
+            dtype=self._file_type(),
+            n_params=int(self.llm._model.n_params()),
+            # llama.cpp may round the context up; the configured limit is what we enforce.
+            context_length=min(self.llm.n_ctx(), self.config.context_length),
+            load_s=time.perf_counter() - started,
+            notes=notes,
+        )
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def _file_type(self) -> str:
+        from gguf import LlamaFileType
+
+        raw = self.llm.metadata.get("general.file_type")
+        try:
+            return LlamaFileType(int(raw)).name.removeprefix("MOSTLY_") if raw is not None else "gguf"
+        except ValueError:
+            return f"gguf type {raw}"
+
+    def prepare(self, request: Request) -> Prompt:
+        if request.mode == "chat" and self.config.prompt_format == "chat_template":
+            if self._chat_formatter is None:
+                raise GenerationError(
+                    f"{self.config.display_name} has no chat template in its GGUF file: use completion mode"
+                )
+            text = self._chat_formatter(messages=list(request.messages)).prompt
+            # The template writes any BOS itself, as llama-cpp-python's own chat path assumes.
+            ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        else:
+            text = render_without_template(
+                self.config.prompt_format, request.mode, request.messages, request.text
+            )
+            ids = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        if not ids:
+            raise GenerationError("the prompt is empty")
+        return Prompt(n_tokens=len(ids), payload=ids)
+
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
+        import llama_cpp
+
+        if params.seed is not None:
+            self.llm.set_seed(params.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = self.llm._model.vocab  # the library's own end-of-generation test needs it
+        produced = 0
+        self._finish_reason = "length"
+        tokens = self.llm.generate(
+            prompt.payload,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=params.temperature,
+            repeat_penalty=params.repetition_penalty,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    self._finish_reason = "stop"
+                    break
+                produced += 1
+                yield Chunk(decoder.decode(self.llm.detokenize([token])), 1)
+                if produced >= params.max_new_tokens:
+                    break
+                if should_stop():
+                    self._finish_reason = "cancelled"
+                    break
+        finally:
+            tokens.close()
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield Chunk(tail, 0)
+
+    def unload(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None

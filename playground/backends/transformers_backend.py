@@ -1,0 +1,377 @@
+"""transformers backend: HF folders and hub ids, bf16/fp16/fp32, bitsandbytes NF4/int8, GGUF files.
+
+A GGUF file is dequantized into a torch model once and cached as a safetensors folder keyed by
+the file's hash, so later loads take seconds. Remote code runs only when the config opts in.
+Generation is `model.generate` with a streamer; this module does not time anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop
+from playground.config import GenerationParams, ModelConfig
+from playground.errors import GenerationError, LoadError
+from playground.prompts import render_without_template
+from playground.sources import Weights, fetch, file_sha256
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PLAYGROUND_CACHE_DIR", Path.home() / ".cache" / "variant-playground"))
+
+
+def resolve_device(config: ModelConfig) -> str:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise LoadError("this variant asks for device cuda, but no CUDA GPU is available here")
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def resolve_dtype(config: ModelConfig, device: str) -> torch.dtype:
+    if config.dtype != "auto":
+        return TORCH_DTYPES[config.dtype]
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    # bf16 also on CPU: decoding is memory-bound there and bf16 halves the bytes read per token.
+    return torch.bfloat16
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class TextCodec:
+    """What generation needs of a tokenizer; wraps an HF tokenizer (scratch_gpt brings its own)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id
+        self.eos_ids: set[int] = {eos} if isinstance(eos, int) else set(eos or [])
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def chat(self, messages: Sequence[dict[str, str]]) -> str | None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+
+
+class _TokenQueue(BaseStreamer):
+    """Receives token ids from `generate` (running in a thread) and hands them to the caller."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[int | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate's first call passes the prompt itself
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.queue.put(token)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, should_stop: ShouldStop) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas without splitting a character."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+def generation_kwargs(params: GenerationParams) -> dict[str, Any]:
+    if params.temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {
+        "do_sample": True,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k or None,
+    }
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.model: Any = None
+        self.codec: TextCodec | None = None
+        self.device = "cpu"
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self) -> LoadInfo:
+        started = time.perf_counter()
+        self.device = resolve_device(self.config)
+        dtype = resolve_dtype(self.config, self.device)
+        notes: list[str] = []
+        try:
+            self.model, self.codec = self._load_model_and_codec(dtype, notes)
+        except LoadError:
+            raise
+        except ImportError as err:
+            raise LoadError(f"a library this variant needs is missing: {first_line(err)}") from None
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+            raise LoadError(f"could not load {self.config.display_name}: {first_line(err)}") from None
+        self.model.eval()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        shown_dtype = self.config.quantization.method if self.is_quantized else str(dtype).removeprefix("torch.")
+        return LoadInfo(
+            backend=self.name,
+            device=self.device,
+            dtype=shown_dtype,
+            n_params=n_params,
+            context_length=self._context_length(),
+            load_s=time.perf_counter() - started,
+            notes=notes,
+        )
+
+    def _context_length(self) -> int:
+        """The configured context, capped by the positions the model was built for."""
+        trained = getattr(self.model.config, "max_position_embeddings", None)
+        return min(self.config.context_length, trained) if trained else self.config.context_length
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.config.quantization.method != "none"
+
+    def _load_model_and_codec(self, dtype: torch.dtype, notes: list[str]) -> tuple[Any, TextCodec]:
+        weights = fetch(self.config)
+        if weights.kind == "state_dict":
+            raise LoadError(f"{weights.location}: a bare state_dict needs the scratch_gpt backend")
+        location, kwargs = self._from_pretrained_args(weights, notes)
+        self._refuse_unapproved_remote_code(weights)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model_kwargs = dict(kwargs, dtype=dtype, device_map={"": self.device})
+        quantization = self._quantization_config(dtype)
+        if quantization is not None:
+            model_kwargs["quantization_config"] = quantization
+        model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
+        return model, TextCodec(tokenizer)
+
+    def _from_pretrained_args(self, weights: Weights, notes: list[str]) -> tuple[str, dict[str, Any]]:
+        kwargs: dict[str, Any] = {"trust_remote_code": self.config.trust_remote_code}
+        if self.config.source and self.config.source.revision and weights.kind == "hub_repo":
+            kwargs["revision"] = self.config.source.revision
+        if weights.kind == "gguf":
+            folder, fresh = dequantized_gguf_folder(weights.path)
+            notes.append(
+                f"dequantized from {weights.path.name} into {folder}"
+                + (" (made now)" if fresh else " (cached)")
+            )
+            return str(folder), kwargs
+        return weights.location, kwargs
+
+    def _refuse_unapproved_remote_code(self, weights: Weights) -> None:
+        if self.config.trust_remote_code or weights.kind != "hf_folder":
+            return
+        config_file = weights.path / "config.json"
+        try:
+            auto_map = json.loads(config_file.read_text()).get("auto_map")
+        except (OSError, json.JSONDecodeError) as err:
+            raise LoadError(f"{config_file}: cannot be read as JSON ({err.__class__.__name__})") from None
+        if auto_map:
+            raise LoadError(
+                f"{weights.location} ships its own model code (auto_map in config.json); it runs only "
+                "if its config sets trust_remote_code: true"
+            )
+
+    def _quantization_config(self, dtype: torch.dtype) -> Any:
+        spec = self.config.quantization
+        if spec.method == "none":
+            return None
+        try:
+            import bitsandbytes  # noqa: F401  (imported here: it is slow and optional)
+        except ImportError:
+            raise LoadError("NF4/int8 loading needs bitsandbytes, which is not installed") from None
+        from transformers import BitsAndBytesConfig
+
+        skip = list(spec.keep_modules) or None
+        if spec.method == "nf4":
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=TORCH_DTYPES[spec.compute_dtype],
+                bnb_4bit_use_double_quant=spec.double_quant,
+                llm_int8_skip_modules=skip,
+            )
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+    # -- generation ------------------------------------------------------------------------
+    def prepare(self, request: Request) -> Prompt:
+        assert self.codec is not None, "load() first"
+        templated = False
+        if request.mode == "chat" and self.config.prompt_format == "chat_template":
+            text = self.codec.chat(request.messages)
+            if text is None:
+                raise GenerationError(
+                    f"{self.config.display_name} has no chat template: use completion mode, or set "
+                    "prompt_format to alpaca or raw in its config"
+                )
+            templated = True
+        else:
+            text = render_without_template(
+                self.config.prompt_format, request.mode, request.messages, request.text
+            )
+        ids = self.codec.encode(text, add_special_tokens=not templated)
+        if not ids:
+            raise GenerationError("the prompt is empty")
+        return Prompt(n_tokens=len(ids), payload=ids)
+
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
+        assert self.codec is not None and self.model is not None, "load() first"
+        codec = self.codec
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        input_ids = torch.tensor([prompt.payload], device=self.model.device)
+        streamer = _TokenQueue()
+        failure: list[BaseException] = []
+        eos = sorted(codec.eos_ids | set(_as_list(self.model.generation_config.eos_token_id)))
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=params.max_new_tokens,
+            repetition_penalty=params.repetition_penalty,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]),
+            eos_token_id=eos or None,
+            pad_token_id=eos[0] if eos else None,
+            **generation_kwargs(params),
+        )
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as err:  # re-raised in the caller's thread below
+                failure.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        thread.start()
+        decoder = IncrementalDecoder(codec.decode)
+        produced = 0
+        self._finish_reason = "length"
+        while (token := streamer.queue.get()) is not None:
+            if token in codec.eos_ids or token in eos:
+                self._finish_reason = "stop"
+                continue  # the end-of-sequence token is neither text nor counted
+            produced += 1
+            yield Chunk(decoder.push(token), 1)
+        thread.join()
+        if failure:
+            err = failure[0]
+            if isinstance(err, torch.OutOfMemoryError):
+                raise GenerationError(f"out of memory while generating: {first_line(err)}")
+            raise GenerationError(f"generation failed: {first_line(err)}")
+        if should_stop():
+            self._finish_reason = "cancelled"
+        elif self._finish_reason == "length" and produced < params.max_new_tokens:
+            self._finish_reason = "stop"
+
+    # -- memory ------------------------------------------------------------------------------
+    def reset_memory_peaks(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def device_memory(self) -> dict[str, int]:
+        if self.device != "cuda":
+            return {}
+        return {
+            "allocated_peak": torch.cuda.max_memory_allocated(),
+            "reserved_peak": torch.cuda.max_memory_reserved(),
+        }
+
+    def unload(self) -> None:
+        self.model = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def dequantized_gguf_folder(gguf_path: Path) -> tuple[Path, bool]:
+    """A safetensors folder holding the dequantized weights and tokenizer of a GGUF file.
+
+    Returns (folder, made_now). The folder is keyed by the file's SHA-256, so a changed file
+    gets a new folder; it is written to a temporary name and renamed, so a crash leaves no half
+    folder behind.
+    """
+    folder = cache_root() / "gguf-dequant" / file_sha256(gguf_path)[:24]
+    if (folder / "config.json").exists():
+        return folder, False
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as err:  # gguf raises many kinds on a corrupt or unsupported file
+        raise LoadError(f"{gguf_path.name}: transformers cannot read this GGUF ({first_line(err)})") from None
+    # A model loaded from GGUF stays marked as GGUF-quantized and refuses save_pretrained:
+    # rebuild a plain model from its config and copy the (dequantized) weights across.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").exists():  # another process may have won the race
+            raise
+    return folder, True

