@@ -30,6 +30,7 @@ run: setup
 	$(PY) app.py
 
 test: setup-dev
+	$(PY) -m ruff check playground tests benchmarks app.py
 	$(PY) -m pytest -q
 
 lint: setup-dev

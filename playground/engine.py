@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from playground.backends.base import LoadInfo, Request
-from playground.config import DEFAULT_CONFIG_DIR, GenerationParams, ModelConfig, Mode, load_config_dir
+from playground.config import DEFAULT_CONFIG_DIR, GenerationParams, Mode, ModelConfig, load_config_dir
 from playground.errors import GenerationError, InsufficientMemory, LoadError, PlaygroundError
 from playground.memory import MemoryEstimate, estimate
 from playground.sources import config_from_path, locate

@@ -12,8 +12,7 @@ from playground.config import PromptFormat
 
 # The Alpaca instruction format, which the auto-g-nano SFT checkpoint was tuned on.
 ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
 
 

@@ -139,9 +139,7 @@ def config_from_path(path: str | Path, **overrides: Any) -> ModelConfig:
         elif len(ggufs) == 1:
             path, backend, prompt_format = ggufs[0], "llamacpp", "chat_template"
         else:
-            raise LoadError(
-                f"{path} is neither an HF model folder (no config.json) nor a folder with one GGUF file"
-            )
+            raise LoadError(f"{path} is neither an HF model folder (no config.json) nor a folder with one GGUF file")
     elif path.suffix == ".gguf":
         check_gguf_header(path)
         backend, prompt_format = "llamacpp", "chat_template"

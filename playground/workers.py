@@ -68,7 +68,9 @@ def fit_to_context(prompt_tokens: int | None, params: GenerationParams, context_
     return params if params.max_new_tokens <= room else params.merged(max_new_tokens=room)
 
 
-def _run_request(backend: Any, info: LoadInfo, rid: str, request: Request, stop: threading.Event, events: Connection) -> None:
+def _run_request(
+    backend: Any, info: LoadInfo, rid: str, request: Request, stop: threading.Event, events: Connection
+) -> None:
     from playground.metrics import GenerationTimer, PeakRssSampler, repetition_warning
 
     timer = GenerationTimer()
@@ -78,11 +80,13 @@ def _run_request(backend: Any, info: LoadInfo, rid: str, request: Request, stop:
     backend.reset_memory_peaks()
     pieces: list[str] = []
     prompt_tokens, completion_tokens = prompt.n_tokens, None
+    usage_seen = False
     with PeakRssSampler() as rss:
         for item in backend.stream(prompt, params, stop.is_set):
             if not hasattr(item, "text"):  # a Usage report from the backend itself
                 prompt_tokens = item.prompt_tokens if item.prompt_tokens is not None else prompt_tokens
                 completion_tokens = item.completion_tokens
+                usage_seen = True
                 continue
             timer.on_tokens(item.n_tokens)
             pieces.append(item.text)
@@ -91,6 +95,8 @@ def _run_request(backend: Any, info: LoadInfo, rid: str, request: Request, stop:
     warnings = []
     if backend.config.warn_greedy and params.temperature == 0:
         warnings.append("greedy decoding: this model's card says it loops; use temperature >= 0.7 with top-k")
+    if not backend.counts_tokens_locally and not usage_seen:
+        warnings.append("the server reported no token usage: completion tokens are counted from streamed chunks")
     if loop := repetition_warning(text):
         warnings.append(loop)
     metrics = timer.finish(
@@ -252,6 +258,10 @@ class Worker:
             target.put(("died", "", self.error or "the worker ended"))
 
     # -- loading -------------------------------------------------------------------------
+    def settled(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for the load to end, either way; True once it has."""
+        return self._ready.wait(timeout_s)
+
     def wait_ready(self, timeout_s: float | None = None) -> LoadInfo:
         if not self._ready.wait(timeout_s):
             raise LoadError(f"{self.config.display_name} is still loading after {timeout_s:.0f} s")

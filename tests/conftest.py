@@ -93,16 +93,20 @@ def collect(events) -> tuple[Started | None, list[TextDelta], Finished | None]:
     return started, deltas, finished
 
 
-def check_reply(started, deltas, finished) -> None:
+def check_reply(started, deltas, finished, prompt_counted: bool = True) -> None:
     """What every reply must satisfy, whatever the backend."""
     assert finished is not None, "no Finished event"
     m = finished.metrics
     assert finished.text == "".join(d.text for d in deltas)
     assert m.completion_tokens == sum(d.n_tokens for d in deltas)
     assert m.completion_tokens >= 1
-    assert started is not None and m.prompt_tokens == started.prompt_tokens and m.prompt_tokens > 0
+    assert started is not None and m.prompt_tokens == started.prompt_tokens
     assert 0 < m.ttft_s <= m.total_s
-    assert m.prefill_tok_s == pytest.approx(m.prompt_tokens / m.ttft_s)
+    if prompt_counted:
+        assert m.prompt_tokens > 0
+        assert m.prefill_tok_s == pytest.approx(m.prompt_tokens / m.ttft_s)
+    else:
+        assert m.prompt_tokens is None and m.prefill_tok_s is None
     if m.completion_tokens > 1:
         assert m.decode_s > 0
         assert m.decode_tok_s == pytest.approx((m.completion_tokens - 1) / m.decode_s)

@@ -83,15 +83,15 @@ def make_hf_folder(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     return folder
 
 
-REMOTE_CONFIG = '''
+REMOTE_CONFIG = """
 from transformers import LlamaConfig
 
 
 class TinyRemoteConfig(LlamaConfig):
     model_type = "tiny-remote"
-'''
+"""
 
-REMOTE_MODEL = '''
+REMOTE_MODEL = """
 from transformers import LlamaForCausalLM
 
 from .configuration_tiny_remote import TinyRemoteConfig
@@ -101,7 +101,7 @@ class TinyRemoteForCausalLM(LlamaForCausalLM):
     config_class = TinyRemoteConfig
     # Proof that this folder's own code ran: a marker the test reads back.
     REMOTE_CODE_RAN = True
-'''
+"""
 
 
 def make_remote_code_folder(folder: Path) -> Path:
@@ -200,7 +200,7 @@ def make_tiktoken_file(path: Path, n_merges: int = 40) -> Path:
     while len(ranks) < 256 + n_merges:
         counts: dict[tuple[bytes, bytes], int] = {}
         for s in seqs:
-            for a, b in zip(s, s[1:]):
+            for a, b in zip(s, s[1:], strict=False):
                 counts[(a, b)] = counts.get((a, b), 0) + 1
         if not counts:
             break

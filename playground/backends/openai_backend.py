@@ -71,9 +71,7 @@ class OpenAIBackend(Backend):
         text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
         return Prompt(n_tokens=None, payload=("completions", {"prompt": text}))
 
-    def stream(
-        self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop
-    ) -> Iterator[Chunk | Usage]:
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | Usage]:
         assert self.client is not None, "load() first"
         path, body = prompt.payload
         body = dict(
@@ -101,13 +99,17 @@ class OpenAIBackend(Backend):
                         usage = event["usage"]
                         yield Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
                     for choice in event.get("choices") or []:
-                        piece = choice.get("text") if path == "completions" else (choice.get("delta") or {}).get("content")
+                        piece = (
+                            choice.get("text") if path == "completions" else (choice.get("delta") or {}).get("content")
+                        )
                         if piece:
                             yield Chunk(piece, 1)
                         if choice.get("finish_reason"):
                             self._finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
         except httpx.HTTPError as err:
-            raise GenerationError(f"the connection to {self.endpoint.base_url} failed ({err.__class__.__name__})") from None
+            raise GenerationError(
+                f"the connection to {self.endpoint.base_url} failed ({err.__class__.__name__})"
+            ) from None
 
     def unload(self) -> None:
         if self.client is not None:

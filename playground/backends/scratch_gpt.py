@@ -71,9 +71,7 @@ def infer_shape(state: Mapping[str, torch.Tensor], options: ScratchGptOptions) -
         kv_rows = state["blocks.0.attention.wk.weight"].shape[0]
         ffn_hidden = state["blocks.0.feed_forward.w1.weight"].shape[0]
     except KeyError as err:
-        raise LoadError(
-            f"not an auto-g-nano style GPT state_dict: tensor {err.args[0]!r} is missing"
-        ) from None
+        raise LoadError(f"not an auto-g-nano style GPT state_dict: tensor {err.args[0]!r} is missing") from None
     n_layer = 1 + max(int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)))
     freqs = state.get("freqs_cis")
     # freqs_cis is [block_size, head_dim / 2] (complex), the only place the head size is stored.
@@ -198,9 +196,7 @@ class TiktokenCodec:
                 ) from None
             eot = spec.eos_token_id if spec.eos_token_id is not None else self.encoding.eot_token
         if self.encoding.n_vocab > vocab_size:
-            raise LoadError(
-                f"the tokenizer has {self.encoding.n_vocab} tokens but the model only {vocab_size}"
-            )
+            raise LoadError(f"the tokenizer has {self.encoding.n_vocab} tokens but the model only {vocab_size}")
         self.eos_ids = {eot}
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:

