@@ -199,6 +199,7 @@ class Worker:
         self.error: str | None = None
         self.started_at = time.monotonic()
         self._unloading = False
+        self.hung = False
         self._ready = threading.Event()
         self._queues: dict[str, queue.Queue[tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
@@ -291,6 +292,7 @@ class Worker:
                         raise WorkerDied(self.error or "the worker ended") from None
                     # A queued request waits its turn; once started, silence means a hang.
                     if started_at is not None and time.monotonic() - last_event > self.stall_timeout_s:
+                        self.hung = True
                         raise WorkerHung(
                             f"{self.config.display_name} produced nothing for {self.stall_timeout_s:.0f} s: "
                             "its worker may be hung (unload it to end the process)"
@@ -343,11 +345,11 @@ class Worker:
     def unload(self, timeout_s: float = 10.0) -> None:
         """End the process: politely first, then by force. Its memory goes back to the system."""
         self._unloading = True
-        if self.process.is_alive():
+        if self.process.is_alive() and not self.hung:
             self.stop()
             self._send(("shutdown",), quiet=True)
             self.process.join(timeout_s)
-        if self.process.is_alive():
+        if self.process.is_alive() and not self.hung:
             self.process.terminate()
             self.process.join(3)
         if self.process.is_alive():

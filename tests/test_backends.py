@@ -56,22 +56,22 @@ def test_remote_code_refused_unless_allowed(engine, remote_code_folder):
     assert info.backend == "transformers"
 
 
-def test_nf4_with_fp16_qkv_policy_on_cpu(engine, llama_folder):
-    """bitsandbytes NF4 at load time, keeping q/k/v and lm_head unquantized (the QKV-FP16 idea)."""
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_bitsandbytes_with_unquantized_qkv_policy_on_cpu(engine, llama_folder, method):
+    """bitsandbytes at load time, keeping q/k/v and lm_head unquantized (the QKV-FP16 idea)."""
     pytest.importorskip("bitsandbytes")
     config = variant(
-        id="tiny-nf4",
+        id=f"tiny-{method}",
         backend="transformers",
         source={"path": str(llama_folder)},
         dtype="fp32",
-        quantization={
-            "method": "nf4",
-            "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"],
-            "compute_dtype": "fp32",
-        },
+        quantization={"method": method, "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"],
+                      "compute_dtype": "fp32"},
     )
     info, _ = run(engine, config)
-    assert info.dtype == "nf4"
+    assert info.dtype == method
+    # 2 layers x (q, k, v) + lm_head stay as they were; o, gate, up, down (x2) are quantized.
+    assert f"bitsandbytes {method}: 8 linear layers quantized, 7 kept unquantized" in info.notes[-1]
 
 
 def test_tiny_gguf_in_llamacpp(engine, tiny_gguf):

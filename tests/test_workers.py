@@ -169,3 +169,24 @@ def test_a_worker_killed_while_loading_is_reported(engine):
     worker.kill()
     with pytest.raises(LoadError, match="SIGKILL"):
         worker.wait_ready(60)
+
+
+def test_a_hung_worker_is_reported_and_can_be_unloaded(tmp_path):
+    from playground.engine import Engine
+    from playground.errors import WorkerHung
+
+    engine = Engine(config_dirs=[tmp_path], stall_timeout_s=1.5)
+    try:
+        config = engine.add(embedded_gguf_variant())
+        engine.load(config.id)
+        worker = engine.workers[config.id]
+        events = engine.generate(config.id, engine.request(config.id, prompt="Tell a story.", max_new_tokens=500))
+        with pytest.raises(WorkerHung, match="produced nothing for 2 s"):
+            for event in events:
+                if isinstance(event, TextDelta):
+                    os.kill(worker.pid, signal.SIGSTOP)  # frozen: alive, but silent
+        pid = worker.pid
+        engine.unload(config.id)  # ends it by force when the polite shutdown goes unanswered
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        engine.shutdown()

@@ -190,7 +190,21 @@ class TransformersBackend(Backend):
         if quantization is not None:
             model_kwargs["quantization_config"] = quantization
         model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
+        if quantization is not None:
+            notes.append(self._quantization_summary(model))
         return model, TextCodec(tokenizer)
+
+    def _quantization_summary(self, model: Any) -> str:
+        import bitsandbytes as bnb
+
+        quantized_types = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        quantized = sum(isinstance(m, quantized_types) for m in linears)
+        kept = ", ".join(self.config.quantization.keep_modules) or "none"
+        return (
+            f"bitsandbytes {self.config.quantization.method}: {quantized} linear layers quantized, "
+            f"{len(linears) - quantized} kept unquantized (kept: {kept})"
+        )
 
     def _from_pretrained_args(self, weights: Weights, notes: list[str]) -> tuple[str, dict[str, Any]]:
         kwargs: dict[str, Any] = {"trust_remote_code": self.config.trust_remote_code}
