@@ -1,0 +1,60 @@
+"""GPU paths: run on the lent GPU machine (see benchmarks/gpu/README.md); skipped without CUDA.
+
+CI has no GPU, so these run where one is lent, and their results are written down there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import check_reply, collect, variant
+
+from playground.memory import estimate, gpu_memory
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CHAT = [{"role": "user", "content": "Hello there"}]
+
+
+def _run(engine, config, **params):
+    engine.add(config)
+    info = engine.load(config.id)
+    request = engine.request(config.id, messages=CHAT, mode="chat", temperature=0.0, max_new_tokens=16, **params)
+    started, deltas, finished = collect(engine.generate(config.id, request))
+    check_reply(started, deltas, finished)
+    return info, finished.metrics
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_transformers_on_cuda(engine, llama_folder, dtype):
+    info, m = _run(engine, variant(id=f"cuda-{dtype}", backend="transformers", source={"path": str(llama_folder)},
+                                   dtype=dtype, device="cuda"))
+    assert info.device == "cuda" and m.device == "cuda"
+    assert m.gpu_allocated_peak_bytes and m.peak_mem_bytes == m.gpu_allocated_peak_bytes
+    assert m.gpu_reserved_peak_bytes >= m.gpu_allocated_peak_bytes
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_bitsandbytes_on_cuda(engine, llama_folder, method):
+    pytest.importorskip("bitsandbytes")
+    config = variant(id=f"cuda-{method}", backend="transformers", source={"path": str(llama_folder)}, device="cuda",
+                     quantization={"method": method, "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"]})
+    info, m = _run(engine, config)
+    assert info.dtype == method and "8 linear layers quantized" in info.notes[-1]
+    assert m.device == "cuda"
+
+
+def test_auto_device_picks_the_gpu_and_the_estimate_reads_nvml(engine, llama_folder):
+    config = variant(id="cuda-auto", backend="transformers", source={"path": str(llama_folder)})
+    needed = estimate(config)
+    free, total = gpu_memory()[0]
+    assert needed.device == "cuda" and needed.available_bytes == pytest.approx(free, rel=0.05)
+    info, _ = _run(engine, config)
+    assert info.device == "cuda" and info.dtype == "bfloat16"
+
+
+def test_llamacpp_offloads_layers_when_built_with_cuda(engine, tiny_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("llama-cpp-python here was built without GPU support")
+    info, m = _run(engine, variant(id="gguf-cuda", backend="llamacpp", source={"path": str(tiny_gguf)}, device="cuda"))
+    assert info.device == "cuda" and m.device == "cuda"
