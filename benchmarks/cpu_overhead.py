@@ -31,9 +31,25 @@ MESSAGES = [{"role": "user", "content": "Write a short story about a robot who l
 
 def ours(variant_id: str, max_tokens: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "playground", "generate", "--model", variant_id, "--prompt", MESSAGES[0]["content"],
-         "--max-tokens", str(max_tokens), "--temperature", "0", "--json"],
-        capture_output=True, text=True, cwd=REPO, check=True,
+        [
+            sys.executable,
+            "-m",
+            "playground",
+            "generate",
+            "--model",
+            variant_id,
+            "--prompt",
+            MESSAGES[0]["content"],
+            "--max-tokens",
+            str(max_tokens),
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
     )
     result = json.loads(out.stdout)
     return {k: result[k] for k in ("completion_tokens", "decode_tok_s", "ttft_s")}
@@ -45,8 +61,9 @@ def direct_llamacpp(path: str, context: int, threads: int, max_tokens: int) -> d
     llm = Llama(model_path=path, n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
     t0 = time.perf_counter()
     stamps = []
-    for chunk in llm.create_chat_completion(messages=MESSAGES, max_tokens=max_tokens, temperature=0.0,
-                                            repeat_penalty=1.0, stream=True):
+    for chunk in llm.create_chat_completion(
+        messages=MESSAGES, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, stream=True
+    ):
         if chunk["choices"][0]["delta"].get("content"):
             stamps.append(time.perf_counter())
     llm.close()
@@ -91,8 +108,9 @@ def _rates(t0: float, stamps: list[float]) -> dict:
 
 def run_direct_in_subprocess(kind: str, *args: str) -> dict:
     """The direct call runs in a fresh process too, so both sides pay the same start-up."""
-    out = subprocess.run([sys.executable, __file__, "--direct", kind, *args], capture_output=True, text=True,
-                         check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, __file__, "--direct", kind, *args], capture_output=True, text=True, check=True, cwd=REPO
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -143,7 +161,9 @@ def main() -> None:
             "ours_runs": ours_runs,
             "direct_runs": direct_runs,
         }
-        print(f"{name}: ours {ours_rate:.1f} tok/s, direct {direct_rate:.1f} tok/s, ratio {ours_rate / direct_rate:.3f}")
+        print(
+            f"{name}: ours {ours_rate:.1f} tok/s, direct {direct_rate:.1f} tok/s, ratio {ours_rate / direct_rate:.3f}"
+        )
     report = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {psutil.cpu_count(logical=False)} cores, "

@@ -66,7 +66,7 @@ class MemoryEstimate:
 
 # -- shapes read from files ------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def _gguf_shape(path: str, _mtime: float) -> ModelShape:
+def _gguf_metadata(path: str, _mtime: float) -> dict[str, int]:
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
@@ -78,14 +78,25 @@ def _gguf_shape(path: str, _mtime: float) -> ModelShape:
     arch = field("general.architecture") or "llama"
     heads = int(field(f"{arch}.attention.head_count") or 1)
     width = int(field(f"{arch}.embedding_length") or 0)
-    head_dim = int(field(f"{arch}.attention.key_length") or (width // heads if heads else 0))
-    return ModelShape(
-        n_params=sum(int(t.n_elements) for t in reader.tensors),
-        n_layers=int(field(f"{arch}.block_count") or 0),
-        n_kv_heads=int(field(f"{arch}.attention.head_count_kv") or heads),
-        head_dim=head_dim,
-        file_bytes=Path(path).stat().st_size,
-    )
+    return {
+        "n_params": sum(int(t.n_elements) for t in reader.tensors),
+        "n_layers": int(field(f"{arch}.block_count") or 0),
+        "n_kv_heads": int(field(f"{arch}.attention.head_count_kv") or heads),
+        "head_dim": int(field(f"{arch}.attention.key_length") or (width // heads if heads else 0)),
+        "context_length": int(field(f"{arch}.context_length") or 0) or None,
+        "file_bytes": Path(path).stat().st_size,
+    }
+
+
+def gguf_metadata(path: str | Path) -> dict[str, int]:
+    """Sizes from a GGUF file's header (cached per file and modification time)."""
+    path = Path(path)
+    return _gguf_metadata(str(path), path.stat().st_mtime)
+
+
+def _gguf_shape(path: Path) -> ModelShape:
+    meta = gguf_metadata(path)
+    return ModelShape(meta["n_params"], meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], meta["file_bytes"])
 
 
 def _safetensors_params(path: Path) -> int:
@@ -146,8 +157,7 @@ def _state_dict_shape(path: Path, config: ModelConfig) -> ModelShape:
 def model_shape(config: ModelConfig, weights: Weights) -> tuple[ModelShape | None, str]:
     """The variant's sizes and where they came from."""
     if weights.present and weights.kind == "gguf":
-        path = weights.path
-        return _gguf_shape(str(path), path.stat().st_mtime), "the GGUF file"
+        return _gguf_shape(weights.path), "the GGUF file"
     if weights.present and weights.kind == "hf_folder" and (weights.path / "config.json").exists():
         return _hf_folder_shape(weights.path), "config.json and weight files"
     if weights.present and weights.kind == "state_dict":

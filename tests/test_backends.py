@@ -65,8 +65,11 @@ def test_bitsandbytes_with_unquantized_qkv_policy_on_cpu(engine, llama_folder, m
         backend="transformers",
         source={"path": str(llama_folder)},
         dtype="fp32",
-        quantization={"method": method, "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"],
-                      "compute_dtype": "fp32"},
+        quantization={
+            "method": method,
+            "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"],
+            "compute_dtype": "fp32",
+        },
     )
     info, _ = run(engine, config)
     assert info.dtype == method
@@ -155,3 +158,10 @@ def test_prompt_longer_than_context_is_refused(engine, llama_folder):
     request = engine.request(config.id, prompt="Hello", mode="completion", max_new_tokens=500, temperature=0)
     _, deltas, finished = collect(engine.generate(config.id, request))
     assert finished.metrics.prompt_tokens + finished.metrics.completion_tokens <= 16
+
+
+def test_llamacpp_context_is_capped_at_the_trained_length(engine, tiny_gguf):
+    config = variant(id="tiny-gguf-long", backend="llamacpp", source={"path": str(tiny_gguf)}, context_length=4096)
+    info, _ = run(engine, config)
+    assert info.context_length == 256  # the tiny model's max_position_embeddings, stored in the GGUF
+    assert any("context capped at 256" in note for note in info.notes)

@@ -26,8 +26,12 @@ def _run(engine, config, **params):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_transformers_on_cuda(engine, llama_folder, dtype):
-    info, m = _run(engine, variant(id=f"cuda-{dtype}", backend="transformers", source={"path": str(llama_folder)},
-                                   dtype=dtype, device="cuda"))
+    info, m = _run(
+        engine,
+        variant(
+            id=f"cuda-{dtype}", backend="transformers", source={"path": str(llama_folder)}, dtype=dtype, device="cuda"
+        ),
+    )
     assert info.device == "cuda" and m.device == "cuda"
     assert m.gpu_allocated_peak_bytes and m.peak_mem_bytes == m.gpu_allocated_peak_bytes
     assert m.gpu_reserved_peak_bytes >= m.gpu_allocated_peak_bytes
@@ -36,8 +40,13 @@ def test_transformers_on_cuda(engine, llama_folder, dtype):
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_bitsandbytes_on_cuda(engine, llama_folder, method):
     pytest.importorskip("bitsandbytes")
-    config = variant(id=f"cuda-{method}", backend="transformers", source={"path": str(llama_folder)}, device="cuda",
-                     quantization={"method": method, "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"]})
+    config = variant(
+        id=f"cuda-{method}",
+        backend="transformers",
+        source={"path": str(llama_folder)},
+        device="cuda",
+        quantization={"method": method, "keep_modules": ["q_proj", "k_proj", "v_proj", "lm_head"]},
+    )
     info, m = _run(engine, config)
     assert info.dtype == method and "8 linear layers quantized" in info.notes[-1]
     assert m.device == "cuda"

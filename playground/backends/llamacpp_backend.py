@@ -10,6 +10,7 @@ import codecs
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop
@@ -50,17 +51,13 @@ class LlamaCppBackend(Backend):
         if self.config.device == "cuda" and not can_offload:
             raise LoadError("this variant asks for device cuda, but llama-cpp-python was built without GPU support")
         n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(weights.path),
-                n_ctx=self.config.context_length,
-                n_batch=options.n_batch,
-                n_threads=options.n_threads or physical_cores(),
-                n_gpu_layers=n_gpu_layers,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError, OSError) as err:
-            raise LoadError(f"llama.cpp could not load {weights.path.name}: {err}") from None
+        n_ctx = self.config.context_length
+        self.llm = self._open(weights.path, n_ctx, n_gpu_layers)
+        trained = self.llm._model.n_ctx_train()
+        if 0 < trained < n_ctx:  # beyond its trained length a model degrades: reopen (mmap, fast)
+            self.llm.close()
+            n_ctx = trained
+            self.llm = self._open(weights.path, n_ctx, n_gpu_layers)
         self.device = "cuda" if n_gpu_layers else "cpu"
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template:
@@ -70,16 +67,33 @@ class LlamaCppBackend(Backend):
                 bos_token=self._token_text(self.llm.token_bos()),
             )
         notes = [] if template else ["the GGUF file holds no chat template: chat mode is off"]
+        if n_ctx < self.config.context_length:
+            notes.append(f"context capped at {n_ctx}, the length the model was trained for")
         return LoadInfo(
             backend=self.name,
             device=self.device,
             dtype=self._file_type(),
             n_params=int(self.llm._model.n_params()),
             # llama.cpp may round the context up; the configured limit is what we enforce.
-            context_length=min(self.llm.n_ctx(), self.config.context_length),
+            context_length=min(self.llm.n_ctx(), n_ctx),
             load_s=time.perf_counter() - started,
             notes=notes,
         )
+
+    def _open(self, path: Path, n_ctx: int, n_gpu_layers: int) -> Any:
+        import llama_cpp
+
+        try:
+            return llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=self.config.llamacpp.n_batch,
+                n_threads=self.config.llamacpp.n_threads or physical_cores(),
+                n_gpu_layers=n_gpu_layers,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as err:
+            raise LoadError(f"llama.cpp could not load {path.name}: {err}") from None
 
     def _token_text(self, token: int) -> str:
         if token < 0:
