@@ -172,11 +172,11 @@ class Engine:
             raise GenerationError("the prompt is empty")
         return Request(mode="completion", params=params, text=prompt)
 
-    def generate(self, variant_id: str, request: Request) -> Iterator[Event]:
+    def generate(self, variant_id: str, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
         worker = self.workers.get(variant_id)
         if worker is None:
             raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
-        return worker.generate(request)
+        return worker.generate(request, cancel)
 
     def stop(self, variant_id: str) -> None:
         worker = self.workers.get(variant_id)

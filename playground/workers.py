@@ -271,8 +271,9 @@ class Worker:
         return self.info
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, request: Request) -> Iterator[Event]:
-        """Stream one request's events. Closing the iterator early stops the generation."""
+    def generate(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Stream one request's events. Closing the iterator early, or setting `cancel`, stops it
+        (a queued request too); after a cancel the stream still ends with its Finished event."""
         if self.state != "ready":
             raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
         rid = uuid.uuid4().hex
@@ -284,9 +285,13 @@ class Worker:
             self._send(("generate", rid, request))
             started_at: float | None = None
             last_event = time.monotonic()
+            cancel_sent = False
             while True:
+                if cancel is not None and cancel.is_set() and not cancel_sent:
+                    self.stop(rid)
+                    cancel_sent = True
                 try:
-                    event = inbox.get(timeout=0.5)
+                    event = inbox.get(timeout=0.1)
                 except queue.Empty:
                     if self.state != "ready":  # died before this request was registered
                         raise WorkerDied(self.error or "the worker ended") from None

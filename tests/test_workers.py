@@ -200,3 +200,28 @@ def test_a_hung_worker_is_reported_and_can_be_unloaded(tmp_path):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     finally:
         engine.shutdown()
+
+
+def test_cancel_stops_one_request_and_leaves_the_other(engine):
+    config = engine.add(embedded_gguf_variant())
+    engine.load(config.id)
+    cancel = threading.Event()
+    first = engine.generate(config.id, engine.request(config.id, prompt="Write an essay.", max_new_tokens=600), cancel)
+    # A second request, queued behind the first, from someone else.
+    results = {}
+
+    def other() -> None:
+        results["other"] = collect(
+            engine.generate(config.id, engine.request(config.id, prompt="Hi", max_new_tokens=5))
+        )[2]
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    finished = None
+    for event in first:
+        if isinstance(event, TextDelta):
+            cancel.set()
+        finished = event
+    thread.join(60)
+    assert finished.metrics.finish_reason == "cancelled"
+    assert results["other"].metrics.finish_reason in ("stop", "length")

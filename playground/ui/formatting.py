@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from playground.errors import PlaygroundError
 from playground.metrics import GenerationMetrics
+
+if TYPE_CHECKING:
+    from playground.arena import Standing
+    from playground.engine import Engine
 
 MiB = 1 << 20
 
@@ -34,3 +40,30 @@ def error_text(err: BaseException) -> str:
     if isinstance(err, PlaygroundError):
         return f"⚠ {err}"
     return f"⚠ unexpected {err.__class__.__name__}: {err}"
+
+
+def loaded_markdown(engine: Engine) -> str:
+    """The variants that have a worker, with state and memory."""
+    rows = []
+    for status in engine.statuses():
+        if status.state == "not loaded":
+            continue
+        rss = f" · RSS {status.rss_bytes / MiB:.0f} MiB · pid {status.pid}" if status.rss_bytes else ""
+        where = f" · {status.info.backend} on {status.info.device}" if status.info else ""
+        detail = f" · {status.error}" if status.error else ""
+        rows.append(f"- **{status.config.display_name}** (`{status.config.id}`): {status.state}{where}{rss}{detail}")
+    return "\n".join(rows) or "No variant loaded yet."
+
+
+def leaderboard_markdown(standings: list[Standing]) -> str:
+    if not standings:
+        return "No votes yet."
+    lines = [
+        "| # | variant | rating | votes | wins | losses | ties | both bad |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for rank, s in enumerate(standings, start=1):
+        lines.append(
+            f"| {rank} | {s.variant} | {s.rating:.1f} | {s.votes} | {s.wins} | {s.losses} | {s.ties} | {s.both_bad} |"
+        )
+    return "\n".join(lines)

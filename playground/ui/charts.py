@@ -1,0 +1,157 @@
+"""Plotly figures: the comparison of replies, their trend, and the live resource monitor."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from playground.monitor import Sample
+
+GiB = 2**30
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class ReplyPoint:
+    """One finished reply, as the charts need it."""
+
+    reply_index: int
+    variant: str
+    ttft_s: float | None
+    decode_tok_s: float | None
+    prefill_tok_s: float | None
+    peak_mib: float
+
+
+def comparison_figure(points: Sequence[ReplyPoint]) -> go.Figure:
+    """Top: each variant's last reply, side by side. Bottom: decode speed and TTFT per reply."""
+    fig = make_subplots(
+        rows=2,
+        cols=4,
+        specs=[[{}, {}, {}, {}], [{"colspan": 2}, None, {"colspan": 2}, None]],
+        subplot_titles=(
+            "TTFT (s)",
+            "decode tok/s",
+            "prefill tok/s",
+            "peak memory (MiB)",
+            "decode tok/s by reply",
+            "TTFT (s) by reply",
+        ),
+        vertical_spacing=0.18,
+    )
+    last: dict[str, ReplyPoint] = {}
+    for p in points:
+        last[p.variant] = p
+    names = list(last)
+    for col, attr in enumerate(("ttft_s", "decode_tok_s", "prefill_tok_s", "peak_mib"), start=1):
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=[getattr(last[n], attr) for n in names],
+                showlegend=False,
+                marker_color=[f"hsl({(i * 67) % 360},55%,50%)" for i in range(len(names))],
+            ),
+            row=1,
+            col=col,
+        )
+    for i, name in enumerate(names):
+        series = [p for p in points if p.variant == name]
+        color = f"hsl({(i * 67) % 360},55%,50%)"
+        x = [p.reply_index for p in series]
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[p.decode_tok_s for p in series],
+                name=name,
+                mode="lines+markers",
+                line_color=color,
+                legendgroup=name,
+            ),
+            row=2,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[p.ttft_s for p in series],
+                name=name,
+                mode="lines+markers",
+                line_color=color,
+                legendgroup=name,
+                showlegend=False,
+            ),
+            row=2,
+            col=3,
+        )
+    fig.update_layout(height=560, margin={"l": 40, "r": 20, "t": 40, "b": 30}, legend={"orientation": "h", "y": -0.12})
+    fig.update_xaxes(tickfont={"size": 9}, row=1)
+    return fig
+
+
+def monitor_figure(samples: Sequence[Sample]) -> go.Figure:
+    has_gpu = any(s.gpus for s in samples)
+    rows = 3 if has_gpu else 2
+    titles = ["CPU (%)", "memory (GiB): system used and each variant's worker"]
+    if has_gpu:
+        titles.append("VRAM used (GiB) per GPU and per variant")
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.08)
+    now = time.time()
+    x = [s.t - now for s in samples]
+    fig.add_trace(go.Scatter(x=x, y=[s.cpu_percent for s in samples], name="CPU", line_color="#d62728"), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(x=x, y=[s.ram_used_bytes / GiB for s in samples], name="system RAM used", line_color="#1f77b4"),
+        row=2,
+        col=1,
+    )
+    for variant in sorted({v for s in samples for v in s.variant_rss}):
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=[s.variant_rss.get(variant, 0) / GiB for s in samples], name=f"{variant} (RSS)", stackgroup="rss"
+            ),
+            row=2,
+            col=1,
+        )
+    if has_gpu:
+        for index in sorted({g.index for s in samples for g in s.gpus}):
+            used = [next((g.used_bytes for g in s.gpus if g.index == index), None) for s in samples]
+            fig.add_trace(
+                go.Scatter(x=x, y=[u / GiB if u is not None else None for u in used], name=f"GPU {index} used"),
+                row=3,
+                col=1,
+            )
+        for variant in sorted({v for s in samples for v in s.variant_gpu}):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[s.variant_gpu.get(variant, 0) / GiB for s in samples],
+                    name=f"{variant} (GPU)",
+                    line_dash="dot",
+                ),
+                row=3,
+                col=1,
+            )
+    fig.update_xaxes(title_text="seconds ago", row=rows, col=1)
+    fig.update_yaxes(range=[0, 100], row=1, col=1)
+    fig.update_layout(
+        height=220 * rows + 80, margin={"l": 40, "r": 20, "t": 40, "b": 30}, legend={"orientation": "h", "y": -0.15}
+    )
+    return fig
+
+
+def monitor_summary(sample: Sample | None) -> str:
+    if sample is None:
+        return "Sampling…"
+    lines = [
+        f"CPU {sample.cpu_percent:.0f}% · RAM {sample.ram_used_bytes / GiB:.1f} / {sample.ram_total_bytes / GiB:.1f} GiB"
+    ]
+    for gpu in sample.gpus:
+        util = f", {gpu.util_percent}% busy" if gpu.util_percent is not None else ""
+        lines.append(f"GPU {gpu.index} {gpu.name}: {gpu.used_bytes / MiB:.0f} / {gpu.total_bytes / MiB:.0f} MiB{util}")
+    for variant, rss in sorted(sample.variant_rss.items()):
+        gpu = sample.variant_gpu.get(variant)
+        lines.append(f"{variant}: RSS {rss / MiB:.0f} MiB" + (f", GPU {gpu / MiB:.0f} MiB" if gpu else ""))
+    return "  \n".join(lines)

@@ -1,0 +1,30 @@
+"""The Monitor tab: CPU, RAM, each variant's memory and VRAM per GPU, refreshed every second.
+
+The sampling happens in the engine's SystemMonitor thread; the timer here only draws the
+buffer, so it never waits on a generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from playground.monitor import SystemMonitor
+from playground.ui.charts import monitor_figure, monitor_summary
+
+
+class MonitorTab:
+    def __init__(self, monitor: SystemMonitor) -> None:
+        self.monitor = monitor
+
+    def build(self) -> None:
+        gr.Markdown(self.monitor.gpu_note or "NVIDIA GPUs found: VRAM is read through nvml.", elem_id="gpu-note")
+        summary = gr.Markdown(elem_id="monitor-summary")
+        plot = gr.Plot(elem_id="monitor-plot")
+        timer = gr.Timer(1.0)
+        timer.tick(self.refresh, None, [summary, plot], show_progress="hidden")
+
+    def refresh(self) -> tuple[str, Any]:
+        samples = self.monitor.recent()
+        return monitor_summary(samples[-1] if samples else None), monitor_figure(samples)

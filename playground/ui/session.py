@@ -1,0 +1,41 @@
+"""What each browser session keeps: chat histories, Stop switches, reply history, blind pairs.
+
+Loaded variants are shared by everyone; these are not. Sessions are keyed by Gradio's session
+hash and held by the app object built in ui.app (no module-global state).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from playground.export import Comparison
+from playground.ui.charts import ReplyPoint
+
+MAX_PANELS = 4
+
+
+@dataclass
+class Session:
+    histories: list[list[dict[str, str]]] = field(default_factory=lambda: [[] for _ in range(MAX_PANELS)])
+    cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event() for _ in range(MAX_PANELS)])
+    points: list[ReplyPoint] = field(default_factory=list)
+    replies: int = 0
+    last: Comparison | None = None
+    # Blind comparison: the hidden pair (A, B), the prompt asked, and whether it was voted on.
+    arena_pair: tuple[str, str] | None = None
+    arena_prompt: str = ""
+    arena_voted: bool = False
+    arena_cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event(), threading.Event()])
+
+
+class Sessions:
+    def __init__(self) -> None:
+        self._by_hash: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def get(self, request: Any) -> Session:
+        key = getattr(request, "session_hash", None) or "local"
+        with self._lock:
+            return self._by_hash.setdefault(key, Session())

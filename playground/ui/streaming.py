@@ -1,0 +1,86 @@
+"""Run one prompt on several variants at once and watch them as one stream of snapshots.
+
+Each panel's request runs in its own thread (loading the variant first if needed); the caller
+gets a snapshot of every panel at most every `interval_s`, so a fast model cannot flood the
+browser, while the tokens/s figures still come from the worker's own timing. A panel's Stop
+sets its cancel event: only that request ends, at once, and the others stream on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from playground.backends.base import Request
+from playground.engine import Engine
+from playground.errors import PlaygroundError, WorkerDied, WorkerHung
+from playground.metrics import GenerationMetrics
+from playground.workers import Finished, TextDelta
+
+PanelStatus = Literal["waiting", "loading", "streaming", "done", "cancelled", "failed"]
+
+
+@dataclass
+class PanelRun:
+    panel: int
+    variant_id: str
+    request: Request
+    cancel: threading.Event = field(default_factory=threading.Event)
+    status: PanelStatus = "waiting"
+    text: str = ""
+    metrics: GenerationMetrics | None = None
+    error: str | None = None
+    worker_lost: bool = False  # the worker died or hung: the panel offers a reload
+    load_started: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "cancelled", "failed")
+
+
+def _drive(engine: Engine, run: PanelRun, changed: threading.Event) -> None:
+    try:
+        if engine.status(run.variant_id).state != "ready":
+            run.status, run.load_started = "loading", time.monotonic()
+            changed.set()
+            engine.load(run.variant_id)
+        run.status = "streaming"
+        changed.set()
+        for event in engine.generate(run.variant_id, run.request, run.cancel):
+            if isinstance(event, TextDelta):
+                run.text += event.text
+            elif isinstance(event, Finished):
+                run.text, run.metrics = event.text, event.metrics
+                run.status = "cancelled" if event.metrics.finish_reason == "cancelled" else "done"
+            changed.set()
+    except (WorkerDied, WorkerHung) as err:
+        run.status, run.error, run.worker_lost = "failed", str(err), True
+    except PlaygroundError as err:
+        run.status, run.error = "failed", str(err)
+    except Exception as err:  # shown in the panel, never as a traceback
+        run.status, run.error = "failed", f"unexpected {err.__class__.__name__}: {err}"
+    finally:
+        if not run.finished:
+            run.status = "cancelled" if run.cancel.is_set() else "done"
+        changed.set()
+
+
+def stream_panels(engine: Engine, runs: list[PanelRun], interval_s: float = 0.1) -> Iterator[list[PanelRun]]:
+    """Yield copies of all runs as they progress, the last copy once every run has finished."""
+    changed = threading.Event()
+    threads = [threading.Thread(target=_drive, args=(engine, run, changed), daemon=True) for run in runs]
+    for thread in threads:
+        thread.start()
+    last = 0.0
+    while any(thread.is_alive() for thread in threads):
+        changed.wait(interval_s)
+        now = time.monotonic()
+        if now - last >= interval_s:
+            changed.clear()
+            last = now
+            yield [dataclasses.replace(run) for run in runs]
+    yield [dataclasses.replace(run) for run in runs]

@@ -1,0 +1,147 @@
+"""The playground as a person uses it: the real app in its own process, Debian's headless Chromium.
+
+One app serves the whole module (starting it and loading the embedded default in both backends
+is the slow part); each test drives one feature.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from browser import browser_page, running_app
+
+pytestmark = pytest.mark.e2e
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+METRICS = re.compile(
+    r"TTFT \d+\.\d+ s · decode [\d.]+ tok/s · prefill \d+ tok/s · tokens \d+ in / \d+ out · peak mem \d+ MiB"
+)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    env = {"PLAYGROUND_DATA_DIR": str(tmp / "data")}
+    with running_app(tmp / "app.log", env) as url, browser_page() as page:
+        page.goto(url)
+        yield page
+
+
+def wait_text(locator, pattern: str, timeout_s: float = 90) -> str:
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = locator.inner_text()
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} did not appear; last text: {text!r}")
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_both_backends_stream_side_by_side_with_metrics_and_export(page):
+    page.get_by_text("Before loading:").wait_for(timeout=30_000)
+    page.locator("#prompt textarea").fill("What is the capital of France?")
+    page.locator("#send").click()
+    # While it streams the button is busy; then each panel shows its own metrics.
+    first = wait_text(page.locator("#panel-0-metrics"), METRICS.pattern, 120)
+    second = wait_text(page.locator("#panel-1-metrics"), METRICS.pattern, 120)
+    assert "llamacpp on cpu" in first and "transformers on cpu" in second
+    assert page.locator("#panel-0-chat").get_by_text("What is the capital of France?").count() == 1
+    wait_text(page.locator("#loaded"), r"smollm2-135m-transformers.*ready")
+    page.locator("#comparison-plot").get_by_text("decode tok/s by reply").wait_for(timeout=20_000)
+    page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
+    page.locator("#export").click()
+    link = page.locator('#export-json a[download="comparison.json"]')
+    link.wait_for(timeout=20_000)
+    exported = httpx.get(link.get_attribute("href"), timeout=10).json()
+    assert exported["prompt"] == "What is the capital of France?"
+    assert [a["variant_id"] for a in exported["answers"]] == ["smollm2-135m-gguf", "smollm2-135m-transformers"]
+    assert all(a["metrics"]["completion_tokens"] >= 1 for a in exported["answers"])
+    assert page.locator('#export-md a[download="comparison.md"]').count() == 1
+
+
+def test_stop_frees_one_panel_while_the_other_streams_on(page):
+    page.get_by_text("Generation settings (all panels)").click()
+    set_number(page, "shared-max_new_tokens", 600)
+    page.locator("#prompt textarea").fill("Write a long story about a lighthouse keeper.")
+    page.locator("#send").click()
+    wait_text(page.locator("#panel-0-chat"), r"lighthouse keeper\.[\s\S]+\w", 60)
+    page.locator("#panel-0-stop").click()
+    stopped = wait_text(page.locator("#panel-0-metrics"), "finish: cancelled", 10)
+    assert METRICS.search(stopped)
+    # The other panel is not stopped: it ends on its own (limit or end of text).
+    other = wait_text(page.locator("#panel-1-metrics"), "finish: (length|stop)", 240)
+    assert "cancelled" not in other
+
+
+def test_a_bad_path_gets_a_clear_message(page):
+    page.get_by_text("Add a variant from a local path").click()
+    page.locator("#add-path textarea, #add-path input").first.fill("/nowhere/model.gguf")
+    page.locator("#add").click()
+    wait_text(page.locator("#add-status"), "does not exist", 20)
+    page.locator("#add-path textarea, #add-path input").first.fill("/etc/hostname")
+    page.locator("#add").click()
+    wait_text(page.locator("#add-status"), "unknown weights format", 20)
+
+
+def test_a_killed_worker_marks_its_panel_failed_and_offers_reload(page):
+    loaded = page.locator("#loaded").inner_text()
+    pid = int(re.search(r"smollm2-135m-gguf\).*?pid (\d+)", loaded).group(1))
+    page.locator("#prompt textarea").fill("Tell me about the sea, at length.")
+    page.locator("#send").click()
+    wait_text(page.locator("#panel-0-chat"), r"at length\.[\s\S]+\w", 60)
+    os.kill(pid, signal.SIGKILL)
+    wait_text(page.locator("#panel-0-metrics"), "killed by SIGKILL.*Reload", 20)
+    wait_text(page.locator("#panel-1-metrics"), "finish: (length|stop)", 240)  # the other panel streamed on
+    page.locator("#panel-0-reload").click()
+    wait_text(page.locator("#panel-0-metrics"), r"Reloaded in", 60)
+
+
+def test_monitor_moves_every_second(page):
+    page.get_by_role("tab", name="Monitor").click()
+    summary = page.locator("#monitor-summary")
+    first = wait_text(summary, r"CPU \d+%", 20)
+    assert "No NVIDIA GPU" in page.locator("#gpu-note").inner_text()
+    deadline = time.monotonic() + 15
+    while summary.inner_text() == first and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert summary.inner_text() != first, "the monitor did not refresh"
+    page.locator("#monitor-plot").get_by_text("CPU (%)").wait_for(timeout=10_000)
+    page.screenshot(path=str(DOCS / "monitor.png"), full_page=True)
+
+
+def test_blind_vote_updates_the_leaderboard(page):
+    page.get_by_role("tab", name="Compare").click()
+    if not re.search(
+        r"transformers\).*ready[\s\S]*gguf\).*ready|gguf\).*ready[\s\S]*transformers\).*ready",
+        page.locator("#loaded").inner_text(),
+    ):
+        # Run on its own, this test first loads both default panels the way a person would: by sending.
+        page.locator("#prompt textarea").fill("Hi")
+        page.locator("#send").click()
+        wait_text(page.locator("#panel-1-metrics"), "finish:", 180)
+    page.get_by_role("tab", name="Blind").click()
+    assert "No votes yet" in page.locator("#leaderboard").inner_text()
+    page.locator("#arena-new").click()
+    wait_text(page.locator("#arena-info"), "new pair is ready", 20)
+    page.locator("#arena-prompt textarea, #arena-prompt input").first.fill("Say hello.")
+    page.locator("#arena-send").click()
+    wait_text(page.locator("#arena-info"), "Which is better", 180)
+    page.locator("#vote-a").click()
+    reveal = wait_text(page.locator("#arena-reveal"), "Model A was", 20)
+    assert "SmolLM2-135M" in reveal
+    # The rendered table reads as tab-separated cells: rank, variant, rating, votes, wins, losses.
+    board = wait_text(page.locator("#leaderboard"), r"1\tsmollm2-135m-\S+\t1016\.0\t1\t1\t0", 20)
+    assert re.search(r"2\tsmollm2-135m-\S+\t984\.0\t1\t0\t1", board)
+    page.screenshot(path=str(DOCS / "blind.png"), full_page=True)
