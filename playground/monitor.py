@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 
 from playground.engine import Engine
+from playground.memory import nvml_memory_info
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class _Nvml:
         gpus, per_variant = [], {}
         for index in range(nv.nvmlDeviceGetCount()):
             handle = nv.nvmlDeviceGetHandleByIndex(index)
-            memory = nv.nvmlDeviceGetMemoryInfo(handle)
+            memory = nvml_memory_info(nv, handle)
             try:
                 util = int(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
             except nv.NVMLError:
