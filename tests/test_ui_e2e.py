@@ -77,6 +77,11 @@ def test_stop_frees_one_panel_while_the_other_streams_on(page):
     page.locator("#prompt textarea").fill("Write a long story about a lighthouse keeper.")
     page.locator("#send").click()
     wait_text(page.locator("#panel-0-chat"), r"lighthouse keeper\.[\s\S]+\w", 60)
+    # A second prompt while this one streams is refused, not mixed into the panels.
+    page.locator("#prompt textarea").fill("Another question")
+    page.locator("#prompt textarea").press("Shift+Enter")  # submits a multi-line box
+    wait_text(page.locator("#send-notice"), "Still answering the last prompt", 10)
+    assert page.locator("#panel-0-chat").get_by_text("Another question").count() == 0
     page.locator("#panel-0-stop").click()
     stopped = wait_text(page.locator("#panel-0-metrics"), "finish: cancelled", 10)
     assert METRICS.search(stopped)

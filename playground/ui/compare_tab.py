@@ -121,13 +121,14 @@ class CompareTab:
             for i in range(MAX_PANELS):
                 self.panels.append(self._build_panel(i))
         self.prompt = gr.Textbox(
-            label="Prompt", lines=3, elem_id="prompt", placeholder="One prompt, sent to every panel"
+            label="Prompt", lines=3, elem_id="prompt", placeholder="One prompt, sent to every panel (Shift+Enter sends)"
         )
         with gr.Row():
             self.send = gr.Button("Send", variant="primary", elem_id="send")
             clear = gr.Button("Clear", elem_id="clear")
             export = gr.Button("Export comparison", elem_id="export")
         self.status = gr.Markdown(elem_id="send-status")
+        self.notice = gr.Markdown(elem_id="send-notice")
         with gr.Row():
             export_md = gr.File(label="Markdown", elem_id="export-md", visible=False, height=80)
             export_json = gr.File(label="JSON", elem_id="export-json", visible=False, height=80)
@@ -146,7 +147,7 @@ class CompareTab:
         inputs = [self.prompt, self.mode, self.n_panels, *self.shared]
         for p in self.panels:
             inputs += [p.variant, p.override, *p.settings]
-        outputs = [self.send, self.status, self.loaded, self.plot]
+        outputs = [self.send, self.status, self.notice, self.loaded, self.plot]
         for p in self.panels:
             outputs += [p.chatbot, p.metrics, p.reload]
         self.send.click(self.run, inputs, outputs)
@@ -269,8 +270,22 @@ class CompareTab:
         session = self.sessions.get(request)
         n = int(n)
         if not prompt or not prompt.strip():
-            yield [gr.update(), "⚠ Type a prompt first.", gr.update(), gr.update()] + [gr.update()] * (3 * MAX_PANELS)
+            yield self._notice("⚠ Type a prompt first.")
             return
+        if session.busy:
+            yield self._notice("⚠ Still answering the last prompt: wait for it, or press Stop in its panels.")
+            return
+        session.busy = True
+        try:
+            yield from self._run(session, prompt, mode, n, values)
+        finally:
+            session.busy = False
+
+    def _notice(self, text: str) -> list[Any]:
+        """Outputs that change nothing but the notice line."""
+        return [gr.update(), gr.update(), text, gr.update(), gr.update()] + [gr.update()] * (3 * MAX_PANELS)
+
+    def _run(self, session: Session, prompt: str, mode: str, n: int, values: tuple[Any, ...]) -> Iterator[list[Any]]:
         entries = self._requests(session, prompt, mode, n, values)
         runs = [e for e in entries if isinstance(e, PanelRun)]
         started = time.monotonic()
@@ -278,9 +293,12 @@ class CompareTab:
         def frame(snapshot: list[PanelRun], final: bool) -> list[Any]:
             by_panel = {r.panel: r for r in snapshot}
             busy = not final
+            local = sum(1 for r in snapshot if self.engine.configs[r.variant_id].backend != "openai")
+            note = " · panels on one machine share its CPU/GPU, so each runs slower than alone" if local > 1 else ""
             head = [
                 gr.update(interactive=not busy, value="Generating…" if busy else "Send"),
-                f"{'⏳ ' if busy else ''}{len(runs)} panel(s), {time.monotonic() - started:.1f} s",
+                f"{'⏳ ' if busy else ''}{len(runs)} panel(s), {time.monotonic() - started:.1f} s{note}",
+                gr.update() if busy else "",
                 loaded_markdown(self.engine) if final else gr.update(),
                 gr.update(),
             ]
@@ -304,7 +322,7 @@ class CompareTab:
             yield frame(snapshot, final=False)
         last = frame(snapshot, final=True)  # drawn before the histories take this turn in
         self._remember(session, prompt, mode, values, snapshot)
-        last[3] = comparison_figure(session.points[-40:]) if session.points else gr.update()
+        last[4] = comparison_figure(session.points[-40:]) if session.points else gr.update()
         yield last
 
     def _remember(

@@ -22,6 +22,7 @@ class Session:
     cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event() for _ in range(MAX_PANELS)])
     points: list[ReplyPoint] = field(default_factory=list)
     replies: int = 0
+    busy: bool = False  # a prompt is being answered: a second one is refused, never interleaved
     last: Comparison | None = None
     # Blind comparison: the hidden pair (A, B), the prompt asked, and whether it was voted on.
     arena_pair: tuple[str, str] | None = None
