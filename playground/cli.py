@@ -51,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--no-memory-check", action="store_true", help="load even if the estimate says it won't fit")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text and metrics")
+
+    route = commands.add_parser("route", help="ask a router variant where a request should go")
+    route.add_argument("--router", required=True, help="a variant id with a router section")
+    route.add_argument("--prompt", required=True)
+    route.add_argument("--threshold", type=float, default=0.5, help="escalate when P(escalate) is above it")
+    route.add_argument("--json", action="store_true")
+
+    ev = commands.add_parser("eval", help="evaluate a variant (kinds: router)")
+    ev.add_argument("--kind", required=True, choices=["router"])
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", default="ood", help="ood, in_distribution, or a JSONL file of {prompt, route}")
+    ev.add_argument("--threshold", type=float, default=0.5)
+    ev.add_argument("--limit", type=int, help="only the first N rows")
+    ev.add_argument("--json", action="store_true")
     return parser
 
 
@@ -107,6 +121,43 @@ def _generate(engine: Any, args: argparse.Namespace) -> None:
                     print(f"warning: {warning}", file=sys.stderr)
 
 
+def _route(engine: Any, args: argparse.Namespace) -> None:
+    from playground.router import Router
+
+    decision = Router(engine, args.router).decide(args.prompt, args.threshold)
+    fields = ("route", "reason", "p_escalate", "valid_json", "latency_s")
+    if args.json:
+        print(json.dumps(decision.to_dict()))
+        return
+    print(", ".join(f"{k}={_fmt(getattr(decision, k))}" for k in fields))
+    if not decision.valid_json:
+        print(f"the model's own answer is not valid route JSON: {decision.raw_output!r}", file=sys.stderr)
+
+
+def _eval(engine: Any, args: argparse.Namespace) -> None:
+    from playground.router import DATASETS, evaluate_router, read_router_data
+
+    rows = read_router_data(DATASETS.get(args.data, Path(args.data)))
+    if args.limit:
+        rows = rows[: args.limit]
+
+    def progress(done: int, total: int) -> None:
+        if not args.json:
+            print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
+
+    result = evaluate_router(engine, args.model, rows, args.threshold, progress)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(file=sys.stderr)
+    print(
+        f"{result.n} rows, threshold {result.threshold}: accuracy {result.accuracy:.3f}, escalation recall "
+        f"{_fmt(result.escalation_recall)}, precision {_fmt(result.escalation_precision)}, JSON valid "
+        f"{result.json_validity:.3f}, mean latency {result.mean_latency_s:.3f} s"
+    )
+    print(f"confusion (gold -> decided): {result.confusion}")
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -122,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _models(engine, args.json)
         elif args.command == "generate":
             _generate(engine, args)
+        elif args.command == "route":
+            _route(engine, args)
+        elif args.command == "eval":
+            _eval(engine, args)
         return 0
     except PlaygroundError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -153,6 +153,8 @@ class Engine:
         prompt: str = "",
         messages: list[dict[str, str]] | None = None,
         mode: Mode | None = None,
+        assistant_prefix: str = "",
+        json_schema: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> Request:
         """A request for one variant: its default settings with `overrides` applied."""
@@ -165,18 +167,30 @@ class Engine:
                 if not prompt:
                     raise GenerationError("the prompt is empty")
                 chat = [{"role": "user", "content": prompt}]
-            if config.router and not any(m["role"] == "system" for m in chat):
-                chat.insert(0, {"role": "system", "content": config.router.system_prompt})
-            return Request(mode="chat", params=params, messages=tuple(chat))
+            return Request(
+                mode="chat",
+                params=params,
+                messages=tuple(chat),
+                assistant_prefix=assistant_prefix,
+                json_schema=json_schema,
+            )
         if not prompt:
             raise GenerationError("the prompt is empty")
-        return Request(mode="completion", params=params, text=prompt)
+        return Request(
+            mode="completion", params=params, text=prompt, assistant_prefix=assistant_prefix, json_schema=json_schema
+        )
 
     def generate(self, variant_id: str, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
         worker = self.workers.get(variant_id)
         if worker is None:
             raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
         return worker.generate(request, cancel)
+
+    def score(self, variant_id: str, request: Request, continuations: list[str]) -> tuple[list[float], float]:
+        worker = self.workers.get(variant_id)
+        if worker is None:
+            raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
+        return worker.score(request, continuations)
 
     def stop(self, variant_id: str) -> None:
         worker = self.workers.get(variant_id)

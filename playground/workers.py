@@ -132,7 +132,7 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
         return
     events.send(("ready", info))
 
-    pending: queue.Queue[tuple[str, Request] | None] = queue.Queue()
+    pending: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
     stops: dict[str, threading.Event] = {}
     stops_lock = threading.Lock()
 
@@ -151,9 +151,9 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
                 pending.put(None)
                 return
             kind = command[0]
-            if kind == "generate":
+            if kind in ("generate", "score"):
                 stop_flag(command[1])
-                pending.put((command[1], command[2]))
+                pending.put(command)
             elif kind == "stop":
                 stop_flag(command[1]).set()
             elif kind == "shutdown":
@@ -162,9 +162,14 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
     while (job := pending.get()) is not None:
-        rid, request = job
+        kind, rid, request = job[0], job[1], job[2]
         try:
-            _run_request(backend, info, rid, request, stop_flag(rid), events)
+            if kind == "generate":
+                _run_request(backend, info, rid, request, stop_flag(rid), events)
+            else:
+                started = time.perf_counter()
+                values = backend.score(request, job[3])
+                events.send(("scored", rid, values, time.perf_counter() - started))
         except PlaygroundError as err:
             events.send(("error", rid, str(err)))
         except MemoryError:
@@ -323,6 +328,33 @@ class Worker:
         finally:
             if not finished:
                 self.stop(rid)
+            with self._lock:
+                self._queues.pop(rid, None)
+
+    def score(
+        self, request: Request, continuations: list[str], timeout_s: float | None = None
+    ) -> tuple[list[float], float]:
+        """Log-probabilities of each continuation after the request's prompt, and the seconds
+        the worker took. Waits its turn behind any generation already queued."""
+        if self.state != "ready":
+            raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
+        rid = uuid.uuid4().hex
+        inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        with self._lock:
+            self._queues[rid] = inbox
+        try:
+            self._send(("score", rid, request, list(continuations)))
+            try:
+                event = inbox.get(timeout=timeout_s or self.stall_timeout_s)
+            except queue.Empty:
+                self.hung = True
+                raise WorkerHung(f"{self.config.display_name} gave no scores in time: its worker may be hung") from None
+            if event[0] == "scored":
+                return event[2], event[3]
+            if event[0] == "died":
+                raise WorkerDied(event[2])
+            raise GenerationError(event[2])
+        finally:
             with self._lock:
                 self._queues.pop(rid, None)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from playground.config import GenerationParams, Mode, ModelConfig
+from playground.errors import GenerationError
 
 ShouldStop = Callable[[], bool]
 
@@ -25,6 +26,10 @@ class Request:
     params: GenerationParams
     messages: tuple[dict[str, str], ...] = ()
     text: str = ""
+    # Text the answer must start with (e.g. '{"route": "'), appended after the prompt format.
+    assistant_prefix: str = ""
+    # Constrain the output to this JSON schema where the backend has a grammar (llama.cpp).
+    json_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode == "chat" and not self.messages:
@@ -37,6 +42,7 @@ class Prompt:
 
     n_tokens: int | None  # None where only the server knows (remote endpoints)
     payload: Any
+    json_schema: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class Backend(ABC):
     # Capabilities, read by the engine and the UI.
     streams_tokens: ClassVar[bool] = True  # chunks are single tokens as they are made
     supports_grammar: ClassVar[bool] = False
+    supports_scoring: ClassVar[bool] = False  # can give log-probabilities of given continuations
     counts_tokens_locally: ClassVar[bool] = True  # False: counts come from a server's Usage
     runs_remote: ClassVar[bool] = False
 
@@ -92,6 +99,15 @@ class Backend(ABC):
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | Usage]:
         """Generate at most params.max_new_tokens tokens, stopping early when should_stop()."""
 
+    def score(self, request: Request, continuations: list[str]) -> list[float]:
+        """Log-probability of each continuation right after the request's prompt (and prefix).
+
+        The continuations are compared on the same footing: each is scored from the longest
+        token prefix they all share, so a tokenizer that merges across the boundary is fair
+        to all of them.
+        """
+        raise GenerationError(f"the {self.name} backend cannot score continuations")
+
     def finish_reason(self) -> FinishReason:
         """Why the last stream ended: an end-of-sequence token, the token limit, or a stop."""
         return getattr(self, "_finish_reason", "stop")
@@ -107,3 +123,12 @@ class Backend(ABC):
     def unload(self) -> None:
         """Free what can be freed in-process; the worker process exits right after anyway."""
         return None
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest token prefix common to every sequence."""
+    shortest = min(len(seq) for seq in sequences)
+    for i in range(shortest):
+        if len({seq[i] for seq in sequences}) > 1:
+            return i
+    return shortest

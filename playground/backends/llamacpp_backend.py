@@ -7,13 +7,14 @@ timing sees each one. GPU layers are offloaded only when the build supports it.
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop
+from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop, shared_prefix_length
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.prompts import render_without_template
@@ -29,6 +30,7 @@ def physical_cores() -> int:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     supports_grammar = True
+    supports_scoring = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -109,27 +111,69 @@ class LlamaCppBackend(Backend):
         except ValueError:
             return f"gguf type {raw}"
 
-    def prepare(self, request: Request) -> Prompt:
+    def _tokens(self, request: Request, suffix: str = "") -> list[int]:
         if request.mode == "chat" and self.config.prompt_format == "chat_template":
             if self._chat_formatter is None:
                 raise GenerationError(
                     f"{self.config.display_name} has no chat template in its GGUF file: use completion mode"
                 )
-            text = self._chat_formatter(messages=list(request.messages)).prompt
+            text = self._chat_formatter(messages=list(request.messages)).prompt + request.assistant_prefix + suffix
             # The template writes any BOS itself, as llama-cpp-python's own chat path assumes.
-            ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        else:
-            text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
-            ids = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+            return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
+        return self.llm.tokenize(
+            (text + request.assistant_prefix + suffix).encode("utf-8"), add_bos=True, special=False
+        )
+
+    def prepare(self, request: Request) -> Prompt:
+        ids = self._tokens(request)
         if not ids:
             raise GenerationError("the prompt is empty")
-        return Prompt(n_tokens=len(ids), payload=ids)
+        return Prompt(n_tokens=len(ids), payload=ids, json_schema=request.json_schema)
+
+    def score(self, request: Request, continuations: list[str]) -> list[float]:
+        import llama_cpp
+        import numpy as np
+
+        sequences = [self._tokens(request, c) for c in continuations]
+        start = shared_prefix_length(sequences)
+        if start == 0:
+            raise GenerationError("cannot score: the continuations share no prompt tokens")
+        n_vocab = self.llm.n_vocab()
+
+        def next_logprobs() -> Any:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+            shifted = logits - logits.max()
+            return shifted - np.log(np.exp(shifted).sum())
+
+        # The shared prefix is evaluated once, as one batch; its next-token distribution is kept,
+        # since re-evaluating a token alone gives slightly different numbers than in a batch.
+        self.llm.reset()
+        self.llm.eval(sequences[0][:start])
+        after_prefix = next_logprobs().copy()
+        scores = []
+        for ids in sequences:
+            self.llm.n_tokens = start  # eval drops every cached position from here on
+            logprobs, total = after_prefix, 0.0
+            for k, token in enumerate(ids[start:], start=start + 1):
+                total += float(logprobs[token])
+                if k < len(ids):
+                    self.llm.eval([token])
+                    logprobs = next_logprobs()
+            scores.append(total)
+        self.llm.reset()
+        return scores
 
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
         import llama_cpp
 
         if params.seed is not None:
             self.llm.set_seed(params.seed)
+        grammar = None
+        if prompt.json_schema is not None:
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_json_schema(json.dumps(prompt.json_schema), verbose=False)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = self.llm._model.vocab  # the library's own end-of-generation test needs it
         produced = 0
@@ -142,6 +186,7 @@ class LlamaCppBackend(Backend):
             temp=params.temperature,
             repeat_penalty=params.repetition_penalty,
             reset=True,
+            grammar=grammar,
         )
         try:
             for token in tokens:

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop
+from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop, shared_prefix_length
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.prompts import render_without_template
@@ -135,6 +135,7 @@ def generation_kwargs(params: GenerationParams) -> dict[str, Any]:
 
 class TransformersBackend(Backend):
     name = "transformers"
+    supports_scoring = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -256,9 +257,9 @@ class TransformersBackend(Backend):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
     # -- generation ------------------------------------------------------------------------
-    def prepare(self, request: Request) -> Prompt:
+    def render(self, request: Request) -> tuple[str, bool]:
+        """The prompt text, and whether a chat template wrote it (then it holds its own BOS)."""
         assert self.codec is not None, "load() first"
-        templated = False
         if request.mode == "chat" and self.config.prompt_format == "chat_template":
             text = self.codec.chat(request.messages)
             if text is None:
@@ -266,13 +267,33 @@ class TransformersBackend(Backend):
                     f"{self.config.display_name} has no chat template: use completion mode, or set "
                     "prompt_format to alpaca or raw in its config"
                 )
-            templated = True
-        else:
-            text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
+            return text + request.assistant_prefix, True
+        text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
+        return text + request.assistant_prefix, False
+
+    def prepare(self, request: Request) -> Prompt:
+        assert self.codec is not None, "load() first"
+        text, templated = self.render(request)
         ids = self.codec.encode(text, add_special_tokens=not templated)
         if not ids:
             raise GenerationError("the prompt is empty")
         return Prompt(n_tokens=len(ids), payload=ids)
+
+    def score(self, request: Request, continuations: list[str]) -> list[float]:
+        assert self.codec is not None and self.model is not None, "load() first"
+        text, templated = self.render(request)
+        sequences = [self.codec.encode(text + c, add_special_tokens=not templated) for c in continuations]
+        start = shared_prefix_length(sequences)
+        if start == 0:
+            raise GenerationError("cannot score: the continuations share no prompt tokens")
+        scores = []
+        with torch.inference_mode():
+            for ids in sequences:
+                logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0].float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                # The token at position i is predicted by the logits at position i - 1.
+                scores.append(float(sum(logprobs[i - 1, ids[i]] for i in range(start, len(ids)))))
+        return scores
 
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
         assert self.codec is not None and self.model is not None, "load() first"

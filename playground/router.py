@@ -1,0 +1,265 @@
+"""Route decisions that do not depend on a small model writing valid JSON.
+
+A router variant (a config with a `router` section) is asked as its card says: its system
+prompt, then the user's request. The decision is *scored*: the answer is forced to begin with
+`{"route": "` and the model's own token probabilities of each allowed route (closed by its
+quote) are compared; P(escalate) is the escalation route's share. Separately the model writes
+its whole answer (under a JSON grammar where the backend has one), which gives the reason and
+shows whether its free output is valid; an invalid answer is reported as invalid and never
+turned into a route. As in RouteLLM, a router is a score and a threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from playground.config import ModelConfig
+from playground.engine import Engine
+from playground.errors import PlaygroundError
+from playground.workers import Finished
+
+ROUTE_PREFIX = '{"route": "'
+ANSWER_TOKENS = 60
+
+
+@dataclass
+class RouteDecision:
+    route: str
+    p_escalate: float
+    threshold: float
+    route_probs: dict[str, float]
+    valid_json: bool
+    reason: str | None
+    model_route: str | None  # what the model itself wrote, when its answer was valid
+    raw_output: str
+    latency_s: float  # scoring and writing the answer, as the user waits for both
+    score_latency_s: float
+    grammar: bool  # whether the answer was written under a JSON grammar
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_route_json(text: str, routes: list[str]) -> tuple[bool, str | None, str | None, str]:
+    """(valid, route, reason, why) for a router's raw answer. Valid means: one JSON object with a
+    `route` among `routes` and a string `reason`, and nothing else but whitespace around it."""
+    stripped = text.strip()
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError as err:
+        return False, None, None, f"not valid JSON ({err.msg} at character {err.pos})"
+    if not isinstance(data, dict):
+        return False, None, None, "not a JSON object"
+    route, reason = data.get("route"), data.get("reason")
+    if route not in routes:
+        return False, None, None, f"route {route!r} is not one of {routes}"
+    if not isinstance(reason, str):
+        return False, None, None, "no string `reason`"
+    return True, route, reason, "valid"
+
+
+def answer_schema(routes: list[str]) -> dict[str, Any]:
+    # maxLength: without it a small model can repeat itself until the token limit and never
+    # close the string (seen with the embedded 135M).
+    return {
+        "type": "object",
+        "properties": {"route": {"type": "string", "enum": routes}, "reason": {"type": "string", "maxLength": 100}},
+        "required": ["route", "reason"],
+        "additionalProperties": False,
+    }
+
+
+class Router:
+    """One router variant of the engine: scores requests and decides against a threshold."""
+
+    def __init__(self, engine: Engine, variant_id: str) -> None:
+        config = engine.get(variant_id)
+        if config.router is None:
+            raise PlaygroundError(f"{config.display_name} has no router section: it cannot route")
+        self.engine = engine
+        self.config: ModelConfig = config
+        self.spec = config.router
+
+    def _messages(self, prompt: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.spec.system_prompt}, {"role": "user", "content": prompt}]
+
+    def ensure_loaded(self) -> None:
+        if self.engine.status(self.config.id).state != "ready":
+            self.engine.load(self.config.id)
+
+    def score(self, prompt: str) -> tuple[dict[str, float], float]:
+        """Probability of each route (normalized over the allowed routes) and seconds taken."""
+        request = self.engine.request(
+            self.config.id, messages=self._messages(prompt), mode="chat", assistant_prefix=ROUTE_PREFIX
+        )
+        logprobs, seconds = self.engine.score(self.config.id, request, [f'{r}"' for r in self.spec.routes])
+        top = max(logprobs)
+        weights = [math.exp(lp - top) for lp in logprobs]
+        total = sum(weights)
+        return {r: w / total for r, w in zip(self.spec.routes, weights, strict=True)}, seconds
+
+    def write_answer(self, prompt: str) -> tuple[str, bool]:
+        """The model's own answer, greedy; under a JSON grammar when the backend has one."""
+        backend_has_grammar = self.config.backend == "llamacpp"
+        request = self.engine.request(
+            self.config.id,
+            messages=self._messages(prompt),
+            mode="chat",
+            temperature=0.0,
+            max_new_tokens=ANSWER_TOKENS,
+            repetition_penalty=1.0,
+            json_schema=answer_schema(self.spec.routes) if backend_has_grammar else None,
+        )
+        text = ""
+        for event in self.engine.generate(self.config.id, request):
+            if isinstance(event, Finished):
+                text = event.text
+        return text, backend_has_grammar
+
+    def decide(self, prompt: str, threshold: float = 0.5, explain: bool = True) -> RouteDecision:
+        if not 0.0 <= threshold <= 1.0:
+            raise PlaygroundError(f"threshold must be between 0 and 1, not {threshold}")
+        if not prompt.strip():
+            raise PlaygroundError("the prompt is empty")
+        self.ensure_loaded()
+        started = time.perf_counter()
+        probs, score_s = self.score(prompt)
+        p_escalate = probs[self.spec.escalate_route]
+        others = [r for r in self.spec.routes if r != self.spec.escalate_route]
+        route = self.spec.escalate_route if p_escalate > threshold else max(others, key=lambda r: probs[r])
+        raw, grammar = self.write_answer(prompt) if explain else ("", False)
+        valid, model_route, reason, _ = parse_route_json(raw, self.spec.routes) if explain else (False, None, None, "")
+        return RouteDecision(
+            route=route,
+            p_escalate=p_escalate,
+            threshold=threshold,
+            route_probs=probs,
+            valid_json=valid,
+            reason=reason,
+            model_route=model_route,
+            raw_output=raw,
+            latency_s=time.perf_counter() - started,
+            score_latency_s=score_s,
+            grammar=grammar,
+        )
+
+
+def answering_variant(decision: RouteDecision, router_id: str, partner_id: str | None) -> str:
+    """Who answers: the router itself for `self`, the partner when the request escalates."""
+    if decision.route == "self" or decision.route != "npc_fin" and partner_id is None:
+        return router_id
+    if partner_id is None:
+        raise PlaygroundError("the request escalates, but no partner is chosen")
+    return partner_id
+
+
+# -- evaluation ------------------------------------------------------------------------------
+@dataclass
+class RouterEval:
+    n: int
+    threshold: float
+    accuracy: float
+    escalation_recall: float | None
+    escalation_precision: float | None
+    json_validity: float
+    confusion: dict[str, dict[str, int]]  # gold route -> decided route -> count
+    mean_latency_s: float
+    curve: list[dict[str, float]]  # per threshold: escalation rate and accuracy
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_router_data(path: Path) -> list[dict[str, str]]:
+    """JSONL of {"prompt", "route"}; any other keys are kept but not needed."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise PlaygroundError(f"{path}: cannot be read ({err.strerror})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PlaygroundError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("route"), str):
+            raise PlaygroundError(f'{path}, line {number}: each line needs string "prompt" and "route" fields')
+        rows.append(row)
+    if not rows:
+        raise PlaygroundError(f"{path} holds no rows")
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, threshold: float) -> RouterEval:
+    """Metrics from per-row results (gold route, p_escalate, valid_json, latency_s)."""
+
+    def decided(row: dict[str, Any], t: float) -> str:
+        return escalate if row["p_escalate"] > t else row["best_other"]
+
+    confusion = {g: {d: 0 for d in routes} for g in routes}
+    for row in rows:
+        confusion.setdefault(row["route"], {d: 0 for d in routes})[decided(row, threshold)] += 1
+    correct = sum(decided(r, threshold) == r["route"] for r in rows)
+    true_esc = confusion.get(escalate, {}).get(escalate, 0)
+    gold_esc = sum(confusion.get(escalate, {}).values())
+    said_esc = sum(c.get(escalate, 0) for c in confusion.values())
+    curve = []
+    for step in range(0, 21):
+        t = step / 20
+        curve.append(
+            {
+                "threshold": t,
+                "escalation_rate": sum(decided(r, t) == escalate for r in rows) / len(rows),
+                "accuracy": sum(decided(r, t) == r["route"] for r in rows) / len(rows),
+            }
+        )
+    return RouterEval(
+        n=len(rows),
+        threshold=threshold,
+        accuracy=correct / len(rows),
+        escalation_recall=true_esc / gold_esc if gold_esc else None,
+        escalation_precision=true_esc / said_esc if said_esc else None,
+        json_validity=sum(bool(r["valid_json"]) for r in rows) / len(rows),
+        confusion=confusion,
+        mean_latency_s=sum(r["latency_s"] for r in rows) / len(rows),
+        curve=curve,
+        rows=rows,
+    )
+
+
+def evaluate_router(
+    engine: Engine, variant_id: str, data: list[dict[str, str]], threshold: float = 0.5, progress: Any = None
+) -> RouterEval:
+    """Run the router on every row. `progress(done, total)` is called after each row."""
+    router = Router(engine, variant_id)
+    rows = []
+    for i, item in enumerate(data):
+        d = router.decide(item["prompt"], threshold)
+        others = {r: p for r, p in d.route_probs.items() if r != router.spec.escalate_route}
+        rows.append(
+            {
+                "prompt": item["prompt"],
+                "route": item["route"],
+                "p_escalate": d.p_escalate,
+                "best_other": max(others, key=others.get),
+                "valid_json": d.valid_json,
+                "model_route": d.model_route,
+                "latency_s": d.latency_s,
+                "raw_output": d.raw_output,
+            }
+        )
+        if progress is not None:
+            progress(i + 1, len(data))
+    return summarize(rows, router.spec.routes, router.spec.escalate_route, threshold)
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "router"
+DATASETS = {"ood": ASSETS / "ood.jsonl", "in_distribution": ASSETS / "eval_in_distribution.jsonl"}

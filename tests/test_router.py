@@ -1,0 +1,217 @@
+"""Routing: decisions scored from token probabilities in both backends, thresholds, invalid
+answers reported as invalid, the partner reached on a real server, the eval and its numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import EMBEDDED_GGUF, collect, variant
+
+from playground.config import load_config_dir
+from playground.router import (
+    ROUTE_PREFIX,
+    Router,
+    answering_variant,
+    parse_route_json,
+    read_router_data,
+    summarize,
+)
+
+ROUTER_SPEC = load_config_dir()["smollm2-135m-router"].router.model_dump()
+PROMPT = "Build a DCF for TSLA with 3 scenarios."
+
+
+# The tiny test models hold 256 positions: they get a short system prompt of their own.
+TINY_SPEC = dict(
+    ROUTER_SPEC,
+    system_prompt="Route the request: self or npc_fin. Answer in JSON.",
+    system_prompt_source="written for the tests",
+)
+
+
+def router_variant(vid: str, backend: str, source: dict, spec: dict = ROUTER_SPEC, **extra) -> object:
+    return variant(id=vid, backend=backend, source=source, role="router", router=spec, **extra)
+
+
+@pytest.mark.parametrize(
+    "text, valid, why",
+    [
+        ('{"route": "self", "reason": "chit-chat"}', True, "valid"),
+        ('  {"route": "npc_fin", "reason": "valuation"}\n', True, "valid"),
+        ('{"route": "self", "reason": "unclosed', False, "not valid JSON"),
+        ('{"route": "cloud", "reason": "x"}', False, "is not one of"),
+        ('{"route": "self"}', False, "no string `reason`"),
+        ('Sure! {"route": "self", "reason": "x"}', False, "not valid JSON"),
+        ('["self"]', False, "not a JSON object"),
+    ],
+)
+def test_parse_route_json(text, valid, why):
+    ok, route, reason, message = parse_route_json(text, ["self", "npc_fin"])
+    assert ok is valid and why in message
+    assert (route is None) == (not valid)
+
+
+def test_summary_metrics_and_threshold_curve():
+    rows = [
+        {"route": "npc_fin", "p_escalate": 0.9, "best_other": "self", "valid_json": True, "latency_s": 1.0},
+        {"route": "npc_fin", "p_escalate": 0.4, "best_other": "self", "valid_json": False, "latency_s": 2.0},
+        {"route": "self", "p_escalate": 0.6, "best_other": "self", "valid_json": True, "latency_s": 3.0},
+        {"route": "self", "p_escalate": 0.1, "best_other": "self", "valid_json": True, "latency_s": 2.0},
+    ]
+    result = summarize(rows, ["self", "npc_fin"], "npc_fin", 0.5)
+    assert result.accuracy == 0.5 and result.escalation_recall == 0.5 and result.escalation_precision == 0.5
+    assert result.confusion == {"self": {"self": 1, "npc_fin": 1}, "npc_fin": {"self": 1, "npc_fin": 1}}
+    assert result.json_validity == 0.75 and result.mean_latency_s == 2.0
+    rates = [point["escalation_rate"] for point in result.curve]
+    assert rates[0] == 1.0 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)
+
+
+def test_router_data_files_are_what_the_readme_says():
+    train = read_router_data(__import__("pathlib").Path("assets/router/train.jsonl"))
+    ood = read_router_data(__import__("pathlib").Path("assets/router/ood.jsonl"))
+    ind = read_router_data(__import__("pathlib").Path("assets/router/eval_in_distribution.jsonl"))
+    assert len(train) == 500 and sum(r["route"] == "self" for r in train) == 300
+    assert len(ood) >= 60 and {r["route"] for r in ood} == {"self", "npc_fin"}
+    assert not {r["prompt"] for r in train} & ({r["prompt"] for r in ind} | {r["prompt"] for r in ood})
+
+
+def test_bad_router_data_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "hi", "route": "self"}\n{"prompt": "no route"}\n')
+    with pytest.raises(Exception, match=r"line 2: each line needs"):
+        read_router_data(path)
+
+
+def test_transformers_scores_match_a_direct_computation(engine, llama_folder):
+    """Our worker's route probabilities equal log-softmax sums computed here from the same model."""
+    config = engine.add(
+        router_variant("tiny-router", "transformers", {"path": str(llama_folder)}, TINY_SPEC, dtype="fp32")
+    )
+    router = Router(engine, config.id)
+    router.ensure_loaded()
+    probs, _ = router.score(PROMPT)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama_folder)
+    model = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32).eval()
+    messages = [{"role": "system", "content": TINY_SPEC["system_prompt"]}, {"role": "user", "content": PROMPT}]
+    base = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ROUTE_PREFIX
+    seqs = [tok(base + f'{r}"', add_special_tokens=False)["input_ids"] for r in ("self", "npc_fin")]
+    start = next(i for i in range(min(map(len, seqs))) if seqs[0][i] != seqs[1][i])
+    totals = []
+    with torch.no_grad():
+        for ids in seqs:
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+            totals.append(sum(float(logp[i - 1, ids[i]]) for i in range(start, len(ids))))
+    expected = math.exp(totals[1]) / (math.exp(totals[0]) + math.exp(totals[1]))
+    assert probs["npc_fin"] == pytest.approx(expected, abs=1e-4)
+    assert probs["self"] + probs["npc_fin"] == pytest.approx(1.0)
+
+
+def test_llamacpp_scores_match_logits_all(engine):
+    config = engine.add(router_variant("gguf-router", "llamacpp", {"path": str(EMBEDDED_GGUF)}, context_length=1024))
+    router = Router(engine, config.id)
+    router.ensure_loaded()
+    probs, _ = router.score(PROMPT)
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = Llama(model_path=str(EMBEDDED_GGUF), n_ctx=1024, logits_all=True, verbose=False)
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|im_start|>")
+    messages = [{"role": "system", "content": ROUTER_SPEC["system_prompt"]}, {"role": "user", "content": PROMPT}]
+    base = fmt(messages=messages).prompt + ROUTE_PREFIX
+    seqs = [llm.tokenize((base + f'{r}"').encode(), add_bos=False, special=True) for r in ("self", "npc_fin")]
+    start = next(i for i in range(min(map(len, seqs))) if seqs[0][i] != seqs[1][i])
+    totals = []
+    for ids in seqs:
+        llm.reset()
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+            - logits.max(1, keepdims=True)
+        )
+        totals.append(sum(logp[i - 1, ids[i]] for i in range(start, len(ids))))
+    llm.close()
+    expected = math.exp(totals[1]) / (math.exp(totals[0]) + math.exp(totals[1]))
+    assert probs["npc_fin"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_decision_follows_the_threshold_and_never_the_json(engine, llama_folder):
+    """A random tiny model writes garbage: the answer is invalid, yet the route is decided."""
+    config = engine.add(
+        router_variant("tiny-router-2", "transformers", {"path": str(llama_folder)}, TINY_SPEC, dtype="fp32")
+    )
+    router = Router(engine, config.id)
+    decision = router.decide(PROMPT, threshold=0.5)
+    assert decision.valid_json is False and decision.reason is None and decision.model_route is None
+    assert decision.raw_output and decision.grammar is False
+    p = decision.p_escalate
+    assert 0.0 < p < 1.0
+    below = router.decide(PROMPT, threshold=max(0.0, p - 0.01), explain=False)
+    above = router.decide(PROMPT, threshold=min(1.0, p + 0.01), explain=False)
+    assert below.p_escalate == pytest.approx(p) and above.p_escalate == pytest.approx(p)
+    assert (below.route, above.route) == ("npc_fin", "self")
+    assert router.decide(PROMPT, threshold=0.0, explain=False).route == "npc_fin"
+    assert router.decide(PROMPT, threshold=1.0, explain=False).route == "self"
+
+
+@pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
+def test_embedded_router_in_both_backends(engine, backend):
+    config = engine.add(
+        router_variant(f"embedded-router-{backend}", backend, {"path": str(EMBEDDED_GGUF)}, context_length=1024)
+    )
+    decision = Router(engine, config.id).decide(PROMPT)
+    assert 0.0 < decision.p_escalate < 1.0 and decision.route in ("self", "npc_fin")
+    assert decision.latency_s >= decision.score_latency_s > 0
+    if backend == "llamacpp":  # the JSON grammar makes the answer valid route JSON
+        assert decision.grammar and decision.valid_json and decision.model_route in ("self", "npc_fin")
+
+
+def test_escalation_reaches_the_partner_on_a_real_server(engine, server):
+    router = engine.add(router_variant("router", "llamacpp", {"path": str(EMBEDDED_GGUF)}, context_length=1024))
+    partner = engine.add(variant(id="partner", backend="openai", endpoint={"base_url": server}, role="partner"))
+    engine.load(partner.id)
+    decision = Router(engine, router.id).decide(PROMPT, threshold=0.0)  # everything escalates
+    assert decision.route == "npc_fin"
+    chosen = answering_variant(decision, router.id, partner.id)
+    assert chosen == partner.id
+    request = engine.request(chosen, prompt=PROMPT, max_new_tokens=8, temperature=0)
+    _, deltas, finished = collect(engine.generate(chosen, request))
+    assert finished.text and finished.metrics.backend == "openai" and deltas
+    keep = Router(engine, router.id).decide(PROMPT, threshold=1.0, explain=False)
+    assert answering_variant(keep, router.id, partner.id) == router.id
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "playground", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_route_and_eval(tmp_path):
+    out = cli("route", "--router", "smollm2-135m-router", "--prompt", PROMPT, "--threshold", "0.3", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {"route", "reason", "p_escalate", "valid_json", "latency_s"} <= set(data)
+    assert data["route"] == ("npc_fin" if data["p_escalate"] > 0.3 else "self")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"prompt": "Say hi", "route": "self"}\n{"prompt": "Price a bond ladder with duration math", "route": "npc_fin"}\n'
+    )
+    out = cli("eval", "--kind", "router", "--model", "smollm2-135m-router", "--data", str(rows), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["n"] == 2 and len(result["curve"]) == 21 and result["json_validity"] == 1.0
+    assert sum(sum(v.values()) for v in result["confusion"].values()) == 2
+    bad = cli("route", "--router", "smollm2-135m-gguf", "--prompt", "hi")
+    assert bad.returncode == 2 and "has no router section" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("route", "--router", "smollm2-135m-router", "--prompt", "hi", "--threshold", "3")
+    assert bad.returncode == 2 and "threshold must be between 0 and 1" in bad.stderr
