@@ -150,3 +150,26 @@ def test_blind_vote_updates_the_leaderboard(page):
     board = wait_text(page.locator("#leaderboard"), r"1\tsmollm2-135m-\S+\t1016\.0\t1\t1\t0", 20)
     assert re.search(r"2\tsmollm2-135m-\S+\t984\.0\t1\t0\t1", board)
     page.screenshot(path=str(DOCS / "blind.png"), full_page=True)
+
+
+def test_router_view_decides_answers_and_evaluates(page, tmp_path):
+    page.get_by_role("tab", name="Router").click()
+    page.locator("#router-prompt textarea").fill("Build a DCF for TSLA with 3 scenarios.")
+    page.locator("#router-go").click()
+    card = wait_text(page.locator("#router-decision"), r"Route: (self|npc_fin)", 90)
+    assert re.search(r"P\(escalate\) 0\.\d{3}", card) and "Router latency" in card
+    assert "Reason:" in card  # llama.cpp writes under a JSON grammar: a valid answer with a reason
+    # No partner chosen: the router answers itself, streamed, with the usual metrics.
+    wait_text(page.locator("#router-metrics"), METRICS.pattern, 90)
+    assert "answered by" in card
+    wait_text(page.locator("#router-trail"), r"Build a DCF for TSLA", 10)
+    page.get_by_text("Evaluate the router").click()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "Hello there", "route": "self"}\n{"prompt": "Value Apple with a DCF", "route": "npc_fin"}\n')
+    page.get_by_role("radio", name="file").check()
+    page.locator("#eval-path textarea, #eval-path input").first.fill(str(rows))
+    page.locator("#eval-run").click()
+    result = wait_text(page.locator("#eval-status"), r"2 rows.*accuracy", 120)
+    assert "JSON valid 1.000" in result
+    page.locator("#eval-plot").get_by_text("escalation rate and accuracy by threshold").wait_for(timeout=20_000)
+    page.screenshot(path=str(DOCS / "router.png"), full_page=True)

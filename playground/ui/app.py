@@ -10,6 +10,7 @@ from playground.monitor import SystemMonitor
 from playground.ui.arena_tab import ArenaTab
 from playground.ui.compare_tab import CompareTab
 from playground.ui.monitor_tab import MonitorTab
+from playground.ui.router_tab import RouterTab
 from playground.ui.session import Sessions
 
 CSS = """
@@ -28,6 +29,8 @@ def build_app(engine: Engine, monitor: SystemMonitor, votes: VoteStore) -> gr.Bl
                 compare.build()
             with gr.Tab("Monitor", id="monitor"):
                 MonitorTab(monitor).build()
+            with gr.Tab("Router", id="router"):
+                RouterTab(engine, sessions).build()
             with gr.Tab("Blind", id="blind"):
                 ArenaTab(engine, sessions, votes).build()
         demo.load(compare.show_estimate, compare.model, compare.estimate)

@@ -155,3 +155,46 @@ def monitor_summary(sample: Sample | None) -> str:
         gpu = sample.variant_gpu.get(variant)
         lines.append(f"{variant}: RSS {rss / MiB:.0f} MiB" + (f", GPU {gpu / MiB:.0f} MiB" if gpu else ""))
     return "  \n".join(lines)
+
+
+def router_eval_figure(
+    curve: Sequence[dict[str, float]], confusion: dict[str, dict[str, int]], threshold: float
+) -> go.Figure:
+    """Left: escalation rate and accuracy across thresholds. Right: the confusion matrix."""
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.62, 0.38],
+        subplot_titles=("escalation rate and accuracy by threshold", f"confusion at threshold {threshold:.2f}"),
+    )
+    x = [p["threshold"] for p in curve]
+    fig.add_trace(
+        go.Scatter(x=x, y=[p["escalation_rate"] for p in curve], name="escalation rate", mode="lines+markers"),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(x=x, y=[p["accuracy"] for p in curve], name="accuracy", mode="lines+markers"), row=1, col=1
+    )
+    fig.add_vline(x=threshold, line_dash="dot", row=1, col=1)
+    gold = list(confusion)
+    decided = sorted({d for row in confusion.values() for d in row})
+    fig.add_trace(
+        go.Heatmap(
+            z=[[confusion[g].get(d, 0) for d in decided] for g in gold],
+            x=decided,
+            y=gold,
+            text=[[str(confusion[g].get(d, 0)) for d in decided] for g in gold],
+            texttemplate="%{text}",
+            colorscale="Blues",
+            showscale=False,
+        ),
+        row=1,
+        col=2,
+    )
+    fig.update_xaxes(title_text="threshold", range=[0, 1], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_xaxes(title_text="decided", row=1, col=2)
+    fig.update_yaxes(title_text="gold", row=1, col=2)
+    fig.update_layout(height=380, margin={"l": 40, "r": 20, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.2})
+    return fig

@@ -28,6 +28,7 @@ class Session:
     arena_pair: tuple[str, str] | None = None
     arena_prompt: str = ""
     arena_voted: bool = False
+    router_trail: list[str] = field(default_factory=list)  # rows of the Router tab's decision table
     arena_cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event(), threading.Event()])
 
 

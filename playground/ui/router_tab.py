@@ -1,0 +1,179 @@
+"""The Router tab: see each decision (route, reason, P(escalate), latency), then the answer from
+whichever model the route chose; a threshold slider; the session's trail; and the router eval
+with its threshold curve (inline until the jobs system runs it in the background)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from playground.engine import Engine
+from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router, read_router_data
+from playground.ui.charts import router_eval_figure
+from playground.ui.formatting import error_text, metrics_line
+from playground.ui.session import Sessions
+from playground.workers import Finished, TextDelta
+
+NO_PARTNER = "(none: the router answers everything)"
+
+
+def decision_markdown(d: RouteDecision, answered_by: str, answered_by_router: bool) -> str:
+    bar = "█" * round(d.p_escalate * 20) + "░" * (20 - round(d.p_escalate * 20))
+    lines = [
+        f"**Route: `{d.route}`** → answered by **{answered_by}**"
+        + (" (it escalates, but no partner is chosen)" if d.escalated and answered_by_router else ""),
+        f"P(escalate) {d.p_escalate:.3f} `{bar}` threshold {d.threshold:.2f}",
+        f"Router latency {d.latency_s:.2f} s (scoring {d.score_latency_s:.2f} s, the rest writing its answer"
+        f"{' under a JSON grammar' if d.grammar else ', free'})",
+    ]
+    if d.valid_json:
+        agree = "" if d.model_route == d.route else f" — it wrote route `{d.model_route}`, the scores decided otherwise"
+        lines.append(f"Reason: {d.reason}{agree}")
+    else:
+        lines.append(
+            f"⚠ The router's own answer is not valid route JSON (shown as written, not used): `{d.raw_output!r}`"
+        )
+    return "  \n".join(lines)
+
+
+class RouterTab:
+    def __init__(self, engine: Engine, sessions: Sessions) -> None:
+        self.engine = engine
+        self.sessions = sessions
+
+    def routers(self) -> list[tuple[str, str]]:
+        return [(c.display_name, c.id) for c in self.engine.configs.values() if c.router is not None]
+
+    def partners(self) -> list[tuple[str, str]]:
+        ranked = sorted(self.engine.configs.values(), key=lambda c: c.role != "partner")
+        return [(NO_PARTNER, "")] + [(c.display_name, c.id) for c in ranked if c.router is None]
+
+    def build(self) -> None:
+        routers = self.routers()
+        default = (
+            "smollm2-135m-router" if "smollm2-135m-router" in self.engine.configs else (routers or [("", None)])[0][1]
+        )
+        with gr.Row():
+            router = gr.Dropdown(routers, value=default, label="Router", elem_id="router-variant")
+            partner = gr.Dropdown(
+                self.partners(), value="", label="Partner (when it escalates)", elem_id="router-partner"
+            )
+            threshold = gr.Slider(
+                0.0, 1.0, value=0.5, step=0.01, label="escalate when P(npc_fin) is above", elem_id="router-threshold"
+            )
+        prompt = gr.Textbox(label="Request", lines=2, elem_id="router-prompt")
+        go_button = gr.Button("Route and answer", variant="primary", elem_id="router-go")
+        decision = gr.Markdown(elem_id="router-decision")
+        answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="router-answer")
+        metrics = gr.Markdown(elem_id="router-metrics")
+        gr.Markdown("### Decisions in this session")
+        trail = gr.Markdown("No decisions yet.", elem_id="router-trail")
+        go_button.click(self.route, [router, partner, threshold, prompt], [decision, answer, metrics, trail])
+
+        with gr.Accordion("Evaluate the router", open=False):
+            gr.Markdown(
+                "`ood` was written by hand apart from the training generator (generalization); "
+                "`in_distribution` comes from the same generator as the training pairs (format fidelity)."
+            )
+            with gr.Row():
+                dataset = gr.Radio(["ood", "in_distribution", "file"], value="ood", label="data", elem_id="eval-data")
+                path = gr.Textbox(label="JSONL of {prompt, route} (for 'file')", elem_id="eval-path")
+                limit = gr.Number(value=None, precision=0, label="first N rows (empty: all)", elem_id="eval-limit")
+            run = gr.Button("Run eval", elem_id="eval-run")
+            status = gr.Markdown(elem_id="eval-status")
+            plot = gr.Plot(elem_id="eval-plot")
+            run.click(self.evaluate, [router, threshold, dataset, path, limit], [status, plot])
+
+    def route(
+        self, router_id: str, partner_id: str, threshold: float, prompt: str, request: gr.Request
+    ) -> Iterator[tuple[str, str, str, str]]:
+        trail = self.sessions.get(request).router_trail
+        shown = "\n".join(trail) if trail else "No decisions yet."
+        if not router_id:
+            yield "⚠ Pick a router.", "", "", shown
+            return
+        if not prompt or not prompt.strip():
+            yield "⚠ Type a request first.", "", "", shown
+            return
+        yield "Routing…", "", "", shown
+        try:
+            decision = Router(self.engine, router_id).decide(prompt, float(threshold))
+            chosen = answering_variant(decision, router_id, partner_id or None)
+        except Exception as err:
+            yield error_text(err), "", "", shown
+            return
+        name = self.engine.configs[chosen].display_name
+        if not trail:
+            trail += [
+                "| request | route | P(escalate) | threshold | valid JSON | router s | answered by |",
+                "| --- | --- | ---: | ---: | --- | ---: | --- |",
+            ]
+        short = prompt.strip().replace("|", "/")[:60]
+        trail.append(
+            f"| {short} | {decision.route} | {decision.p_escalate:.3f} | {decision.threshold:.2f} | "
+            f"{'yes' if decision.valid_json else 'no'} | {decision.latency_s:.2f} | {name} |"
+        )
+        card = decision_markdown(decision, name, chosen == router_id)
+        text = ""
+        try:
+            if self.engine.status(chosen).state != "ready":
+                yield card, "", f"Loading {name}…", "\n".join(trail)
+                self.engine.load(chosen)
+            answer_request = self.engine.request(chosen, prompt=prompt, mode="chat")
+            last = 0.0
+            for event in self.engine.generate(chosen, answer_request):
+                if isinstance(event, TextDelta):
+                    text += event.text
+                    if time.monotonic() - last > 0.1:
+                        last = time.monotonic()
+                        yield card, text, "streaming…", "\n".join(trail)
+                elif isinstance(event, Finished):
+                    yield card, event.text, metrics_line(event.metrics), "\n".join(trail)
+        except Exception as err:
+            yield card, text, error_text(err), "\n".join(trail)
+
+    def evaluate(
+        self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None
+    ) -> Iterator[tuple[str, Any]]:
+        try:
+            source = DATASETS[dataset] if dataset in DATASETS else path.strip()
+            if not source:
+                raise ValueError("give the path of a JSONL file")
+            rows = read_router_data(source)
+            if limit:
+                rows = rows[: int(limit)]
+        except Exception as err:
+            yield error_text(err), gr.update()
+            return
+        progress = {"done": 0}
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = evaluate_router(
+                    self.engine, router_id, rows, float(threshold), lambda done, total: progress.update(done=done)
+                )
+            except Exception as err:
+                outcome["error"] = err
+
+        thread = threading.Thread(target=work, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            yield f"⏳ {progress['done']}/{len(rows)} rows, {time.monotonic() - started:.0f} s", gr.update()
+        if "error" in outcome:
+            yield error_text(outcome["error"]), gr.update()
+            return
+        r = outcome["result"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        text = (
+            f"**{r.n} rows** ({dataset}), threshold {r.threshold:.2f}: accuracy **{r.accuracy:.3f}**, "
+            f"escalation recall {fmt(r.escalation_recall)}, precision {fmt(r.escalation_precision)}, "
+            f"JSON valid {r.json_validity:.3f}, mean router latency {r.mean_latency_s:.2f} s"
+        )
+        yield text, router_eval_figure(r.curve, r.confusion, r.threshold)
