@@ -276,15 +276,20 @@ class Worker:
         return self.info
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Stream one request's events. Closing the iterator early, or setting `cancel`, stops it
-        (a queued request too); after a cancel the stream still ends with its Finished event."""
+    def _new_request(self) -> tuple[str, queue.Queue[tuple[Any, ...]]]:
+        """A request id and the inbox its events are routed to (the caller removes it)."""
         if self.state != "ready":
             raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
         rid = uuid.uuid4().hex
         inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         with self._lock:
             self._queues[rid] = inbox
+        return rid, inbox
+
+    def generate(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Stream one request's events. Closing the iterator early, or setting `cancel`, stops it
+        (a queued request too); after a cancel the stream still ends with its Finished event."""
+        rid, inbox = self._new_request()
         finished = False
         try:
             self._send(("generate", rid, request))
@@ -336,12 +341,7 @@ class Worker:
     ) -> tuple[list[float], float]:
         """Log-probabilities of each continuation after the request's prompt, and the seconds
         the worker took. Waits its turn behind any generation already queued."""
-        if self.state != "ready":
-            raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
-        rid = uuid.uuid4().hex
-        inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        with self._lock:
-            self._queues[rid] = inbox
+        rid, inbox = self._new_request()
         try:
             self._send(("score", rid, request, list(continuations)))
             try:

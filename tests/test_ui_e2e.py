@@ -165,7 +165,9 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     wait_text(page.locator("#router-trail"), r"Build a DCF for TSLA", 10)
     page.get_by_text("Evaluate the router").click()
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"prompt": "Hello there", "route": "self"}\n{"prompt": "Value Apple with a DCF", "route": "npc_fin"}\n')
+    rows.write_text(
+        '{"prompt": "Hello there", "route": "self"}\n{"prompt": "Value Apple with a DCF", "route": "npc_fin"}\n'
+    )
     page.get_by_role("radio", name="file").check()
     page.locator("#eval-path textarea, #eval-path input").first.fill(str(rows))
     page.locator("#eval-run").click()
