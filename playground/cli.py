@@ -65,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--threshold", type=float, default=0.5)
     ev.add_argument("--limit", type=int, help="only the first N rows")
     ev.add_argument("--json", action="store_true")
+
+    jobs = commands.add_parser("jobs", help="background jobs: submit, list, show, cancel")
+    job_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    submit = job_commands.add_parser("submit", help="start a job (queued when others are running)")
+    submit.add_argument("kind", help="e.g. eval-router")
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a job option (repeatable)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end")
+    submit.add_argument("--json", action="store_true")
+    listing = job_commands.add_parser("list")
+    listing.add_argument("--json", action="store_true")
+    show = job_commands.add_parser("show")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    cancel = job_commands.add_parser("cancel")
+    cancel.add_argument("id")
     return parser
 
 
@@ -158,6 +174,73 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
     print(f"confusion (gold -> decided): {result.confusion}")
 
 
+def jobs_home() -> Path:
+    import os
+
+    return Path(os.environ.get("PLAYGROUND_DATA_DIR", Path.home() / ".local" / "share" / "variant-playground")) / "jobs"
+
+
+def _job_dict(job: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(job) | {"elapsed_s": job.elapsed_s(), "eta_s": job.eta_s()}
+
+
+def _jobs(args: argparse.Namespace) -> None:
+    from playground.jobs.manager import JobManager
+    from playground.jobs.store import JobStore
+
+    home = jobs_home()
+    store = JobStore(home / "jobs.sqlite")
+    if args.jobs_command == "list":
+        jobs = store.list()
+        if args.json:
+            print(json.dumps([_job_dict(j) for j in jobs]))
+        for job in [] if args.json else jobs:
+            print(f"{job.id}  {job.kind:<14} {job.state:<11} {job.step}/{job.total}  {job.error or ''}")
+        return
+    if args.jobs_command == "show":
+        try:
+            job = store.get(args.id)
+        except KeyError:
+            raise PlaygroundError(f"no job {args.id!r}") from None
+        events = [e for _, _, e in store.events(job.id)]
+        if args.json:
+            print(json.dumps(_job_dict(job) | {"events": events}))
+            return
+        print(f"{job.id} {job.kind} {job.state} {job.step}/{job.total} options={job.options}")
+        for event in events[-20:]:
+            print(f"  {event}")
+        if job.error:
+            print(f"error: {job.error}")
+        if job.result:
+            print(f"result: {json.dumps(job.result)[:2000]}")
+        return
+    # Only an app-less caller creates a manager here; it marks jobs left running as interrupted.
+    manager = JobManager(store, home / "logs")
+    if args.jobs_command == "cancel":
+        try:
+            print(manager.cancel(args.id).state)
+        except KeyError:
+            raise PlaygroundError(f"no job {args.id!r}") from None
+        return
+    options: dict[str, Any] = {"model": args.model}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PlaygroundError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = json.loads(value) if value[:1] in "0123456789[{-" or value in ("true", "false") else value
+    job = manager.submit(args.kind, options)
+    if args.wait:
+        job = manager.wait(job.id)
+    if args.json:
+        print(json.dumps(_job_dict(job)))
+    else:
+        print(f"{job.id} {job.state}" + (f": {job.error}" if job.error else ""))
+    if args.wait and job.state != "succeeded":
+        raise PlaygroundError(f"job {job.id} {job.state}: {job.error or ''}")
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -177,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _route(engine, args)
         elif args.command == "eval":
             _eval(engine, args)
+        elif args.command == "jobs":
+            _jobs(args)
         return 0
     except PlaygroundError as err:
         print(f"error: {err}", file=sys.stderr)

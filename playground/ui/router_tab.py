@@ -40,6 +40,10 @@ def decision_markdown(d: RouteDecision, answered_by: str, answered_by_router: bo
     return "  \n".join(lines)
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 class RouterTab:
     def __init__(self, engine: Engine, sessions: Sessions) -> None:
         self.engine = engine
@@ -170,10 +174,9 @@ class RouterTab:
             yield error_text(outcome["error"]), gr.update()
             return
         r = outcome["result"]
-        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         text = (
             f"**{r.n} rows** ({dataset}), threshold {r.threshold:.2f}: accuracy **{r.accuracy:.3f}**, "
-            f"escalation recall {fmt(r.escalation_recall)}, precision {fmt(r.escalation_precision)}, "
+            f"escalation recall {_rate(r.escalation_recall)}, precision {_rate(r.escalation_precision)}, "
             f"JSON valid {r.json_validity:.3f}, mean router latency {r.mean_latency_s:.2f} s"
         )
         yield text, router_eval_figure(r.curve, r.confusion, r.threshold)

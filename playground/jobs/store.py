@@ -1,0 +1,140 @@
+"""SQLite record of jobs and their events; survives restarts of the app."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    options: dict[str, Any]
+    state: str
+    created: float
+    started: float | None
+    ended: float | None
+    pid: int | None
+    error: str | None
+    result: dict[str, Any] | None
+    step: int
+    total: int
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def elapsed_s(self, now: float | None = None) -> float | None:
+        if self.started is None:
+            return None
+        return (self.ended or now or time.time()) - self.started
+
+    def eta_s(self, now: float | None = None) -> float | None:
+        elapsed = self.elapsed_s(now)
+        if self.finished or not elapsed or not self.step or not self.total:
+            return None
+        return elapsed / self.step * (self.total - self.step)
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._db() as db:
+            db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS jobs (
+                    id TEXT PRIMARY KEY, kind TEXT NOT NULL, options TEXT NOT NULL, state TEXT NOT NULL,
+                    created REAL NOT NULL, started REAL, ended REAL, pid INTEGER, error TEXT, result TEXT,
+                    step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0);
+                CREATE TABLE IF NOT EXISTS events (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, t REAL NOT NULL, data TEXT NOT NULL);
+                CREATE INDEX IF NOT EXISTS events_by_job ON events (job, seq);
+                """
+            )
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def create(self, kind: str, options: dict[str, Any]) -> Job:
+        job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        with self._lock, self._db() as db:
+            db.execute(
+                "INSERT INTO jobs (id, kind, options, state, created) VALUES (?, ?, ?, 'queued', ?)",
+                (job_id, kind, json.dumps(options), time.time()),
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return _job(row)
+
+    def list(self) -> list[Job]:
+        with self._db() as db:
+            return [_job(row) for row in db.execute("SELECT * FROM jobs ORDER BY created DESC")]
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        if "result" in fields and fields["result"] is not None:
+            fields["result"] = json.dumps(fields["result"])
+        columns = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock, self._db() as db:
+            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
+
+    def finish_if_running(self, job_id: str, state: str, error: str | None) -> bool:
+        """Set a final state unless the job already recorded one itself; True if set."""
+        with self._lock, self._db() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, error = ?, ended = ? WHERE id = ? AND state IN ('queued', 'running')",
+                (state, error, time.time(), job_id),
+            )
+            return cursor.rowcount == 1
+
+    def add_event(self, job_id: str, data: dict[str, Any]) -> None:
+        with self._lock, self._db() as db:
+            db.execute("INSERT INTO events (job, t, data) VALUES (?, ?, ?)", (job_id, time.time(), json.dumps(data)))
+            if "step" in data:
+                db.execute(
+                    "UPDATE jobs SET step = ?, total = ? WHERE id = ?",
+                    (int(data["step"]), int(data.get("total", 0)), job_id),
+                )
+
+    def events(self, job_id: str, after: int = 0) -> list[tuple[int, float, dict[str, Any]]]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT seq, t, data FROM events WHERE job = ? AND seq > ? ORDER BY seq", (job_id, after)
+            ).fetchall()
+        return [(seq, t, json.loads(data)) for seq, t, data in rows]
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    (job_id, kind, options, state, created, started, ended, pid, error, result, step, total) = row
+    return Job(
+        job_id,
+        kind,
+        json.loads(options),
+        state,
+        created,
+        started,
+        ended,
+        pid,
+        error,
+        json.loads(result) if result else None,
+        step,
+        total,
+    )
