@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from playground.arena import VoteStore
 from playground.engine import Engine
 from playground.monitor import SystemMonitor
+from playground.paths import data_dir
 from playground.ui import build_app
 from playground.ui.app import CSS
 
 DEFAULT_VARIANT = "smollm2-135m-gguf"
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("PLAYGROUND_DATA_DIR", Path.home() / ".local" / "share" / "variant-playground"))
 
 
 def main() -> None:

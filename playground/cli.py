@@ -174,12 +174,6 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
     print(f"confusion (gold -> decided): {result.confusion}")
 
 
-def jobs_home() -> Path:
-    import os
-
-    return Path(os.environ.get("PLAYGROUND_DATA_DIR", Path.home() / ".local" / "share" / "variant-playground")) / "jobs"
-
-
 def _job_dict(job: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -189,8 +183,9 @@ def _job_dict(job: Any) -> dict[str, Any]:
 def _jobs(args: argparse.Namespace) -> None:
     from playground.jobs.manager import JobManager
     from playground.jobs.store import JobStore
+    from playground.paths import jobs_dir
 
-    home = jobs_home()
+    home = jobs_dir()
     store = JobStore(home / "jobs.sqlite")
     if args.jobs_command == "list":
         jobs = store.list()

@@ -139,6 +139,15 @@ class ShapeHint(_Strict):
     weights_bytes: Annotated[int, Field(gt=0)] | None = None
 
 
+class FinetuneRecord(_Strict):
+    """Where a fine-tuned variant came from: written by the job that made it."""
+
+    base: str
+    data: str
+    job_id: str
+    options: dict[str, Any] = {}
+
+
 class ModelConfig(_Strict):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._\-]*$", max_length=80)]
     display_name: str
@@ -160,6 +169,7 @@ class ModelConfig(_Strict):
     shape: ShapeHint | None = None
     # Warn when decoding greedily (temperature 0): some models loop (the auto-g-nano card says so).
     warn_greedy: bool = False
+    finetune: FinetuneRecord | None = None
     notes: str = ""
 
     @model_validator(mode="after")

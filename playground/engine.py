@@ -17,6 +17,7 @@ from playground.backends.base import LoadInfo, Request
 from playground.config import DEFAULT_CONFIG_DIR, GenerationParams, Mode, ModelConfig, load_config_dir
 from playground.errors import GenerationError, InsufficientMemory, LoadError, PlaygroundError
 from playground.memory import MemoryEstimate, estimate
+from playground.paths import made_configs_dir
 from playground.sources import config_from_path, locate
 from playground.workers import Event, Worker
 
@@ -42,7 +43,9 @@ class Engine:
         stall_timeout_s: float = 300.0,
     ) -> None:
         self.configs: dict[str, ModelConfig] = {}
-        for directory in config_dirs if config_dirs is not None else [DEFAULT_CONFIG_DIR]:
+        if config_dirs is None:  # the shipped variants, and those fine-tune jobs made
+            config_dirs = [DEFAULT_CONFIG_DIR] + ([made_configs_dir()] if made_configs_dir().is_dir() else [])
+        for directory in config_dirs:
             for config in load_config_dir(directory).values():
                 self.add(config)
         self.memory_budget_bytes = memory_budget_bytes

@@ -125,3 +125,52 @@ def test_cli_jobs(tmp_path):
     bad = run("submit", "eval-router", "--model", "m", "--option", "threshold=9")
     assert bad.returncode == 2 and "invalid options for eval-router" in bad.stderr and "Traceback" not in bad.stderr
     assert run("cancel", "nope").returncode == 2
+
+
+def test_lora_fine_tune_makes_a_variant_that_loads_and_generates(tmp_path, llama_folder, monkeypatch):
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
+    data = tmp_path / "sft.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say the word number {i}."},
+                {"role": "assistant", "content": "Paris is the capital of France."},
+            ]
+        }
+        for i in range(6)
+    ]
+    rows.append({"instruction": "What is the capital of France?", "response": "Paris."})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite")
+    jobs = JobManager(store, tmp_path / "data" / "jobs" / "logs")
+    job = jobs.submit(
+        "lora-sft",
+        {
+            "model": str(llama_folder),
+            "data": str(data),
+            "epochs": 3,
+            "batch_size": 4,
+            "learning_rate": 0.01,
+            "rank": 4,
+            "name": "tiny-lora",
+        },
+    )
+    done = jobs.wait(job.id, timeout_s=240)
+    assert done.state == "succeeded", done.error
+    losses = [e["loss"] for _, _, e in store.events(job.id) if "loss" in e]
+    assert len(losses) == done.total == 6 and losses[-1] < losses[0]
+    from playground.engine import Engine
+    from playground.workers import Finished
+
+    engine = Engine()  # sees the shipped configs and the one the job wrote
+    try:
+        made = engine.get("tiny-lora")
+        assert made.finetune.job_id == job.id and made.finetune.options["rank"] == 4
+        engine.load("tiny-lora")
+        request = engine.request(
+            "tiny-lora", prompt="What is the capital of France?", mode="chat", max_new_tokens=8, temperature=0
+        )
+        finished = [e for e in engine.generate("tiny-lora", request) if isinstance(e, Finished)][0]
+        assert finished.metrics.completion_tokens >= 1
+    finally:
+        engine.shutdown()

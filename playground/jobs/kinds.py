@@ -45,8 +45,25 @@ def run_router_eval(options: RouterEvalOptions, emit: Emit) -> dict[str, Any]:
     return summary
 
 
-KINDS: dict[str, tuple[type[_Options], Callable[[Any, Emit], dict[str, Any]]]] = {
-    "eval-router": (RouterEvalOptions, run_router_eval),
+def _lora_options() -> type[_Options]:
+    from playground.jobs.lora import LoraOptions
+
+    return LoraOptions
+
+
+def run_lora_sft(options: Any, emit: Emit) -> dict[str, Any]:
+    import os
+    from pathlib import Path
+
+    from playground.jobs.lora import run_lora
+
+    # The job process is told its id and where artifacts go by the runner (playground.jobs.run).
+    return run_lora(options, emit, os.environ["PLAYGROUND_JOB_ID"], Path(os.environ["PLAYGROUND_JOBS_DIR"]))
+
+
+KINDS: dict[str, tuple[Callable[[], type[_Options]], Callable[[Any, Emit], dict[str, Any]]]] = {
+    "eval-router": (lambda: RouterEvalOptions, run_router_eval),
+    "lora-sft": (_lora_options, run_lora_sft),
 }
 
 
@@ -54,7 +71,7 @@ def validate_options(kind: str, options: dict[str, Any]) -> _Options:
     if kind not in KINDS:
         raise ConfigError(f"unknown job kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     try:
-        return KINDS[kind][0].model_validate(options)
+        return KINDS[kind][0]().model_validate(options)
     except ValidationError as err:
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"invalid options for {kind}: {details}") from None

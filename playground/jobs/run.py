@@ -17,6 +17,8 @@ from playground.jobs.store import JobStore
 def main(store_path: str, job_id: str) -> int:
     store = JobStore(Path(store_path))
     job = store.get(job_id)
+    os.environ["PLAYGROUND_JOB_ID"] = job_id
+    os.environ["PLAYGROUND_JOBS_DIR"] = str(Path(store_path).parent)
     store.update(job_id, state="running", pid=os.getpid(), started=time.time())
     try:
         options = validate_options(job.kind, job.options)
