@@ -21,6 +21,7 @@ from typing import Any
 from playground.config import ModelConfig
 from playground.engine import Engine
 from playground.errors import PlaygroundError
+from playground.jsonl import read_jsonl
 from playground.workers import Finished
 
 ROUTE_PREFIX = '{"route": "'
@@ -183,17 +184,7 @@ class RouterEval:
 def read_router_data(path: Path) -> list[dict[str, str]]:
     """JSONL of {"prompt", "route"}; any other keys are kept but not needed."""
     rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise PlaygroundError(f"{path}: cannot be read ({err.strerror})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PlaygroundError(f"{path}, line {number}: not JSON ({err.msg})") from None
+    for number, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("route"), str):
             raise PlaygroundError(f'{path}, line {number}: each line needs string "prompt" and "route" fields')
         rows.append(row)

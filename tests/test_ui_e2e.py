@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,12 @@ import pytest
 from browser import browser_page, running_app
 
 pytestmark = pytest.mark.e2e
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+# Screenshots refresh docs/ only when asked (PLAYGROUND_SCREENSHOTS=1), so a test run leaves the tree clean.
+DOCS = (
+    Path(__file__).resolve().parent.parent / "docs"
+    if os.environ.get("PLAYGROUND_SCREENSHOTS")
+    else Path(tempfile.mkdtemp(prefix="screens-"))
+)
 METRICS = re.compile(
     r"TTFT \d+\.\d+ s · decode [\d.]+ tok/s · prefill \d+ tok/s · tokens \d+ in / \d+ out · peak mem \d+ MiB"
 )

@@ -8,7 +8,6 @@ that records base, data, options and job id, so it loads next to its base at onc
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -20,6 +19,7 @@ from pydantic import Field
 
 from playground.errors import PlaygroundError
 from playground.jobs.kinds import Emit, _Options
+from playground.jsonl import read_jsonl
 
 
 class LoraOptions(_Options):
@@ -38,18 +38,8 @@ class LoraOptions(_Options):
 
 def read_sft_rows(path: Path) -> list[tuple[list[dict[str, str]], str]]:
     """(prompt messages, answer) pairs from chat or instruction/response JSONL."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise PlaygroundError(f"{path}: cannot be read ({err.strerror})") from None
     rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PlaygroundError(f"{path}, line {number}: not JSON ({err.msg})") from None
+    for number, item in read_jsonl(path):
         if isinstance(item, dict) and isinstance(item.get("messages"), list) and item["messages"]:
             messages = item["messages"]
             if messages[-1].get("role") != "assistant":

@@ -134,8 +134,8 @@ class JobManager:
                 time.sleep(0.1)
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
-        if job_id not in self._processes:  # started by another process: record it here
-            self.store.finish_if_running(job_id, "cancelled", None)
+        # Recorded here, not only by the watcher, so the caller sees the final state at once.
+        self.store.finish_if_running(job_id, "cancelled", None)
         return self.store.get(job_id)
 
     def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.3) -> Job:
