@@ -15,7 +15,6 @@ from playground.ui.session import Sessions
 
 CSS = """
 #send-status, #load-status { min-height: 1.5em; }
-.panel-metrics { font-size: 0.85em; }
 """
 
 

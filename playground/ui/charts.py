@@ -27,6 +27,11 @@ class ReplyPoint:
     peak_mib: float
 
 
+def _color(i: int) -> str:
+    """The i-th variant's colour, the same in every chart of the comparison."""
+    return f"hsl({(i * 67) % 360},55%,50%)"
+
+
 def comparison_figure(points: Sequence[ReplyPoint]) -> go.Figure:
     """Top: each variant's last reply, side by side. Bottom: decode speed and TTFT per reply."""
     fig = make_subplots(
@@ -53,14 +58,14 @@ def comparison_figure(points: Sequence[ReplyPoint]) -> go.Figure:
                 x=names,
                 y=[getattr(last[n], attr) for n in names],
                 showlegend=False,
-                marker_color=[f"hsl({(i * 67) % 360},55%,50%)" for i in range(len(names))],
+                marker_color=[_color(i) for i in range(len(names))],
             ),
             row=1,
             col=col,
         )
     for i, name in enumerate(names):
         series = [p for p in points if p.variant == name]
-        color = f"hsl({(i * 67) % 360},55%,50%)"
+        color = _color(i)
         x = [p.reply_index for p in series]
         fig.add_trace(
             go.Scatter(
