@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="only the first N rows")
     ev.add_argument("--json", action="store_true")
 
-    jobs = commands.add_parser("jobs", help="background jobs: submit, list, show, cancel")
+    jobs = commands.add_parser("jobs", help="background jobs: submit, list, show, cancel, resume")
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     submit = job_commands.add_parser("submit", help="start a job (queued when others are running)")
     submit.add_argument("kind", help="e.g. eval-router")
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     cancel = job_commands.add_parser("cancel")
     cancel.add_argument("id")
+    resume = job_commands.add_parser("resume", help="go on with an interrupted, failed or cancelled fine-tune")
+    resume.add_argument("id")
+    resume.add_argument("--wait", action="store_true")
     return parser
 
 
@@ -211,13 +214,16 @@ def _jobs(args: argparse.Namespace) -> None:
         if job.result:
             print(f"result: {json.dumps(job.result)[:2000]}")
         return
-    # Only an app-less caller creates a manager here; it marks jobs left running as interrupted.
+    # A manager here adopts jobs still running (the app's included) and leaves them running.
     manager = JobManager(store, home / "logs")
-    if args.jobs_command == "cancel":
+    if args.jobs_command in ("cancel", "resume"):
         try:
-            print(manager.cancel(args.id).state)
+            job = manager.cancel(args.id) if args.jobs_command == "cancel" else manager.resume(args.id)
         except KeyError:
             raise PlaygroundError(f"no job {args.id!r}") from None
+        if args.jobs_command == "resume" and args.wait:
+            job = manager.wait(job.id)
+        print(job.state + (f": {job.error}" if job.error else ""))
         return
     options: dict[str, Any] = {"model": args.model}
     for item in args.option:

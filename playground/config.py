@@ -103,7 +103,8 @@ class ScratchGptOptions(_Strict):
 
 
 class TokenizerSpec(_Strict):
-    """A tokenizer other than the one inside the weights folder (used by scratch_gpt)."""
+    """A tokenizer other than the one inside the weights folder (scratch_gpt variants and the HF
+    folders fine-tuned from them)."""
 
     tiktoken: str | None = None  # a tiktoken encoding name, e.g. gpt2
     file: str | None = None  # a tiktoken BPE file (base64 token, rank per line)
@@ -139,6 +140,12 @@ class ShapeHint(_Strict):
     weights_bytes: Annotated[int, Field(gt=0)] | None = None
 
 
+class AdapterSpec(_Strict):
+    """A LoRA adapter (a peft folder) applied on top of the base weights when the variant loads."""
+
+    path: str
+
+
 class FinetuneRecord(_Strict):
     """Where a fine-tuned variant came from: written by the job that made it."""
 
@@ -169,6 +176,7 @@ class ModelConfig(_Strict):
     shape: ShapeHint | None = None
     # Warn when decoding greedily (temperature 0): some models loop (the auto-g-nano card says so).
     warn_greedy: bool = False
+    adapter: AdapterSpec | None = None
     finetune: FinetuneRecord | None = None
     notes: str = ""
 
@@ -183,6 +191,8 @@ class ModelConfig(_Strict):
             raise ValueError("role router needs a `router` section (system prompt and routes)")
         if self.quantization.method != "none" and self.backend != "transformers":
             raise ValueError("load-time quantization applies to the transformers backend only")
+        if self.adapter is not None and self.backend not in ("transformers", "scratch_gpt"):
+            raise ValueError("a LoRA adapter applies to the transformers and scratch_gpt backends only")
         if self.router and self.router.escalate_route not in self.router.routes:
             raise ValueError("router.escalate_route must be one of router.routes")
         return self

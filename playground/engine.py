@@ -195,6 +195,14 @@ class Engine:
             raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
         return worker.score(request, continuations)
 
+    def call(self, variant_id: str, method: str, *args: Any, timeout_s: float | None = None) -> tuple[Any, float]:
+        """A backend scoring method (count_tokens, text_logprobs, pair_logprobs) in the variant's
+        worker: its value and the seconds it took."""
+        worker = self.workers.get(variant_id)
+        if worker is None:
+            raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
+        return worker.call(method, *args, timeout_s=timeout_s)
+
     def stop(self, variant_id: str) -> None:
         worker = self.workers.get(variant_id)
         if worker is not None:

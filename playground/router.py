@@ -25,6 +25,10 @@ from playground.jsonl import read_jsonl
 from playground.workers import Finished
 
 ROUTE_PREFIX = '{"route": "'
+# What follows a route in a valid answer. Scored with the route because BPE tokenizers merge
+# the closing quote with the comma (SmolLM2: `",` is one token): a route scored as `self"`
+# asks for a token the model never writes there, after any fine-tune on real answers.
+ROUTE_END = '",'
 # A reason of at most 60 characters is at most 60 tokens; with the JSON around it the answer
 # closes within 100 tokens (at 100 characters and 60 tokens, 8% of OOD answers were cut open).
 REASON_MAX_CHARS = 60
@@ -105,7 +109,7 @@ class Router:
         request = self.engine.request(
             self.config.id, messages=self._messages(prompt), mode="chat", assistant_prefix=ROUTE_PREFIX
         )
-        logprobs, seconds = self.engine.score(self.config.id, request, [f'{r}"' for r in self.spec.routes])
+        logprobs, seconds = self.engine.score(self.config.id, request, [r + ROUTE_END for r in self.spec.routes])
         top = max(logprobs)
         weights = [math.exp(lp - top) for lp in logprobs]
         total = sum(weights)

@@ -151,7 +151,7 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
                 pending.put(None)
                 return
             kind = command[0]
-            if kind in ("generate", "score"):
+            if kind in ("generate", "score", "call"):
                 stop_flag(command[1])
                 pending.put(command)
             elif kind == "stop":
@@ -166,6 +166,12 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
         try:
             if kind == "generate":
                 _run_request(backend, info, rid, request, stop_flag(rid), events)
+            elif kind == "call":  # request is the method's name here, job[3] its arguments
+                if request not in CALLABLE:
+                    raise GenerationError(f"a worker does not run {request!r}")
+                started = time.perf_counter()
+                value = getattr(backend, request)(*job[3])
+                events.send(("scored", rid, value, time.perf_counter() - started))
             else:
                 started = time.perf_counter()
                 values = backend.score(request, job[3])
@@ -180,6 +186,10 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
             with stops_lock:
                 stops.pop(rid, None)
     backend.unload()
+
+
+# Backend methods a parent may run in a worker by name (see Backend).
+CALLABLE = frozenset({"count_tokens", "request_tokens", "text_logprobs", "pair_logprobs"})
 
 
 # -- the parent's handle ---------------------------------------------------------------------
@@ -341,9 +351,17 @@ class Worker:
     ) -> tuple[list[float], float]:
         """Log-probabilities of each continuation after the request's prompt, and the seconds
         the worker took. Waits its turn behind any generation already queued."""
+        return self._ask(("score", request, list(continuations)), timeout_s)
+
+    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> tuple[Any, float]:
+        """One of the backend's scoring methods (CALLABLE) run in the worker: its value and the
+        seconds it took."""
+        return self._ask(("call", method, args), timeout_s)
+
+    def _ask(self, command: tuple[Any, ...], timeout_s: float | None) -> tuple[Any, float]:
         rid, inbox = self._new_request()
         try:
-            self._send(("score", rid, request, list(continuations)))
+            self._send((command[0], rid, *command[1:]))
             try:
                 event = inbox.get(timeout=timeout_s or self.stall_timeout_s)
             except queue.Empty:

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from playground.errors import ConfigError
+from playground.errors import ConfigError, PlaygroundError
 from playground.jobs.manager import JobManager
 from playground.jobs.store import JobStore
 
@@ -174,3 +174,186 @@ def test_lora_fine_tune_makes_a_variant_that_loads_and_generates(tmp_path, llama
         assert finished.metrics.completion_tokens >= 1
     finally:
         engine.shutdown()
+
+
+def _finetune_env(tmp_path, monkeypatch) -> JobManager:
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
+    return JobManager(JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite"), tmp_path / "data" / "jobs" / "logs")
+
+
+def _reply(variant_id: str, **request) -> str:
+    from playground.engine import Engine
+    from playground.workers import Finished
+
+    engine = Engine()
+    try:
+        engine.load(variant_id)
+        finished = [e for e in engine.generate(variant_id, engine.request(variant_id, **request)) if isinstance(e, Finished)]
+        assert finished[0].metrics.completion_tokens >= 1
+        return finished[0].text
+    finally:
+        engine.shutdown()
+
+
+def test_router_lora_teaches_the_router_answer_and_the_result_is_a_router(tmp_path, llama_folder, monkeypatch):
+    jobs = _finetune_env(tmp_path, monkeypatch)
+    data = tmp_path / "router.jsonl"
+    rows = [{"prompt": f"Value this bond number {i}", "route": "npc_fin", "reason": "valuation"} for i in range(4)]
+    rows += [{"prompt": f"Say hi number {i}", "route": "self", "reason": "chit-chat"} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {"model": str(llama_folder), "data": str(data), "epochs": 25, "batch_size": 4, "learning_rate": 0.01}
+    options["max_length"] = 1024  # the tiny tokenizer spends about a token per character of the prompt
+    job = jobs.submit("lora-router", options | {"name": "tiny-router"})
+    done = jobs.wait(job.id, timeout_s=240)
+    assert done.state == "succeeded", done.error
+    losses = [e["loss"] for _, _, e in jobs.store.events(job.id) if "loss" in e]
+    assert done.result["steps"] == len(losses) == 50 and losses[-1] < losses[0] - 0.5
+    from playground.engine import Engine
+    from playground.router import Router
+
+    engine = Engine()
+    try:
+        made = engine.get("tiny-router")
+        assert made.role == "router" and made.router.escalate_route == "npc_fin"
+        assert made.router.system_prompt.startswith("You are NPC Fast")  # the embedded router's prompt
+        assert made.finetune.options["rank"] == 32 and made.finetune.data == str(data)  # the card's rank
+        router = Router(engine, "tiny-router")
+        router.ensure_loaded()
+        # A random 64-wide model under a LoRA learns slowly, and `npc_fin",` is more tokens than
+        # `self",`; what a router needs is that the score ranks the two kinds apart.
+        escalate = {p["prompt"]: router.score(p["prompt"])[0]["npc_fin"] for p in rows}
+        assert min(escalate[r["prompt"]] for r in rows[:4]) > max(escalate[r["prompt"]] for r in rows[4:])
+    finally:
+        engine.shutdown()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "route": "elsewhere"}) + "\n")
+    failed = jobs.wait(jobs.submit("lora-router", options | {"data": str(bad)}).id, timeout_s=120)
+    assert failed.state == "failed" and "'elsewhere' is not one of" in failed.error
+
+
+def _sft_file(tmp_path, n: int = 16):
+    data = tmp_path / "sft.jsonl"
+    rows = [{"instruction": f"Name a colour, number {i}.", "response": "Blue, as the sea."} for i in range(n)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_a_cancelled_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, llama_folder, monkeypatch):
+    jobs = _finetune_env(tmp_path, monkeypatch)
+    options = {
+        "model": str(llama_folder),
+        "data": str(_sft_file(tmp_path)),
+        "epochs": 6,
+        "batch_size": 2,
+        "checkpoint_every": 4,
+        "learning_rate": 0.01,
+        "merge": False,
+    }
+    whole = jobs.wait(jobs.submit("lora-sft", options | {"name": "whole"}).id, timeout_s=240)
+    assert whole.state == "succeeded", whole.error and whole.result["resumed_at"] == 0
+    broken = jobs.submit("lora-sft", options | {"name": "broken"})
+    wait_for_progress(jobs, broken.id, step=13)
+    assert jobs.cancel(broken.id).state == "cancelled"
+    with pytest.raises(PlaygroundError, match="cannot be resumed"):
+        jobs.resume(whole.id)  # it ended well
+    assert jobs.resume(broken.id).state in ("queued", "running")
+    resumed = jobs.wait(broken.id, timeout_s=240)
+    assert resumed.state == "succeeded", resumed.error
+    assert resumed.result["resumed_at"] >= 12 and resumed.result["steps"] == 48
+    messages = [e.get("message", "") for _, _, e in jobs.store.events(broken.id)]
+    assert any("resumed from the checkpoint at step" in m for m in messages)
+    import torch
+    from safetensors.torch import load_file
+
+    def adapter(result):
+        return load_file(f"{result['folder']}/adapter_model.safetensors")
+
+    a, b = adapter(whole.result), adapter(resumed.result)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # The adapter-only variant loads as base + adapter and generates.
+    assert _reply("broken", prompt="Name a colour.", mode="chat", max_new_tokens=4, temperature=0) is not None
+
+
+def test_the_from_scratch_gpt_fine_tunes_and_keeps_its_tiktoken_tokenizer(tmp_path, gpt_files, tiktoken_file, monkeypatch):
+    jobs = _finetune_env(tmp_path, monkeypatch)
+    configs = tmp_path / "data" / "jobs" / "model_configs"
+    configs.mkdir(parents=True)
+    (configs / "tiny-gpt.yaml").write_text(
+        f"""id: tiny-gpt
+display_name: tiny GPT
+backend: scratch_gpt
+source: {{path: {gpt_files['pt']}}}
+prompt_format: alpaca
+tokenizer: {{file: {tiktoken_file}}}
+scratch_gpt: {{head_dim: 16}}
+"""
+    )
+    options = {"model": "tiny-gpt", "data": str(_sft_file(tmp_path, n=4)), "name": "tiny-gpt-sft", "epochs": 2}
+    done = jobs.wait(jobs.submit("lora-sft", options).id, timeout_s=240)
+    assert done.state == "succeeded", done.error
+    from playground.engine import Engine
+
+    made = Engine().get("tiny-gpt-sft")
+    assert made.backend == "transformers" and made.tokenizer.file == str(tiktoken_file)
+    assert made.prompt_format == "alpaca"
+    assert _reply("tiny-gpt-sft", prompt="Name a colour.", mode="chat", max_new_tokens=4, temperature=0) is not None
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="tests the message on machines without a GPU")
+def test_qlora_without_a_gpu_is_refused_with_a_reason(tmp_path, llama_folder, monkeypatch):
+    jobs = _finetune_env(tmp_path, monkeypatch)
+    options = {"model": str(llama_folder), "data": str(_sft_file(tmp_path, n=2)), "quantize": "nf4"}
+    with pytest.raises(ConfigError, match="cannot run with device: cpu"):
+        jobs.submit("lora-sft", options | {"device": "cpu"})
+    with pytest.raises(ConfigError, match="this lora-sft job needs a GPU, and none is visible here"):
+        jobs.submit("lora-sft", options)
+    assert jobs.store.list() == []
+
+
+def test_a_new_manager_adopts_a_running_job_instead_of_killing_it(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    first = JobManager(store, tmp_path / "logs")
+    job = first.submit("eval-router", LONG | {"limit": 6})
+    wait_for_progress(first, job.id)
+    second = JobManager(store, tmp_path / "logs")  # e.g. `jobs list` run while the app works
+    assert store.get(job.id).state == "running" and psutil.pid_exists(job.pid)
+    # The adopted job counts against the CPU limit: a new one waits, and says why.
+    queued = second.submit("eval-router", SHORT)
+    assert queued.state == "queued"
+    assert any("waiting for a CPU slot" in e.get("message", "") for _, _, e in store.events(queued.id))
+    assert second.wait(job.id, timeout_s=180).state == "succeeded"
+    assert second.wait(queued.id, timeout_s=180).state == "succeeded"
+
+
+def test_a_gpu_job_waits_for_gpu_memory_and_says_so(tmp_path, llama_folder):
+    free: list[int | None] = [0]
+    jobs = JobManager(JobStore(tmp_path / "jobs.sqlite"), tmp_path / "logs", gpu_free=lambda: free[0])
+    options = {"model": str(llama_folder), "data": str(_sft_file(tmp_path, n=2)), "device": "cuda"}
+    job = jobs.submit("lora-sft", options)
+    assert job.device == "cuda" and job.gpu_bytes > 0 and job.state == "queued"
+    free[0] = job.gpu_bytes - 1
+    jobs.schedule()
+    free[0] = None
+    jobs.schedule()
+    messages = [e["message"] for _, _, e in jobs.store.events(job.id)]
+    assert messages[0].startswith("waiting: needs") and messages[0].endswith("0.0 free")
+    assert messages[-1] == "waiting: no GPU is visible" and len(messages) == 3
+    # A CPU job is not held up behind it.
+    cpu_job = jobs.submit("eval-router", SHORT)
+    assert cpu_job.state == "running" and jobs.store.get(job.id).state == "queued"
+    assert jobs.cancel(job.id).state == "cancelled"
+    jobs.wait(cpu_job.id, timeout_s=120)
+
+
+def test_stopping_the_app_manager_interrupts_its_jobs_and_a_fine_tune_resumes(tmp_path, llama_folder, monkeypatch):
+    jobs = _finetune_env(tmp_path, monkeypatch)
+    options = {"model": str(llama_folder), "data": str(_sft_file(tmp_path)), "epochs": 3, "batch_size": 2}
+    job = jobs.submit("lora-sft", options | {"checkpoint_every": 2, "name": "stopped"})
+    wait_for_progress(jobs, job.id, step=5)
+    jobs.stop()
+    stopped = jobs.store.get(job.id)
+    assert stopped.state == "interrupted" and not psutil.pid_exists(stopped.pid) or (
+        psutil.Process(stopped.pid).status() == psutil.STATUS_ZOMBIE
+    )
+    again = JobManager(jobs.store, jobs.logs_dir)
+    assert again.wait(again.resume(job.id).id, timeout_s=240).result["resumed_at"] >= 4

@@ -15,6 +15,7 @@ from conftest import EMBEDDED_GGUF, collect, variant
 
 from playground.config import load_config_dir
 from playground.router import (
+    ROUTE_END,
     ROUTE_PREFIX,
     Router,
     answering_variant,
@@ -103,7 +104,7 @@ def test_transformers_scores_match_a_direct_computation(engine, llama_folder):
     model = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32).eval()
     messages = [{"role": "system", "content": TINY_SPEC["system_prompt"]}, {"role": "user", "content": PROMPT}]
     base = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ROUTE_PREFIX
-    seqs = [tok(base + f'{r}"', add_special_tokens=False)["input_ids"] for r in ("self", "npc_fin")]
+    seqs = [tok(base + r + ROUTE_END, add_special_tokens=False)["input_ids"] for r in ("self", "npc_fin")]
     start = next(i for i in range(min(map(len, seqs))) if seqs[0][i] != seqs[1][i])
     totals = []
     with torch.no_grad():
@@ -128,7 +129,7 @@ def test_llamacpp_scores_match_logits_all(engine):
     fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|im_start|>")
     messages = [{"role": "system", "content": ROUTER_SPEC["system_prompt"]}, {"role": "user", "content": PROMPT}]
     base = fmt(messages=messages).prompt + ROUTE_PREFIX
-    seqs = [llm.tokenize((base + f'{r}"').encode(), add_bos=False, special=True) for r in ("self", "npc_fin")]
+    seqs = [llm.tokenize((base + r + ROUTE_END).encode(), add_bos=False, special=True) for r in ("self", "npc_fin")]
     start = next(i for i in range(min(map(len, seqs))) if seqs[0][i] != seqs[1][i])
     totals = []
     for ids in seqs:

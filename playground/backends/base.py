@@ -108,6 +108,59 @@ class Backend(ABC):
         """
         raise GenerationError(f"the {self.name} backend cannot score continuations")
 
+    # -- token-level scoring: perplexity, needle sizing, lm-evaluation-harness -----------------
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text, with the beginning-of-sequence token the model expects."""
+        raise GenerationError(f"the {self.name} backend cannot tokenize locally")
+
+    def window_logprobs(self, ids: list[int]) -> tuple[list[float], list[bool]]:
+        """For each position i >= 1 of one window: log P(ids[i] | ids[:i]), and whether ids[i]
+        was the most likely token there."""
+        raise GenerationError(f"the {self.name} backend cannot score tokens")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode_text(text))
+
+    def request_tokens(self, request: Request) -> int:
+        """The prompt length of a request, chat template included."""
+        n_tokens = self.prepare(request).n_tokens
+        if n_tokens is None:
+            raise GenerationError(f"the {self.name} backend cannot count prompt tokens")
+        return n_tokens
+
+    def text_logprobs(self, text: str, window: int, stride: int) -> list[float]:
+        """Log-probability of every token of `text` after the first, read through windows of
+        `window` tokens that advance by `stride`: each token is scored once, with up to
+        window - stride tokens of context before it (the strided perplexity of HF's docs)."""
+        if not 0 < stride <= window:
+            raise GenerationError(f"stride must be in 1..window ({window}); got {stride}")
+        ids = self.encode_text(text)
+        scores: list[float] = []
+        scored_until = 1  # position 0 has no context and is never scored
+        begin = 0
+        while scored_until < len(ids):
+            end = min(begin + window, len(ids))
+            logprobs, _ = self.window_logprobs(ids[begin:end])
+            # logprobs[k] is for position begin + k + 1; keep the positions not scored before.
+            scores.extend(logprobs[scored_until - begin - 1 :])
+            scored_until = end
+            begin += stride
+            if end == len(ids):
+                break
+        return scores
+
+    def pair_logprobs(self, context: str, continuation: str) -> tuple[float, bool]:
+        """log P(continuation | context) and whether greedy decoding would write it, as
+        lm-evaluation-harness asks; tokenized together so merges at the seam are honest."""
+        context_ids = self.encode_text(context)
+        full = self.encode_text(context + continuation)
+        start = shared_prefix_length([context_ids, full])
+        if start == len(full):
+            raise GenerationError("the continuation adds no tokens to the context")
+        start = max(start, 1)
+        logprobs, greedy = self.window_logprobs(full)
+        return float(sum(logprobs[start - 1 :])), all(greedy[start - 1 :])
+
     def finish_reason(self) -> FinishReason:
         """Why the last stream ended: an end-of-sequence token, the token limit, or a stop."""
         return getattr(self, "_finish_reason", "stop")

@@ -164,6 +164,37 @@ class LlamaCppBackend(Backend):
         self.llm.reset()
         return scores
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def window_logprobs(self, ids: list[int]) -> tuple[list[float], list[bool]]:
+        import llama_cpp
+        import numpy as np
+
+        if len(ids) > self.llm.n_ctx():
+            raise GenerationError(f"a window of {len(ids)} tokens exceeds the context of {self.llm.n_ctx()}")
+        n_vocab, n_batch = self.llm.n_vocab(), self.llm.n_batch
+        rows = []
+        # The library's eval keeps only the last position's logits unless the whole context was
+        # made with logits_all (49152 floats per position here): ask for every position of each
+        # batch directly instead, as llama.cpp's own perplexity tool does.
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        for start in range(0, len(ids), n_batch):
+            chunk = ids[start : start + n_batch]
+            self.llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+            self.llm._ctx.decode(self.llm._batch)
+            for i in range(len(chunk)):
+                rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,)).copy())
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        logits = np.stack(rows[:-1]).astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        targets = np.array(ids[1:])
+        chosen = logprobs[np.arange(len(targets)), targets]
+        return chosen.tolist(), (logprobs.argmax(axis=1) == targets).tolist()
+
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
         import llama_cpp
 

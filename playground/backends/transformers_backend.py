@@ -151,6 +151,8 @@ class TransformersBackend(Backend):
         notes: list[str] = []
         try:
             self.model, self.codec = self._load_model_and_codec(dtype, notes)
+            if self.config.adapter is not None:
+                self.model = self._apply_adapter(self.model, notes)
         except LoadError:
             raise
         except ImportError as err:
@@ -185,7 +187,6 @@ class TransformersBackend(Backend):
             raise LoadError(f"{weights.location}: a bare state_dict needs the scratch_gpt backend")
         location, kwargs = self._from_pretrained_args(weights, notes)
         self._refuse_unapproved_remote_code(weights)
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model_kwargs = dict(kwargs, dtype=dtype, device_map={"": self.device})
         quantization = self._quantization_config(dtype)
         if quantization is not None:
@@ -193,7 +194,26 @@ class TransformersBackend(Backend):
         model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
         if quantization is not None:
             notes.append(self._quantization_summary(model))
-        return model, TextCodec(tokenizer)
+        if self.config.tokenizer is not None:  # an HF folder fine-tuned from a scratch GPT
+            from playground.backends.scratch_gpt import TiktokenCodec
+
+            return model, TiktokenCodec(self.config.tokenizer, model.config.vocab_size)
+        return model, TextCodec(AutoTokenizer.from_pretrained(location, **kwargs))
+
+    def _apply_adapter(self, model: Any, notes: list[str]) -> Any:
+        """The LoRA adapter on top of the loaded base; merged into unquantized weights, so
+        generation runs at the base's speed."""
+        from peft import PeftModel
+
+        folder = Path(self.config.adapter.path).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            raise LoadError(f"{folder} is not a LoRA adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(folder))
+        if self.is_quantized:
+            notes.append(f"LoRA adapter {folder.name} applied on the quantized base (not merged)")
+            return model
+        notes.append(f"LoRA adapter {folder.name} merged into the base at load")
+        return model.merge_and_unload()
 
     def _quantization_summary(self, model: Any) -> str:
         import bitsandbytes as bnb
@@ -294,6 +314,20 @@ class TransformersBackend(Backend):
                 # The token at position i is predicted by the logits at position i - 1.
                 scores.append(float(sum(logprobs[i - 1, ids[i]] for i in range(start, len(ids)))))
         return scores
+
+    def encode_text(self, text: str) -> list[int]:
+        assert self.codec is not None, "load() first"
+        return self.codec.encode(text, add_special_tokens=True)
+
+    def window_logprobs(self, ids: list[int]) -> tuple[list[float], list[bool]]:
+        assert self.model is not None, "load() first"
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor(ids[1:], device=logits.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0]
+            greedy = logprobs.argmax(dim=-1) == targets
+        return chosen.tolist(), greedy.tolist()
 
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
         assert self.codec is not None and self.model is not None, "load() first"

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from playground.errors import ConfigError
+from playground.errors import ConfigError, PlaygroundError
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -45,10 +45,164 @@ def run_router_eval(options: RouterEvalOptions, emit: Emit) -> dict[str, Any]:
     return summary
 
 
+class PerplexityOptions(_Options):
+    model: str
+    corpus: str = "python-docs-heldout"  # python-docs, python-docs-train, python-docs-heldout, or a text file
+    window: Annotated[int, Field(ge=16, le=131_072)] = 512
+    stride: Annotated[int, Field(ge=1, le=131_072)] = 256
+    max_chars: Annotated[int, Field(ge=100)] | None = 20_000  # keeps a CPU run to minutes; None: all
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> PerplexityOptions:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
+        return self
+
+
+class NeedleOptions(_Options):
+    model: str
+    lengths: Annotated[list[Annotated[int, Field(ge=64, le=1_048_576)]], Field(min_length=1, max_length=16)] = [
+        512,
+        1024,
+        2048,
+    ]
+    depths: Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=1, max_length=21)] = [
+        0.0,
+        0.25,
+        0.5,
+        0.75,
+        1.0,
+    ]
+    seed: int = 0
+    # Run past the variant's configured context (as the NPC Fast card's 32K+ cells did).
+    context_length: Annotated[int, Field(ge=64, le=1_048_576)] | None = None
+
+
+class FormatCheckOptions(_Options):
+    model: str
+    data: str | None = None  # a JSONL of cases; default: the bundled ones
+    limit: Annotated[int, Field(ge=1)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=8, le=4096)] = 160
+
+
+class LmEvalOptions(_Options):
+    model: str
+    tasks: Annotated[list[str], Field(min_length=1)]
+    include_path: str | None = None  # a folder of task YAML files, or "tiny" for the bundled local tasks
+    limit: Annotated[int, Field(ge=1)] | None = None
+    num_fewshot: Annotated[int, Field(ge=0, le=64)] | None = None
+
+
+def _loaded(model: str, context_length: int | None = None) -> tuple[Any, str]:
+    """An engine in the job process with `model` loaded in its own worker."""
+    from playground.engine import Engine
+
+    engine = Engine()
+    config = engine.resolve(model)
+    if context_length is not None:
+        config = engine.add(
+            config.model_copy(update={"context_length": context_length, "id": f"{config.id}-ctx{context_length}"})
+        )
+    engine.load(config.id)
+    return engine, config.id
+
+
+def run_perplexity(options: PerplexityOptions, emit: Emit) -> dict[str, Any]:
+    from playground.evals.corpus import documents, limited
+    from playground.evals.perplexity import perplexity
+
+    docs = limited(documents(options.corpus), options.max_chars)
+    emit({"message": f"{len(docs)} documents from {options.corpus}", "step": 0, "total": len(docs)})
+    engine, variant = _loaded(options.model)
+    window, stride = options.window, options.stride
+    context = engine.status(variant).info.context_length
+    if window > context:  # a window cannot exceed what the variant reads at once
+        window, stride = context, min(stride, context)
+        emit({"message": f"window capped at the variant's context: {window} tokens, stride {stride}"})
+    try:
+        result = perplexity(engine, variant, docs, window, stride, lambda d, t: emit({"step": d, "total": t}))
+    finally:
+        engine.shutdown()
+    emit({"metrics": {"perplexity": result["perplexity"], "bits_per_byte": result.get("bits_per_byte")}})
+    return result | {"corpus": options.corpus}
+
+
+def run_needle(options: NeedleOptions, emit: Emit) -> dict[str, Any]:
+    from playground.evals.needle import needle_grid
+
+    total = len(options.lengths) * len(options.depths)
+    emit({"message": f"{total} cells", "step": 0, "total": total})
+    engine, variant = _loaded(options.model, options.context_length)
+    try:
+        result = needle_grid(
+            engine,
+            variant,
+            sorted(options.lengths),
+            sorted(options.depths),
+            options.seed,
+            lambda d, t: emit({"step": d, "total": t}),
+        )
+    finally:
+        engine.shutdown()
+    emit({"metrics": {f"pass@{k}": v for k, v in result["pass_rate_by_length"].items() if v is not None}})
+    return result
+
+
+def run_format_checks(options: FormatCheckOptions, emit: Emit) -> dict[str, Any]:
+    from pathlib import Path
+
+    from playground.evals import format_checks
+
+    cases = format_checks.read_cases(Path(options.data) if options.data else format_checks.CASES)[: options.limit]
+    emit({"message": f"{len(cases)} cases", "step": 0, "total": len(cases)})
+    engine, variant = _loaded(options.model)
+    try:
+        result = format_checks.run_format_checks(
+            engine, variant, cases, options.max_new_tokens, lambda d, t: emit({"step": d, "total": t})
+        )
+    finally:
+        engine.shutdown()
+    emit({"metrics": {k: v for k, v in result.items() if k not in ("rows",) and isinstance(v, float)}})
+    return result
+
+
+def run_lm_eval(options: LmEvalOptions, emit: Emit) -> dict[str, Any]:
+    from playground.evals.lm_eval_adapter import run_lm_eval as evaluate
+
+    emit({"message": f"lm-eval tasks: {', '.join(options.tasks)}"})
+    engine, variant = _loaded(options.model)
+    try:
+        result = evaluate(
+            engine,
+            variant,
+            options.tasks,
+            options.include_path,
+            options.limit,
+            options.num_fewshot,
+            lambda done: emit({"step": done, "total": 0}) if done % 10 == 0 else None,
+        )
+    finally:
+        engine.shutdown()
+    metrics = {
+        f"{task}/{name.split(',')[0]}": value
+        for task, values in result["results"].items()
+        for name, value in values.items()
+        if isinstance(value, float) and "stderr" not in name
+    }
+    emit({"metrics": metrics})
+    return result
+
+
 def _lora_options() -> type[_Options]:
     from playground.jobs.lora import LoraOptions
 
     return LoraOptions
+
+
+def _router_lora_options() -> type[_Options]:
+    from playground.jobs.lora import RouterLoraOptions
+
+    return RouterLoraOptions
 
 
 def run_lora_sft(options: Any, emit: Emit) -> dict[str, Any]:
@@ -63,8 +217,45 @@ def run_lora_sft(options: Any, emit: Emit) -> dict[str, Any]:
 
 KINDS: dict[str, tuple[Callable[[], type[_Options]], Callable[[Any, Emit], dict[str, Any]]]] = {
     "eval-router": (lambda: RouterEvalOptions, run_router_eval),
+    "eval-perplexity": (lambda: PerplexityOptions, run_perplexity),
+    "eval-needle": (lambda: NeedleOptions, run_needle),
+    "eval-format": (lambda: FormatCheckOptions, run_format_checks),
+    "eval-lm": (lambda: LmEvalOptions, run_lm_eval),
     "lora-sft": (_lora_options, run_lora_sft),
+    "lora-router": (_router_lora_options, run_lora_sft),
 }
+
+
+def placement(kind: str, options: _Options) -> tuple[str, int]:
+    """Where a job will run ("cpu" or "cuda") and the GPU memory it needs there, in bytes.
+
+    Every kind here works on one variant (`options.model`): it runs where that variant would,
+    unless the options pin a device. Training adds the gradients, optimizer state and
+    activations of the LoRA weights, taken here as half the model's own footprint again.
+    """
+    from playground.config import ModelConfig
+    from playground.engine import Engine
+    from playground.memory import estimate
+
+    pinned = getattr(options, "device", "auto")
+    config = Engine().resolve(options.model)  # type: ignore[attr-defined]
+    if config.backend == "openai" or pinned == "cpu":
+        return "cpu", 0
+    update: dict[str, Any] = {} if pinned == "auto" else {"device": pinned}
+    if getattr(options, "quantize", "none") == "nf4":
+        update |= {"device": "cuda", "quantization": {"method": "nf4"}}
+    try:
+        need = estimate(ModelConfig.model_validate(config.model_dump() | update))
+    except PlaygroundError:  # weights not there yet: the job itself will say so
+        return "cpu", 0
+    if need.device != "cuda":
+        return "cpu", 0
+    factor = 1.5 if kind in RESUMABLE_KINDS else 1.0
+    return "cuda", int(need.total_bytes * factor)
+
+
+# Kinds that write checkpoints and so can go on after an interruption.
+RESUMABLE_KINDS = frozenset({"lora-sft", "lora-router"})
 
 
 def validate_options(kind: str, options: dict[str, Any]) -> _Options:

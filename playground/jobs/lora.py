@@ -1,25 +1,33 @@
 """LoRA supervised fine-tuning (peft) of a transformers-backed variant, in the job process.
 
 Data: JSONL rows in chat form ({"messages": [...]}, the last message the assistant's answer) or
-instruction form ({"instruction", "response"}). The loss counts answer tokens only. The result
-is merged into the base weights and saved as an HF folder, with a variant config beside it
-that records base, data, options and job id, so it loads next to its base at once.
+instruction form ({"instruction", "response"}); the router kind builds chat rows from router
+pairs ({"prompt", "route", "reason"}) with the router's own system prompt and answer format.
+The loss counts answer tokens only. Checkpoints (adapter, optimizer, step) are written as the
+job goes, so an interrupted or cancelled job resumes where it stopped. The result, merged into
+the base weights or kept as an adapter, is saved with a variant config that records base, data,
+options and job id, so it loads next to its base at once.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from playground.config import REPO_ROOT, ModelConfig, RouterSpec
 from playground.errors import PlaygroundError
 from playground.jobs.kinds import Emit, _Options
 from playground.jsonl import read_jsonl
+
+ROUTER_TRAIN = REPO_ROOT / "assets" / "router" / "train.jsonl"
+Example = tuple[list[dict[str, str]], str]  # (prompt messages, answer)
 
 
 class LoraOptions(_Options):
@@ -33,10 +41,35 @@ class LoraOptions(_Options):
     batch_size: Annotated[int, Field(ge=1, le=256)] = 4
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     seed: int = 0
-    name: str | None = None  # the new variant's id; default: <base>-lora-<job>
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._\-]*$", max_length=80)] | None = None
+    merge: bool = True  # False: the new variant is the base plus the adapter, applied at load
+    quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the base frozen in NF4 (needs a GPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: Annotated[int, Field(ge=1)] = 25  # steps
+
+    @model_validator(mode="after")
+    def _qlora_needs_a_gpu(self) -> LoraOptions:
+        if self.quantize == "nf4" and self.device == "cpu":
+            raise ValueError("QLoRA (quantize: nf4) trains on a GPU; it cannot run with device: cpu")
+        return self
 
 
-def read_sft_rows(path: Path) -> list[tuple[list[dict[str, str]], str]]:
+class RouterLoraOptions(LoraOptions):
+    """The NPC Fast card's router recipe by default: rank 32, 3 epochs, 189 steps on 500 pairs."""
+
+    data: str = str(ROUTER_TRAIN)
+    router: str | None = None  # the variant whose router spec is taught; default: the model's own
+    rank: Annotated[int, Field(ge=1, le=512)] = 32
+    alpha: Annotated[float, Field(gt=0)] = 64.0
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 3e-4
+    epochs: Annotated[int, Field(ge=1, le=100)] = 3
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    # Every linear layer, as QLoRA found best; the routing decision is one token to learn well.
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    max_length: Annotated[int, Field(ge=8, le=8192)] = 512  # the router prompt alone is ~120 tokens
+
+
+def read_sft_rows(path: Path) -> list[Example]:
     """(prompt messages, answer) pairs from chat or instruction/response JSONL."""
     rows = []
     for number, item in read_jsonl(path):
@@ -58,34 +91,138 @@ def read_sft_rows(path: Path) -> list[tuple[list[dict[str, str]], str]]:
     return rows
 
 
-def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> dict[str, Any]:
-    import torch
-    from peft import LoraConfig, get_peft_model
+def router_answer(route: str, reason: str) -> str:
+    # The key order and spacing of json.dumps are what the router's scorer forces the answer to
+    # begin with (playground.router.ROUTE_PREFIX), so training and scoring agree.
+    return json.dumps({"route": route, "reason": reason})
 
-    from playground.backends.base import Request
-    from playground.backends.transformers_backend import TransformersBackend
-    from playground.config import GenerationParams
+
+def read_router_rows(path: Path, spec: RouterSpec) -> list[Example]:
+    from playground.router import read_router_data
+
+    rows = []
+    for row in read_router_data(path):
+        if row["route"] not in spec.routes:
+            raise PlaygroundError(f"{path}: route {row['route']!r} is not one of {spec.routes}")
+        reason = str(row.get("reason") or ("needs the partner" if row["route"] == spec.escalate_route else "simple"))
+        messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": row["prompt"]}]
+        rows.append((messages, router_answer(row["route"], reason)))
+    return rows
+
+
+def router_spec_for(options: RouterLoraOptions, base: ModelConfig) -> RouterSpec:
     from playground.engine import Engine
 
-    base = Engine().resolve(options.model)
-    if base.backend != "transformers" or base.quantization.method != "none":
-        raise PlaygroundError(f"LoRA jobs need an unquantized transformers variant; {base.id} is {base.backend}")
-    rows = read_sft_rows(Path(options.data))
-    torch.manual_seed(options.seed)
-    # Train in fp32: on CPU, bf16 training ran ~30x slower here.
-    backend = TransformersBackend(base.model_copy(update={"dtype": "fp32"}))
-    backend.load()
-    codec, model = backend.codec, backend.model
-    examples = []
+    if options.router:
+        spec = Engine().resolve(options.router).router
+        if spec is None:
+            raise PlaygroundError(f"{options.router} has no router section to teach")
+        return spec
+    if base.router is not None:
+        return base.router
+    return Engine().resolve("smollm2-135m-router").router  # the embedded router's prompt (NPC Fast's)
+
+
+class _Checkpoint:
+    """The adapter, optimizer and step of a running fine-tune, in the job's folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "checkpoint.pt"
+
+    def save(self, model: Any, optimizer: Any, step: int, losses: list[float]) -> None:
+        import torch
+        from peft import get_peft_model_state_dict
+
+        partial = self.path.with_suffix(".partial")
+        state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict()}
+        torch.save(state | {"step": step, "losses": losses}, partial)
+        partial.replace(self.path)  # a kill mid-write leaves the previous checkpoint whole
+
+    def load(self, model: Any, optimizer: Any) -> tuple[int, list[float]]:
+        import torch
+        from peft import set_peft_model_state_dict
+
+        if not self.path.exists():
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["losses"])
+
+
+def _tokenize(backend: Any, rows: list[Example], max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Token ids and labels (-100 outside the answer) of each example, and how many were cut."""
+    from playground.backends.base import Request
+    from playground.config import GenerationParams
+
+    codec, examples, cut = backend.codec, [], 0
     for messages, answer in rows:
         prompt = backend.prepare(Request(mode="chat", params=GenerationParams(), messages=tuple(messages)))
         answer_ids = codec.encode(answer, add_special_tokens=False) + sorted(codec.eos_ids)[:1]
-        ids = (prompt.payload + answer_ids)[: options.max_length]
-        labels = ([-100] * len(prompt.payload) + answer_ids)[: options.max_length]
+        ids = (prompt.payload + answer_ids)[:max_length]
+        labels = ([-100] * len(prompt.payload) + answer_ids)[:max_length]
+        cut += len(prompt.payload) + len(answer_ids) > max_length
         if any(label != -100 for label in labels):
             examples.append((ids, labels))
     if not examples:
-        raise PlaygroundError(f"every example is longer than max_length {options.max_length} before its answer")
+        raise PlaygroundError(
+            f"in every example the prompt fills max_length ({max_length} tokens) before the answer: raise max_length"
+        )
+    return examples, cut
+
+
+def _load_base(base: ModelConfig, options: LoraOptions) -> Any:
+    import torch
+
+    from playground.backends.scratch_gpt import ScratchGptBackend
+    from playground.backends.transformers_backend import TransformersBackend
+
+    if options.quantize == "nf4":
+        if options.device == "cpu" or not torch.cuda.is_available():
+            raise PlaygroundError("QLoRA (an NF4 base) needs bitsandbytes on a GPU; this machine has none")
+        # bf16 compute on the GPU; the frozen base in NF4 with the LoRA weights in fp32.
+        update = {
+            "device": "cuda",
+            "dtype": "bf16",
+            "quantization": {"method": "nf4", "compute_dtype": "bf16", "keep_modules": ["lm_head"]},
+        }
+    else:
+        # fp32 on CPU: bf16 training ran ~30x slower there. bf16 on a GPU.
+        device = "cuda" if options.device != "cpu" and torch.cuda.is_available() else "cpu"
+        update = {"device": device, "dtype": "bf16" if device == "cuda" else "fp32"}
+    config = ModelConfig.model_validate(base.model_dump() | update)
+    backend_type = ScratchGptBackend if base.backend == "scratch_gpt" else TransformersBackend
+    backend = backend_type(config)
+    backend.load()
+    return backend
+
+
+def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from playground.engine import Engine
+
+    base = Engine().resolve(options.model)
+    if base.backend not in ("transformers", "scratch_gpt") or base.quantization.method != "none":
+        raise PlaygroundError(
+            f"LoRA jobs need an unquantized transformers or scratch_gpt variant; {base.id} is "
+            f"{base.backend}{'' if base.quantization.method == 'none' else ' ' + base.quantization.method}"
+            " (for a quantized base, choose its unquantized twin and quantize: nf4)"
+        )
+    if base.adapter is not None:
+        raise PlaygroundError(f"{base.id} is itself base + adapter; fine-tune its merged form instead")
+    if isinstance(options, RouterLoraOptions):
+        spec = router_spec_for(options, base)
+        rows = read_router_rows(Path(options.data), spec)
+    else:
+        spec, rows = base.router, read_sft_rows(Path(options.data))
+    torch.manual_seed(options.seed)
+    backend = _load_base(base, options)
+    examples, cut = _tokenize(backend, rows, options.max_length)
+    model = backend.model
+    if options.quantize == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -98,46 +235,94 @@ def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> d
     )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate)
+    job_folder = out_root / job_id
+    job_folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = _Checkpoint(job_folder)
+    resumed_at, losses = checkpoint.load(model, optimizer)
     steps_per_epoch = math.ceil(len(examples) / options.batch_size)
     total = steps_per_epoch * options.epochs
-    emit({"message": f"{len(examples)} examples, {total} steps", "step": 0, "total": total})
+    emit(
+        {
+            "message": f"{len(examples)} examples, {total} steps on {backend.device}"
+            + (f"; {cut} cut at max_length {options.max_length}, their answers in part or not at all" if cut else "")
+            + (f"; resumed from the checkpoint at step {resumed_at}" if resumed_at else ""),
+            "step": resumed_at,
+            "total": total,
+        }
+    )
     rng, step, started = random.Random(options.seed), 0, time.perf_counter()
-    pad = sorted(codec.eos_ids)[0] if codec.eos_ids else 0
+    pad = sorted(backend.codec.eos_ids)[0] if backend.codec.eos_ids else 0
     for epoch in range(options.epochs):
         order = list(range(len(examples)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # replayed on resume, so the data order is the same as without a break
         for start in range(0, len(order), options.batch_size):
+            step += 1
+            if step <= resumed_at:
+                continue
             batch = [examples[i] for i in order[start : start + options.batch_size]]
             width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+            device = backend.device
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=device)
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device)
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            step += 1
-            emit({"step": step, "total": total, "epoch": epoch + 1, "loss": round(float(loss), 5)})
+            losses.append(round(float(loss), 5))
+            emit({"step": step, "total": total, "epoch": epoch + 1, "loss": losses[-1]})
+            if step % options.checkpoint_every == 0 and step < total:
+                checkpoint.save(model, optimizer, step, losses)
     wall = time.perf_counter() - started
-    folder = out_root / job_id / "merged"
-    model.merge_and_unload().save_pretrained(folder)
-    backend.codec.tokenizer.save_pretrained(folder)
     variant_id = options.name or f"{base.id}-lora-{job_id[-6:]}"
-    config = {
-        "id": variant_id,
-        "display_name": f"{base.display_name} + LoRA ({job_id[-6:]})",
-        "backend": "transformers",
-        "source": {"path": str(folder)},
-        "prompt_format": base.prompt_format,
-        "context_length": base.context_length,
-        "generation": base.generation.model_dump(exclude_none=True),
-        "role": base.role,
-        "finetune": {"base": base.id, "data": options.data, "job_id": job_id, "options": options.model_dump()},
-    }
-    if base.router is not None:
-        config["router"] = base.router.model_dump()
+    config = _result_config(base, options, spec, variant_id, job_id)
+    if options.merge and options.quantize == "none":
+        folder = job_folder / "merged"
+        model = model.merge_and_unload()
+        model.save_pretrained(folder)
+        config.update(backend="transformers", source={"path": str(folder)})
+        if base.backend == "scratch_gpt":  # its tiktoken tokenizer has no HF form: the config names it
+            config["tokenizer"] = (
+                base.tokenizer.model_dump(exclude_none=True) if base.tokenizer else {"tiktoken": "gpt2"}
+            )
+        else:
+            backend.codec.tokenizer.save_pretrained(folder)
+    else:  # an adapter on the unchanged base (QLoRA results are always kept this way)
+        folder = job_folder / "adapter"
+        model.save_pretrained(folder)
+        config["adapter"] = {"path": str(folder)}
     config_dir = out_root / "model_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
+    ModelConfig.model_validate(config)  # never leave a config the engine would refuse
     (config_dir / f"{variant_id}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    checkpoint.path.unlink(missing_ok=True)
     emit({"message": f"saved {variant_id} in {folder}"})
-    return {"variant_id": variant_id, "folder": str(folder), "steps": total, "train_wall_s": round(wall, 2)}
+    return {
+        "variant_id": variant_id,
+        "folder": str(folder),
+        "steps": total,
+        "final_loss": losses[-1] if losses else None,
+        "train_wall_s": round(wall, 2),
+        "resumed_at": resumed_at,
+    }
+
+
+def _result_config(
+    base: ModelConfig, options: LoraOptions, spec: RouterSpec | None, variant_id: str, job_id: str
+) -> dict[str, Any]:
+    """The base's config, renamed, with its provenance; the caller says where the weights are."""
+    config = base.model_dump(mode="json", exclude_none=True, exclude={"shape", "notes"})
+    short = job_id[-6:]
+    kind = "router LoRA" if isinstance(options, RouterLoraOptions) else "LoRA"
+    config.update(
+        id=variant_id,
+        display_name=f"{base.display_name} + {kind} ({short})",
+        finetune={"base": base.id, "data": options.data, "job_id": job_id, "options": options.model_dump()},
+    )
+    if options.quantize == "nf4":
+        config.update(
+            device="cuda", quantization={"method": "nf4", "compute_dtype": "bf16", "keep_modules": ["lm_head"]}
+        )
+    if spec is not None:
+        config.update(router=spec.model_dump(), role="router")
+    return config

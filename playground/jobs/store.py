@@ -29,6 +29,8 @@ class Job:
     result: dict[str, Any] | None
     step: int
     total: int
+    device: str = "cpu"  # where it runs: "cpu" or "cuda"
+    gpu_bytes: int = 0  # the GPU memory it needs to start
 
     @property
     def finished(self) -> bool:
@@ -63,31 +65,36 @@ class JobStore:
                 CREATE INDEX IF NOT EXISTS events_by_job ON events (job, seq);
                 """
             )
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in (("device", "TEXT NOT NULL DEFAULT 'cpu'"), ("gpu_bytes", "INTEGER NOT NULL DEFAULT 0")):
+                if name not in columns:  # a store written before jobs were placed
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         return db
 
-    def create(self, kind: str, options: dict[str, Any]) -> Job:
+    def create(self, kind: str, options: dict[str, Any], device: str = "cpu", gpu_bytes: int = 0) -> Job:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         with self._lock, self._db() as db:
             db.execute(
-                "INSERT INTO jobs (id, kind, options, state, created) VALUES (?, ?, ?, 'queued', ?)",
-                (job_id, kind, json.dumps(options), time.time()),
+                "INSERT INTO jobs (id, kind, options, state, created, device, gpu_bytes)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, kind, json.dumps(options), time.time(), device, gpu_bytes),
             )
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
         with self._db() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(job_id)
         return _job(row)
 
     def list(self) -> list[Job]:
         with self._db() as db:
-            return [_job(row) for row in db.execute("SELECT * FROM jobs ORDER BY created DESC")]
+            return [_job(row) for row in db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY created DESC")]
 
     def update(self, job_id: str, **fields: Any) -> None:
         if "result" in fields and fields["result"] is not None:
@@ -96,14 +103,15 @@ class JobStore:
         with self._lock, self._db() as db:
             db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
 
-    def finish_if_running(self, job_id: str, state: str, error: str | None) -> bool:
-        """Set a final state unless the job already recorded one itself; True if set."""
+    def finish_if_running(self, job_id: str, state: str, error: str | None, pid: int | None = None) -> bool:
+        """Set a final state unless the job already recorded one itself; True if set. With `pid`,
+        only while that process is the job's (a resumed job has a new one)."""
+        query = "UPDATE jobs SET state = ?, error = ?, ended = ? WHERE id = ? AND state IN ('queued', 'running')"
+        values: tuple[Any, ...] = (state, error, time.time(), job_id)
+        if pid is not None:
+            query, values = query + " AND pid = ?", (*values, pid)
         with self._lock, self._db() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET state = ?, error = ?, ended = ? WHERE id = ? AND state IN ('queued', 'running')",
-                (state, error, time.time(), job_id),
-            )
-            return cursor.rowcount == 1
+            return db.execute(query, values).rowcount == 1
 
     def add_event(self, job_id: str, data: dict[str, Any]) -> None:
         with self._lock, self._db() as db:
@@ -122,8 +130,11 @@ class JobStore:
         return [(seq, t, json.loads(data)) for seq, t, data in rows]
 
 
+_COLUMNS = "id, kind, options, state, created, started, ended, pid, error, result, step, total, device, gpu_bytes"
+
+
 def _job(row: tuple[Any, ...]) -> Job:
-    (job_id, kind, options, state, created, started, ended, pid, error, result, step, total) = row
+    (job_id, kind, options, state, created, started, ended, pid, error, result, step, total, device, gpu_bytes) = row
     return Job(
         job_id,
         kind,
@@ -137,4 +148,6 @@ def _job(row: tuple[Any, ...]) -> Job:
         json.loads(result) if result else None,
         step,
         total,
+        device,
+        gpu_bytes,
     )
