@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 from playground.arena import VoteStore
 from playground.engine import Engine
+from playground.jobs.manager import JobManager
+from playground.jobs.store import JobStore
 from playground.monitor import SystemMonitor
-from playground.paths import data_dir
+from playground.paths import data_dir, jobs_dir
 from playground.ui import build_app
 from playground.ui.app import CSS
 
@@ -18,7 +22,14 @@ def main() -> None:
     engine = Engine()
     engine.start_load(DEFAULT_VARIANT)
     monitor = SystemMonitor(engine).start()
-    demo = build_app(engine, monitor, VoteStore(data_dir() / "votes.sqlite"))
+    jobs = JobManager(
+        JobStore(jobs_dir() / "jobs.sqlite"),
+        jobs_dir() / "logs",
+        max_cpu_jobs=int(os.environ.get("PLAYGROUND_MAX_CPU_JOBS", "1")),
+    ).start()
+    demo = build_app(engine, monitor, VoteStore(data_dir() / "votes.sqlite"), jobs)
+    # SIGTERM (docker stop, systemd, a test's terminate) ends the app through the clean-up below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         demo.queue(default_concurrency_limit=8).launch(
             server_name=os.environ.get("PLAYGROUND_HOST", "127.0.0.1"),
@@ -26,6 +37,7 @@ def main() -> None:
             css=CSS,
         )
     finally:
+        jobs.stop()  # its running jobs end and show as interrupted; fine-tunes can resume
         monitor.stop()
         engine.shutdown()
 

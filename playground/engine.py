@@ -61,6 +61,17 @@ class Engine:
         self.configs[config.id] = config
         return config
 
+    def refresh_made_variants(self) -> list[str]:
+        """Add the variants fine-tune jobs wrote since the engine started; their ids."""
+        folder = made_configs_dir()
+        if not folder.is_dir():
+            return []
+        added = []
+        for config in load_config_dir(folder).values():
+            if config.id not in self.configs:
+                added.append(self.add(config).id)
+        return added
+
     def add_path(self, path: str | Path, **overrides: Any) -> ModelConfig:
         """Add a variant from a local GGUF file, HF folder or state_dict, without YAML."""
         return self.add(config_from_path(path, **overrides))

@@ -188,7 +188,9 @@ def _reply(variant_id: str, **request) -> str:
     engine = Engine()
     try:
         engine.load(variant_id)
-        finished = [e for e in engine.generate(variant_id, engine.request(variant_id, **request)) if isinstance(e, Finished)]
+        finished = [
+            e for e in engine.generate(variant_id, engine.request(variant_id, **request)) if isinstance(e, Finished)
+        ]
         assert finished[0].metrics.completion_tokens >= 1
         return finished[0].text
     finally:
@@ -274,7 +276,9 @@ def test_a_cancelled_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(t
     assert _reply("broken", prompt="Name a colour.", mode="chat", max_new_tokens=4, temperature=0) is not None
 
 
-def test_the_from_scratch_gpt_fine_tunes_and_keeps_its_tiktoken_tokenizer(tmp_path, gpt_files, tiktoken_file, monkeypatch):
+def test_the_from_scratch_gpt_fine_tunes_and_keeps_its_tiktoken_tokenizer(
+    tmp_path, gpt_files, tiktoken_file, monkeypatch
+):
     jobs = _finetune_env(tmp_path, monkeypatch)
     configs = tmp_path / "data" / "jobs" / "model_configs"
     configs.mkdir(parents=True)
@@ -282,7 +286,7 @@ def test_the_from_scratch_gpt_fine_tunes_and_keeps_its_tiktoken_tokenizer(tmp_pa
         f"""id: tiny-gpt
 display_name: tiny GPT
 backend: scratch_gpt
-source: {{path: {gpt_files['pt']}}}
+source: {{path: {gpt_files["pt"]}}}
 prompt_format: alpaca
 tokenizer: {{file: {tiktoken_file}}}
 scratch_gpt: {{head_dim: 16}}
@@ -352,8 +356,10 @@ def test_stopping_the_app_manager_interrupts_its_jobs_and_a_fine_tune_resumes(tm
     wait_for_progress(jobs, job.id, step=5)
     jobs.stop()
     stopped = jobs.store.get(job.id)
-    assert stopped.state == "interrupted" and not psutil.pid_exists(stopped.pid) or (
-        psutil.Process(stopped.pid).status() == psutil.STATUS_ZOMBIE
+    assert (
+        stopped.state == "interrupted"
+        and not psutil.pid_exists(stopped.pid)
+        or (psutil.Process(stopped.pid).status() == psutil.STATUS_ZOMBIE)
     )
     again = JobManager(jobs.store, jobs.logs_dir)
     assert again.wait(again.resume(job.id).id, timeout_s=240).result["resumed_at"] >= 4

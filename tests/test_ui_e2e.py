@@ -181,3 +181,66 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     assert "JSON valid 1.000" in result
     page.locator("#eval-plot").get_by_text("escalation rate and accuracy by threshold").wait_for(timeout=20_000)
     page.screenshot(path=str(DOCS / "router.png"), full_page=True)
+    # The same eval as a background job (the Jobs tab test sees it end).
+    page.locator("#eval-background").click()
+    wait_text(page.locator("#eval-status"), r"Started job \S+ \((running|queued)\)", 20)
+
+
+def choose(page, elem_id: str, value: str) -> None:
+    """Pick `value` in a Gradio dropdown as a person does: open it, type, click the option."""
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(value)
+    page.get_by_role("option", name=value, exact=True).first.click()
+
+
+def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(page, tmp_path):
+    page.get_by_role("tab", name="Jobs").click()
+    # The router eval started from the Router tab ran as a job.
+    wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+succeeded\s+2/2", 120)
+    # Bad options are refused with a message, and nothing starts.
+    choose(page, "job-kind", "eval-perplexity")
+    page.locator("#job-options textarea").fill('{"window": 256, "stride": 512}')
+    page.locator("#job-submit").click()
+    wait_text(page.locator("#job-submit-status"), r"stride \(512\) must not exceed window \(256\)", 20)
+    page.locator("#job-options textarea").fill("{not json")
+    page.locator("#job-submit").click()
+    wait_text(page.locator("#job-submit-status"), r"not valid JSON", 20)
+    # A perplexity eval of the embedded model, watched to its end.
+    page.locator("#job-options textarea").fill('{"max_chars": 1500, "window": 256, "stride": 128}')
+    page.locator("#job-submit").click()
+    wait_text(page.locator("#job-submit-status"), r"Started eval-perplexity on smollm2-135m-gguf", 20)
+    wait_text(page.locator("#job-detail"), r"eval-perplexity.*succeeded", 180)
+    assert "perplexity" in page.locator("#job-detail").inner_text()
+    page.locator("#job-result-plot").get_by_text("Perplexity by document").wait_for(timeout=20_000)
+    wait_text(page.locator("#job-results"), r"smollm2-135m-gguf\s+\d+\.\d+", 20)
+    # A LoRA fine-tune of the embedded model's torch twin: its loss curve, then its variant in Compare.
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"instruction": "Say hello.", "response": "Hello!"}\n' * 4)
+    choose(page, "job-kind", "lora-sft")
+    choose(page, "job-model", "smollm2-135m-transformers")
+    page.locator("#job-options textarea").fill(f'{{"data": "{data}", "epochs": 2, "name": "ui-tuned"}}')
+    page.locator("#job-submit").click()
+    wait_text(page.locator("#job-detail"), r"lora-sft.*succeeded", 300)
+    page.locator("#job-loss").get_by_text("Training loss").wait_for(timeout=20_000)
+    page.locator("#job-add-variants").click()
+    wait_text(page.locator("#job-action-status"), r"Added: ui-tuned", 20)
+    page.screenshot(path=str(DOCS / "jobs.png"), full_page=True)
+    # The new variant is offered in Compare, loads there next to its base, and says where it came from.
+    page.get_by_role("tab", name="Compare").click()
+    box = page.locator("#model input")
+    box.click()
+    box.fill("+ LoRA")
+    page.get_by_role("option", name=re.compile(r"dequantized \(transformers\) \+ LoRA")).first.click()
+    page.locator("#load").click()
+    wait_text(page.locator("#loaded"), r"ui-tuned.*ready", 120)
+    # Cancel: a long router eval, stopped from the tab; the app keeps serving.
+    page.get_by_role("tab", name="Jobs").click()
+    choose(page, "job-kind", "eval-router")
+    choose(page, "job-model", "smollm2-135m-router")
+    page.locator("#job-options textarea").fill("{}")
+    page.locator("#job-submit").click()
+    wait_text(page.locator("#job-detail"), r"eval-router on smollm2-135m-router: running\s+\d+/64", 120)
+    page.locator("#job-cancel").click()
+    wait_text(page.locator("#job-action-status"), r"is cancelled", 30)
+    wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+cancelled", 20)

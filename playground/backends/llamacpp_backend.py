@@ -185,7 +185,9 @@ class LlamaCppBackend(Backend):
             self.llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
             self.llm._ctx.decode(self.llm._batch)
             for i in range(len(chunk)):
-                rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,)).copy())
+                rows.append(
+                    np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,)).copy()
+                )
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
         logits = np.stack(rows[:-1]).astype(np.float64)

@@ -6,9 +6,11 @@ import gradio as gr
 
 from playground.arena import VoteStore
 from playground.engine import Engine
+from playground.jobs.manager import JobManager
 from playground.monitor import SystemMonitor
 from playground.ui.arena_tab import ArenaTab
 from playground.ui.compare_tab import CompareTab
+from playground.ui.jobs_tab import JobsTab
 from playground.ui.monitor_tab import MonitorTab
 from playground.ui.router_tab import RouterTab
 from playground.ui.session import Sessions
@@ -18,7 +20,7 @@ CSS = """
 """
 
 
-def build_app(engine: Engine, monitor: SystemMonitor, votes: VoteStore) -> gr.Blocks:
+def build_app(engine: Engine, monitor: SystemMonitor, votes: VoteStore, jobs: JobManager) -> gr.Blocks:
     sessions = Sessions()
     with gr.Blocks(title="Variant Playground") as demo:
         gr.Markdown("# Variant Playground\nSmall language models side by side: one prompt, live speed and memory.")
@@ -29,8 +31,11 @@ def build_app(engine: Engine, monitor: SystemMonitor, votes: VoteStore) -> gr.Bl
             with gr.Tab("Monitor", id="monitor"):
                 MonitorTab(monitor).build()
             with gr.Tab("Router", id="router"):
-                RouterTab(engine, sessions).build()
+                router = RouterTab(engine, sessions, jobs)
+                router.build()
             with gr.Tab("Blind", id="blind"):
                 ArenaTab(engine, sessions, votes).build()
+            with gr.Tab("Jobs", id="jobs"):
+                JobsTab(engine, jobs).build([compare.model, *[p.variant for p in compare.panels]], router.router)
         demo.load(compare.show_estimate, compare.model, compare.estimate)
     return demo

@@ -1,4 +1,4 @@
-"""Plotly figures: the comparison of replies, their trend, and the live resource monitor."""
+"""Plotly figures: the comparison of replies, their trend, the live resource monitor, and jobs."""
 
 from __future__ import annotations
 
@@ -202,4 +202,46 @@ def router_eval_figure(
     fig.update_xaxes(title_text="decided", row=1, col=2)
     fig.update_yaxes(title_text="gold", row=1, col=2)
     fig.update_layout(height=380, margin={"l": 40, "r": 20, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def loss_figure(steps: Sequence[int], losses: Sequence[float], title: str = "Training loss") -> go.Figure:
+    fig = go.Figure(go.Scatter(x=list(steps), y=list(losses), mode="lines+markers", name="loss"))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=320, margin=dict(t=40, b=40))
+    return fig
+
+
+def needle_figure(result: dict) -> go.Figure:
+    """Pass (1) / fail (0) per context length and needle depth; skipped cells left blank."""
+    lengths, depths = result["lengths"], result["depths"]
+    grid: list[list[float | None]] = [[None] * len(lengths) for _ in depths]
+    for cell in result["cells"]:
+        if "passed" in cell:
+            grid[depths.index(cell["depth"])][lengths.index(cell["length"])] = 1.0 if cell["passed"] else 0.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid,
+            x=[str(n) for n in lengths],
+            y=[f"{d:.0%}" for d in depths],
+            zmin=0,
+            zmax=1,
+            colorscale=[[0, "#d9534f"], [1, "#5cb85c"]],
+            showscale=False,
+            xgap=2,
+            ygap=2,
+        )
+    )
+    fig.update_layout(
+        title="Needle in a haystack (green: found)",
+        xaxis_title="context length (tokens)",
+        yaxis_title="needle depth",
+        height=320,
+        margin=dict(t=40, b=40),
+    )
+    return fig
+
+
+def metric_bars(values: dict[str, float], title: str) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(values), y=list(values.values())))
+    fig.update_layout(title=title, height=320, margin=dict(t=40, b=80))
     return fig

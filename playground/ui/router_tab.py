@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from playground.engine import Engine
+from playground.jobs.manager import JobManager
 from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router, read_router_data
 from playground.ui.charts import router_eval_figure
 from playground.ui.formatting import error_text, metrics_line
@@ -45,9 +46,11 @@ def _rate(value: float | None) -> str:
 
 
 class RouterTab:
-    def __init__(self, engine: Engine, sessions: Sessions) -> None:
+    def __init__(self, engine: Engine, sessions: Sessions, jobs: JobManager | None = None) -> None:
         self.engine = engine
         self.sessions = sessions
+        self.jobs = jobs
+        self.router: gr.Dropdown | None = None
 
     def routers(self) -> list[tuple[str, str]]:
         return [(c.display_name, c.id) for c in self.engine.configs.values() if c.router is not None]
@@ -62,7 +65,7 @@ class RouterTab:
             "smollm2-135m-router" if "smollm2-135m-router" in self.engine.configs else (routers or [("", None)])[0][1]
         )
         with gr.Row():
-            router = gr.Dropdown(routers, value=default, label="Router", elem_id="router-variant")
+            router = self.router = gr.Dropdown(routers, value=default, label="Router", elem_id="router-variant")
             partner = gr.Dropdown(
                 self.partners(), value="", label="Partner (when it escalates)", elem_id="router-partner"
             )
@@ -87,10 +90,27 @@ class RouterTab:
                 dataset = gr.Radio(["ood", "in_distribution", "file"], value="ood", label="data", elem_id="eval-data")
                 path = gr.Textbox(label="JSONL of {prompt, route} (for 'file')", elem_id="eval-path")
                 limit = gr.Number(value=None, precision=0, label="first N rows (empty: all)", elem_id="eval-limit")
-            run = gr.Button("Run eval", elem_id="eval-run")
+            with gr.Row():
+                run = gr.Button("Run eval here", elem_id="eval-run")
+                background = gr.Button("Run as a background job", elem_id="eval-background")
             status = gr.Markdown(elem_id="eval-status")
             plot = gr.Plot(elem_id="eval-plot")
             run.click(self.evaluate, [router, threshold, dataset, path, limit], [status, plot])
+            background.click(self.submit_eval, [router, threshold, dataset, path, limit], status)
+
+    def submit_eval(self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None) -> str:
+        """The same eval as a job: it survives closing the page, and its result joins the Jobs tab's table."""
+        if self.jobs is None:
+            return "⚠ Background jobs are not available in this app."
+        options: dict[str, Any] = {"model": router_id, "threshold": float(threshold)}
+        options["data"] = (path or "").strip() if dataset == "file" else dataset
+        if limit:
+            options["limit"] = int(limit)
+        try:
+            job = self.jobs.submit("eval-router", options)
+        except Exception as err:
+            return error_text(err)
+        return f"Started job `{job.id}` ({job.state}): watch it in the Jobs tab."
 
     def route(
         self, router_id: str, partner_id: str, threshold: float, prompt: str, request: gr.Request
