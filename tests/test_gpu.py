@@ -67,3 +67,62 @@ def test_llamacpp_offloads_layers_when_built_with_cuda(engine, tiny_gguf):
         pytest.skip("llama-cpp-python here was built without GPU support")
     info, m = _run(engine, variant(id="gguf-cuda", backend="llamacpp", source={"path": str(tiny_gguf)}, device="cuda"))
     assert info.device == "cuda" and m.device == "cuda"
+
+
+def _sft_rows(tmp_path, n: int = 8):
+    import json
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"Say blue {i}.", "response": "Blue."}) + "\n" for i in range(n))
+    )
+    return data
+
+
+def test_qlora_trains_on_an_nf4_base_and_its_adapter_variant_loads(tmp_path, llama_folder, monkeypatch):
+    from playground.engine import Engine
+    from playground.jobs.manager import JobManager
+    from playground.jobs.store import JobStore
+
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
+    jobs = JobManager(JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite"), tmp_path / "logs")
+    options = {"model": str(llama_folder), "data": str(_sft_rows(tmp_path)), "quantize": "nf4", "name": "qlora"}
+    job = jobs.submit("lora-sft", options | {"epochs": 3, "learning_rate": 0.01})
+    assert job.device == "cuda" and job.gpu_bytes > 0
+    done = jobs.wait(job.id, timeout_s=300)
+    assert done.state == "succeeded", done.error
+    events = [e for _, _, e in jobs.store.events(job.id)]
+    assert "on cuda" in events[0]["message"]
+    losses = [e["loss"] for e in events if "loss" in e]
+    assert losses[-1] < losses[0]
+    engine = Engine()
+    try:
+        made = engine.get("qlora")
+        assert made.quantization.method == "nf4" and made.adapter is not None
+        info = engine.load("qlora")
+        assert any("LoRA adapter" in note for note in info.notes) and info.device == "cuda"
+        request = engine.request("qlora", messages=CHAT, mode="chat", temperature=0.0, max_new_tokens=8)
+        check_reply(*collect(engine.generate("qlora", request)))
+    finally:
+        engine.shutdown()
+
+
+def test_a_gpu_job_waits_while_memory_is_taken_and_starts_when_it_is_freed(tmp_path, llama_folder, monkeypatch):
+    from playground.jobs.manager import JobManager, free_gpu_bytes
+    from playground.jobs.store import JobStore
+
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
+    jobs = JobManager(JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite"), tmp_path / "logs")
+    torch.zeros(1, device="cuda")  # this process's CUDA context first: it takes memory too
+    hog = torch.empty(free_gpu_bytes() - 128 * 2**20, dtype=torch.uint8, device="cuda")  # as a loaded variant would
+    try:
+        job = jobs.submit(
+            "lora-sft", {"model": str(llama_folder), "data": str(_sft_rows(tmp_path, 2)), "device": "cuda"}
+        )
+        assert job.state == "queued"
+        messages = [e["message"] for _, _, e in jobs.store.events(job.id)]
+        assert messages and messages[0].startswith("waiting: needs")
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    assert jobs.wait(job.id, timeout_s=300).state == "succeeded"
