@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import tempfile
-import time
 from pathlib import Path
 
 BASE = "smollm2-135m-router-transformers"
@@ -27,20 +23,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="lora-router option")
     args = parser.parse_args()
-    os.environ.setdefault("PLAYGROUND_DATA_DIR", tempfile.mkdtemp(prefix="router-lora-"))
-    from playground.jobs.manager import JobManager
-    from playground.jobs.store import JobStore
-    from playground.paths import jobs_dir
+    from benchmarks.job_runner import job_runner
 
-    manager = JobManager(JobStore(jobs_dir() / "jobs.sqlite"), jobs_dir() / "logs")
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
-
-    def run(kind: str, options: dict) -> dict:
-        job = manager.wait(manager.submit(kind, options).id)
-        if job.state != "succeeded":
-            raise SystemExit(f"{kind} {job.id} {job.state}: {job.error}")
-        print(kind, options.get("data", ""), json.dumps({k: v for k, v in job.result.items() if k != "curve"}))
-        return job.result | {"job_wall_s": round(job.ended - job.started, 1)}
+    run, results = job_runner("router-lora-")
 
     for data in ("ood", "in_distribution"):
         results[f"before_{data}"] = run("eval-router", {"model": BASE, "data": data})

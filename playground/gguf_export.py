@@ -8,6 +8,7 @@ smaller types come from llama.cpp's own quantizer afterwards.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-TokenType = Literal[1, 3]  # gguf TokenType.NORMAL, TokenType.CONTROL
+TokenType = Literal[1, 3, 4]  # gguf TokenType.NORMAL, CONTROL, USER_DEFINED
 
 
 def half_split_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -29,21 +30,34 @@ def _tokenizer_tables(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
     if model.get("type") != "BPE":
         raise ValueError(f"only BPE tokenizers can be exported, not {model.get('type')}")
     vocab: dict[str, int] = dict(model["vocab"])
-    for token in tokenizer.backend_tokenizer.get_added_tokens_decoder().values():
+    added = list(tokenizer.backend_tokenizer.get_added_tokens_decoder().values())
+    for token in added:
         vocab.setdefault(token.content, tokenizer.convert_tokens_to_ids(token.content))
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
     for text, index in vocab.items():
         tokens[index] = text
-    special = set(tokenizer.all_special_tokens)
-    types = [3 if t in special else 1 for t in tokens]
+    # Added tokens are matched whole, as HF does: special ones as CONTROL (3), the others as
+    # USER_DEFINED (4); left NORMAL, llama.cpp would split them into bytes.
+    special = set(tokenizer.all_special_tokens) | {t.content for t in added if t.special}
+    user_defined = {t.content for t in added if not t.special}
+    types = [3 if t in special else 4 if t in user_defined else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return tokens, types, merges
 
 
 def write_llama_gguf(
-    model: Any, tokenizer: Any, path: Path, *, dtype: Literal["f32", "f16"] = "f32", name: str = "model"
+    model: Any,
+    tokenizer: Any,
+    path: Path,
+    *,
+    dtype: Literal["f32", "f16"] = "f32",
+    name: str = "model",
+    tokenizer_from: Path | None = None,
 ) -> Path:
+    """Write `model` to `path`. With `tokenizer_from` (a GGUF file), its tokenizer and chat
+    template metadata are copied as they are (pre-tokenizer name included), so the export
+    tokenizes exactly as the file the model came from; else they are built from `tokenizer`."""
     import gguf
 
     config = model.config
@@ -66,9 +80,34 @@ def write_llama_gguf(
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
+    if tokenizer_from is not None:
+        _copy_tokenizer_metadata(writer, Path(tokenizer_from))
+    else:
+        _write_tokenizer_metadata(writer, tokenizer)
+    _write_tensors(writer, model, n_heads, n_kv, dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _copy_tokenizer_metadata(writer: Any, source: Path) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(source))
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[-1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+
+
+def _write_tokenizer_metadata(writer: Any, tokenizer: Any) -> None:
     tokens, types, merges = _tokenizer_tables(tokenizer)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    # HF's ByteLevel pre-tokenizer splits text with GPT-2's pattern; llama.cpp's "gpt-2"
+    # pre-tokenizer is that pattern ("default" splits numbers differently).
+    writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -80,9 +119,16 @@ def write_llama_gguf(
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+
+def _write_tensors(writer: Any, model: Any, n_heads: int, n_kv: int, dtype: str) -> None:
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    tied = getattr(model.config, "tie_word_embeddings", False)
     for hf_name, tensor in model.state_dict().items():
-        if "rotary_emb" in hf_name:
+        # A tied head is the embedding itself: llama.cpp reads it from token_embd when the
+        # file has no output.weight (as the original SmolLM2 GGUF files do).
+        if "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
             continue
         if hf_name.endswith("q_proj.weight"):
             tensor = half_split_to_interleaved(tensor, n_heads)
@@ -96,8 +142,22 @@ def write_llama_gguf(
         if dtype == "f16" and array.ndim == 2:
             array = array.astype(np.float16)
         writer.add_tensor(gguf_name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+
+
+# llama.cpp's file types for the quantizer (llama_ftype); the names as its tools spell them.
+QUANT_TYPES = {"Q4_K_M": 15, "Q4_1": 3, "Q8_0": 7, "Q4_0": 2, "Q5_K_M": 17, "Q6_K": 18, "F16": 1}
+
+
+def quantize_gguf(source: Path, target: Path, quant_type: str, threads: int = 0) -> Path:
+    """llama.cpp's own quantizer (through llama-cpp-python) from an F32/F16 GGUF."""
+    import llama_cpp
+
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quantization {quant_type!r}; known: {', '.join(QUANT_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[quant_type]
+    params.nthread = threads
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if code != 0 or not Path(target).exists():
+        raise RuntimeError(f"llama.cpp could not quantize {source.name} to {quant_type} (code {code})")
+    return target

@@ -168,3 +168,20 @@ def check_reply(started, deltas, finished, prompt_counted: bool = True) -> None:
         assert m.decode_s <= m.total_s - m.ttft_s + 1e-6
     assert m.peak_mem_bytes > 20 * 2**20
     assert m.finish_reason in ("stop", "length")
+
+
+@pytest.fixture
+def jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A job manager whose jobs, artifacts and made variants live under this test's folder."""
+    from playground.jobs.manager import JobManager
+    from playground.jobs.store import JobStore
+
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
+    return JobManager(JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite"), tmp_path / "data" / "jobs" / "logs")
+
+
+def run_job(jobs, kind: str, options: dict, timeout_s: float = 400):
+    """Submit, wait, and insist the job succeeded (its error shown if not)."""
+    done = jobs.wait(jobs.submit(kind, options).id, timeout_s=timeout_s)
+    assert done.state == "succeeded", done.error
+    return done

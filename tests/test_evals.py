@@ -7,15 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import variant
+from conftest import run_job, variant
 
 from playground.backends.llamacpp_backend import LlamaCppBackend
 from playground.backends.transformers_backend import TransformersBackend
 from playground.errors import ConfigError
 from playground.evals import format_checks
 from playground.evals.corpus import documents, limited
-from playground.jobs.manager import JobManager
-from playground.jobs.store import JobStore
 
 TEXT = "Hello world! This is a tiny corpus for a tiny tokenizer. " * 12
 
@@ -104,18 +102,6 @@ def test_bundled_corpus_splits_without_overlap():
     train, heldout = documents("python-docs-train"), documents("python-docs-heldout")
     assert train and heldout and not {t for t, _ in train} & {t for t, _ in heldout}
     assert sum(len(text) for _, text in limited(heldout, 5000)) == 5000
-
-
-@pytest.fixture
-def jobs(tmp_path, monkeypatch):
-    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
-    return JobManager(JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite"), tmp_path / "data" / "jobs" / "logs")
-
-
-def run_job(jobs: JobManager, kind: str, options: dict, timeout_s: float = 300):
-    done = jobs.wait(jobs.submit(kind, options).id, timeout_s=timeout_s)
-    assert done.state == "succeeded", done.error
-    return done
 
 
 def test_perplexity_jobs_agree_across_backends_on_the_same_weights(jobs, tiny_gguf, tmp_path):

@@ -176,11 +176,6 @@ def test_lora_fine_tune_makes_a_variant_that_loads_and_generates(tmp_path, llama
         engine.shutdown()
 
 
-def _finetune_env(tmp_path, monkeypatch) -> JobManager:
-    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
-    return JobManager(JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite"), tmp_path / "data" / "jobs" / "logs")
-
-
 def _reply(variant_id: str, **request) -> str:
     from playground.engine import Engine
     from playground.workers import Finished
@@ -197,8 +192,7 @@ def _reply(variant_id: str, **request) -> str:
         engine.shutdown()
 
 
-def test_router_lora_teaches_the_router_answer_and_the_result_is_a_router(tmp_path, llama_folder, monkeypatch):
-    jobs = _finetune_env(tmp_path, monkeypatch)
+def test_router_lora_teaches_the_router_answer_and_the_result_is_a_router(tmp_path, llama_folder, jobs):
     data = tmp_path / "router.jsonl"
     rows = [{"prompt": f"Value this bond number {i}", "route": "npc_fin", "reason": "valuation"} for i in range(4)]
     rows += [{"prompt": f"Say hi number {i}", "route": "self", "reason": "chit-chat"} for i in range(4)]
@@ -240,8 +234,7 @@ def _sft_file(tmp_path, n: int = 16):
     return data
 
 
-def test_a_cancelled_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, llama_folder, monkeypatch):
-    jobs = _finetune_env(tmp_path, monkeypatch)
+def test_a_cancelled_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, llama_folder, jobs):
     options = {
         "model": str(llama_folder),
         "data": str(_sft_file(tmp_path)),
@@ -276,10 +269,7 @@ def test_a_cancelled_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(t
     assert _reply("broken", prompt="Name a colour.", mode="chat", max_new_tokens=4, temperature=0) is not None
 
 
-def test_the_from_scratch_gpt_fine_tunes_and_keeps_its_tiktoken_tokenizer(
-    tmp_path, gpt_files, tiktoken_file, monkeypatch
-):
-    jobs = _finetune_env(tmp_path, monkeypatch)
+def test_the_from_scratch_gpt_fine_tunes_and_keeps_its_tiktoken_tokenizer(tmp_path, gpt_files, tiktoken_file, jobs):
     configs = tmp_path / "data" / "jobs" / "model_configs"
     configs.mkdir(parents=True)
     (configs / "tiny-gpt.yaml").write_text(
@@ -304,8 +294,7 @@ scratch_gpt: {{head_dim: 16}}
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="tests the message on machines without a GPU")
-def test_qlora_without_a_gpu_is_refused_with_a_reason(tmp_path, llama_folder, monkeypatch):
-    jobs = _finetune_env(tmp_path, monkeypatch)
+def test_qlora_without_a_gpu_is_refused_with_a_reason(tmp_path, llama_folder, jobs):
     options = {"model": str(llama_folder), "data": str(_sft_file(tmp_path, n=2)), "quantize": "nf4"}
     with pytest.raises(ConfigError, match="cannot run with device: cpu"):
         jobs.submit("lora-sft", options | {"device": "cpu"})
@@ -349,8 +338,7 @@ def test_a_gpu_job_waits_for_gpu_memory_and_says_so(tmp_path, llama_folder):
     jobs.wait(cpu_job.id, timeout_s=120)
 
 
-def test_stopping_the_app_manager_interrupts_its_jobs_and_a_fine_tune_resumes(tmp_path, llama_folder, monkeypatch):
-    jobs = _finetune_env(tmp_path, monkeypatch)
+def test_stopping_the_app_manager_interrupts_its_jobs_and_a_fine_tune_resumes(tmp_path, llama_folder, jobs):
     options = {"model": str(llama_folder), "data": str(_sft_file(tmp_path)), "epochs": 3, "batch_size": 2}
     job = jobs.submit("lora-sft", options | {"checkpoint_every": 2, "name": "stopped"})
     wait_for_progress(jobs, job.id, step=5)

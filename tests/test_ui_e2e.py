@@ -244,3 +244,29 @@ def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(pag
     page.locator("#job-cancel").click()
     wait_text(page.locator("#job-action-status"), r"is cancelled", 30)
     wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+cancelled", 20)
+
+
+def test_qat_and_its_comparison_show_as_a_table_and_chart(page, tmp_path, llama_folder):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Hello world! This is a tiny corpus for a tiny tokenizer.\n\n" * 40)
+    page.get_by_role("tab", name="Jobs").click()
+    choose(page, "job-kind", "qat")
+    box = page.locator("#job-model input")
+    box.fill(str(llama_folder))
+    box.press("Enter")
+    page.locator("#job-options textarea").fill(
+        f'{{"corpus": "{corpus}", "steps": 4, "seq_len": 32, "schedule": "step", "name": "ui-qat"}}'
+    )
+    page.locator("#job-submit").click()
+    wait_text(page.locator("#job-detail"), r"qat on \S+tiny-llama: succeeded", 180)
+    choose(page, "job-kind", "qat-compare")
+    page.locator("#job-options textarea").fill(
+        f'{{"qat": "ui-qat", "types": ["Q8_0"], "corpus": "{corpus}", "window": 64, "stride": 32}}'
+    )
+    page.locator("#job-submit").click()
+    detail = wait_text(page.locator("#job-detail"), r"qat-compare on \S+: succeeded", 240)
+    # The table: base and QAT, each as F16 and Q8_0, with perplexity, the change against F16 and size.
+    assert re.search(r"base\s+\S*tiny-llama\S*\s+F16\s+\d+\.\d{3}\s+\+0\.00%", detail)
+    assert re.search(r"qat\s+ui-qat\s+Q8_0\s+\d+\.\d{3}\s+[+-]\d+\.\d{2}%\s+\d+\.\d", detail)
+    page.locator("#job-result-plot").get_by_text("Perplexity after export and quantization").wait_for(timeout=20_000)
+    page.screenshot(path=str(DOCS / "qat.png"), full_page=True)

@@ -199,6 +199,30 @@ def _lora_options() -> type[_Options]:
     return LoraOptions
 
 
+def _job_folder_kind(module: str, function: str) -> Callable[[Any, Emit], dict[str, Any]]:
+    """A kind whose function also takes the job's id and its artifacts folder (told to the job
+    process by playground.jobs.run)."""
+
+    def run(options: Any, emit: Emit) -> dict[str, Any]:
+        import importlib
+        import os
+        from pathlib import Path
+
+        target = getattr(importlib.import_module(module), function)
+        return target(options, emit, os.environ["PLAYGROUND_JOB_ID"], Path(os.environ["PLAYGROUND_JOBS_DIR"]))
+
+    return run
+
+
+def _options_of(module: str, name: str) -> Callable[[], type[_Options]]:
+    def load() -> type[_Options]:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return load
+
+
 def _router_lora_options() -> type[_Options]:
     from playground.jobs.lora import RouterLoraOptions
 
@@ -223,6 +247,15 @@ KINDS: dict[str, tuple[Callable[[], type[_Options]], Callable[[Any, Emit], dict[
     "eval-lm": (lambda: LmEvalOptions, run_lm_eval),
     "lora-sft": (_lora_options, run_lora_sft),
     "lora-router": (_router_lora_options, run_lora_sft),
+    "qat": (_options_of("playground.jobs.qat", "QatOptions"), _job_folder_kind("playground.jobs.qat", "run_qat")),
+    "export-gguf": (
+        _options_of("playground.jobs.export", "ExportOptions"),
+        _job_folder_kind("playground.jobs.export", "run_export"),
+    ),
+    "qat-compare": (
+        _options_of("playground.jobs.export", "QuantCompareOptions"),
+        _job_folder_kind("playground.jobs.export", "run_quant_compare"),
+    ),
 }
 
 
@@ -237,6 +270,8 @@ def placement(kind: str, options: _Options) -> tuple[str, int]:
     from playground.engine import Engine
     from playground.memory import estimate
 
+    if kind in ("export-gguf", "qat-compare"):  # conversion on the CPU; llama.cpp places itself
+        return "cpu", 0
     pinned = getattr(options, "device", "auto")
     config = Engine().resolve(options.model)  # type: ignore[attr-defined]
     if config.backend == "openai" or pinned == "cpu":
@@ -250,7 +285,8 @@ def placement(kind: str, options: _Options) -> tuple[str, int]:
         return "cpu", 0
     if need.device != "cuda":
         return "cpu", 0
-    factor = 1.5 if kind in RESUMABLE_KINDS else 1.0
+    # LoRA adds little; QAT trains every block weight (gradients and two Adam moments each).
+    factor = {"qat": 4.0}.get(kind, 1.5 if kind in RESUMABLE_KINDS else 1.0)
     return "cuda", int(need.total_bytes * factor)
 
 

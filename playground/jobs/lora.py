@@ -177,7 +177,7 @@ def _load_base(base: ModelConfig, options: LoraOptions) -> Any:
     from playground.backends.scratch_gpt import ScratchGptBackend
     from playground.backends.transformers_backend import TransformersBackend
 
-    if options.quantize == "nf4":
+    if getattr(options, "quantize", "none") == "nf4":
         if options.device == "cpu" or not torch.cuda.is_available():
             raise PlaygroundError("QLoRA (an NF4 base) needs bitsandbytes on a GPU; this machine has none")
         # bf16 compute on the GPU; the frozen base in NF4 with the LoRA weights in fp32.
@@ -275,7 +275,8 @@ def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> d
                 checkpoint.save(model, optimizer, step, losses)
     wall = time.perf_counter() - started
     variant_id = options.name or f"{base.id}-lora-{job_id[-6:]}"
-    config = _result_config(base, options, spec, variant_id, job_id)
+    label = "router LoRA" if isinstance(options, RouterLoraOptions) else "LoRA"
+    config = result_config(base, options, variant_id, job_id, label, spec)
     if options.merge and options.quantize == "none":
         folder = job_folder / "merged"
         model = model.merge_and_unload()
@@ -291,10 +292,7 @@ def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> d
         folder = job_folder / "adapter"
         model.save_pretrained(folder)
         config["adapter"] = {"path": str(folder)}
-    config_dir = out_root / "model_configs"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    ModelConfig.model_validate(config)  # never leave a config the engine would refuse
-    (config_dir / f"{variant_id}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    save_variant_config(config, out_root)
     checkpoint.path.unlink(missing_ok=True)
     emit({"message": f"saved {variant_id} in {folder}"})
     return {
@@ -307,22 +305,40 @@ def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> d
     }
 
 
-def _result_config(
-    base: ModelConfig, options: LoraOptions, spec: RouterSpec | None, variant_id: str, job_id: str
+def result_config(
+    base: ModelConfig,
+    options: Any,
+    variant_id: str,
+    job_id: str,
+    label: str,
+    spec: RouterSpec | None = None,
 ) -> dict[str, Any]:
     """The base's config, renamed, with its provenance; the caller says where the weights are."""
     config = base.model_dump(mode="json", exclude_none=True, exclude={"shape", "notes"})
-    short = job_id[-6:]
-    kind = "router LoRA" if isinstance(options, RouterLoraOptions) else "LoRA"
     config.update(
         id=variant_id,
-        display_name=f"{base.display_name} + {kind} ({short})",
-        finetune={"base": base.id, "data": options.data, "job_id": job_id, "options": options.model_dump()},
+        display_name=f"{base.display_name} + {label} ({job_id[-6:]})",
+        finetune={
+            "base": base.id,
+            "data": getattr(options, "data", None) or getattr(options, "corpus", ""),
+            "job_id": job_id,
+            "options": options.model_dump(),
+        },
     )
-    if options.quantize == "nf4":
+    if getattr(options, "quantize", "none") == "nf4":
         config.update(
             device="cuda", quantization={"method": "nf4", "compute_dtype": "bf16", "keep_modules": ["lm_head"]}
         )
     if spec is not None:
         config.update(router=spec.model_dump(), role="router")
     return config
+
+
+def save_variant_config(config: dict[str, Any], out_root: Path) -> Path:
+    """Write a job-made variant's config where the engine finds it, after validating it."""
+    ModelConfig.model_validate(config)  # never leave a config the engine would refuse
+    config_dir = out_root / "model_configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    path = config_dir / f"{config['id']}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -207,7 +207,12 @@ def router_eval_figure(
 
 def loss_figure(steps: Sequence[int], losses: Sequence[float], title: str = "Training loss") -> go.Figure:
     fig = go.Figure(go.Scatter(x=list(steps), y=list(losses), mode="lines+markers", name="loss"))
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=320, margin=dict(t=40, b=40))
+    return _titled(fig, title, xaxis_title="step", yaxis_title="loss")
+
+
+def _titled(fig: go.Figure, title: str, **layout: object) -> go.Figure:
+    """The layout the job charts share: a title, one height, room for labels."""
+    fig.update_layout(title=title, height=340, margin=dict(t=50, b=60), **layout)
     return fig
 
 
@@ -231,17 +236,32 @@ def needle_figure(result: dict) -> go.Figure:
             ygap=2,
         )
     )
-    fig.update_layout(
-        title="Needle in a haystack (green: found)",
-        xaxis_title="context length (tokens)",
-        yaxis_title="needle depth",
-        height=320,
-        margin=dict(t=40, b=40),
+    return _titled(
+        fig, "Needle in a haystack (green: found)", xaxis_title="context length (tokens)", yaxis_title="needle depth"
     )
-    return fig
 
 
 def metric_bars(values: dict[str, float], title: str) -> go.Figure:
-    fig = go.Figure(go.Bar(x=list(values), y=list(values.values())))
-    fig.update_layout(title=title, height=320, margin=dict(t=40, b=80))
-    return fig
+    return _titled(go.Figure(go.Bar(x=list(values), y=list(values.values()))), title)
+
+
+def quant_compare_figure(rows: Sequence[dict]) -> go.Figure:
+    """Perplexity of each variant (base, QAT, control) per file type, side by side."""
+    fig = go.Figure()
+    for role in dict.fromkeys(r["role"] for r in rows):
+        mine = [r for r in rows if r["role"] == role]
+        fig.add_trace(
+            go.Bar(
+                name=f"{role} ({mine[0]['variant']})",
+                x=[r["type"] for r in mine],
+                y=[r["perplexity"] for r in mine],
+                text=[f"{r['perplexity']:.2f}<br>{r['bytes'] / MiB:.0f} MiB" for r in mine],
+                textposition="outside",
+            )
+        )
+    return _titled(
+        fig,
+        "Perplexity after export and quantization (lower is better)",
+        barmode="group",
+        yaxis_title="perplexity (llama.cpp)",
+    )

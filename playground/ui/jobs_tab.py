@@ -17,7 +17,7 @@ from playground.errors import PlaygroundError
 from playground.jobs.kinds import KINDS, RESUMABLE_KINDS
 from playground.jobs.manager import JobManager
 from playground.jobs.store import Job
-from playground.ui.charts import loss_figure, metric_bars, needle_figure, router_eval_figure
+from playground.ui.charts import loss_figure, metric_bars, needle_figure, quant_compare_figure, router_eval_figure
 from playground.ui.formatting import error_text
 
 TABLE_HEADERS = ["job", "kind", "variant", "state", "progress", "elapsed", "ETA", "error"]
@@ -72,6 +72,9 @@ def results_rows(jobs: list[Job]) -> list[list[Any]]:
         elif job.kind == "eval-format":
             row["tool-call arguments"] = result.get("tool_arguments")
             row["instructions passed"] = result.get("instruction_pass")
+        elif job.kind == "qat-compare":
+            for r in result["rows"]:
+                table.setdefault(r["variant"], {})[f"llama.cpp perplexity {r['type']}"] = r["perplexity"]
         elif job.kind == "eval-lm":
             for task, values in result["results"].items():
                 for name, value in values.items():
@@ -101,7 +104,11 @@ class JobsTab:
         with gr.Row():
             kind = gr.Dropdown(sorted(KINDS), value="eval-perplexity", label="Job kind", elem_id="job-kind")
             model = gr.Dropdown(
-                sorted(self.engine.configs), value="smollm2-135m-gguf", label="Variant", elem_id="job-model"
+                sorted(self.engine.configs),
+                value="smollm2-135m-gguf",
+                label="Variant (or the path of a model folder or GGUF file)",
+                elem_id="job-model",
+                allow_custom_value=True,
             )
         options = gr.Textbox(value="{}", label="Options (JSON)", lines=2, elem_id="job-options")
         help_text = gr.Markdown(kind_help("eval-perplexity"), elem_id="job-help")
@@ -147,16 +154,15 @@ class JobsTab:
         return f"Started {kind} on {model}: job `{job.id}` ({job.state})", gr.update(value=job.id)
 
     def cancel(self, job_id: str | None) -> str:
-        try:
-            return f"Job `{job_id}` is {self.manager.cancel(job_id or '').state}"
-        except KeyError:
-            return "⚠ Choose a job first"
-        except PlaygroundError as err:
-            return f"⚠ {error_text(err)}"
+        return self._control(self.manager.cancel, job_id, "")
 
     def resume(self, job_id: str | None) -> str:
+        return self._control(self.manager.resume, job_id, " again, from its last checkpoint")
+
+    @staticmethod
+    def _control(action: Any, job_id: str | None, note: str) -> str:
         try:
-            return f"Job `{job_id}` is {self.manager.resume(job_id or '').state} again, from its last checkpoint"
+            return f"Job `{job_id}` is {action(job_id or '').state}{note}"
         except KeyError:
             return "⚠ Choose a job first"
         except PlaygroundError as err:
@@ -216,6 +222,16 @@ class JobsTab:
         if job.result:
             summary = {k: v for k, v in job.result.items() if isinstance(v, int | float | str) and len(str(v)) < 120}
             parts.append("Result: <code>" + html.escape(json.dumps(summary)[:600]) + "</code>")
+        if job.kind == "qat-compare" and job.result:
+            cells = "".join(
+                f"<tr><td>{html.escape(r['role'])}</td><td>{html.escape(r['variant'])}</td><td>{r['type']}</td>"
+                f"<td>{r['perplexity']:.3f}</td><td>{r['increase_over_f16']:+.2%}</td><td>{r['bytes'] / 2**20:.1f}</td></tr>"
+                for r in job.result["rows"]
+            )
+            parts.append(
+                "<table class='quant-table'><tr><th>role</th><th>variant</th><th>file</th><th>perplexity</th>"
+                f"<th>vs its F16</th><th>MiB</th></tr>{cells}</table>"
+            )
         if job.kind in RESUMABLE_KINDS and job.state in ("interrupted", "failed", "cancelled"):
             parts.append("This fine-tune can be resumed from its last checkpoint.")
         return "<div class='job-detail'>" + "<br>".join(parts) + "</div>"
@@ -240,6 +256,8 @@ class JobsTab:
             return metric_bars(
                 {d["document"]: d["perplexity"] for d in result["documents"][:30]}, "Perplexity by document"
             )
+        if job.kind == "qat-compare":
+            return quant_compare_figure(result["rows"])
         if job.kind == "eval-format":
             values = {k: v for k, v in result.items() if isinstance(v, float)}
             return metric_bars(values, "Format checks (share passed)") if values else None
