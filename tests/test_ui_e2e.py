@@ -184,6 +184,8 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     # The same eval as a background job (the Jobs tab test sees it end).
     page.locator("#eval-background").click()
     wait_text(page.locator("#eval-status"), r"Started job \S+ \((running|queued)\)", 20)
+    page.get_by_role("tab", name="Jobs").click()
+    wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+succeeded\s+2/2", 120)
 
 
 def choose(page, elem_id: str, value: str) -> None:
@@ -196,8 +198,6 @@ def choose(page, elem_id: str, value: str) -> None:
 
 def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(page, tmp_path):
     page.get_by_role("tab", name="Jobs").click()
-    # The router eval started from the Router tab ran as a job.
-    wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+succeeded\s+2/2", 120)
     # Bad options are refused with a message, and nothing starts.
     choose(page, "job-kind", "eval-perplexity")
     page.locator("#job-options textarea").fill('{"window": 256, "stride": 512}')
@@ -269,4 +269,7 @@ def test_qat_and_its_comparison_show_as_a_table_and_chart(page, tmp_path, llama_
     assert re.search(r"base\s+\S*tiny-llama\S*\s+F16\s+\d+\.\d{3}\s+\+0\.00%", detail)
     assert re.search(r"qat\s+ui-qat\s+Q8_0\s+\d+\.\d{3}\s+[+-]\d+\.\d{2}%\s+\d+\.\d", detail)
     page.locator("#job-result-plot").get_by_text("Perplexity after export and quantization").wait_for(timeout=20_000)
+    # The comparison joins the table of variants across evals.
+    table = wait_text(page.locator("#job-results"), r"llama.cpp perplexity Q8_0", 20)
+    assert re.search(r"ui-qat(\s+\S*)*\s+\d+\.\d+", table)
     page.screenshot(path=str(DOCS / "qat.png"), full_page=True)

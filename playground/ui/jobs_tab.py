@@ -53,11 +53,16 @@ def kind_help(kind: str) -> str:
     return "\n".join(lines)
 
 
-def results_rows(jobs: list[Job]) -> list[list[Any]]:
-    """Variant × eval: the latest succeeded result of each eval for each variant."""
+def results_rows(jobs: list[Job]) -> dict[str, Any]:
+    """Variant × eval: the latest succeeded result of each eval for each variant, as the
+    Dataframe's value (headers and rows)."""
     table: dict[str, dict[str, Any]] = {}
     for job in sorted(jobs, key=lambda j: j.created):
-        if job.state != "succeeded" or not job.result or not job.kind.startswith("eval-"):
+        if (
+            job.state != "succeeded"
+            or not job.result
+            or not (job.kind.startswith("eval-") or job.kind == "qat-compare")
+        ):
             continue
         row = table.setdefault(job.options.get("model", "?"), {})
         result = job.result
@@ -81,10 +86,12 @@ def results_rows(jobs: list[Job]) -> list[list[Any]]:
                     if isinstance(value, float) and "stderr" not in name:
                         row[f"{task} {name.split(',')[0]}"] = value
     columns = sorted({c for row in table.values() for c in row})
-    rows = [["variant", *columns]]
-    for variant, row in sorted(table.items()):
-        rows.append([variant, *[("" if row.get(c) is None else round(row[c], 4)) for c in columns]])
-    return rows
+    rows = [
+        [variant, *[("" if row.get(c) is None else round(row[c], 4)) for c in columns]]
+        for variant, row in sorted(table.items())
+        if row
+    ]
+    return {"headers": ["variant", *columns], "data": rows or [[""] * (1 + len(columns))]}
 
 
 class JobsTab:
