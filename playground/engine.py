@@ -194,25 +194,22 @@ class Engine:
             mode="completion", params=params, text=prompt, assistant_prefix=assistant_prefix, json_schema=json_schema
         )
 
-    def generate(self, variant_id: str, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
+    def _loaded_worker(self, variant_id: str) -> Worker:
         worker = self.workers.get(variant_id)
         if worker is None:
             raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
-        return worker.generate(request, cancel)
+        return worker
+
+    def generate(self, variant_id: str, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
+        return self._loaded_worker(variant_id).generate(request, cancel)
 
     def score(self, variant_id: str, request: Request, continuations: list[str]) -> tuple[list[float], float]:
-        worker = self.workers.get(variant_id)
-        if worker is None:
-            raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
-        return worker.score(request, continuations)
+        return self._loaded_worker(variant_id).score(request, continuations)
 
     def call(self, variant_id: str, method: str, *args: Any, timeout_s: float | None = None) -> tuple[Any, float]:
         """A backend scoring method (count_tokens, text_logprobs, pair_logprobs) in the variant's
         worker: its value and the seconds it took."""
-        worker = self.workers.get(variant_id)
-        if worker is None:
-            raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
-        return worker.call(method, *args, timeout_s=timeout_s)
+        return self._loaded_worker(variant_id).call(method, *args, timeout_s=timeout_s)
 
     def stop(self, variant_id: str) -> None:
         worker = self.workers.get(variant_id)

@@ -44,7 +44,8 @@ def needle_grid(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     config = engine.get(variant_id)
-    context = engine.status(variant_id).info.context_length if engine.status(variant_id).info else config.context_length
+    info = engine.status(variant_id).info
+    context = info.context_length if info else config.context_length
     chat = config.default_mode == "chat"
     filler = _filler()
     rng = random.Random(seed)

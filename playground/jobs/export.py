@@ -48,8 +48,9 @@ def source_gguf(engine: Engine, config: ModelConfig) -> Path | None:
 
 def export_variant(
     engine: Engine, config: ModelConfig, folder: Path, types: list[str], emit: Emit | None = None
-) -> dict[str, Path]:
-    """F16 GGUF of `config` in `folder`, and one file per quantization type: {type: path}."""
+) -> tuple[dict[str, Path], Path | None]:
+    """F16 GGUF of `config` in `folder`, and one file per quantization type: ({type: path}, the
+    GGUF whose tokenizer was copied, if any)."""
     import torch
 
     from playground.backends.transformers_backend import TransformersBackend
@@ -78,14 +79,14 @@ def export_variant(
         files[quant_type] = quantize_gguf(f16, folder / f"{config.id}-{quant_type}.gguf", quant_type)
         if emit:
             emit({"message": f"quantized to {quant_type} in {time.perf_counter() - started:.1f} s"})
-    return files
+    return files, source
 
 
 def run_export(options: ExportOptions, emit: Emit, job_id: str, out_root: Path) -> dict[str, Any]:
     engine = Engine()
     base = engine.resolve(options.model)
     emit({"message": f"exporting {base.id} to {', '.join(options.types)}", "step": 0, "total": len(options.types) + 1})
-    files = export_variant(engine, base, out_root / job_id, list(options.types), emit)
+    files, source = export_variant(engine, base, out_root / job_id, list(options.types), emit)
     made = []
     stem = options.name or base.id[:60]
     for quant_type, path in files.items():
@@ -108,7 +109,7 @@ def run_export(options: ExportOptions, emit: Emit, job_id: str, out_root: Path) 
         save_variant_config(config, out_root)
         made.append({"variant_id": variant_id, "type": quant_type, "path": str(path), "bytes": path.stat().st_size})
     emit({"step": len(options.types) + 1, "total": len(options.types) + 1})
-    return {"files": made, "tokenizer_from": str(source_gguf(engine, base) or "the HF tokenizer")}
+    return {"files": made, "tokenizer_from": str(source or "the HF tokenizer")}
 
 
 class QuantCompareOptions(_Options):
@@ -137,7 +138,7 @@ def run_quant_compare(options: QuantCompareOptions, emit: Emit, job_id: str, out
     total, done, rows = len(configs) * (1 + len(types)), 0, []
     emit({"message": f"{len(configs)} variants x {len(types)} files, {len(docs)} documents", "step": 0, "total": total})
     for role, config in configs.items():
-        files = export_variant(engine, config, out_root / job_id / role, types, emit)
+        files, _ = export_variant(engine, config, out_root / job_id / role, types, emit)
         done += 1
         emit({"step": done, "total": total})
         for quant_type in types:

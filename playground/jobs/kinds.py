@@ -193,12 +193,6 @@ def run_lm_eval(options: LmEvalOptions, emit: Emit) -> dict[str, Any]:
     return result
 
 
-def _lora_options() -> type[_Options]:
-    from playground.jobs.lora import LoraOptions
-
-    return LoraOptions
-
-
 def _job_folder_kind(module: str, function: str) -> Callable[[Any, Emit], dict[str, Any]]:
     """A kind whose function also takes the job's id and its artifacts folder (told to the job
     process by playground.jobs.run)."""
@@ -223,30 +217,20 @@ def _options_of(module: str, name: str) -> Callable[[], type[_Options]]:
     return load
 
 
-def _router_lora_options() -> type[_Options]:
-    from playground.jobs.lora import RouterLoraOptions
-
-    return RouterLoraOptions
-
-
-def run_lora_sft(options: Any, emit: Emit) -> dict[str, Any]:
-    import os
-    from pathlib import Path
-
-    from playground.jobs.lora import run_lora
-
-    # The job process is told its id and where artifacts go by the runner (playground.jobs.run).
-    return run_lora(options, emit, os.environ["PLAYGROUND_JOB_ID"], Path(os.environ["PLAYGROUND_JOBS_DIR"]))
-
-
 KINDS: dict[str, tuple[Callable[[], type[_Options]], Callable[[Any, Emit], dict[str, Any]]]] = {
     "eval-router": (lambda: RouterEvalOptions, run_router_eval),
     "eval-perplexity": (lambda: PerplexityOptions, run_perplexity),
     "eval-needle": (lambda: NeedleOptions, run_needle),
     "eval-format": (lambda: FormatCheckOptions, run_format_checks),
     "eval-lm": (lambda: LmEvalOptions, run_lm_eval),
-    "lora-sft": (_lora_options, run_lora_sft),
-    "lora-router": (_router_lora_options, run_lora_sft),
+    "lora-sft": (
+        _options_of("playground.jobs.lora", "LoraOptions"),
+        _job_folder_kind("playground.jobs.lora", "run_lora"),
+    ),
+    "lora-router": (
+        _options_of("playground.jobs.lora", "RouterLoraOptions"),
+        _job_folder_kind("playground.jobs.lora", "run_lora"),
+    ),
     "qat": (_options_of("playground.jobs.qat", "QatOptions"), _job_folder_kind("playground.jobs.qat", "run_qat")),
     "export-gguf": (
         _options_of("playground.jobs.export", "ExportOptions"),
