@@ -24,6 +24,9 @@ Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
 PromptFormat = Literal["chat_template", "alpaca", "raw"]
 Role = Literal["general", "router", "partner"]
+# auto: the static-cache + CUDA-graph decoder on a GPU, plain generate on CPU; on: the static
+# cache on CPU too (eager steps); off: always plain generate.
+FastDecode = Literal["auto", "on", "off"]
 Mode = Literal["chat", "completion"]
 
 
@@ -91,6 +94,8 @@ class LlamaCppOptions(_Strict):
     n_threads: Annotated[int, Field(ge=0, le=512)] = 0  # 0: one per physical core
     n_gpu_layers: Annotated[int, Field(ge=-1)] = -1  # -1: all layers when built with GPU support
     n_batch: Annotated[int, Field(ge=1, le=65_536)] = 512
+    # auto: flash attention where layers run on a GPU (llama.cpp's own tools default to it there).
+    flash_attn: Literal["auto", "on", "off"] = "auto"
 
 
 class ScratchGptOptions(_Strict):
@@ -164,6 +169,7 @@ class ModelConfig(_Strict):
     dtype: Dtype = "auto"
     device: Device = "auto"
     quantization: Quantization = Quantization()
+    fast_decode: FastDecode = "auto"
     trust_remote_code: bool = False
     prompt_format: PromptFormat = "chat_template"
     context_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
@@ -191,6 +197,8 @@ class ModelConfig(_Strict):
             raise ValueError("role router needs a `router` section (system prompt and routes)")
         if self.quantization.method != "none" and self.backend != "transformers":
             raise ValueError("load-time quantization applies to the transformers backend only")
+        if self.fast_decode != "auto" and self.backend not in ("transformers", "scratch_gpt"):
+            raise ValueError("fast_decode applies to the transformers and scratch_gpt backends only")
         if self.adapter is not None and self.backend not in ("transformers", "scratch_gpt"):
             raise ValueError("a LoRA adapter applies to the transformers and scratch_gpt backends only")
         if self.router and self.router.escalate_route not in self.router.routes:

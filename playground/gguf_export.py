@@ -1,9 +1,10 @@
-"""Write a transformers Llama-family model and its byte-level BPE tokenizer into a GGUF file.
+"""Write a transformers Llama or Qwen2 model and its byte-level BPE tokenizer into a GGUF file.
 
 The `gguf` package does the writing; this module only maps names and metadata. llama.cpp's
 LLAMA architecture applies RoPE to interleaved pairs, so q/k rows are permuted back from HF's
-half-split order (the inverse of what HF conversion scripts do). F32 and F16 are written here;
-smaller types come from llama.cpp's own quantizer afterwards.
+half-split order (the inverse of what HF conversion scripts do); its QWEN2 architecture rotates
+halves as HF does, and keeps the q/k/v biases. F32 and F16 are written here; smaller types come
+from llama.cpp's own quantizer afterwards.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ def _tokenizer_tables(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_llama_gguf(
+# transformers model_type -> the gguf package's architecture, and whether q/k rows are permuted.
+ARCHITECTURES = {"llama": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+
+
+def write_gguf(
     model: Any,
     tokenizer: Any,
     path: Path,
@@ -61,9 +66,12 @@ def write_llama_gguf(
     import gguf
 
     config = model.config
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"GGUF export knows {', '.join(ARCHITECTURES)} models, not {config.model_type}")
+    arch, permute = ARCHITECTURES[config.model_type]
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -84,7 +92,7 @@ def write_llama_gguf(
         _copy_tokenizer_metadata(writer, Path(tokenizer_from))
     else:
         _write_tokenizer_metadata(writer, tokenizer)
-    _write_tensors(writer, model, n_heads, n_kv, dtype)
+    _write_tensors(writer, model, gguf.MODEL_ARCH[arch], n_heads if permute else 0, n_kv if permute else 0, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -120,19 +128,20 @@ def _write_tokenizer_metadata(writer: Any, tokenizer: Any) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _write_tensors(writer: Any, model: Any, n_heads: int, n_kv: int, dtype: str) -> None:
+def _write_tensors(writer: Any, model: Any, arch: Any, n_heads: int, n_kv: int, dtype: str) -> None:
+    """n_heads/n_kv: the head counts to permute q/k rows by, or 0 to keep HF's order."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     tied = getattr(model.config, "tie_word_embeddings", False)
     for hf_name, tensor in model.state_dict().items():
         # A tied head is the embedding itself: llama.cpp reads it from token_embd when the
         # file has no output.weight (as the original SmolLM2 GGUF files do).
         if "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
             continue
-        if hf_name.endswith("q_proj.weight"):
+        if n_heads and hf_name.endswith("q_proj.weight"):
             tensor = half_split_to_interleaved(tensor, n_heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif n_kv and hf_name.endswith("k_proj.weight"):
             tensor = half_split_to_interleaved(tensor, n_kv)
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:

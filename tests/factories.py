@@ -227,9 +227,9 @@ def make_gguf(path: Path, arch: str = "llama") -> Path:
     """A tiny random model with its tokenizer and chat template, written as an F32 GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from playground.gguf_export import write_llama_gguf
+    from playground.gguf_export import write_gguf
 
     folder = make_hf_folder(path.parent / f"{path.stem}-hf", arch)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return write_llama_gguf(model, tokenizer, path, name="tiny")
+    return write_gguf(model, tokenizer, path, name="tiny")

@@ -53,6 +53,23 @@ def test_token_logprobs_match_a_direct_forward_pass_and_llama_cpp(hf_backend, gg
     torch.testing.assert_close(torch.tensor(from_gguf), expected, atol=2e-3, rtol=1e-3)
 
 
+def test_a_qwen2_export_scores_as_in_transformers(tmp_path):
+    """Qwen2 keeps HF's rotation order and its q/k/v biases in llama.cpp's QWEN2 architecture."""
+    import factories
+
+    path = factories.make_gguf(tmp_path / "tiny-qwen2.gguf", arch="qwen2")
+    hf = TransformersBackend(
+        variant(id="qwen2-hf", backend="transformers", source={"path": str(tmp_path / "tiny-qwen2-hf")}, dtype="fp32")
+    )
+    hf.load()
+    assert any(name.endswith("q_proj.bias") for name, _ in hf.model.named_parameters())
+    gguf = LlamaCppBackend(variant(id="qwen2-gguf", backend="llamacpp", source={"path": str(path)}))
+    gguf.load()
+    ids = hf.encode_text(TEXT)
+    from_gguf, _ = gguf.window_logprobs(ids)
+    torch.testing.assert_close(torch.tensor(from_gguf), direct_logprobs(hf.model, ids), atol=2e-3, rtol=1e-3)
+
+
 def test_strided_windows_score_each_token_once_with_bounded_context(hf_backend):
     ids = hf_backend.encode_text(TEXT)
     whole = hf_backend.text_logprobs(TEXT, window=len(ids), stride=len(ids))

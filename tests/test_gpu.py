@@ -126,3 +126,59 @@ def test_a_gpu_job_waits_while_memory_is_taken_and_starts_when_it_is_freed(tmp_p
         del hog
         torch.cuda.empty_cache()
     assert jobs.wait(job.id, timeout_s=300).state == "succeeded"
+
+
+# -- the fast decode path (static KV cache + CUDA graph) ----------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fast_path_matches_generate_and_its_own_eager_steps(llama_folder, qwen2_folder, arch):
+    from test_fast_decode import backend_for, reply
+
+    from playground.backends.fast_decode import StaticDecoder
+    from playground.config import GenerationParams
+
+    folder = {"llama": llama_folder, "qwen2": qwen2_folder}[arch]
+    fp32 = variant(id=f"fast-{arch}", backend="transformers", source={"path": str(folder)}, dtype="fp32", device="cuda")
+    plain, fast = backend_for(fp32, "off"), backend_for(fp32, "auto")
+    assert fast.decode_path.name == "cuda-graph" and not fast.decode_path.reason
+    for settings in ({"temperature": 0.0}, {"temperature": 0.8, "top_k": 30, "seed": 3, "repetition_penalty": 1.1}):
+        params = GenerationParams(max_new_tokens=48, **settings)
+        assert reply(fast, params, mode="completion", text="Hello world") == reply(
+            plain, params, mode="completion", text="Hello world"
+        )
+    # bf16: the replayed graph and the same compiled steps launched one by one give the very
+    # same tokens.
+    bf16 = backend_for(fp32.model_copy(update={"dtype": "bf16"}), "auto")
+    assert bf16.decode_path.compiled
+    ids = bf16.prepare(_completion("The quick brown fox")).payload
+    params = GenerationParams(temperature=0.0, max_new_tokens=64)
+    graphed = list(bf16.decoder.tokens(ids, params, lambda: False))
+    eager = StaticDecoder(bf16.model, bf16._context_length(), use_cuda_graph=False, compile_step=True)
+    assert list(eager.tokens(ids, params, lambda: False)) == graphed
+    texts, finish = reply(bf16, GenerationParams(temperature=0.0, max_new_tokens=40), stop_after=6)
+    assert (len(texts), finish) == (6, "cancelled")
+
+
+def _completion(text: str):
+    from playground.backends.base import Request
+    from playground.config import GenerationParams
+
+    return Request(mode="completion", text=text, params=GenerationParams())
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_variants_take_the_fastest_path_that_runs(engine, llama_folder, method):
+    pytest.importorskip("bitsandbytes")
+    config = variant(
+        id=f"fast-{method}",
+        backend="transformers",
+        source={"path": str(llama_folder)},
+        device="cuda",
+        quantization={"method": method},
+    )
+    info, m = _run(engine, config)
+    assert m.completion_tokens >= 1 and info.weights_bytes > 0
+    if method == "nf4":
+        assert info.decode.startswith("fast decode: static KV cache + CUDA graph")
+    else:  # whichever path it lands on, the UI is told which and why
+        assert info.decode.startswith(("fast decode", "static KV cache", "plain generate"))
+        print("int8 decode path:", info.decode)

@@ -64,7 +64,8 @@ def test_both_backends_stream_side_by_side_with_metrics_and_export(page):
     second = wait_text(page.locator("#panel-1-metrics"), METRICS.pattern, 120)
     assert "llamacpp on cpu" in first and "transformers on cpu" in second
     assert page.locator("#panel-0-chat").get_by_text("What is the capital of France?").count() == 1
-    wait_text(page.locator("#loaded"), r"smollm2-135m-transformers.*ready")
+    # The loaded list says how each transformers variant decodes (plain generate on a CPU, and why).
+    wait_text(page.locator("#loaded"), r"smollm2-135m-transformers.*ready.*plain generate \(the fast path is for CUDA")
     page.locator("#comparison-plot").get_by_text("decode tok/s by reply").wait_for(timeout=20_000)
     page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
     page.locator("#export").click()

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# On the lent GPU machine: make the kit importable, build llama-cpp-python with CUDA when the kit
-# holds no built wheel, then run the command given ("$@"). Results go under $OUT.
+# On the lent GPU machine: make the kit importable, build llama-cpp-python with CUDA (BUILD_LLAMA=1)
+# unless an earlier call on the same warm machine built it already, then run the command given
+# ("$@"). Results go under $OUT.
 set -uo pipefail
-export PYTHONPATH="$PWD/.gpukit/site:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-mkdir -p /tmp/llama_site
-if ls .gpukit/llama_cuda/*.whl.part* >/dev/null 2>&1; then
-  cat .gpukit/llama_cuda/*.whl.part* > /tmp/llama_cpp_python-0.3.36-cp312-cp312-linux_x86_64.whl
-  python3 -m pip install -q --no-deps --no-index --target /tmp/llama_site /tmp/llama_cpp_python-*.whl
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kit_wheels .gpukit/wheels/*.whl || exit 1
+# .llama_cuda/ is ignored by git and not carried, so the device keeps it between calls while warm.
+LLAMA_SITE="$PWD/.llama_cuda/site"
+export PYTHONPATH="/tmp/kit_wheels:$PWD/.gpukit/site:$LLAMA_SITE:$PWD:${PYTHONPATH:-}"
+if [ -d "$LLAMA_SITE/llama_cpp" ]; then
+  echo "llama-cpp-python with CUDA: built by an earlier call"
 elif [ -n "${BUILD_LLAMA:-}" ]; then
   ( start=$(date +%s)
     mkdir -p /tmp/lsrc && tar xzf .gpukit/llama_src.tgz -C /tmp/lsrc
@@ -15,12 +18,10 @@ elif [ -n "${BUILD_LLAMA:-}" ]; then
       timeout 520 python3 -m pip wheel -q --no-deps --no-build-isolation -w /tmp/llama_wheel /tmp/lsrc/llama_cpp_python-0.3.36 \
       > "$OUT/llama_build.log" 2>&1
     echo "build rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/llama_build.log"
-    mkdir -p "$OUT/llama_cuda"
-    (cd /tmp/llama_wheel && split -b 15M llama_cpp_python-*.whl "$OUT/llama_cuda/llama.whl.part")
-    python3 -m pip install -q --no-deps --no-index --target /tmp/llama_site /tmp/llama_wheel/*.whl ) &
+    python3 -m pip install -q --no-deps --no-index --target "$LLAMA_SITE.tmp" /tmp/llama_wheel/*.whl \
+      && mv "$LLAMA_SITE.tmp" "$LLAMA_SITE" ) &
   BUILD_PID=$!
 fi
-export PYTHONPATH="/tmp/llama_site:$PYTHONPATH"
 "$@"
 rc=$?
 if [ -n "${BUILD_PID:-}" ]; then

@@ -70,6 +70,8 @@ class LoadInfo:
     context_length: int
     load_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    weights_bytes: int | None = None  # the loaded weights as held in memory (quantized size)
+    decode: str = ""  # how tokens are made (fast path or not, and why), where a backend has a choice
 
 
 FinishReason = Literal["stop", "length", "cancelled"]

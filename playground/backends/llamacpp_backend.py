@@ -76,6 +76,7 @@ class LlamaCppBackend(Backend):
             device=self.device,
             dtype=self._file_type(),
             n_params=int(self.llm._model.n_params()),
+            weights_bytes=int(self.llm._model.size()),
             # llama.cpp may round the context up; the configured limit is what we enforce.
             context_length=min(self.llm.n_ctx(), n_ctx),
             load_s=time.perf_counter() - started,
@@ -92,10 +93,15 @@ class LlamaCppBackend(Backend):
                 n_batch=self.config.llamacpp.n_batch,
                 n_threads=self.config.llamacpp.n_threads or physical_cores(),
                 n_gpu_layers=n_gpu_layers,
+                flash_attn=self._flash_attn(n_gpu_layers),
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as err:
             raise LoadError(f"llama.cpp could not load {path.name}: {err}") from None
+
+    def _flash_attn(self, n_gpu_layers: int) -> bool:
+        choice = self.config.llamacpp.flash_attn
+        return choice == "on" or (choice == "auto" and n_gpu_layers != 0)
 
     def _token_text(self, token: int) -> str:
         if token < 0:

@@ -2,7 +2,9 @@
 
 A GGUF file is dequantized into a torch model once and cached as a safetensors folder keyed by
 the file's hash, so later loads take seconds. Remote code runs only when the config opts in.
-Generation is `model.generate` with a streamer; this module does not time anything.
+On a GPU, tokens come from the static-cache + CUDA-graph decoder (fast_decode.py); where that
+cannot run, from `model.generate` with a streamer, and the load info says why. This module does
+not time anything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop, shared_prefix_length
+from playground.backends.fast_decode import DecodePath, StaticDecoder
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.prompts import render_without_template
@@ -142,6 +145,8 @@ class TransformersBackend(Backend):
         self.model: Any = None
         self.codec: TextCodec | None = None
         self.device = "cpu"
+        self.decoder: StaticDecoder | None = None
+        self.decode_path = DecodePath("generate")
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -160,6 +165,11 @@ class TransformersBackend(Backend):
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
             raise LoadError(f"could not load {self.config.display_name}: {first_line(err)}") from None
         self.model.eval()
+        # On a GPU the allocator knows the true size (bitsandbytes keeps its scales outside the
+        # parameters); the worker holds nothing else yet.
+        on_gpu = self.device == "cuda"
+        weights_bytes = torch.cuda.memory_allocated() if on_gpu else self.model.get_memory_footprint()
+        self.decode_path = self._set_up_decoder()
         n_params = sum(p.numel() for p in self.model.parameters())
         shown_dtype = self.config.quantization.method if self.is_quantized else str(dtype).removeprefix("torch.")
         return LoadInfo(
@@ -170,7 +180,49 @@ class TransformersBackend(Backend):
             context_length=self._context_length(),
             load_s=time.perf_counter() - started,
             notes=notes,
+            weights_bytes=int(weights_bytes),
+            decode=self.decode_path.describe(),
         )
+
+    def _set_up_decoder(self) -> DecodePath:
+        """Pick the fastest decode path that works for this model here, by trying it once: a
+        model or library that cannot run a step falls back, and the reason is kept for the UI."""
+        mode = self.config.fast_decode
+        if mode == "off":
+            return DecodePath("generate", "fast_decode is off in this variant's config")
+        on_cuda = self.device == "cuda"
+        if mode == "auto" and not on_cuda:
+            return DecodePath("generate", "the fast path is for CUDA; fast_decode: on uses its static cache on CPU")
+        # Fastest first; each is tried once on a request of the variant's default size, which
+        # also compiles and captures the step for the cache size most requests will use.
+        attempts = [("cuda-graph", True, True), ("cuda-graph", True, False)] if on_cuda else []
+        attempts.append(("static-cache", False, False))
+        failures: list[str] = []
+        for name, use_graph, compile_step in attempts:
+            decoder = StaticDecoder(self.model, self._context_length(), use_graph, compile_step)
+            try:
+                self._try_decoder(decoder)
+            except Exception as err:  # any failure of an optional path means: use the next one
+                decoder.release()
+                what = "torch.compile" if compile_step else "CUDA graph" if use_graph else "static cache"
+                failures.append(f"{what} failed: {first_line(err)}")
+                if on_cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                continue
+            self.decoder = decoder
+            return DecodePath(name, "; ".join(failures), compiled=compile_step)
+        return DecodePath("generate", "; ".join(failures))
+
+    def _try_decoder(self, decoder: StaticDecoder) -> None:
+        """Three greedy tokens after a short prompt, in a cache sized for the default settings."""
+        prompt = [0] * min(64, decoder.context_limit // 2)
+        trial = GenerationParams(temperature=0.0, max_new_tokens=self.config.generation.max_new_tokens)
+        tokens = decoder.tokens(prompt, trial, lambda: False)
+        with torch.inference_mode():
+            for _ in zip(range(3), tokens, strict=False):
+                pass
+        tokens.close()
 
     def _context_length(self) -> int:
         """The configured context, capped by the positions the model was built for."""
@@ -334,17 +386,47 @@ class TransformersBackend(Backend):
         codec = self.codec
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        input_ids = torch.tensor([prompt.payload], device=self.model.device)
+        eos = set(codec.eos_ids) | set(_as_list(self.model.generation_config.eos_token_id))
+        if self.decoder is not None:
+            tokens = self.decoder.tokens(prompt.payload, params, should_stop)
+        else:
+            tokens = self._generate_tokens(prompt.payload, params, sorted(eos), should_stop)
+        decoder = IncrementalDecoder(codec.decode)
+        self._finish_reason = "length"  # the token limit or the end of the context
+        try:
+            for token in tokens:
+                if token in eos:
+                    self._finish_reason = "stop"
+                    break  # the end-of-sequence token is neither text nor counted
+                yield Chunk(decoder.push(token), 1)
+        except torch.OutOfMemoryError as err:
+            raise GenerationError(f"out of memory while generating: {first_line(err)}") from None
+        except GenerationError:
+            raise
+        except Exception as err:
+            raise GenerationError(f"generation failed: {first_line(err)}") from None
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+        if should_stop():
+            self._finish_reason = "cancelled"
+
+    def _generate_tokens(
+        self, prompt_ids: list[int], params: GenerationParams, eos: list[int], should_stop: ShouldStop
+    ) -> Iterator[int]:
+        """Token ids from `model.generate`, which runs in a thread and hands them over a queue."""
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
         streamer = _TokenQueue()
         failure: list[BaseException] = []
-        eos = sorted(codec.eos_ids | set(_as_list(self.model.generation_config.eos_token_id)))
+        abandoned = threading.Event()  # the caller stopped reading (an end of sequence, an error)
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=params.max_new_tokens,
             repetition_penalty=params.repetition_penalty,
             streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]),
+            stopping_criteria=StoppingCriteriaList([_StopWhen(lambda: abandoned.is_set() or should_stop())]),
             eos_token_id=eos or None,
             pad_token_id=eos[0] if eos else None,
             **generation_kwargs(params),
@@ -360,25 +442,14 @@ class TransformersBackend(Backend):
 
         thread = threading.Thread(target=run, name="generate", daemon=True)
         thread.start()
-        decoder = IncrementalDecoder(codec.decode)
-        produced = 0
-        self._finish_reason = "length"
-        while (token := streamer.queue.get()) is not None:
-            if token in codec.eos_ids or token in eos:
-                self._finish_reason = "stop"
-                continue  # the end-of-sequence token is neither text nor counted
-            produced += 1
-            yield Chunk(decoder.push(token), 1)
-        thread.join()
+        try:
+            while (token := streamer.queue.get()) is not None:
+                yield token
+        finally:
+            abandoned.set()
+            thread.join()  # the model is never used by two threads at once
         if failure:
-            err = failure[0]
-            if isinstance(err, torch.OutOfMemoryError):
-                raise GenerationError(f"out of memory while generating: {first_line(err)}")
-            raise GenerationError(f"generation failed: {first_line(err)}")
-        if should_stop():
-            self._finish_reason = "cancelled"
-        elif self._finish_reason == "length" and produced < params.max_new_tokens:
-            self._finish_reason = "stop"
+            raise failure[0]
 
     # -- memory ------------------------------------------------------------------------------
     def reset_memory_peaks(self) -> None:
@@ -394,6 +465,9 @@ class TransformersBackend(Backend):
         }
 
     def unload(self) -> None:
+        if self.decoder is not None:
+            self.decoder.release()
+            self.decoder = None
         self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()

@@ -54,7 +54,7 @@ def export_variant(
     import torch
 
     from playground.backends.transformers_backend import TransformersBackend
-    from playground.gguf_export import quantize_gguf, write_llama_gguf
+    from playground.gguf_export import quantize_gguf, write_gguf
 
     if config.backend != "transformers" or config.quantization.method != "none" or config.adapter is not None:
         raise PlaygroundError(f"GGUF export takes an unquantized, merged transformers variant; {config.id} is not")
@@ -67,7 +67,7 @@ def export_variant(
     source = source_gguf(engine, config)
     f16 = folder / f"{config.id}-F16.gguf"
     with torch.no_grad():
-        write_llama_gguf(model, backend.codec.tokenizer, f16, dtype="f16", name=config.id, tokenizer_from=source)
+        write_gguf(model, backend.codec.tokenizer, f16, dtype="f16", name=config.id, tokenizer_from=source)
     del model, backend
     if emit:
         emit({"message": f"wrote {f16.name}" + (f" with the tokenizer of {source.name}" if source else "")})

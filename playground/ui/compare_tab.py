@@ -192,7 +192,8 @@ class CompareTab:
                 yield f"⏳ Loading {variant_id}… {time.monotonic() - started:.0f} s", loaded_markdown(self.engine)
             info = self.engine.load(variant_id)
             yield (
-                f"✅ {variant_id} loaded in {info.load_s:.1f} s ({info.backend}, {info.device}, {info.dtype})",
+                f"✅ {variant_id} loaded in {info.load_s:.1f} s ({info.backend}, {info.device}, {info.dtype})"
+                + (f" · {info.decode}" if info.decode else ""),
                 loaded_markdown(self.engine),
             )
         except Exception as err:

