@@ -3,7 +3,8 @@
 Per model, one run: every path is loaded in its own worker, as the app loads it, then the paths are
 timed one after another on the same 256-token prompt, so their ratios hold on a noisy machine.
 Paths: plain `generate` (bf16), our fast path (bf16), bitsandbytes NF4 and int8 (through whatever
-path the backend picks for them), and llama.cpp with CUDA on an F16 GGUF of the same weights.
+path the backend picks for them), and llama.cpp with CUDA on an F16 GGUF of the same weights, with
+flash attention (its tools' default on a GPU) and, as `llamacpp-nofa`, without.
 The figures are the app's own per-reply metrics (time to first token, decode tokens/s, the worker's
 peak allocated GPU memory) plus nvml's view of each worker's memory.
 
@@ -81,7 +82,7 @@ SHAPES = {
     ),
 }  # fmt: skip
 TINY = Shape("tiny", "llama", 64, 2, 4, 2, 16, 128, 600, True, 10_000.0)
-PATHS = ["generate", "fast", "nf4", "int8", "llamacpp"]
+PATHS = ["generate", "fast", "nf4", "int8", "llamacpp", "llamacpp-nofa"]
 
 
 # -- model files ---------------------------------------------------------------------------------
@@ -193,9 +194,10 @@ def variant_for(path: str, shape: Shape, folder: Path, gguf: Path | None, device
         return base | {"dtype": "fp32", "fast_decode": "off", "id": f"{shape.name}-generate-fp32"}
     if path in ("nf4", "int8"):
         return base | {"quantization": {"method": path}}
-    if path == "llamacpp":
+    if path in ("llamacpp", "llamacpp-nofa"):
         assert gguf is not None
-        return base | {"backend": "llamacpp", "source": {"path": str(gguf)}, "dtype": "auto"}
+        flash = {"llamacpp": {"flash_attn": "off"}} if path == "llamacpp-nofa" else {}
+        return base | {"backend": "llamacpp", "source": {"path": str(gguf)}, "dtype": "auto"} | flash
     raise ValueError(path)
 
 
@@ -255,13 +257,15 @@ def bench_model(shape: Shape, paths: list[str], args: argparse.Namespace, bandwi
     try:
         wanted = list(paths) + (["generate-fp32", "fast-fp32"] if shape.name in args.fp32_check else [])
         # Every path loads in its own worker at once; the GGUF is written meanwhile.
-        for path in [p for p in wanted if p != "llamacpp"]:
+        llama_paths = [p for p in wanted if p.startswith("llamacpp")]
+        for path in [p for p in wanted if p not in llama_paths]:
             engine.add(parse_config(variant_for(path, shape, folder, None, device), origin=path))
             engine.start_load(f"{shape.name}-{path}", check_memory=False)
-        if "llamacpp" in wanted:
+        if llama_paths:
             gguf = write_f16_gguf(model.to("cpu").float(), folder, work / f"{shape.name}-f16.gguf")
-            engine.add(parse_config(variant_for("llamacpp", shape, folder, gguf, device), origin="llamacpp"))
-            engine.start_load(f"{shape.name}-llamacpp", check_memory=False)
+            for path in llama_paths:
+                engine.add(parse_config(variant_for(path, shape, folder, gguf, device), origin=path))
+                engine.start_load(f"{shape.name}-{path}", check_memory=False)
         del model
         result["prepare_s"] = time.perf_counter() - started
         for path in wanted:
@@ -298,7 +302,7 @@ def bench_model(shape: Shape, paths: list[str], args: argparse.Namespace, bandwi
                 bound = bandwidth / shape.bytes_per_token(mean_context)
                 figures["bound_tok_s"] = bound
                 figures["share_of_bound"] = figures["decode_tok_s"] / bound
-                if path in ("nf4", "int8", "llamacpp") and info.weights_bytes:
+                if path in ("nf4", "int8", "llamacpp", "llamacpp-nofa") and info.weights_bytes:
                     untied = 0 if shape.tied else shape.vocab * shape.hidden * 2
                     kv = shape.bytes_per_token(mean_context) - shape.bytes_per_token(0)
                     own = bandwidth / (info.weights_bytes - untied + kv)
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.paths.split(",")
     if args.tiny:
         shapes = [TINY]
-        paths = [p for p in paths if p in ("generate", "fast", "llamacpp")]
+        paths = [p for p in paths if p in ("generate", "fast") or p.startswith("llamacpp")]
         args.fp32_check = {"tiny"}
         bandwidth = None
     else:

@@ -4,9 +4,10 @@
 # ("$@"). Results go under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kit_wheels .gpukit/wheels/*.whl || exit 1
-# .llama_cuda/ is ignored by git and not carried, so the device keeps it between calls while warm.
-LLAMA_SITE="$PWD/.llama_cuda/site"
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/kit_wheels .gpukit/wheels/*.whl 2>&1 | grep -v "already exists" || true
+# /tmp outlives a call while the machine stays warm (a folder in the working tree did not: a
+# later call found it emptied), so a second call right after the first reuses the build.
+LLAMA_SITE=/tmp/llama_cuda_site
 export PYTHONPATH="/tmp/kit_wheels:$PWD/.gpukit/site:$LLAMA_SITE:$PWD:${PYTHONPATH:-}"
 if [ -d "$LLAMA_SITE/llama_cpp" ]; then
   echo "llama-cpp-python with CUDA: built by an earlier call"
