@@ -1,17 +1,22 @@
-"""Builds the Variant Playground UI and launches it; the embedded default starts loading at once."""
+"""Builds the Variant Playground UI and launches it; the embedded default starts loading at once.
+
+Every setting comes from playground/settings.py (PLAYGROUND_* variables, or the YAML file named by
+PLAYGROUND_SETTINGS_FILE).
+"""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
 from playground.arena import VoteStore
 from playground.engine import Engine
+from playground.errors import ConfigError
 from playground.jobs.manager import JobManager
 from playground.jobs.store import JobStore
 from playground.monitor import SystemMonitor
 from playground.paths import data_dir, jobs_dir
+from playground.settings import get_settings
 from playground.ui import build_app
 from playground.ui.app import CSS
 
@@ -19,21 +24,30 @@ DEFAULT_VARIANT = "smollm2-135m-gguf"
 
 
 def main() -> None:
-    engine = Engine()
+    try:
+        settings = get_settings()
+    except ConfigError as err:  # a bad setting stops the start with its name, never a traceback
+        sys.exit(f"Variant Playground: {err}")
+    host, warning = settings.bind_host()
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    engine = Engine(config_dirs=settings.config_dirs or None)
     engine.start_load(DEFAULT_VARIANT)
     monitor = SystemMonitor(engine).start()
     jobs = JobManager(
-        JobStore(jobs_dir() / "jobs.sqlite"),
-        jobs_dir() / "logs",
-        max_cpu_jobs=int(os.environ.get("PLAYGROUND_MAX_CPU_JOBS", "1")),
+        JobStore(jobs_dir() / "jobs.sqlite"), jobs_dir() / "logs", max_cpu_jobs=settings.max_cpu_jobs
     ).start()
     demo = build_app(engine, monitor, VoteStore(data_dir() / "votes.sqlite"), jobs)
     # SIGTERM (docker stop, systemd, a test's terminate) ends the app through the clean-up below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        demo.queue(default_concurrency_limit=8).launch(
-            server_name=os.environ.get("PLAYGROUND_HOST", "127.0.0.1"),
-            server_port=int(os.environ.get("PLAYGROUND_PORT", "7860")),
+        demo.queue(default_concurrency_limit=settings.ui_concurrency).launch(
+            server_name=host,
+            server_port=settings.port,
+            auth=(lambda name, password: settings.role_of(name, password) is not None)
+            if settings.auth_enabled
+            else None,
+            max_file_size=f"{settings.max_upload_mb}mb",
             css=CSS,
         )
     finally:

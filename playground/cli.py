@@ -84,7 +84,19 @@ def _parser() -> argparse.ArgumentParser:
     resume = job_commands.add_parser("resume", help="go on with an interrupted, failed or cancelled fine-tune")
     resume.add_argument("id")
     resume.add_argument("--wait", action="store_true")
+    commands.add_parser("settings", help="check the settings and print them as JSON (secrets masked)")
     return parser
+
+
+def _settings() -> None:
+    from playground.settings import get_settings
+
+    settings = get_settings()
+    host, warning = settings.bind_host()
+    shown = settings.model_dump(mode="json") | {"listening_on": host, "auth_enabled": settings.auth_enabled}
+    print(json.dumps(shown, indent=1))
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _models(engine: Any, as_json: bool) -> None:
@@ -250,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     engine = None
     try:
+        if args.command == "settings":  # no engine: this is also the container's start-up check
+            _settings()
+            return 0
         from playground.engine import Engine
 
         engine = Engine(args.config_dir)

@@ -18,6 +18,7 @@ from playground.config import DEFAULT_CONFIG_DIR, GenerationParams, Mode, ModelC
 from playground.errors import GenerationError, InsufficientMemory, LoadError, PlaygroundError
 from playground.memory import MemoryEstimate, estimate
 from playground.paths import made_configs_dir
+from playground.settings import allowed_path
 from playground.sources import config_from_path, locate
 from playground.workers import Event, Worker
 
@@ -73,7 +74,9 @@ class Engine:
         return added
 
     def add_path(self, path: str | Path, **overrides: Any) -> ModelConfig:
-        """Add a variant from a local GGUF file, HF folder or state_dict, without YAML."""
+        """Add a variant from a local GGUF file, HF folder or state_dict, without YAML; only
+        from inside the allowed roots (settings)."""
+        allowed_path(path, "model path")
         return self.add(config_from_path(path, **overrides))
 
     def get(self, variant_id: str) -> ModelConfig:

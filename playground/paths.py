@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from playground.settings import get_settings
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("PLAYGROUND_DATA_DIR", Path.home() / ".local" / "share" / "variant-playground"))
+    return get_settings().data_dir.expanduser()
 
 
 def jobs_dir() -> Path:
-    return data_dir() / "jobs"
+    return get_settings().jobs_folder.expanduser()
+
+
+def cache_dir() -> Path:
+    """Derived files that can be made again (dequantized GGUF folders)."""
+    return get_settings().cache_dir.expanduser()
 
 
 def made_configs_dir() -> Path:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The tests write their tiny models under the temporary folder: let typed paths reach it (the
+# app's default roots are the home folder and the folder it starts in).
+os.environ.setdefault(
+    "PLAYGROUND_ALLOWED_ROOTS",
+    json.dumps([tempfile.gettempdir(), str(Path.home()), str(Path(__file__).resolve().parent.parent)]),
+)
 
 import factories  # noqa: E402
 

@@ -39,12 +39,21 @@ def test_same_seed_same_sampled_text(engine, llama_folder):
     assert first.text == second.text
 
 
-def test_remote_code_refused_unless_allowed(engine, remote_code_folder):
+def test_remote_code_refused_unless_allowed(engine, remote_code_folder, monkeypatch):
     refused = variant(id="remote-off", backend="transformers", source={"path": str(remote_code_folder)})
     engine.add(refused)
     with pytest.raises(LoadError, match="trust_remote_code"):
         engine.load(refused.id)
     assert "remote-off" not in engine.workers  # a failed load leaves no worker behind
+    # The config asks for remote code, but the admin has not allowed this variant (settings).
+    asking = engine.add(
+        variant(
+            id="remote-asks", backend="transformers", source={"path": str(remote_code_folder)}, trust_remote_code=True
+        )
+    )
+    with pytest.raises(LoadError, match="admin has not allowed it"):
+        engine.load(asking.id)
+    monkeypatch.setenv("PLAYGROUND_REMOTE_CODE_VARIANTS", '["remote-on"]')
     allowed = variant(
         id="remote-on",
         backend="transformers",

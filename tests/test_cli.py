@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from conftest import EMBEDDED_GGUF
@@ -80,7 +81,8 @@ def test_generate_with_a_state_dict_path_explains_the_tokenizer(gpt_files):
     "args, message",
     [
         (["--model", "no-such-variant"], "unknown variant 'no-such-variant'"),
-        (["--model", "/nowhere/model.gguf"], "does not exist"),
+        (["--model", f"{tempfile.gettempdir()}/nowhere/model.gguf"], "does not exist"),
+        (["--model", "/etc/passwd"], "outside the folders this playground may read"),
         (["--model", "smollm2-135m-gguf", "--temperature", "100"], "temperature"),
         (["--model", "smollm2-135m-gguf", "--max-tokens", "0"], "max_new_tokens"),
     ],

@@ -133,7 +133,8 @@ def test_perplexity_jobs_agree_across_backends_on_the_same_weights(jobs, tiny_gg
     assert bundled["corpus"] == "python-docs-heldout" and bundled["bits_per_byte"] > 0
     with pytest.raises(ConfigError, match="stride"):
         jobs.submit("eval-perplexity", {"model": str(tiny_gguf), "window": 32, "stride": 64})
-    missing = jobs.wait(jobs.submit("eval-perplexity", {"model": str(tiny_gguf), "corpus": "/nope.txt"}).id, 60)
+    missing_file = str(tiny_gguf.parent / "nope.txt")
+    missing = jobs.wait(jobs.submit("eval-perplexity", {"model": str(tiny_gguf), "corpus": missing_file}).id, 60)
     assert missing.state == "failed" and "neither bundled" in missing.error
 
 

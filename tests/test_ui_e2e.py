@@ -97,14 +97,20 @@ def test_stop_frees_one_panel_while_the_other_streams_on(page):
     assert "cancelled" not in other
 
 
-def test_a_bad_path_gets_a_clear_message(page):
+def test_a_bad_path_gets_a_clear_message(page, tmp_path):
     page.get_by_text("Add a variant from a local path").click()
-    page.locator("#add-path textarea, #add-path input").first.fill("/nowhere/model.gguf")
+    path_box = page.locator("#add-path textarea, #add-path input").first
+    path_box.fill(str(tmp_path / "nowhere" / "model.gguf"))
     page.locator("#add").click()
     wait_text(page.locator("#add-status"), "does not exist", 20)
-    page.locator("#add-path textarea, #add-path input").first.fill("/etc/hostname")
+    (tmp_path / "notes.txt").write_text("not a model")
+    path_box.fill(str(tmp_path / "notes.txt"))
     page.locator("#add").click()
     wait_text(page.locator("#add-status"), "unknown weights format", 20)
+    # Outside the allowed roots (settings), even through .. : refused before anything is read.
+    path_box.fill(str(tmp_path) + "/.." * 12 + "/etc/passwd")
+    page.locator("#add").click()
+    wait_text(page.locator("#add-status"), "outside the folders this playground may read", 20)
 
 
 def test_a_killed_worker_marks_its_panel_failed_and_offers_reload(page):

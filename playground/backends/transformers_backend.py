@@ -35,7 +35,9 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PLAYGROUND_CACHE_DIR", Path.home() / ".cache" / "variant-playground"))
+    from playground.paths import cache_dir
+
+    return cache_dir()
 
 
 def resolve_device(config: ModelConfig) -> str:
@@ -292,7 +294,18 @@ class TransformersBackend(Backend):
         return weights.location, kwargs
 
     def _refuse_unapproved_remote_code(self, weights: Weights) -> None:
-        if self.config.trust_remote_code or weights.kind != "hf_folder":
+        """Code from a model folder runs only when the variant's config asks for it and the
+        admin allowed that variant (settings: remote_code_variants)."""
+        if self.config.trust_remote_code:
+            from playground.settings import get_settings
+
+            if self.config.id not in get_settings().remote_code_variants:
+                raise LoadError(
+                    f"{self.config.display_name} runs code from its model folder (trust_remote_code); "
+                    "the admin has not allowed it: add its id to PLAYGROUND_REMOTE_CODE_VARIANTS"
+                )
+            return
+        if weights.kind != "hf_folder":
             return
         config_file = weights.path / "config.json"
         if not config_file.exists():

@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from playground.config import ModelConfig
 from playground.engine import Engine
 from playground.errors import PlaygroundError
+from playground.evals.corpus import BUNDLED as CORPORA
 from playground.jobs.kinds import Emit, _Options
 from playground.jobs.lora import save_variant_config
+from playground.settings import named_or_allowed
 
 QuantType = Literal["Q4_K_M", "Q4_1", "Q8_0", "Q4_0", "Q5_K_M", "Q6_K", "F16"]
 
@@ -122,6 +124,12 @@ class QuantCompareOptions(_Options):
     types: Annotated[list[QuantType], Field(min_length=1)] = ["Q4_K_M", "Q4_1", "Q8_0"]
     corpus: str = "python-docs-heldout"
     max_chars: Annotated[int, Field(ge=1000)] | None = 30_000
+
+    @field_validator("corpus")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        return named_or_allowed(value, CORPORA, "corpus file")
+
     window: Annotated[int, Field(ge=16, le=131_072)] = 512
     stride: Annotated[int, Field(ge=1, le=131_072)] = 256
 

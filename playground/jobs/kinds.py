@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from playground.errors import ConfigError, PlaygroundError
+from playground.evals.corpus import BUNDLED as CORPORA
+from playground.settings import named_or_allowed
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -22,6 +24,13 @@ class RouterEvalOptions(_Options):
     data: str = "ood"  # ood, in_distribution, or a JSONL path
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     limit: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        from playground.router import DATASETS
+
+        return named_or_allowed(value, DATASETS, "router data file")
 
 
 def run_router_eval(options: RouterEvalOptions, emit: Emit) -> dict[str, Any]:
@@ -51,6 +60,11 @@ class PerplexityOptions(_Options):
     window: Annotated[int, Field(ge=16, le=131_072)] = 512
     stride: Annotated[int, Field(ge=1, le=131_072)] = 256
     max_chars: Annotated[int, Field(ge=100)] | None = 20_000  # keeps a CPU run to minutes; None: all
+
+    @field_validator("corpus")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        return named_or_allowed(value, CORPORA, "corpus file")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> PerplexityOptions:
@@ -84,11 +98,22 @@ class FormatCheckOptions(_Options):
     limit: Annotated[int, Field(ge=1)] | None = None
     max_new_tokens: Annotated[int, Field(ge=8, le=4096)] = 160
 
+    @field_validator("data")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        return named_or_allowed(value, (), "format cases file")
+
 
 class LmEvalOptions(_Options):
     model: str
     tasks: Annotated[list[str], Field(min_length=1)]
     include_path: str | None = None  # a folder of task YAML files, or "tiny" for the bundled local tasks
+
+    @field_validator("include_path")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        return named_or_allowed(value, ("tiny",), "lm-eval task folder")
+
     limit: Annotated[int, Field(ge=1)] | None = None
     num_fewshot: Annotated[int, Field(ge=0, le=64)] | None = None
 

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from playground.config import REPO_ROOT, ModelConfig, RouterSpec
 from playground.errors import PlaygroundError
 from playground.jobs.kinds import Emit, _Options
 from playground.jsonl import read_jsonl
+from playground.settings import named_or_allowed
 
 ROUTER_TRAIN = REPO_ROOT / "assets" / "router" / "train.jsonl"
 Example = tuple[list[dict[str, str]], str]  # (prompt messages, answer)
@@ -46,6 +47,11 @@ class LoraOptions(_Options):
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the base frozen in NF4 (needs a GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: Annotated[int, Field(ge=1)] = 25  # steps
+
+    @field_validator("data")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        return named_or_allowed(value, (), "training data file")
 
     @model_validator(mode="after")
     def _qlora_needs_a_gpu(self) -> LoraOptions:

@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from playground.errors import PlaygroundError
+from playground.evals.corpus import BUNDLED as CORPORA
 from playground.jobs.kinds import Emit, _Options
 from playground.jobs.lora import _load_base, result_config, save_variant_config
+from playground.settings import named_or_allowed
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -26,6 +28,12 @@ LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 class QatOptions(_Options):
     model: str
     corpus: str = "python-docs-train"  # a bundled corpus (see playground.evals.corpus) or a text file
+
+    @field_validator("corpus")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        return named_or_allowed(value, CORPORA, "corpus file")
+
     max_chars: Annotated[int, Field(ge=1000)] | None = 300_000
     schedule: Literal["linear", "step", "constant", "none"] = "linear"
     constant_bits: Annotated[int, Field(ge=2, le=8)] = 4

@@ -52,6 +52,8 @@ def loaded_markdown(engine: Engine) -> str:
         where = f" · {status.info.backend} on {status.info.device}" if status.info else ""
         if status.info and status.info.decode:
             where += f" · {status.info.decode}"
+        if status.config.trust_remote_code:
+            where += " · ⚠ runs code from its model folder (trust_remote_code)"
         detail = f" · {status.error}" if status.error else ""
         rows.append(f"- **{status.config.display_name}** (`{status.config.id}`): {status.state}{where}{rss}{detail}")
     return "\n".join(rows) or "No variant loaded yet."

@@ -14,6 +14,7 @@ import gradio as gr
 from playground.engine import Engine
 from playground.jobs.manager import JobManager
 from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router, read_router_data
+from playground.settings import allowed_path
 from playground.ui.charts import router_eval_figure
 from playground.ui.formatting import error_text, metrics_line
 from playground.ui.session import Sessions
@@ -167,6 +168,8 @@ class RouterTab:
             source = DATASETS[dataset] if dataset in DATASETS else path.strip()
             if not source:
                 raise ValueError("give the path of a JSONL file")
+            if dataset not in DATASETS:
+                allowed_path(source, "router data file")
             rows = read_router_data(source)
             if limit:
                 rows = rows[: int(limit)]

@@ -1,0 +1,190 @@
+"""Every setting of a running playground, in one place: `PLAYGROUND_*` variables and a YAML file.
+
+Order of precedence: environment variables, then the file named by `PLAYGROUND_SETTINGS_FILE`,
+then the defaults here. Unknown keys and bad values are refused with the setting's name. Worker
+and job processes inherit the environment, so they read the same settings. Secrets are held as
+`SecretStr`: printing the settings or a validation error never shows them.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+from collections.abc import Collection
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from playground.errors import ConfigError, PlaygroundError
+
+Role = Literal["admin", "viewer"]
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / "assets"
+SETTINGS_FILE_VARIABLE = "PLAYGROUND_SETTINGS_FILE"
+
+
+class Account(BaseModel):
+    """One login. Admins load and unload variants and run jobs; viewers prompt, compare, vote."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w.@\-]+$")]
+    password: SecretStr
+    role: Role = "viewer"
+
+    @field_validator("password")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 8:
+            raise ValueError("a password needs at least 8 characters")
+        return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PLAYGROUND_", extra="forbid", frozen=True)
+
+    # -- serving -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65_535)] = 7860
+    # Logins: user/password pairs with roles, and/or tokens that work as the password of any name.
+    users: list[Account] = []
+    admin_token: SecretStr | None = None
+    viewer_token: SecretStr | None = None
+    # Gradio's own worker threads for events of all kinds.
+    ui_concurrency: Annotated[int, Field(ge=1, le=256)] = 16
+    max_upload_mb: Annotated[int, Field(ge=1, le=100_000)] = 200
+
+    # -- where things are ----------------------------------------------------------------------
+    config_dirs: list[Path] = []  # empty: the model_configs/ folder shipped with the app
+    # Model, dataset and corpus paths typed into the app must lie under one of these (after
+    # symlinks are resolved). Empty: the home folder and the folder the app started in.
+    allowed_roots: list[Path] = []
+    data_dir: Path = Path.home() / ".local" / "share" / "variant-playground"
+    cache_dir: Path = Path.home() / ".cache" / "variant-playground"
+    jobs_dir: Path | None = None  # default: <data_dir>/jobs
+
+    # -- what may run --------------------------------------------------------------------------
+    # Variant ids whose model folders may run their own code (their configs must also ask for it).
+    remote_code_variants: list[str] = []
+    max_cpu_jobs: Annotated[int, Field(ge=1, le=64)] = 1
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        file = os.environ.get(SETTINGS_FILE_VARIABLE)
+        if file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=Path(file)))
+        return tuple(sources)
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.users or self.admin_token or self.viewer_token)
+
+    @property
+    def jobs_folder(self) -> Path:
+        return self.jobs_dir or self.data_dir / "jobs"
+
+    @property
+    def roots(self) -> list[Path]:
+        chosen = self.allowed_roots or [Path.home(), Path.cwd()]
+        # The data shipped with the app (bundled datasets, corpora, eval tasks) is always readable.
+        return [p.expanduser().resolve() for p in [*chosen, BUNDLED_DATA]]
+
+    def role_of(self, name: str, password: str) -> Role | None:
+        """The role a login gets, or None when it is refused."""
+        for account in self.users:
+            if account.name == name and _same(account.password, password):
+                return account.role
+        if self.admin_token is not None and _same(self.admin_token, password):
+            return "admin"
+        if self.viewer_token is not None and _same(self.viewer_token, password):
+            return "viewer"
+        return None
+
+    def bind_host(self) -> tuple[str, str]:
+        """The address to listen on, and a warning when the one asked for was refused: without
+        logins the app answers only on this machine."""
+        if self.auth_enabled or _is_loopback(self.host):
+            return self.host, ""
+        return "127.0.0.1", (
+            f"Not listening on {self.host}: no logins are set (PLAYGROUND_USERS, PLAYGROUND_ADMIN_TOKEN "
+            "or PLAYGROUND_VIEWER_TOKEN), so the playground answers on 127.0.0.1 only."
+        )
+
+
+def _same(secret: SecretStr, given: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(secret.get_secret_value().encode(), given.encode())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors(include_input=False):
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def get_settings() -> Settings:
+    """The settings of this process; read again only when a PLAYGROUND_* variable changes."""
+    snapshot = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("PLAYGROUND_")))
+    return _settings_for(snapshot)
+
+
+@functools.lru_cache(maxsize=4)
+def _settings_for(_environment: tuple[tuple[str, str], ...]) -> Settings:
+    file = os.environ.get(SETTINGS_FILE_VARIABLE)
+    if file and not Path(file).is_file():
+        raise ConfigError(f"the settings file {file} ({SETTINGS_FILE_VARIABLE}) does not exist")
+    try:
+        return Settings()
+    except ValidationError as err:
+        raise ConfigError(f"invalid settings: {_describe(err)}") from None
+    except (OSError, ValueError) as err:  # an unreadable or malformed settings file
+        raise ConfigError(f"the settings file {os.environ.get(SETTINGS_FILE_VARIABLE)} cannot be read: {err}") from None
+
+
+class PathNotAllowed(PlaygroundError):
+    """A typed path that lies outside the allowed roots."""
+
+
+def named_or_allowed(value: str | None, names: Collection[str], what: str) -> str | None:
+    """For option validators: one of the bundled `names`, None, or a path the user may read
+    (refused with a ValueError, which pydantic reports under the option's name)."""
+    if value is None or value in names:
+        return value
+    try:
+        allowed_path(value, what)
+    except PathNotAllowed as err:
+        raise ValueError(str(err)) from None
+    return value
+
+
+def allowed_path(path: str | Path, what: str = "path") -> Path:
+    """`path` resolved (symlinks and `..` followed), if it lies under an allowed root."""
+    resolved = Path(path).expanduser().resolve()
+    roots = get_settings().roots
+    if any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        return resolved
+    shown = ", ".join(str(r) for r in roots)
+    raise PathNotAllowed(f"the {what} {path} is outside the folders this playground may read ({shown})")

@@ -1,0 +1,162 @@
+"""Settings from the environment and a file, logins and roles, and the safe-by-default rules:
+typed paths inside the allowed roots, binding to 127.0.0.1 without logins, no secret echoed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from browser import REPO, free_port
+from conftest import run_job
+
+from playground.engine import Engine
+from playground.errors import ConfigError
+from playground.settings import PathNotAllowed, allowed_path, get_settings
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """Set PLAYGROUND_* variables for one test (settings are read again when they change)."""
+
+    def put(**values: object) -> None:
+        for key, value in values.items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            monkeypatch.setenv(f"PLAYGROUND_{key.upper()}", text)
+
+    return put
+
+
+def test_defaults_are_local_and_open_only_to_this_machine(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("PLAYGROUND_"):
+            monkeypatch.delenv(key)
+    settings = get_settings()
+    assert (settings.host, settings.port, settings.auth_enabled) == ("127.0.0.1", 7860, False)
+    assert settings.roots[:2] == [Path.home().resolve(), Path.cwd().resolve()]
+    assert settings.jobs_folder == settings.data_dir / "jobs"
+
+
+def test_environment_beats_the_file_and_unknown_keys_are_refused(env, tmp_path):
+    file = tmp_path / "settings.yaml"
+    file.write_text("port: 8000\nui_concurrency: 2\nmax_cpu_jobs: 3\n")
+    env(settings_file=str(file), port="9000")
+    settings = get_settings()
+    assert (settings.port, settings.ui_concurrency, settings.max_cpu_jobs) == (9000, 2, 3)
+    file.write_text("port: 8000\nprot: 1\n")
+    env(port="9001")  # a changed variable makes the settings be read again
+    with pytest.raises(ConfigError, match="prot: unknown setting"):
+        get_settings()
+    env(settings_file=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        get_settings()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("port", "99999", "port: Input should be less than or equal to 65535"),
+        ("ui_concurrency", "0", "ui_concurrency: Input should be greater than or equal to 1"),
+        ("users", '[{"name": "ann", "password": "hunter2"}]', "at least 8 characters"),
+        ("users", "not json", "users"),
+    ],
+)
+def test_bad_values_are_named_and_secrets_are_not_echoed(env, key, value, message):
+    env(**{key: value})
+    with pytest.raises(ConfigError, match=message) as caught:
+        get_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_logins_give_roles(env):
+    env(
+        users=[
+            {"name": "ann", "password": "ann-password", "role": "admin"},
+            {"name": "bob", "password": "bob-password"},
+        ],
+        viewer_token="demo-token-123",
+    )
+    settings = get_settings()
+    assert settings.role_of("ann", "ann-password") == "admin"
+    assert settings.role_of("bob", "bob-password") == "viewer"
+    assert settings.role_of("carol", "demo-token-123") == "viewer"
+    assert settings.role_of("ann", "bob-password") is None
+    assert settings.role_of("bob", "") is None
+    assert "ann-password" not in repr(settings) and "demo-token-123" not in repr(settings)
+
+
+def test_binding_elsewhere_needs_logins(env):
+    env(host="0.0.0.0")
+    host, warning = get_settings().bind_host()
+    assert host == "127.0.0.1" and "no logins are set" in warning
+    env(admin_token="admin-token-123")
+    assert get_settings().bind_host() == ("0.0.0.0", "")
+
+
+def test_typed_paths_stay_inside_the_allowed_roots(env, tmp_path):
+    root = tmp_path / "models"
+    (root / "tiny").mkdir(parents=True)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.gguf").write_text("not a model")
+    (root / "link").symlink_to(outside)
+    env(allowed_roots=[str(root)])
+    assert allowed_path(root / "tiny") == (root / "tiny").resolve()
+    for bad in [root / ".." / "private" / "secret.gguf", root / "link" / "secret.gguf", Path("/etc/passwd")]:
+        with pytest.raises(PathNotAllowed, match="outside the folders this playground may read"):
+            allowed_path(bad, "model path")
+    engine = Engine()
+    with pytest.raises(PathNotAllowed, match="model path"):
+        engine.add_path(str(root / "../private/secret.gguf"))
+    assert all(not c.id.startswith("secret") for c in engine.configs.values())
+
+
+def test_job_options_with_paths_outside_the_roots_are_refused_before_a_process_starts(jobs, env, tmp_path):
+    env(allowed_roots=[str(tmp_path / "models")])
+    for kind, options, field in [
+        ("eval-router", {"model": "smollm2-135m-gguf", "data": "/etc/passwd"}, "data"),
+        ("eval-perplexity", {"model": "smollm2-135m-gguf", "corpus": "../../etc/passwd"}, "corpus"),
+        ("lora-sft", {"model": "smollm2-135m-transformers", "data": "/etc/shadow"}, "data"),
+        ("eval-lm", {"model": "smollm2-135m-gguf", "tasks": ["x"], "include_path": "/etc"}, "include_path"),
+    ]:
+        with pytest.raises(ConfigError, match=f"{field}.*outside the folders"):
+            jobs.submit(kind, options)
+    assert jobs.store.list() == []
+    # The bundled names and files are always allowed.
+    job = run_job(jobs, "eval-router", {"model": "smollm2-135m-router", "data": "ood", "limit": 1})
+    assert job.state == "succeeded"
+
+
+def app_start(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """Start app.py and stop it once it has said how it listens (or it exits by itself)."""
+    environment = os.environ | {"PYTHONUNBUFFERED": "1", "PLAYGROUND_PORT": str(free_port())} | env
+    return subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# Runs app.main with Gradio's launch replaced by a probe that prints where it would listen,
+# so the test sees the decision without serving anything.
+_PROBE = """
+import gradio, app
+def launch(self, **kw):
+    print("LAUNCH", kw["server_name"], kw["auth"] is not None, kw["max_file_size"])
+    raise SystemExit(0)
+gradio.Blocks.launch = launch
+app.main()
+"""
+
+
+def test_the_app_refuses_to_listen_everywhere_without_logins(tmp_path):
+    data = {"PLAYGROUND_DATA_DIR": str(tmp_path)}
+    open_everywhere = app_start(data | {"PLAYGROUND_HOST": "0.0.0.0"})
+    assert "LAUNCH 127.0.0.1 False 200mb" in open_everywhere.stdout
+    assert "no logins are set" in open_everywhere.stderr
+    with_login = app_start(data | {"PLAYGROUND_HOST": "0.0.0.0", "PLAYGROUND_ADMIN_TOKEN": "admin-token-123"})
+    assert "LAUNCH 0.0.0.0 True" in with_login.stdout
+    bad = app_start(data | {"PLAYGROUND_PORT": "seventy", "PLAYGROUND_ADMIN_TOKEN": "admin-token-123"})
+    assert bad.returncode != 0 and "invalid settings: port" in bad.stderr
+    assert "Traceback" not in bad.stderr and "admin-token-123" not in bad.stderr
