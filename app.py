@@ -18,6 +18,7 @@ from playground.monitor import SystemMonitor
 from playground.paths import data_dir, jobs_dir
 from playground.settings import get_settings
 from playground.ui import build_app
+from playground.ui.access import Access
 from playground.ui.app import CSS
 
 DEFAULT_VARIANT = "smollm2-135m-gguf"
@@ -37,16 +38,15 @@ def main() -> None:
     jobs = JobManager(
         JobStore(jobs_dir() / "jobs.sqlite"), jobs_dir() / "logs", max_cpu_jobs=settings.max_cpu_jobs
     ).start()
-    demo = build_app(engine, monitor, VoteStore(data_dir() / "votes.sqlite"), jobs)
+    access = Access(settings)
+    demo = build_app(engine, monitor, VoteStore(data_dir() / "votes.sqlite"), jobs, access)
     # SIGTERM (docker stop, systemd, a test's terminate) ends the app through the clean-up below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         demo.queue(default_concurrency_limit=settings.ui_concurrency).launch(
             server_name=host,
             server_port=settings.port,
-            auth=(lambda name, password: settings.role_of(name, password) is not None)
-            if settings.auth_enabled
-            else None,
+            auth=access.login if settings.auth_enabled else None,
             max_file_size=f"{settings.max_upload_mb}mb",
             css=CSS,
         )

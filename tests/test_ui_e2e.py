@@ -6,6 +6,7 @@ is the slow part); each test drives one feature.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -280,3 +281,55 @@ def test_qat_and_its_comparison_show_as_a_table_and_chart(page, tmp_path, llama_
     table = wait_text(page.locator("#job-results"), r"llama.cpp perplexity Q8_0", 20)
     assert re.search(r"ui-qat(\s+\S*)*\s+\d+\.\d+", table)
     page.screenshot(path=str(DOCS / "qat.png"), full_page=True)
+
+
+def sign_in(page, url: str, name: str, password: str) -> None:
+    """Gradio's own login form, as a person fills it."""
+    page.context.clear_cookies()
+    page.goto(url)
+    page.locator("input[type=text]").first.fill(name)
+    page.locator("input[type=password]").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
+def test_viewers_prompt_and_compare_while_only_admins_load_and_run_jobs(page, tmp_path):
+    users = [
+        {"name": "ann", "password": "ann-password", "role": "admin"},
+        {"name": "bob", "password": "bob-password"},
+    ]
+    env = {"PLAYGROUND_DATA_DIR": str(tmp_path / "data"), "PLAYGROUND_USERS": json.dumps(users)}
+    # A second app, with logins, in its own browser context of the module's browser (Playwright's
+    # sync API runs one instance at a time).
+    context = page.context.browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    with running_app(tmp_path / "app.log", env) as url:
+        sign_in(page, url, "bob", "wrong-password")
+        page.get_by_text("Incorrect Credentials").wait_for(timeout=20_000)
+        sign_in(page, url, "bob", "bob-password")
+        wait_text(page.locator("#signed-in"), r"Signed in as bob \(viewer\)", 60)
+        page.locator("#load").click()
+        wait_text(page.locator("#load-status"), "Only an admin can load variants", 20)
+        page.get_by_text("Add a variant from a local path").click()
+        page.locator("#add-path textarea, #add-path input").first.fill(str(tmp_path))
+        page.locator("#add").click()
+        wait_text(page.locator("#add-status"), "Only an admin can add variants", 20)
+        # A viewer prompts the variant the app loads at start (the list is drawn with the page).
+        deadline = time.monotonic() + 180
+        while "ready" not in page.locator("#loaded").inner_text() and time.monotonic() < deadline:
+            time.sleep(2)
+            page.goto(url)
+        wait_text(page.locator("#loaded"), r"smollm2-135m-gguf.*ready", 5)
+        set_number(page, "n-panels", 1)
+        page.locator("#prompt textarea").fill("Say hello.")
+        page.locator("#send").click()
+        wait_text(page.locator("#panel-0-metrics"), METRICS.pattern, 120)
+        page.get_by_role("tab", name="Jobs").click()
+        choose(page, "job-kind", "eval-format")
+        page.locator("#job-submit").click()
+        wait_text(page.locator("#job-submit-status"), "Only an admin can start jobs", 20)
+        # The admin may.
+        sign_in(page, url, "ann", "ann-password")
+        wait_text(page.locator("#signed-in"), r"Signed in as ann \(admin\)", 60)
+        page.locator("#unload").click()
+        wait_text(page.locator("#load-status"), "unloaded", 20)
+    context.close()

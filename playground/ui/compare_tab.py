@@ -18,6 +18,7 @@ import gradio as gr
 
 from playground.engine import Engine
 from playground.export import Answer, Comparison
+from playground.ui.access import Access
 from playground.ui.charts import ReplyPoint, comparison_figure
 from playground.ui.formatting import error_text, loaded_markdown, metrics_line
 from playground.ui.session import MAX_PANELS, Session, Sessions
@@ -70,9 +71,10 @@ def _panel_status(run: PanelRun) -> str:
 
 
 class CompareTab:
-    def __init__(self, engine: Engine, sessions: Sessions) -> None:
+    def __init__(self, engine: Engine, sessions: Sessions, access: Access) -> None:
         self.engine = engine
         self.sessions = sessions
+        self.access = access
         self.panels: list[Panel] = []
 
     # -- building ------------------------------------------------------------------------
@@ -173,6 +175,9 @@ class CompareTab:
         return Panel(column, variant, chatbot, metrics, stop, reload, override, settings)
 
     # -- variants --------------------------------------------------------------------------
+    def refresh_loaded(self) -> str:
+        return loaded_markdown(self.engine)
+
     def show_estimate(self, variant_id: str | None) -> str:
         if not variant_id:
             return ""
@@ -181,7 +186,10 @@ class CompareTab:
         except Exception as err:  # an estimate must never break the page
             return error_text(err)
 
-    def load(self, variant_id: str | None) -> Iterator[tuple[str, str]]:
+    def load(self, variant_id: str | None, request: gr.Request) -> Iterator[tuple[str, str]]:
+        if refusal := self.access.refusal(request, "load variants"):
+            yield refusal, loaded_markdown(self.engine)
+            return
         if not variant_id:
             yield "Pick a variant first.", loaded_markdown(self.engine)
             return
@@ -199,13 +207,17 @@ class CompareTab:
         except Exception as err:
             yield error_text(err), loaded_markdown(self.engine)
 
-    def unload(self, variant_id: str | None) -> tuple[str, str]:
+    def unload(self, variant_id: str | None, request: gr.Request) -> tuple[str, str]:
+        if refusal := self.access.refusal(request, "unload variants"):
+            return refusal, loaded_markdown(self.engine)
         if variant_id:
             self.engine.unload(variant_id)
         return (f"{variant_id} unloaded." if variant_id else ""), loaded_markdown(self.engine)
 
-    def add_path(self, path: str, fmt: str) -> list[Any]:
+    def add_path(self, path: str, fmt: str, request: gr.Request) -> list[Any]:
         unchanged = [gr.update()] * (1 + MAX_PANELS)
+        if refusal := self.access.refusal(request, "add variants"):
+            return [refusal, *unchanged]
         if not path or not path.strip():
             return ["⚠ Type the path of a GGUF file, an HF model folder or a state_dict.", *unchanged]
         try:
@@ -228,7 +240,10 @@ class CompareTab:
         return stop
 
     def _reloader(self, i: int):
-        def reload(variant_id: str | None) -> Iterator[tuple[Any, Any, str]]:
+        def reload(variant_id: str | None, request: gr.Request) -> Iterator[tuple[Any, Any, str]]:
+            if refusal := self.access.refusal(request, "reload variants"):
+                yield refusal, gr.update(), loaded_markdown(self.engine)
+                return
             if not variant_id:
                 yield "Pick a variant for this panel.", gr.update(), loaded_markdown(self.engine)
                 return

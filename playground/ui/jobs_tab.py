@@ -17,6 +17,7 @@ from playground.errors import PlaygroundError
 from playground.jobs.kinds import KINDS, RESUMABLE_KINDS
 from playground.jobs.manager import JobManager
 from playground.jobs.store import Job
+from playground.ui.access import Access
 from playground.ui.charts import loss_figure, metric_bars, needle_figure, quant_compare_figure, router_eval_figure
 from playground.ui.formatting import error_text
 
@@ -95,9 +96,10 @@ def results_rows(jobs: list[Job]) -> dict[str, Any]:
 
 
 class JobsTab:
-    def __init__(self, engine: Engine, manager: JobManager) -> None:
+    def __init__(self, engine: Engine, manager: JobManager, access: Access) -> None:
         self.engine = engine
         self.manager = manager
+        self.access = access
         self._n_dropdowns = 0
         self._has_router_dropdown = False
 
@@ -147,7 +149,9 @@ class JobsTab:
         selected.change(self.refresh, selected, outputs, show_progress="hidden")
 
     # -- actions ---------------------------------------------------------------------------
-    def submit(self, kind: str, model: str, options_text: str) -> tuple[str, Any]:
+    def submit(self, kind: str, model: str, options_text: str, request: gr.Request) -> tuple[str, Any]:
+        if refusal := self.access.refusal(request, "start jobs"):
+            return refusal, gr.update()
         try:
             options = json.loads(options_text or "{}")
         except json.JSONDecodeError as err:
@@ -160,11 +164,13 @@ class JobsTab:
             return f"⚠ {error_text(err)}", gr.update()
         return f"Started {kind} on {model}: job `{job.id}` ({job.state})", gr.update(value=job.id)
 
-    def cancel(self, job_id: str | None) -> str:
-        return self._control(self.manager.cancel, job_id, "")
+    def cancel(self, job_id: str | None, request: gr.Request) -> str:
+        refusal = self.access.refusal(request, "cancel jobs")
+        return refusal or self._control(self.manager.cancel, job_id, "")
 
-    def resume(self, job_id: str | None) -> str:
-        return self._control(self.manager.resume, job_id, " again, from its last checkpoint")
+    def resume(self, job_id: str | None, request: gr.Request) -> str:
+        refusal = self.access.refusal(request, "resume jobs")
+        return refusal or self._control(self.manager.resume, job_id, " again, from its last checkpoint")
 
     @staticmethod
     def _control(action: Any, job_id: str | None, note: str) -> str:

@@ -15,6 +15,7 @@ from playground.engine import Engine
 from playground.jobs.manager import JobManager
 from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router, read_router_data
 from playground.settings import allowed_path
+from playground.ui.access import Access
 from playground.ui.charts import router_eval_figure
 from playground.ui.formatting import error_text, metrics_line
 from playground.ui.session import Sessions
@@ -47,9 +48,10 @@ def _rate(value: float | None) -> str:
 
 
 class RouterTab:
-    def __init__(self, engine: Engine, sessions: Sessions, jobs: JobManager | None = None) -> None:
+    def __init__(self, engine: Engine, sessions: Sessions, access: Access, jobs: JobManager | None = None) -> None:
         self.engine = engine
         self.sessions = sessions
+        self.access = access
         self.jobs = jobs
         self.router: gr.Dropdown | None = None
 
@@ -99,8 +101,12 @@ class RouterTab:
             run.click(self.evaluate, [router, threshold, dataset, path, limit], [status, plot])
             background.click(self.submit_eval, [router, threshold, dataset, path, limit], status)
 
-    def submit_eval(self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None) -> str:
+    def submit_eval(
+        self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None, request: gr.Request
+    ) -> str:
         """The same eval as a job: it survives closing the page, and its result joins the Jobs tab's table."""
+        if refusal := self.access.refusal(request, "start jobs"):
+            return refusal
         if self.jobs is None:
             return "⚠ Background jobs are not available in this app."
         options: dict[str, Any] = {"model": router_id, "threshold": float(threshold)}
