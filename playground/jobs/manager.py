@@ -65,7 +65,9 @@ class JobManager:
         self.gpu_free = gpu_free
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._adopted: dict[str, int] = {}  # job id -> pid of a job process we did not start
-        self._cancelled: set[str] = set()
+        # Jobs this manager is ending on purpose, with the state and reason to record: the
+        # watcher thread may see the process end before the ending call records it.
+        self._ending: dict[str, tuple[str, str | None]] = {}
         self._waiting_said: dict[str, str] = {}  # the last "waiting for ..." event of each queued job
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -169,8 +171,9 @@ class JobManager:
 
     def _record_end(self, job_id: str, failure: str, pid: int) -> None:
         """After job process `pid` ended: its final state, unless it recorded one itself."""
-        if job_id in self._cancelled:
-            self.store.finish_if_running(job_id, "cancelled", None, pid)
+        if job_id in self._ending:
+            state, reason = self._ending[job_id]
+            self.store.finish_if_running(job_id, state, reason, pid)
         elif self.store.finish_if_running(job_id, "failed", failure, pid):
             self.store.add_event(job_id, {"message": failure})
 
@@ -195,9 +198,9 @@ class JobManager:
         if not end_jobs:
             return
         for job in self._running_jobs():
-            self._cancelled.discard(job.id)
+            self._ending[job.id] = ("interrupted", "the app stopped while this job ran")
             self._end_group(job)
-            self.store.finish_if_running(job.id, "interrupted", "the app stopped while this job ran")
+            self.store.finish_if_running(job.id, *self._ending[job.id])
 
     # -- control -------------------------------------------------------------------------
     def _end_group(self, job: Job) -> None:
@@ -221,7 +224,7 @@ class JobManager:
         job = self.store.get(job_id)
         if job.finished:
             raise PlaygroundError(f"job {job_id} has already ended ({job.state})")
-        self._cancelled.add(job_id)
+        self._ending[job_id] = ("cancelled", None)
         if job.state == "running":
             self._end_group(job)
         # Recorded here, not only by the watcher, so the caller sees the final state at once.
@@ -235,7 +238,7 @@ class JobManager:
         if job.state not in ("interrupted", "failed", "cancelled") or job.kind not in RESUMABLE_KINDS:
             why = "only fine-tunes resume" if job.kind not in RESUMABLE_KINDS else f"it is {job.state}"
             raise PlaygroundError(f"job {job_id} cannot be resumed: {why}")
-        self._cancelled.discard(job_id)
+        self._ending.pop(job_id, None)
         self.store.update(job_id, state="queued", error=None, ended=None, pid=None)
         self.store.add_event(job_id, {"message": "resume requested"})
         self.schedule()
