@@ -210,11 +210,13 @@ class ModelConfig(_Strict):
         return "chat" if self.prompt_format == "chat_template" else "completion"
 
 
-def _describe(err: ValidationError) -> str:
+def describe_errors(err: ValidationError, unknown: str = "unknown field") -> str:
+    """A validation error as `where: what` parts; unknown keys called `unknown`. Inputs are never
+    shown (they may be secrets)."""
     parts = []
-    for e in err.errors():
+    for e in err.errors(include_input=False):
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = unknown if e["type"] == "extra_forbidden" else e["msg"]
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
 
@@ -223,7 +225,7 @@ def validate_params(values: dict[str, Any]) -> GenerationParams:
     try:
         return GenerationParams.model_validate(values)
     except ValidationError as err:
-        raise ConfigError(f"invalid generation settings: {_describe(err)}") from None
+        raise ConfigError(f"invalid generation settings: {describe_errors(err)}") from None
 
 
 def parse_config(data: Any, origin: str) -> ModelConfig:
@@ -233,7 +235,7 @@ def parse_config(data: Any, origin: str) -> ModelConfig:
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{origin}: {_describe(err)}") from None
+        raise ConfigError(f"{origin}: {describe_errors(err)}") from None
 
 
 def load_config_file(path: Path) -> ModelConfig:

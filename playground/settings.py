@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from playground.config import describe_errors
 from playground.errors import ConfigError, PlaygroundError
 
 Role = Literal["admin", "viewer"]
@@ -136,15 +137,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors(include_input=False):
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
-
-
 def get_settings() -> Settings:
     """The settings of this process; read again only when a PLAYGROUND_* variable changes."""
     snapshot = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("PLAYGROUND_")))
@@ -159,7 +151,7 @@ def _settings_for(_environment: tuple[tuple[str, str], ...]) -> Settings:
     try:
         return Settings()
     except ValidationError as err:
-        raise ConfigError(f"invalid settings: {_describe(err)}") from None
+        raise ConfigError(f"invalid settings: {describe_errors(err, unknown='unknown setting')}") from None
     except (OSError, ValueError) as err:  # an unreadable or malformed settings file
         raise ConfigError(f"the settings file {os.environ.get(SETTINGS_FILE_VARIABLE)} cannot be read: {err}") from None
 

@@ -206,7 +206,7 @@ def one_reply(engine: Engine, variant_id: str, prompt: str, new_tokens: int) -> 
     pieces, finished = [], None
     for event in engine.generate(variant_id, request):
         if isinstance(event, TextDelta):
-            pieces.extend([event.text] if event.n_tokens == 1 else [event.text] * event.n_tokens)
+            pieces.extend([event.text] * event.n_tokens)
         elif isinstance(event, Finished):
             finished = event
     if finished is None:

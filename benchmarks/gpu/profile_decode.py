@@ -16,6 +16,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,18 @@ def kind_of(kernel: str) -> str:
     if any(k in name for k in ("gemv", "gemm", "cutlass", "xmma", "sm90", "matmul", "splitk", "cublas")):
         return "matmul (weights)"
     return "other (norms, rope, activations, copies)"
+
+
+def kernel_times(run: Callable[[], object]) -> dict[str, tuple[float, int]]:
+    """CUDA kernel name -> (total device microseconds, calls) while `run` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+    times = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.key] = (device_us, event.count)
+    return times
 
 
 def graph_ms_per_token(decoder: StaticDecoder, prompt: list[int], tokens: int) -> float:
@@ -64,25 +77,15 @@ def profile(shape_name: str, steps: int, compile_step: bool) -> dict[str, Any]:
     eager = StaticDecoder(model, 1024, use_cuda_graph=False, compile_step=compile_step)
     params = GenerationParams(temperature=0.0, max_new_tokens=steps + 1)
     list(eager.tokens(prompt, params, lambda: False))  # warm
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        list(eager.tokens(prompt, params, lambda: False))
-    by_kind: dict[str, float] = defaultdict(float)
-    kernels: dict[str, tuple[float, int]] = {}
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        by_kind[kind_of(event.key)] += device_us
-        kernels[event.key] = (device_us, event.count)
+    kernels = kernel_times(lambda: list(eager.tokens(prompt, params, lambda: False)))
     # The prefill's kernels are in the profile too: take them out by subtracting one prefill.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prefill_prof:
-        list(eager.tokens(prompt, GenerationParams(temperature=0.0, max_new_tokens=1), lambda: False))
-    for event in prefill_prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-            by_kind[kind_of(event.key)] -= device_us
-            total, count = kernels.get(event.key, (0.0, 0))
-            kernels[event.key] = (total - device_us, count - event.count)
+    one_token = GenerationParams(temperature=0.0, max_new_tokens=1)
+    for name, (us, count) in kernel_times(lambda: list(eager.tokens(prompt, one_token, lambda: False))).items():
+        total, calls = kernels.get(name, (0.0, 0))
+        kernels[name] = (total - us, calls - count)
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, (us, _) in kernels.items():
+        by_kind[kind_of(name)] += us
     per_token = {kind: us / steps / 1e3 for kind, us in by_kind.items()}
     weight_bytes = shape.bytes_per_token(0)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]

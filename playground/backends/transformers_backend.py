@@ -28,16 +28,11 @@ from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, 
 from playground.backends.fast_decode import DecodePath, StaticDecoder
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
+from playground.paths import cache_dir
 from playground.prompts import render_without_template
 from playground.sources import Weights, fetch, file_sha256
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def cache_root() -> Path:
-    from playground.paths import cache_dir
-
-    return cache_dir()
 
 
 def resolve_device(config: ModelConfig) -> str:
@@ -419,9 +414,7 @@ class TransformersBackend(Backend):
         except Exception as err:
             raise GenerationError(f"generation failed: {first_line(err)}") from None
         finally:
-            close = getattr(tokens, "close", None)
-            if close is not None:
-                close()
+            tokens.close()  # ends generate's thread, or drops the decoder's step queued ahead
         if should_stop():
             self._finish_reason = "cancelled"
 
@@ -499,7 +492,7 @@ def dequantized_gguf_folder(gguf_path: Path) -> tuple[Path, bool]:
     gets a new folder; it is written to a temporary name and renamed, so a crash leaves no half
     folder behind.
     """
-    folder = cache_root() / "gguf-dequant" / file_sha256(gguf_path)[:24]
+    folder = cache_dir() / "gguf-dequant" / file_sha256(gguf_path)[:24]
     if (folder / "config.json").exists():
         return folder, False
     try:
