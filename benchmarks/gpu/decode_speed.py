@@ -25,6 +25,7 @@ import json
 import random
 import statistics
 import string
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,6 +151,13 @@ def write_f16_gguf(model: Any, folder: Path, path: Path) -> Path:
 
 
 # -- the machine ---------------------------------------------------------------------------------
+def copy_bandwidth_in_child() -> float:
+    """`copy_bandwidth` measured in a child process, so this one never touches CUDA (see --weights-on)."""
+    code = "from benchmarks.gpu.decode_speed import copy_bandwidth; print(copy_bandwidth())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
     src = torch.randn(2**28, device="cuda")  # 1 GiB of fp32
@@ -250,7 +258,7 @@ def bench_model(shape: Shape, paths: list[str], args: argparse.Namespace, bandwi
     work = Path(tempfile.mkdtemp(prefix=f"bench-{shape.name}-", dir=args.work_dir))
     folder = work / "hf"
     started = time.perf_counter()
-    model = make_model(shape, folder, device)
+    model = make_model(shape, folder, "cpu" if args.tiny else args.weights_on)
     gguf = None
     engine = Engine(config_dirs=[work])
     result: dict[str, Any] = {"shape": asdict(shape), "n_params": shape.n_params(), "paths": {}, "errors": {}}
@@ -344,6 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run on a tiny shape")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--keep-files", action="store_true")
+    parser.add_argument(
+        "--weights-on",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="where this process makes the random weights; cpu keeps it off CUDA altogether (the "
+        "copy bandwidth is then measured in a child), to tell whether a CUDA context in the parent "
+        "is what kills llama.cpp's workers",
+    )
     args = parser.parse_args(argv)
     args.fp32_check = set(filter(None, args.fp32_check.split(",")))
     random.seed(0)
@@ -358,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = None
     else:
         shapes = [SHAPES[name] for name in args.models.split(",")]
-        bandwidth = copy_bandwidth()
+        bandwidth = copy_bandwidth() if args.weights_on == "cuda" else copy_bandwidth_in_child()
         print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s", flush=True)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

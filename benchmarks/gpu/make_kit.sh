@@ -13,7 +13,7 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platfo
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d "$kit/dl" bitsandbytes==0.50.2 gguf==0.19.0 nvidia-ml-py==13.615.71 pydantic==2.13.4 pydantic-core==2.46.4 \
   annotated-types typing-inspection scikit-build-core pathspec diskcache pytest==9.0.3 pluggy iniconfig pytest-timeout==2.4.0 \
-  peft==0.21.2 accelerate==1.15.0 regex==2026.11.15
+  peft==0.21.2 accelerate==1.15.0 regex==2026.11.15 pydantic-settings==2.16.3 python-dotenv
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$kit/wheels" transformers==5.23.0
 for w in "$kit"/dl/*.whl; do unzip -q -o "$w" -d "$kit/site"; done
 # The GPU machine's torch is built for CUDA 13: keep only those bitsandbytes libraries.
