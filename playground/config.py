@@ -173,6 +173,8 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     prompt_format: PromptFormat = "chat_template"
     context_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    # Requests its worker streams at once; more wait in the variant's fair queue (request_queue).
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 1
     generation: GenerationParams = GenerationParams()
     role: Role = "general"
     router: RouterSpec | None = None
@@ -201,6 +203,8 @@ class ModelConfig(_Strict):
             raise ValueError("fast_decode applies to the transformers and scratch_gpt backends only")
         if self.adapter is not None and self.backend not in ("transformers", "scratch_gpt"):
             raise ValueError("a LoRA adapter applies to the transformers and scratch_gpt backends only")
+        if self.concurrency > 1 and self.backend != "openai":
+            raise ValueError("concurrency above 1 needs backend openai: a local worker decodes one request at a time")
         if self.router and self.router.escalate_route not in self.router.routes:
             raise ValueError("router.escalate_route must be one of router.routes")
         return self

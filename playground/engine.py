@@ -203,8 +203,12 @@ class Engine:
             raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
         return worker
 
-    def generate(self, variant_id: str, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
-        return self._loaded_worker(variant_id).generate(request, cancel)
+    def generate(
+        self, variant_id: str, request: Request, cancel: threading.Event | None = None, *, session: str = "local"
+    ) -> Iterator[Event]:
+        """A request's events. Requests to one variant take turns fairly over `session`s: a
+        caller sees `Queued` events (its place in line) until its turn."""
+        return self._loaded_worker(variant_id).generate(request, cancel, session)
 
     def score(self, variant_id: str, request: Request, continuations: list[str]) -> tuple[list[float], float]:
         return self._loaded_worker(variant_id).score(request, continuations)

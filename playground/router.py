@@ -89,13 +89,14 @@ def answer_schema(routes: list[str]) -> dict[str, Any]:
 class Router:
     """One router variant of the engine: scores requests and decides against a threshold."""
 
-    def __init__(self, engine: Engine, variant_id: str) -> None:
+    def __init__(self, engine: Engine, variant_id: str, session: str = "local") -> None:
         config = engine.get(variant_id)
         if config.router is None:
             raise PlaygroundError(f"{config.display_name} has no router section: it cannot route")
         self.engine = engine
         self.config: ModelConfig = config
         self.spec = config.router
+        self.session = session  # whose turn its answers take in the router's fair queue
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.spec.system_prompt}, {"role": "user", "content": prompt}]
@@ -128,7 +129,7 @@ class Router:
             json_schema=answer_schema(self.spec.routes) if backend_has_grammar else None,
         )
         text = ""
-        for event in self.engine.generate(self.config.id, request):
+        for event in self.engine.generate(self.config.id, request, session=self.session):
             if isinstance(event, Finished):
                 text = event.text
         return text, backend_has_grammar

@@ -3,7 +3,9 @@ really returns its memory to the system.
 
 Parent and worker talk over two one-way pipes. Commands go down (generate, stop, shutdown);
 events come up (ready / load_failed, then per request: started, chunk..., done or error).
-The worker runs requests one at a time, in order; a reader thread in it applies Stop at once.
+The worker runs requests one at a time, in order (a server backend with `concurrency` above 1:
+that many at once, one thread each); which generation request is sent when is decided in the
+parent by the variant's fair queue (request_queue). A reader thread in it applies Stop at once.
 The parent's reader thread routes events to the request they belong to, and notices the
 worker's death (EOF on the pipe) and tells every waiting request why.
 """
@@ -17,16 +19,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import psutil
 
-from playground.backends.base import LoadInfo, Request
+from playground.backends.base import FinishReason, LoadInfo, Request
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError, WorkerDied, WorkerHung
 from playground.metrics import GenerationMetrics
+from playground.request_queue import FairQueue, Queued
 
 # spawn, not fork: the parent may hold threads (UI server) and must never share CUDA state.
 _CTX = multiprocessing.get_context("spawn")
@@ -52,7 +56,7 @@ class Finished:
     metrics: GenerationMetrics
 
 
-Event = Started | TextDelta | Finished
+Event = Queued | Started | TextDelta | Finished
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -118,6 +122,7 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
     from playground.errors import PlaygroundError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the parent
+    events = _LockedSender(events)  # type: ignore[assignment]  # requests may stream from threads
     try:
         backend = create_backend(config)
         info = backend.load()
@@ -161,7 +166,8 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
                 return
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
-    while (job := pending.get()) is not None:
+
+    def serve(job: tuple[Any, ...]) -> None:
         kind, rid, request = job[0], job[1], job[2]
         try:
             if kind == "generate":
@@ -185,7 +191,29 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
         finally:
             with stops_lock:
                 stops.pop(rid, None)
+
+    together = config.concurrency if backend.serves_concurrently else 1
+    pool = ThreadPoolExecutor(together, thread_name_prefix="request") if together > 1 else None
+    while (job := pending.get()) is not None:
+        if pool is not None and job[0] == "generate":
+            pool.submit(serve, job)
+        else:
+            serve(job)
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
     backend.unload()
+
+
+class _LockedSender:
+    """A Connection's send for several threads: one message at a time on the pipe."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        with self._lock:
+            self._connection.send(message)
 
 
 # Backend methods a parent may run in a worker by name (see Backend).
@@ -218,6 +246,7 @@ class Worker:
         self._ready = threading.Event()
         self._queues: dict[str, queue.Queue[tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
+        self.turns = FairQueue(config.concurrency)  # generation requests wait here for a slot
         commands_r, self._commands = _CTX.Pipe(duplex=False)
         self._events, events_w = _CTX.Pipe(duplex=False)
         self.process = _CTX.Process(
@@ -296,9 +325,42 @@ class Worker:
             self._queues[rid] = inbox
         return rid, inbox
 
-    def generate(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Stream one request's events. Closing the iterator early, or setting `cancel`, stops it
-        (a queued request too); after a cancel the stream still ends with its Finished event."""
+    def generate(
+        self, request: Request, cancel: threading.Event | None = None, session: str = "local"
+    ) -> Iterator[Event]:
+        """Stream one request's events: `Queued` while it waits its turn among the sessions
+        using this variant, then the worker's. Closing the iterator early, or setting `cancel`,
+        stops it (a queued request too); after a cancel the stream still ends with its Finished
+        event."""
+        if self.state != "ready":
+            raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
+        admitted = yield from self.turns.turn(session, cancel)
+        if not admitted:
+            yield Finished("", self._nothing_generated("cancelled"))
+            return
+        try:
+            yield from self._generate(request, cancel)
+        finally:
+            self.turns.release()
+
+    def _nothing_generated(self, reason: FinishReason) -> GenerationMetrics:
+        info = self.info
+        return GenerationMetrics(
+            prompt_tokens=None,
+            completion_tokens=0,
+            ttft_s=None,
+            prefill_tok_s=None,
+            decode_tok_s=None,
+            decode_s=0.0,
+            total_s=0.0,
+            peak_mem_bytes=0,
+            peak_rss_bytes=0,
+            backend=info.backend if info else self.config.backend,
+            device=info.device if info else "",
+            finish_reason=reason,
+        )
+
+    def _generate(self, request: Request, cancel: threading.Event | None) -> Iterator[Event]:
         rid, inbox = self._new_request()
         finished = False
         try:

@@ -3,10 +3,14 @@ serving the embedded GGUF."""
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 from conftest import EMBEDDED_GGUF, check_reply, collect, free_port, variant
 
-from playground.errors import LoadError
+from playground.errors import GenerationError, LoadError
 
 
 @pytest.mark.parametrize("mode", ["chat", "completion"])
@@ -43,3 +47,53 @@ def test_unreachable_endpoint_is_a_clear_load_error(engine):
     )
     with pytest.raises(LoadError, match="cannot reach an OpenAI-compatible server"):
         engine.load(config.id)
+
+
+class _EchoingServer(BaseHTTPRequestHandler):
+    """Lists a model, then refuses every completion with an error that repeats the request's
+    Authorization header, as careless servers do."""
+
+    def do_GET(self) -> None:
+        self._answer(200, {"data": [{"id": "echo"}]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(401, {"error": f"invalid key in {self.headers.get('Authorization')}"})
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_api_key_is_never_shown_back(engine, monkeypatch):
+    secret = "sk-test-5f3a9c1e-do-not-show"
+    monkeypatch.setenv("PLAYGROUND_TEST_API_KEY", secret)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        config = engine.add(
+            variant(
+                id="echoing",
+                backend="openai",
+                endpoint={
+                    "base_url": f"http://127.0.0.1:{httpd.server_port}/v1",
+                    "api_key_env": "PLAYGROUND_TEST_API_KEY",
+                },
+            )
+        )
+        info = engine.load(config.id)
+        assert secret not in repr(info) and secret not in repr(engine.get(config.id))
+        with pytest.raises(GenerationError) as refused:
+            collect(engine.generate(config.id, engine.request(config.id, prompt="hi", mode="chat")))
+        message = str(refused.value)
+        assert "401" in message and "invalid key in Bearer" in message
+        assert secret not in message
+    finally:
+        httpd.shutdown()

@@ -332,4 +332,37 @@ def test_viewers_prompt_and_compare_while_only_admins_load_and_run_jobs(page, tm
         wait_text(page.locator("#signed-in"), r"Signed in as ann \(admin\)", 60)
         page.locator("#unload").click()
         wait_text(page.locator("#load-status"), "unloaded", 20)
+        shown = page.content()
     context.close()
+    # No password reaches the page or the app's log, not even a wrong one.
+    log = (tmp_path / "app.log").read_text()
+    for secret in ("ann-password", "bob-password", "wrong-password"):
+        assert secret not in shown and secret not in log
+
+
+def test_a_second_session_waits_its_turn_for_a_shared_variant_and_sees_its_place(page):
+    """Two people, one loaded variant: while the first one's reply streams, the second one's
+    panel says where it stands in line; it is answered once the first is stopped."""
+    first = page
+    first.reload()
+    set_number(first, "n-panels", 1)
+    first.get_by_text("Generation settings (all panels)").click()
+    set_number(first, "shared-max_new_tokens", 600)
+    context = first.context.browser.new_context(viewport={"width": 1400, "height": 1000})
+    second = context.new_page()
+    try:
+        second.goto(first.url)
+        set_number(second, "n-panels", 1)
+        first.locator("#prompt textarea").fill("Write a long story about a lighthouse keeper.")
+        first.locator("#send").click()
+        wait_text(first.locator("#panel-0-chat"), r"lighthouse keeper\.[\s\S]+\w", 60)
+        second.locator("#prompt textarea").fill("Say hello.")
+        second.locator("#send").click()
+        wait_text(second.locator("#panel-0-metrics"), r"queued for smollm2-135m-gguf: 1st in line", 30)
+        first.locator("#panel-0-stop").click()
+        wait_text(first.locator("#panel-0-metrics"), "finish: cancelled", 10)
+        wait_text(second.locator("#panel-0-metrics"), METRICS.pattern, 120)
+        assert second.locator("#panel-0-chat").get_by_text("lighthouse").count() == 0  # nothing crossed
+        assert first.locator("#panel-0-chat").get_by_text("Say hello.").count() == 0
+    finally:
+        context.close()

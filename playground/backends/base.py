@@ -85,6 +85,9 @@ class Backend(ABC):
     supports_scoring: ClassVar[bool] = False  # can give log-probabilities of given continuations
     counts_tokens_locally: ClassVar[bool] = True  # False: counts come from a server's Usage
     runs_remote: ClassVar[bool] = False
+    # True: its worker may stream `config.concurrency` requests at once, one thread each. A local
+    # model decodes one request at a time (one KV cache, one llama.cpp context).
+    serves_concurrently: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config

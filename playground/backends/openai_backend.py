@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop, Usage
+from playground.backends.base import Backend, Chunk, FinishReason, LoadInfo, Prompt, Request, ShouldStop, Usage
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.prompts import render_without_template
@@ -26,6 +27,7 @@ class OpenAIBackend(Backend):
     name = "openai"
     counts_tokens_locally = False
     runs_remote = True
+    serves_concurrently = True  # a server batches requests itself
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -33,11 +35,22 @@ class OpenAIBackend(Backend):
         self.endpoint = config.endpoint
         self.model_name = config.endpoint.model
         self.client: httpx.Client | None = None
+        # With `concurrency` above 1 the worker streams several requests at once, each in its own
+        # thread: a reply's finish reason is that thread's.
+        self._per_request = threading.local()
+
+    def _key(self) -> str:
+        env = self.endpoint.api_key_env
+        return os.environ.get(env, "") if env else ""
 
     def _headers(self) -> dict[str, str]:
-        env = self.endpoint.api_key_env
-        key = os.environ.get(env, "") if env else ""
+        key = self._key()
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _redacted(self, text: str) -> str:
+        """A server's words with our key taken out: some echo the Authorization header back."""
+        key = self._key()
+        return text.replace(key, "***") if key else text
 
     def load(self) -> LoadInfo:
         started = time.perf_counter()
@@ -85,15 +98,15 @@ class OpenAIBackend(Backend):
         )
         if params.seed is not None:
             body["seed"] = params.seed
-        self._finish_reason = "stop"
+        self._per_request.finish_reason = "stop"
         try:
             with self.client.stream("POST", path, json=body) as reply:
                 if reply.status_code != 200:
-                    detail = reply.read().decode("utf-8", errors="replace")[:300]
+                    detail = self._redacted(reply.read().decode("utf-8", errors="replace"))[:300]
                     raise GenerationError(f"the server answered {reply.status_code}: {detail}")
                 for event in _sse_data(reply.iter_lines()):
                     if should_stop():
-                        self._finish_reason = "cancelled"
+                        self._per_request.finish_reason = "cancelled"
                         return
                     if event.get("usage"):
                         usage = event["usage"]
@@ -105,11 +118,16 @@ class OpenAIBackend(Backend):
                         if piece:
                             yield Chunk(piece, 1)
                         if choice.get("finish_reason"):
-                            self._finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+                            self._per_request.finish_reason = (
+                                "length" if choice["finish_reason"] == "length" else "stop"
+                            )
         except httpx.HTTPError as err:
             raise GenerationError(
                 f"the connection to {self.endpoint.base_url} failed ({err.__class__.__name__})"
             ) from None
+
+    def finish_reason(self) -> FinishReason:
+        return getattr(self._per_request, "finish_reason", "stop")
 
     def unload(self) -> None:
         if self.client is not None:

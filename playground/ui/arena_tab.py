@@ -15,7 +15,7 @@ import gradio as gr
 
 from playground.arena import VoteStore
 from playground.engine import Engine
-from playground.ui.formatting import error_text, leaderboard_markdown
+from playground.ui.formatting import error_text, leaderboard_markdown, ordinal
 from playground.ui.session import Sessions
 from playground.ui.streaming import PanelRun, stream_panels
 
@@ -77,7 +77,13 @@ class ArenaTab:
         session.arena_cancels = [threading.Event(), threading.Event()]
         try:
             runs = [
-                PanelRun(i, variant, self.engine.request(variant, prompt=prompt, mode="chat"), session.arena_cancels[i])
+                PanelRun(
+                    i,
+                    variant,
+                    self.engine.request(variant, prompt=prompt, mode="chat"),
+                    session.arena_cancels[i],
+                    session=session.key,
+                )
                 for i, variant in enumerate(session.arena_pair)
             ]
         except Exception as err:
@@ -89,7 +95,9 @@ class ArenaTab:
             views = [
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": r.text or "…"}] for r in snapshot
             ]
-            yield ["Answering…", *views, *off]
+            waiting = [r.queue_position for r in snapshot if r.status == "queued"]
+            note = f" (waiting its turn: {ordinal(min(waiting))} in line)" if waiting else ""  # which side stays hidden
+            yield [f"Answering…{note}", *views, *off]
         failed = [r for r in snapshot if r.status == "failed"]
         views = [
             [

@@ -20,7 +20,7 @@ from playground.engine import Engine
 from playground.export import Answer, Comparison
 from playground.ui.access import Access
 from playground.ui.charts import ReplyPoint, comparison_figure
-from playground.ui.formatting import error_text, loaded_markdown, metrics_line
+from playground.ui.formatting import error_text, loaded_markdown, metrics_line, ordinal
 from playground.ui.session import MAX_PANELS, Session, Sessions
 from playground.ui.streaming import PanelRun, stream_panels
 
@@ -65,6 +65,10 @@ def _panel_status(run: PanelRun) -> str:
         return f"⚠ {run.error}{tail}"
     if run.metrics is not None:
         return metrics_line(run.metrics)
+    if run.status == "queued":
+        return (
+            f"⏳ queued for {run.variant_id}: {ordinal(run.queue_position or 1)} in line (other sessions are using it)"
+        )
     if run.status == "streaming":
         return "streaming…"
     return "waiting for the variant…" if run.status == "waiting" else run.status
@@ -277,7 +281,7 @@ class CompareTab:
             try:
                 messages = [*session.histories[i], {"role": "user", "content": prompt}]
                 request = self.engine.request(variant_id, prompt=prompt, messages=messages, mode=mode, **params)
-                runs.append(PanelRun(i, variant_id, request, cancel=session.cancels[i]))
+                runs.append(PanelRun(i, variant_id, request, cancel=session.cancels[i], session=session.key))
             except Exception as err:
                 runs.append(error_text(err))
         return runs

@@ -71,3 +71,9 @@ def leaderboard_markdown(standings: list[Standing]) -> str:
             f"| {rank} | {s.variant} | {s.rating:.1f} | {s.votes} | {s.wins} | {s.losses} | {s.ties} | {s.both_bad} |"
         )
     return "\n".join(lines)
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -13,11 +13,12 @@ import gradio as gr
 
 from playground.engine import Engine
 from playground.jobs.manager import JobManager
+from playground.request_queue import Queued
 from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router, read_router_data
 from playground.settings import allowed_path
 from playground.ui.access import Access
 from playground.ui.charts import router_eval_figure
-from playground.ui.formatting import error_text, metrics_line
+from playground.ui.formatting import error_text, metrics_line, ordinal
 from playground.ui.session import Sessions
 from playground.workers import Finished, TextDelta
 
@@ -122,7 +123,8 @@ class RouterTab:
     def route(
         self, router_id: str, partner_id: str, threshold: float, prompt: str, request: gr.Request
     ) -> Iterator[tuple[str, str, str, str]]:
-        trail = self.sessions.get(request).router_trail
+        session = self.sessions.get(request)
+        trail = session.router_trail
         shown = "\n".join(trail) if trail else "No decisions yet."
         if not router_id:
             yield "⚠ Pick a router.", "", "", shown
@@ -132,7 +134,7 @@ class RouterTab:
             return
         yield "Routing…", "", "", shown
         try:
-            decision = Router(self.engine, router_id).decide(prompt, float(threshold))
+            decision = Router(self.engine, router_id, session.key).decide(prompt, float(threshold))
             chosen = answering_variant(decision, router_id, partner_id or None)
         except Exception as err:
             yield error_text(err), "", "", shown
@@ -156,8 +158,10 @@ class RouterTab:
                 self.engine.load(chosen)
             answer_request = self.engine.request(chosen, prompt=prompt, mode="chat")
             last = 0.0
-            for event in self.engine.generate(chosen, answer_request):
-                if isinstance(event, TextDelta):
+            for event in self.engine.generate(chosen, answer_request, session=session.key):
+                if isinstance(event, Queued):
+                    yield card, text, f"⏳ queued for {name}: {ordinal(event.position)} in line", "\n".join(trail)
+                elif isinstance(event, TextDelta):
                     text += event.text
                     if time.monotonic() - last > 0.1:
                         last = time.monotonic()

@@ -18,6 +18,7 @@ MAX_PANELS = 4
 
 @dataclass
 class Session:
+    key: str = "local"  # Gradio's session hash: this session's turn in the variants' fair queues
     histories: list[list[dict[str, str]]] = field(default_factory=lambda: [[] for _ in range(MAX_PANELS)])
     cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event() for _ in range(MAX_PANELS)])
     points: list[ReplyPoint] = field(default_factory=list)
@@ -40,4 +41,4 @@ class Sessions:
     def get(self, request: Any) -> Session:
         key = getattr(request, "session_hash", None) or "local"
         with self._lock:
-            return self._by_hash.setdefault(key, Session())
+            return self._by_hash.setdefault(key, Session(key=key))

@@ -19,9 +19,10 @@ from playground.backends.base import Request
 from playground.engine import Engine
 from playground.errors import PlaygroundError, WorkerDied, WorkerHung
 from playground.metrics import GenerationMetrics
-from playground.workers import Finished, TextDelta
+from playground.request_queue import Queued
+from playground.workers import Finished, Started, TextDelta
 
-PanelStatus = Literal["waiting", "loading", "streaming", "done", "cancelled", "failed"]
+PanelStatus = Literal["waiting", "loading", "queued", "streaming", "done", "cancelled", "failed"]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class PanelRun:
     error: str | None = None
     worker_lost: bool = False  # the worker died or hung: the panel offers a reload
     load_started: float | None = None
+    session: str = "local"  # whose turn this is in the variant's fair queue
+    queue_position: int | None = None  # while queued: 1 is next
 
     @property
     def finished(self) -> bool:
@@ -50,8 +53,12 @@ def _drive(engine: Engine, run: PanelRun, changed: threading.Event) -> None:
             engine.load(run.variant_id)
         run.status = "streaming"
         changed.set()
-        for event in engine.generate(run.variant_id, run.request, run.cancel):
-            if isinstance(event, TextDelta):
+        for event in engine.generate(run.variant_id, run.request, run.cancel, session=run.session):
+            if isinstance(event, Queued):
+                run.status, run.queue_position = "queued", event.position
+            elif isinstance(event, Started):
+                run.status, run.queue_position = "streaming", None
+            elif isinstance(event, TextDelta):
                 run.text += event.text
             elif isinstance(event, Finished):
                 run.text, run.metrics = event.text, event.metrics
