@@ -51,6 +51,7 @@ class Reply:
     submitted_s: float  # since the run started
     ttft_s: float | None
     total_s: float
+    prompt_tokens: int | None  # the session's chat so far: it grows with every turn
     completion_tokens: int | None
     decode_tok_s: float | None
     saw_queue: bool
@@ -142,7 +143,7 @@ def client_loop(url: str, index: int, start: float, stop_at: float, log: ClientL
         except Exception as err:  # written down as an error of this reply, the run goes on
             error = f"{err.__class__.__name__}: {err}"
         done = time.monotonic()
-        tokens = decode = None
+        tokens = decode = prompt_tokens = None
         if final is not None and error is None:
             metrics = str(final[METRICS])
             asked.append(prompt)
@@ -150,7 +151,7 @@ def client_loop(url: str, index: int, start: float, stop_at: float, log: ClientL
             if users != asked:
                 log.crossed.append(f"client {index}: chat holds {users!r}, asked {asked!r}")
             if match := TOKENS.search(metrics):
-                tokens = int(match.group(2))
+                prompt_tokens, tokens = int(match.group(1)), int(match.group(2))
             else:
                 error = f"no metrics line: {metrics[:200]!r}"
             if match := DECODE.search(metrics):
@@ -161,6 +162,7 @@ def client_loop(url: str, index: int, start: float, stop_at: float, log: ClientL
                 submitted_s=submitted - start,
                 ttft_s=(first - submitted) if first else None,
                 total_s=done - submitted,
+                prompt_tokens=prompt_tokens,
                 completion_tokens=tokens,
                 decode_tok_s=decode,
                 saw_queue=saw_queue,
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p95_s": percentile(ttfts, 0.95),
         "completion_tokens": tokens,
+        "prompt_tokens_median": statistics.median(r.prompt_tokens for r in good if r.prompt_tokens) if good else None,
+        "reply_s_median": statistics.median(r.total_s for r in good) if good else None,
         "tokens_per_s": tokens / elapsed,
         "decode_tok_s_median": statistics.median(r.decode_tok_s for r in good if r.decode_tok_s) if good else None,
         "replies_per_client": {i + 1: len(log.replies) for i, log in enumerate(logs)},
