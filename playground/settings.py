@@ -15,6 +15,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
@@ -152,6 +153,12 @@ def _settings_for(_environment: tuple[tuple[str, str], ...]) -> Settings:
         return Settings()
     except ValidationError as err:
         raise ConfigError(f"invalid settings: {describe_errors(err, unknown='unknown setting')}") from None
+    except yaml.YAMLError as err:  # safe YAML only: a tag such as !!python/object is refused here
+        # Its position and problem, not the marked snippet: the line may hold a password.
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(f"the settings file {file} is not valid YAML{where}: {problem}") from None
     except (OSError, ValueError) as err:  # an unreadable or malformed settings file
         raise ConfigError(f"the settings file {os.environ.get(SETTINGS_FILE_VARIABLE)} cannot be read: {err}") from None
 

@@ -6,6 +6,7 @@ import pytest
 from conftest import EMBEDDED_GGUF, check_reply, collect, variant
 
 from playground.errors import GenerationError, LoadError
+from playground.ui.formatting import loaded_markdown
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -63,6 +64,9 @@ def test_remote_code_refused_unless_allowed(engine, remote_code_folder, monkeypa
     )
     info, _ = run(engine, allowed, messages=CHAT, mode="chat")
     assert info.backend == "transformers"
+    # What the app's loaded list says of it, and of it alone.
+    shown = [line for line in loaded_markdown(engine).splitlines() if "runs code from its model folder" in line]
+    assert len(shown) == 1 and "`remote-on`" in shown[0]
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])

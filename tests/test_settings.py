@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
-from browser import REPO, free_port
+from browser import REPO, free_port, running_app
 from conftest import run_job
 
+from playground.config import load_config_dir
 from playground.engine import Engine
 from playground.errors import ConfigError
 from playground.settings import PathNotAllowed, allowed_path, get_settings
@@ -160,3 +162,29 @@ def test_the_app_refuses_to_listen_everywhere_without_logins(tmp_path):
     bad = app_start(data | {"PLAYGROUND_PORT": "seventy", "PLAYGROUND_ADMIN_TOKEN": "admin-token-123"})
     assert bad.returncode != 0 and "invalid settings: port" in bad.stderr
     assert "Traceback" not in bad.stderr and "admin-token-123" not in bad.stderr
+
+
+def test_yaml_that_asks_to_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "ran"
+    evil = f'!!python/object/apply:os.system ["touch {marker}"]\n'
+    variants = tmp_path / "variants"
+    variants.mkdir()
+    (variants / "evil.yaml").write_text(f"id: {evil}display_name: x\nbackend: llamacpp\n")
+    with pytest.raises(ConfigError, match="evil.yaml: not valid YAML"):
+        load_config_dir(variants)
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text(f"port: {evil}")
+    started = app_start({"PLAYGROUND_DATA_DIR": str(tmp_path), "PLAYGROUND_SETTINGS_FILE": str(settings_file)})
+    assert started.returncode != 0 and "LAUNCH" not in started.stdout
+    assert "Traceback" not in started.stderr and "is not valid YAML at line 1" in started.stderr
+    assert not marker.exists()
+
+
+def test_uploads_over_the_limit_are_refused(tmp_path):
+    with running_app(
+        tmp_path / "app.log", {"PLAYGROUND_DATA_DIR": str(tmp_path), "PLAYGROUND_MAX_UPLOAD_MB": "1"}
+    ) as url:
+        small = httpx.post(f"{url}/gradio_api/upload", files={"files": ("a.txt", b"x" * 1000)}, timeout=30)
+        large = httpx.post(f"{url}/gradio_api/upload", files={"files": ("b.txt", b"x" * 2_000_000)}, timeout=30)
+    assert small.status_code == 200
+    assert large.status_code == 413
