@@ -26,7 +26,6 @@ class Queued:
 class _Ticket:
     session: str
     admitted: bool = False
-    withdrawn: bool = False
 
 
 @dataclass
@@ -101,9 +100,6 @@ class FairQueue:
         self._lock.notify_all()
 
     def _withdraw(self, ticket: _Ticket) -> None:
-        if ticket.withdrawn or ticket.admitted:
-            return
-        ticket.withdrawn = True
         tickets = self._waiting.get(ticket.session)
         if tickets is not None and ticket in tickets:
             tickets.remove(ticket)
@@ -115,14 +111,12 @@ class FairQueue:
     def _position(self, ticket: _Ticket) -> int:
         """1-based place in the order the waiting tickets will be admitted: round by round, one
         ticket of each session in rotation order."""
-        depth = self._waiting[ticket.session].index(ticket)
-        ahead = 0
+        depth = self._waiting[ticket.session].index(ticket)  # the round it is admitted in
+        ahead, after_mine = depth, False
         for session in self._rotation:
-            waiting = len(self._waiting[session])
             if session == ticket.session:
-                ahead += depth
-                break
-            ahead += min(waiting, depth + 1)
-        for session in list(self._rotation)[list(self._rotation).index(ticket.session) + 1 :]:
-            ahead += min(len(self._waiting[session]), depth)
+                after_mine = True
+                continue
+            # Sessions before its own go first in its round too; those after it only in earlier ones.
+            ahead += min(len(self._waiting[session]), depth if after_mine else depth + 1)
         return ahead + 1

@@ -315,10 +315,13 @@ class Worker:
         return self.info
 
     # -- generation ----------------------------------------------------------------------
-    def _new_request(self) -> tuple[str, queue.Queue[tuple[Any, ...]]]:
-        """A request id and the inbox its events are routed to (the caller removes it)."""
+    def _check_ready(self) -> None:
         if self.state != "ready":
             raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
+
+    def _new_request(self) -> tuple[str, queue.Queue[tuple[Any, ...]]]:
+        """A request id and the inbox its events are routed to (the caller removes it)."""
+        self._check_ready()
         rid = uuid.uuid4().hex
         inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         with self._lock:
@@ -332,8 +335,7 @@ class Worker:
         using this variant, then the worker's. Closing the iterator early, or setting `cancel`,
         stops it (a queued request too); after a cancel the stream still ends with its Finished
         event."""
-        if self.state != "ready":
-            raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
+        self._check_ready()  # before queueing: a variant that is not loaded gets no place in line
         admitted = yield from self.turns.turn(session, cancel)
         if not admitted:
             yield Finished("", self._nothing_generated("cancelled"))
