@@ -26,7 +26,7 @@ def half_split_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tenso
     return weight.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _tokenizer_tables(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
+def _tokenizer_tables(tokenizer: Any, n_embeddings: int) -> tuple[list[str], list[int], list[str]]:
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     if model.get("type") != "BPE":
         raise ValueError(f"only BPE tokenizers can be exported, not {model.get('type')}")
@@ -34,8 +34,16 @@ def _tokenizer_tables(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
     added = list(tokenizer.backend_tokenizer.get_added_tokens_decoder().values())
     for token in added:
         vocab.setdefault(token.content, tokenizer.convert_tokens_to_ids(token.content))
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
+    # llama.cpp wants one token per embedding row. Checkpoints often have spare rows past the
+    # tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens): those become unused padding tokens.
+    # A token past the last row has no embedding, so that pairing cannot be exported.
+    if max(vocab.values()) >= n_embeddings:
+        beyond = sorted(text for text, index in vocab.items() if index >= n_embeddings)
+        raise ValueError(
+            f"the tokenizer has {len(beyond)} token(s) with ids past the model's {n_embeddings} embedding rows "
+            f"({', '.join(beyond[:3])}); the tokenizer does not belong to this model"
+        )
+    tokens = [f"[PAD{i}]" for i in range(n_embeddings)]
     for text, index in vocab.items():
         tokens[index] = text
     # Added tokens are matched whole, as HF does: special ones as CONTROL (3), the others as
@@ -91,7 +99,7 @@ def write_gguf(
     if tokenizer_from is not None:
         _copy_tokenizer_metadata(writer, Path(tokenizer_from))
     else:
-        _write_tokenizer_metadata(writer, tokenizer)
+        _write_tokenizer_metadata(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
     _write_tensors(writer, model, gguf.MODEL_ARCH[arch], n_heads if permute else 0, n_kv if permute else 0, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -110,8 +118,8 @@ def _copy_tokenizer_metadata(writer: Any, source: Path) -> None:
             writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
 
 
-def _write_tokenizer_metadata(writer: Any, tokenizer: Any) -> None:
-    tokens, types, merges = _tokenizer_tables(tokenizer)
+def _write_tokenizer_metadata(writer: Any, tokenizer: Any, n_embeddings: int) -> None:
+    tokens, types, merges = _tokenizer_tables(tokenizer, n_embeddings)
     writer.add_tokenizer_model("gpt2")
     # HF's ByteLevel pre-tokenizer splits text with GPT-2's pattern; llama.cpp's "gpt-2"
     # pre-tokenizer is that pattern ("default" splits numbers differently).

@@ -65,16 +65,18 @@ def _small_dims(tokenizer) -> dict:
     )
 
 
-def make_hf_folder(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A random Llama or Qwen2 model with its tokenizer, saved as an HF folder."""
+def make_hf_folder(folder: Path, arch: str = "llama", seed: int = 0, spare_rows: int = 0) -> Path:
+    """A random Llama or Qwen2 model with its tokenizer, saved as an HF folder; `spare_rows`
+    embedding rows past the tokenizer's last id, as real Qwen2.5 checkpoints have."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
+    dims = _small_dims(tokenizer) | {"vocab_size": len(tokenizer) + spare_rows}
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_small_dims(tokenizer), rope_theta=10000.0))
+        model = LlamaForCausalLM(LlamaConfig(**dims, rope_theta=10000.0))
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_small_dims(tokenizer), tie_word_embeddings=True))
+        model = Qwen2ForCausalLM(Qwen2Config(**dims, tie_word_embeddings=True))
     else:
         raise ValueError(arch)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -223,13 +225,13 @@ def _merge(seq: list[bytes], a: bytes, b: bytes) -> list[bytes]:
     return out
 
 
-def make_gguf(path: Path, arch: str = "llama") -> Path:
+def make_gguf(path: Path, arch: str = "llama", spare_rows: int = 0) -> Path:
     """A tiny random model with its tokenizer and chat template, written as an F32 GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from playground.gguf_export import write_gguf
 
-    folder = make_hf_folder(path.parent / f"{path.stem}-hf", arch)
+    folder = make_hf_folder(path.parent / f"{path.stem}-hf", arch, spare_rows=spare_rows)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return write_gguf(model, tokenizer, path, name="tiny")

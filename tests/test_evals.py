@@ -53,11 +53,13 @@ def test_token_logprobs_match_a_direct_forward_pass_and_llama_cpp(hf_backend, gg
     torch.testing.assert_close(torch.tensor(from_gguf), expected, atol=2e-3, rtol=1e-3)
 
 
-def test_a_qwen2_export_scores_as_in_transformers(tmp_path):
-    """Qwen2 keeps HF's rotation order and its q/k/v biases in llama.cpp's QWEN2 architecture."""
+@pytest.mark.parametrize("spare_rows", [0, 7])
+def test_a_qwen2_export_scores_as_in_transformers(tmp_path, spare_rows):
+    """Qwen2 keeps HF's rotation order and its q/k/v biases in llama.cpp's QWEN2 architecture.
+    With embedding rows past the tokenizer (as Qwen2.5 checkpoints have) llama.cpp still loads it."""
     import factories
 
-    path = factories.make_gguf(tmp_path / "tiny-qwen2.gguf", arch="qwen2")
+    path = factories.make_gguf(tmp_path / "tiny-qwen2.gguf", arch="qwen2", spare_rows=spare_rows)
     hf = TransformersBackend(
         variant(id="qwen2-hf", backend="transformers", source={"path": str(tmp_path / "tiny-qwen2-hf")}, dtype="fp32")
     )
@@ -68,6 +70,21 @@ def test_a_qwen2_export_scores_as_in_transformers(tmp_path):
     ids = hf.encode_text(TEXT)
     from_gguf, _ = gguf.window_logprobs(ids)
     torch.testing.assert_close(torch.tensor(from_gguf), direct_logprobs(hf.model, ids), atol=2e-3, rtol=1e-3)
+    assert gguf.llm.n_vocab() == len(hf.codec.tokenizer) + spare_rows
+
+
+def test_an_export_whose_tokenizer_outgrows_the_embeddings_is_refused(tmp_path):
+    import factories
+    from transformers import AutoModelForCausalLM
+
+    from playground.gguf_export import write_gguf
+
+    folder = factories.make_hf_folder(tmp_path / "hf", "qwen2")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.resize_token_embeddings(model.config.vocab_size - 2)
+    with pytest.raises(ValueError, match="2 token\\(s\\) with ids past the model's .* embedding rows"):
+        write_gguf(model, factories.tiny_tokenizer(), tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_strided_windows_score_each_token_once_with_bounded_context(hf_backend):

@@ -1,7 +1,7 @@
 """Batch-1 decode speed of every path, on random weights of the seed shapes (issue 7).
 
 Per model, one run: every path is loaded in its own worker, as the app loads it, then the paths are
-timed one after another on the same 256-token prompt, so their ratios hold on a noisy machine.
+timed one after another on the same 256-token prompts, so their ratios hold on a noisy machine.
 Paths: plain `generate` (bf16), our fast path (bf16), bitsandbytes NF4 and int8 (through whatever
 path the backend picks for them), and llama.cpp with CUDA on an F16 GGUF of the same weights, with
 flash attention (its tools' default on a GPU) and, as `llamacpp-nofa`, without.
@@ -33,13 +33,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from playground.config import parse_config
 from playground.engine import Engine
 from playground.workers import Finished, TextDelta
 
 PROMPT_TOKENS = 256
+
+# torch is imported inside the functions that use it, never at this module's top: the engine's
+# workers are spawned, so each re-imports this module as its main, and a llama.cpp worker whose
+# process has loaded torch's CUDA libraries dies with SIGSEGV when llama.cpp starts on the GPU
+# (benchmarks/gpu/llamacpp_probe.py narrows it down).
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ def make_model(shape: Shape, folder: Path, device: str) -> Any:
         pad_token_id=None,
     )
     config = LlamaConfig(**common) if shape.arch == "llama" else Qwen2Config(**common)
+    import torch
+
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -142,12 +147,13 @@ def make_model(shape: Shape, folder: Path, device: str) -> Any:
     return model
 
 
-def write_f16_gguf(model: Any, folder: Path, path: Path) -> Path:
-    from transformers import AutoTokenizer
-
+def write_f16_gguf(model: Any, path: Path) -> Path:
     from playground.gguf_export import write_gguf
 
-    return write_gguf(model, AutoTokenizer.from_pretrained(folder), path, dtype="f16", name=path.stem)
+    # The filler tokenizer itself: read back from a Qwen2 folder, transformers gives it Qwen2's
+    # default <|endoftext|> as one token more than the model has rows, which no GGUF can hold.
+    tokenizer = filler_tokenizer(model.config.vocab_size)
+    return write_gguf(model, tokenizer, path, dtype="f16", name=path.stem)
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -160,6 +166,8 @@ def copy_bandwidth_in_child() -> float:
 
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    import torch
+
     src = torch.randn(2**28, device="cuda")  # 1 GiB of fp32
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -229,8 +237,12 @@ def gpu_memory_of(engine: Engine, variant_id: str) -> int | None:
 
 
 def measure(engine: Engine, variant_id: str, prompt: str, new_tokens: int, runs: int) -> dict[str, Any]:
-    one_reply(engine, variant_id, prompt, 8)  # warm-up: first-call costs stay out of the figures
-    replies = [one_reply(engine, variant_id, prompt, new_tokens) for _ in range(runs)]
+    # Each reply's prompt starts with a letter of its own: llama.cpp reuses the cache of a prompt
+    # that starts as the previous one did, which would time a one-token prefill as the prompt's.
+    one_reply(engine, variant_id, "z" + prompt[1:], 8)  # warm-up: first-call costs stay out of the figures
+    replies = [
+        one_reply(engine, variant_id, "abcdefghijklmnopqrstuvwxy"[run] + prompt[1:], new_tokens) for run in range(runs)
+    ]
     metrics = [m for m, _ in replies]
     return {
         "runs": metrics,
@@ -270,7 +282,7 @@ def bench_model(shape: Shape, paths: list[str], args: argparse.Namespace, bandwi
             engine.add(parse_config(variant_for(path, shape, folder, None, device), origin=path))
             engine.start_load(f"{shape.name}-{path}", check_memory=False)
         if llama_paths:
-            gguf = write_f16_gguf(model.to("cpu").float(), folder, work / f"{shape.name}-f16.gguf")
+            gguf = write_f16_gguf(model.to("cpu").float(), work / f"{shape.name}-f16.gguf")
             for path in llama_paths:
                 engine.add(parse_config(variant_for(path, shape, folder, gguf, device), origin=path))
                 engine.start_load(f"{shape.name}-{path}", check_memory=False)
@@ -376,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [SHAPES[name] for name in args.models.split(",")]
         bandwidth = copy_bandwidth() if args.weights_on == "cuda" else copy_bandwidth_in_child()
         print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s", flush=True)
+    import torch
+
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv),

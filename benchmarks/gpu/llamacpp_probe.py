@@ -23,9 +23,10 @@ from pathlib import Path
 DIRECT = textwrap.dedent(
     """
     import sys
-    if sys.argv[4] == "torch-first":
+    if sys.argv[4] in ("torch-first", "torch-imported"):
         import torch
-        torch.zeros(1, device="cuda")
+        if sys.argv[4] == "torch-first":
+            torch.zeros(1, device="cuda")
     import llama_cpp
     llm = llama_cpp.Llama(sys.argv[1], n_ctx=1024, n_gpu_layers=int(sys.argv[2]),
                           flash_attn=sys.argv[3] == "on", verbose=True)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="probe-"))
     model = make_model(SHAPES[args.model], work / "hf", "cpu")
-    gguf = write_f16_gguf(model.float(), work / "hf", work / "probe-f16.gguf")
+    gguf = write_f16_gguf(model.float(), work / "probe-f16.gguf")
     cases = {
         f"direct gpu_layers={layers} flash={flash} {order}": [
             sys.executable,
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             (0, "off", "llama-only"),
             (-1, "off", "torch-first"),
             (-1, "on", "torch-first"),
+            # torch imported, CUDA untouched: what a spawned worker does when it re-imports a
+            # main module that imports torch at its top (the benchmark did)
+            (-1, "off", "torch-imported"),
         ]
     }
     lazy = [sys.executable, "-X", "faulthandler", "-c", DIRECT, str(gguf), "-1", "off", "llama-only"]

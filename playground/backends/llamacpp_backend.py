@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.prompts import render_without_template
 from playground.sources import check_gguf_header, fetch
+
+log = logging.getLogger(__name__)
 
 
 def physical_cores() -> int:
@@ -54,6 +58,16 @@ class LlamaCppBackend(Backend):
             raise LoadError("this variant asks for device cuda, but llama-cpp-python was built without GPU support")
         n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
         n_ctx = self.config.context_length
+        if n_gpu_layers and "torch" in sys.modules:
+            # Seen on the lent H100 (benchmarks/gpu/llamacpp_probe.py): with torch's CUDA
+            # libraries loaded first, llama.cpp's CUDA start killed the process with SIGSEGV.
+            # A worker has torch when the program's main module imports it at its top.
+            log.warning(
+                "%s: torch is loaded in this llama.cpp worker (imported by the main module %s); "
+                "if the worker dies on load, keep torch out of that module's top-level imports",
+                self.config.id,
+                getattr(sys.modules.get("__main__"), "__file__", "?"),
+            )
         self.llm = self._open(weights.path, n_ctx, n_gpu_layers)
         trained = self.llm._model.n_ctx_train()
         if 0 < trained < n_ctx:  # beyond its trained length a model degrades: reopen (mmap, fast)
