@@ -11,7 +11,7 @@ import torch
 from conftest import EMBEDDED_GGUF, check_reply, collect, variant
 
 from playground.backends.base import Request
-from playground.backends.fast_decode import MIN_CACHE_TOKENS, StaticDecoder, cache_tokens_for
+from playground.backends.fast_decode import MIN_CACHE_TOKENS, StaticDecoder, cache_tokens_for, fuse_projections
 from playground.backends.transformers_backend import TransformersBackend
 from playground.config import GenerationParams
 from playground.errors import ConfigError
@@ -155,8 +155,42 @@ def test_scratch_gpt_and_worker_path(engine, gpt_files, tiktoken_file):
         )
     )
     info = engine.load(config.id)
-    assert info.decode == "static KV cache, eager steps"
+    assert info.decode == "static KV cache, eager steps, fused projections"
     request = engine.request(config.id, prompt="Hello", mode="completion", temperature=0.0, max_new_tokens=12)
     started, deltas, finished = collect(engine.generate(config.id, request))
     check_reply(started, deltas, finished)
     assert finished.metrics.completion_tokens == 12
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_give_the_model_s_own_outputs(llama_folder, qwen2_folder, arch):
+    """q/k/v (Qwen2's with biases) and gate/up as one matmul each: the same logits, the same
+    parameters, and a part called out of order still returns its own projection."""
+    from transformers import AutoModelForCausalLM
+
+    folder = {"llama": llama_folder, "qwen2": qwen2_folder}[arch]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([[3, 14, 15, 9, 26, 5]])
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(1, 6, model.config.hidden_size)
+    with torch.no_grad():
+        expected_logits, expected_k = model(ids).logits, attention.k_proj(x)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert fuse_projections(model) == 2 * model.config.num_hidden_layers
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert not any(name.endswith(("q_proj.weight", "up_proj.weight")) for name, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attention.k_proj(x), expected_k)  # k before q: computed afresh
+
+
+def test_adapter_and_other_layers_are_not_fused(llama_folder):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    # q and v carry LoRA layers, so attention keeps its three matmuls; the MLP's pair is fused.
+    assert fuse_projections(model) == model.config.num_hidden_layers
+    attention = model.base_model.model.model.layers[0].self_attn
+    assert not hasattr(attention, "qkv_fused") and hasattr(model.base_model.model.model.layers[0].mlp, "gate_up_fused")

@@ -252,7 +252,7 @@ def measure(engine: Engine, variant_id: str, prompt: str, new_tokens: int, runs:
         "completion_tokens": [m["completion_tokens"] for m in metrics],
         "gpu_allocated_peak_bytes": max((m["gpu_allocated_peak_bytes"] or 0) for m in metrics) or None,
         "worker_gpu_bytes": gpu_memory_of(engine, variant_id),
-        "tokens": replies[-1][1],
+        "tokens": replies[0][1],  # the first reply's prompt is the same in every path
     }
 
 

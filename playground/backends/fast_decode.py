@@ -10,6 +10,10 @@ The loop also runs one step ahead: the next step is queued before the CPU reads 
 chosen, so sampling, text decoding and the pipe to the app overlap with the GPU's work. When the
 token read turns out to be an end of sequence, that one extra step is simply dropped.
 
+Before the first step, each layer's q/k/v projections become one matmul, and gate/up another
+(`fuse_projections`): at batch 1 a small model's token is bound by kernel count, not bytes, and
+this takes three of every layer's seven weight matmuls away.
+
 On CPU, or where capture fails (bitsandbytes int8 picks outlier columns by value, which a graph
 cannot hold), the same step runs eagerly: the same arithmetic without the replay, which is what
 the CPU tests compare against `generate`.
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -64,6 +69,80 @@ def sampling_processors(params: GenerationParams) -> tuple[LogitsProcessorList, 
     return processors, sample
 
 
+class FusedProjections(nn.Module):
+    """Several projections of one input as one matmul; each `ProjectionPart` returns its slice.
+
+    The parts stay where the model's own forward calls them (q_proj, k_proj, v_proj), so no
+    architecture's attention code is rewritten. The first part called computes every output and
+    keeps them for the others; a part called with another input computes afresh, so an
+    unexpected call order costs speed, never correctness."""
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.weight = nn.Parameter(torch.cat([linear.weight for linear in linears]), requires_grad=False)
+            has_bias = linears[0].bias is not None
+            bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+            self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.sizes = [linear.out_features for linear in linears]
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index == 0 or self._input is not x:
+            self._outputs = nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            self._input = x
+        out = self._outputs[index]
+        if index == len(self.sizes) - 1:  # the last part: nothing is kept past the layer
+            self._input, self._outputs = None, ()
+        return out
+
+
+class ProjectionPart(nn.Module):
+    def __init__(self, fused: FusedProjections, index: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.__dict__["fused"] = fused  # registered once, on the parent, not under every part
+        self.index = index
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.part(self.index, x)
+
+
+# Groups of sibling projections that read the same input: attention's, then the gated MLP's.
+FUSABLE_GROUPS = {"qkv_fused": ("q_proj", "k_proj", "v_proj"), "gate_up_fused": ("gate_proj", "up_proj")}
+
+
+def fusable_groups(model: nn.Module) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
+    """(parent module, fused name, projection names) of every group of FUSABLE_GROUPS found as
+    plain `nn.Linear`s of one input size and alike in bias; quantized or adapter layers are not."""
+    found = []
+    for module in model.modules():
+        for fused_name, names in FUSABLE_GROUPS.items():
+            linears = [getattr(module, name, None) for name in names]
+            if not all(type(linear) is nn.Linear for linear in linears):
+                continue
+            if (
+                len({linear.in_features for linear in linears}) == 1
+                and len({linear.bias is None for linear in linears}) == 1
+            ):
+                found.append((module, fused_name, names))
+    return found
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse every group `fusable_groups` finds; returns how many. The separate weights are
+    dropped group by group, so the model's tensors grow by one group's projections at most."""
+    groups = fusable_groups(model)
+    for module, fused_name, names in groups:
+        linears = [getattr(module, name) for name in names]
+        fused = FusedProjections(linears)
+        module.add_module(fused_name, fused)
+        for index, linear in enumerate(linears):
+            setattr(module, names[index], ProjectionPart(fused, index, linear.in_features, linear.out_features))
+    return len(groups)
+
+
 @dataclass(frozen=True)
 class DecodePath:
     """How a variant decodes, for the UI: `name` is short, `reason` says why not faster."""
@@ -71,6 +150,7 @@ class DecodePath:
     name: str  # "cuda-graph", "static-cache" or "generate"
     reason: str = ""
     compiled: bool = False  # the step went through torch.compile
+    fused: bool = False  # q/k/v and gate/up projections run as one matmul each
 
     def describe(self) -> str:
         text = {
@@ -80,6 +160,8 @@ class DecodePath:
         }[self.name]
         if self.compiled:
             text += " of a compiled step"
+        if self.fused:
+            text += ", fused projections"
         return f"{text} ({self.reason})" if self.reason else text
 
 
