@@ -241,7 +241,7 @@ def measure(engine: Engine, variant_id: str, prompt: str, new_tokens: int, runs:
     # that starts as the previous one did, which would time a one-token prefill as the prompt's.
     one_reply(engine, variant_id, "z" + prompt[1:], 8)  # warm-up: first-call costs stay out of the figures
     replies = [
-        one_reply(engine, variant_id, "abcdefghijklmnopqrstuvwxy"[run] + prompt[1:], new_tokens) for run in range(runs)
+        one_reply(engine, variant_id, string.ascii_lowercase[run] + prompt[1:], new_tokens) for run in range(runs)
     ]
     metrics = [m for m, _ in replies]
     return {

@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,9 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from tests.browser import running_app
 
-REPO = Path(__file__).resolve().parents[2]
 VARIANT = "smollm2-135m-gguf"
 TOKENS = re.compile(r"tokens (\d+) in / (\d+) out")
 DECODE = re.compile(r"decode ([\d.]+) tok/s")
@@ -64,36 +61,13 @@ class ClientLog:
     crossed: list[str] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(work: Path, ui_concurrency: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = os.environ | {
-        "PLAYGROUND_PORT": str(port),
+def app_environment(work: Path, ui_concurrency: int) -> dict[str, str]:
+    return {
         "PLAYGROUND_HOST": "127.0.0.1",
         "PLAYGROUND_DATA_DIR": str(work / "data"),
         "PLAYGROUND_JOBS_DIR": str(work / "jobs"),
         "PLAYGROUND_UI_CONCURRENCY": str(ui_concurrency),
-        "PYTHONUNBUFFERED": "1",
     }
-    log = (work / "app.log").open("w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited: {(work / 'app.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError("the app did not answer in 120 s")
 
 
 def run_args(prompt: str) -> list[Any]:
@@ -188,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.clients <= 64 or not 1 <= args.seconds <= 3600:
         parser.error("1-64 clients, 1-3600 seconds")
     work = Path(tempfile.mkdtemp(prefix="load-"))
-    process, url = start_app(work, args.ui_concurrency)
-    try:
+    # The end-to-end tests' way of starting the real app: a free port, wait until it answers.
+    with running_app(work / "app.log", app_environment(work, args.ui_concurrency)) as url:
         # The app loads its default at start; wait until a first reply comes back whole.
         warm = ClientLog()
         client_loop(url, 0, time.monotonic(), time.monotonic(), warm, once=True)
@@ -207,12 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         for thread in threads:
             thread.join(args.seconds + 300)
         elapsed = time.monotonic() - start
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
     replies = [r for log in logs for r in log.replies]
     good = [r for r in replies if r.error is None]
     ttfts = [r.ttft_s for r in good if r.ttft_s is not None]

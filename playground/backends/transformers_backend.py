@@ -190,9 +190,8 @@ class TransformersBackend(Backend):
         on_cuda = self.device == "cuda"
         if mode == "auto" and not on_cuda:
             return DecodePath("generate", "the fast path is for CUDA; fast_decode: on uses its static cache on CPU")
-        fused, failures = self._fuse_projections(on_cuda), []
-        if not fused and fusable_groups(self.model):
-            failures.append("projections not fused: too little free host memory to rearrange the weights")
+        fused, not_fused = self._fuse_projections(on_cuda)
+        failures = [not_fused] if not_fused else []
         # Fastest first; each is tried once on a request of the variant's default size, which
         # also compiles and captures the step for the cache size most requests will use.
         attempts = [("cuda-graph", True, True), ("cuda-graph", True, False)] if on_cuda else []
@@ -213,26 +212,26 @@ class TransformersBackend(Backend):
             return DecodePath(name, "; ".join(failures), compiled=compile_step, fused=fused)
         return DecodePath("generate", "; ".join(failures), fused=fused)
 
-    def _fuse_projections(self, on_cuda: bool) -> bool:
+    def _fuse_projections(self, on_cuda: bool) -> tuple[bool, str]:
         """Fuse q/k/v and gate/up (fast_decode.fuse_projections). On a GPU the model goes to the
         host for it and back: transformers reserves one block the model's size before loading
         (caching_allocator_warmup), so weights dropped in place stay reserved by this process and
         the fused copies come on top (seen on the H100: 2 GB more on the 1.7B). Skipped when the
-        host cannot hold the model."""
+        host cannot hold the model. Returns whether it fused, and why not where it could have."""
         if not fusable_groups(self.model):
-            return False
+            return False, ""
         if on_cuda:
             import psutil
 
             model_bytes = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
             if psutil.virtual_memory().available < 1.25 * model_bytes:
-                return False
+                return False, "projections not fused: too little free host memory to rearrange the weights"
             self.model.to("cpu")
             torch.cuda.empty_cache()
         fuse_projections(self.model)
         if on_cuda:
             self.model.to(self.device)
-        return True
+        return True, ""
 
     def _try_decoder(self, decoder: StaticDecoder) -> None:
         """Three greedy tokens after a short prompt, in a cache sized for the default settings."""
