@@ -72,6 +72,9 @@ class Source(_Strict):
         return self
 
 
+BNB_INT8_THRESHOLD = 6.0  # bitsandbytes' and transformers' default llm_int8_threshold
+
+
 class Quantization(_Strict):
     """Load-time quantization (bitsandbytes). `keep_modules` stay unquantized (in fp16/bf16)."""
 
@@ -79,6 +82,17 @@ class Quantization(_Strict):
     keep_modules: list[str] = []
     compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     double_quant: bool = False
+    # int8 only (bitsandbytes' llm_int8_threshold): activation columns above it run in 16-bit.
+    # Finding them asks the host in every matmul, which a CUDA graph cannot hold; 0 turns the
+    # split off, and the int8 step can then take the fast path.
+    int8_outlier_threshold: Annotated[float, Field(ge=0.0, le=1000.0)] = BNB_INT8_THRESHOLD
+
+    @model_validator(mode="after")
+    def _threshold_is_int8s(self) -> Quantization:
+        # Compared with the default, not with the fields set: a dumped and re-read config sets all.
+        if self.method != "int8" and self.int8_outlier_threshold != BNB_INT8_THRESHOLD:
+            raise ValueError("int8_outlier_threshold applies to method int8 only")
+        return self
 
 
 class RouterSpec(_Strict):

@@ -99,6 +99,8 @@ def test_duplicate_ids_name_both_files(tmp_path):
         ({"source": {"repo": "not a repo id"}}, "not a hub id"),
         ({"role": "router"}, "needs a `router` section"),
         ({"backend": "llamacpp", "quantization": {"method": "nf4"}}, "transformers backend only"),
+        ({"quantization": {"method": "nf4", "int8_outlier_threshold": 0}}, "method int8 only"),
+        ({"quantization": {"method": "int8", "int8_outlier_threshold": -1}}, "int8_outlier_threshold"),
         ({"backend": "openai", "source": None}, "needs an `endpoint`"),
     ],
 )

@@ -209,8 +209,20 @@ class TransformersBackend(Backend):
                     torch.cuda.empty_cache()
                 continue
             self.decoder = decoder
+            if on_cuda and not use_graph:
+                failures.extend(self._graph_hint())
             return DecodePath(name, "; ".join(failures), compiled=compile_step, fused=fused)
-        return DecodePath("generate", "; ".join(failures), fused=fused)
+        return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
+
+    def _graph_hint(self) -> list[str]:
+        """What the config can change when a GPU step could not be captured, where we know it."""
+        spec = self.config.quantization
+        if spec.method == "int8" and spec.int8_outlier_threshold > 0:
+            return [
+                f"int8's outlier split (threshold {spec.int8_outlier_threshold:g}) asks the host in every "
+                "matmul; quantization.int8_outlier_threshold: 0 turns it off"
+            ]
+        return []
 
     def _fuse_projections(self, on_cuda: bool) -> tuple[bool, str]:
         """Fuse q/k/v and gate/up (fast_decode.fuse_projections). On a GPU the model goes to the
@@ -356,7 +368,9 @@ class TransformersBackend(Backend):
                 bnb_4bit_use_double_quant=spec.double_quant,
                 llm_int8_skip_modules=skip,
             )
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=skip, llm_int8_threshold=spec.int8_outlier_threshold
+        )
 
     # -- generation ------------------------------------------------------------------------
     def render(self, request: Request) -> tuple[str, bool]:
