@@ -10,6 +10,7 @@ import signal
 import sys
 
 from playground.arena import VoteStore
+from playground.catalogue import Catalogue
 from playground.engine import Engine
 from playground.errors import ConfigError
 from playground.jobs.manager import JobManager
@@ -32,11 +33,14 @@ def main() -> None:
     host, warning = settings.bind_host()
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    engine = Engine(config_dirs=settings.config_dirs or None)
+    engine = Engine(Catalogue.from_settings())
     engine.start_load(DEFAULT_VARIANT)
     monitor = SystemMonitor(engine).start()
     jobs = JobManager(
-        JobStore(jobs_dir() / "jobs.sqlite"), jobs_dir() / "logs", max_cpu_jobs=settings.max_cpu_jobs
+        JobStore(jobs_dir() / "jobs.sqlite"),
+        jobs_dir() / "logs",
+        max_cpu_jobs=settings.max_cpu_jobs,
+        catalogue=engine.catalogue,
     ).start()
     access = Access(settings)
     demo = build_app(engine, monitor, VoteStore(data_dir() / "votes.sqlite"), jobs, access)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from playground.sqlite_store import opened
 
 Outcome = Literal["a", "b", "tie", "both_bad"]
 OUTCOMES: tuple[str, ...] = ("a", "b", "tie", "both_bad")
@@ -67,8 +70,8 @@ class VoteStore:
                 "variant_a TEXT NOT NULL, variant_b TEXT NOT NULL, outcome TEXT NOT NULL, prompt TEXT NOT NULL)"
             )
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=10)
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return opened(self.path, "the votes database", timeout_s=10)
 
     def record(self, variant_a: str, variant_b: str, outcome: str, prompt: str) -> None:
         if outcome not in OUTCOMES:

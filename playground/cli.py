@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,13 @@ METRIC_FIELDS = (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m playground", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--config-dir", action="append", type=Path, help="model config folder (repeatable; default model_configs/)"
+        "--config-dir",
+        action="append",
+        type=Path,
+        help="model config folder (repeatable; default model_configs/); the same as PLAYGROUND_CONFIG_DIRS",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="let libraries print their own progress bars and reports on stderr"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -40,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="stream one reply and its metrics")
     gen.add_argument("--model", required=True, help="a variant id, or a path to a GGUF, HF folder or state_dict")
-    gen.add_argument("--prompt", required=True)
+    _prompt_arguments(gen)
     gen.add_argument("--mode", choices=["chat", "completion"], help="default: the variant's own")
     gen.add_argument("--system", help="a system message (chat mode)")
     gen.add_argument("--max-tokens", type=int, dest="max_new_tokens")
@@ -54,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     route = commands.add_parser("route", help="ask a router variant where a request should go")
     route.add_argument("--router", required=True, help="a variant id with a router section")
-    route.add_argument("--prompt", required=True)
+    _prompt_arguments(route)
     route.add_argument("--threshold", type=float, default=0.5, help="escalate when P(escalate) is above it")
     route.add_argument("--json", action="store_true")
 
@@ -88,6 +96,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prompt_arguments(command: argparse.ArgumentParser) -> None:
+    given = command.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the prompt text")
+    given.add_argument(
+        "--prompt-file", type=Path, metavar="PATH", help="read the prompt from a UTF-8 file; - reads standard input"
+    )
+
+
+def _prompt_of(args: argparse.Namespace) -> str:
+    """The prompt from --prompt or --prompt-file (any length: arguments stop near 128 KiB)."""
+    if args.prompt is not None:
+        return args.prompt
+    source = args.prompt_file
+    try:
+        data = sys.stdin.buffer.read() if str(source) == "-" else source.read_bytes()
+    except OSError as err:
+        raise PlaygroundError(f"--prompt-file {source}: cannot be read ({err.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = "standard input" if str(source) == "-" else str(source)
+        raise PlaygroundError(
+            f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
 def _settings() -> None:
     from playground.settings import get_settings
 
@@ -111,28 +145,36 @@ def _models(engine: Any, as_json: bool) -> None:
                 "role": config.role,
                 "weights_present": status.weights_present,
                 "location": status.weights_location,
+                "state": status.state,
             }
         )
+    # A config file that does not validate is listed with its error; the others stay usable.
+    broken = [
+        {"id": b.path.stem, "state": "broken", "file": str(b.path), "error": b.error} for b in engine.catalogue.broken
+    ]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([*rows, *broken], indent=2))
         return
     width = max(len(r["id"]) for r in rows) if rows else 2
     for r in rows:
         here = "present" if r["weights_present"] else "absent "
         print(f"{r['id']:<{width}}  {r['backend']:<12} {r['role']:<8} {here}  {r['location']}")
+    for b in broken:
+        print(f"broken: {b['error']}")
 
 
 def _generate(engine: Any, args: argparse.Namespace) -> None:
     from playground.workers import Finished, TextDelta
 
-    config = engine.resolve(args.model)
+    config = engine.catalogue.resolve(args.model)
     overrides = {
         name: getattr(args, name)
         for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
     }
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.prompt})
-    request = engine.request(config.id, prompt=args.prompt, messages=messages, mode=args.mode, **overrides)
+    prompt = _prompt_of(args)
+    messages.append({"role": "user", "content": prompt})
+    request = engine.request(config.id, prompt=prompt, messages=messages, mode=args.mode, **overrides)
     engine.load(config.id, check_memory=not args.no_memory_check)
     for event in engine.generate(config.id, request):
         if isinstance(event, TextDelta) and not args.json:
@@ -155,7 +197,7 @@ def _generate(engine: Any, args: argparse.Namespace) -> None:
 def _route(engine: Any, args: argparse.Namespace) -> None:
     from playground.router import Router
 
-    decision = Router(engine, args.router).decide(args.prompt, args.threshold)
+    decision = Router(engine, args.router).decide(_prompt_of(args), args.threshold)
     fields = ("route", "reason", "p_escalate", "valid_json", "latency_s")
     if args.json:
         print(json.dumps(decision.to_dict()))
@@ -166,17 +208,13 @@ def _route(engine: Any, args: argparse.Namespace) -> None:
 
 
 def _eval(engine: Any, args: argparse.Namespace) -> None:
-    from playground.router import DATASETS, evaluate_router, read_router_data
-
-    rows = read_router_data(DATASETS.get(args.data, Path(args.data)))
-    if args.limit:
-        rows = rows[: args.limit]
+    from playground.router import evaluate_router_file
 
     def progress(done: int, total: int) -> None:
         if not args.json:
             print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
 
-    result = evaluate_router(engine, args.model, rows, args.threshold, progress)
+    result = evaluate_router_file(engine, args.model, args.data, args.threshold, args.limit, progress)
     if args.json:
         print(json.dumps(result.to_dict()))
         return
@@ -226,15 +264,20 @@ def _jobs(args: argparse.Namespace) -> None:
         if job.result:
             print(f"result: {json.dumps(job.result)[:2000]}")
         return
-    # A manager here adopts jobs still running (the app's included) and leaves them running.
+    from playground.jobs.scheduler import ensure_scheduler
+
+    # This manager only records and controls: the scheduler process (or the app) starts jobs
+    # and watches them, so they run and end after this command has returned.
     manager = JobManager(store, home / "logs")
     if args.jobs_command in ("cancel", "resume"):
         try:
-            job = manager.cancel(args.id) if args.jobs_command == "cancel" else manager.resume(args.id)
+            job = manager.cancel(args.id) if args.jobs_command == "cancel" else manager.resume(args.id, start=False)
         except KeyError:
             raise PlaygroundError(f"no job {args.id!r}") from None
-        if args.jobs_command == "resume" and args.wait:
-            job = manager.wait(job.id)
+        if args.jobs_command == "resume":
+            ensure_scheduler(store.path, home / "logs")
+            if args.wait:
+                job = manager.wait(job.id)
         print(job.state + (f": {job.error}" if job.error else ""))
         return
     options: dict[str, Any] = {"model": args.model}
@@ -243,7 +286,8 @@ def _jobs(args: argparse.Namespace) -> None:
         if not sep:
             raise PlaygroundError(f"--option {item!r}: expected KEY=VALUE")
         options[key] = json.loads(value) if value[:1] in "0123456789[{-" or value in ("true", "false") else value
-    job = manager.submit(args.kind, options)
+    job = manager.submit(args.kind, options, start=False)
+    ensure_scheduler(store.path, home / "logs")
     if args.wait:
         job = manager.wait(job.id)
     if args.json:
@@ -258,16 +302,35 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+# Set for this process and the workers and jobs it starts, unless --verbose: libraries' own
+# progress bars, reports and warnings would fill stderr where one line of ours was promised.
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+    "GGML_LOG_LEVEL": "error",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.verbose:
+        for name, value in QUIET_LIBRARIES.items():
+            os.environ.setdefault(name, value)
+        warnings.simplefilter("ignore")
+    if args.config_dir:  # as the setting, so the job processes this command starts see them too
+        os.environ["PLAYGROUND_CONFIG_DIRS"] = json.dumps([str(d.expanduser().resolve()) for d in args.config_dir])
     engine = None
     try:
         if args.command == "settings":  # no engine: this is also the container's start-up check
             _settings()
             return 0
+        from playground.catalogue import Catalogue
         from playground.engine import Engine
 
-        engine = Engine(args.config_dir)
+        engine = Engine(Catalogue.from_settings())
         if args.command == "models":
             _models(engine, args.json)
         elif args.command == "generate":

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from playground.capabilities import capabilities, with_capability
 from playground.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -204,21 +205,28 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
-        if self.backend == "openai":
+        caps = capabilities(self.backend)
+
+        def only(flag: str) -> str:
+            return " and ".join(with_capability(flag)) + " backend" + ("s" if len(with_capability(flag)) > 1 else "")
+
+        if caps.remote:
             if self.endpoint is None:
-                raise ValueError("backend openai needs an `endpoint`")
+                raise ValueError(f"backend {self.backend} needs an `endpoint`")
         elif self.source is None:
             raise ValueError(f"backend {self.backend} needs a `source`")
         if self.role == "router" and self.router is None:
             raise ValueError("role router needs a `router` section (system prompt and routes)")
-        if self.quantization.method != "none" and self.backend != "transformers":
-            raise ValueError("load-time quantization applies to the transformers backend only")
-        if self.fast_decode != "auto" and self.backend not in ("transformers", "scratch_gpt"):
-            raise ValueError("fast_decode applies to the transformers and scratch_gpt backends only")
-        if self.adapter is not None and self.backend not in ("transformers", "scratch_gpt"):
-            raise ValueError("a LoRA adapter applies to the transformers and scratch_gpt backends only")
-        if self.concurrency > 1 and self.backend != "openai":
-            raise ValueError("concurrency above 1 needs backend openai: a local worker decodes one request at a time")
+        if self.quantization.method != "none" and not caps.load_time_quantization:
+            raise ValueError(f"load-time quantization applies to the {only('load_time_quantization')} only")
+        if self.fast_decode != "auto" and not caps.fast_decode:
+            raise ValueError(f"fast_decode applies to the {only('fast_decode')} only")
+        if self.adapter is not None and not caps.adapters:
+            raise ValueError(f"a LoRA adapter applies to the {only('adapters')} only")
+        if self.concurrency > 1 and not caps.serves_concurrently:
+            raise ValueError(
+                f"concurrency above 1 needs the {only('serves_concurrently')}: a local worker decodes one request at a time"
+            )
         if self.router and self.router.escalate_route not in self.router.routes:
             raise ValueError("router.escalate_route must be one of router.routes")
         return self

@@ -10,16 +10,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from playground.backends.base import LoadInfo, Request
-from playground.config import DEFAULT_CONFIG_DIR, GenerationParams, Mode, ModelConfig, load_config_dir
+from playground.catalogue import Catalogue
+from playground.config import GenerationParams, Mode, ModelConfig
 from playground.errors import GenerationError, InsufficientMemory, LoadError, PlaygroundError
 from playground.memory import MemoryEstimate, estimate
-from playground.paths import made_configs_dir
-from playground.settings import allowed_path
-from playground.sources import config_from_path, locate
+from playground.prompts import check_prompt_text
+from playground.protocol import CountTokens, PairLogprobs, RequestTokens, Score, TextLogprobs
+from playground.sources import locate
 from playground.workers import Event, Worker
 
 
@@ -28,7 +28,7 @@ class VariantStatus:
     config: ModelConfig
     weights_present: bool
     weights_location: str
-    state: str  # not loaded / loading / ready / failed / dead
+    state: str  # not loaded / loading / ready / failed / dead / hung
     error: str | None
     info: LoadInfo | None
     rss_bytes: int | None
@@ -36,66 +36,25 @@ class VariantStatus:
 
 
 class Engine:
+    """The workers of the loaded variants; which variants exist is the catalogue's to say."""
+
     def __init__(
         self,
-        config_dirs: list[Path] | None = None,
+        catalogue: Catalogue | None = None,
         *,
         memory_budget_bytes: int | None = None,
         stall_timeout_s: float = 300.0,
+        silent_after_s: float = 10.0,
     ) -> None:
-        self.configs: dict[str, ModelConfig] = {}
-        if config_dirs is None:  # the shipped variants, and those fine-tune jobs made
-            config_dirs = [DEFAULT_CONFIG_DIR] + ([made_configs_dir()] if made_configs_dir().is_dir() else [])
-        for directory in config_dirs:
-            for config in load_config_dir(directory).values():
-                self.add(config)
+        self.catalogue = catalogue if catalogue is not None else Catalogue.from_settings()
         self.memory_budget_bytes = memory_budget_bytes
-        self.stall_timeout_s = stall_timeout_s
+        self.stall_timeout_s = stall_timeout_s  # a request that sends nothing this long is stuck
+        self.silent_after_s = silent_after_s  # a worker that answers no heartbeat this long is hung
         self.workers: dict[str, Worker] = {}
         self._lock = threading.Lock()
 
-    # -- the catalogue -----------------------------------------------------------------------
-    def add(self, config: ModelConfig) -> ModelConfig:
-        existing = self.configs.get(config.id)
-        if existing is not None and existing != config:
-            raise PlaygroundError(f"a different variant with id {config.id!r} already exists")
-        self.configs[config.id] = config
-        return config
-
-    def refresh_made_variants(self) -> list[str]:
-        """Add the variants fine-tune jobs wrote since the engine started; their ids."""
-        folder = made_configs_dir()
-        if not folder.is_dir():
-            return []
-        added = []
-        for config in load_config_dir(folder).values():
-            if config.id not in self.configs:
-                added.append(self.add(config).id)
-        return added
-
-    def add_path(self, path: str | Path, **overrides: Any) -> ModelConfig:
-        """Add a variant from a local GGUF file, HF folder or state_dict, without YAML; only
-        from inside the allowed roots (settings)."""
-        allowed_path(path, "model path")
-        return self.add(config_from_path(path, **overrides))
-
-    def get(self, variant_id: str) -> ModelConfig:
-        try:
-            return self.configs[variant_id]
-        except KeyError:
-            known = ", ".join(sorted(self.configs)) or "none"
-            raise PlaygroundError(f"unknown variant {variant_id!r}; known: {known}") from None
-
-    def resolve(self, id_or_path: str) -> ModelConfig:
-        """A known id, or else a local path turned into a variant."""
-        if id_or_path in self.configs:
-            return self.configs[id_or_path]
-        if Path(id_or_path).expanduser().exists() or "/" in id_or_path or id_or_path.endswith(".gguf"):
-            return self.add_path(id_or_path)
-        return self.get(id_or_path)
-
     def status(self, variant_id: str) -> VariantStatus:
-        config = self.get(variant_id)
+        config = self.catalogue.get(variant_id)
         try:
             weights = locate(config)
             present, location = weights.present, weights.location
@@ -114,15 +73,20 @@ class Engine:
         )
 
     def statuses(self) -> list[VariantStatus]:
-        return [self.status(v) for v in self.configs]
+        return [self.status(v) for v in self.catalogue]
+
+    def loaded_statuses(self) -> list[VariantStatus]:
+        """The statuses of the variants that have a worker (loading, ready, hung, dead...)."""
+        return [self.status(v) for v in list(self.workers)]
 
     def estimate(self, variant_id: str) -> MemoryEstimate:
-        return estimate(self.get(variant_id), self.memory_budget_bytes)
+        return estimate(self.catalogue.get(variant_id), self.memory_budget_bytes)
 
     # -- loading -------------------------------------------------------------------------
     def start_load(self, variant_id: str, *, check_memory: bool = True) -> Worker:
         """Start a variant's worker and return at once; `Worker.wait_ready` waits for it."""
-        config = self.get(variant_id)
+        config = self.catalogue.get(variant_id)
+        self.catalogue.check_files(variant_id)
         with self._lock:
             current = self.workers.get(variant_id)
             if current is not None and current.state in ("loading", "ready"):
@@ -133,7 +97,7 @@ class Engine:
                     raise InsufficientMemory(f"{config.display_name} will not fit: needs {needed.describe()}")
             if current is not None:
                 current.unload()
-            worker = Worker(config, stall_timeout_s=self.stall_timeout_s)
+            worker = Worker(config, stall_timeout_s=self.stall_timeout_s, silent_after_s=self.silent_after_s)
             self.workers[variant_id] = worker
             return worker
 
@@ -175,15 +139,14 @@ class Engine:
         **overrides: Any,
     ) -> Request:
         """A request for one variant: its default settings with `overrides` applied."""
-        config = self.get(variant_id)
+        config = self.catalogue.get(variant_id)
         params: GenerationParams = config.generation.merged(**overrides)
         mode = mode or config.default_mode
         if mode == "chat":
-            chat = list(messages or [])
-            if not chat:
-                if not prompt:
-                    raise GenerationError("the prompt is empty")
-                chat = [{"role": "user", "content": prompt}]
+            chat = list(messages or []) or [{"role": "user", "content": prompt}]
+            for message in chat:  # an earlier answer cut by Stop may be blank; a user turn may not
+                role = message.get("role", "user")
+                check_prompt_text(message.get("content", ""), f"the {role} message", allow_blank=role != "user")
             return Request(
                 mode="chat",
                 params=params,
@@ -191,16 +154,18 @@ class Engine:
                 assistant_prefix=assistant_prefix,
                 json_schema=json_schema,
             )
-        if not prompt:
-            raise GenerationError("the prompt is empty")
         return Request(
-            mode="completion", params=params, text=prompt, assistant_prefix=assistant_prefix, json_schema=json_schema
+            mode="completion",
+            params=params,
+            text=check_prompt_text(prompt),
+            assistant_prefix=assistant_prefix,
+            json_schema=json_schema,
         )
 
     def _loaded_worker(self, variant_id: str) -> Worker:
         worker = self.workers.get(variant_id)
         if worker is None:
-            raise GenerationError(f"{self.get(variant_id).display_name} is not loaded")
+            raise GenerationError(f"{self.catalogue.get(variant_id).display_name} is not loaded")
         return worker
 
     def generate(
@@ -210,13 +175,34 @@ class Engine:
         caller sees `Queued` events (its place in line) until its turn."""
         return self._loaded_worker(variant_id).generate(request, cancel, session)
 
+    # -- scoring in the variant's worker: perplexity, needle sizing, routing, lm-eval ----------
     def score(self, variant_id: str, request: Request, continuations: list[str]) -> tuple[list[float], float]:
-        return self._loaded_worker(variant_id).score(request, continuations)
+        """Log-probability of each continuation after the request's prompt, and the seconds the
+        worker took (a router's decision latency)."""
+        worker = self._loaded_worker(variant_id)
+        return worker.ask(lambda rid: Score(rid, request, tuple(continuations)))
 
-    def call(self, variant_id: str, method: str, *args: Any, timeout_s: float | None = None) -> tuple[Any, float]:
-        """A backend scoring method (count_tokens, text_logprobs, pair_logprobs) in the variant's
-        worker: its value and the seconds it took."""
-        return self._loaded_worker(variant_id).call(method, *args, timeout_s=timeout_s)
+    def count_tokens(self, variant_id: str, text: str) -> int:
+        return self._loaded_worker(variant_id).ask(lambda rid: CountTokens(rid, text))[0]
+
+    def request_tokens(self, variant_id: str, request: Request) -> int:
+        """The prompt length of a request, chat template included."""
+        return self._loaded_worker(variant_id).ask(lambda rid: RequestTokens(rid, request))[0]
+
+    def text_logprobs(
+        self, variant_id: str, text: str, window: int, stride: int, timeout_s: float | None = None
+    ) -> list[float]:
+        """Log-probability of every token of `text` after the first (strided windows)."""
+        return self._loaded_worker(variant_id).ask(lambda rid: TextLogprobs(rid, text, window, stride), timeout_s)[0]
+
+    def pair_logprobs(self, variant_id: str, context: str, continuation: str) -> tuple[float, bool]:
+        """log P(continuation | context) and whether greedy decoding would write it."""
+        return self._loaded_worker(variant_id).ask(lambda rid: PairLogprobs(rid, context, continuation))[0]
+
+    def context_length(self, variant_id: str) -> int:
+        """The context the loaded variant really has (a backend may cap the configured one)."""
+        worker = self._loaded_worker(variant_id)
+        return worker.info.context_length if worker.info else self.catalogue.get(variant_id).context_length
 
     def stop(self, variant_id: str) -> None:
         worker = self.workers.get(variant_id)

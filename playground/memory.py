@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import functools
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from playground.capabilities import capabilities
 from playground.config import ModelConfig
-from playground.sources import Weights, locate
+from playground.sources import Weights, check_gguf_header, check_hf_folder, locate, safetensors_header
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -70,6 +70,7 @@ class MemoryEstimate:
 def _gguf_metadata(path: str, _mtime: float) -> dict[str, int]:
     from gguf import GGUFReader
 
+    check_gguf_header(Path(path))  # a cut-short or corrupt file: its problem, not the reader's error
     reader = GGUFReader(path)
 
     def field(name: str) -> object:
@@ -101,11 +102,8 @@ def _gguf_shape(path: Path) -> ModelShape:
 
 
 def _safetensors_params(path: Path) -> int:
-    with path.open("rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
     total = 0
-    for name, entry in header.items():
+    for name, entry in safetensors_header(path).items():
         if name != "__metadata__":
             count = 1
             for dim in entry["shape"]:
@@ -115,6 +113,7 @@ def _safetensors_params(path: Path) -> int:
 
 
 def _hf_folder_shape(folder: Path) -> ModelShape:
+    check_hf_folder(folder, needs_tokenizer=False)
     config = json.loads((folder / "config.json").read_text())
     config = config.get("text_config", config)
     heads = int(config.get("num_attention_heads", 1))
@@ -201,11 +200,12 @@ def nvml_memory_info(nv: Any, handle: Any) -> Any:
 
 
 def planned_device(config: ModelConfig) -> str:
-    if config.backend == "openai":
+    caps = capabilities(config.backend)
+    if caps.remote:
         return "remote"
     if config.device != "auto":
         return config.device
-    if config.backend == "llamacpp" and config.llamacpp.n_gpu_layers == 0:
+    if not caps.runs_on_gpu or (caps.weights_as_file and config.llamacpp.n_gpu_layers == 0):
         return "cpu"
     return "cuda" if gpu_memory() else "cpu"
 
@@ -222,7 +222,7 @@ def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEsti
         return MemoryEstimate(0, 0, runtime, device, _available(device, budget_bytes), basis)
     dtype = config.dtype if config.dtype != "auto" else "bf16"
     from_hint = weights.kind == "hub_repo" or not weights.present
-    if config.backend == "llamacpp":
+    if capabilities(config.backend).weights_as_file:
         weight_bytes = shape.file_bytes or shape.n_params
         kv_bytes_per = 2  # llama.cpp keeps an f16 KV cache by default
     elif from_hint and shape.file_bytes and config.quantization.method == "none":

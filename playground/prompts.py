@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from playground.config import PromptFormat
+from playground.errors import GenerationError
 
 # The Alpaca instruction format, which the auto-g-nano SFT checkpoint was tuned on.
 ALPACA_PREAMBLE = (
@@ -46,3 +47,19 @@ def render_without_template(
     if prompt_format == "alpaca":
         return alpaca(messages)
     return transcript(messages)
+
+
+def check_prompt_text(text: str, what: str = "the prompt", allow_blank: bool = False) -> str:
+    """Refuse text no model should get: blank (unless `allow_blank`), or holding a NUL or bytes
+    that were not UTF-8 (they reach Python as lone surrogates), naming where. Returns the text
+    unchanged."""
+    if not text.strip() and not allow_blank:
+        raise GenerationError(f"{what} is empty")
+    for position, char in enumerate(text):
+        if char == "\x00":
+            raise GenerationError(f"{what} holds a NUL character at position {position}: remove it")
+        if "\ud800" <= char <= "\udfff":
+            raise GenerationError(
+                f"{what} holds bytes that are not UTF-8 (at position {position}): give it as UTF-8 text"
+            )
+    return text

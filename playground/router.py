@@ -14,14 +14,17 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from playground.config import ModelConfig
+from playground.capabilities import capabilities
+from playground.config import ModelConfig, RouterSpec
 from playground.engine import Engine
 from playground.errors import PlaygroundError
 from playground.jsonl import read_jsonl
+from playground.settings import allowed_path
 from playground.workers import Finished
 
 ROUTE_PREFIX = '{"route": "'
@@ -86,16 +89,20 @@ def answer_schema(routes: list[str]) -> dict[str, Any]:
     }
 
 
+def router_spec(config: ModelConfig) -> RouterSpec:
+    if config.router is None:
+        raise PlaygroundError(f"{config.display_name} has no router section: it cannot route")
+    return config.router
+
+
 class Router:
     """One router variant of the engine: scores requests and decides against a threshold."""
 
     def __init__(self, engine: Engine, variant_id: str, session: str = "local") -> None:
-        config = engine.get(variant_id)
-        if config.router is None:
-            raise PlaygroundError(f"{config.display_name} has no router section: it cannot route")
+        config = engine.catalogue.get(variant_id)
         self.engine = engine
         self.config: ModelConfig = config
-        self.spec = config.router
+        self.spec = router_spec(config)
         self.session = session  # whose turn its answers take in the router's fair queue
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
@@ -118,7 +125,7 @@ class Router:
 
     def write_answer(self, prompt: str) -> tuple[str, bool]:
         """The model's own answer, greedy; under a JSON grammar when the backend has one."""
-        backend_has_grammar = self.config.backend == "llamacpp"
+        backend_has_grammar = capabilities(self.config.backend).grammar
         request = self.engine.request(
             self.config.id,
             messages=self._messages(prompt),
@@ -186,12 +193,17 @@ class RouterEval:
         return asdict(self)
 
 
-def read_router_data(path: Path) -> list[dict[str, str]]:
-    """JSONL of {"prompt", "route"}; any other keys are kept but not needed."""
+def read_router_data(path: Path, routes: list[str] | None = None) -> list[dict[str, str]]:
+    """JSONL of {"prompt", "route"}; any other keys are kept but not needed. With `routes`, a
+    route outside them is refused with its line: counted, it would skew every metric."""
     rows = []
     for number, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("route"), str):
             raise PlaygroundError(f'{path}, line {number}: each line needs string "prompt" and "route" fields')
+        if routes is not None and row["route"] not in routes:
+            raise PlaygroundError(
+                f"{path}, line {number}: route {row['route']!r} is not one this router knows ({', '.join(routes)})"
+            )
         rows.append(row)
     if not rows:
         raise PlaygroundError(f"{path} holds no rows")
@@ -235,11 +247,42 @@ def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, thre
     )
 
 
-def evaluate_router(
-    engine: Engine, variant_id: str, data: list[dict[str, str]], threshold: float = 0.5, progress: Any = None
+def router_rows(data: str, routes: list[str], limit: int | None = None) -> list[dict[str, str]]:
+    """The rows of `data`: a bundled set's name (DATASETS) or a JSONL file inside the allowed
+    roots; the first `limit` only, when given."""
+    path = DATASETS[data] if data in DATASETS else allowed_path(data, "router data file")
+    rows = read_router_data(path, routes)
+    return rows[:limit] if limit else rows
+
+
+def evaluate_router_file(
+    engine: Engine,
+    variant: str,
+    data: str,
+    threshold: float = 0.5,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RouterEval:
-    """Run the router on every row. `progress(done, total)` is called after each row."""
+    """The router eval of the CLI, the Router tab and the eval-router job: `data` read as
+    `router_rows` says (a bad file is refused before the router loads), then every row routed.
+    `variant` is an id or a path."""
+    config = engine.catalogue.resolve(variant)
+    rows = router_rows(data, router_spec(config).routes, limit)
+    return evaluate_router(engine, config.id, rows, threshold, progress)
+
+
+def evaluate_router(
+    engine: Engine,
+    variant_id: str,
+    data: list[dict[str, str]],
+    threshold: float = 0.5,
+    progress: Callable[[int, int], None] | None = None,
+) -> RouterEval:
+    """Run the router on every row. `progress(done, total)` is called before the first row and
+    after each."""
     router = Router(engine, variant_id)
+    if progress is not None:
+        progress(0, len(data))
     rows = []
     for i, item in enumerate(data):
         d = router.decide(item["prompt"], threshold)

@@ -8,16 +8,24 @@ and job processes inherit the environment, so they read the same settings. Secre
 
 from __future__ import annotations
 
+import difflib
 import functools
 import ipaddress
 import os
+import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 from playground.config import describe_errors
 from playground.errors import ConfigError, PlaygroundError
@@ -145,7 +153,8 @@ def get_settings() -> Settings:
 
 
 @functools.lru_cache(maxsize=4)
-def _settings_for(_environment: tuple[tuple[str, str], ...]) -> Settings:
+def _settings_for(environment: tuple[tuple[str, str], ...]) -> Settings:
+    _refuse_unknown_variables([name for name, _ in environment])
     file = os.environ.get(SETTINGS_FILE_VARIABLE)
     if file and not Path(file).is_file():
         raise ConfigError(f"the settings file {file} ({SETTINGS_FILE_VARIABLE}) does not exist")
@@ -153,6 +162,12 @@ def _settings_for(_environment: tuple[tuple[str, str], ...]) -> Settings:
         return Settings()
     except ValidationError as err:
         raise ConfigError(f"invalid settings: {describe_errors(err, unknown='unknown setting')}") from None
+    except SettingsError as err:  # a variable whose value is not the JSON its field needs
+        field = re.search(r'field "(\w+)"', str(err))
+        if field is None:
+            raise ConfigError(f"a PLAYGROUND_* variable cannot be read: {err}") from None
+        name = f"{Settings.model_config['env_prefix']}{field.group(1).upper()}"
+        raise ConfigError(f"{name} (setting {field.group(1)}) cannot be read: its value must be JSON") from None
     except yaml.YAMLError as err:  # safe YAML only: a tag such as !!python/object is refused here
         # Its position and problem, not the marked snippet: the line may hold a password.
         mark = getattr(err, "problem_mark", None)
@@ -160,7 +175,18 @@ def _settings_for(_environment: tuple[tuple[str, str], ...]) -> Settings:
         problem = getattr(err, "problem", None) or err.__class__.__name__
         raise ConfigError(f"the settings file {file} is not valid YAML{where}: {problem}") from None
     except (OSError, ValueError) as err:  # an unreadable or malformed settings file
-        raise ConfigError(f"the settings file {os.environ.get(SETTINGS_FILE_VARIABLE)} cannot be read: {err}") from None
+        raise ConfigError(f"the settings file {file} ({SETTINGS_FILE_VARIABLE}) cannot be read: {err}") from None
+
+
+def _refuse_unknown_variables(names: list[str]) -> None:
+    """A misspelt variable would leave its default in force unseen (the allowed roots, say)."""
+    prefix = Settings.model_config["env_prefix"]
+    valid = sorted({f"{prefix}{field.upper()}" for field in Settings.model_fields} | {SETTINGS_FILE_VARIABLE})
+    for name in names:
+        if name.upper() not in valid:
+            near = difflib.get_close_matches(name.upper(), valid, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else f"the settings are {', '.join(valid)}"
+            raise ConfigError(f"unknown setting {name}: {hint}")
 
 
 class PathNotAllowed(PlaygroundError):
@@ -173,7 +199,7 @@ def named_or_allowed(value: str | None, names: Collection[str], what: str) -> st
     if value is None or value in names:
         return value
     try:
-        allowed_path(value, what)
+        allowed_tree(value, what)  # a folder (lm-eval tasks) is checked with everything in it
     except PathNotAllowed as err:
         raise ValueError(str(err)) from None
     return value
@@ -183,7 +209,30 @@ def allowed_path(path: str | Path, what: str = "path") -> Path:
     """`path` resolved (symlinks and `..` followed), if it lies under an allowed root."""
     resolved = Path(path).expanduser().resolve()
     roots = get_settings().roots
-    if any(resolved == root or resolved.is_relative_to(root) for root in roots):
+    if _inside(resolved, roots):
         return resolved
     shown = ", ".join(str(r) for r in roots)
     raise PathNotAllowed(f"the {what} {path} is outside the folders this playground may read ({shown})")
+
+
+def allowed_tree(path: str | Path, what: str = "path", max_files: int = 10_000) -> Path:
+    """Like `allowed_path`, and for a folder every file and folder under it too: a link inside
+    an allowed folder that points out of the roots is refused, naming the link."""
+    resolved = allowed_path(path, what)
+    if not resolved.is_dir():
+        return resolved
+    roots = get_settings().roots
+    for count, inner in enumerate(resolved.rglob("*")):
+        if count >= max_files:
+            raise PathNotAllowed(f"the {what} {path} holds more than {max_files} files: not a model folder")
+        if inner.is_symlink() and not _inside(inner.resolve(), roots):
+            shown = ", ".join(str(r) for r in roots)
+            raise PathNotAllowed(
+                f"{inner} in the {what} {path} links to {inner.resolve()}, outside the folders this "
+                f"playground may read ({shown})"
+            )
+    return resolved
+
+
+def _inside(resolved: Path, roots: list[Path]) -> bool:
+    return any(resolved == root or resolved.is_relative_to(root) for root in roots)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -101,7 +103,10 @@ def fetch(config: ModelConfig) -> Weights:
     return Weights(weights.kind, path, True)
 
 
-def check_gguf_header(path: Path) -> None:
+def check_gguf_header(path: Path) -> str:
+    """Read a GGUF file's header and tensor table as llama.cpp will, without loading weights:
+    refuse a file that is not GGUF, is cut short, or holds an architecture llama.cpp does not
+    know, naming the problem. Returns the architecture."""
     try:
         with path.open("rb") as f:
             magic = f.read(4)
@@ -109,6 +114,70 @@ def check_gguf_header(path: Path) -> None:
         raise LoadError(f"{path}: cannot be read ({err.strerror})") from None
     if magic != GGUF_MAGIC:
         raise LoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    from gguf import MODEL_ARCH_NAMES, GGUFReader
+
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        arch_field = reader.fields.get("general.architecture")
+        arch = str(arch_field.contents()) if arch_field is not None else None
+    except Exception as err:  # the reader's own errors: struct, numpy and value errors of a bad file
+        raise LoadError(
+            f"{path}: not a readable GGUF file, {size} bytes; it may be cut short or corrupt ({err.__class__.__name__})"
+        ) from None
+    if end > size:
+        raise LoadError(f"{path}: cut short: its tensors need {end} bytes, the file has {size}")
+    if arch is None:
+        raise LoadError(f"{path}: the GGUF header names no architecture (general.architecture)")
+    if arch not in MODEL_ARCH_NAMES.values():
+        raise LoadError(f"{path}: architecture {arch!r} is not one llama.cpp supports")
+    return arch
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_hf_folder(folder: Path, needs_tokenizer: bool = True) -> None:
+    """Read what transformers will read first, and name the file and problem when it cannot:
+    config.json as a JSON object, every safetensors header, and a tokenizer file."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise LoadError(f"{folder} has no config.json: it is not an HF model folder")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise LoadError(f"{config_file}: cannot be read ({err.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise LoadError(f"{config_file}: not valid JSON{where}") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{config_file}: expected a JSON object of model settings")
+    for weights in sorted(folder.glob("*.safetensors")):
+        safetensors_header(weights)
+    if needs_tokenizer and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise LoadError(
+            f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
+            "model it was made from into the folder"
+        )
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file; a file that is not one is named as such."""
+    try:
+        with path.open("rb") as f:
+            size_bytes = f.read(8)
+            (header_len,) = struct.unpack("<Q", size_bytes) if len(size_bytes) == 8 else (-1,)
+            if not 0 < header_len <= min(100_000_000, path.stat().st_size - 8):
+                raise ValueError("header size")
+            header = json.loads(f.read(header_len))
+    except OSError as err:
+        raise LoadError(f"{path}: cannot be read ({err.strerror})") from None
+    except (ValueError, UnicodeDecodeError, struct.error):
+        raise LoadError(f"{path}: not a safetensors file (its header cannot be read)") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return header
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -135,9 +204,11 @@ def config_from_path(path: str | Path, **overrides: Any) -> ModelConfig:
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if (path / "config.json").exists():
+            check_hf_folder(path, needs_tokenizer="tokenizer" not in overrides)
             backend, prompt_format = "transformers", "chat_template"
         elif len(ggufs) == 1:
             path, backend, prompt_format = ggufs[0], "llamacpp", "chat_template"
+            check_gguf_header(path)
         else:
             raise LoadError(f"{path} is neither an HF model folder (no config.json) nor a folder with one GGUF file")
     elif path.suffix == ".gguf":

@@ -1,8 +1,10 @@
 """One process per loaded variant, so a crash, an OOM or a hang stays inside it, and unloading
 really returns its memory to the system.
 
-Parent and worker talk over two one-way pipes. Commands go down (generate, stop, shutdown);
-events come up (ready / load_failed, then per request: started, chunk..., done or error).
+Parent and worker talk over two one-way pipes, in the frozen dataclasses of playground.protocol:
+commands go down (generate, a typed call, stop, ping, shutdown); events come up (ready or load
+failed, then per request: started, delta..., done; a call's value; failed; pongs). A ping is
+answered by the worker's reader thread, so a worker stopped or stuck while idle shows as hung.
 The worker runs requests one at a time, in order (a server backend with `concurrency` above 1:
 that many at once, one thread each); which generation request is sent when is decided in the
 parent by the variant's fair queue (request_queue). A reader thread in it applies Stop at once.
@@ -18,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -26,16 +28,35 @@ from typing import Any, Literal
 
 import psutil
 
-from playground.backends.base import FinishReason, LoadInfo, Request
+from playground.backends.base import FinishReason, LoadInfo, Request, StreamEnd
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError, WorkerDied, WorkerHung
 from playground.metrics import GenerationMetrics
+from playground.protocol import (
+    Call,
+    Command,
+    Delta,
+    Died,
+    Done,
+    Failed,
+    Generate,
+    LoadFailed,
+    Ping,
+    Pong,
+    Ready,
+    RequestStarted,
+    Shutdown,
+    Stop,
+    Value,
+    WorkerEvent,
+)
 from playground.request_queue import FairQueue, Queued
 
 # spawn, not fork: the parent may hold threads (UI server) and must never share CUDA state.
 _CTX = multiprocessing.get_context("spawn")
 
-WorkerState = Literal["loading", "ready", "failed", "dead", "unloaded"]
+WorkerState = Literal["loading", "ready", "failed", "dead", "hung", "unloaded"]
+HEARTBEAT_S = 1.0  # how often the parent asks a ready worker whether it is alive
 
 
 # -- events handed to callers ----------------------------------------------------------------
@@ -72,72 +93,69 @@ def fit_to_context(prompt_tokens: int | None, params: GenerationParams, context_
     return params if params.max_new_tokens <= room else params.merged(max_new_tokens=room)
 
 
-def _run_request(
-    backend: Any, info: LoadInfo, rid: str, request: Request, stop: threading.Event, events: Connection
-) -> None:
+def _run_request(backend: Any, info: LoadInfo, job: Generate, stop: threading.Event, events: _LockedSender) -> None:
     from playground.metrics import GenerationTimer, PeakRssSampler, repetition_warning
 
     timer = GenerationTimer()
-    prompt = backend.prepare(request)
-    params = fit_to_context(prompt.n_tokens, request.params, info.context_length)
-    events.send(("started", rid, prompt.n_tokens))
+    prompt = backend.prepare(job.request)
+    params = fit_to_context(prompt.n_tokens, job.request.params, info.context_length)
+    events.send(RequestStarted(job.rid, prompt.n_tokens))
     backend.reset_memory_peaks()
     pieces: list[str] = []
-    prompt_tokens, completion_tokens = prompt.n_tokens, None
-    usage_seen = False
+    end: StreamEnd | None = None
     with PeakRssSampler() as rss:
         for item in backend.stream(prompt, params, stop.is_set):
-            if not hasattr(item, "text"):  # a Usage report from the backend itself
-                prompt_tokens = item.prompt_tokens if item.prompt_tokens is not None else prompt_tokens
-                completion_tokens = item.completion_tokens
-                usage_seen = True
+            if isinstance(item, StreamEnd):
+                end = item
                 continue
             timer.on_tokens(item.n_tokens)
             pieces.append(item.text)
-            events.send(("chunk", rid, item.text, item.n_tokens))
+            events.send(Delta(job.rid, item.text, item.n_tokens))
+    if end is None:
+        raise GenerationError(f"the {backend.name} backend ended its stream without saying why")
     text = "".join(pieces)
     warnings = []
     if backend.config.warn_greedy and params.temperature == 0:
         warnings.append("greedy decoding: this model's card says it loops; use temperature >= 0.7 with top-k")
-    if not backend.counts_tokens_locally and not usage_seen:
+    if not backend.caps.counts_tokens_locally and end.completion_tokens is None:
         warnings.append("the server reported no token usage: completion tokens are counted from streamed chunks")
     if loop := repetition_warning(text):
         warnings.append(loop)
     metrics = timer.finish(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
+        prompt_tokens=end.prompt_tokens if end.prompt_tokens is not None else prompt.n_tokens,
+        completion_tokens=end.completion_tokens,
         backend=info.backend,
         device=info.device,
-        finish_reason="cancelled" if stop.is_set() else backend.finish_reason(),
+        finish_reason="cancelled" if stop.is_set() else end.finish_reason,
         peak_rss_bytes=rss.peak,
         device_memory=backend.device_memory(),
         warnings=warnings,
     )
-    events.send(("done", rid, text, metrics))
+    events.send(Done(job.rid, text, metrics))
 
 
-def worker_main(config: ModelConfig, commands: Connection, events: Connection) -> None:
+def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connection) -> None:
     """Entry point of a worker process: load, then serve requests until shutdown or EOF."""
     from playground.backends import create_backend
     from playground.errors import PlaygroundError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the parent
-    events = _LockedSender(events)  # type: ignore[assignment]  # requests may stream from threads
+    events = _LockedSender(events_pipe)  # requests may stream from threads
     try:
         backend = create_backend(config)
         info = backend.load()
     except PlaygroundError as err:
-        events.send(("load_failed", str(err)))
+        events.send(LoadFailed(str(err)))
         return
     except MemoryError:
-        events.send(("load_failed", "out of memory while loading the weights"))
+        events.send(LoadFailed("out of memory while loading the weights"))
         return
     except Exception as err:  # any other failure still reaches the user as one line
-        events.send(("load_failed", f"unexpected {err.__class__.__name__} while loading: {err}"))
+        events.send(LoadFailed(f"unexpected {err.__class__.__name__} while loading: {err}"))
         return
-    events.send(("ready", info))
+    events.send(Ready(info))
 
-    pending: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+    pending: queue.Queue[Generate | Call | None] = queue.Queue()
     stops: dict[str, threading.Event] = {}
     stops_lock = threading.Lock()
 
@@ -155,47 +173,43 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
                         flag.set()
                 pending.put(None)
                 return
-            kind = command[0]
-            if kind in ("generate", "score", "call"):
-                stop_flag(command[1])
-                pending.put(command)
-            elif kind == "stop":
-                stop_flag(command[1]).set()
-            elif kind == "shutdown":
+            if isinstance(command, Ping):  # answered here, so a main loop stuck on a request shows
+                events.send(Pong(command.seq, events.busy_for()), progress=False)
+            elif isinstance(command, Stop):
+                stop_flag(command.rid).set()
+            elif isinstance(command, Shutdown):
                 pending.put(None)
                 return
+            else:
+                stop_flag(command.rid)
+                pending.put(command)
 
     threading.Thread(target=read_commands, name="commands", daemon=True).start()
 
-    def serve(job: tuple[Any, ...]) -> None:
-        kind, rid, request = job[0], job[1], job[2]
+    def serve(job: Generate | Call) -> None:
+        events.begin()
         try:
-            if kind == "generate":
-                _run_request(backend, info, rid, request, stop_flag(rid), events)
-            elif kind == "call":  # request is the method's name here, job[3] its arguments
-                if request not in CALLABLE:
-                    raise GenerationError(f"a worker does not run {request!r}")
-                started = time.perf_counter()
-                value = getattr(backend, request)(*job[3])
-                events.send(("scored", rid, value, time.perf_counter() - started))
+            if isinstance(job, Generate):
+                _run_request(backend, info, job, stop_flag(job.rid), events)
             else:
                 started = time.perf_counter()
-                values = backend.score(request, job[3])
-                events.send(("scored", rid, values, time.perf_counter() - started))
+                value = job.run(backend)
+                events.send(Value(job.rid, value, time.perf_counter() - started))
         except PlaygroundError as err:
-            events.send(("error", rid, str(err)))
+            events.send(Failed(job.rid, str(err)))
         except MemoryError:
-            events.send(("error", rid, "out of memory while generating"))
+            events.send(Failed(job.rid, "out of memory while generating"))
         except Exception as err:
-            events.send(("error", rid, f"unexpected {err.__class__.__name__}: {err}"))
+            events.send(Failed(job.rid, f"unexpected {err.__class__.__name__}: {err}"))
         finally:
+            events.end()
             with stops_lock:
-                stops.pop(rid, None)
+                stops.pop(job.rid, None)
 
-    together = config.concurrency if backend.serves_concurrently else 1
+    together = config.concurrency if backend.caps.serves_concurrently else 1
     pool = ThreadPoolExecutor(together, thread_name_prefix="request") if together > 1 else None
     while (job := pending.get()) is not None:
-        if pool is not None and job[0] == "generate":
+        if pool is not None and isinstance(job, Generate):
             pool.submit(serve, job)
         else:
             serve(job)
@@ -205,19 +219,35 @@ def worker_main(config: ModelConfig, commands: Connection, events: Connection) -
 
 
 class _LockedSender:
-    """A Connection's send for several threads: one message at a time on the pipe."""
+    """A Connection's send for several threads: one message at a time on the pipe. It also
+    keeps how long the requests being served have gone without sending anything (a pong
+    carries it, so the parent sees a request stuck before its first token)."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._lock = threading.Lock()
+        self._active = 0
+        self._last_progress = time.monotonic()
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, progress: bool = True) -> None:
         with self._lock:
             self._connection.send(message)
+            if progress:
+                self._last_progress = time.monotonic()
 
+    def begin(self) -> None:
+        with self._lock:
+            self._active += 1
+            self._last_progress = time.monotonic()
 
-# Backend methods a parent may run in a worker by name (see Backend).
-CALLABLE = frozenset({"count_tokens", "request_tokens", "text_logprobs", "pair_logprobs"})
+    def end(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def busy_for(self) -> float | None:
+        """Seconds since a request being served last sent anything; None when idle."""
+        with self._lock:
+            return time.monotonic() - self._last_progress if self._active else None
 
 
 # -- the parent's handle ---------------------------------------------------------------------
@@ -234,17 +264,22 @@ def describe_exit(exitcode: int | None) -> str:
 class Worker:
     """The parent's side of one variant's worker process."""
 
-    def __init__(self, config: ModelConfig, *, stall_timeout_s: float = 300.0) -> None:
+    def __init__(self, config: ModelConfig, *, stall_timeout_s: float = 300.0, silent_after_s: float = 10.0) -> None:
         self.config = config
+        # A request that sends nothing for this long is stuck (a deadlock, a runaway prefill).
         self.stall_timeout_s = stall_timeout_s
-        self.state: WorkerState = "loading"
+        # A worker that answers no heartbeat for this long has stopped (SIGSTOP, the GIL held).
+        self.silent_after_s = silent_after_s
+        self._state: WorkerState = "loading"
         self.info: LoadInfo | None = None
         self.error: str | None = None
         self.started_at = time.monotonic()
         self._unloading = False
-        self.hung = False
+        self.hung = False  # set once a request stalled: only unloading ends such a worker
+        self._silent_since: float | None = None  # set while heartbeats go unanswered
+        self._last_pong = time.monotonic()
         self._ready = threading.Event()
-        self._queues: dict[str, queue.Queue[tuple[Any, ...]]] = {}
+        self._queues: dict[str, queue.Queue[WorkerEvent | Died]] = {}
         self._lock = threading.Lock()
         self.turns = FairQueue(config.concurrency)  # generation requests wait here for a slot
         commands_r, self._commands = _CTX.Pipe(duplex=False)
@@ -261,6 +296,44 @@ class Worker:
         events_w.close()
         self._reader = threading.Thread(target=self._read_events, name=f"events-{config.id}", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._heartbeat, name=f"heartbeat-{config.id}", daemon=True).start()
+
+    @property
+    def state(self) -> WorkerState:
+        """loading, ready, failed, dead, unloaded; "hung" while a ready worker answers no
+        heartbeat or a request in it has stalled."""
+        if self._state == "ready" and (self.hung or self._silent_since is not None):
+            return "hung"
+        return self._state
+
+    def _heartbeat(self) -> None:
+        seq = 0
+        while not self._ready.wait(HEARTBEAT_S):
+            pass
+        while self._state == "ready" and not self._unloading:
+            seq += 1
+            self._send(Ping(seq), quiet=True)
+            time.sleep(HEARTBEAT_S)
+            silent = time.monotonic() - self._last_pong
+            if silent > self.silent_after_s and self._state == "ready":
+                if self._silent_since is None:
+                    self._silent_since = self._last_pong
+                    self.error = (
+                        f"{self.config.display_name} stopped answering: no heartbeat for {silent:.0f} s "
+                        "(stopped or deadlocked; unload it to end the process)"
+                    )
+
+    def _on_pong(self, busy_for: float | None) -> None:
+        self._last_pong = time.monotonic()
+        if self._silent_since is not None:  # it answers again (SIGCONT): no longer hung
+            self._silent_since = None
+            self.error = None
+        if busy_for is not None and busy_for > self.stall_timeout_s and not self.hung:
+            self.hung = True
+            self.error = (
+                f"{self.config.display_name} produced nothing for {busy_for:.0f} s on a request: "
+                "its worker may be hung (unload it to end the process)"
+            )
 
     @property
     def pid(self) -> int | None:
@@ -279,28 +352,30 @@ class Worker:
                 event = self._events.recv()
             except (EOFError, OSError):
                 break
-            kind = event[0]
-            if kind == "ready":
-                self.info, self.state = event[1], "ready"
+            if isinstance(event, Ready):
+                self._last_pong = time.monotonic()
+                self.info, self._state = event.info, "ready"
                 self._ready.set()
-            elif kind == "load_failed":
-                self.error, self.state = event[1], "failed"
+            elif isinstance(event, LoadFailed):
+                self.error, self._state = event.error, "failed"
                 self._ready.set()
+            elif isinstance(event, Pong):
+                self._on_pong(event.busy_for)
             else:
                 with self._lock:
-                    target = self._queues.get(event[1])
+                    target = self._queues.get(event.rid)
                 if target is not None:
                     target.put(event)
         # EOF: the process has ended (or is ending). Find out how, and tell everyone waiting.
         self.process.join(timeout=5)
-        if self.state in ("loading", "ready") and not self._unloading:
+        if self._state in ("loading", "ready") and not self._unloading:
             self.error = f"the worker of {self.config.display_name} {describe_exit(self.process.exitcode)}"
-            self.state = "dead"
+            self._state = "dead"
         self._ready.set()
         with self._lock:
             waiting = list(self._queues.values())
         for target in waiting:
-            target.put(("died", "", self.error or "the worker ended"))
+            target.put(Died(self.error or "the worker ended"))
 
     # -- loading -------------------------------------------------------------------------
     def settled(self, timeout_s: float) -> bool:
@@ -316,14 +391,26 @@ class Worker:
 
     # -- generation ----------------------------------------------------------------------
     def _check_ready(self) -> None:
-        if self.state != "ready":
-            raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({self.state})")
+        state = self.state
+        if state == "hung":
+            raise WorkerHung(self.error or f"{self.config.display_name} is hung")
+        if state != "ready":
+            raise GenerationError(self.error or f"{self.config.display_name} is not loaded ({state})")
 
-    def _new_request(self) -> tuple[str, queue.Queue[tuple[Any, ...]]]:
+    def _raise_if_unwell(self) -> None:
+        """While a request waits: end it at once when its worker is known hung or gone (a
+        death before the request was registered reaches it only this way)."""
+        state = self.state
+        if state == "hung":
+            raise WorkerHung(self.error or f"{self.config.display_name} is hung")
+        if state != "ready":
+            raise WorkerDied(self.error or "the worker ended")
+
+    def _new_request(self) -> tuple[str, queue.Queue[WorkerEvent | Died]]:
         """A request id and the inbox its events are routed to (the caller removes it)."""
         self._check_ready()
         rid = uuid.uuid4().hex
-        inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        inbox: queue.Queue[WorkerEvent | Died] = queue.Queue()
         with self._lock:
             self._queues[rid] = inbox
         return rid, inbox
@@ -366,9 +453,7 @@ class Worker:
         rid, inbox = self._new_request()
         finished = False
         try:
-            self._send(("generate", rid, request))
-            started_at: float | None = None
-            last_event = time.monotonic()
+            self._send(Generate(rid, request))
             cancel_sent = False
             while True:
                 if cancel is not None and cancel.is_set() and not cancel_sent:
@@ -377,65 +462,50 @@ class Worker:
                 try:
                     event = inbox.get(timeout=0.1)
                 except queue.Empty:
-                    if self.state != "ready":  # died before this request was registered
-                        raise WorkerDied(self.error or "the worker ended") from None
-                    # A queued request waits its turn; once started, silence means a hang.
-                    if started_at is not None and time.monotonic() - last_event > self.stall_timeout_s:
-                        self.hung = True
-                        raise WorkerHung(
-                            f"{self.config.display_name} produced nothing for {self.stall_timeout_s:.0f} s: "
-                            "its worker may be hung (unload it to end the process)"
-                        ) from None
+                    self._raise_if_unwell()
                     continue
-                last_event = time.monotonic()
-                kind = event[0]
-                if kind == "started":
-                    started_at = last_event
-                    yield Started(event[2])
-                elif kind == "chunk":
-                    yield TextDelta(event[2], event[3])
-                elif kind == "done":
+                if isinstance(event, RequestStarted):
+                    yield Started(event.prompt_tokens)
+                elif isinstance(event, Delta):
+                    yield TextDelta(event.text, event.n_tokens)
+                elif isinstance(event, Done):
                     finished = True
-                    yield Finished(event[2], event[3])
+                    yield Finished(event.text, event.metrics)
                     return
-                elif kind == "error":
+                elif isinstance(event, Failed):
                     finished = True
-                    raise GenerationError(event[2])
-                elif kind == "died":
+                    raise GenerationError(event.message)
+                elif isinstance(event, Died):
                     finished = True
-                    raise WorkerDied(event[2])
+                    raise WorkerDied(event.message)
         finally:
             if not finished:
                 self.stop(rid)
             with self._lock:
                 self._queues.pop(rid, None)
 
-    def score(
-        self, request: Request, continuations: list[str], timeout_s: float | None = None
-    ) -> tuple[list[float], float]:
-        """Log-probabilities of each continuation after the request's prompt, and the seconds
-        the worker took. Waits its turn behind any generation already queued."""
-        return self._ask(("score", request, list(continuations)), timeout_s)
-
-    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> tuple[Any, float]:
-        """One of the backend's scoring methods (CALLABLE) run in the worker: its value and the
-        seconds it took."""
-        return self._ask(("call", method, args), timeout_s)
-
-    def _ask(self, command: tuple[Any, ...], timeout_s: float | None) -> tuple[Any, float]:
+    def ask(self, call: Callable[[str], Call], timeout_s: float | None = None) -> tuple[Any, float]:
+        """Run one typed call (protocol.Call, built from the request id it is given) in the
+        worker, behind any request already sent: its value and the seconds the worker took."""
         rid, inbox = self._new_request()
         try:
-            self._send((command[0], rid, *command[1:]))
-            try:
-                event = inbox.get(timeout=timeout_s or self.stall_timeout_s)
-            except queue.Empty:
-                self.hung = True
-                raise WorkerHung(f"{self.config.display_name} gave no scores in time: its worker may be hung") from None
-            if event[0] == "scored":
-                return event[2], event[3]
-            if event[0] == "died":
-                raise WorkerDied(event[2])
-            raise GenerationError(event[2])
+            self._send(call(rid))
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while True:
+                try:
+                    event = inbox.get(timeout=0.1)
+                    break
+                except queue.Empty:
+                    self._raise_if_unwell()
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise WorkerHung(f"{self.config.display_name} gave no answer in {timeout_s:.0f} s") from None
+            if isinstance(event, Value):
+                return event.value, event.seconds
+            if isinstance(event, Died):
+                raise WorkerDied(event.message)
+            if isinstance(event, Failed):
+                raise GenerationError(event.message)
+            raise GenerationError(f"{self.config.display_name} answered a call with {type(event).__name__}")
         finally:
             with self._lock:
                 self._queues.pop(rid, None)
@@ -445,9 +515,9 @@ class Worker:
         with self._lock:
             targets = [rid] if rid else list(self._queues)
         for target in targets:
-            self._send(("stop", target), quiet=True)
+            self._send(Stop(target), quiet=True)
 
-    def _send(self, command: tuple[Any, ...], quiet: bool = False) -> None:
+    def _send(self, command: Command, quiet: bool = False) -> None:
         try:
             with self._lock:
                 self._commands.send(command)
@@ -463,17 +533,18 @@ class Worker:
 
     def unload(self, timeout_s: float = 10.0) -> None:
         """End the process: politely first, then by force. Its memory goes back to the system."""
+        hung = self.state == "hung"  # a stopped or stuck worker is not asked politely
         self._unloading = True
-        if self.process.is_alive() and not self.hung:
+        if self.process.is_alive() and not hung:
             self.stop()
-            self._send(("shutdown",), quiet=True)
+            self._send(Shutdown(), quiet=True)
             self.process.join(timeout_s)
-        if self.process.is_alive() and not self.hung:
+        if self.process.is_alive() and not hung:
             self.process.terminate()
             self.process.join(3)
         if self.process.is_alive():
             self.process.kill()
             self.process.join(3)
-        self.state = "unloaded"
+        self._state = "unloaded"
         self._reader.join(timeout=5)
         self._commands.close()

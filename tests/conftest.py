@@ -26,6 +26,7 @@ os.environ.setdefault(
 
 import factories  # noqa: E402
 
+from playground.catalogue import Catalogue  # noqa: E402
 from playground.config import parse_config  # noqa: E402
 from playground.engine import Engine  # noqa: E402
 from playground.errors import LoadError  # noqa: E402
@@ -140,7 +141,7 @@ def variant(**fields) -> object:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(config_dirs=[tmp_path])
+    eng = Engine(Catalogue([tmp_path]))
     yield eng
     eng.shutdown()
 

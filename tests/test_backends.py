@@ -12,7 +12,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def run(engine, config, *, prompt="Hello world! The capital", mode=None, messages=None, **params):
-    engine.add(config)
+    engine.catalogue.add(config)
     info = engine.load(config.id)
     params = {"temperature": 0.0, "max_new_tokens": 12, "seed": 1} | params
     request = engine.request(config.id, prompt=prompt, messages=messages, mode=mode, **params)
@@ -42,12 +42,12 @@ def test_same_seed_same_sampled_text(engine, llama_folder):
 
 def test_remote_code_refused_unless_allowed(engine, remote_code_folder, monkeypatch):
     refused = variant(id="remote-off", backend="transformers", source={"path": str(remote_code_folder)})
-    engine.add(refused)
+    engine.catalogue.add(refused)
     with pytest.raises(LoadError, match="trust_remote_code"):
         engine.load(refused.id)
     assert "remote-off" not in engine.workers  # a failed load leaves no worker behind
     # The config asks for remote code, but the admin has not allowed this variant (settings).
-    asking = engine.add(
+    asking = engine.catalogue.add(
         variant(
             id="remote-asks", backend="transformers", source={"path": str(remote_code_folder)}, trust_remote_code=True
         )
@@ -137,14 +137,14 @@ def test_scratch_gpt_without_tokenizer_offline_says_so(engine, gpt_files):
         source={"path": str(gpt_files["pt"])},
         tokenizer={"tiktoken": "no-such-encoding"},
     )
-    engine.add(config)
+    engine.catalogue.add(config)
     with pytest.raises(LoadError, match="tokenizer.file"):
         engine.load(config.id)
 
 
 @pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
 def test_embedded_default_in_both_backends(engine, backend):
-    config = engine.add(
+    config = engine.catalogue.add(
         variant(
             id=f"embedded-{backend}",
             backend=backend,
@@ -162,7 +162,7 @@ def test_prompt_longer_than_context_is_refused(engine, llama_folder):
     config = variant(
         id="tiny-short", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32", context_length=16
     )
-    engine.add(config)
+    engine.catalogue.add(config)
     engine.load(config.id)
     request = engine.request(config.id, prompt="word " * 40, mode="completion")
     with pytest.raises(GenerationError, match="context holds 16"):

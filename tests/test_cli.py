@@ -95,7 +95,8 @@ def test_corrupt_gguf_and_wrong_format(tmp_path):
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\x07" * 2048)
     assert_one_line_error(
-        cli("generate", "--model", str(corrupt), "--prompt", "hi", "--no-memory-check"), "could not load corrupt.gguf"
+        cli("generate", "--model", str(corrupt), "--prompt", "hi", "--no-memory-check"),
+        "corrupt.gguf: not a readable GGUF file",
     )
     text = tmp_path / "weights.txt"
     text.write_text("not weights")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import EMBEDDED_GGUF, check_reply, collect, variant
 
-from playground.backends.base import Request
+from playground.backends.base import Request, StreamEnd
 from playground.backends.fast_decode import MIN_CACHE_TOKENS, StaticDecoder, cache_tokens_for, fuse_projections
 from playground.backends.transformers_backend import TransformersBackend
 from playground.config import GenerationParams
@@ -30,9 +30,12 @@ def reply(backend: TransformersBackend, params: GenerationParams, *, stop_after:
     request = Request(params=params, **({"mode": "chat", "messages": CHAT} | request))
     prompt = backend.prepare(request)
     texts: list[str] = []
-    for chunk in backend.stream(prompt, params, lambda: stop_after is not None and len(texts) >= stop_after):
-        texts.append(chunk.text)
-    return texts, backend.finish_reason()
+    ends = []
+    for item in backend.stream(prompt, params, lambda: stop_after is not None and len(texts) >= stop_after):
+        assert not ends, "an item after the stream's end"
+        (ends if isinstance(item, StreamEnd) else texts).append(item if isinstance(item, StreamEnd) else item.text)
+    assert len(ends) == 1, "a stream ends with exactly one StreamEnd"
+    return texts, ends[0].finish_reason
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,7 @@ def test_decoder_refuses_a_prompt_that_fills_the_context(llama_folder):
 
 def test_scratch_gpt_and_worker_path(engine, gpt_files, tiktoken_file):
     """A from-scratch GPT (converted to Llama) on the static cache, through a real worker."""
-    config = engine.add(
+    config = engine.catalogue.add(
         variant(
             id="gpt-fast",
             backend="scratch_gpt",

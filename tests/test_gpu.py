@@ -16,7 +16,7 @@ CHAT = [{"role": "user", "content": "Hello there"}]
 
 
 def _run(engine, config, **params):
-    engine.add(config)
+    engine.catalogue.add(config)
     info = engine.load(config.id)
     request = engine.request(config.id, messages=CHAT, mode="chat", temperature=0.0, max_new_tokens=16, **params)
     started, deltas, finished = collect(engine.generate(config.id, request))
@@ -97,7 +97,7 @@ def test_qlora_trains_on_an_nf4_base_and_its_adapter_variant_loads(tmp_path, lla
     assert losses[-1] < losses[0]
     engine = Engine()
     try:
-        made = engine.get("qlora")
+        made = engine.catalogue.get("qlora")
         assert made.quantization.method == "nf4" and made.adapter is not None
         info = engine.load("qlora")
         assert any("LoRA adapter" in note for note in info.notes) and info.device == "cuda"
@@ -126,6 +126,65 @@ def test_a_gpu_job_waits_while_memory_is_taken_and_starts_when_it_is_freed(tmp_p
         del hog
         torch.cuda.empty_cache()
     assert jobs.wait(job.id, timeout_s=300).state == "succeeded"
+
+
+def test_every_job_kind_runs_on_the_gpu(tmp_path, llama_folder, monkeypatch):
+    """Each kind on a transformers variant that loads on the GPU with the fast decode path (its
+    projections fused): training must load its base unfused, or peft refuses the fused layers
+    (a GPU LoRA once failed so). GGUF conversion kinds run on the CPU by their records."""
+    import json
+
+    import yaml
+
+    from playground.jobs.kinds import KINDS
+    from playground.jobs.manager import JobManager
+    from playground.jobs.store import JobStore
+
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
+    made = tmp_path / "data" / "jobs" / "model_configs"
+    made.mkdir(parents=True)
+    base = {"id": "gpu-tiny", "display_name": "tiny on the GPU", "backend": "transformers"}
+    base |= {"source": {"path": str(llama_folder)}, "context_length": 256}
+    # A short prompt of its own: the tiny model's context (256) cannot hold a real router's.
+    router = {"system_prompt": "Answer self or npc_fin.", "system_prompt_source": "this test"}
+    (made / "gpu-tiny.yaml").write_text(yaml.safe_dump(base))
+    (made / "gpu-router.yaml").write_text(
+        yaml.safe_dump(base | {"id": "gpu-router", "role": "router", "router": router})
+    )
+    routes = tmp_path / "routes.jsonl"
+    routes.write_text(
+        "".join(
+            json.dumps({"prompt": p, "route": r, "reason": "x"}) + "\n"
+            for p, r in [("2+2?", "self"), ("Price a bond.", "npc_fin")] * 2
+        )
+    )
+    jobs = JobManager(JobStore(tmp_path / "data" / "jobs" / "jobs.sqlite"), tmp_path / "logs")
+    tiny_text = {"max_chars": 3000, "window": 64, "stride": 32}
+    runs = {
+        "eval-router": {"model": "gpu-router", "limit": 2},
+        "eval-perplexity": {"model": "gpu-tiny"} | tiny_text,
+        "eval-needle": {"model": "gpu-tiny", "lengths": [128], "depths": [0.5]},
+        "eval-format": {"model": "gpu-tiny", "limit": 2, "max_new_tokens": 8},
+        "eval-lm": {"model": "gpu-tiny", "tasks": ["playground_capitals"], "include_path": "tiny", "limit": 2},
+        "lora-sft": {"model": "gpu-tiny", "data": str(_sft_rows(tmp_path, 4)), "name": "gpu-lora"},
+        "lora-router": {"model": "gpu-router", "data": str(routes), "epochs": 1, "name": "gpu-router-lora"},
+        "qat": {"model": "gpu-tiny", "steps": 3, "seq_len": 32, "max_chars": 5000, "name": "gpu-qat"},
+        "export-gguf": {"model": "gpu-qat", "types": ["Q8_0"]},
+        "qat-compare": {"model": "gpu-tiny", "qat": "gpu-qat", "types": ["Q8_0"]} | tiny_text,
+    }
+    assert set(runs) == set(KINDS), "a job kind without a GPU run here"
+    # The GPU kinds together (the manager starts them side by side while memory lasts), then
+    # the two that read what the QAT job made.
+    reads_qat = ["export-gguf", "qat-compare"]
+    for batch in ([k for k in runs if k not in reads_qat], reads_qat):
+        submitted = {kind: jobs.submit(kind, runs[kind]) for kind in batch}
+        for kind, job in submitted.items():
+            assert job.device == ("cpu" if KINDS[kind].device == "cpu" else "cuda"), kind
+            done = jobs.wait(job.id, timeout_s=300)
+            assert done.state == "succeeded", f"{kind}: {done.error}"
+            if KINDS[kind].plots_loss:
+                first = next(e for _, _, e in jobs.store.events(job.id) if "message" in e)
+                assert "on cuda" in first["message"], (kind, first)
 
 
 # -- the fast decode path (static KV cache + CUDA graph) ----------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import time
 
 import psutil
 import pytest
+from conftest import run_job
 
+from playground.config import REPO_ROOT
 from playground.errors import ConfigError, PlaygroundError
 from playground.jobs.manager import JobManager
 from playground.jobs.store import JobStore
@@ -97,8 +100,13 @@ def test_jobs_left_running_by_a_dead_app_show_as_interrupted(tmp_path):
 
 
 def test_bad_options_are_refused_before_any_process(manager):
-    with pytest.raises(ConfigError, match="threshold"):
+    with pytest.raises(ConfigError, match="threshold: Input should be less than or equal to 1"):
         manager.submit("eval-router", {"model": "x", "threshold": 7})
+    with pytest.raises(ConfigError, match="thresold: unknown option"):
+        manager.submit("eval-router", {"model": "x", "thresold": 0.5})
+    with pytest.raises(ConfigError, match="limit: ") as refused:  # the value is not echoed back
+        manager.submit("eval-router", {"model": "x", "limit": "sk-not-a-number"})
+    assert "sk-not-a-number" not in str(refused.value)
     with pytest.raises(ConfigError, match="unknown job kind 'train-everything'"):
         manager.submit("train-everything", {"model": "x"})
     assert manager.store.list() == []
@@ -133,6 +141,146 @@ def test_cli_jobs(tmp_path):
     bad = run("submit", "eval-router", "--model", "m", "--option", "threshold=9")
     assert bad.returncode == 2 and "invalid options for eval-router" in bad.stderr and "Traceback" not in bad.stderr
     assert run("cancel", "nope").returncode == 2
+
+
+def _jobs_cli(data_dir, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "playground", "jobs", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PLAYGROUND_DATA_DIR": str(data_dir)},
+        timeout=timeout,
+    )
+
+
+def _wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def _schedulers_of(store_path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "playground.jobs.scheduler" in cmdline and str(store_path) in cmdline:
+            found.append(process)
+    return found
+
+
+def test_jobs_submitted_from_several_command_lines_run_and_end_with_no_app(tmp_path):
+    """Three submits at once, none waiting, no app: every job runs once and ends, then the
+    scheduler process leaves."""
+    command = [sys.executable, "-m", "playground", "jobs", "submit", "eval-router", "--model", "smollm2-135m-router"]
+    env = os.environ | {"PLAYGROUND_DATA_DIR": str(tmp_path)}
+    submits = [
+        subprocess.Popen([*command, "--option", "limit=2", "--json"], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(3)
+    ]
+    ids = [json.loads(p.communicate(timeout=120)[0])["id"] for p in submits]
+    store = JobStore(tmp_path / "jobs" / "jobs.sqlite")
+    assert len(set(ids)) == 3
+    _wait_until(lambda: all(store.get(i).finished for i in ids), 400, "jobs left queued or running with no app")
+    assert [store.get(i).state for i in ids] == ["succeeded"] * 3
+    for job_id in ids:  # each ran exactly once
+        starts = [e for _, _, e in store.events(job_id) if e.get("message", "").endswith("rows from ood")]
+        assert len(starts) == 1
+    assert len({store.get(i).pid for i in ids}) == 3
+    _wait_until(lambda: not _schedulers_of(store.path), 15, "the scheduler process stayed with nothing to do")
+
+
+def test_a_job_killed_with_no_app_is_marked_and_the_next_one_starts(tmp_path):
+    long = _jobs_cli(tmp_path, "submit", "eval-router", "--model", "smollm2-135m-router", "--json")
+    short = _jobs_cli(tmp_path, "submit", "eval-router", "--model", "smollm2-135m-router", "--option", "limit=1")
+    assert long.returncode == 0 and short.returncode == 0, long.stderr + short.stderr
+    killed_id, waiting_id = json.loads(long.stdout)["id"], short.stdout.split()[0]
+    store = JobStore(tmp_path / "jobs" / "jobs.sqlite")
+    _wait_until(lambda: store.get(killed_id).step >= 1, 120, "the first job never made progress")
+    assert store.get(waiting_id).state == "queued"
+    os.kill(store.get(killed_id).pid, signal.SIGKILL)
+    _wait_until(lambda: store.get(killed_id).finished, 10, "a killed job still shows as running")
+    assert store.get(killed_id).state == "failed" and "SIGKILL" in store.get(killed_id).error
+    _wait_until(lambda: store.get(waiting_id).finished, 180, "the queued job never started")
+    assert store.get(waiting_id).state == "succeeded"
+
+
+def test_a_job_resolves_variants_from_the_configured_folders(tmp_path, monkeypatch):
+    """The catalogue a job process builds is the one the app and the command line see."""
+    folder = tmp_path / "my-configs"
+    folder.mkdir()
+    shipped = (REPO_ROOT / "model_configs" / "smollm2-135m-router.yaml").read_text()
+    (folder / "my-router.yaml").write_text(shipped.replace("id: smollm2-135m-router", "id: my-router", 1))
+    monkeypatch.setenv("PLAYGROUND_CONFIG_DIRS", json.dumps([str(folder)]))
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), tmp_path / "logs")
+    done = manager.wait(manager.submit("eval-router", {"model": "my-router", "limit": 1}).id, timeout_s=120)
+    assert done.state == "succeeded", done.error
+    # A variant nobody knows is refused at once, not placed on the CPU and failed later.
+    with pytest.raises(PlaygroundError, match="unknown variant 'smollm2-135m-gguf'"):
+        manager.submit("eval-perplexity", {"model": "smollm2-135m-gguf"})
+
+
+def test_the_jobs_database_damaged_or_read_only_gets_one_line(tmp_path):
+    damaged = tmp_path / "damaged"
+    (damaged / "jobs").mkdir(parents=True)
+    (damaged / "jobs" / "jobs.sqlite").write_bytes(os.urandom(8192))
+    for args in (["list"], ["show", "x"], ["submit", "eval-router", "--model", "smollm2-135m-router"]):
+        result = _jobs_cli(damaged, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "the jobs database" in result.stderr and "is damaged: move it aside" in result.stderr
+
+
+def test_a_read_only_jobs_folder_is_still_listed_and_a_submit_says_why(tmp_path, small_disk):
+    JobStore(small_disk / "jobs" / "jobs.sqlite").create("eval-router", SHORT)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    listed = _jobs_cli(small_disk, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["state"] for j in json.loads(listed.stdout)] == ["queued"]
+    refused = _jobs_cli(small_disk, "submit", "eval-router", "--model", "smollm2-135m-router")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "cannot be written" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: room for the store and a job's first files, not for a saved model."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"this machine cannot mount a small tmpfs: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_a_job_saves_fails_it_and_the_store_stays_readable(
+    tmp_path, small_disk, monkeypatch, llama_folder
+):
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(small_disk))
+    manager = JobManager(JobStore(small_disk / "jobs" / "jobs.sqlite"), tmp_path / "logs")
+    # Leave room for the job's events, not for its merged model (~0.5 MB).
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 200_000))
+    job = manager.submit("lora-sft", {"model": str(llama_folder), "data": str(_sft_file(tmp_path, n=2))})
+    done = manager.wait(job.id, timeout_s=240)
+    _wait_until(lambda: process_gone(done.pid), 30, "the job process outlived its record")
+    assert done.state == "failed" and "No space left on device" in done.error, done.error
+    assert not list((small_disk / "jobs" / job.id).glob("*.partial"))  # nothing half-written left
+    listed = _jobs_cli(small_disk, "list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["state"] == "failed"
+
+
+def test_training_loads_the_base_unfused_even_where_fast_decode_fuses(tmp_path, llama_folder, jobs):
+    """fast_decode fuses q/k/v and gate/up at load, and peft refuses fused layers: a GPU LoRA
+    failed so. `fast_decode: on` does the same fusion on the CPU, so the CPU shows it too."""
+    configs = tmp_path / "data" / "jobs" / "model_configs"
+    configs.mkdir(parents=True)
+    (configs / "tiny-fused.yaml").write_text(
+        f"id: tiny-fused\ndisplay_name: tiny fused\nbackend: transformers\nsource: {{path: {llama_folder}}}\n"
+        "dtype: fp32\nfast_decode: 'on'\n"
+    )
+    options = {"model": "tiny-fused", "data": str(_sft_file(tmp_path, n=2)), "name": "tiny-fused-lora"}
+    done = run_job(jobs, "lora-sft", options)
+    assert done.result["steps"] >= 1
 
 
 def test_lora_fine_tune_makes_a_variant_that_loads_and_generates(tmp_path, llama_folder, monkeypatch):
@@ -172,7 +320,7 @@ def test_lora_fine_tune_makes_a_variant_that_loads_and_generates(tmp_path, llama
 
     engine = Engine()  # sees the shipped configs and the one the job wrote
     try:
-        made = engine.get("tiny-lora")
+        made = engine.catalogue.get("tiny-lora")
         assert made.finetune.job_id == job.id and made.finetune.options["rank"] == 4
         engine.load("tiny-lora")
         request = engine.request(
@@ -217,7 +365,7 @@ def test_router_lora_teaches_the_router_answer_and_the_result_is_a_router(tmp_pa
 
     engine = Engine()
     try:
-        made = engine.get("tiny-router")
+        made = engine.catalogue.get("tiny-router")
         assert made.role == "router" and made.router.escalate_route == "npc_fin"
         assert made.router.system_prompt.startswith("You are NPC Fast")  # the embedded router's prompt
         assert made.finetune.options["rank"] == 32 and made.finetune.data == str(data)  # the card's rank
@@ -293,9 +441,9 @@ scratch_gpt: {{head_dim: 16}}
     options = {"model": "tiny-gpt", "data": str(_sft_file(tmp_path, n=4)), "name": "tiny-gpt-sft", "epochs": 2}
     done = jobs.wait(jobs.submit("lora-sft", options).id, timeout_s=240)
     assert done.state == "succeeded", done.error
-    from playground.engine import Engine
+    from playground.catalogue import Catalogue
 
-    made = Engine().get("tiny-gpt-sft")
+    made = Catalogue.from_settings().get("tiny-gpt-sft")
     assert made.backend == "transformers" and made.tokenizer.file == str(tiktoken_file)
     assert made.prompt_format == "alpaca"
     assert _reply("tiny-gpt-sft", prompt="Name a colour.", mode="chat", max_new_tokens=4, temperature=0) is not None

@@ -15,7 +15,7 @@ from playground.errors import GenerationError, LoadError
 
 @pytest.mark.parametrize("mode", ["chat", "completion"])
 def test_streams_from_a_real_server(engine, server, mode):
-    config = engine.add(variant(id=f"endpoint-{mode}", backend="openai", endpoint={"base_url": server}))
+    config = engine.catalogue.add(variant(id=f"endpoint-{mode}", backend="openai", endpoint={"base_url": server}))
     info = engine.load(config.id)
     assert info.device == "remote" and "smollm2-135m" in info.notes[0]
     prompt = "What is the capital of France?" if mode == "chat" else "Once upon a time, there was a"
@@ -28,7 +28,7 @@ def test_streams_from_a_real_server(engine, server, mode):
     assert any("no token usage" in w for w in finished.metrics.warnings)
     # Greedy, same weights, same library: the server says what our own llama.cpp backend says
     # (with the server's default repeat penalty, 1.1: the OpenAI protocol has no field for it).
-    local = engine.add(variant(id=f"local-{mode}", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))
+    local = engine.catalogue.add(variant(id=f"local-{mode}", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))
     engine.load(local.id)
     mine = collect(
         engine.generate(
@@ -42,7 +42,7 @@ def test_streams_from_a_real_server(engine, server, mode):
 
 
 def test_unreachable_endpoint_is_a_clear_load_error(engine):
-    config = engine.add(
+    config = engine.catalogue.add(
         variant(id="nowhere", backend="openai", endpoint={"base_url": f"http://127.0.0.1:{free_port()}/v1"})
     )
     with pytest.raises(LoadError, match="cannot reach an OpenAI-compatible server"):
@@ -74,22 +74,22 @@ class _EchoingServer(BaseHTTPRequestHandler):
 
 def test_the_api_key_is_never_shown_back(engine, monkeypatch):
     secret = "sk-test-5f3a9c1e-do-not-show"
-    monkeypatch.setenv("PLAYGROUND_TEST_API_KEY", secret)
+    monkeypatch.setenv("TEST_SERVER_API_KEY", secret)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingServer)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        config = engine.add(
+        config = engine.catalogue.add(
             variant(
                 id="echoing",
                 backend="openai",
                 endpoint={
                     "base_url": f"http://127.0.0.1:{httpd.server_port}/v1",
-                    "api_key_env": "PLAYGROUND_TEST_API_KEY",
+                    "api_key_env": "TEST_SERVER_API_KEY",
                 },
             )
         )
         info = engine.load(config.id)
-        assert secret not in repr(info) and secret not in repr(engine.get(config.id))
+        assert secret not in repr(info) and secret not in repr(engine.catalogue.get(config.id))
         with pytest.raises(GenerationError) as refused:
             collect(engine.generate(config.id, engine.request(config.id, prompt="hi", mode="chat")))
         message = str(refused.value)

@@ -70,7 +70,7 @@ def test_qat_export_and_compare_on_a_tiny_model(jobs, llama_folder, tmp_path):
     # The exported file is a variant: it loads in llama.cpp and generates.
     engine = Engine()
     try:
-        made = engine.get(q8["variant_id"])
+        made = engine.catalogue.get(q8["variant_id"])
         assert made.backend == "llamacpp" and made.finetune.base == "tiny-qat"
         engine.load(made.id)
         request = engine.request(made.id, prompt="Hello", mode="completion", max_new_tokens=6, temperature=0)
@@ -95,11 +95,12 @@ def test_the_embedded_model_exports_with_its_own_tokenizer_and_chat_template(job
     from gguf import GGUFReader
     from llama_cpp import Llama
 
-    from playground.engine import Engine
+    from playground.catalogue import Catalogue
     from playground.jobs.export import source_gguf
 
     result = run_job(jobs, "export-gguf", {"model": "smollm2-135m-transformers", "types": ["Q8_0"]}).result
-    original = source_gguf(Engine(), Engine().get("smollm2-135m-transformers"))
+    catalogue = Catalogue.from_settings()
+    original = source_gguf(catalogue, catalogue.get("smollm2-135m-transformers"))
     assert result["tokenizer_from"] == str(original)
     exported = result["files"][0]["path"]
     fields = GGUFReader(exported).fields

@@ -69,7 +69,7 @@ def test_slots_admit_that_many_at_once():
 
 
 def test_concurrency_above_one_is_for_servers_only():
-    with pytest.raises(ConfigError, match="concurrency above 1 needs backend openai"):
+    with pytest.raises(ConfigError, match="concurrency above 1 needs the openai backend"):
         parse_config(
             {"id": "x", "display_name": "x", "backend": "llamacpp", "source": {"path": "m.gguf"}, "concurrency": 2},
             origin="x.yaml",
@@ -97,7 +97,7 @@ def _wait_for(condition, timeout_s: float = 30.0) -> None:
 def test_sessions_take_turns_on_a_real_worker(engine):
     """Three requests wait while the slot is taken; they are answered a, b, a, each seeing its
     place in line, and every reply is whole."""
-    config = engine.add(variant(id="shared", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))
+    config = engine.catalogue.add(variant(id="shared", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))
     engine.load(config.id)
     worker = engine.workers[config.id]
     holder = worker.turns.turn("someone else")
@@ -139,7 +139,7 @@ def test_sessions_take_turns_on_a_real_worker(engine):
 
 
 def test_a_stop_while_queued_ends_the_reply_at_once(engine):
-    config = engine.add(variant(id="shared-stop", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))
+    config = engine.catalogue.add(variant(id="shared-stop", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))
     engine.load(config.id)
     worker = engine.workers[config.id]
     assert admitted(worker.turns.turn("someone else")) is True
@@ -156,7 +156,7 @@ def test_a_server_variant_streams_as_many_requests_at_once_as_its_concurrency(en
     """With concurrency 2 both requests are sent to the server before either ends (the parent
     queue holds none back); with 1 the second starts only after the first finished."""
     for slots in (1, 2):
-        config = engine.add(
+        config = engine.catalogue.add(
             variant(id=f"server-{slots}", backend="openai", endpoint={"base_url": server}, concurrency=slots)
         )
         engine.load(config.id)

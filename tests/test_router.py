@@ -91,7 +91,7 @@ def test_bad_router_data_is_named(tmp_path):
 
 def test_transformers_scores_match_a_direct_computation(engine, llama_folder):
     """Our worker's route probabilities equal log-softmax sums computed here from the same model."""
-    config = engine.add(
+    config = engine.catalogue.add(
         router_variant("tiny-router", "transformers", {"path": str(llama_folder)}, TINY_SPEC, dtype="fp32")
     )
     router = Router(engine, config.id)
@@ -117,7 +117,9 @@ def test_transformers_scores_match_a_direct_computation(engine, llama_folder):
 
 
 def test_llamacpp_scores_match_logits_all(engine):
-    config = engine.add(router_variant("gguf-router", "llamacpp", {"path": str(EMBEDDED_GGUF)}, context_length=1024))
+    config = engine.catalogue.add(
+        router_variant("gguf-router", "llamacpp", {"path": str(EMBEDDED_GGUF)}, context_length=1024)
+    )
     router = Router(engine, config.id)
     router.ensure_loaded()
     probs, _ = router.score(PROMPT)
@@ -149,7 +151,7 @@ def test_llamacpp_scores_match_logits_all(engine):
 
 def test_decision_follows_the_threshold_and_never_the_json(engine, llama_folder):
     """A random tiny model writes garbage: the answer is invalid, yet the route is decided."""
-    config = engine.add(
+    config = engine.catalogue.add(
         router_variant("tiny-router-2", "transformers", {"path": str(llama_folder)}, TINY_SPEC, dtype="fp32")
     )
     router = Router(engine, config.id)
@@ -168,7 +170,7 @@ def test_decision_follows_the_threshold_and_never_the_json(engine, llama_folder)
 
 @pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
 def test_embedded_router_in_both_backends(engine, backend):
-    config = engine.add(
+    config = engine.catalogue.add(
         router_variant(f"embedded-router-{backend}", backend, {"path": str(EMBEDDED_GGUF)}, context_length=1024)
     )
     decision = Router(engine, config.id).decide(PROMPT)
@@ -179,8 +181,12 @@ def test_embedded_router_in_both_backends(engine, backend):
 
 
 def test_escalation_reaches_the_partner_on_a_real_server(engine, server):
-    router = engine.add(router_variant("router", "llamacpp", {"path": str(EMBEDDED_GGUF)}, context_length=1024))
-    partner = engine.add(variant(id="partner", backend="openai", endpoint={"base_url": server}, role="partner"))
+    router = engine.catalogue.add(
+        router_variant("router", "llamacpp", {"path": str(EMBEDDED_GGUF)}, context_length=1024)
+    )
+    partner = engine.catalogue.add(
+        variant(id="partner", backend="openai", endpoint={"base_url": server}, role="partner")
+    )
     engine.load(partner.id)
     decision = Router(engine, router.id).decide(PROMPT, threshold=0.0)  # everything escalates
     assert decision.route == "npc_fin"

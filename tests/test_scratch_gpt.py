@@ -7,7 +7,8 @@ import torch
 from conftest import variant
 from factories import GPT_DIMS, make_gpt_state_dict, reference_gpt_logits
 
-from playground.backends.scratch_gpt import TiktokenCodec, build_llama, infer_shape, read_state_dict
+from playground.backends.scratch_gpt import build_llama, infer_shape, read_state_dict
+from playground.backends.tiktoken_codec import TiktokenCodec
 from playground.config import ScratchGptOptions, TokenizerSpec
 from playground.errors import LoadError
 

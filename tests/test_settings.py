@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,8 +113,8 @@ def test_typed_paths_stay_inside_the_allowed_roots(env, tmp_path):
             allowed_path(bad, "model path")
     engine = Engine()
     with pytest.raises(PathNotAllowed, match="model path"):
-        engine.add_path(str(root / "../private/secret.gguf"))
-    assert all(not c.id.startswith("secret") for c in engine.configs.values())
+        engine.catalogue.add_path(str(root / "../private/secret.gguf"))
+    assert all(not c.id.startswith("secret") for c in engine.catalogue.configs.values())
 
 
 def test_job_options_with_paths_outside_the_roots_are_refused_before_a_process_starts(jobs, env, tmp_path):
@@ -188,3 +189,62 @@ def test_uploads_over_the_limit_are_refused(tmp_path):
         large = httpx.post(f"{url}/gradio_api/upload", files={"files": ("b.txt", b"x" * 2_000_000)}, timeout=30)
     assert small.status_code == 200
     assert large.status_code == 413
+
+
+def test_a_misspelt_variable_stops_the_start_with_the_nearest_setting(tmp_path):
+    """A typo of PLAYGROUND_ALLOWED_ROOTS would leave the default roots in force unseen."""
+    typo = app_start({"PLAYGROUND_DATA_DIR": str(tmp_path), "PLAYGROUND_ALLOWED_ROOT": '["/srv/models"]'})
+    assert typo.returncode != 0 and "LAUNCH" not in typo.stdout and "Traceback" not in typo.stderr
+    assert "unknown setting PLAYGROUND_ALLOWED_ROOT: did you mean PLAYGROUND_ALLOWED_ROOTS?" in typo.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "playground", "settings"],
+        env=os.environ | {"PLAYGROUND_MAX_CPU_JOB": "2"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "did you mean PLAYGROUND_MAX_CPU_JOBS?" in result.stderr
+
+
+def test_a_variable_that_is_not_json_is_named(env):
+    env(allowed_roots="/srv/models")  # a list setting given as a bare path
+    with pytest.raises(ConfigError) as refused:
+        get_settings()
+    message = str(refused.value)
+    assert message.startswith("PLAYGROUND_ALLOWED_ROOTS (setting allowed_roots) cannot be read: its value must be JSON")
+    assert "None" not in message
+
+
+def test_links_inside_an_allowed_folder_cannot_reach_outside(env, tmp_path, jobs, tiny_gguf):
+    """Every file opened is checked, not only the path typed: a GGUF linked into a model folder,
+    a data file linked into the roots, a task folder with a link out."""
+    root, outside = tmp_path / "models", tmp_path / "private"
+    (root / "folder").mkdir(parents=True)
+    outside.mkdir()
+    secret = outside / "secret.gguf"
+    secret.write_bytes(b"GGUF")
+    (root / "folder" / "model.gguf").symlink_to(secret)
+    (outside / "rows.jsonl").write_text('{"prompt": "hi", "route": "self"}\n')
+    (root / "rows.jsonl").symlink_to(outside / "rows.jsonl")
+    (root / "tasks").mkdir()
+    (root / "tasks" / "task.yaml").symlink_to(outside / "rows.jsonl")
+    env(allowed_roots=[str(root)])
+    engine = Engine()
+    with pytest.raises(PathNotAllowed, match=r"model.gguf in the model path .* links to .*secret.gguf, outside"):
+        engine.catalogue.add_path(root / "folder")
+    with pytest.raises(ConfigError, match="data: .*outside the folders"):
+        jobs.submit("eval-router", {"model": "smollm2-135m-router", "data": str(root / "rows.jsonl")})
+    with pytest.raises(ConfigError, match="include_path: .*task.yaml .* links to"):
+        jobs.submit("eval-lm", {"model": "smollm2-135m-gguf", "tasks": ["x"], "include_path": str(root / "tasks")})
+    # A folder checked when added is checked again when it loads: a link put in since is refused.
+    clean = root / "clean"
+    clean.mkdir()
+    real = root / "real.gguf"
+    shutil.copy(tiny_gguf, real)
+    (clean / "model.gguf").symlink_to(real)
+    added = engine.catalogue.add_path(clean)
+    (clean / "model.gguf").unlink()
+    (clean / "model.gguf").symlink_to(secret)
+    with pytest.raises(PathNotAllowed, match="links to"):
+        engine.start_load(added.id, check_memory=False)
+    assert added.id not in engine.workers

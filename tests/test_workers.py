@@ -22,8 +22,8 @@ def embedded_gguf_variant(vid: str = "embedded-gguf"):
 
 
 def test_sigkill_mid_generation_is_reported_and_the_other_variant_serves(engine, llama_folder):
-    victim = engine.add(embedded_gguf_variant("victim"))
-    survivor = engine.add(
+    victim = engine.catalogue.add(embedded_gguf_variant("victim"))
+    survivor = engine.catalogue.add(
         variant(id="survivor", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32")
     )
     engine.load(victim.id)
@@ -50,7 +50,7 @@ def test_sigkill_mid_generation_is_reported_and_the_other_variant_serves(engine,
 
 
 def test_stop_ends_generation_within_a_fraction_of_a_second(engine):
-    config = engine.add(embedded_gguf_variant())
+    config = engine.catalogue.add(embedded_gguf_variant())
     engine.load(config.id)
     request = engine.request(config.id, prompt="Count from one to one thousand.", max_new_tokens=900)
     stopped_at = None
@@ -69,7 +69,7 @@ def test_stop_ends_generation_within_a_fraction_of_a_second(engine):
 
 
 def test_closing_the_stream_stops_the_request(engine):
-    config = engine.add(embedded_gguf_variant())
+    config = engine.catalogue.add(embedded_gguf_variant())
     engine.load(config.id)
     events = engine.generate(config.id, engine.request(config.id, prompt="Write an essay.", max_new_tokens=900))
     for event in events:
@@ -84,7 +84,7 @@ def test_closing_the_stream_stops_the_request(engine):
 
 
 def test_requests_to_one_worker_are_served_in_order_not_interleaved(engine):
-    config = engine.add(embedded_gguf_variant())
+    config = engine.catalogue.add(embedded_gguf_variant())
     engine.load(config.id)
     results: dict[str, str] = {}
 
@@ -124,7 +124,9 @@ def system_anon_bytes() -> int:
 
 def test_unload_returns_the_memory(engine):
     """The bf16 twin of the embedded model holds ~300 MB of anonymous memory; unload gives it back."""
-    config = engine.add(variant(id="twin", backend="transformers", source=EMBEDDED, dtype="bf16", context_length=512))
+    config = engine.catalogue.add(
+        variant(id="twin", backend="transformers", source=EMBEDDED, dtype="bf16", context_length=512)
+    )
     engine.load(config.id)
     pid = engine.workers[config.id].pid
     anon = rss_anon_bytes(pid)
@@ -142,10 +144,11 @@ def test_unload_returns_the_memory(engine):
 
 
 def test_too_little_memory_is_refused_before_loading(tmp_path):
+    from playground.catalogue import Catalogue
     from playground.engine import Engine
 
-    engine = Engine(config_dirs=[tmp_path], memory_budget_bytes=50 * 2**20)
-    engine.add(embedded_gguf_variant())
+    engine = Engine(Catalogue([tmp_path]), memory_budget_bytes=50 * 2**20)
+    engine.catalogue.add(embedded_gguf_variant())
     try:
         with pytest.raises(InsufficientMemory, match=r"will not fit: needs ~0\.\d+ GiB.*0\.05 GiB available"):
             engine.load("embedded-gguf")
@@ -157,23 +160,23 @@ def test_too_little_memory_is_refused_before_loading(tmp_path):
 def test_corrupt_and_missing_files_fail_cleanly(engine, tmp_path):
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + os.urandom(4096))
-    engine.add(variant(id="corrupt", backend="llamacpp", source={"path": str(corrupt)}))
-    with pytest.raises(LoadError, match="llama.cpp could not load corrupt.gguf"):
+    engine.catalogue.add(variant(id="corrupt", backend="llamacpp", source={"path": str(corrupt)}))
+    with pytest.raises(LoadError, match="corrupt.gguf: not a readable GGUF file, 4100 bytes"):
         engine.load("corrupt", check_memory=False)
-    engine.add(variant(id="missing", backend="llamacpp", source={"path": str(tmp_path / "missing.gguf")}))
+    engine.catalogue.add(variant(id="missing", backend="llamacpp", source={"path": str(tmp_path / "missing.gguf")}))
     with pytest.raises(LoadError, match="does not exist"):
         engine.load("missing")
-    engine.add(variant(id="bad-hf", backend="transformers", source={"path": str(tmp_path)}))
+    engine.catalogue.add(variant(id="bad-hf", backend="transformers", source={"path": str(tmp_path)}))
     with pytest.raises(LoadError, match="has no config.json"):
         engine.load("bad-hf", check_memory=False)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(LoadError, match="cannot be read as JSON"):
+    with pytest.raises(LoadError, match=r"config.json: not valid JSON \(line 1, column 2\)"):
         engine.load("bad-hf", check_memory=False)
     assert not engine.workers
 
 
 def test_a_worker_killed_while_loading_is_reported(engine):
-    config = engine.add(variant(id="slow-load", backend="transformers", source=EMBEDDED, context_length=256))
+    config = engine.catalogue.add(variant(id="slow-load", backend="transformers", source=EMBEDDED, context_length=256))
     worker = engine.start_load(config.id)
     time.sleep(0.5)
     worker.kill()
@@ -181,29 +184,69 @@ def test_a_worker_killed_while_loading_is_reported(engine):
         worker.wait_ready(60)
 
 
-def test_a_hung_worker_is_reported_and_can_be_unloaded(tmp_path):
+@pytest.fixture
+def quick_to_call_hung(tmp_path):
+    """An engine that calls a worker hung after 1.5 s without a heartbeat, the embedded model
+    loaded in it: (engine, variant id)."""
+    from playground.catalogue import Catalogue
     from playground.engine import Engine
-    from playground.errors import WorkerHung
 
-    engine = Engine(config_dirs=[tmp_path], stall_timeout_s=1.5)
+    engine = Engine(Catalogue([tmp_path]), silent_after_s=1.5)
     try:
-        config = engine.add(embedded_gguf_variant())
+        config = engine.catalogue.add(embedded_gguf_variant())
         engine.load(config.id)
-        worker = engine.workers[config.id]
-        events = engine.generate(config.id, engine.request(config.id, prompt="Tell a story.", max_new_tokens=500))
-        with pytest.raises(WorkerHung, match="produced nothing for 2 s"):
-            for event in events:
-                if isinstance(event, TextDelta):
-                    os.kill(worker.pid, signal.SIGSTOP)  # frozen: alive, but silent
-        pid = worker.pid
-        engine.unload(config.id)  # ends it by force when the polite shutdown goes unanswered
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        yield engine, config.id
     finally:
         engine.shutdown()
 
 
+def test_a_hung_worker_is_reported_and_can_be_unloaded(quick_to_call_hung):
+    from playground.errors import WorkerHung
+
+    engine, variant_id = quick_to_call_hung
+    worker = engine.workers[variant_id]
+    events = engine.generate(variant_id, engine.request(variant_id, prompt="Tell a story.", max_new_tokens=500))
+    with pytest.raises(WorkerHung, match="stopped answering: no heartbeat for 2 s"):
+        for event in events:
+            if isinstance(event, TextDelta):
+                os.kill(worker.pid, signal.SIGSTOP)  # frozen: alive, but silent
+    assert engine.status(variant_id).state == "hung"
+    pid = worker.pid
+    engine.unload(variant_id)  # ends it by force when the polite shutdown goes unanswered
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _wait_for_state(engine, variant_id: str, state: str, why: str) -> None:
+    deadline = time.monotonic() + 10
+    while engine.status(variant_id).state != state:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)
+
+
+def test_a_worker_stopped_while_idle_is_hung_everywhere_and_recovers(quick_to_call_hung):
+    """SIGSTOP between requests: no request is running to notice, the heartbeat does."""
+    from playground.errors import WorkerHung
+
+    engine, variant_id = quick_to_call_hung
+    worker = engine.workers[variant_id]
+    os.kill(worker.pid, signal.SIGSTOP)
+    _wait_for_state(engine, variant_id, "hung", "a stopped worker still shows as ready")
+    assert "stopped answering" in engine.status(variant_id).error
+    started = time.monotonic()
+    with pytest.raises(WorkerHung, match="stopped answering"):
+        list(engine.generate(variant_id, engine.request(variant_id, prompt="Hi", max_new_tokens=4)))
+    with pytest.raises(WorkerHung, match="stopped answering"):
+        engine.count_tokens(variant_id, "hello")
+    assert time.monotonic() - started < 5  # refused at once, not after a timeout
+    os.kill(worker.pid, signal.SIGCONT)
+    _wait_for_state(engine, variant_id, "ready", "a worker that answers again still shows as hung")
+    request = engine.request(variant_id, prompt="Hi", max_new_tokens=4, temperature=0)
+    _, _, finished = collect(engine.generate(variant_id, request))
+    assert finished is not None and finished.metrics.completion_tokens >= 1
+
+
 def test_cancel_stops_one_request_and_leaves_the_other(engine):
-    config = engine.add(embedded_gguf_variant())
+    config = engine.catalogue.add(embedded_gguf_variant())
     engine.load(config.id)
     cancel = threading.Event()
     first = engine.generate(config.id, engine.request(config.id, prompt="Write an essay.", max_new_tokens=600), cancel)

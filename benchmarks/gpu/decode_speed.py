@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from playground.catalogue import Catalogue
 from playground.config import parse_config
 from playground.engine import Engine
 from playground.workers import Finished, TextDelta
@@ -277,19 +278,19 @@ def bench_model(shape: Shape, paths: list[str], args: argparse.Namespace, bandwi
     started = time.perf_counter()
     model = make_model(shape, folder, "cpu" if args.tiny else args.weights_on)
     gguf = None
-    engine = Engine(config_dirs=[work])
+    engine = Engine(Catalogue([work]))
     result: dict[str, Any] = {"shape": asdict(shape), "n_params": shape.n_params(), "paths": {}, "errors": {}}
     try:
         wanted = list(paths) + (["generate-fp32", "fast-fp32"] if shape.name in args.fp32_check else [])
         # Every path loads in its own worker at once; the GGUF is written meanwhile.
         llama_paths = [p for p in wanted if p.startswith("llamacpp")]
         for path in [p for p in wanted if p not in llama_paths]:
-            engine.add(parse_config(variant_for(path, shape, folder, None, device), origin=path))
+            engine.catalogue.add(parse_config(variant_for(path, shape, folder, None, device), origin=path))
             engine.start_load(f"{shape.name}-{path}", check_memory=False)
         if llama_paths:
             gguf = write_f16_gguf(model.to("cpu").float(), work / f"{shape.name}-f16.gguf")
             for path in llama_paths:
-                engine.add(parse_config(variant_for(path, shape, folder, gguf, device), origin=path))
+                engine.catalogue.add(parse_config(variant_for(path, shape, folder, gguf, device), origin=path))
                 engine.start_load(f"{shape.name}-{path}", check_memory=False)
         del model
         result["prepare_s"] = time.perf_counter() - started

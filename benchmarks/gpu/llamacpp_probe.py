@@ -42,9 +42,10 @@ THROUGH_WORKER = textwrap.dedent(
         import torch
         torch.zeros(1, device="cuda")
     from playground.config import parse_config
+    from playground.catalogue import Catalogue
     from playground.engine import Engine
-    engine = Engine(config_dirs=[])
-    engine.add(parse_config({"id": "probe", "display_name": "probe", "backend": "llamacpp",
+    engine = Engine(Catalogue())
+    engine.catalogue.add(parse_config({"id": "probe", "display_name": "probe", "backend": "llamacpp",
         "source": {"path": sys.argv[1]}, "device": sys.argv[3], "prompt_format": "raw",
         "context_length": 1024, "llamacpp": {"flash_attn": sys.argv[2]}}, origin="probe"))
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
+from playground.catalogue import Catalogue  # noqa: E402
 from playground.config import parse_config  # noqa: E402
 from playground.engine import Engine  # noqa: E402
 from playground.monitor import SystemMonitor  # noqa: E402
@@ -67,8 +68,8 @@ def main() -> None:
     )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
-    engine = Engine(config_dirs=[])
-    engine.add(
+    engine = Engine(Catalogue())
+    engine.catalogue.add(
         parse_config(
             {
                 "id": "shape-135m",

@@ -2,7 +2,7 @@
 
 A backend runs inside a worker process and knows nothing about workers, timing or the UI: it
 yields chunks of text with the number of tokens each stands for, and the worker times them.
-Capabilities are class attributes, so callers never dispatch on class names.
+What a backend can do is declared in playground.capabilities, readable without loading it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from playground.capabilities import Capabilities, capabilities
 from playground.config import GenerationParams, Mode, ModelConfig
 from playground.errors import GenerationError
 
@@ -53,12 +54,17 @@ class Chunk:
     n_tokens: int
 
 
-@dataclass(frozen=True)
-class Usage:
-    """Token counts reported by the backend itself; they replace the worker's own counts."""
+FinishReason = Literal["stop", "length", "cancelled"]
 
-    prompt_tokens: int | None
-    completion_tokens: int | None
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The one last item of every stream: why it ended, and the token counts a server reported
+    (they replace the worker's own counts; None where the backend counted itself)."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,23 +80,15 @@ class LoadInfo:
     decode: str = ""  # how tokens are made (fast path or not, and why), where a backend has a choice
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
 class Backend(ABC):
     name: ClassVar[str]
-    # Capabilities, read by the engine and the UI.
-    streams_tokens: ClassVar[bool] = True  # chunks are single tokens as they are made
-    supports_grammar: ClassVar[bool] = False
-    supports_scoring: ClassVar[bool] = False  # can give log-probabilities of given continuations
-    counts_tokens_locally: ClassVar[bool] = True  # False: counts come from a server's Usage
-    runs_remote: ClassVar[bool] = False
-    # True: its worker may stream `config.concurrency` requests at once, one thread each. A local
-    # model decodes one request at a time (one KV cache, one llama.cpp context).
-    serves_concurrently: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+
+    @property
+    def caps(self) -> Capabilities:
+        return capabilities(self.name)
 
     @abstractmethod
     def load(self) -> LoadInfo:
@@ -101,8 +99,9 @@ class Backend(ABC):
         """Format and tokenize the request (chat template, Alpaca or raw)."""
 
     @abstractmethod
-    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | Usage]:
-        """Generate at most params.max_new_tokens tokens, stopping early when should_stop()."""
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
+        """Generate at most params.max_new_tokens tokens, stopping early when should_stop();
+        the last item is always one StreamEnd."""
 
     def score(self, request: Request, continuations: list[str]) -> list[float]:
         """Log-probability of each continuation right after the request's prompt (and prefix).
@@ -165,10 +164,6 @@ class Backend(ABC):
         start = max(start, 1)
         logprobs, greedy = self.window_logprobs(full)
         return float(sum(logprobs[start - 1 :])), all(greedy[start - 1 :])
-
-    def finish_reason(self) -> FinishReason:
-        """Why the last stream ended: an end-of-sequence token, the token limit, or a stop."""
-        return getattr(self, "_finish_reason", "stop")
 
     def reset_memory_peaks(self) -> None:
         """Start a new peak-memory window (GPU backends reset their allocator's peak)."""

@@ -16,7 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop, shared_prefix_length
+from playground.backends.base import (
+    Backend,
+    Chunk,
+    FinishReason,
+    LoadInfo,
+    Prompt,
+    Request,
+    ShouldStop,
+    StreamEnd,
+    shared_prefix_length,
+)
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.prompts import render_without_template
@@ -33,8 +43,6 @@ def physical_cores() -> int:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    supports_grammar = True
-    supports_scoring = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -161,27 +169,34 @@ class LlamaCppBackend(Backend):
             raise GenerationError("cannot score: the continuations share no prompt tokens")
         n_vocab = self.llm.n_vocab()
 
-        def next_logprobs() -> Any:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
-            shifted = logits - logits.max()
+        def logprobs_at(i: int) -> Any:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,))
+            shifted = logits.astype(np.float64) - logits.max()
             return shifted - np.log(np.exp(shifted).sum())
 
-        # The shared prefix is evaluated once, as one batch; its next-token distribution is kept,
-        # since re-evaluating a token alone gives slightly different numbers than in a batch.
+        def next_logprobs() -> Any:
+            return logprobs_at(-1)
+
+        # The shared prefix is evaluated once, as one batch, and each continuation after it as
+        # one batch too, logits kept for every position: a token fed alone gives slightly
+        # different numbers than in a batch (seen: 1e-3 in P(escalate) on an AVX2 CPU).
         self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
         self.llm.eval(sequences[0][:start])
         after_prefix = next_logprobs().copy()
         scores = []
         for ids in sequences:
-            self.llm.n_tokens = start  # eval drops every cached position from here on
-            logprobs, total = after_prefix, 0.0
-            for k, token in enumerate(ids[start:], start=start + 1):
-                total += float(logprobs[token])
-                if k < len(ids):
-                    self.llm.eval([token])
-                    logprobs = next_logprobs()
+            rest = ids[start:]
+            total = float(after_prefix[rest[0]])
+            if len(rest) > 1:
+                self.llm._ctx.kv_cache_seq_rm(-1, start, -1)  # the last continuation's positions
+                self.llm._batch.set_batch(batch=rest[:-1], n_past=start, logits_all=True)
+                self.llm._ctx.decode(self.llm._batch)
+                for i, token in enumerate(rest[1:]):
+                    total += float(logprobs_at(i)[token])
             scores.append(total)
         self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
         return scores
 
     def encode_text(self, text: str) -> list[int]:
@@ -217,7 +232,7 @@ class LlamaCppBackend(Backend):
         chosen = logprobs[np.arange(len(targets)), targets]
         return chosen.tolist(), (logprobs.argmax(axis=1) == targets).tolist()
 
-    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         import llama_cpp
 
         if params.seed is not None:
@@ -230,7 +245,7 @@ class LlamaCppBackend(Backend):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = self.llm._model.vocab  # the library's own end-of-generation test needs it
         produced = 0
-        self._finish_reason = "length"
+        finish: FinishReason = "length"
         tokens = self.llm.generate(
             prompt.payload,
             top_k=params.top_k,
@@ -244,20 +259,21 @@ class LlamaCppBackend(Backend):
         try:
             for token in tokens:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    self._finish_reason = "stop"
+                    finish = "stop"
                     break
                 produced += 1
                 yield Chunk(decoder.decode(self.llm.detokenize([token])), 1)
                 if produced >= params.max_new_tokens:
                     break
                 if should_stop():
-                    self._finish_reason = "cancelled"
+                    finish = "cancelled"
                     break
         finally:
             tokens.close()
         tail = decoder.decode(b"", final=True)
         if tail:
             yield Chunk(tail, 0)
+        yield StreamEnd(finish)
 
     def unload(self) -> None:
         if self.llm is not None:

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from playground.backends.base import Backend, Chunk, FinishReason, LoadInfo, Prompt, Request, ShouldStop, Usage
+from playground.backends.base import (
+    Backend,
+    Chunk,
+    FinishReason,
+    LoadInfo,
+    Prompt,
+    Request,
+    ShouldStop,
+    StreamEnd,
+)
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.prompts import render_without_template
@@ -25,9 +33,6 @@ from playground.prompts import render_without_template
 
 class OpenAIBackend(Backend):
     name = "openai"
-    counts_tokens_locally = False
-    runs_remote = True
-    serves_concurrently = True  # a server batches requests itself
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -35,9 +40,6 @@ class OpenAIBackend(Backend):
         self.endpoint = config.endpoint
         self.model_name = config.endpoint.model
         self.client: httpx.Client | None = None
-        # With `concurrency` above 1 the worker streams several requests at once, each in its own
-        # thread: a reply's finish reason is that thread's.
-        self._per_request = threading.local()
 
     def _key(self) -> str:
         env = self.endpoint.api_key_env
@@ -84,7 +86,7 @@ class OpenAIBackend(Backend):
         text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
         return Prompt(n_tokens=None, payload=("completions", {"prompt": text}))
 
-    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | Usage]:
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         assert self.client is not None, "load() first"
         path, body = prompt.payload
         body = dict(
@@ -98,7 +100,8 @@ class OpenAIBackend(Backend):
         )
         if params.seed is not None:
             body["seed"] = params.seed
-        self._per_request.finish_reason = "stop"
+        finish: FinishReason = "stop"
+        usage: dict[str, Any] = {}
         try:
             with self.client.stream("POST", path, json=body) as reply:
                 if reply.status_code != 200:
@@ -106,11 +109,10 @@ class OpenAIBackend(Backend):
                     raise GenerationError(f"the server answered {reply.status_code}: {detail}")
                 for event in _sse_data(reply.iter_lines()):
                     if should_stop():
-                        self._per_request.finish_reason = "cancelled"
-                        return
+                        finish = "cancelled"
+                        break
                     if event.get("usage"):
                         usage = event["usage"]
-                        yield Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
                     for choice in event.get("choices") or []:
                         piece = (
                             choice.get("text") if path == "completions" else (choice.get("delta") or {}).get("content")
@@ -118,16 +120,12 @@ class OpenAIBackend(Backend):
                         if piece:
                             yield Chunk(piece, 1)
                         if choice.get("finish_reason"):
-                            self._per_request.finish_reason = (
-                                "length" if choice["finish_reason"] == "length" else "stop"
-                            )
+                            finish = "length" if choice["finish_reason"] == "length" else "stop"
         except httpx.HTTPError as err:
             raise GenerationError(
                 f"the connection to {self.endpoint.base_url} failed ({err.__class__.__name__})"
             ) from None
-
-    def finish_reason(self) -> FinishReason:
-        return getattr(self._per_request, "finish_reason", "stop")
+        yield StreamEnd(finish, usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     def unload(self) -> None:
         if self.client is not None:

@@ -10,13 +10,14 @@ Converting to `LlamaForCausalLM` gives this variant everything the transformers 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from playground.backends.tiktoken_codec import TiktokenCodec
 from playground.backends.transformers_backend import TransformersBackend
 from playground.config import ScratchGptOptions, TokenizerSpec
 from playground.errors import LoadError
@@ -162,51 +163,6 @@ def build_llama(
     # Non-persistent buffers (RoPE inverse frequencies) were made on the meta device: rebuild them.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model
-
-
-class TiktokenCodec:
-    """The TextCodec interface over a tiktoken encoding (gpt2 by name, or a BPE file)."""
-
-    def __init__(self, spec: TokenizerSpec, vocab_size: int) -> None:
-        import tiktoken
-
-        if spec.file:
-            from tiktoken.load import load_tiktoken_bpe
-
-            path = Path(spec.file).expanduser()
-            try:
-                ranks = load_tiktoken_bpe(str(path))
-            except Exception as err:
-                raise LoadError(f"{path}: not a tiktoken BPE file ({err.__class__.__name__})") from None
-            eot = spec.eos_token_id if spec.eos_token_id is not None else len(ranks)
-            self.encoding = tiktoken.Encoding(
-                name=path.stem,
-                # The GPT-2 split pattern: the file holds only ranks, not how text is pre-split.
-                pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-                mergeable_ranks=ranks,
-                special_tokens={"<|endoftext|>": eot},
-            )
-        else:
-            try:
-                self.encoding = tiktoken.get_encoding(spec.tiktoken or "gpt2")
-            except Exception as err:  # offline without a cached BPE file, or an unknown name
-                raise LoadError(
-                    f"tiktoken encoding {spec.tiktoken!r} is not available ({err.__class__.__name__}); "
-                    "offline, give tokenizer.file instead"
-                ) from None
-            eot = spec.eos_token_id if spec.eos_token_id is not None else self.encoding.eot_token
-        if self.encoding.n_vocab > vocab_size:
-            raise LoadError(f"the tokenizer has {self.encoding.n_vocab} tokens but the model only {vocab_size}")
-        self.eos_ids = {eot}
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.encoding.encode(text, allowed_special="all")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode([i for i in ids if i not in self.eos_ids])
-
-    def chat(self, messages: Sequence[dict[str, str]]) -> str | None:
-        return None  # a from-scratch GPT has no chat template; Alpaca or raw prompts apply
 
 
 class ScratchGptBackend(TransformersBackend):

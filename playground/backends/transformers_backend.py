@@ -24,13 +24,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from playground.backends.base import Backend, Chunk, LoadInfo, Prompt, Request, ShouldStop, shared_prefix_length
+from playground.backends.base import (
+    Backend,
+    Chunk,
+    FinishReason,
+    LoadInfo,
+    Prompt,
+    Request,
+    ShouldStop,
+    StreamEnd,
+    shared_prefix_length,
+)
 from playground.backends.fast_decode import DecodePath, StaticDecoder, fusable_groups, fuse_projections
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.paths import cache_dir
 from playground.prompts import render_without_template
-from playground.sources import Weights, fetch, file_sha256
+from playground.sources import Weights, check_hf_folder, fetch, file_sha256
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -135,7 +145,6 @@ def generation_kwargs(params: GenerationParams) -> dict[str, Any]:
 
 class TransformersBackend(Backend):
     name = "transformers"
-    supports_scoring = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -269,6 +278,8 @@ class TransformersBackend(Backend):
         if weights.kind == "state_dict":
             raise LoadError(f"{weights.location}: a bare state_dict needs the scratch_gpt backend")
         location, kwargs = self._from_pretrained_args(weights, notes)
+        if weights.kind == "hf_folder" and weights.present:  # name a broken file before transformers trips on it
+            check_hf_folder(Path(location), needs_tokenizer=self.config.tokenizer is None)
         self._refuse_unapproved_remote_code(weights)
         model_kwargs = dict(kwargs, dtype=dtype, device_map={"": self.device})
         quantization = self._quantization_config(dtype)
@@ -278,7 +289,7 @@ class TransformersBackend(Backend):
         if quantization is not None:
             notes.append(self._quantization_summary(model))
         if self.config.tokenizer is not None:  # an HF folder fine-tuned from a scratch GPT
-            from playground.backends.scratch_gpt import TiktokenCodec
+            from playground.backends.tiktoken_codec import TiktokenCodec
 
             return model, TiktokenCodec(self.config.tokenizer, model.config.vocab_size)
         return model, TextCodec(AutoTokenizer.from_pretrained(location, **kwargs))
@@ -425,7 +436,7 @@ class TransformersBackend(Backend):
             greedy = logprobs.argmax(dim=-1) == targets
         return chosen.tolist(), greedy.tolist()
 
-    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk]:
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         assert self.codec is not None and self.model is not None, "load() first"
         codec = self.codec
         if params.seed is not None:
@@ -436,11 +447,11 @@ class TransformersBackend(Backend):
         else:
             tokens = self._generate_tokens(prompt.payload, params, sorted(eos), should_stop)
         decoder = IncrementalDecoder(codec.decode)
-        self._finish_reason = "length"  # the token limit or the end of the context
+        finish: FinishReason = "length"  # the token limit or the end of the context
         try:
             for token in tokens:
                 if token in eos:
-                    self._finish_reason = "stop"
+                    finish = "stop"
                     break  # the end-of-sequence token is neither text nor counted
                 yield Chunk(decoder.push(token), 1)
         except torch.OutOfMemoryError as err:
@@ -451,8 +462,7 @@ class TransformersBackend(Backend):
             raise GenerationError(f"generation failed: {first_line(err)}") from None
         finally:
             tokens.close()  # ends generate's thread, or drops the decoder's step queued ahead
-        if should_stop():
-            self._finish_reason = "cancelled"
+        yield StreamEnd("cancelled" if should_stop() else finish)
 
     def _generate_tokens(
         self, prompt_ids: list[int], params: GenerationParams, eos: list[int], should_stop: ShouldStop

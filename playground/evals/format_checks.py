@@ -127,7 +127,7 @@ def run_format_checks(
     max_new_tokens: int = 160,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    config = engine.get(variant_id)
+    config = engine.catalogue.get(variant_id)
     chat = config.default_mode == "chat"
     rows = []
     for done, case in enumerate(cases, start=1):

@@ -28,8 +28,7 @@ class PlaygroundLM(LM):
     def __init__(self, engine: Engine, variant_id: str, progress: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.engine, self.variant_id, self.progress = engine, variant_id, progress
-        info = engine.status(variant_id).info
-        self.context = info.context_length if info else engine.get(variant_id).context_length
+        self.context = engine.context_length(variant_id)
         self.done = 0
 
     def _tick(self) -> None:
@@ -41,7 +40,7 @@ class PlaygroundLM(LM):
         out = []
         for request in requests:
             context, continuation = request.args
-            logprob, greedy = self.engine.call(self.variant_id, "pair_logprobs", context, continuation)[0]
+            logprob, greedy = self.engine.pair_logprobs(self.variant_id, context, continuation)
             out.append((logprob, bool(greedy)))
             self._tick()
         return out
@@ -50,7 +49,7 @@ class PlaygroundLM(LM):
         out = []
         for request in requests:
             (text,) = request.args
-            logprobs, _ = self.engine.call(self.variant_id, "text_logprobs", text, self.context, self.context // 2)
+            logprobs = self.engine.text_logprobs(self.variant_id, text, self.context, self.context // 2)
             out.append(float(sum(logprobs)))
             self._tick()
         return out

@@ -43,14 +43,13 @@ def needle_grid(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    config = engine.get(variant_id)
-    info = engine.status(variant_id).info
-    context = info.context_length if info else config.context_length
+    config = engine.catalogue.get(variant_id)
+    context = engine.context_length(variant_id)
     chat = config.default_mode == "chat"
     filler = _filler()
     rng = random.Random(seed)
     sample = filler[:20_000]
-    chars_per_token = len(sample) / engine.call(variant_id, "count_tokens", sample)[0]
+    chars_per_token = len(sample) / engine.count_tokens(variant_id, sample)
     cells, total, done = [], len(lengths) * len(depths), 0
     for length in lengths:
         for depth in depths:
@@ -100,7 +99,7 @@ def _fitted_request(
     """The question over a haystack whose whole prompt (template included) is at most `length`
     tokens and close to it: sized by the measured ratio, then shrunk by count."""
     bare = _request(engine, variant_id, NEEDLE.format(code=code), chat)
-    fixed = engine.call(variant_id, "request_tokens", bare)[0]  # question, needle and template
+    fixed = engine.request_tokens(variant_id, bare)  # question, needle and template
     if fixed >= length:
         raise PlaygroundError(f"the question and needle alone are {fixed} tokens, not under {length}")
     chars = int((length - fixed) * chars_per_token)
@@ -109,7 +108,7 @@ def _fitted_request(
         cut = _sentence_boundary(haystack, int(len(haystack) * depth))
         text = f"{haystack[:cut]} {NEEDLE.format(code=code)} {haystack[cut:]}".strip()
         request = _request(engine, variant_id, text, chat)
-        n_tokens = engine.call(variant_id, "request_tokens", request)[0]
+        n_tokens = engine.request_tokens(variant_id, request)
         if n_tokens <= length:
             return request, n_tokens
         chars = int(chars * (length - fixed) / (n_tokens - fixed) * 0.98)

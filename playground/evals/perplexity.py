@@ -27,7 +27,7 @@ def perplexity(
     """
     total_nll, total_tokens, total_bytes, per_doc = 0.0, 0, 0, []
     for done, (title, text) in enumerate(docs, start=1):
-        logprobs, _ = engine.call(variant_id, "text_logprobs", text, window, stride, timeout_s=1800)
+        logprobs = engine.text_logprobs(variant_id, text, window, stride, timeout_s=1800)
         nll = -sum(logprobs)
         total_nll += nll
         total_tokens += len(logprobs)

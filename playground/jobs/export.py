@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from playground.capabilities import capabilities, with_capability
 from playground.config import ModelConfig
-from playground.engine import Engine
 from playground.errors import PlaygroundError
 from playground.evals.corpus import BUNDLED as CORPORA
-from playground.jobs.kinds import Emit, _Options
+from playground.jobs.kinds import Emit, JobContext, _Options
 from playground.jobs.lora import save_variant_config
 from playground.settings import named_or_allowed
+
+if TYPE_CHECKING:
+    from playground.catalogue import Catalogue
 
 QuantType = Literal["Q4_K_M", "Q4_1", "Q8_0", "Q4_0", "Q5_K_M", "Q6_K", "F16"]
 
@@ -32,7 +35,7 @@ class ExportOptions(_Options):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._\-]*$", max_length=60)] | None = None
 
 
-def source_gguf(engine: Engine, config: ModelConfig) -> Path | None:
+def source_gguf(catalogue: Catalogue, config: ModelConfig) -> Path | None:
     """The GGUF file `config` was made from, following fine-tune records back to their base."""
     from playground.sources import locate
 
@@ -44,12 +47,12 @@ def source_gguf(engine: Engine, config: ModelConfig) -> Path | None:
             weights = locate(current)
             if weights.kind == "gguf" and weights.present:
                 return weights.path
-        current = engine.configs.get(current.finetune.base) if current.finetune else None
+        current = catalogue.configs.get(current.finetune.base) if current.finetune else None
     return None
 
 
 def export_variant(
-    engine: Engine, config: ModelConfig, folder: Path, types: list[str], emit: Emit | None = None
+    catalogue: Catalogue, config: ModelConfig, folder: Path, types: list[str], emit: Emit | None = None
 ) -> tuple[dict[str, Path], Path | None]:
     """F16 GGUF of `config` in `folder`, and one file per quantization type: ({type: path}, the
     GGUF whose tokenizer was copied, if any)."""
@@ -58,15 +61,18 @@ def export_variant(
     from playground.backends.transformers_backend import TransformersBackend
     from playground.gguf_export import quantize_gguf, write_gguf
 
-    if config.backend != "transformers" or config.quantization.method != "none" or config.adapter is not None:
-        raise PlaygroundError(f"GGUF export takes an unquantized, merged transformers variant; {config.id} is not")
+    if not capabilities(config.backend).exports_gguf or config.quantization.method != "none" or config.adapter:
+        raise PlaygroundError(
+            f"GGUF export takes an unquantized, merged variant of the {', '.join(with_capability('exports_gguf'))} "
+            f"backend; {config.id} is not"
+        )
     backend = TransformersBackend(config.model_copy(update={"dtype": "fp32", "device": "cpu"}))
     backend.load()
     model = backend.model
     if model.config.model_type not in ("llama", "mistral"):
         raise PlaygroundError(f"the GGUF export writes Llama-family models, not {model.config.model_type}")
     folder.mkdir(parents=True, exist_ok=True)
-    source = source_gguf(engine, config)
+    source = source_gguf(catalogue, config)
     f16 = folder / f"{config.id}-F16.gguf"
     with torch.no_grad():
         write_gguf(model, backend.codec.tokenizer, f16, dtype="f16", name=config.id, tokenizer_from=source)
@@ -84,11 +90,11 @@ def export_variant(
     return files, source
 
 
-def run_export(options: ExportOptions, emit: Emit, job_id: str, out_root: Path) -> dict[str, Any]:
-    engine = Engine()
-    base = engine.resolve(options.model)
+def run_export(options: ExportOptions, ctx: JobContext) -> dict[str, Any]:
+    emit, job_id = ctx.emit, ctx.job_id
+    base = ctx.catalogue.resolve(options.model)
     emit({"message": f"exporting {base.id} to {', '.join(options.types)}", "step": 0, "total": len(options.types) + 1})
-    files, source = export_variant(engine, base, out_root / job_id, list(options.types), emit)
+    files, source = export_variant(ctx.catalogue, base, ctx.folder, list(options.types), emit)
     made = []
     stem = options.name or base.id[:60]
     for quant_type, path in files.items():
@@ -108,7 +114,7 @@ def run_export(options: ExportOptions, emit: Emit, job_id: str, out_root: Path) 
         }
         if base.router is not None:
             config["router"] = base.router.model_dump()
-        save_variant_config(config, out_root)
+        save_variant_config(config, ctx.catalogue)
         made.append({"variant_id": variant_id, "type": quant_type, "path": str(path), "bytes": path.stat().st_size})
     emit({"step": len(options.types) + 1, "total": len(options.types) + 1})
     return {"files": made, "tokenizer_from": str(source or "the HF tokenizer")}
@@ -134,24 +140,26 @@ class QuantCompareOptions(_Options):
     stride: Annotated[int, Field(ge=1, le=131_072)] = 256
 
 
-def run_quant_compare(options: QuantCompareOptions, emit: Emit, job_id: str, out_root: Path) -> dict[str, Any]:
+def run_quant_compare(options: QuantCompareOptions, ctx: JobContext) -> dict[str, Any]:
+    from playground.engine import Engine
     from playground.evals.corpus import documents, limited
     from playground.evals.perplexity import perplexity
 
-    engine = Engine()
+    emit, job_id = ctx.emit, ctx.job_id
     roles = {"base": options.model, "qat": options.qat} | ({"control": options.control} if options.control else {})
-    configs = {role: engine.resolve(variant) for role, variant in roles.items()}
+    configs = {role: ctx.catalogue.resolve(variant) for role, variant in roles.items()}
     docs = limited(documents(options.corpus), options.max_chars)
     types = ["F16", *[t for t in options.types if t != "F16"]]
     total, done, rows = len(configs) * (1 + len(types)), 0, []
     emit({"message": f"{len(configs)} variants x {len(types)} files, {len(docs)} documents", "step": 0, "total": total})
+    engine = Engine(ctx.catalogue)
     for role, config in configs.items():
-        files, _ = export_variant(engine, config, out_root / job_id / role, types, emit)
+        files, _ = export_variant(ctx.catalogue, config, ctx.folder / role, types, emit)
         done += 1
         emit({"step": done, "total": total})
         for quant_type in types:
             path = files[quant_type]
-            measured = engine.add_path(path, id=f"{role}-{quant_type.lower().replace('_', '-')}-{job_id[-6:]}")
+            measured = ctx.catalogue.add_path(path, id=f"{role}-{quant_type.lower().replace('_', '-')}-{job_id[-6:]}")
             engine.load(measured.id, check_memory=False)
             try:
                 result = perplexity(engine, measured.id, docs, options.window, options.stride)

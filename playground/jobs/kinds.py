@@ -1,18 +1,42 @@
-"""The kinds of job: each has an options model (validated before any process starts) and a
-function that runs inside the job process. Kinds are named in one dict, loaded lazily."""
+"""The kinds of job, one record each: its options model (validated before any process starts),
+the function that runs it inside the job process, where it runs and what GPU memory it asks
+for, whether it resumes, and how its result is summarised and plotted. Everyone (manager, job
+process, Jobs tab, CLI) reads these records; nobody branches on a kind's name. Runners load
+lazily, so reading the records imports neither torch nor peft.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from playground.config import ModelConfig, describe_errors
 from playground.errors import ConfigError, PlaygroundError
 from playground.evals.corpus import BUNDLED as CORPORA
 from playground.settings import named_or_allowed
 
+if TYPE_CHECKING:
+    from playground.catalogue import Catalogue
+    from playground.engine import Engine
+
 Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a running job is given: its id, its own folder for what it writes, the catalogue of
+    variants (the same one the app and the CLI see) and where its events go."""
+
+    job_id: str
+    folder: Path
+    catalogue: Catalogue
+    emit: Emit
 
 
 class _Options(BaseModel):
@@ -33,24 +57,46 @@ class RouterEvalOptions(_Options):
         return named_or_allowed(value, DATASETS, "router data file")
 
 
-def run_router_eval(options: RouterEvalOptions, emit: Emit) -> dict[str, Any]:
-    from pathlib import Path
-
+@contextmanager
+def loaded_variant(ctx: JobContext, model: str, context_length: int | None = None) -> Iterator[tuple[Engine, str]]:
+    """The one load/run/shutdown path of the eval kinds: an engine in the job process with
+    `model` loaded in its own worker, shut down however the eval ends."""
     from playground.engine import Engine
-    from playground.router import DATASETS, evaluate_router, read_router_data
 
-    rows = read_router_data(DATASETS.get(options.data, Path(options.data)))[: options.limit]
-    emit({"message": f"{len(rows)} rows from {options.data}", "step": 0, "total": len(rows)})
-    engine = Engine()
+    engine = Engine(ctx.catalogue)
     try:
-        result = evaluate_router(
-            engine, options.model, rows, options.threshold, lambda done, total: emit({"step": done, "total": total})
+        config = ctx.catalogue.resolve(model)
+        if context_length is not None:
+            config = ctx.catalogue.add(
+                config.model_copy(update={"context_length": context_length, "id": f"{config.id}-ctx{context_length}"})
+            )
+        engine.load(config.id)
+        yield engine, config.id
+    finally:
+        engine.shutdown()
+
+
+def _progress(ctx: JobContext) -> Callable[[int, int], None]:
+    return lambda done, total: ctx.emit({"step": done, "total": total})
+
+
+def run_router_eval(options: RouterEvalOptions, ctx: JobContext) -> dict[str, Any]:
+    from playground.engine import Engine
+    from playground.router import evaluate_router_file
+
+    def progress(done: int, total: int) -> None:
+        ctx.emit(
+            {"step": done, "total": total} | ({"message": f"{total} rows from {options.data}"} if not done else {})
         )
+
+    engine = Engine(ctx.catalogue)  # the router loads on its first decision, after its rows are read
+    try:
+        result = evaluate_router_file(engine, options.model, options.data, options.threshold, options.limit, progress)
     finally:
         engine.shutdown()
     summary = result.to_dict()
     summary.pop("rows")
-    emit({"metrics": {"accuracy": result.accuracy, "json_validity": result.json_validity}})
+    ctx.emit({"metrics": {"accuracy": result.accuracy, "json_validity": result.json_validity}})
     return summary
 
 
@@ -118,85 +164,52 @@ class LmEvalOptions(_Options):
     num_fewshot: Annotated[int, Field(ge=0, le=64)] | None = None
 
 
-def _loaded(model: str, context_length: int | None = None) -> tuple[Any, str]:
-    """An engine in the job process with `model` loaded in its own worker."""
-    from playground.engine import Engine
-
-    engine = Engine()
-    config = engine.resolve(model)
-    if context_length is not None:
-        config = engine.add(
-            config.model_copy(update={"context_length": context_length, "id": f"{config.id}-ctx{context_length}"})
-        )
-    engine.load(config.id)
-    return engine, config.id
-
-
-def run_perplexity(options: PerplexityOptions, emit: Emit) -> dict[str, Any]:
+def run_perplexity(options: PerplexityOptions, ctx: JobContext) -> dict[str, Any]:
     from playground.evals.corpus import documents, limited
     from playground.evals.perplexity import perplexity
 
     docs = limited(documents(options.corpus), options.max_chars)
-    emit({"message": f"{len(docs)} documents from {options.corpus}", "step": 0, "total": len(docs)})
-    engine, variant = _loaded(options.model)
-    window, stride = options.window, options.stride
-    context = engine.status(variant).info.context_length
-    if window > context:  # a window cannot exceed what the variant reads at once
-        window, stride = context, min(stride, context)
-        emit({"message": f"window capped at the variant's context: {window} tokens, stride {stride}"})
-    try:
-        result = perplexity(engine, variant, docs, window, stride, lambda d, t: emit({"step": d, "total": t}))
-    finally:
-        engine.shutdown()
-    emit({"metrics": {"perplexity": result["perplexity"], "bits_per_byte": result.get("bits_per_byte")}})
+    ctx.emit({"message": f"{len(docs)} documents from {options.corpus}", "step": 0, "total": len(docs)})
+    with loaded_variant(ctx, options.model) as (engine, variant):
+        window, stride = options.window, options.stride
+        context = engine.context_length(variant)
+        if window > context:  # a window cannot exceed what the variant reads at once
+            window, stride = context, min(stride, context)
+            ctx.emit({"message": f"window capped at the variant's context: {window} tokens, stride {stride}"})
+        result = perplexity(engine, variant, docs, window, stride, _progress(ctx))
+    ctx.emit({"metrics": {"perplexity": result["perplexity"], "bits_per_byte": result.get("bits_per_byte")}})
     return result | {"corpus": options.corpus}
 
 
-def run_needle(options: NeedleOptions, emit: Emit) -> dict[str, Any]:
+def run_needle(options: NeedleOptions, ctx: JobContext) -> dict[str, Any]:
     from playground.evals.needle import needle_grid
 
     total = len(options.lengths) * len(options.depths)
-    emit({"message": f"{total} cells", "step": 0, "total": total})
-    engine, variant = _loaded(options.model, options.context_length)
-    try:
+    ctx.emit({"message": f"{total} cells", "step": 0, "total": total})
+    with loaded_variant(ctx, options.model, options.context_length) as (engine, variant):
         result = needle_grid(
-            engine,
-            variant,
-            sorted(options.lengths),
-            sorted(options.depths),
-            options.seed,
-            lambda d, t: emit({"step": d, "total": t}),
+            engine, variant, sorted(options.lengths), sorted(options.depths), options.seed, _progress(ctx)
         )
-    finally:
-        engine.shutdown()
-    emit({"metrics": {f"pass@{k}": v for k, v in result["pass_rate_by_length"].items() if v is not None}})
+    ctx.emit({"metrics": {f"pass@{k}": v for k, v in result["pass_rate_by_length"].items() if v is not None}})
     return result
 
 
-def run_format_checks(options: FormatCheckOptions, emit: Emit) -> dict[str, Any]:
-    from pathlib import Path
-
+def run_format_checks(options: FormatCheckOptions, ctx: JobContext) -> dict[str, Any]:
     from playground.evals import format_checks
 
     cases = format_checks.read_cases(Path(options.data) if options.data else format_checks.CASES)[: options.limit]
-    emit({"message": f"{len(cases)} cases", "step": 0, "total": len(cases)})
-    engine, variant = _loaded(options.model)
-    try:
-        result = format_checks.run_format_checks(
-            engine, variant, cases, options.max_new_tokens, lambda d, t: emit({"step": d, "total": t})
-        )
-    finally:
-        engine.shutdown()
-    emit({"metrics": {k: v for k, v in result.items() if k not in ("rows",) and isinstance(v, float)}})
+    ctx.emit({"message": f"{len(cases)} cases", "step": 0, "total": len(cases)})
+    with loaded_variant(ctx, options.model) as (engine, variant):
+        result = format_checks.run_format_checks(engine, variant, cases, options.max_new_tokens, _progress(ctx))
+    ctx.emit({"metrics": {k: v for k, v in result.items() if k not in ("rows",) and isinstance(v, float)}})
     return result
 
 
-def run_lm_eval(options: LmEvalOptions, emit: Emit) -> dict[str, Any]:
+def run_lm_eval(options: LmEvalOptions, ctx: JobContext) -> dict[str, Any]:
     from playground.evals.lm_eval_adapter import run_lm_eval as evaluate
 
-    emit({"message": f"lm-eval tasks: {', '.join(options.tasks)}"})
-    engine, variant = _loaded(options.model)
-    try:
+    ctx.emit({"message": f"lm-eval tasks: {', '.join(options.tasks)}"})
+    with loaded_variant(ctx, options.model) as (engine, variant):
         result = evaluate(
             engine,
             variant,
@@ -204,110 +217,244 @@ def run_lm_eval(options: LmEvalOptions, emit: Emit) -> dict[str, Any]:
             options.include_path,
             options.limit,
             options.num_fewshot,
-            lambda done: emit({"step": done, "total": 0}) if done % 10 == 0 else None,
+            lambda done: ctx.emit({"step": done, "total": 0}) if done % 10 == 0 else None,
         )
-    finally:
-        engine.shutdown()
-    metrics = {
+    ctx.emit({"metrics": lm_eval_metrics(result)})
+    return result
+
+
+def lm_eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """`task/metric` -> value of an lm-eval result, standard errors left out."""
+    return {
         f"{task}/{name.split(',')[0]}": value
         for task, values in result["results"].items()
         for name, value in values.items()
         if isinstance(value, float) and "stderr" not in name
     }
-    emit({"metrics": metrics})
-    return result
 
 
-def _job_folder_kind(module: str, function: str) -> Callable[[Any, Emit], dict[str, Any]]:
-    """A kind whose function also takes the job's id and its artifacts folder (told to the job
-    process by playground.jobs.run)."""
-
-    def run(options: Any, emit: Emit) -> dict[str, Any]:
-        import importlib
-        import os
-        from pathlib import Path
-
-        target = getattr(importlib.import_module(module), function)
-        return target(options, emit, os.environ["PLAYGROUND_JOB_ID"], Path(os.environ["PLAYGROUND_JOBS_DIR"]))
-
-    return run
+# -- how results are summarised (one row per variant in the Jobs tab's table) ----------------
+Summary = dict[str, dict[str, float | None]]  # variant -> column -> value
 
 
-def _options_of(module: str, name: str) -> Callable[[], type[_Options]]:
-    def load() -> type[_Options]:
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-
-    return load
+def _summary_router(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    return {options["model"]: {f"router accuracy ({options.get('data', 'ood')})": result.get("accuracy")}}
 
 
-KINDS: dict[str, tuple[Callable[[], type[_Options]], Callable[[Any, Emit], dict[str, Any]]]] = {
-    "eval-router": (lambda: RouterEvalOptions, run_router_eval),
-    "eval-perplexity": (lambda: PerplexityOptions, run_perplexity),
-    "eval-needle": (lambda: NeedleOptions, run_needle),
-    "eval-format": (lambda: FormatCheckOptions, run_format_checks),
-    "eval-lm": (lambda: LmEvalOptions, run_lm_eval),
-    "lora-sft": (
-        _options_of("playground.jobs.lora", "LoraOptions"),
-        _job_folder_kind("playground.jobs.lora", "run_lora"),
-    ),
-    "lora-router": (
-        _options_of("playground.jobs.lora", "RouterLoraOptions"),
-        _job_folder_kind("playground.jobs.lora", "run_lora"),
-    ),
-    "qat": (_options_of("playground.jobs.qat", "QatOptions"), _job_folder_kind("playground.jobs.qat", "run_qat")),
-    "export-gguf": (
-        _options_of("playground.jobs.export", "ExportOptions"),
-        _job_folder_kind("playground.jobs.export", "run_export"),
-    ),
-    "qat-compare": (
-        _options_of("playground.jobs.export", "QuantCompareOptions"),
-        _job_folder_kind("playground.jobs.export", "run_quant_compare"),
-    ),
+def _summary_perplexity(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    return {
+        options["model"]: {
+            f"perplexity ({result.get('corpus')})": result.get("perplexity"),
+            "bits per byte": result.get("bits_per_byte"),
+        }
+    }
+
+
+def _summary_needle(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    ran = [c for c in result["cells"] if "passed" in c]
+    return {options["model"]: {"needle pass": sum(c["passed"] for c in ran) / len(ran) if ran else None}}
+
+
+def _summary_format(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    return {
+        options["model"]: {
+            "tool-call arguments": result.get("tool_arguments"),
+            "instructions passed": result.get("instruction_pass"),
+        }
+    }
+
+
+def _summary_lm_eval(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    return {options["model"]: {name.replace("/", " "): v for name, v in lm_eval_metrics(result).items()}}
+
+
+def _summary_quant_compare(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    table: Summary = {}
+    for row in result["rows"]:
+        table.setdefault(row["variant"], {})[f"llama.cpp perplexity {row['type']}"] = row["perplexity"]
+    return table
+
+
+def _table_quant_compare(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["role", "variant", "file", "perplexity", "vs its F16", "MiB"]
+    rows = [
+        [
+            r["role"],
+            r["variant"],
+            r["type"],
+            f"{r['perplexity']:.3f}",
+            f"{r['increase_over_f16']:+.2%}",
+            f"{r['bytes'] / 2**20:.1f}",
+        ]
+        for r in result["rows"]
+    ]
+    return headers, rows
+
+
+# -- the records -----------------------------------------------------------------------------
+# What the Jobs tab draws from a result; the tab maps each name to a chart.
+ResultPlot = Literal["needle", "router-curve", "perplexity-by-document", "quant-compare", "format-rates"]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    id: str
+    options_ref: str  # "module:Class" of its options model
+    runner_ref: str  # "module:function" taking (options, JobContext), returning the result
+    description: str
+    # "model": where its variant would run (a GPU if the variant goes there); "cpu": always.
+    device: Literal["model", "cpu"] = "model"
+    # GPU memory asked for, as a multiple of the variant's own estimate: training adds gradients,
+    # optimizer state and activations.
+    gpu_memory_factor: float = 1.0
+    resumes: bool = False  # writes checkpoints, so an interrupted run can go on
+    summary: Callable[[dict[str, Any], dict[str, Any]], Summary] | None = None
+    plot: ResultPlot | None = None
+    # A result as a table of text cells (headers, rows), shown with the job's details.
+    table: Callable[[dict[str, Any]], tuple[list[str], list[list[str]]]] | None = None
+    plots_loss: bool = False  # emits a loss per step
+
+    @property
+    def options(self) -> type[_Options]:
+        return _load(self.options_ref)
+
+    @property
+    def runner(self) -> Callable[[Any, JobContext], dict[str, Any]]:
+        return _load(self.runner_ref)
+
+
+def _load(reference: str) -> Any:
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_HERE = "playground.jobs.kinds"
+KINDS: dict[str, JobKind] = {
+    kind.id: kind
+    for kind in (
+        JobKind(
+            "eval-router",
+            f"{_HERE}:RouterEvalOptions",
+            f"{_HERE}:run_router_eval",
+            "route a labelled set and score the decisions",
+            summary=_summary_router,
+            plot="router-curve",
+        ),
+        JobKind(
+            "eval-perplexity",
+            f"{_HERE}:PerplexityOptions",
+            f"{_HERE}:run_perplexity",
+            "strided perplexity on a corpus",
+            summary=_summary_perplexity,
+            plot="perplexity-by-document",
+        ),
+        JobKind(
+            "eval-needle",
+            f"{_HERE}:NeedleOptions",
+            f"{_HERE}:run_needle",
+            "needle-in-a-haystack grid over lengths and depths",
+            summary=_summary_needle,
+            plot="needle",
+        ),
+        JobKind(
+            "eval-format",
+            f"{_HERE}:FormatCheckOptions",
+            f"{_HERE}:run_format_checks",
+            "tool-call and instruction format checks",
+            summary=_summary_format,
+            plot="format-rates",
+        ),
+        JobKind(
+            "eval-lm",
+            f"{_HERE}:LmEvalOptions",
+            f"{_HERE}:run_lm_eval",
+            "lm-evaluation-harness tasks through the engine",
+            summary=_summary_lm_eval,
+        ),
+        JobKind(
+            "lora-sft",
+            "playground.jobs.lora:LoraOptions",
+            "playground.jobs.lora:run_lora",
+            "LoRA or QLoRA supervised fine-tune",
+            gpu_memory_factor=1.5,
+            resumes=True,
+            plots_loss=True,
+        ),
+        JobKind(
+            "lora-router",
+            "playground.jobs.lora:RouterLoraOptions",
+            "playground.jobs.lora:run_lora",
+            "teach a router its routes (the NPC Fast recipe)",
+            gpu_memory_factor=1.5,
+            resumes=True,
+            plots_loss=True,
+        ),
+        JobKind(
+            "qat",
+            "playground.jobs.qat:QatOptions",
+            "playground.jobs.qat:run_qat",
+            "quantization-aware fine-tune on a corpus",
+            # Every block weight trains: gradients and two Adam moments each.
+            gpu_memory_factor=4.0,
+            plots_loss=True,
+        ),
+        JobKind(
+            "export-gguf",
+            "playground.jobs.export:ExportOptions",
+            "playground.jobs.export:run_export",
+            "write a variant as GGUF files (llama.cpp quantizer)",
+            device="cpu",  # conversion on the CPU; llama.cpp places itself
+        ),
+        JobKind(
+            "qat-compare",
+            "playground.jobs.export:QuantCompareOptions",
+            "playground.jobs.export:run_quant_compare",
+            "base vs QAT vs control, quantized and measured in llama.cpp",
+            device="cpu",
+            summary=_summary_quant_compare,
+            plot="quant-compare",
+            table=_table_quant_compare,
+        ),
+    )
 }
 
 
-def placement(kind: str, options: _Options) -> tuple[str, int]:
+def job_kind(kind: str) -> JobKind:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ConfigError(f"unknown job kind {kind!r}; known: {', '.join(sorted(KINDS))}") from None
+
+
+def placement(kind: str, options: _Options, catalogue: Catalogue) -> tuple[str, int]:
     """Where a job will run ("cpu" or "cuda") and the GPU memory it needs there, in bytes.
 
-    Every kind here works on one variant (`options.model`): it runs where that variant would,
-    unless the options pin a device. Training adds the gradients, optimizer state and
-    activations of the LoRA weights, taken here as half the model's own footprint again.
+    Every kind works on one variant (`options.model`): it runs where that variant would,
+    unless the options pin a device or the kind runs on the CPU. A variant that cannot be
+    resolved is refused here, before any process starts.
     """
-    from playground.config import ModelConfig
-    from playground.engine import Engine
+    from playground.capabilities import capabilities
     from playground.memory import estimate
 
-    if kind in ("export-gguf", "qat-compare"):  # conversion on the CPU; llama.cpp places itself
-        return "cpu", 0
+    record = job_kind(kind)
     pinned = getattr(options, "device", "auto")
-    config = Engine().resolve(options.model)  # type: ignore[attr-defined]
-    if config.backend == "openai" or pinned == "cpu":
+    config = catalogue.resolve(options.model)  # type: ignore[attr-defined]
+    if record.device == "cpu" or not capabilities(config.backend).runs_on_gpu or pinned == "cpu":
         return "cpu", 0
     update: dict[str, Any] = {} if pinned == "auto" else {"device": pinned}
     if getattr(options, "quantize", "none") == "nf4":
         update |= {"device": "cuda", "quantization": {"method": "nf4"}}
     try:
         need = estimate(ModelConfig.model_validate(config.model_dump() | update))
-    except PlaygroundError:  # weights not there yet: the job itself will say so
+    except PlaygroundError:  # weights not there yet (a hub variant): the job downloads, then says
         return "cpu", 0
     if need.device != "cuda":
         return "cpu", 0
-    # LoRA adds little; QAT trains every block weight (gradients and two Adam moments each).
-    factor = {"qat": 4.0}.get(kind, 1.5 if kind in RESUMABLE_KINDS else 1.0)
-    return "cuda", int(need.total_bytes * factor)
-
-
-# Kinds that write checkpoints and so can go on after an interruption.
-RESUMABLE_KINDS = frozenset({"lora-sft", "lora-router"})
+    return "cuda", int(need.total_bytes * record.gpu_memory_factor)
 
 
 def validate_options(kind: str, options: dict[str, Any]) -> _Options:
-    if kind not in KINDS:
-        raise ConfigError(f"unknown job kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     try:
-        return KINDS[kind][0]().model_validate(options)
+        return job_kind(kind).options.model_validate(options)
     except ValidationError as err:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid options for {kind}: {details}") from None
+        raise ConfigError(f"invalid options for {kind}: {describe_errors(err, 'unknown option')}") from None

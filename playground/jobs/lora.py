@@ -15,18 +15,26 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from playground.backends.tiktoken_codec import TiktokenCodec
 from playground.config import REPO_ROOT, ModelConfig, RouterSpec
 from playground.errors import PlaygroundError
-from playground.jobs.kinds import Emit, _Options
+from playground.jobs.kinds import JobContext, _Options
+from playground.jobs.training import Step, check_trainable, load_for_training, saving_into, train
 from playground.jsonl import read_jsonl
 from playground.settings import named_or_allowed
 
+if TYPE_CHECKING:
+    from playground.catalogue import Catalogue
+
+# The embedded router: its system prompt (NPC Fast's) is what a router LoRA teaches by default.
+DEFAULT_ROUTER = "smollm2-135m-router"
 ROUTER_TRAIN = REPO_ROOT / "assets" / "router" / "train.jsonl"
 Example = tuple[list[dict[str, str]], str]  # (prompt messages, answer)
 
@@ -116,17 +124,15 @@ def read_router_rows(path: Path, spec: RouterSpec) -> list[Example]:
     return rows
 
 
-def router_spec_for(options: RouterLoraOptions, base: ModelConfig) -> RouterSpec:
-    from playground.engine import Engine
-
+def router_spec_for(options: RouterLoraOptions, base: ModelConfig, catalogue: Catalogue) -> RouterSpec:
     if options.router:
-        spec = Engine().resolve(options.router).router
+        spec = catalogue.resolve(options.router).router
         if spec is None:
             raise PlaygroundError(f"{options.router} has no router section to teach")
         return spec
     if base.router is not None:
         return base.router
-    return Engine().resolve("smollm2-135m-router").router  # the embedded router's prompt (NPC Fast's)
+    return catalogue.get(DEFAULT_ROUTER).router  # type: ignore[return-value]
 
 
 class _Checkpoint:
@@ -141,7 +147,11 @@ class _Checkpoint:
 
         partial = self.path.with_suffix(".partial")
         state = {"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict()}
-        torch.save(state | {"step": step, "losses": losses}, partial)
+        try:
+            torch.save(state | {"step": step, "losses": losses}, partial)
+        except BaseException:  # a full disk: keep the last whole checkpoint, free what was written
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(self.path)  # a kill mid-write leaves the previous checkpoint whole
 
     def load(self, model: Any, optimizer: Any) -> tuple[int, list[float]]:
@@ -177,54 +187,19 @@ def _tokenize(backend: Any, rows: list[Example], max_length: int) -> tuple[list[
     return examples, cut
 
 
-def _load_base(base: ModelConfig, options: LoraOptions) -> Any:
-    import torch
-
-    from playground.backends.scratch_gpt import ScratchGptBackend
-    from playground.backends.transformers_backend import TransformersBackend
-
-    if getattr(options, "quantize", "none") == "nf4":
-        if options.device == "cpu" or not torch.cuda.is_available():
-            raise PlaygroundError("QLoRA (an NF4 base) needs bitsandbytes on a GPU; this machine has none")
-        # bf16 compute on the GPU; the frozen base in NF4 with the LoRA weights in fp32.
-        update = {
-            "device": "cuda",
-            "dtype": "bf16",
-            "quantization": {"method": "nf4", "compute_dtype": "bf16", "keep_modules": ["lm_head"]},
-        }
-    else:
-        # fp32 on CPU: bf16 training ran ~30x slower there. bf16 on a GPU.
-        device = "cuda" if options.device != "cpu" and torch.cuda.is_available() else "cpu"
-        update = {"device": device, "dtype": "bf16" if device == "cuda" else "fp32"}
-    config = ModelConfig.model_validate(base.model_dump() | update)
-    backend_type = ScratchGptBackend if base.backend == "scratch_gpt" else TransformersBackend
-    backend = backend_type(config)
-    backend.load()
-    return backend
-
-
-def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> dict[str, Any]:
+def run_lora(options: LoraOptions, ctx: JobContext) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from playground.engine import Engine
-
-    base = Engine().resolve(options.model)
-    if base.backend not in ("transformers", "scratch_gpt") or base.quantization.method != "none":
-        raise PlaygroundError(
-            f"LoRA jobs need an unquantized transformers or scratch_gpt variant; {base.id} is "
-            f"{base.backend}{'' if base.quantization.method == 'none' else ' ' + base.quantization.method}"
-            " (for a quantized base, choose its unquantized twin and quantize: nf4)"
-        )
-    if base.adapter is not None:
-        raise PlaygroundError(f"{base.id} is itself base + adapter; fine-tune its merged form instead")
+    base = ctx.catalogue.resolve(options.model)
+    check_trainable(base, "LoRA")
     if isinstance(options, RouterLoraOptions):
-        spec = router_spec_for(options, base)
+        spec = router_spec_for(options, base, ctx.catalogue)
         rows = read_router_rows(Path(options.data), spec)
     else:
         spec, rows = base.router, read_sft_rows(Path(options.data))
     torch.manual_seed(options.seed)
-    backend = _load_base(base, options)
+    backend = load_for_training(base, options.device, options.quantize)
     examples, cut = _tokenize(backend, rows, options.max_length)
     model = backend.model
     if options.quantize == "nf4":
@@ -241,13 +216,12 @@ def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> d
     )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate)
-    job_folder = out_root / job_id
-    job_folder.mkdir(parents=True, exist_ok=True)
-    checkpoint = _Checkpoint(job_folder)
+    ctx.folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = _Checkpoint(ctx.folder)
     resumed_at, losses = checkpoint.load(model, optimizer)
     steps_per_epoch = math.ceil(len(examples) / options.batch_size)
     total = steps_per_epoch * options.epochs
-    emit(
+    ctx.emit(
         {
             "message": f"{len(examples)} examples, {total} steps on {backend.device}"
             + (f"; {cut} cut at max_length {options.max_length}, their answers in part or not at all" if cut else "")
@@ -256,51 +230,60 @@ def run_lora(options: LoraOptions, emit: Emit, job_id: str, out_root: Path) -> d
             "total": total,
         }
     )
-    rng, step, started = random.Random(options.seed), 0, time.perf_counter()
     pad = sorted(backend.codec.eos_ids)[0] if backend.codec.eos_ids else 0
-    for epoch in range(options.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)  # replayed on resume, so the data order is the same as without a break
-        for start in range(0, len(order), options.batch_size):
-            step += 1
-            if step <= resumed_at:
-                continue
-            batch = [examples[i] for i in order[start : start + options.batch_size]]
-            width = max(len(ids) for ids, _ in batch)
-            device = backend.device
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=device)
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device)
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(round(float(loss), 5))
-            emit({"step": step, "total": total, "epoch": epoch + 1, "loss": losses[-1]})
-            if step % options.checkpoint_every == 0 and step < total:
-                checkpoint.save(model, optimizer, step, losses)
+
+    def batches() -> Iterator[Step]:
+        rng, step = random.Random(options.seed), 0
+        for epoch in range(options.epochs):
+            order = list(range(len(examples)))
+            rng.shuffle(order)  # replayed on resume, so the data order is the same as without a break
+            for start in range(0, len(order), options.batch_size):
+                step += 1
+                if step <= resumed_at:
+                    continue
+                batch = [examples[i] for i in order[start : start + options.batch_size]]
+                width = max(len(ids) for ids, _ in batch)
+                device = backend.device
+                inputs = {
+                    "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=device),
+                    "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch], device=device),
+                    "attention_mask": torch.tensor(
+                        [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device
+                    ),
+                }
+                yield Step(step, inputs, {"epoch": epoch + 1})
+
+    def keep(step: int, losses_so_far: list[float]) -> None:
+        if step % options.checkpoint_every == 0 and step < total:
+            checkpoint.save(model, optimizer, step, losses_so_far)
+
+    started = time.perf_counter()
+    losses = train(model, optimizer, batches(), total, ctx.emit, losses=losses, after_step=keep)
     wall = time.perf_counter() - started
-    variant_id = options.name or f"{base.id}-lora-{job_id[-6:]}"
+    variant_id = options.name or f"{base.id}-lora-{ctx.job_id[-6:]}"
     label = "router LoRA" if isinstance(options, RouterLoraOptions) else "LoRA"
-    config = result_config(base, options, variant_id, job_id, label, spec)
+    config = result_config(base, options, variant_id, ctx.job_id, label, spec)
     if options.merge and options.quantize == "none":
-        folder = job_folder / "merged"
+        folder = ctx.folder / "merged"
         model = model.merge_and_unload()
-        model.save_pretrained(folder)
+        with saving_into(folder) as partial:
+            model.save_pretrained(partial)
+            if not isinstance(backend.codec, TiktokenCodec):
+                backend.codec.tokenizer.save_pretrained(partial)
         config.update(backend="transformers", source={"path": str(folder)})
-        if base.backend == "scratch_gpt":  # its tiktoken tokenizer has no HF form: the config names it
+        if isinstance(backend.codec, TiktokenCodec):
+            # A tiktoken tokenizer (scratch_gpt) has no HF form: the config names it.
             config["tokenizer"] = (
                 base.tokenizer.model_dump(exclude_none=True) if base.tokenizer else {"tiktoken": "gpt2"}
             )
-        else:
-            backend.codec.tokenizer.save_pretrained(folder)
     else:  # an adapter on the unchanged base (QLoRA results are always kept this way)
-        folder = job_folder / "adapter"
-        model.save_pretrained(folder)
+        folder = ctx.folder / "adapter"
+        with saving_into(folder) as partial:
+            model.save_pretrained(partial)
         config["adapter"] = {"path": str(folder)}
-    save_variant_config(config, out_root)
+    save_variant_config(config, ctx.catalogue)
     checkpoint.path.unlink(missing_ok=True)
-    emit({"message": f"saved {variant_id} in {folder}"})
+    ctx.emit({"message": f"saved {variant_id} in {folder}"})
     return {
         "variant_id": variant_id,
         "folder": str(folder),
@@ -340,10 +323,12 @@ def result_config(
     return config
 
 
-def save_variant_config(config: dict[str, Any], out_root: Path) -> Path:
-    """Write a job-made variant's config where the engine finds it, after validating it."""
-    ModelConfig.model_validate(config)  # never leave a config the engine would refuse
-    config_dir = out_root / "model_configs"
+def save_variant_config(config: dict[str, Any], catalogue: Catalogue) -> Path:
+    """Write a job-made variant's config where every catalogue finds it, after validating it."""
+    ModelConfig.model_validate(config)  # never leave a config the catalogue would refuse
+    if catalogue.made_dir is None:
+        raise PlaygroundError("this catalogue has no folder for the variants jobs make")
+    config_dir = catalogue.made_dir
     config_dir.mkdir(parents=True, exist_ok=True)
     path = config_dir / f"{config['id']}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

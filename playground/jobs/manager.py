@@ -4,30 +4,40 @@ CPU jobs run at most `max_cpu_jobs` at a time. A GPU job starts only when the GP
 (as nvml reports it, so loaded variants and other programs count) covers what it needs on top
 of what the GPU jobs already running were said to need. Each job is a new process group started
 without a shell; Cancel ends the group (the job's own workers included). A job process records
-its own end in the store; one that dies without recording it (SIGKILL, OOM) is marked failed
-with the signal named. A job process still alive from an earlier manager (a command-line submit,
-an app that was killed) is adopted and watched; one that is gone without an end is marked
-interrupted. Stopping the app's manager ends its jobs, which then show as interrupted.
+its own end in the store; one that dies without recording it (SIGKILL, OOM) is marked failed.
+
+Several processes may hold a manager of one store at once (the app, command-line submits, the
+scheduler process of jobs/scheduler.py). A scheduling pass runs under a file lock beside the
+store and counts every running job in the store, whoever started it, so no job starts twice and
+no limit is passed. Each pass also looks at every running job's process, so a job that died
+unwatched is marked at the next pass. Stopping the app's manager ends the running jobs, which
+then show as interrupted.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from playground.errors import ConfigError, PlaygroundError
-from playground.jobs.kinds import RESUMABLE_KINDS, placement, validate_options
+from playground.jobs.kinds import job_kind, placement, validate_options
 from playground.jobs.store import Job, JobStore
+from playground.sqlite_store import StoreError
 from playground.workers import describe_exit
+
+if TYPE_CHECKING:
+    from playground.catalogue import Catalogue
 
 GiB = 1024**3
 
@@ -57,57 +67,89 @@ class JobManager:
         logs_dir: Path,
         max_cpu_jobs: int = 1,
         gpu_free: Callable[[], int | None] = free_gpu_bytes,
+        catalogue: Catalogue | None = None,
     ) -> None:
+        from playground.catalogue import Catalogue
+
         self.store = store
         self.logs_dir = Path(logs_dir)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"the jobs folder {self.logs_dir} cannot be written: {err.strerror}") from None
         self.max_cpu_jobs = max_cpu_jobs
         self.gpu_free = gpu_free
+        # The variants job options may name: the same catalogue the job process will build.
+        self.catalogue = catalogue or Catalogue.from_settings(made_dir=store.path.parent / "model_configs")
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._adopted: dict[str, int] = {}  # job id -> pid of a job process we did not start
         # Jobs this manager is ending on purpose, with the state and reason to record: the
         # watcher thread may see the process end before the ending call records it.
         self._ending: dict[str, tuple[str, str | None]] = {}
         self._waiting_said: dict[str, str] = {}  # the last "waiting for ..." event of each queued job
         self._lock = threading.Lock()
+        self._pass_lock_path = store.path.with_name(store.path.name + ".schedule.lock")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._take_over_running_jobs()
+        self._watch_lock: int | None = None
+        watched = try_lock(watch_lock_path(store.path))
+        if watched is not None:  # nobody watches this store: what died meanwhile was interrupted
+            with self._passing():
+                self._look_at_running_jobs(interrupted=True)
+            os.close(watched)
 
-    def _take_over_running_jobs(self) -> None:
+    @contextmanager
+    def _passing(self) -> Iterator[None]:
+        """One scheduling pass at a time over this store, across processes."""
+        with self._lock:
+            handle = _open_lock_file(self._pass_lock_path)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(handle)  # closing releases the lock
+
+    def _look_at_running_jobs(self, interrupted: bool = False) -> list[Job]:
+        """The jobs that really run now. One marked running whose process is gone is ended:
+        `interrupted` when a manager starts (nobody watched it), failed otherwise."""
+        running = []
         for job in self.store.list():
             if job.state != "running":
                 continue
-            if _job_process_alive(job):
-                self._adopted[job.id] = job.pid  # type: ignore[assignment]
-            elif self.store.finish_if_running(job.id, "interrupted", "the job stopped while no manager watched it"):
-                self.store.add_event(job.id, {"message": "interrupted: its process ended without recording a result"})
+            own = self._processes.get(job.id)
+            if own is not None and own.poll() is not None:
+                self._processes.pop(job.id, None)
+                self._record_end(job.id, f"the job process {describe_exit(own.returncode)}", own.pid)
+            elif own is None and not _job_process_alive(job):
+                if interrupted:
+                    if self.store.finish_if_running(
+                        job.id, "interrupted", "the job stopped while no manager watched it", job.pid
+                    ):
+                        self.store.add_event(
+                            job.id, {"message": "interrupted: its process ended without recording a result"}
+                        )
+                else:
+                    self._record_end(job.id, "the job process ended without recording a result", job.pid or 0)
+            else:
+                running.append(job)
+        return running
 
     # -- submitting ------------------------------------------------------------------------
-    def submit(self, kind: str, options: dict[str, Any]) -> Job:
+    def submit(self, kind: str, options: dict[str, Any], *, start: bool = True) -> Job:
+        """Record a job (options checked, its variant resolved, its place decided) and, with
+        `start`, run a scheduling pass here; without, a scheduler process starts it."""
         validated = validate_options(kind, options)  # refuse bad options before any process
-        device, gpu_bytes = placement(kind, validated)
+        device, gpu_bytes = placement(kind, validated, self.catalogue)
         if device == "cuda" and self.gpu_free() is None:
             raise ConfigError(f"this {kind} job needs a GPU, and none is visible here")
         job = self.store.create(kind, validated.model_dump(exclude_none=True), device, gpu_bytes)
-        self.schedule()
+        if start:
+            self.schedule()
         return self.store.get(job.id)
-
-    def _running_jobs(self) -> list[Job]:
-        self._reap_adopted()
-        ids = [job_id for job_id, p in self._processes.items() if p.poll() is None] + list(self._adopted)
-        jobs = []
-        for job_id in ids:
-            try:
-                jobs.append(self.store.get(job_id))
-            except KeyError:
-                continue
-        return jobs
 
     def schedule(self) -> None:
         """Start queued jobs, oldest first, while there is room for each."""
-        with self._lock:
-            running = self._running_jobs()
+        with self._passing():
+            running = self._look_at_running_jobs()
             cpu_running = sum(job.device == "cpu" for job in running)
             gpu_promised = sum(job.gpu_bytes for job in running if job.device == "cuda")
             free = None
@@ -136,6 +178,10 @@ class JobManager:
                     cpu_running += 1
                 self._start(job)
 
+    def has_work(self) -> bool:
+        """Whether any job is queued or running (the scheduler process stays while there is)."""
+        return any(job.state in ("queued", "running") for job in self.store.list())
+
     def _say_waiting(self, job: Job, message: str) -> None:
         if self._waiting_said.get(job.id) != message:
             self._waiting_said[job.id] = message
@@ -157,17 +203,14 @@ class JobManager:
 
     def _watch(self, job_id: str, process: subprocess.Popen[bytes]) -> None:
         code = process.wait()
-        with self._lock:
+        try:
+            # Recorded before it leaves the table, so a pass never takes it for an unwatched death.
+            self._record_end(job_id, f"the job process {describe_exit(code)}", process.pid)
             self._processes.pop(job_id, None)
-        self._record_end(job_id, f"the job process {describe_exit(code)}", process.pid)
-        self.schedule()
-
-    def _reap_adopted(self) -> None:
-        for job_id, pid in list(self._adopted.items()):
-            job = self.store.get(job_id)
-            if job.finished or job.pid != pid or not _job_process_alive(job):
-                del self._adopted[job_id]
-                self._record_end(job_id, "the job process ended without recording a result", pid)
+            if not self._stop.is_set():
+                self.schedule()
+        except PlaygroundError as err:  # the store went away (a removed folder, a full disk)
+            print(f"jobs: could not record the end of {job_id}: {err}", file=sys.stderr, flush=True)
 
     def _record_end(self, job_id: str, failure: str, pid: int) -> None:
         """After job process `pid` ended: its final state, unless it recorded one itself."""
@@ -179,6 +222,7 @@ class JobManager:
 
     # -- the background loop (the app runs one) ------------------------------------------
     def start(self) -> JobManager:
+        """Schedule in a background thread, once a second (the app does this)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
             self._thread.start()
@@ -187,17 +231,33 @@ class JobManager:
     def _loop(self) -> None:
         while not self._stop.wait(1.0):
             try:
+                self.hold_watch()
                 self.schedule()
             except Exception:  # a failed pass must not end the scheduler
                 continue
+
+    def hold_watch(self) -> bool:
+        """Take the store's watch lock if it is free, and keep it: it tells command-line submits
+        that someone schedules this store, so they need not start a scheduler process."""
+        if self._watch_lock is None:
+            self._watch_lock = try_lock(watch_lock_path(self.store.path))
+        return self._watch_lock is not None
+
+    def release_watch(self) -> None:
+        if self._watch_lock is not None:
+            os.close(self._watch_lock)
+            self._watch_lock = None
 
     def stop(self, end_jobs: bool = True) -> None:
         """Stop scheduling; with `end_jobs`, end the running jobs (they show as interrupted and
         fine-tunes can be resumed) rather than leave them unwatched."""
         self._stop.set()
+        self.release_watch()
         if not end_jobs:
             return
-        for job in self._running_jobs():
+        for job in self.store.list():
+            if job.state != "running":
+                continue
             self._ending[job.id] = ("interrupted", "the app stopped while this job ran")
             self._end_group(job)
             self.store.finish_if_running(job.id, *self._ending[job.id])
@@ -231,17 +291,19 @@ class JobManager:
         self.store.finish_if_running(job_id, "cancelled", None)
         return self.store.get(job_id)
 
-    def resume(self, job_id: str) -> Job:
+    def resume(self, job_id: str, *, start: bool = True) -> Job:
         """Queue an interrupted, failed or cancelled fine-tune again; it goes on from its last
         checkpoint (the job keeps its id, options and events)."""
         job = self.store.get(job_id)
-        if job.state not in ("interrupted", "failed", "cancelled") or job.kind not in RESUMABLE_KINDS:
-            why = "only fine-tunes resume" if job.kind not in RESUMABLE_KINDS else f"it is {job.state}"
+        resumes = job_kind(job.kind).resumes
+        if job.state not in ("interrupted", "failed", "cancelled") or not resumes:
+            why = f"{job.kind} jobs do not resume (they keep no checkpoints)" if not resumes else f"it is {job.state}"
             raise PlaygroundError(f"job {job_id} cannot be resumed: {why}")
         self._ending.pop(job_id, None)
         self.store.update(job_id, state="queued", error=None, ended=None, pid=None)
         self.store.add_event(job_id, {"message": "resume requested"})
-        self.schedule()
+        if start:
+            self.schedule()
         return self.store.get(job_id)
 
     def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.3) -> Job:
@@ -254,3 +316,25 @@ class JobManager:
                 raise PlaygroundError(f"job {job_id} still {job.state} after {timeout_s:.0f} s")
             self.schedule()
             time.sleep(poll_s)
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise StoreError(f"the jobs folder {path.parent} cannot be written: {err.strerror}") from None
+
+
+def watch_lock_path(store_path: Path) -> Path:
+    return store_path.with_name(store_path.name + ".watch.lock")
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive lock on `path` if no process holds it (the open file, kept to hold it)."""
+    handle = _open_lock_file(path)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        return None
+    return handle

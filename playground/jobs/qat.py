@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from playground.capabilities import capabilities, with_capability
 from playground.errors import PlaygroundError
 from playground.evals.corpus import BUNDLED as CORPORA
-from playground.jobs.kinds import Emit, _Options
-from playground.jobs.lora import _load_base, result_config, save_variant_config
+from playground.jobs.kinds import JobContext, _Options
+from playground.jobs.lora import result_config, save_variant_config
+from playground.jobs.training import Step, check_trainable, load_for_training, saving_into, train
 from playground.settings import named_or_allowed
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,18 +59,21 @@ def token_blocks(codec: Any, docs: list[tuple[str, str]], seq_len: int) -> list[
     return [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
-def run_qat(options: QatOptions, emit: Emit, job_id: str, out_root: Path) -> dict[str, Any]:
+def run_qat(options: QatOptions, ctx: JobContext) -> dict[str, Any]:
     import torch
 
     from playground import qat
-    from playground.engine import Engine
     from playground.evals.corpus import documents, limited
 
-    base = Engine().resolve(options.model)
-    if base.backend != "transformers" or base.quantization.method != "none" or base.adapter is not None:
-        raise PlaygroundError(f"QAT needs an unquantized transformers variant; {base.id} is {base.backend}")
+    base = ctx.catalogue.resolve(options.model)
+    # QAT exists for the GGUF export: it trains what the export can write.
+    check_trainable(base, "QAT")
+    if not capabilities(base.backend).exports_gguf:
+        raise PlaygroundError(
+            f"QAT needs a variant of the {', '.join(with_capability('exports_gguf'))} backend; {base.id} is {base.backend}"
+        )
     torch.manual_seed(options.seed)
-    backend = _load_base(base, options)
+    backend = load_for_training(base, options.device)
     model = backend.model
     if getattr(model.config, "model_type", "") not in ("llama", "mistral", "qwen2"):
         raise PlaygroundError(f"QAT and the GGUF export handle Llama-family models, not {model.config.model_type}")
@@ -83,9 +88,8 @@ def run_qat(options: QatOptions, emit: Emit, job_id: str, out_root: Path) -> dic
         )
     model.get_input_embeddings().weight.requires_grad_(False)  # tied to the head in SmolLM2: both stay
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate)
-    emit(
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.learning_rate)
+    ctx.emit(
         {
             "message": f"{len(blocks)} blocks of {options.seq_len} tokens, {options.steps} steps, schedule "
             f"{options.schedule}, {len(attached)} linear layers fake-quantized in groups of {options.group_size}, "
@@ -94,35 +98,34 @@ def run_qat(options: QatOptions, emit: Emit, job_id: str, out_root: Path) -> dic
             "total": options.steps,
         }
     )
-    order = list(range(len(blocks)))
-    random.Random(options.seed).shuffle(order)
-    started, losses, at = time.perf_counter(), [], 0
-    for step in range(1, options.steps + 1):
-        width.bits = qat.bits_at(options.schedule, (step - 1) / options.steps, options.constant_bits)
-        batch = []
-        for _ in range(options.batch_size):
-            batch.append(blocks[order[at % len(order)]])
-            at += 1
-        input_ids = torch.tensor(batch, device=backend.device)
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(round(float(loss), 5))
-        emit({"step": step, "total": options.steps, "loss": losses[-1], "bits": width.bits or 32})
+
+    def batches() -> Iterator[Step]:
+        order = list(range(len(blocks)))
+        random.Random(options.seed).shuffle(order)
+        at = 0
+        for step in range(1, options.steps + 1):
+            # Set lazily, right before this step's forward pass.
+            width.bits = qat.bits_at(options.schedule, (step - 1) / options.steps, options.constant_bits)
+            batch = [blocks[order[(at + i) % len(order)]] for i in range(options.batch_size)]
+            at += options.batch_size
+            input_ids = torch.tensor(batch, device=backend.device)
+            yield Step(step, {"input_ids": input_ids, "labels": input_ids}, {"bits": width.bits or 32})
+
+    started = time.perf_counter()
+    losses = train(model, optimizer, batches(), options.steps, ctx.emit, clip_norm=1.0)
     wall = time.perf_counter() - started
     qat.detach(model)
     model.eval()
-    variant_id = options.name or f"{base.id}-qat-{job_id[-6:]}"
-    folder = out_root / job_id / "model"
-    model.save_pretrained(folder)
-    backend.codec.tokenizer.save_pretrained(folder)
+    variant_id = options.name or f"{base.id}-qat-{ctx.job_id[-6:]}"
+    folder = ctx.folder / "model"
+    with saving_into(folder) as partial:
+        model.save_pretrained(partial)
+        backend.codec.tokenizer.save_pretrained(partial)
     label = "QAT " + options.schedule if options.schedule != "none" else "fine-tune (no QAT)"
-    config = result_config(base, options, variant_id, job_id, label)
+    config = result_config(base, options, variant_id, ctx.job_id, label)
     config.update(backend="transformers", source={"path": str(folder)})
-    save_variant_config(config, out_root)
-    emit({"message": f"saved {variant_id} in {folder}"})
+    save_variant_config(config, ctx.catalogue)
+    ctx.emit({"message": f"saved {variant_id} in {folder}"})
     return {
         "variant_id": variant_id,
         "folder": str(folder),

@@ -9,23 +9,30 @@ import time
 import traceback
 from pathlib import Path
 
+from playground.catalogue import Catalogue
 from playground.errors import PlaygroundError
-from playground.jobs.kinds import KINDS, validate_options
+from playground.jobs.kinds import JobContext, job_kind, validate_options
 from playground.jobs.store import JobStore
 
 
 def main(store_path: str, job_id: str) -> int:
     store = JobStore(Path(store_path))
     job = store.get(job_id)
-    os.environ["PLAYGROUND_JOB_ID"] = job_id
-    os.environ["PLAYGROUND_JOBS_DIR"] = str(Path(store_path).parent)
+    jobs_root = Path(store_path).parent
     store.update(job_id, state="running", pid=os.getpid(), started=time.time())
     try:
-        options = validate_options(job.kind, job.options)
-        result = KINDS[job.kind][1](options, lambda event: store.add_event(job_id, event))
+        catalogue = Catalogue.from_settings(made_dir=jobs_root / "model_configs")
+        ctx = JobContext(job_id, jobs_root / job_id, catalogue, lambda event: store.add_event(job_id, event))
+        record = job_kind(job.kind)
+        result = record.runner(validate_options(job.kind, job.options), ctx)
     except PlaygroundError as err:
         store.add_event(job_id, {"message": f"failed: {err}"})
         store.update(job_id, state="failed", error=str(err), ended=time.time())
+        return 1
+    except OSError as err:  # a full disk, a folder it may not write: the reason, in one line
+        where = f" ({err.filename})" if err.filename else ""
+        store.add_event(job_id, {"message": traceback.format_exc(limit=5)})
+        store.update(job_id, state="failed", error=f"{err.strerror or err}{where}", ended=time.time())
         return 1
     except Exception as err:  # the job's log keeps the traceback; the record keeps one line
         store.add_event(job_id, {"message": traceback.format_exc(limit=5)})

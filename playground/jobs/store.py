@@ -7,9 +7,12 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from playground.sqlite_store import StoreError, opened
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
@@ -51,7 +54,10 @@ class Job:
 class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"the jobs folder {self.path.parent} cannot be made: {err.strerror}") from None
         self._lock = threading.Lock()
         with self._db() as db:
             db.executescript(
@@ -70,10 +76,8 @@ class JobStore:
                 if name not in columns:  # a store written before jobs were placed
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return opened(self.path, "the jobs database")
 
     def create(self, kind: str, options: dict[str, Any], device: str = "cpu", gpu_bytes: int = 0) -> Job:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

@@ -122,8 +122,8 @@ class ArenaTab:
             self.votes.record(a, b, outcome, session.arena_prompt)
             session.arena_voted = True
             reveal = (
-                f"You voted **{OUTCOME_LABELS[outcome]}**. Model A was **{self.engine.configs[a].display_name}**, "
-                f"Model B was **{self.engine.configs[b].display_name}**."
+                f"You voted **{OUTCOME_LABELS[outcome]}**. Model A was **{self.engine.catalogue.configs[a].display_name}**, "
+                f"Model B was **{self.engine.catalogue.configs[b].display_name}**."
             )
             return [reveal, leaderboard_markdown(self.votes.leaderboard()), *off]
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 
+from playground.capabilities import capabilities
 from playground.engine import Engine
 from playground.export import Answer, Comparison
 from playground.ui.access import Access
@@ -83,7 +84,7 @@ class CompareTab:
 
     # -- building ------------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
-        return [(c.display_name, c.id) for c in self.engine.configs.values()]
+        return [(c.display_name, c.id) for c in self.engine.catalogue.configs.values()]
 
     def build(self) -> None:
         engine = self.engine
@@ -160,6 +161,7 @@ class CompareTab:
         self.prompt.submit(self.run, inputs, outputs)
         clear.click(self.clear, None, [p.chatbot for p in self.panels] + [p.metrics for p in self.panels])
         export.click(self.export, None, [export_md, export_json, self.status])
+        # The engine's state (loading, ready, hung, dead) reaches the list within a second.
         for i, p in enumerate(self.panels):
             p.stop.click(self._stopper(i), None, None, queue=False)
             p.reload.click(self._reloader(i), p.variant, [p.metrics, p.reload, self.loaded])
@@ -226,7 +228,7 @@ class CompareTab:
             return ["⚠ Type the path of a GGUF file, an HF model folder or a state_dict.", *unchanged]
         try:
             overrides = {} if fmt == "auto" else {"prompt_format": fmt}
-            config = self.engine.add_path(path.strip(), **overrides)
+            config = self.engine.catalogue.add_path(path.strip(), **overrides)
         except Exception as err:
             return [error_text(err), *unchanged]
         choices = self.choices()
@@ -313,7 +315,9 @@ class CompareTab:
         def frame(snapshot: list[PanelRun], final: bool) -> list[Any]:
             by_panel = {r.panel: r for r in snapshot}
             busy = not final
-            local = sum(1 for r in snapshot if self.engine.configs[r.variant_id].backend != "openai")
+            local = sum(
+                1 for r in snapshot if not capabilities(self.engine.catalogue.configs[r.variant_id].backend).remote
+            )
             note = " · panels on one machine share its CPU/GPU, so each runs slower than alone" if local > 1 else ""
             head = [
                 gr.update(interactive=not busy, value="Generating…" if busy else "Send"),
@@ -353,7 +357,7 @@ class CompareTab:
             prompt=prompt, mode=mode, settings=dict(zip(SETTINGS, values[: len(SETTINGS)], strict=True))
         )
         for r in runs:
-            name = self.engine.configs[r.variant_id].display_name
+            name = self.engine.catalogue.configs[r.variant_id].display_name
             if mode == "chat" and r.status != "failed":
                 session.histories[r.panel] += [
                     {"role": "user", "content": prompt},

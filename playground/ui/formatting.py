@@ -43,11 +43,10 @@ def error_text(err: BaseException) -> str:
 
 
 def loaded_markdown(engine: Engine) -> str:
-    """The variants that have a worker, with state and memory."""
+    """The variants that have a worker, with state and memory, and the config files that could
+    not be read."""
     rows = []
-    for status in engine.statuses():
-        if status.state == "not loaded":
-            continue
+    for status in engine.loaded_statuses():
         rss = f" · RSS {status.rss_bytes / MiB:.0f} MiB · pid {status.pid}" if status.rss_bytes else ""
         where = f" · {status.info.backend} on {status.info.device}" if status.info else ""
         if status.info and status.info.decode:
@@ -55,7 +54,9 @@ def loaded_markdown(engine: Engine) -> str:
         if status.config.trust_remote_code:
             where += " · ⚠ runs code from its model folder (trust_remote_code)"
         detail = f" · {status.error}" if status.error else ""
-        rows.append(f"- **{status.config.display_name}** (`{status.config.id}`): {status.state}{where}{rss}{detail}")
+        state = f"⚠ {status.state}" if status.state in ("hung", "dead", "failed") else status.state
+        rows.append(f"- **{status.config.display_name}** (`{status.config.id}`): {state}{where}{rss}{detail}")
+    rows += [f"- ⚠ broken config `{b.path.name}`: {b.error}" for b in engine.catalogue.broken]
     return "\n".join(rows) or "No variant loaded yet."
 
 

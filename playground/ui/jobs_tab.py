@@ -8,18 +8,42 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 
 from playground.engine import Engine
 from playground.errors import PlaygroundError
-from playground.jobs.kinds import KINDS, RESUMABLE_KINDS
+from playground.jobs.kinds import KINDS, job_kind
 from playground.jobs.manager import JobManager
 from playground.jobs.store import Job
 from playground.ui.access import Access
 from playground.ui.charts import loss_figure, metric_bars, needle_figure, quant_compare_figure, router_eval_figure
 from playground.ui.formatting import error_text
+
+
+def _perplexity_by_document(result: dict[str, Any]) -> Any:
+    documents = result.get("documents") or []
+    by_document = {d["document"]: d["perplexity"] for d in documents[:30]}
+    return metric_bars(by_document, "Perplexity by document") if by_document else None
+
+
+def _format_rates(result: dict[str, Any]) -> Any:
+    values = {k: v for k, v in result.items() if isinstance(v, float)}
+    return metric_bars(values, "Format checks (share passed)") if values else None
+
+
+# A kind's record names its result plot (JobKind.plot); each name is drawn here.
+RESULT_PLOTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "needle": needle_figure,
+    "router-curve": lambda r: (
+        router_eval_figure(r["curve"], r["confusion"], r["threshold"]) if r.get("curve") else None
+    ),
+    "perplexity-by-document": _perplexity_by_document,
+    "quant-compare": lambda r: quant_compare_figure(r["rows"]),
+    "format-rates": _format_rates,
+}
 
 TABLE_HEADERS = ["job", "kind", "variant", "state", "progress", "elapsed", "ETA", "error"]
 LOG_EVENTS = 40
@@ -44,8 +68,9 @@ def kind_help(kind: str) -> str:
     """The options of a kind, with their defaults, from its options model."""
     if kind not in KINDS:
         return ""
-    schema = KINDS[kind][0]().model_json_schema()
-    lines = [f"**{kind}** options (JSON; `model` comes from the dropdown):"]
+    record = KINDS[kind]
+    schema = record.options.model_json_schema()
+    lines = [f"**{kind}**: {record.description}. Options (JSON; `model` comes from the dropdown):"]
     for name, field in schema["properties"].items():
         if name == "model":
             continue
@@ -59,33 +84,11 @@ def results_rows(jobs: list[Job]) -> dict[str, Any]:
     Dataframe's value (headers and rows)."""
     table: dict[str, dict[str, Any]] = {}
     for job in sorted(jobs, key=lambda j: j.created):
-        if (
-            job.state != "succeeded"
-            or not job.result
-            or not (job.kind.startswith("eval-") or job.kind == "qat-compare")
-        ):
+        summary = KINDS[job.kind].summary if job.kind in KINDS else None
+        if job.state != "succeeded" or not job.result or summary is None:
             continue
-        row = table.setdefault(job.options.get("model", "?"), {})
-        result = job.result
-        if job.kind == "eval-router":
-            row[f"router accuracy ({job.options.get('data', 'ood')})"] = result.get("accuracy")
-        elif job.kind == "eval-perplexity":
-            row[f"perplexity ({result.get('corpus')})"] = result.get("perplexity")
-            row["bits per byte"] = result.get("bits_per_byte")
-        elif job.kind == "eval-needle":
-            ran = [c for c in result["cells"] if "passed" in c]
-            row["needle pass"] = sum(c["passed"] for c in ran) / len(ran) if ran else None
-        elif job.kind == "eval-format":
-            row["tool-call arguments"] = result.get("tool_arguments")
-            row["instructions passed"] = result.get("instruction_pass")
-        elif job.kind == "qat-compare":
-            for r in result["rows"]:
-                table.setdefault(r["variant"], {})[f"llama.cpp perplexity {r['type']}"] = r["perplexity"]
-        elif job.kind == "eval-lm":
-            for task, values in result["results"].items():
-                for name, value in values.items():
-                    if isinstance(value, float) and "stderr" not in name:
-                        row[f"{task} {name.split(',')[0]}"] = value
+        for variant, cells in summary(job.options, job.result).items():
+            table.setdefault(variant, {}).update(cells)
     columns = sorted({c for row in table.values() for c in row})
     rows = [
         [variant, *[("" if row.get(c) is None else round(row[c], 4)) for c in columns]]
@@ -113,7 +116,7 @@ class JobsTab:
         with gr.Row():
             kind = gr.Dropdown(sorted(KINDS), value="eval-perplexity", label="Job kind", elem_id="job-kind")
             model = gr.Dropdown(
-                sorted(self.engine.configs),
+                sorted(self.engine.catalogue.configs),
                 value="smollm2-135m-gguf",
                 label="Variant (or the path of a model folder or GGUF file)",
                 elem_id="job-model",
@@ -182,11 +185,11 @@ class JobsTab:
             return f"⚠ {error_text(err)}"
 
     def add_variants(self) -> tuple[Any, ...]:
-        added = self.engine.refresh_made_variants()
-        choices = sorted(self.engine.configs)
-        panel_choices = [(c.display_name, c.id) for c in self.engine.configs.values()]
+        added = self.engine.catalogue.refresh_made_variants()
+        choices = sorted(self.engine.catalogue.configs)
+        panel_choices = [(c.display_name, c.id) for c in self.engine.catalogue.configs.values()]
         message = f"Added: {', '.join(added)}" if added else "No new variants since the last look"
-        routers = [(c.display_name, c.id) for c in self.engine.configs.values() if c.router is not None]
+        routers = [(c.display_name, c.id) for c in self.engine.catalogue.configs.values() if c.router is not None]
         updates = [gr.update(choices=panel_choices)] * self._n_dropdowns
         if self._has_router_dropdown:
             updates.append(gr.update(choices=routers))
@@ -235,17 +238,13 @@ class JobsTab:
         if job.result:
             summary = {k: v for k, v in job.result.items() if isinstance(v, int | float | str) and len(str(v)) < 120}
             parts.append("Result: <code>" + html.escape(json.dumps(summary)[:600]) + "</code>")
-        if job.kind == "qat-compare" and job.result:
-            cells = "".join(
-                f"<tr><td>{html.escape(r['role'])}</td><td>{html.escape(r['variant'])}</td><td>{r['type']}</td>"
-                f"<td>{r['perplexity']:.3f}</td><td>{r['increase_over_f16']:+.2%}</td><td>{r['bytes'] / 2**20:.1f}</td></tr>"
-                for r in job.result["rows"]
-            )
-            parts.append(
-                "<table class='quant-table'><tr><th>role</th><th>variant</th><th>file</th><th>perplexity</th>"
-                f"<th>vs its F16</th><th>MiB</th></tr>{cells}</table>"
-            )
-        if job.kind in RESUMABLE_KINDS and job.state in ("interrupted", "failed", "cancelled"):
+        table = KINDS[job.kind].table if job.kind in KINDS else None
+        if job.result and table is not None:
+            headers, rows = table(job.result)
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            parts.append(f"<table class='result-table'><tr>{head}</tr>{body}</table>")
+        if job.kind in KINDS and job_kind(job.kind).resumes and job.state in ("interrupted", "failed", "cancelled"):
             parts.append("This fine-tune can be resumed from its last checkpoint.")
         return "<div class='job-detail'>" + "<br>".join(parts) + "</div>"
 
@@ -258,23 +257,10 @@ class JobsTab:
 
     @staticmethod
     def _result_plot(job: Job) -> Any:
-        result = job.result
-        if not result:
+        plot = KINDS[job.kind].plot if job.kind in KINDS else None
+        if not job.result or plot is None:
             return None
-        if job.kind == "eval-needle":
-            return needle_figure(result)
-        if job.kind == "eval-router" and result.get("curve"):
-            return router_eval_figure(result["curve"], result["confusion"], result["threshold"])
-        if job.kind == "eval-perplexity" and result.get("documents"):
-            return metric_bars(
-                {d["document"]: d["perplexity"] for d in result["documents"][:30]}, "Perplexity by document"
-            )
-        if job.kind == "qat-compare":
-            return quant_compare_figure(result["rows"])
-        if job.kind == "eval-format":
-            values = {k: v for k, v in result.items() if isinstance(v, float)}
-            return metric_bars(values, "Format checks (share passed)") if values else None
-        return None
+        return RESULT_PLOTS[plot](job.result)
 
     @staticmethod
     def _log(events: list[tuple[int, float, dict[str, Any]]], job: Job) -> str:

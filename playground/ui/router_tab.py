@@ -14,8 +14,7 @@ import gradio as gr
 from playground.engine import Engine
 from playground.jobs.manager import JobManager
 from playground.request_queue import Queued
-from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router, read_router_data
-from playground.settings import allowed_path
+from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router_file
 from playground.ui.access import Access
 from playground.ui.charts import router_eval_figure
 from playground.ui.formatting import error_text, metrics_line, ordinal
@@ -57,16 +56,18 @@ class RouterTab:
         self.router: gr.Dropdown | None = None
 
     def routers(self) -> list[tuple[str, str]]:
-        return [(c.display_name, c.id) for c in self.engine.configs.values() if c.router is not None]
+        return [(c.display_name, c.id) for c in self.engine.catalogue.configs.values() if c.router is not None]
 
     def partners(self) -> list[tuple[str, str]]:
-        ranked = sorted(self.engine.configs.values(), key=lambda c: c.role != "partner")
+        ranked = sorted(self.engine.catalogue.configs.values(), key=lambda c: c.role != "partner")
         return [(NO_PARTNER, "")] + [(c.display_name, c.id) for c in ranked if c.router is None]
 
     def build(self) -> None:
         routers = self.routers()
         default = (
-            "smollm2-135m-router" if "smollm2-135m-router" in self.engine.configs else (routers or [("", None)])[0][1]
+            "smollm2-135m-router"
+            if "smollm2-135m-router" in self.engine.catalogue.configs
+            else (routers or [("", None)])[0][1]
         )
         with gr.Row():
             router = self.router = gr.Dropdown(routers, value=default, label="Router", elem_id="router-variant")
@@ -139,7 +140,7 @@ class RouterTab:
         except Exception as err:
             yield error_text(err), "", "", shown
             return
-        name = self.engine.configs[chosen].display_name
+        name = self.engine.catalogue.configs[chosen].display_name
         if not trail:
             trail += [
                 "| request | route | P(escalate) | threshold | valid JSON | router s | answered by |",
@@ -174,25 +175,22 @@ class RouterTab:
     def evaluate(
         self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None
     ) -> Iterator[tuple[str, Any]]:
-        try:
-            source = DATASETS[dataset] if dataset in DATASETS else path.strip()
-            if not source:
-                raise ValueError("give the path of a JSONL file")
-            if dataset not in DATASETS:
-                allowed_path(source, "router data file")
-            rows = read_router_data(source)
-            if limit:
-                rows = rows[: int(limit)]
-        except Exception as err:
-            yield error_text(err), gr.update()
+        source = dataset if dataset in DATASETS else path.strip()
+        if not source:
+            yield error_text(ValueError("give the path of a JSONL file")), gr.update()
             return
-        progress = {"done": 0}
+        progress = {"done": 0, "total": 0}
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["result"] = evaluate_router(
-                    self.engine, router_id, rows, float(threshold), lambda done, total: progress.update(done=done)
+                outcome["result"] = evaluate_router_file(
+                    self.engine,
+                    router_id,
+                    source,
+                    float(threshold),
+                    int(limit) if limit else None,
+                    lambda done, total: progress.update(done=done, total=total),
                 )
             except Exception as err:
                 outcome["error"] = err
@@ -202,7 +200,7 @@ class RouterTab:
         thread.start()
         while thread.is_alive():
             thread.join(0.5)
-            yield f"⏳ {progress['done']}/{len(rows)} rows, {time.monotonic() - started:.0f} s", gr.update()
+            yield f"⏳ {progress['done']}/{progress['total']} rows, {time.monotonic() - started:.0f} s", gr.update()
         if "error" in outcome:
             yield error_text(outcome["error"]), gr.update()
             return
