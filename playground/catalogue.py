@@ -1,7 +1,7 @@
 """The variants a playground knows, apart from the workers that run them.
 
 One catalogue is built from the settings (`config_dirs`, the variants jobs made, the allowed
-roots) and handed to whoever needs it: the app, the command line and every job process build it
+roots, the variants allowed to run code from their folders) and handed to whoever needs it: the app, the command line and every job process build it
 the same way, so a variant that shows in one resolves in all. A YAML file that does not validate
 is listed as broken with its error; the other variants stay usable. This module starts no
 process and imports no backend.
@@ -9,13 +9,13 @@ process and imports no backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from playground.config import DEFAULT_CONFIG_DIR, ModelConfig, load_config_file
-from playground.errors import ConfigError, PlaygroundError
+from playground.errors import ConfigError, LoadError, PlaygroundError
 from playground.settings import allowed_tree, get_settings
 
 
@@ -31,13 +31,20 @@ class Catalogue:
     """Variant configs by id, from config folders, the folder fine-tune jobs write, and paths
     added at run time."""
 
-    def __init__(self, config_dirs: Sequence[Path] = (), made_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        config_dirs: Sequence[Path] = (),
+        made_dir: Path | None = None,
+        remote_code_variants: Collection[str] = (),
+    ) -> None:
         self.configs: dict[str, ModelConfig] = {}
         self.broken: list[BrokenConfig] = []
         self._origins: dict[str, Path] = {}
         self._typed_paths: dict[str, Path] = {}  # variants added from a path typed at run time
         self.config_dirs = [Path(d) for d in config_dirs]
         self.made_dir = made_dir
+        # Ids the admin allows to run code from their model folders (trust_remote_code).
+        self.remote_code_variants = frozenset(remote_code_variants)
         for directory in self.config_dirs:
             self._read_dir(directory)
         self.refresh_made_variants()
@@ -45,11 +52,16 @@ class Catalogue:
     @classmethod
     def from_settings(cls, made_dir: Path | None = None) -> Catalogue:
         """The catalogue every process of this playground sees: the configured folders (or the
-        shipped one) and the variants jobs made (in `made_dir`, default the jobs folder's)."""
+        shipped one), the variants jobs made (in `made_dir`, default the jobs folder's) and the
+        remote-code allow list."""
         from playground.paths import made_configs_dir
 
         settings = get_settings()
-        return cls(settings.config_dirs or [DEFAULT_CONFIG_DIR], made_dir=made_dir or made_configs_dir())
+        return cls(
+            settings.config_dirs or [DEFAULT_CONFIG_DIR],
+            made_dir=made_dir or made_configs_dir(),
+            remote_code_variants=settings.remote_code_variants,
+        )
 
     # -- reading folders -----------------------------------------------------------------------
     def _read_dir(self, directory: Path) -> list[str]:
@@ -97,11 +109,20 @@ class Catalogue:
         self._typed_paths[config.id] = Path(path)
         return config
 
-    def check_files(self, variant_id: str) -> None:
-        """Before a load: a variant added from a typed path is checked again, so a link put in
-        its folder since then cannot reach outside the allowed roots."""
+    def check_before_load(self, variant_id: str) -> ModelConfig:
+        """What must hold before any process loads a variant; its config. A variant that asks to
+        run code from its folder needs the admin's leave (settings: remote_code_variants), and
+        one added from a typed path is checked again, so a link put in its folder since then
+        cannot reach outside the allowed roots."""
+        config = self.get(variant_id)
+        if config.trust_remote_code and config.id not in self.remote_code_variants:
+            raise LoadError(
+                f"{config.display_name} runs code from its model folder (trust_remote_code); "
+                "the admin has not allowed it: add its id to PLAYGROUND_REMOTE_CODE_VARIANTS"
+            )
         if variant_id in self._typed_paths:
             allowed_tree(self._typed_paths[variant_id], "model path")
+        return config
 
     def get(self, variant_id: str) -> ModelConfig:
         if variant_id not in self.configs:

@@ -85,8 +85,7 @@ class Engine:
     # -- loading -------------------------------------------------------------------------
     def start_load(self, variant_id: str, *, check_memory: bool = True) -> Worker:
         """Start a variant's worker and return at once; `Worker.wait_ready` waits for it."""
-        config = self.catalogue.get(variant_id)
-        self.catalogue.check_files(variant_id)
+        config = self.catalogue.check_before_load(variant_id)
         with self._lock:
             current = self.workers.get(variant_id)
             if current is not None and current.state in ("loading", "ready"):

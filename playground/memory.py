@@ -19,7 +19,14 @@ import psutil
 
 from playground.capabilities import capabilities
 from playground.config import ModelConfig
-from playground.sources import Weights, check_gguf_header, check_hf_folder, locate, safetensors_header
+from playground.sources import (
+    Weights,
+    check_hf_folder,
+    gguf_architecture,
+    locate,
+    read_gguf_header,
+    safetensors_header,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -68,16 +75,13 @@ class MemoryEstimate:
 # -- shapes read from files ------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _gguf_metadata(path: str, _mtime: float) -> dict[str, int]:
-    from gguf import GGUFReader
-
-    check_gguf_header(Path(path))  # a cut-short or corrupt file: its problem, not the reader's error
-    reader = GGUFReader(path)
+    reader = read_gguf_header(Path(path))  # a cut-short or corrupt file: its problem, not the reader's error
+    arch = gguf_architecture(reader, Path(path))
 
     def field(name: str) -> object:
         found = reader.fields.get(name)
         return found.contents() if found is not None else None
 
-    arch = field("general.architecture") or "llama"
     heads = int(field(f"{arch}.attention.head_count") or 1)
     width = int(field(f"{arch}.embedding_length") or 0)
     return {

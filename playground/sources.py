@@ -103,10 +103,10 @@ def fetch(config: ModelConfig) -> Weights:
     return Weights(weights.kind, path, True)
 
 
-def check_gguf_header(path: Path) -> str:
-    """Read a GGUF file's header and tensor table as llama.cpp will, without loading weights:
-    refuse a file that is not GGUF, is cut short, or holds an architecture llama.cpp does not
-    know, naming the problem. Returns the architecture."""
+def read_gguf_header(path: Path) -> Any:
+    """A GGUF file's header and tensor table read as llama.cpp will, without loading weights (a
+    `gguf.GGUFReader`): a file that is not GGUF, is cut short or is corrupt is refused, naming
+    the problem. The reader maps the file, so a tensor that reaches past its end fails here."""
     try:
         with path.open("rb") as f:
             magic = f.read(4)
@@ -114,25 +114,34 @@ def check_gguf_header(path: Path) -> str:
         raise LoadError(f"{path}: cannot be read ({err.strerror})") from None
     if magic != GGUF_MAGIC:
         raise LoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
-    from gguf import MODEL_ARCH_NAMES, GGUFReader
+    from gguf import GGUFReader
 
-    size = path.stat().st_size
     try:
-        reader = GGUFReader(path)
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-        arch_field = reader.fields.get("general.architecture")
-        arch = str(arch_field.contents()) if arch_field is not None else None
+        return GGUFReader(path)
     except Exception as err:  # the reader's own errors: struct, numpy and value errors of a bad file
         raise LoadError(
-            f"{path}: not a readable GGUF file, {size} bytes; it may be cut short or corrupt ({err.__class__.__name__})"
+            f"{path}: not a readable GGUF file, {path.stat().st_size} bytes; it may be cut short or corrupt "
+            f"({err.__class__.__name__})"
         ) from None
-    if end > size:
-        raise LoadError(f"{path}: cut short: its tensors need {end} bytes, the file has {size}")
-    if arch is None:
+
+
+def gguf_architecture(reader: Any, path: Path) -> str:
+    """The architecture a read GGUF header names, refused when llama.cpp does not know it."""
+    from gguf import MODEL_ARCH_NAMES
+
+    field = reader.fields.get("general.architecture")
+    if field is None:
         raise LoadError(f"{path}: the GGUF header names no architecture (general.architecture)")
+    arch = str(field.contents())
     if arch not in MODEL_ARCH_NAMES.values():
         raise LoadError(f"{path}: architecture {arch!r} is not one llama.cpp supports")
     return arch
+
+
+def check_gguf_header(path: Path) -> str:
+    """Refuse a GGUF file llama.cpp could not load (see `read_gguf_header`, `gguf_architecture`);
+    its architecture."""
+    return gguf_architecture(read_gguf_header(path), path)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

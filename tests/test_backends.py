@@ -54,7 +54,9 @@ def test_remote_code_refused_unless_allowed(engine, remote_code_folder, monkeypa
     )
     with pytest.raises(LoadError, match="admin has not allowed it"):
         engine.load(asking.id)
-    monkeypatch.setenv("PLAYGROUND_REMOTE_CODE_VARIANTS", '["remote-on"]')
+    assert "remote-asks" not in engine.workers  # refused before a worker started
+    # The admin's allow list (PLAYGROUND_REMOTE_CODE_VARIANTS, read when the catalogue is built).
+    monkeypatch.setattr(engine.catalogue, "remote_code_variants", frozenset({"remote-on"}))
     allowed = variant(
         id="remote-on",
         backend="transformers",

@@ -18,6 +18,7 @@ from conftest import run_job
 from playground.config import load_config_dir
 from playground.engine import Engine
 from playground.errors import ConfigError
+from playground.jobs.manager import JobManager
 from playground.settings import PathNotAllowed, allowed_path, get_settings
 
 
@@ -248,3 +249,23 @@ def test_links_inside_an_allowed_folder_cannot_reach_outside(env, tmp_path, jobs
     with pytest.raises(PathNotAllowed, match="links to"):
         engine.start_load(added.id, check_memory=False)
     assert added.id not in engine.workers
+
+
+def test_remote_code_needs_the_admins_leave_in_jobs_too(env, jobs, tmp_path, remote_code_folder):
+    """The allow list is the catalogue's, so a fine-tune job (which loads in its own process,
+    without a worker) is held to it as a load from the Compare tab is."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "remote-asks.yaml").write_text(
+        f"id: remote-asks\ndisplay_name: remote asks\nbackend: transformers\nsource: {{path: {remote_code_folder}}}\n"
+        "dtype: fp32\ntrust_remote_code: true\n"
+    )
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"instruction": "Name a colour.", "response": "Blue."}) + "\n")
+    env(config_dirs=[str(configs)])
+    jobs = JobManager(jobs.store, jobs.logs_dir)  # built as the CLI builds it, after its settings
+    options = {"model": "remote-asks", "data": str(data), "device": "cpu"}
+    refused = jobs.wait(jobs.submit("lora-sft", options).id, timeout_s=240)
+    assert refused.state == "failed" and "the admin has not allowed it" in refused.error
+    env(remote_code_variants=["remote-asks"])
+    assert run_job(jobs, "lora-sft", options | {"name": "remote-allowed"}).result["steps"] >= 1

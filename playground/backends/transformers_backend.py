@@ -334,16 +334,10 @@ class TransformersBackend(Backend):
         return weights.location, kwargs
 
     def _refuse_unapproved_remote_code(self, weights: Weights) -> None:
-        """Code from a model folder runs only when the variant's config asks for it and the
-        admin allowed that variant (settings: remote_code_variants)."""
+        """A folder that ships its own model code loads only for a variant whose config asks for
+        it; whether the admin allows that variant is the catalogue's check, before this process
+        started."""
         if self.config.trust_remote_code:
-            from playground.settings import get_settings
-
-            if self.config.id not in get_settings().remote_code_variants:
-                raise LoadError(
-                    f"{self.config.display_name} runs code from its model folder (trust_remote_code); "
-                    "the admin has not allowed it: add its id to PLAYGROUND_REMOTE_CODE_VARIANTS"
-                )
             return
         if weights.kind != "hf_folder":
             return

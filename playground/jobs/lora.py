@@ -199,7 +199,7 @@ def run_lora(options: LoraOptions, ctx: JobContext) -> dict[str, Any]:
     else:
         spec, rows = base.router, read_sft_rows(Path(options.data))
     torch.manual_seed(options.seed)
-    backend = load_for_training(base, options.device, options.quantize)
+    backend = load_for_training(ctx.catalogue, base.id, options.device, options.quantize)
     examples, cut = _tokenize(backend, rows, options.max_length)
     model = backend.model
     if options.quantize == "nf4":

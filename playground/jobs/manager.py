@@ -108,11 +108,12 @@ class JobManager:
             finally:
                 os.close(handle)  # closing releases the lock
 
-    def _look_at_running_jobs(self, interrupted: bool = False) -> list[Job]:
-        """The jobs that really run now. One marked running whose process is gone is ended:
-        `interrupted` when a manager starts (nobody watched it), failed otherwise."""
+    def _look_at_running_jobs(self, jobs: list[Job] | None = None, interrupted: bool = False) -> list[Job]:
+        """The jobs (of `jobs`, default all) that really run now. One marked running whose
+        process is gone is ended: `interrupted` when a manager starts (nobody watched it), failed
+        otherwise."""
         running = []
-        for job in self.store.list():
+        for job in self.store.list() if jobs is None else jobs:
             if job.state != "running":
                 continue
             own = self._processes.get(job.id)
@@ -146,16 +147,17 @@ class JobManager:
             self.schedule()
         return self.store.get(job.id)
 
-    def schedule(self) -> None:
-        """Start queued jobs, oldest first, while there is room for each."""
+    def schedule(self) -> bool:
+        """Start queued jobs, oldest first, while there is room for each; whether any job is
+        still queued or running (the store is read once per pass)."""
         with self._passing():
-            running = self._look_at_running_jobs()
+            jobs = self.store.list()
+            running = self._look_at_running_jobs(jobs)
             cpu_running = sum(job.device == "cpu" for job in running)
             gpu_promised = sum(job.gpu_bytes for job in running if job.device == "cuda")
+            queued = sorted((job for job in jobs if job.state == "queued"), key=lambda j: j.created)
             free = None
-            for job in sorted(self.store.list(), key=lambda j: j.created):
-                if job.state != "queued":
-                    continue
+            for job in queued:
                 if job.device == "cuda":
                     if free is None:
                         free = self.gpu_free()
@@ -177,6 +179,7 @@ class JobManager:
                 else:
                     cpu_running += 1
                 self._start(job)
+            return bool(running or queued)
 
     def has_work(self) -> bool:
         """Whether any job is queued or running (the scheduler process stays while there is)."""

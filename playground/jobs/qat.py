@@ -73,7 +73,7 @@ def run_qat(options: QatOptions, ctx: JobContext) -> dict[str, Any]:
             f"QAT needs a variant of the {', '.join(with_capability('exports_gguf'))} backend; {base.id} is {base.backend}"
         )
     torch.manual_seed(options.seed)
-    backend = load_for_training(base, options.device)
+    backend = load_for_training(ctx.catalogue, base.id, options.device)
     model = backend.model
     if getattr(model.config, "model_type", "") not in ("llama", "mistral", "qwen2"):
         raise PlaygroundError(f"QAT and the GGUF export handle Llama-family models, not {model.config.model_type}")

@@ -52,8 +52,7 @@ def main(store_path: str) -> int:
         return 0  # another scheduler or the app got there first
     idle = 0
     while True:
-        manager.schedule()
-        idle = 0 if manager.has_work() else idle + 1
+        idle = 0 if manager.schedule() else idle + 1
         if idle >= IDLE_PASSES_BEFORE_LEAVING:
             # Let go first, then look once more: a job recorded in between found the lock held
             # and started no scheduler, so this one must stay for it.

@@ -17,6 +17,7 @@ from typing import Any
 
 from playground.backends import backend_class
 from playground.capabilities import capabilities, with_capability
+from playground.catalogue import Catalogue
 from playground.config import ModelConfig
 from playground.errors import PlaygroundError
 from playground.jobs.kinds import Emit
@@ -35,11 +36,13 @@ def check_trainable(base: ModelConfig, what: str) -> None:
         raise PlaygroundError(f"{base.id} is itself base + adapter; fine-tune its merged form instead")
 
 
-def load_for_training(base: ModelConfig, device: str = "auto", quantize: str = "none") -> Any:
+def load_for_training(catalogue: Catalogue, base_id: str, device: str = "auto", quantize: str = "none") -> Any:
     """The base's backend, loaded in this process where training will run: NF4 on a GPU for
-    QLoRA, bf16 on a GPU, fp32 on the CPU (bf16 training ran ~30x slower there)."""
+    QLoRA, bf16 on a GPU, fp32 on the CPU (bf16 training ran ~30x slower there). The
+    catalogue's checks apply as to any load."""
     import torch
 
+    base = catalogue.check_before_load(base_id)
     if quantize == "nf4":
         if device == "cpu" or not torch.cuda.is_available():
             raise PlaygroundError("QLoRA (an NF4 base) needs bitsandbytes on a GPU; this machine has none")
