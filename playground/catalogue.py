@@ -110,7 +110,8 @@ class Catalogue:
         return config
 
     def check_before_load(self, variant_id: str) -> ModelConfig:
-        """What must hold before any process loads a variant; its config. A variant that asks to
+        """What must hold before any process loads a variant; its config. Weights that are not
+        here and cannot be downloaded are refused. A variant that asks to
         run code from its folder needs the admin's leave (settings: remote_code_variants), and
         one added from a typed path is checked again, so a link put in its folder since then
         cannot reach outside the allowed roots."""
@@ -122,6 +123,9 @@ class Catalogue:
             )
         if variant_id in self._typed_paths:
             allowed_tree(self._typed_paths[variant_id], "model path")
+        from playground.sources import check_obtainable
+
+        check_obtainable(config)  # offline with the weights absent: said now, not by a worker later
         return config
 
     def get(self, variant_id: str) -> ModelConfig:

@@ -247,6 +247,18 @@ def describe_errors(err: ValidationError, unknown: str = "unknown field") -> str
     return "; ".join(parts)
 
 
+def setting_error(name: str, value: Any) -> str | None:
+    """Why one generation setting is refused (its bounds, whole numbers where needed); None when
+    it is fine. Empty means 'the variant's default' and is fine."""
+    if value is None:
+        return None
+    try:
+        GenerationParams.model_validate({name: value})
+    except ValidationError as err:
+        return err.errors(include_input=False)[0]["msg"]
+    return None
+
+
 def validate_params(values: dict[str, Any]) -> GenerationParams:
     try:
         return GenerationParams.model_validate(values)

@@ -8,6 +8,7 @@ no module-global state.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ class VariantStatus:
     info: LoadInfo | None
     rss_bytes: int | None
     pid: int | None
+    loading_s: float | None = None  # while loading: seconds since the worker started
+    expected_load_s: float | None = None  # how long this variant's last load in this app took
 
 
 class Engine:
@@ -52,6 +55,9 @@ class Engine:
         self.silent_after_s = silent_after_s  # a worker that answers no heartbeat this long is hung
         self.workers: dict[str, Worker] = {}
         self._lock = threading.Lock()
+        # Each variant's last load time here: what a load in progress is measured against.
+        self._load_seconds: dict[str, float] = {}
+        self._failures: dict[str, str] = {}  # the last failed load's message, per variant
 
     def status(self, variant_id: str) -> VariantStatus:
         config = self.catalogue.get(variant_id)
@@ -61,30 +67,44 @@ class Engine:
         except PlaygroundError as err:
             present, location = False, str(err)
         worker = self.workers.get(variant_id)
+        if worker is not None and worker.info is not None:
+            self._load_seconds[variant_id] = worker.info.load_s
+        loading = worker is not None and worker.state == "loading"
+        failure = self._failures.get(variant_id)
         return VariantStatus(
             config=config,
             weights_present=present,
             weights_location=location,
-            state=worker.state if worker else "not loaded",
-            error=worker.error if worker else None,
+            state=worker.state if worker else ("failed" if failure else "not loaded"),
+            error=worker.error if worker else failure,
             info=worker.info if worker else None,
             rss_bytes=worker.rss_bytes() if worker else None,
             pid=worker.pid if worker else None,
+            loading_s=time.monotonic() - worker.started_at if loading and worker else None,
+            expected_load_s=self._load_seconds.get(variant_id),
         )
 
     def statuses(self) -> list[VariantStatus]:
         return [self.status(v) for v in self.catalogue]
 
     def loaded_statuses(self) -> list[VariantStatus]:
-        """The statuses of the variants that have a worker (loading, ready, hung, dead...)."""
-        return [self.status(v) for v in list(self.workers)]
+        """The statuses of the variants that have a worker (loading, ready, hung, dead...) and
+        of those whose last load failed (until they are loaded again or unloaded)."""
+        return [self.status(v) for v in dict.fromkeys([*self.workers, *self._failures]) if v in self.catalogue]
 
     def estimate(self, variant_id: str) -> MemoryEstimate:
         return estimate(self.catalogue.get(variant_id), self.memory_budget_bytes)
 
     # -- loading -------------------------------------------------------------------------
     def start_load(self, variant_id: str, *, check_memory: bool = True) -> Worker:
-        """Start a variant's worker and return at once; `Worker.wait_ready` waits for it."""
+        """Start a variant's worker and return at once; `finish_load` waits for it."""
+        try:
+            return self._start_load(variant_id, check_memory)
+        except PlaygroundError as err:
+            self._failures[variant_id] = str(err)
+            raise
+
+    def _start_load(self, variant_id: str, check_memory: bool) -> Worker:
         config = self.catalogue.check_before_load(variant_id)
         with self._lock:
             current = self.workers.get(variant_id)
@@ -98,14 +118,20 @@ class Engine:
                 current.unload()
             worker = Worker(config, stall_timeout_s=self.stall_timeout_s, silent_after_s=self.silent_after_s)
             self.workers[variant_id] = worker
+            self._failures.pop(variant_id, None)
             return worker
 
     def load(self, variant_id: str, *, check_memory: bool = True, timeout_s: float | None = 900) -> LoadInfo:
-        worker = self.start_load(variant_id, check_memory=check_memory)
+        return self.finish_load(variant_id, self.start_load(variant_id, check_memory=check_memory), timeout_s)
+
+    def finish_load(self, variant_id: str, worker: Worker, timeout_s: float | None = 900) -> LoadInfo:
+        """Wait for a worker `start_load` gave; one that failed is ended and its error kept for
+        the variant's status."""
         try:
             return worker.wait_ready(timeout_s)
-        except LoadError:
+        except LoadError as err:
             if worker.state in ("failed", "dead"):
+                self._failures[variant_id] = str(err)
                 self._forget(variant_id, worker)
             raise
 
@@ -118,6 +144,7 @@ class Engine:
     def unload(self, variant_id: str) -> None:
         with self._lock:
             worker = self.workers.pop(variant_id, None)
+            self._failures.pop(variant_id, None)
         if worker is not None:
             worker.unload()
 

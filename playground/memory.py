@@ -257,3 +257,27 @@ def _available(device: str, budget_bytes: int | None) -> int | None:
     if budget_bytes is not None:
         free = budget_bytes if free is None else min(free, budget_bytes)
     return free
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def weights_size(config: ModelConfig) -> int | None:
+    """Bytes of the variant's weight files: measured on disk when they are here, else what a
+    download would bring, from the config's shape hint (its `weights_bytes`, or 2 bytes per
+    parameter, as checkpoints are mostly saved in bf16). None when unknown (remote servers,
+    whole hub repos already cached)."""
+    weights = locate(config)
+    if weights.kind == "remote":
+        return None
+    if weights.present:
+        path = Path(weights.location)
+        if path.is_file():
+            return path.stat().st_size
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+        return None
+    hint = config.shape
+    if hint is None:
+        return None
+    return hint.weights_bytes or int(hint.n_params * 2)

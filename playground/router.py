@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -262,13 +263,14 @@ def evaluate_router_file(
     threshold: float = 0.5,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> RouterEval:
     """The router eval of the CLI, the Router tab and the eval-router job: `data` read as
     `router_rows` says (a bad file is refused before the router loads), then every row routed.
     `variant` is an id or a path."""
     config = engine.catalogue.resolve(variant)
     rows = router_rows(data, router_spec(config).routes, limit)
-    return evaluate_router(engine, config.id, rows, threshold, progress)
+    return evaluate_router(engine, config.id, rows, threshold, progress, cancel)
 
 
 def evaluate_router(
@@ -277,14 +279,17 @@ def evaluate_router(
     data: list[dict[str, str]],
     threshold: float = 0.5,
     progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> RouterEval:
     """Run the router on every row. `progress(done, total)` is called before the first row and
-    after each."""
+    after each; setting `cancel` ends the eval between rows with `EvalCancelled`."""
     router = Router(engine, variant_id)
     if progress is not None:
         progress(0, len(data))
     rows = []
     for i, item in enumerate(data):
+        if cancel is not None and cancel.is_set():
+            raise EvalCancelled(f"the router eval was cancelled after {i} of {len(data)} rows")
         d = router.decide(item["prompt"], threshold)
         others = {r: p for r, p in d.route_probs.items() if r != router.spec.escalate_route}
         rows.append(
@@ -302,6 +307,10 @@ def evaluate_router(
         if progress is not None:
             progress(i + 1, len(data))
     return summarize(rows, router.spec.routes, router.spec.escalate_route, threshold)
+
+
+class EvalCancelled(PlaygroundError):
+    """A router eval stopped by its caller."""
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "router"

@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import json
 import re
+import socket
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -82,15 +84,77 @@ def locate(config: ModelConfig) -> Weights:
     return Weights("hub_repo", repo, cached is not None)
 
 
-def fetch(config: ModelConfig) -> Weights:
-    """Like `locate`, but downloads a single hub file when it is not cached (online users)."""
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the model hub cannot be reached from here (offline mode, no name lookup, no
+    connection within `timeout_s`); None when it answers. Asked before a download so an offline
+    machine is told in seconds, not after the hub client's retries."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread: the name lookup itself has no timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except socket.gaierror:
+            outcome.append(f"{host} cannot be reached (its name does not resolve)")
+        except TimeoutError:
+            outcome.append(f"{host} did not answer within {timeout_s:.0f} s")
+        except OSError as err:
+            outcome.append(f"{host} cannot be reached ({err.strerror or err.__class__.__name__})")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return outcome[0] if outcome else f"{host} did not answer within {timeout_s:.0f} s"
+
+
+def _absent_weights(config: ModelConfig, weights: Weights, why: str) -> LoadError:
+    from huggingface_hub import constants
+
+    source = config.source
+    repo = source.repo if source and source.repo else weights.location
+    what = f"{source.file} of {repo}" if source and source.file else repo
+    get = f"hf download {repo}" + (f" {source.file}" if source and source.file else "")
+    return LoadError(
+        f"the weights of {config.display_name} are not on this machine ({what} is not in the Hugging Face "
+        f"cache {constants.HF_HUB_CACHE}) and {why}: run `{get}` on a machine that is online and copy "
+        "that cache here, or point the variant's source.path at a local copy"
+    )
+
+
+def check_obtainable(config: ModelConfig) -> None:
+    """Before a worker starts: weights that are neither here nor downloadable (the hub cannot be
+    reached) are refused at once, with how to get them."""
     weights = locate(config)
-    # Whole hub repos are downloaded by transformers' from_pretrained itself.
-    if weights.present or weights.kind in ("hub_repo", "remote"):
+    if weights.present or weights.kind == "remote" or config.source is None or not config.source.repo:
+        return
+    why = hub_unreachable()
+    if why is not None:
+        raise _absent_weights(config, weights, why)
+
+
+def fetch(config: ModelConfig) -> Weights:
+    """Like `locate`, but downloads a single hub file when it is not cached (online users).
+    Offline, absent weights are refused at once with how to get them."""
+    weights = locate(config)
+    if weights.present or weights.kind == "remote":
         return weights
     source = config.source
     if source is None or not source.repo:
         raise LoadError(f"{weights.location} does not exist")
+    why = hub_unreachable()
+    if why is not None:
+        raise _absent_weights(config, weights, why)
+    # Whole hub repos are downloaded by transformers' from_pretrained itself.
+    if weights.kind == "hub_repo":
+        return weights
     from huggingface_hub import hf_hub_download
 
     try:

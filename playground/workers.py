@@ -14,6 +14,7 @@ worker's death (EOF on the pipe) and tells every waiting request why.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import queue
 import signal
@@ -452,6 +453,7 @@ class Worker:
     def _generate(self, request: Request, cancel: threading.Event | None) -> Iterator[Event]:
         rid, inbox = self._new_request()
         finished = False
+        text, n_tokens = "", 0
         try:
             self._send(Generate(rid, request))
             cancel_sent = False
@@ -462,27 +464,41 @@ class Worker:
                 try:
                     event = inbox.get(timeout=0.1)
                 except queue.Empty:
+                    if self._unloading:  # the stream ends as "unloaded", with what it had
+                        finished = True
+                        yield Finished(text, self._cut_by_unload(n_tokens))
+                        return
                     self._raise_if_unwell()
                     continue
                 if isinstance(event, RequestStarted):
                     yield Started(event.prompt_tokens)
                 elif isinstance(event, Delta):
+                    text, n_tokens = text + event.text, n_tokens + event.n_tokens
                     yield TextDelta(event.text, event.n_tokens)
                 elif isinstance(event, Done):
                     finished = True
-                    yield Finished(event.text, event.metrics)
+                    metrics = event.metrics
+                    if self._unloading and metrics.finish_reason == "cancelled":
+                        metrics = dataclasses.replace(metrics, finish_reason="unloaded")
+                    yield Finished(event.text, metrics)
                     return
                 elif isinstance(event, Failed):
                     finished = True
                     raise GenerationError(event.message)
                 elif isinstance(event, Died):
                     finished = True
+                    if self._unloading:
+                        yield Finished(text, self._cut_by_unload(n_tokens))
+                        return
                     raise WorkerDied(event.message)
         finally:
             if not finished:
                 self.stop(rid)
             with self._lock:
                 self._queues.pop(rid, None)
+
+    def _cut_by_unload(self, n_tokens: int) -> GenerationMetrics:
+        return dataclasses.replace(self._nothing_generated("unloaded"), completion_tokens=n_tokens)
 
     def ask(self, call: Callable[[str], Call], timeout_s: float | None = None) -> tuple[Any, float]:
         """Run one typed call (protocol.Call, built from the request id it is given) in the

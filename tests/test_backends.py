@@ -67,8 +67,11 @@ def test_remote_code_refused_unless_allowed(engine, remote_code_folder, monkeypa
     info, _ = run(engine, allowed, messages=CHAT, mode="chat")
     assert info.backend == "transformers"
     # What the app's loaded list says of it, and of it alone.
-    shown = [line for line in loaded_markdown(engine).splitlines() if "runs code from its model folder" in line]
+    listed = loaded_markdown(engine).splitlines()
+    shown = [line for line in listed if "⚠ runs code from its model folder" in line]
     assert len(shown) == 1 and "`remote-on`" in shown[0]
+    # The refused one stays listed as failed, with the admin's rule as its reason.
+    assert any("`remote-asks`" in line and "failed" in line and "admin has not allowed it" in line for line in listed)
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])

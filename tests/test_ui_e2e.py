@@ -69,10 +69,61 @@ def wait_text(locator, pattern: str, timeout_s: float = 90) -> str:
     raise AssertionError(f"{pattern!r} did not appear; last text: {text!r}")
 
 
+def ask_one_panel(page, prompt: str, max_new_tokens: int) -> None:
+    """One panel, a token limit, one prompt sent and answered to its end."""
+    set_number(page, "n-panels", 1)
+    open_shared_settings(page)
+    set_number(page, "shared-max_new_tokens", max_new_tokens)
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#send").click()
+    wait_text(page.locator("#panel-0-metrics"), "finish: (length|stop)", 120)
+
+
+def upload(page, elem_id: str, path: Path) -> None:
+    """Choose a file through an upload button, as a person does."""
+    with page.expect_file_chooser() as chooser:
+        page.locator(f"#{elem_id}").click()
+    chooser.value.set_files(str(path))
+
+
+def open_shared_settings(page) -> None:
+    """Open the shared settings (a click on a shown accordion would close it)."""
+    if not page.locator("#shared-max_new_tokens").is_visible():
+        page.get_by_text("Generation settings (all panels)").click()
+    page.locator("#shared-max_new_tokens").wait_for(timeout=10_000)
+
+
 def set_number(page, elem_id: str, value: int) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+
+
+def test_the_startup_load_shows_live_and_every_picker_marks_state_and_disk(page):
+    """No reload anywhere: the page follows the engine (ui.live)."""
+    loaded = page.locator("#loaded")
+    wait_text(loaded, r"smollm2-135m-gguf\)`?: loading\s+\d+ s", 30)
+    assert loaded.locator("progress.load-progress").count() == 1  # a bar, with no guessed percentage
+    wait_text(loaded, r"smollm2-135m-gguf\)`?: ready", 120)
+    assert "ready" in page.locator("#panel-0-variant input").input_value()
+    # The pickers say what is on disk and what would need a download, with its size.
+    page.locator("#model input").click()
+    options = [o.inner_text() for o in page.get_by_role("option").all()]
+    page.get_by_text("Small language models side by side").click()  # closes the list
+    assert "NPC Fast 1.7B (bf16) · needs a download (~3.4 GB)" in options
+    assert "SmolLM2-135M-Instruct Q4_1 dequantized (transformers) · on disk" in options
+    # Offline, a variant whose weights are absent is refused in seconds, saying how to get them.
+    choose(page, "model", "NPC Nano 0.5B v2-math (base)")
+    page.locator("#load").click()
+    wait_text(page.locator("#load-status"), r"are not on this machine.*hf download ramankrishna10/npc-nano", 20)
+    wait_text(loaded, r"npc-nano-0\.5b-v2-math\)`?: ⚠ failed", 5)
+    choose(page, "model", "SmolLM2-135M-Instruct Q4_1 (llama.cpp)")
+    wait_text(page.locator("#load-status"), r"^\s*$", 5)  # a new choice clears the old message
+    # Panels 3 and 4 start on a loaded variant.
+    set_number(page, "n-panels", 4)
+    page.locator("#panel-3-variant input").wait_for(timeout=10_000)
+    assert page.locator("#panel-3-variant input").input_value().startswith("SmolLM2-135M-Instruct Q4_1")
+    set_number(page, "n-panels", 2)
 
 
 def test_both_backends_stream_side_by_side_with_metrics_and_export(page):
@@ -99,7 +150,7 @@ def test_both_backends_stream_side_by_side_with_metrics_and_export(page):
 
 
 def test_stop_frees_one_panel_while_the_other_streams_on(page):
-    page.get_by_text("Generation settings (all panels)").click()
+    open_shared_settings(page)
     set_number(page, "shared-max_new_tokens", 600)
     # Panel 2 (transformers, the slower one on a 2-core CPU) ends on its own sooner.
     page.locator("#panel-1").get_by_text("Settings for this panel").click()
@@ -122,6 +173,151 @@ def test_stop_frees_one_panel_while_the_other_streams_on(page):
     assert re.search(r"/ (\d+) out", other) and int(re.search(r"/ (\d+) out", other).group(1)) <= 96
 
 
+def test_impossible_settings_are_refused_at_their_field_and_an_empty_seed_is_random(page):
+    open_shared_settings(page)
+    set_number(page, "n-panels", 1)
+    page.locator("#prompt textarea").fill("Name a colour.")
+    for field, value, message in [
+        ("max_new_tokens", -5, "max new tokens must be greater than or equal to 1"),
+        ("temperature", -1, "temperature must be greater than or equal to 0"),
+        ("top_p", 7, "top-p must be less than or equal to 1"),
+    ]:
+        set_number(page, f"shared-{field}", value)
+        page.locator("#send").click()
+        page.locator(f"#shared-{field}").get_by_text(message).wait_for(timeout=10_000)
+        assert page.locator(f"#shared-{field} input").input_value() == str(value)  # never changed silently
+        set_number(page, f"shared-{field}", {"max_new_tokens": 8, "temperature": 1.2, "top_p": 1}[field])
+    time.sleep(1)
+    assert page.locator("#panel-0-chat").get_by_text("Name a colour.").count() == 0  # nothing was sent
+    # The seed field starts empty, and empty means random: the same prompt twice, two answers.
+    assert page.locator("#shared-seed textarea, #shared-seed input").first.input_value() == ""
+    answers = []
+    for _ in range(2):
+        page.locator("#clear").click()
+        page.locator("#send").click()
+        wait_text(page.locator("#panel-0-metrics"), "finish:", 120)
+        answers.append(page.locator("#panel-0-chat").inner_text())
+    assert answers[0] != answers[1]
+    set_number(page, "shared-max_new_tokens", 256)
+    set_number(page, "shared-temperature", 0.7)
+    set_number(page, "shared-top_p", 0.95)
+    set_number(page, "n-panels", 2)
+    page.locator("#clear").click()
+
+
+def test_completion_output_is_shown_as_written(page):
+    page.get_by_role("radio", name="completion").check()
+    ask_one_panel(page, "# fibonacci_30\ndef fib(n):\n    ", 48)
+    chat = page.locator("#panel-0-chat")
+    assert chat.locator("h1").count() == 0  # the comment is not a heading
+    assert "# fibonacci_30\ndef fib(n):" in chat.locator("pre").first.inner_text()
+    set_number(page, "shared-max_new_tokens", 256)
+    page.get_by_role("radio", name="chat").check()
+    set_number(page, "n-panels", 2)
+    page.locator("#clear").click()
+
+
+def test_unloading_a_variant_while_it_answers_says_so_in_its_panel(page):
+    set_number(page, "n-panels", 1)
+    open_shared_settings(page)
+    set_number(page, "shared-max_new_tokens", 600)
+    page.locator("#prompt textarea").fill("Write a long story about a lighthouse keeper.")
+    page.locator("#send").click()
+    wait_text(page.locator("#panel-0-chat"), r"lighthouse keeper\.[\s\S]+\w", 60)
+    choose(page, "model", "SmolLM2-135M-Instruct Q4_1 (llama.cpp)")
+    page.locator("#unload").click()
+    wait_text(page.locator("#panel-0-metrics"), "finish: unloaded while answering", 30)
+    page.locator("#load").click()
+    wait_text(page.locator("#load-status"), "loaded in", 120)
+    set_number(page, "shared-max_new_tokens", 256)
+    set_number(page, "n-panels", 2)
+    page.locator("#clear").click()
+
+
+def test_a_session_exports_every_turn_loads_back_and_a_link_preselects(page, tmp_path):
+    page.locator("#clear").click()  # a session of its own, from here
+    ask_one_panel(page, "Say hi.", 16)
+    set_number(page, "shared-max_new_tokens", 600)
+    page.locator("#prompt textarea").fill("Write a long story about a lighthouse keeper.")
+    page.locator("#send").click()
+    wait_text(page.locator("#panel-0-chat"), r"lighthouse keeper\.[\s\S]+\w", 60)
+    page.locator("#panel-0-stop").click()
+    wait_text(page.locator("#panel-0-metrics"), "finish: cancelled", 20)
+    page.locator("#export").click()
+    link = page.locator('#export-json a[download="comparison.json"]')
+    link.wait_for(timeout=20_000)
+    saved = httpx.get(link.get_attribute("href"), timeout=10).text
+    turns = json.loads(saved)["panels"][0]["turns"]
+    assert [t["prompt"] for t in turns] == ["Say hi.", "Write a long story about a lighthouse keeper."]
+    assert turns[0]["settings"]["max_new_tokens"] == 16 and turns[1]["settings"]["max_new_tokens"] == 600
+    assert turns[1]["metrics"]["finish_reason"] == "cancelled"
+    markdown = httpx.get(page.locator('#export-md a[download="comparison.md"]').get_attribute("href"), timeout=10).text
+    assert "cancelled by Stop (the answer is incomplete)" in markdown and "> Say hi." in markdown
+    # Cleared, then loaded back: the conversation and the settings return.
+    page.locator("#clear").click()
+    set_number(page, "shared-max_new_tokens", 256)
+    session_file = tmp_path / "session.json"
+    session_file.write_text(saved)
+    upload(page, "load-session", session_file)
+    wait_text(page.locator("#send-status"), r"Loaded the session of .*: 1 panel\(s\), 2 answer\(s\)", 20)
+    wait_text(page.locator("#panel-0-chat"), r"Say hi\.[\s\S]*lighthouse keeper", 10)
+    assert page.locator("#shared-max_new_tokens input").input_value() == "600"
+    # A file that is not a session is refused with the reason, and nothing changes.
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    upload(page, "load-session", tmp_path / "other.json")
+    wait_text(page.locator("#send-status"), r"not a saved session: no `?format`? field", 20)
+    set_number(page, "shared-max_new_tokens", 256)
+    page.locator("#clear").click()
+    set_number(page, "n-panels", 2)
+    # A link chooses the variants, the mode and the prompt.
+    context = page.context.browser.new_context(viewport={"width": 1400, "height": 1000})
+    shared = context.new_page()
+    try:
+        query = "variants=smollm2-135m-transformers,no-such-variant&mode=completion&prompt=Once%20upon%20a%20time"
+        shared.goto(page.url.split("?")[0] + "?" + query)
+        shared.locator("#prompt textarea").wait_for(timeout=30_000)
+        wait_text(shared.locator("#send-notice"), "does not have: no-such-variant", 20)
+        assert shared.locator("#panel-0-variant input").input_value().startswith("SmolLM2-135M-Instruct Q4_1 dequantized")
+        assert shared.locator("#prompt textarea").input_value() == "Once upon a time"
+        assert shared.get_by_role("radio", name="completion").is_checked()
+    finally:
+        context.close()
+
+
+def test_four_panels_keep_names_readable_and_show_the_newest_answer(page):
+    set_number(page, "n-panels", 4)
+    open_shared_settings(page)
+    set_number(page, "shared-max_new_tokens", 24)
+    for question in ("Name a colour.", "Name a tree."):
+        page.locator("#prompt textarea").fill(question)
+        page.locator("#send").click()
+        wait_text(page.locator("#send-status"), "⏳", 30)  # busy, then done: every panel answered
+        wait_text(page.locator("#send-status"), r"^(?!⏳)\d panel", 240)
+    for i in range(4):
+        picker = page.locator(f"#panel-{i}-variant input")
+        # The whole label (name and state) fits its box.
+        assert picker.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), picker.input_value()
+        chat = page.locator(f"#panel-{i}-chat")
+        assert chat.get_by_text("Name a tree.").is_visible()
+        # Scrolled to the newest answer: the scrolling box is at its bottom.
+        assert chat.evaluate(
+            """e => [...e.querySelectorAll('*')].filter(x => x.scrollHeight > x.clientHeight + 4
+                   && getComputedStyle(x).overflowY !== 'visible')
+                 .every(x => x.scrollHeight - x.scrollTop - x.clientHeight < 8)"""
+        )
+        # No toolbar sits over the messages: every button in the chat is clear of every message.
+        assert chat.evaluate(
+            """e => { const boxes = s => [...e.querySelectorAll(s)].map(x => x.getBoundingClientRect());
+                 const hit = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+                 const texts = boxes('.message-content, .prose');
+                 return boxes('button').every(b => texts.every(t => !hit(b, t))); }"""
+        )
+    page.screenshot(path=str(DOCS / "compare-4.png"), full_page=True)
+    set_number(page, "shared-max_new_tokens", 256)
+    set_number(page, "n-panels", 2)
+    page.locator("#clear").click()
+
+
 def test_a_bad_path_gets_a_clear_message(page, tmp_path):
     page.get_by_text("Add a variant from a local path").click()
     path_box = page.locator("#add-path textarea, #add-path input").first
@@ -136,6 +332,15 @@ def test_a_bad_path_gets_a_clear_message(page, tmp_path):
     path_box.fill(str(tmp_path) + "/.." * 12 + "/etc/passwd")
     page.locator("#add").click()
     wait_text(page.locator("#add-status"), "outside the folders this playground may read", 20)
+    # A folder whose config.json is not JSON: named at once, with the place, and not added.
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama",')
+    path_box.fill(str(broken))
+    wait_text(page.locator("#add-status"), r"^\s*$", 5)  # a new path clears the old message
+    page.locator("#add").click()
+    status = wait_text(page.locator("#add-status"), r"config\.json: not valid JSON \(line 1, column \d+\)", 20)
+    assert status.count("⚠") == 1 and "Added" not in status
 
 
 def test_a_killed_worker_marks_its_panel_failed_and_offers_reload(page):
@@ -146,22 +351,10 @@ def test_a_killed_worker_marks_its_panel_failed_and_offers_reload(page):
     wait_text(page.locator("#panel-0-chat"), r"at length\.[\s\S]+\w", 60)
     os.kill(pid, signal.SIGKILL)
     wait_text(page.locator("#panel-0-metrics"), "killed by SIGKILL.*Reload", 20)
+    wait_text(page.locator("#loaded"), r"smollm2-135m-gguf\)`?: ⚠ dead", 5)
     wait_text(page.locator("#panel-1-metrics"), "finish: (length|stop)", 240)  # the other panel streamed on
     page.locator("#panel-0-reload").click()
     wait_text(page.locator("#panel-0-metrics"), r"Reloaded in", 60)
-
-
-def _shown_after_a_page_load(page, pattern: str, timeout_s: float) -> None:
-    # The loaded list is drawn at page load and after each action; following the engine live,
-    # without a reload, is issue 17's.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        page.reload()
-        page.get_by_role("tab", name="Compare").click()
-        if re.search(pattern, page.locator("#loaded").inner_text()) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    wait_text(page.locator("#loaded"), pattern, 5)
 
 
 def test_a_stopped_worker_shows_as_hung_and_ready_again_and_broken_configs_are_listed(page):
@@ -174,10 +367,11 @@ def test_a_stopped_worker_shows_as_hung_and_ready_again_and_broken_configs_are_l
     pid = int(re.search(r"smollm2-135m-gguf\).*?pid (\d+)", loaded.inner_text()).group(1))
     os.kill(pid, signal.SIGSTOP)
     try:
-        _shown_after_a_page_load(page, r"smollm2-135m-gguf\)`?: ⚠ hung.*stopped answering: no heartbeat", 30)
+        wait_text(loaded, r"smollm2-135m-gguf\)`?: ⚠ hung.*stopped answering: no heartbeat", 30)
+        assert page.locator("#panel-0-variant input").input_value().endswith("⚠ hung")
     finally:
         os.kill(pid, signal.SIGCONT)
-    _shown_after_a_page_load(page, r"smollm2-135m-gguf\)`?: ready", 30)
+    wait_text(loaded, r"smollm2-135m-gguf\)`?: ready", 30)
 
 
 def test_monitor_moves_every_second(page):
@@ -221,8 +415,11 @@ def test_blind_vote_updates_the_leaderboard(page):
 
 def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     page.get_by_role("tab", name="Router").click()
+    wait_text(page.locator("#router-state"), r"not loaded \(it loads when you send a request\)", 10)
     page.locator("#router-prompt textarea").fill("Build a DCF for TSLA with 3 scenarios.")
     page.locator("#router-go").click()
+    wait_text(page.locator("#router-decision"), r"Loading the router… \d+ s", 30)
+    wait_text(page.locator("#router-state"), r"loading the router…\s+\d+ s", 10)
     card = wait_text(page.locator("#router-decision"), r"Route: (self|npc_fin)", 90)
     assert re.search(r"P\(escalate\) 0\.\d{3}", card) and "Router latency" in card
     assert "Reason:" in card  # llama.cpp writes under a JSON grammar: a valid answer with a reason
@@ -230,7 +427,19 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     wait_text(page.locator("#router-metrics"), METRICS.pattern, 90)
     assert "answered by" in card
     wait_text(page.locator("#router-trail"), r"Build a DCF for TSLA", 10)
+    wait_text(page.locator("#router-state"), r": ready", 5)
+    # A long answer is stopped from its own button.
+    page.locator("#router-prompt textarea").fill("Write a long story about a lighthouse keeper, please.")
+    page.locator("#router-go").click()
+    wait_text(page.locator("#router-metrics"), "streaming…", 60)
+    page.locator("#router-stop").click()
+    wait_text(page.locator("#router-metrics"), "finish: cancelled", 20)
     page.get_by_text("Evaluate the router").click()
+    # The in-page eval can be cancelled.
+    page.locator("#eval-run").click()
+    wait_text(page.locator("#eval-status"), r"⏳ [1-9]\d*/\d+ rows", 60)
+    page.locator("#eval-cancel").click()
+    wait_text(page.locator("#eval-status"), r"cancelled after \d+ of \d+ rows", 60)
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
         '{"prompt": "Hello there", "route": "self"}\n{"prompt": "Value Apple with a DCF", "route": "npc_fin"}\n'
@@ -250,11 +459,12 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
 
 
 def choose(page, elem_id: str, value: str) -> None:
-    """Pick `value` in a Gradio dropdown as a person does: open it, type, click the option."""
+    """Pick `value` in a Gradio dropdown as a person does: open it, type, click the option. An
+    option whose label adds a state (`name · ready`) is picked by its name."""
     box = page.locator(f"#{elem_id} input")
     box.click()
     box.fill(value)
-    page.get_by_role("option", name=value, exact=True).first.click()
+    page.get_by_role("option", name=re.compile(rf"^{re.escape(value)}( · .*)?$")).first.click()
 
 
 def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(page, tmp_path):
@@ -263,7 +473,8 @@ def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(pag
     choose(page, "job-kind", "eval-perplexity")
     page.locator("#job-options textarea").fill('{"window": 256, "stride": 512}')
     page.locator("#job-submit").click()
-    wait_text(page.locator("#job-submit-status"), r"stride \(512\) must not exceed window \(256\)", 20)
+    refused = wait_text(page.locator("#job-submit-status"), r"stride \(512\) must not exceed window \(256\)", 20)
+    assert refused.count("⚠") == 1
     page.locator("#job-options textarea").fill("{not json")
     page.locator("#job-submit").click()
     wait_text(page.locator("#job-submit-status"), r"not valid JSON", 20)
@@ -272,7 +483,14 @@ def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(pag
     page.locator("#job-submit").click()
     wait_text(page.locator("#job-submit-status"), r"Started eval-perplexity on smollm2-135m-gguf", 20)
     wait_text(page.locator("#job-detail"), r"eval-perplexity.*succeeded", 180)
-    assert "perplexity" in page.locator("#job-detail").inner_text()
+    wait_text(
+        page.locator("#job-submit-status"), r"Started eval-perplexity on smollm2-135m-gguf: job \S+ \(succeeded\)", 5
+    )
+    detail = page.locator("#job-detail").inner_text()
+    assert re.search(r"perplexity\s+\d+(\.\d{1,3})?\s", detail)  # a table of figures, 4 significant digits
+    assert not re.search(r"\d\.\d{6,}", detail)
+    assert not page.locator("#job-loss").is_visible()  # an eval has no loss curve
+    assert not page.locator("#job-resume").is_visible()  # and cannot be resumed
     page.locator("#job-result-plot").get_by_text("Perplexity by document").wait_for(timeout=20_000)
     wait_text(page.locator("#job-results"), r"smollm2-135m-gguf\s+\d+\.\d+", 20)
     # A LoRA fine-tune of the embedded model's torch twin: its loss curve, then its variant in Compare.
@@ -367,11 +585,7 @@ def test_viewers_prompt_and_compare_while_only_admins_load_and_run_jobs(page, tm
         page.locator("#add").click()
         wait_text(page.locator("#add-status"), "Only an admin can add variants", 20)
         # A viewer prompts the variant the app loads at start (the list is drawn with the page).
-        deadline = time.monotonic() + 180
-        while "ready" not in page.locator("#loaded").inner_text() and time.monotonic() < deadline:
-            time.sleep(2)
-            page.goto(url)
-        wait_text(page.locator("#loaded"), r"smollm2-135m-gguf.*ready", 5)
+        wait_text(page.locator("#loaded"), r"smollm2-135m-gguf.*ready", 180)  # live, no reload
         set_number(page, "n-panels", 1)
         page.locator("#prompt textarea").fill("Say hello.")
         page.locator("#send").click()
@@ -399,7 +613,7 @@ def test_a_second_session_waits_its_turn_for_a_shared_variant_and_sees_its_place
     first = page
     first.reload()
     set_number(first, "n-panels", 1)
-    first.get_by_text("Generation settings (all panels)").click()
+    open_shared_settings(first)
     set_number(first, "shared-max_new_tokens", 600)
     context = first.context.browser.new_context(viewport={"width": 1400, "height": 1000})
     second = context.new_page()

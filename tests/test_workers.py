@@ -11,6 +11,7 @@ import psutil
 import pytest
 from conftest import EMBEDDED_GGUF, check_reply, collect, variant
 
+from playground.config import DEFAULT_CONFIG_DIR, load_config_file
 from playground.errors import InsufficientMemory, LoadError, WorkerDied
 from playground.workers import TextDelta
 
@@ -173,6 +174,44 @@ def test_corrupt_and_missing_files_fail_cleanly(engine, tmp_path):
     with pytest.raises(LoadError, match=r"config.json: not valid JSON \(line 1, column 2\)"):
         engine.load("bad-hf", check_memory=False)
     assert not engine.workers
+    # Each failure stays in the variant's status (what every page shows) until it is unloaded.
+    failed = {s.config.id: s for s in engine.loaded_statuses()}
+    assert failed["corrupt"].state == "failed" and "not a readable GGUF file" in failed["corrupt"].error
+    assert failed["bad-hf"].state == "failed" and "not valid JSON" in failed["bad-hf"].error
+    engine.unload("corrupt")
+    assert engine.status("corrupt").state == "not loaded"
+
+
+def test_absent_hub_weights_offline_are_refused_before_a_worker_starts(engine, monkeypatch):
+    """No hub here: a load says at once that the weights are absent and how to get them (the hub
+    client's own retries took 106 s)."""
+    for shipped in ("npc-nano-0.5b-v2-math", "smollm2-1.7b-qat-q4km"):
+        engine.catalogue.add(load_config_file(DEFAULT_CONFIG_DIR / f"{shipped}.yaml"))
+    started = time.perf_counter()
+    with pytest.raises(LoadError, match=r"not on this machine .*hf download ramankrishna10/npc-nano-0.5b-v2-math"):
+        engine.load("npc-nano-0.5b-v2-math")
+    assert time.perf_counter() - started < 10 and not engine.workers
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LoadError, match="HF_HUB_OFFLINE is set"):
+        engine.load("smollm2-1.7b-qat-q4km")
+
+
+def test_a_variant_unloaded_while_it_answers_ends_as_unloaded(engine):
+    config = engine.catalogue.add(embedded_gguf_variant())
+    engine.load(config.id)
+    request = engine.request(config.id, prompt="Write a long story about the sea.", max_new_tokens=900)
+    unloading = None
+    for event in engine.generate(config.id, request):
+        if isinstance(event, TextDelta) and unloading is None:
+            unloading = threading.Thread(target=engine.unload, args=(config.id,))
+            unloading.start()
+        finished = event
+    unloading.join()
+    assert finished.metrics.finish_reason == "unloaded"
+    assert 0 < finished.metrics.completion_tokens < 900 and finished.text
 
 
 def test_a_worker_killed_while_loading_is_reported(engine):

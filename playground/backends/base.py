@@ -54,7 +54,8 @@ class Chunk:
     n_tokens: int
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
+# "unloaded": the variant was unloaded while it answered (set by the parent, never by a backend).
+FinishReason = Literal["stop", "length", "cancelled", "unloaded"]
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,17 @@ from playground.ui.access import Access
 from playground.ui.arena_tab import ArenaTab
 from playground.ui.compare_tab import CompareTab
 from playground.ui.jobs_tab import JobsTab
+from playground.ui.live import LivePage, LiveState
 from playground.ui.monitor_tab import MonitorTab
 from playground.ui.router_tab import RouterTab
 from playground.ui.session import Sessions
 
 CSS = """
 #send-status, #load-status { min-height: 1.5em; }
+progress.load-progress { width: 8em; vertical-align: middle; }
+/* Panels are at least 520 px wide (four wrap into two rows), so a variant's name and state
+   stay readable in its picker. */
+[id^=panel-][id$=-variant] input { text-overflow: ellipsis; }
 """
 
 
@@ -27,25 +32,39 @@ def build_app(
 ) -> gr.Blocks:
     sessions = Sessions()
     access = access or Access(get_settings())
+    live = LivePage(LiveState(engine), sessions)
     with gr.Blocks(title="Variant Playground") as demo:
         gr.Markdown("# Variant Playground\nSmall language models side by side: one prompt, live speed and memory.")
         signed_in = gr.Markdown(elem_id="signed-in")
         with gr.Tabs():
-            with gr.Tab("Compare", id="compare"):
+            with gr.Tab("Compare", id="compare") as compare_tab:
                 compare = CompareTab(engine, sessions, access)
                 compare.build()
-            with gr.Tab("Monitor", id="monitor"):
-                MonitorTab(monitor).build()
-            with gr.Tab("Router", id="router"):
+            with gr.Tab("Monitor", id="monitor") as monitor_tab:
+                monitor_view = MonitorTab(monitor)
+                monitor_view.build()
+            with gr.Tab("Router", id="router") as router_tab:
                 router = RouterTab(engine, sessions, access, jobs)
                 router.build()
-            with gr.Tab("Blind", id="blind"):
-                ArenaTab(engine, sessions, votes).build()
-            with gr.Tab("Jobs", id="jobs"):
-                JobsTab(engine, jobs, access).build(
-                    [compare.model, *[p.variant for p in compare.panels]], router.router
-                )
+            with gr.Tab("Blind", id="blind") as blind_tab:
+                arena = ArenaTab(engine, sessions, votes)
+                arena.build()
+            with gr.Tab("Jobs", id="jobs") as jobs_tab:
+                jobs_view = JobsTab(engine, jobs, access, sessions)
+                jobs_view.build([compare.model, *[p.variant for p in compare.panels]], router.router)
+        for view in (compare, router, arena, jobs_view):
+            view.follow_live(live)
+        # The Monitor's charts are drawn only while its tab is shown.
+        monitor_tab.select(lambda: gr.Timer(active=True), None, monitor_view.timer)
+        for tab in (compare_tab, router_tab, blind_tab, jobs_tab):
+            tab.select(lambda: gr.Timer(active=False), None, monitor_view.timer)
         demo.load(compare.show_estimate, compare.model, compare.estimate)
         demo.load(access.banner, None, signed_in)
-        demo.load(compare.refresh_loaded, None, compare.loaded)  # the list as it is now, not at start-up
+        demo.load(
+            compare.opening,
+            None,
+            [compare.n_panels, compare.mode, compare.prompt, *[p.variant for p in compare.panels], compare.notice],
+        )
+        # One loop per page keeps every view of the engine's state current (ui.live).
+        live.attach(demo)
     return demo

@@ -16,7 +16,8 @@ import gradio as gr
 from playground.arena import VoteStore
 from playground.engine import Engine
 from playground.ui.formatting import error_text, leaderboard_markdown, ordinal
-from playground.ui.session import Sessions
+from playground.ui.live import LivePage, VariantView
+from playground.ui.session import Session, Sessions
 from playground.ui.streaming import PanelRun, stream_panels
 
 OUTCOME_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
@@ -31,14 +32,19 @@ class ArenaTab:
     def build(self) -> None:
         gr.Markdown("Two loaded variants answer the same prompt under hidden names. Vote, then the names show.")
         new_pair = gr.Button("New pair", elem_id="arena-new")
+        self.pool = gr.Markdown(elem_id="arena-pool")
         self.info = gr.Markdown(elem_id="arena-info")
         with gr.Row():
             with gr.Column():
                 gr.Markdown("### Model A")
-                chat_a = gr.Chatbot(height=280, show_label=False, elem_id="arena-a", feedback_options=None)
+                chat_a = gr.Chatbot(
+                    height=280, show_label=False, elem_id="arena-a", feedback_options=None, buttons=["copy"]
+                )
             with gr.Column():
                 gr.Markdown("### Model B")
-                chat_b = gr.Chatbot(height=280, show_label=False, elem_id="arena-b", feedback_options=None)
+                chat_b = gr.Chatbot(
+                    height=280, show_label=False, elem_id="arena-b", feedback_options=None, buttons=["copy"]
+                )
         prompt = gr.Textbox(label="Prompt", elem_id="arena-prompt")
         send = gr.Button("Send to both", variant="primary", elem_id="arena-send")
         with gr.Row():
@@ -54,6 +60,29 @@ class ArenaTab:
         for outcome, button in buttons.items():
             button.click(self._voter(outcome), None, [self.reveal, self.board, *vote_buttons])
 
+    def follow_live(self, live: LivePage) -> None:
+        """The pool of ready variants, and a pair drawn as soon as two are ready."""
+
+        def render(session: Session, views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
+            ready = [v for v, view in views.items() if view.state == "ready"]
+            if session.arena_pair is None and len(ready) >= 2:
+                self._draw(session, ready)
+            pair = session.arena_pair
+            if pair is None:
+                line = f"{len(ready)} variant(s) ready: load at least two (Compare tab) for a blind round."
+            elif any(views[v].state != "ready" for v in pair if v in views):
+                line = "⚠ One side of this pair is no longer ready: press New pair."
+            else:
+                line = f"A hidden pair of the {len(ready)} ready variants is waiting for your prompt."
+            return [(line, line)]
+
+        live.add([self.pool], render)
+
+    @staticmethod
+    def _draw(session: Session, ready: list[str]) -> None:
+        pair = random.sample(ready, 2)
+        session.arena_pair, session.arena_voted, session.arena_prompt = (pair[0], pair[1]), False, ""
+
     def new_pair(self, request: gr.Request) -> list[Any]:
         session = self.sessions.get(request)
         ready = [v for v, w in list(self.engine.workers.items()) if w.state == "ready"]
@@ -61,15 +90,14 @@ class ArenaTab:
         if len(ready) < 2:
             session.arena_pair = None
             return ["⚠ Load at least two variants (Compare tab) for a blind round.", [], [], "", *off]
-        pair = random.sample(ready, 2)
-        session.arena_pair, session.arena_voted, session.arena_prompt = (pair[0], pair[1]), False, ""
+        self._draw(session, ready)
         return ["A new pair is ready: send a prompt.", [], [], "", *off]
 
     def ask(self, prompt: str, request: gr.Request) -> Iterator[list[Any]]:
         session = self.sessions.get(request)
         off = [gr.update(interactive=False)] * len(OUTCOME_LABELS)
         if session.arena_pair is None:
-            yield ["⚠ Press New pair first.", gr.update(), gr.update(), *off]
+            yield ["⚠ Load at least two variants (Compare tab), then press New pair.", gr.update(), gr.update(), *off]
             return
         if not prompt or not prompt.strip():
             yield ["⚠ Type a prompt first.", gr.update(), gr.update(), *off]

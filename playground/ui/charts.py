@@ -92,7 +92,21 @@ def comparison_figure(points: Sequence[ReplyPoint]) -> go.Figure:
             row=2,
             col=3,
         )
-    fig.update_layout(height=560, margin={"l": 40, "r": 20, "t": 40, "b": 30}, legend={"orientation": "h", "y": -0.12})
+    units = ("s", "tok/s", "tok/s", "MiB")
+    for col, unit in enumerate(units, start=1):
+        fig.update_yaxes(title_text=unit, row=1, col=col)
+    fig.update_yaxes(title_text="tok/s", row=2, col=1)
+    fig.update_yaxes(title_text="s", row=2, col=3)
+    # Replies are counted: whole numbers on the axis, never 1.5.
+    fig.update_xaxes(title_text="reply", tickformat="d", dtick=1, row=2)
+    # Figures are never negative; a missing one (n/a) leaves its bar out, not the axis below 0.
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_layout(
+        title="Comparison of the last replies",
+        height=600,
+        margin={"l": 50, "r": 20, "t": 70, "b": 40},
+        legend={"orientation": "h", "y": -0.14},
+    )
     fig.update_xaxes(tickfont={"size": 9}, row=1)
     return fig
 
@@ -140,7 +154,11 @@ def monitor_figure(samples: Sequence[Sample]) -> go.Figure:
                 col=1,
             )
     fig.update_xaxes(title_text="seconds ago", row=rows, col=1)
-    fig.update_yaxes(range=[0, 100], row=1, col=1)
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_yaxes(range=[0, 100], title_text="%", row=1, col=1)
+    fig.update_yaxes(title_text="GiB", row=2, col=1)
+    if has_gpu:
+        fig.update_yaxes(title_text="GiB", row=3, col=1)
     fig.update_layout(
         height=220 * rows + 80, margin={"l": 40, "r": 20, "t": 40, "b": 30}, legend={"orientation": "h", "y": -0.15}
     )
@@ -198,7 +216,7 @@ def router_eval_figure(
         col=2,
     )
     fig.update_xaxes(title_text="threshold", range=[0, 1], row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], title_text="share of requests", row=1, col=1)
     fig.update_xaxes(title_text="decided", row=1, col=2)
     fig.update_yaxes(title_text="gold", row=1, col=2)
     fig.update_layout(height=380, margin={"l": 40, "r": 20, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.2})
@@ -212,7 +230,7 @@ def loss_figure(steps: Sequence[int], losses: Sequence[float], title: str = "Tra
 
 def _titled(fig: go.Figure, title: str, **layout: object) -> go.Figure:
     """The layout the job charts share: a title, one height, room for labels."""
-    fig.update_layout(title=title, height=340, margin=dict(t=50, b=60), **layout)
+    fig.update_layout(title=title, height=340, margin=dict(t=60, b=60), **layout)
     return fig
 
 
@@ -241,8 +259,10 @@ def needle_figure(result: dict) -> go.Figure:
     )
 
 
-def metric_bars(values: dict[str, float], title: str) -> go.Figure:
-    return _titled(go.Figure(go.Bar(x=list(values), y=list(values.values()))), title)
+def metric_bars(values: dict[str, float], title: str, unit: str = "") -> go.Figure:
+    fig = _titled(go.Figure(go.Bar(x=list(values), y=list(values.values()))), title, yaxis_title=unit)
+    fig.update_yaxes(rangemode="tozero")
+    return fig
 
 
 def quant_compare_figure(rows: Sequence[dict]) -> go.Figure:

@@ -17,11 +17,14 @@ from typing import Any
 import gradio as gr
 
 from playground.capabilities import capabilities
+from playground.config import setting_error
 from playground.engine import Engine
-from playground.export import Answer, Comparison
+from playground.errors import PlaygroundError
+from playground.export import Answer, Comparison, PanelRecord, SessionRecord, Turn, load_session
 from playground.ui.access import Access
 from playground.ui.charts import ReplyPoint, comparison_figure
-from playground.ui.formatting import error_text, loaded_markdown, metrics_line, ordinal
+from playground.ui.formatting import error_text, loaded_markdown, metrics_line, ordinal, preformatted
+from playground.ui.live import LivePage, VariantView, picker_choices
 from playground.ui.session import MAX_PANELS, Session, Sessions
 from playground.ui.streaming import PanelRun, stream_panels
 
@@ -29,16 +32,61 @@ SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penal
 DEFAULT_PANELS = ("smollm2-135m-gguf", "smollm2-135m-transformers")
 
 
+SETTING_LABELS = {
+    "temperature": "temperature (0 to 5; 0: greedy)",
+    "top_p": "top-p (above 0, up to 1)",
+    "top_k": "top-k (0: off)",
+    "max_new_tokens": "max new tokens (1 to 32768)",
+    "repetition_penalty": "repetition penalty (0.5 to 3)",
+    "seed": "seed (empty: random)",
+}
+
+
 def settings_widgets(prefix: str) -> list[gr.components.Component]:
-    """The six generation settings; empty means 'the variant's own default'."""
-    return [
-        gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature", elem_id=f"{prefix}-temperature"),
-        gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p", elem_id=f"{prefix}-top_p"),
-        gr.Slider(0, 200, value=40, step=1, label="top-k (0: off)", elem_id=f"{prefix}-top_k"),
-        gr.Slider(1, 2048, value=256, step=1, label="max new tokens", elem_id=f"{prefix}-max_new_tokens"),
-        gr.Slider(0.8, 2.0, value=1.0, step=0.01, label="repetition penalty", elem_id=f"{prefix}-repetition_penalty"),
-        gr.Number(value=None, precision=0, label="seed (empty: random)", elem_id=f"{prefix}-seed"),
+    """The six generation settings as plain number fields: a value out of bounds is shown as an
+    error at its field and nothing is sent (a slider would clamp it silently). Empty means
+    'the variant's own default' (for the seed: a random one)."""
+    defaults = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "max_new_tokens": 256, "repetition_penalty": 1.0}
+    fields: list[gr.components.Component] = [
+        gr.Number(value=defaults[name], label=SETTING_LABELS[name], elem_id=f"{prefix}-{name}", min_width=120)
+        for name in SETTINGS
+        if name != "seed"
     ]
+    # A text field: an empty number field reads as 0, and 0 is a seed.
+    fields.append(
+        gr.Textbox(
+            value="", placeholder="random", label=SETTING_LABELS["seed"], elem_id=f"{prefix}-seed", min_width=120
+        )
+    )
+    return fields
+
+
+def setting_value(name: str, raw: Any) -> Any:
+    """A field's value as the engine takes it: the seed's text as a whole number, empty as None."""
+    if name != "seed":
+        return raw
+    text = str(raw or "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text  # refused by the check with its reason
+
+
+def _shown_setting(name: str, value: Any) -> Any:
+    """A saved setting as its field shows it (the seed as text, empty for 'random')."""
+    if name == "seed":
+        return "" if value is None else str(value)
+    return value
+
+
+def setting_validation(name: str, raw: Any) -> dict[str, Any]:
+    value = setting_value(name, raw)
+    problem = "Input should be a whole number" if isinstance(value, str) else setting_error(name, value)
+    label = SETTING_LABELS[name].split(" (")[0]
+    message = problem.replace("Input should be", f"{label} must be") if problem else ""
+    return gr.validate(problem is None, message)
 
 
 @dataclass
@@ -53,8 +101,14 @@ class Panel:
     settings: list[gr.components.Component]
 
 
-def _chat_view(history: list[dict[str, str]], user: str, text: str, status: str) -> list[dict[str, str]]:
+def _chat_view(
+    history: list[dict[str, str]], user: str, text: str, status: str, mode: str = "chat"
+) -> list[dict[str, str]]:
+    """A panel's conversation: chat answers as Markdown; completion prompts and output exactly
+    as written (a '# comment' in code is not a heading)."""
     shown = text + ("▌" if status == "streaming" else "")
+    if mode == "completion":
+        user, shown = preformatted(user), preformatted(shown)
     return [*history, {"role": "user", "content": user}, {"role": "assistant", "content": shown}]
 
 
@@ -133,16 +187,23 @@ class CompareTab:
         with gr.Row():
             self.send = gr.Button("Send", variant="primary", elem_id="send")
             clear = gr.Button("Clear", elem_id="clear")
-            export = gr.Button("Export comparison", elem_id="export")
+            export = gr.Button("Export session", elem_id="export")
+            load_session_button = gr.UploadButton(
+                "Load a saved session", file_types=[".json"], elem_id="load-session", size="md"
+            )
         self.status = gr.Markdown(elem_id="send-status")
         self.notice = gr.Markdown(elem_id="send-notice")
         with gr.Row():
             export_md = gr.File(label="Markdown", elem_id="export-md", visible=False, height=80)
             export_json = gr.File(label="JSON", elem_id="export-json", visible=False, height=80)
-        self.plot = gr.Plot(label="Comparison of the last replies", elem_id="comparison-plot")
+        # The figure carries its own title; a block label would sit on top of it.
+        self.plot = gr.Plot(elem_id="comparison-plot", show_label=False)
 
         # -- wiring ----------------------------------------------------------------------
         self.model.change(self.show_estimate, self.model, self.estimate)
+        # A message belongs to the choice it answered: a new choice clears it.
+        self.model.input(lambda: "", None, self.load_status, queue=False)
+        path.change(lambda: "", None, add_status, queue=False)
         load.click(self.load, self.model, [self.load_status, self.loaded])
         unload.click(self.unload, self.model, [self.load_status, self.loaded])
         add.click(self.add_path, [path, fmt], [add_status, self.model, *[p.variant for p in self.panels]])
@@ -157,10 +218,18 @@ class CompareTab:
         outputs = [self.send, self.status, self.notice, self.loaded, self.plot]
         for p in self.panels:
             outputs += [p.chatbot, p.metrics, p.reload]
-        self.send.click(self.run, inputs, outputs)
-        self.prompt.submit(self.run, inputs, outputs)
+        self.send.click(self.run, inputs, outputs, validator=self.check_settings)
+        self.prompt.submit(self.run, inputs, outputs, validator=self.check_settings)
         clear.click(self.clear, None, [p.chatbot for p in self.panels] + [p.metrics for p in self.panels])
-        export.click(self.export, None, [export_md, export_json, self.status])
+        view_inputs = [self.n_panels, self.mode, *self.shared]
+        for p in self.panels:
+            view_inputs += [p.variant, p.override, *p.settings]
+        export.click(self.export, view_inputs, [export_md, export_json, self.status])
+        restored = [self.n_panels, self.mode, *self.shared]
+        for p in self.panels:
+            restored += [p.variant, p.override, *p.settings, p.chatbot]
+        self.restored_outputs = restored
+        load_session_button.upload(self.load_session, load_session_button, [*restored, self.status])
         # The engine's state (loading, ready, hung, dead) reaches the list within a second.
         for i, p in enumerate(self.panels):
             p.stop.click(self._stopper(i), None, None, queue=False)
@@ -168,9 +237,17 @@ class CompareTab:
 
     def _build_panel(self, i: int) -> Panel:
         default = DEFAULT_PANELS[i] if i < len(DEFAULT_PANELS) else None
-        with gr.Column(visible=i < 2, elem_id=f"panel-{i}", min_width=280) as column:
+        with gr.Column(visible=i < 2, elem_id=f"panel-{i}", min_width=520) as column:
             variant = gr.Dropdown(self.choices(), value=default, label=f"Panel {i + 1}", elem_id=f"panel-{i}-variant")
-            chatbot = gr.Chatbot(height=320, show_label=False, elem_id=f"panel-{i}-chat", feedback_options=None)
+            # A copy button under each message, no toolbar over the text; the newest answer in view.
+            chatbot = gr.Chatbot(
+                height=320,
+                show_label=False,
+                elem_id=f"panel-{i}-chat",
+                feedback_options=None,
+                buttons=["copy"],
+                autoscroll=True,
+            )
             metrics = gr.Markdown(elem_id=f"panel-{i}-metrics")
             with gr.Row():
                 stop = gr.Button("Stop", size="sm", elem_id=f"panel-{i}-stop")
@@ -181,8 +258,20 @@ class CompareTab:
         return Panel(column, variant, chatbot, metrics, stop, reload, override, settings)
 
     # -- variants --------------------------------------------------------------------------
-    def refresh_loaded(self) -> str:
-        return loaded_markdown(self.engine)
+    def follow_live(self, live: LivePage) -> None:
+        """The loaded list and every picker follow the engine (states, on disk or not)."""
+        pickers = [self.model, *[p.variant for p in self.panels]]
+
+        def loaded(_session: Session, _views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
+            text = loaded_markdown(self.engine)
+            return [(text, text)]
+
+        def choices(_session: Session, views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
+            listed = picker_choices(views)
+            return [(tuple(listed), gr.update(choices=listed))] * len(pickers)
+
+        live.add([self.loaded], loaded)
+        live.add(pickers, choices)
 
     def show_estimate(self, variant_id: str | None) -> str:
         if not variant_id:
@@ -204,7 +293,7 @@ class CompareTab:
             worker = self.engine.start_load(variant_id)
             while not worker.settled(0.5):
                 yield f"⏳ Loading {variant_id}… {time.monotonic() - started:.0f} s", loaded_markdown(self.engine)
-            info = self.engine.load(variant_id)
+            info = self.engine.finish_load(variant_id, worker)
             yield (
                 f"✅ {variant_id} loaded in {info.load_s:.1f} s ({info.backend}, {info.device}, {info.dtype})"
                 + (f" · {info.decode}" if info.decode else ""),
@@ -275,6 +364,7 @@ class CompareTab:
                 runs.append("Pick a variant for this panel.")
                 continue
             params = own if override else shared
+            params = {k: setting_value(k, v) for k, v in params.items()}
             params = {
                 k: (int(v) if k in ("top_k", "max_new_tokens", "seed") and v is not None else v)
                 for k, v in params.items()
@@ -287,6 +377,19 @@ class CompareTab:
             except Exception as err:
                 runs.append(error_text(err))
         return runs
+
+    def check_settings(self, prompt: str, mode: str, n: float, *values: Any) -> list[dict[str, Any]]:
+        """Before a send: every setting in use within its bounds, or the error at its field."""
+        ok = gr.validate(True, "")
+        checks = [ok, ok, ok] + [setting_validation(k, v) for k, v in zip(SETTINGS, values, strict=False)]
+        per_panel = len(SETTINGS) + 2
+        for i in range(MAX_PANELS):
+            chunk = values[len(SETTINGS) + i * per_panel : len(SETTINGS) + (i + 1) * per_panel]
+            used = i < int(n) and bool(chunk[1])
+            checks += [ok, ok] + [
+                setting_validation(k, v) if used else ok for k, v in zip(SETTINGS, chunk[2:], strict=True)
+            ]
+        return checks
 
     def run(self, request: gr.Request, prompt: str, mode: str, n: float, *values: Any) -> Iterator[list[Any]]:
         session = self.sessions.get(request)
@@ -333,7 +436,7 @@ class CompareTab:
                 elif i in by_panel:
                     r = by_panel[i]
                     cells += [
-                        _chat_view(session.histories[i], prompt, r.text, r.status),
+                        _chat_view(session.histories[i], prompt, r.text, r.status, mode),
                         _panel_status(r),
                         gr.update(visible=r.worker_lost),
                     ]
@@ -365,6 +468,16 @@ class CompareTab:
                 ]
             m = r.metrics
             comparison.answers.append(Answer(r.variant_id, name, r.text, m.to_dict() if m else None, r.error))
+            session.turns[r.panel].append(
+                Turn(
+                    prompt=prompt,
+                    mode=mode,
+                    settings=r.request.params.model_dump(),
+                    answer=r.text,
+                    metrics=m.to_dict() if m else None,
+                    error=r.error,
+                )
+            )
             if m is not None:
                 session.points.append(
                     ReplyPoint(
@@ -381,19 +494,110 @@ class CompareTab:
     def clear(self, request: gr.Request) -> list[Any]:
         session = self.sessions.get(request)
         session.histories = [[] for _ in range(MAX_PANELS)]
+        session.turns = [[] for _ in range(MAX_PANELS)]
         return [[] for _ in range(MAX_PANELS)] + ["" for _ in range(MAX_PANELS)]
 
-    def export(self, request: gr.Request) -> tuple[Any, Any, str]:
+    def export(self, request: gr.Request, n: float, mode: str, *values: Any) -> tuple[Any, Any, str]:
+        """The whole session: every panel's conversation with the settings and finish reason of
+        each answer, as Markdown and JSON (the JSON loads back with "Load a saved session")."""
         session = self.sessions.get(request)
-        if session.last is None:
+        if not any(session.turns):
             return gr.update(), gr.update(), "⚠ Nothing to export yet: send a prompt first."
+        record = self._record(session, int(n), mode, values)
         folder = Path(tempfile.mkdtemp(prefix="comparison-"))
         md = folder / "comparison.md"
         js = folder / "comparison.json"
-        md.write_text(session.last.to_markdown())
-        js.write_text(session.last.to_json())
+        md.write_text(record.to_markdown())
+        js.write_text(record.to_json())
         return (
             gr.update(value=str(md), visible=True),
             gr.update(value=str(js), visible=True),
-            "Exported the last comparison.",
+            "Exported this session: every panel's conversation.",
         )
+
+    def _record(self, session: Session, n: int, mode: str, values: tuple[Any, ...]) -> SessionRecord:
+        shared = {k: setting_value(k, v) for k, v in zip(SETTINGS, values[: len(SETTINGS)], strict=True)}
+        per_panel = len(SETTINGS) + 2
+        panels = []
+        for i in range(MAX_PANELS):
+            chunk = values[len(SETTINGS) + i * per_panel : len(SETTINGS) + (i + 1) * per_panel]
+            variant_id = chunk[0] or None
+            config = self.engine.catalogue.configs.get(variant_id) if variant_id else None
+            panels.append(
+                PanelRecord(
+                    variant_id=variant_id,
+                    display_name=config.display_name if config else "",
+                    override=bool(chunk[1]),
+                    settings={k: setting_value(k, v) for k, v in zip(SETTINGS, chunk[2:], strict=True)},
+                    turns=session.turns[i],
+                )
+            )
+        last = session.last
+        return SessionRecord(
+            n_panels=n,
+            mode=mode if mode in ("chat", "completion") else "chat",
+            settings=shared,
+            panels=panels,
+            prompt=last.prompt if last else "",
+            answers=[a.__dict__ for a in last.answers] if last else [],
+        )
+
+    def load_session(self, file: Any, request: gr.Request) -> list[Any]:
+        """Panels, variants, settings and conversations back from a saved session."""
+        unchanged = [gr.update()] * len(self.restored_outputs)
+        try:
+            path = Path(file if isinstance(file, str) else file.name)
+            record = load_session(path.read_bytes())
+        except (OSError, PlaygroundError) as err:
+            return [*unchanged, error_text(err)]
+        session = self.sessions.get(request)
+        missing = [p.variant_id for p in record.panels if p.variant_id and p.variant_id not in self.engine.catalogue]
+        updates: list[Any] = [record.n_panels, record.mode]
+        updates += [_shown_setting(k, record.settings.get(k)) for k in SETTINGS]
+        panels = [*record.panels, *[PanelRecord()] * MAX_PANELS][:MAX_PANELS]
+        for i, panel in enumerate(panels):
+            known = panel.variant_id if panel.variant_id in self.engine.catalogue else None
+            session.turns[i] = list(panel.turns)
+            session.histories[i] = [
+                message
+                for turn in panel.turns
+                if turn.mode == "chat" and not turn.error
+                for message in ({"role": "user", "content": turn.prompt}, {"role": "assistant", "content": turn.answer})
+            ]
+            view: list[dict[str, str]] = []
+            for turn in panel.turns:
+                view = _chat_view(
+                    view, turn.prompt, turn.answer if not turn.error else f"⚠ {turn.error}", "done", turn.mode
+                )
+            updates += [gr.update(value=known), panel.override]
+            updates += [_shown_setting(k, panel.settings.get(k)) for k in SETTINGS]
+            updates.append(view)
+        turns = sum(len(p.turns) for p in record.panels)
+        note = f"Loaded the session of {record.created}: {record.n_panels} panel(s), {turns} answer(s)."
+        if missing:
+            note += f" ⚠ Not in this playground: {', '.join(missing)} (those panels are empty)."
+        return [*updates, note]
+
+    def opening(self, request: gr.Request) -> list[Any]:
+        """At page load: a shared link's choices (`?variants=a,b&panels=2&mode=chat&prompt=...`),
+        else panels 3 and 4 on a variant that is loaded (or loading)."""
+        params = dict(getattr(request, "query_params", {}) or {})
+        usable = [v for v, w in list(self.engine.workers.items()) if w.state in ("ready", "loading")]
+        fallback = usable[0] if usable else None
+        picks: list[Any] = [
+            gr.update() if i < len(DEFAULT_PANELS) else gr.update(value=fallback) for i in range(MAX_PANELS)
+        ]
+        notes = []
+        wanted = [v.strip() for v in params.get("variants", "").split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in self.engine.catalogue]
+        if unknown:
+            notes.append(f"⚠ The link names variants this playground does not have: {', '.join(unknown)}")
+        known = [v for v in wanted if v in self.engine.catalogue][:MAX_PANELS]
+        for i, variant_id in enumerate(known):
+            picks[i] = gr.update(value=variant_id)
+        n_panels: Any = gr.update(value=len(known)) if known else gr.update()
+        if params.get("panels", "").isdigit() and 1 <= int(params["panels"]) <= MAX_PANELS:
+            n_panels = gr.update(value=int(params["panels"]))
+        mode = gr.update(value=params["mode"]) if params.get("mode") in ("chat", "completion") else gr.update()
+        prompt = gr.update(value=params["prompt"]) if params.get("prompt") else gr.update()
+        return [n_panels, mode, prompt, *picks, "\n".join(notes)]

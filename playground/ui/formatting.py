@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from playground.errors import PlaygroundError
@@ -18,6 +19,10 @@ def _num(value: float | None, fmt: str, unit: str) -> str:
     return "n/a" if value is None else f"{value:{fmt}} {unit}"
 
 
+# Finish reasons said in words where the bare reason would mislead.
+FINISH_WORDS = {"unloaded": "unloaded while answering"}
+
+
 def metrics_line(m: GenerationMetrics) -> str:
     prompt = "?" if m.prompt_tokens is None else str(m.prompt_tokens)
     parts = [
@@ -27,12 +32,20 @@ def metrics_line(m: GenerationMetrics) -> str:
         f"tokens {prompt} in / {m.completion_tokens} out",
         f"peak mem {m.peak_mem_bytes / MiB:.0f} MiB",
         f"{m.backend} on {m.device}",
-        f"finish: {m.finish_reason}",
+        f"finish: {FINISH_WORDS.get(m.finish_reason, m.finish_reason)}",
     ]
     text = " · ".join(parts)
     for warning in m.warnings:
         text += f"\n⚠ {warning}"
     return text
+
+
+def preformatted(text: str) -> str:
+    """Markdown that shows `text` exactly as written (completion output, raw router answers): a
+    fence longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def error_text(err: BaseException) -> str:
@@ -42,19 +55,34 @@ def error_text(err: BaseException) -> str:
     return f"⚠ unexpected {err.__class__.__name__}: {err}"
 
 
+def load_progress(elapsed_s: float | None, expected_s: float | None) -> str:
+    """Elapsed time and a bar for a load in progress: measured against this variant's last load
+    here when there was one, else a bar that only says 'busy' (no guessed percentage)."""
+    elapsed = elapsed_s or 0.0
+    if expected_s:
+        share = min(elapsed / expected_s, 0.99)
+        bar = f'<progress class="load-progress" value="{share:.2f}" max="1"></progress>'
+        return f"{bar} {elapsed:.0f} s (its last load took {expected_s:.0f} s)"
+    return f'<progress class="load-progress"></progress> {elapsed:.0f} s'
+
+
 def loaded_markdown(engine: Engine) -> str:
     """The variants that have a worker, with state and memory, and the config files that could
     not be read."""
     rows = []
     for status in engine.loaded_statuses():
-        rss = f" · RSS {status.rss_bytes / MiB:.0f} MiB · pid {status.pid}" if status.rss_bytes else ""
+        # No memory figure here (the Monitor tab draws it): the list is sent to every page
+        # whenever its text changes, and redrawing it moves the page under an open dropdown.
+        rss = f" · pid {status.pid}" if status.pid else ""
         where = f" · {status.info.backend} on {status.info.device}" if status.info else ""
         if status.info and status.info.decode:
             where += f" · {status.info.decode}"
-        if status.config.trust_remote_code:
+        if status.config.trust_remote_code and status.info:  # said of a loaded one, not a refused one
             where += " · ⚠ runs code from its model folder (trust_remote_code)"
         detail = f" · {status.error}" if status.error else ""
         state = f"⚠ {status.state}" if status.state in ("hung", "dead", "failed") else status.state
+        if status.state == "loading":
+            state += " " + load_progress(status.loading_s, status.expected_load_s)
         rows.append(f"- **{status.config.display_name}** (`{status.config.id}`): {state}{where}{rss}{detail}")
     rows += [f"- ⚠ broken config `{b.path.name}`: {b.error}" for b in engine.catalogue.broken]
     return "\n".join(rows) or "No variant loaded yet."

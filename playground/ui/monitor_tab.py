@@ -1,7 +1,7 @@
 """The Monitor tab: CPU, RAM, each variant's memory and VRAM per GPU, refreshed every second.
 
 The sampling happens in the engine's SystemMonitor thread; the timer here only draws the
-buffer, so it never waits on a generation.
+buffer, so it never waits on a generation, and it runs only while the tab is shown.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ class MonitorTab:
     def build(self) -> None:
         gr.Markdown(self.monitor.gpu_note or "NVIDIA GPUs found: VRAM is read through nvml.", elem_id="gpu-note")
         summary = gr.Markdown(elem_id="monitor-summary")
-        plot = gr.Plot(elem_id="monitor-plot")
-        timer = gr.Timer(1.0)
-        timer.tick(self.refresh, None, [summary, plot], show_progress="hidden")
+        plot = gr.Plot(elem_id="monitor-plot", show_label=False)
+        self.timer = gr.Timer(1.0, active=False)  # the app turns it on while this tab is shown
+        self.timer.tick(self.refresh, None, [summary, plot], show_progress="hidden")
 
     def refresh(self) -> tuple[str, Any]:
         samples = self.monitor.recent()

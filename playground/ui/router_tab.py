@@ -17,8 +17,9 @@ from playground.request_queue import Queued
 from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router_file
 from playground.ui.access import Access
 from playground.ui.charts import router_eval_figure
-from playground.ui.formatting import error_text, metrics_line, ordinal
-from playground.ui.session import Sessions
+from playground.ui.formatting import error_text, load_progress, metrics_line, ordinal, preformatted
+from playground.ui.live import LivePage, VariantView, picker_choices
+from playground.ui.session import Session, Sessions
 from playground.workers import Finished, TextDelta
 
 NO_PARTNER = "(none: the router answers everything)"
@@ -37,9 +38,8 @@ def decision_markdown(d: RouteDecision, answered_by: str, answered_by_router: bo
         agree = "" if d.model_route == d.route else f" — it wrote route `{d.model_route}`, the scores decided otherwise"
         lines.append(f"Reason: {d.reason}{agree}")
     else:
-        lines.append(
-            f"⚠ The router's own answer is not valid route JSON (shown as written, not used): `{d.raw_output!r}`"
-        )
+        lines.append("⚠ The router's own answer is not valid route JSON (shown as written, not used):")
+        return "  \n".join(lines) + "\n\n" + preformatted(d.raw_output)
     return "  \n".join(lines)
 
 
@@ -77,14 +77,20 @@ class RouterTab:
             threshold = gr.Slider(
                 0.0, 1.0, value=0.5, step=0.01, label="escalate when P(npc_fin) is above", elem_id="router-threshold"
             )
+        self.state_line = gr.Markdown(elem_id="router-state")
         prompt = gr.Textbox(label="Request", lines=2, elem_id="router-prompt")
-        go_button = gr.Button("Route and answer", variant="primary", elem_id="router-go")
+        with gr.Row():
+            go_button = gr.Button("Route and answer", variant="primary", elem_id="router-go")
+            stop = gr.Button("Stop", elem_id="router-stop")
         decision = gr.Markdown(elem_id="router-decision")
         answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="router-answer")
         metrics = gr.Markdown(elem_id="router-metrics")
         gr.Markdown("### Decisions in this session")
         trail = gr.Markdown("No decisions yet.", elem_id="router-trail")
         go_button.click(self.route, [router, partner, threshold, prompt], [decision, answer, metrics, trail])
+        stop.click(self.stop, None, None, queue=False)
+        router.change(self.pick_router, router, None, queue=False)
+        self.partner = partner
 
         with gr.Accordion("Evaluate the router", open=False):
             gr.Markdown(
@@ -97,11 +103,53 @@ class RouterTab:
                 limit = gr.Number(value=None, precision=0, label="first N rows (empty: all)", elem_id="eval-limit")
             with gr.Row():
                 run = gr.Button("Run eval here", elem_id="eval-run")
+                cancel = gr.Button("Cancel", elem_id="eval-cancel")
                 background = gr.Button("Run as a background job", elem_id="eval-background")
             status = gr.Markdown(elem_id="eval-status")
-            plot = gr.Plot(elem_id="eval-plot")
+            plot = gr.Plot(elem_id="eval-plot", show_label=False)
             run.click(self.evaluate, [router, threshold, dataset, path, limit], [status, plot])
+            cancel.click(self.cancel_eval, None, None, queue=False)
             background.click(self.submit_eval, [router, threshold, dataset, path, limit], status)
+
+    def follow_live(self, live: LivePage) -> None:
+        """The picked router's state (loading with elapsed time, ready, failed...) and both
+        pickers' marks follow the engine."""
+        assert self.router is not None
+        default = self.router.value
+
+        def state(session: Session, views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
+            router_id = session.router_id or default
+            line = self._state_text(views.get(router_id) if router_id else None)
+            return [(line, line)]
+
+        def pickers(_session: Session, views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
+            routers = picker_choices(views, [v for _, v in self.routers()])
+            partners = [(NO_PARTNER, "")] + picker_choices(views, [v for _, v in self.partners()[1:]])
+            return [(tuple(routers), gr.update(choices=routers)), (tuple(partners), gr.update(choices=partners))]
+
+        live.add([self.state_line], state)
+        live.add([self.router, self.partner], pickers)
+
+    def _state_text(self, view: VariantView | None) -> str:
+        if view is None:
+            return ""
+        if view.state == "loading":
+            status = self.engine.status(view.id)
+            return f"Router {view.name}: loading the router… " + load_progress(status.loading_s, status.expected_load_s)
+        if view.state == "ready":
+            return f"Router {view.name}: ready"
+        if view.state in ("failed", "dead", "hung"):
+            return f"⚠ Router {view.name}: {view.state}" + (f": {view.error}" if view.error else "")
+        return f"Router {view.name}: not loaded (it loads when you send a request)"
+
+    def pick_router(self, router_id: str | None, request: gr.Request) -> None:
+        self.sessions.get(request).router_id = router_id
+
+    def stop(self, request: gr.Request) -> None:
+        self.sessions.get(request).router_cancel.set()
+
+    def cancel_eval(self, request: gr.Request) -> None:
+        self.sessions.get(request).eval_cancel.set()
 
     def submit_eval(
         self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None, request: gr.Request
@@ -133,8 +181,18 @@ class RouterTab:
         if not prompt or not prompt.strip():
             yield "⚠ Type a request first.", "", "", shown
             return
-        yield "Routing…", "", "", shown
+        session.router_cancel = cancel = threading.Event()
         try:
+            if self.engine.status(router_id).state != "ready":
+                worker = self.engine.start_load(router_id)
+                started = time.monotonic()
+                while not worker.settled(0.5):
+                    if cancel.is_set():
+                        yield "Stopped while the router loaded (it goes on loading).", "", "", shown
+                        return
+                    yield f"Loading the router… {time.monotonic() - started:.0f} s", "", "", shown
+                self.engine.finish_load(router_id, worker)
+            yield "Routing…", "", "", shown
             decision = Router(self.engine, router_id, session.key).decide(prompt, float(threshold))
             chosen = answering_variant(decision, router_id, partner_id or None)
         except Exception as err:
@@ -155,11 +213,17 @@ class RouterTab:
         text = ""
         try:
             if self.engine.status(chosen).state != "ready":
-                yield card, "", f"Loading {name}…", "\n".join(trail)
-                self.engine.load(chosen)
+                worker = self.engine.start_load(chosen)
+                started = time.monotonic()
+                while not worker.settled(0.5):
+                    if cancel.is_set():
+                        yield card, "", f"Stopped while {name} loaded (it goes on loading).", "\n".join(trail)
+                        return
+                    yield card, "", f"Loading {name}… {time.monotonic() - started:.0f} s", "\n".join(trail)
+                self.engine.finish_load(chosen, worker)
             answer_request = self.engine.request(chosen, prompt=prompt, mode="chat")
             last = 0.0
-            for event in self.engine.generate(chosen, answer_request, session=session.key):
+            for event in self.engine.generate(chosen, answer_request, cancel, session=session.key):
                 if isinstance(event, Queued):
                     yield card, text, f"⏳ queued for {name}: {ordinal(event.position)} in line", "\n".join(trail)
                 elif isinstance(event, TextDelta):
@@ -173,9 +237,11 @@ class RouterTab:
             yield card, text, error_text(err), "\n".join(trail)
 
     def evaluate(
-        self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None
+        self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None, request: gr.Request
     ) -> Iterator[tuple[str, Any]]:
-        source = dataset if dataset in DATASETS else path.strip()
+        session = self.sessions.get(request)
+        session.eval_cancel = cancel = threading.Event()
+        source = dataset if dataset in DATASETS else (path or "").strip()
         if not source:
             yield error_text(ValueError("give the path of a JSONL file")), gr.update()
             return
@@ -191,6 +257,7 @@ class RouterTab:
                     float(threshold),
                     int(limit) if limit else None,
                     lambda done, total: progress.update(done=done, total=total),
+                    cancel,
                 )
             except Exception as err:
                 outcome["error"] = err
@@ -200,7 +267,11 @@ class RouterTab:
         thread.start()
         while thread.is_alive():
             thread.join(0.5)
-            yield f"⏳ {progress['done']}/{progress['total']} rows, {time.monotonic() - started:.0f} s", gr.update()
+            said = "cancelling after this row…" if cancel.is_set() else ""
+            yield (
+                f"⏳ {progress['done']}/{progress['total']} rows, {time.monotonic() - started:.0f} s {said}".rstrip(),
+                gr.update(),
+            )
         if "error" in outcome:
             yield error_text(outcome["error"]), gr.update()
             return

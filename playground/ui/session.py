@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from playground.export import Comparison
+from playground.export import Comparison, Turn
 from playground.ui.charts import ReplyPoint
 
 MAX_PANELS = 4
@@ -20,6 +20,8 @@ MAX_PANELS = 4
 class Session:
     key: str = "local"  # Gradio's session hash: this session's turn in the variants' fair queues
     histories: list[list[dict[str, str]]] = field(default_factory=lambda: [[] for _ in range(MAX_PANELS)])
+    # Every turn of each panel (completion prompts and failed answers too), for export and save.
+    turns: list[list[Turn]] = field(default_factory=lambda: [[] for _ in range(MAX_PANELS)])
     cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event() for _ in range(MAX_PANELS)])
     points: list[ReplyPoint] = field(default_factory=list)
     replies: int = 0
@@ -30,6 +32,11 @@ class Session:
     arena_prompt: str = ""
     arena_voted: bool = False
     router_trail: list[str] = field(default_factory=list)  # rows of the Router tab's decision table
+    router_id: str | None = None  # the router picked in the Router tab (its state is shown live)
+    router_cancel: threading.Event = field(default_factory=threading.Event)  # Stop for the routed answer
+    eval_cancel: threading.Event = field(default_factory=threading.Event)  # Cancel for the in-page eval
+    selected_job: str | None = None  # the Jobs tab's chosen job (None: the newest)
+    submitted_job: str | None = None  # the last job started from this page: its start message follows it
     arena_cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event(), threading.Event()])
 
 

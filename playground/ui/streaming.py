@@ -62,7 +62,7 @@ def _drive(engine: Engine, run: PanelRun, changed: threading.Event) -> None:
                 run.text += event.text
             elif isinstance(event, Finished):
                 run.text, run.metrics = event.text, event.metrics
-                run.status = "cancelled" if event.metrics.finish_reason == "cancelled" else "done"
+                run.status = "cancelled" if event.metrics.finish_reason in ("cancelled", "unloaded") else "done"
             changed.set()
     except (WorkerDied, WorkerHung) as err:
         run.status, run.error, run.worker_lost = "failed", str(err), True
