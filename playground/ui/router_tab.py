@@ -133,14 +133,24 @@ class RouterTab:
     def _state_text(self, view: VariantView | None) -> str:
         if view is None:
             return ""
-        if view.state == "loading":
-            status = self.engine.status(view.id)
-            return f"Router {view.name}: loading the router… " + load_progress(status.loading_s, status.expected_load_s)
+        if view.state == "loading":  # the snapshot has the load's timing already
+            return f"Router {view.name}: loading the router… " + load_progress(view.loading_s, view.expected_load_s)
         if view.state == "ready":
             return f"Router {view.name}: ready"
         if view.state in ("failed", "dead", "hung"):
             return f"⚠ Router {view.name}: {view.state}" + (f": {view.error}" if view.error else "")
         return f"Router {view.name}: not loaded (it loads when you send a request)"
+
+    def _loading(self, variant_id: str) -> Iterator[float]:
+        """Load `variant_id` unless it is ready, yielding the seconds so far every half second;
+        a failed load raises from `finish_load`."""
+        if self.engine.status(variant_id).state == "ready":
+            return
+        worker = self.engine.start_load(variant_id)
+        started = time.monotonic()
+        while not worker.settled(0.5):
+            yield time.monotonic() - started
+        self.engine.finish_load(variant_id, worker)
 
     def pick_router(self, router_id: str | None, request: gr.Request) -> None:
         self.sessions.get(request).router_id = router_id
@@ -183,15 +193,11 @@ class RouterTab:
             return
         session.router_cancel = cancel = threading.Event()
         try:
-            if self.engine.status(router_id).state != "ready":
-                worker = self.engine.start_load(router_id)
-                started = time.monotonic()
-                while not worker.settled(0.5):
-                    if cancel.is_set():
-                        yield "Stopped while the router loaded (it goes on loading).", "", "", shown
-                        return
-                    yield f"Loading the router… {time.monotonic() - started:.0f} s", "", "", shown
-                self.engine.finish_load(router_id, worker)
+            for elapsed in self._loading(router_id):
+                if cancel.is_set():
+                    yield "Stopped while the router loaded (it goes on loading).", "", "", shown
+                    return
+                yield f"Loading the router… {elapsed:.0f} s", "", "", shown
             yield "Routing…", "", "", shown
             decision = Router(self.engine, router_id, session.key).decide(prompt, float(threshold))
             chosen = answering_variant(decision, router_id, partner_id or None)
@@ -212,15 +218,11 @@ class RouterTab:
         card = decision_markdown(decision, name, chosen == router_id)
         text = ""
         try:
-            if self.engine.status(chosen).state != "ready":
-                worker = self.engine.start_load(chosen)
-                started = time.monotonic()
-                while not worker.settled(0.5):
-                    if cancel.is_set():
-                        yield card, "", f"Stopped while {name} loaded (it goes on loading).", "\n".join(trail)
-                        return
-                    yield card, "", f"Loading {name}… {time.monotonic() - started:.0f} s", "\n".join(trail)
-                self.engine.finish_load(chosen, worker)
+            for elapsed in self._loading(chosen):
+                if cancel.is_set():
+                    yield card, "", f"Stopped while {name} loaded (it goes on loading).", "\n".join(trail)
+                    return
+                yield card, "", f"Loading {name}… {elapsed:.0f} s", "\n".join(trail)
             answer_request = self.engine.request(chosen, prompt=prompt, mode="chat")
             last = 0.0
             for event in self.engine.generate(chosen, answer_request, cancel, session=session.key):
