@@ -175,7 +175,14 @@ def _generate(engine: Any, args: argparse.Namespace) -> None:
     prompt = _prompt_of(args)
     messages.append({"role": "user", "content": prompt})
     request = engine.request(config.id, prompt=prompt, messages=messages, mode=args.mode, **overrides)
-    engine.load(config.id, check_memory=not args.no_memory_check)
+    said = ""
+    for loading in engine.loading(config.id, check_memory=not args.no_memory_check):
+        if loading.download_bytes is not None and sys.stderr.isatty():  # a download: its bytes, on one line
+            total = f" of {loading.download_total / 1e6:.1f}" if loading.download_total else ""
+            said = f"\rdownloading {loading.download_bytes / 1e6:.1f}{total} MB"
+            sys.stderr.write(said)
+    if said:
+        sys.stderr.write("\n")
     for event in engine.generate(config.id, request):
         if isinstance(event, TextDelta) and not args.json:
             sys.stdout.write(event.text)

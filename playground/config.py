@@ -60,12 +60,20 @@ class Source(_Strict):
     package: str | None = None
     file: str | None = None
     revision: str | None = None
+    # A Hugging Face–compatible hub to download `repo` from (a company mirror, say); by default
+    # HF_ENDPOINT, else huggingface.co.
+    endpoint: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one_location(self) -> Source:
         given = [name for name in ("repo", "path", "package") if getattr(self, name)]
         if len(given) != 1:
             raise ValueError("give exactly one of repo, path or package")
+        if self.endpoint is not None:
+            if not self.repo:
+                raise ValueError("endpoint is where a hub repo is downloaded from: it needs `repo`")
+            if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.endpoint):
+                raise ValueError(f"endpoint {self.endpoint!r} is not an http(s) URL")
         if self.package and not self.file:
             raise ValueError("a package source needs `file`: the weights file inside the package")
         if self.repo and not re.fullmatch(r"[\w.\-]+/[\w.\-]+", self.repo):

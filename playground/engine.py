@@ -36,6 +36,9 @@ class VariantStatus:
     pid: int | None
     loading_s: float | None = None  # while loading: seconds since the worker started
     expected_load_s: float | None = None  # how long this variant's last load in this app took
+    # While its weights download: bytes received, and in all (None until the hub said).
+    download_bytes: int | None = None
+    download_total: int | None = None
 
 
 class Engine:
@@ -70,6 +73,7 @@ class Engine:
         if worker is not None and worker.info is not None:
             self._load_seconds[variant_id] = worker.info.load_s
         loading = worker is not None and worker.state == "loading"
+        download = worker.download if loading and worker else None
         failure = self._failures.get(variant_id)
         return VariantStatus(
             config=config,
@@ -82,6 +86,8 @@ class Engine:
             pid=worker.pid if worker else None,
             loading_s=time.monotonic() - worker.started_at if loading and worker else None,
             expected_load_s=self._load_seconds.get(variant_id),
+            download_bytes=download.done_bytes if download else None,
+            download_total=download.total_bytes if download else None,
         )
 
     def statuses(self) -> list[VariantStatus]:
@@ -123,6 +129,19 @@ class Engine:
 
     def load(self, variant_id: str, *, check_memory: bool = True, timeout_s: float | None = 900) -> LoadInfo:
         return self.finish_load(variant_id, self.start_load(variant_id, check_memory=check_memory), timeout_s)
+
+    def loading(self, variant_id: str, every_s: float = 0.5, *, check_memory: bool = True) -> Iterator[VariantStatus]:
+        """Load `variant_id` unless it is ready (joining a load under way), yielding its status
+        every `every_s` while it loads (elapsed time, download bytes); once the loop ends the
+        variant is ready. A refused or failed load raises, as `start_load` and `finish_load` do."""
+        if self.status(variant_id).state == "ready":
+            return
+        worker = self.start_load(variant_id, check_memory=check_memory)
+        if not worker.settled(0):  # said at once, then every `every_s`
+            yield self.status(variant_id)
+            while not worker.settled(every_s):
+                yield self.status(variant_id)
+        self.finish_load(variant_id, worker)
 
     def finish_load(self, variant_id: str, worker: Worker, timeout_s: float | None = 900) -> LoadInfo:
         """Wait for a worker `start_load` gave; one that failed is ended and its error kept for

@@ -113,6 +113,14 @@ class LoadFailed:
 
 
 @dataclass(frozen=True)
+class LoadProgress:
+    """While the weights download: bytes received so far, and in all (None until known)."""
+
+    done_bytes: int
+    total_bytes: int | None
+
+
+@dataclass(frozen=True)
 class RequestStarted:
     rid: str
     prompt_tokens: int | None
@@ -164,4 +172,4 @@ class Died:
     message: str
 
 
-WorkerEvent = Ready | LoadFailed | RequestStarted | Delta | Done | Value | Failed | Pong
+WorkerEvent = Ready | LoadFailed | LoadProgress | RequestStarted | Delta | Done | Value | Failed | Pong

@@ -14,6 +14,7 @@ import re
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -84,18 +85,25 @@ def locate(config: ModelConfig) -> Weights:
     return Weights("hub_repo", repo, cached is not None)
 
 
-def hub_unreachable(timeout_s: float = 3.0) -> str | None:
-    """Why the model hub cannot be reached from here (offline mode, no name lookup, no
-    connection within `timeout_s`); None when it answers. Asked before a download so an offline
-    machine is told in seconds, not after the hub client's retries."""
+def hub_endpoint(source: Source | None = None) -> str:
+    """The hub a source downloads from: its own endpoint, else HF_ENDPOINT (or huggingface.co)."""
+    from huggingface_hub import constants
+
+    return (source.endpoint if source and source.endpoint else constants.ENDPOINT).rstrip("/")
+
+
+def hub_unreachable(timeout_s: float = 3.0, endpoint: str | None = None) -> str | None:
+    """Why the model hub (`endpoint`, default HF_ENDPOINT) cannot be reached from here (offline
+    mode, no name lookup, no connection within `timeout_s`); None when it answers. Asked before
+    a download so an offline machine is told in seconds, not after the hub client's retries."""
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    endpoint = urlparse(constants.ENDPOINT)
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    url = urlparse(endpoint or hub_endpoint())
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     outcome: list[str | None] = []
 
     def connect() -> None:  # in a thread: the name lookup itself has no timeout
@@ -135,36 +143,132 @@ def check_obtainable(config: ModelConfig) -> None:
     weights = locate(config)
     if weights.present or weights.kind == "remote" or config.source is None or not config.source.repo:
         return
-    why = hub_unreachable()
+    why = hub_unreachable(endpoint=hub_endpoint(config.source))
     if why is not None:
         raise _absent_weights(config, weights, why)
 
 
-def fetch(config: ModelConfig) -> Weights:
-    """Like `locate`, but downloads a single hub file when it is not cached (online users).
-    Offline, absent weights are refused at once with how to get them."""
-    weights = locate(config)
-    if weights.present or weights.kind == "remote":
-        return weights
+# bytes received so far, and in all (None until the sizes are known)
+DownloadProgress = Callable[[int, int | None], None]
+# Hub repo files a causal LM needs: configs, tokenizer files, its own code, the weights.
+_REPO_SUFFIXES = (".json", ".py", ".model", ".txt", ".tiktoken", ".jinja")
+
+
+def files_to_fetch(names: list[str]) -> list[str]:
+    """The files of a hub repo that loading it needs: the top folder's configs, tokenizer and
+    code, and one copy of the weights (safetensors where the repo has them, else the .bin
+    files), never GGUF, ONNX or other formats it also ships."""
+    top = [n for n in names if "/" not in n]
+    weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
+    return [n for n in top if n.endswith(_REPO_SUFFIXES)] + weights
+
+
+def _progress_bars(report: DownloadProgress, base: int = 0, total: int | None = None) -> type:
+    """A tqdm class for huggingface_hub that prints nothing and hands `report` the bytes its byte
+    bars count (snapshot_download's sum over files, hf_hub_download's one file), plus `base`
+    bytes already here, out of `total` when the caller knows it (a bar's total grows as each
+    file starts)."""
+    import io
+
+    from tqdm.std import tqdm
+
+    class Reported(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            super().__init__(*args, **(kwargs | {"disable": False, "file": io.StringIO()}))
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.unit == "B":
+                whole = total or (base + int(self.total) if self.total else None)
+                done = base + int(self.n)
+                report(min(done, whole) if whole else done, whole)
+            return shown
+
+    return Reported
+
+
+def _cached_snapshot(source: Source) -> str | None:
+    """The cached snapshot folder of a whole hub repo when what a load needs is all there (its
+    config, and every weights shard its index names); None when the download must go on."""
+    config_file = _hub_cached_file(source.repo or "", "config.json", source.revision)
+    if config_file is None:
+        return None
+    folder = Path(config_file).parent
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    shards: set[str] = set()
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards |= set(json.loads((folder / index).read_text()).get("weight_map", {}).values())
+            except (OSError, ValueError, AttributeError):
+                return None
+    weights = [n for n in files_to_fetch(names) if n.endswith((".safetensors", ".bin"))]
+    if not weights or not shards <= set(names):
+        return None
+    return str(folder)
+
+
+def _download(config: ModelConfig, weights: Weights, progress: DownloadProgress) -> str:
+    """Download the source's file or the files of its repo that a load needs, reporting the
+    bytes; the last report says the download is complete."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+
     source = config.source
-    if source is None or not source.repo:
-        raise LoadError(f"{weights.location} does not exist")
-    why = hub_unreachable()
+    assert source is not None and source.repo is not None
+    endpoint = hub_endpoint(source)
+    if weights.kind != "hub_repo":
+        path = hf_hub_download(
+            source.repo, source.file or "", revision=source.revision, endpoint=endpoint,
+            tqdm_class=_progress_bars(progress),
+        )
+        size = Path(path).stat().st_size
+        progress(size, size)
+        return path
+    listing = HfApi(endpoint=endpoint).list_repo_tree(source.repo, revision=source.revision)
+    sizes = {f.path: f.size for f in listing if isinstance(f, RepoFile)}
+    wanted = files_to_fetch(list(sizes))
+    total = sum(sizes[name] for name in wanted)
+    # Files an earlier, interrupted download left in the cache are not fetched again.
+    here = sum(sizes[name] for name in wanted if _hub_cached_file(source.repo, name, source.revision))
+    progress(here, total)
+    folder = snapshot_download(
+        source.repo, revision=source.revision, endpoint=endpoint, allow_patterns=wanted,
+        tqdm_class=_progress_bars(progress, here, total),
+    )
+    progress(total, total)
+    return folder
+
+
+def fetch(config: ModelConfig, progress: DownloadProgress | None = None) -> Weights:
+    """Like `locate`, but what comes from a hub is downloaded when it is not cached (online
+    users), reporting the bytes to `progress`; a whole hub repo is returned as its local
+    snapshot folder. Offline, absent weights are refused at once with how to get them."""
+    weights = locate(config)
+    source = config.source
+    if weights.kind == "remote" or source is None or not source.repo:
+        if not weights.present:
+            raise LoadError(f"{weights.location} does not exist")
+        return weights
+    if weights.present:
+        if weights.kind != "hub_repo":
+            return weights
+        if folder := _cached_snapshot(source):
+            return Weights("hf_folder", folder, True)
+    why = hub_unreachable(endpoint=hub_endpoint(source))
     if why is not None:
         raise _absent_weights(config, weights, why)
-    # Whole hub repos are downloaded by transformers' from_pretrained itself.
-    if weights.kind == "hub_repo":
-        return weights
-    from huggingface_hub import hf_hub_download
-
     try:
-        path = hf_hub_download(source.repo, source.file or "", revision=source.revision)
+        where = _download(config, weights, progress or (lambda _done, _total: None))
     except Exception as err:  # network, auth, missing file: all reported the same way
+        what = source.file or "the model files"
         raise LoadError(
-            f"could not download {source.file} from {source.repo}: {err.__class__.__name__}"
+            f"could not download {what} of {source.repo} from {hub_endpoint(source)}: "
+            f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             " (is this machine online and the repo id right?)"
         ) from None
-    return Weights(weights.kind, path, True)
+    return Weights("hf_folder" if weights.kind == "hub_repo" else weights.kind, where, True)
 
 
 def read_gguf_header(path: Path) -> Any:

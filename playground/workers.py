@@ -42,6 +42,7 @@ from playground.protocol import (
     Failed,
     Generate,
     LoadFailed,
+    LoadProgress,
     Ping,
     Pong,
     Ready,
@@ -144,6 +145,7 @@ def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connecti
     events = _LockedSender(events_pipe)  # requests may stream from threads
     try:
         backend = create_backend(config)
+        backend.report_download = _download_reporter(events)
         info = backend.load()
     except PlaygroundError as err:
         events.send(LoadFailed(str(err)))
@@ -219,6 +221,20 @@ def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connecti
     backend.unload()
 
 
+def _download_reporter(events: _LockedSender, every_s: float = 0.25) -> Callable[[int, int | None], None]:
+    """Sends a download's byte counts up as LoadProgress, at most every `every_s` (the hub
+    client reports each chunk) and always once it is complete."""
+    last = [0.0]
+
+    def report(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or (total is not None and done >= total):
+            last[0] = now
+            events.send(LoadProgress(done, total))
+
+    return report
+
+
 class _LockedSender:
     """A Connection's send for several threads: one message at a time on the pipe. It also
     keeps how long the requests being served have gone without sending anything (a pong
@@ -274,6 +290,7 @@ class Worker:
         self._state: WorkerState = "loading"
         self.info: LoadInfo | None = None
         self.error: str | None = None
+        self.download: LoadProgress | None = None  # the weights' download, while there is one
         self.started_at = time.monotonic()
         self._unloading = False
         self.hung = False  # set once a request stalled: only unloading ends such a worker
@@ -360,6 +377,8 @@ class Worker:
             elif isinstance(event, LoadFailed):
                 self.error, self._state = event.error, "failed"
                 self._ready.set()
+            elif isinstance(event, LoadProgress):
+                self.download = event
             elif isinstance(event, Pong):
                 self._on_pong(event.busy_for)
             else:

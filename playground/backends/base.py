@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from playground.capabilities import Capabilities, capabilities
 from playground.config import GenerationParams, Mode, ModelConfig
 from playground.errors import GenerationError
+from playground.sources import DownloadProgress
 
 ShouldStop = Callable[[], bool]
 
@@ -86,6 +87,8 @@ class Backend(ABC):
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        # Set by the worker before `load`: where a hub download reports its bytes.
+        self.report_download: DownloadProgress | None = None
 
     @property
     def caps(self) -> Capabilities:

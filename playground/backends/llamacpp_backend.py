@@ -55,7 +55,7 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         started = time.perf_counter()
-        weights = fetch(self.config)
+        weights = fetch(self.config, self.report_download)
         if weights.kind != "gguf":
             raise LoadError(f"{weights.location}: the llamacpp backend needs a .gguf file")
         check_gguf_header(weights.path)

@@ -171,7 +171,7 @@ class ScratchGptBackend(TransformersBackend):
     def _load_model_and_codec(self, dtype: torch.dtype, notes: list[str]) -> tuple[Any, Any]:
         if self.config.quantization.method != "none":
             raise LoadError("quantization is not supported for scratch_gpt variants yet")
-        weights = fetch(self.config)
+        weights = fetch(self.config, self.report_download)
         if weights.kind != "state_dict":
             raise LoadError(f"{weights.location}: the scratch_gpt backend needs a .pt or .safetensors file")
         state = read_state_dict(weights.path)

@@ -274,7 +274,7 @@ class TransformersBackend(Backend):
         return self.config.quantization.method != "none"
 
     def _load_model_and_codec(self, dtype: torch.dtype, notes: list[str]) -> tuple[Any, TextCodec]:
-        weights = fetch(self.config)
+        weights = fetch(self.config, self.report_download)
         if weights.kind == "state_dict":
             raise LoadError(f"{weights.location}: a bare state_dict needs the scratch_gpt backend")
         location, kwargs = self._from_pretrained_args(weights, notes)

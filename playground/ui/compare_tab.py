@@ -23,7 +23,7 @@ from playground.errors import PlaygroundError
 from playground.export import Answer, Comparison, PanelRecord, SessionRecord, Turn, load_session
 from playground.ui.access import Access
 from playground.ui.charts import ReplyPoint, comparison_figure
-from playground.ui.formatting import error_text, loaded_markdown, metrics_line, ordinal, preformatted
+from playground.ui.formatting import error_text, load_progress, loaded_markdown, metrics_line, ordinal, preformatted
 from playground.ui.live import LivePage, VariantView, picker_choices
 from playground.ui.session import MAX_PANELS, Session, Sessions
 from playground.ui.streaming import PanelRun, stream_panels
@@ -113,8 +113,8 @@ def _chat_view(
 
 
 def _panel_status(run: PanelRun) -> str:
-    if run.status == "loading":
-        return f"Loading {run.variant_id}… {time.monotonic() - (run.load_started or time.monotonic()):.0f} s"
+    if run.status == "loading" and run.loading is not None:
+        return f"Loading {run.variant_id}… {load_progress(run.loading)}"
     if run.status == "failed":
         tail = " — the worker is gone: press Reload" if run.worker_lost else ""
         return f"⚠ {run.error}{tail}"
@@ -288,12 +288,11 @@ class CompareTab:
         if not variant_id:
             yield "Pick a variant first.", loaded_markdown(self.engine)
             return
-        started = time.monotonic()
         try:
-            worker = self.engine.start_load(variant_id)
-            while not worker.settled(0.5):
-                yield f"⏳ Loading {variant_id}… {time.monotonic() - started:.0f} s", loaded_markdown(self.engine)
-            info = self.engine.finish_load(variant_id, worker)
+            for loading in self.engine.loading(variant_id):
+                yield f"⏳ Loading {variant_id}… {load_progress(loading)}", loaded_markdown(self.engine)
+            info = self.engine.status(variant_id).info
+            assert info is not None  # the loop ends only once the variant is ready
             yield (
                 f"✅ {variant_id} loaded in {info.load_s:.1f} s ({info.backend}, {info.device}, {info.dtype})"
                 + (f" · {info.decode}" if info.decode else ""),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from playground.errors import PlaygroundError
 from playground.metrics import GenerationMetrics
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from playground.engine import Engine
 
 MiB = 1 << 20
+MB, GB = 10**6, 10**9  # download sizes in the hub's own units
 
 
 def _num(value: float | None, fmt: str, unit: str) -> str:
@@ -55,15 +57,36 @@ def error_text(err: BaseException) -> str:
     return f"⚠ unexpected {err.__class__.__name__}: {err}"
 
 
-def load_progress(elapsed_s: float | None, expected_s: float | None) -> str:
-    """Elapsed time and a bar for a load in progress: measured against this variant's last load
-    here when there was one, else a bar that only says 'busy' (no guessed percentage)."""
-    elapsed = elapsed_s or 0.0
-    if expected_s:
-        share = min(elapsed / expected_s, 0.99)
+class LoadTiming(Protocol):
+    """What a load in progress shows (engine.VariantStatus and live.VariantView both have it)."""
+
+    loading_s: float | None
+    expected_load_s: float | None
+    download_bytes: int | None
+    download_total: int | None
+
+
+def _bytes(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / MB:.1f} MB"
+
+
+def load_progress(load: LoadTiming) -> str:
+    """A bar and words for a load in progress. While the weights download: bytes received of
+    the total. Else the elapsed time, measured against this variant's last load here when there
+    was one, or a bar that only says 'busy' (no guessed percentage)."""
+    elapsed = load.loading_s or 0.0
+    done, total = load.download_bytes, load.download_total
+    if done is not None and (total is None or done < total):
+        if total:
+            bar = f'<progress class="load-progress" value="{done}" max="{total}"></progress>'
+            return f"{bar} downloading {_bytes(done)} of {_bytes(total)} · {elapsed:.0f} s"
+        return f'<progress class="load-progress"></progress> downloading {_bytes(done)} · {elapsed:.0f} s'
+    downloaded = f" (downloaded {_bytes(total)})" if total else ""
+    if load.expected_load_s:
+        share = min(elapsed / load.expected_load_s, 0.99)
         bar = f'<progress class="load-progress" value="{share:.2f}" max="1"></progress>'
-        return f"{bar} {elapsed:.0f} s (its last load took {expected_s:.0f} s)"
-    return f'<progress class="load-progress"></progress> {elapsed:.0f} s'
+        return f"{bar} {elapsed:.0f} s (its last load took {load.expected_load_s:.0f} s){downloaded}"
+    return f'<progress class="load-progress"></progress> {elapsed:.0f} s{downloaded}'
 
 
 def loaded_markdown(engine: Engine) -> str:
@@ -82,9 +105,13 @@ def loaded_markdown(engine: Engine) -> str:
         detail = f" · {status.error}" if status.error else ""
         state = f"⚠ {status.state}" if status.state in ("hung", "dead", "failed") else status.state
         if status.state == "loading":
-            state += " " + load_progress(status.loading_s, status.expected_load_s)
+            state += " " + load_progress(status)
         rows.append(f"- **{status.config.display_name}** (`{status.config.id}`): {state}{where}{rss}{detail}")
-    rows += [f"- ⚠ broken config `{b.path.name}`: {b.error}" for b in engine.catalogue.broken]
+    # On one line and escaped: a parser's message has a caret line and names "<unicode string>",
+    # which broke the list and was swallowed as a tag.
+    rows += [
+        f"- ⚠ broken config `{b.path.name}`: {html.escape(' '.join(b.error.split()))}" for b in engine.catalogue.broken
+    ]
     return "\n".join(rows) or "No variant loaded yet."
 
 

@@ -42,6 +42,8 @@ class VariantView:
     size_bytes: int | None  # of its weights, on disk or to download, when known
     loading_s: float | None
     expected_load_s: float | None
+    download_bytes: int | None = None
+    download_total: int | None = None
 
 
 class LiveState:
@@ -74,6 +76,8 @@ class LiveState:
             size_bytes=self._size(config.id, status.weights_present),
             loading_s=status.loading_s,
             expected_load_s=status.expected_load_s,
+            download_bytes=status.download_bytes,
+            download_total=status.download_total,
         )
 
     def _size(self, variant_id: str, present: bool) -> int | None:

@@ -134,23 +134,12 @@ class RouterTab:
         if view is None:
             return ""
         if view.state == "loading":  # the snapshot has the load's timing already
-            return f"Router {view.name}: loading the router… " + load_progress(view.loading_s, view.expected_load_s)
+            return f"Router {view.name}: loading the router… " + load_progress(view)
         if view.state == "ready":
             return f"Router {view.name}: ready"
         if view.state in ("failed", "dead", "hung"):
             return f"⚠ Router {view.name}: {view.state}" + (f": {view.error}" if view.error else "")
         return f"Router {view.name}: not loaded (it loads when you send a request)"
-
-    def _loading(self, variant_id: str) -> Iterator[float]:
-        """Load `variant_id` unless it is ready, yielding the seconds so far every half second;
-        a failed load raises from `finish_load`."""
-        if self.engine.status(variant_id).state == "ready":
-            return
-        worker = self.engine.start_load(variant_id)
-        started = time.monotonic()
-        while not worker.settled(0.5):
-            yield time.monotonic() - started
-        self.engine.finish_load(variant_id, worker)
 
     def pick_router(self, router_id: str | None, request: gr.Request) -> None:
         self.sessions.get(request).router_id = router_id
@@ -193,11 +182,11 @@ class RouterTab:
             return
         session.router_cancel = cancel = threading.Event()
         try:
-            for elapsed in self._loading(router_id):
+            for loading in self.engine.loading(router_id):
                 if cancel.is_set():
                     yield "Stopped while the router loaded (it goes on loading).", "", "", shown
                     return
-                yield f"Loading the router… {elapsed:.0f} s", "", "", shown
+                yield f"Loading the router… {load_progress(loading)}", "", "", shown
             yield "Routing…", "", "", shown
             decision = Router(self.engine, router_id, session.key).decide(prompt, float(threshold))
             chosen = answering_variant(decision, router_id, partner_id or None)
@@ -218,11 +207,11 @@ class RouterTab:
         card = decision_markdown(decision, name, chosen == router_id)
         text = ""
         try:
-            for elapsed in self._loading(chosen):
+            for loading in self.engine.loading(chosen):
                 if cancel.is_set():
                     yield card, "", f"Stopped while {name} loaded (it goes on loading).", "\n".join(trail)
                     return
-                yield card, "", f"Loading {name}… {elapsed:.0f} s", "\n".join(trail)
+                yield card, "", f"Loading {name}… {load_progress(loading)}", "\n".join(trail)
             answer_request = self.engine.request(chosen, prompt=prompt, mode="chat")
             last = 0.0
             for event in self.engine.generate(chosen, answer_request, cancel, session=session.key):

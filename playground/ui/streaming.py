@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from playground.backends.base import Request
-from playground.engine import Engine
+from playground.engine import Engine, VariantStatus
 from playground.errors import PlaygroundError, WorkerDied, WorkerHung
 from playground.metrics import GenerationMetrics
 from playground.request_queue import Queued
@@ -36,7 +36,7 @@ class PanelRun:
     metrics: GenerationMetrics | None = None
     error: str | None = None
     worker_lost: bool = False  # the worker died or hung: the panel offers a reload
-    load_started: float | None = None
+    loading: VariantStatus | None = None  # while its variant loads: elapsed time, download
     session: str = "local"  # whose turn this is in the variant's fair queue
     queue_position: int | None = None  # while queued: 1 is next
 
@@ -47,11 +47,12 @@ class PanelRun:
 
 def _drive(engine: Engine, run: PanelRun, changed: threading.Event) -> None:
     try:
-        if engine.status(run.variant_id).state != "ready":
-            run.status, run.load_started = "loading", time.monotonic()
+        for loading in engine.loading(run.variant_id):
+            run.status, run.loading = "loading", loading
             changed.set()
-            engine.load(run.variant_id)
-        run.status = "streaming"
+            if run.cancel.is_set():  # Stop while it loads: this panel gives up, the load goes on
+                return
+        run.status, run.loading = "streaming", None
         changed.set()
         for event in engine.generate(run.variant_id, run.request, run.cancel, session=run.session):
             if isinstance(event, Queued):
