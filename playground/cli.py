@@ -92,6 +92,26 @@ def _parser() -> argparse.ArgumentParser:
     resume = job_commands.add_parser("resume", help="go on with an interrupted, failed or cancelled fine-tune")
     resume.add_argument("id")
     resume.add_argument("--wait", action="store_true")
+    dif = commands.add_parser(
+        "diff", help="where variants depart from a reference, token by token (teacher-forced KL, top-1 agreement)"
+    )
+    dif.add_argument("--reference", required=True, help="the variant whose answer the others read")
+    dif.add_argument("--variants", required=True, help="comma-separated variant ids to compare with it")
+    _prompt_arguments(dif)
+    dif.add_argument("--mode", choices=["chat", "completion"], help="default: the reference's own")
+    dif.add_argument("--max-tokens", type=int, default=64, dest="max_new_tokens", help="the answer's length (64)")
+    dif.add_argument("--temperature", type=float, default=0.0, help="the reference's sampling (0: greedy)")
+    dif.add_argument("--seed", type=int)
+    dif.add_argument("--top-k", type=int, default=5, help="alternatives kept per token (5)")
+    dif.add_argument(
+        "--scored-after",
+        choices=["own", "reference"],
+        default="own",
+        help="each variant reads the answer after its own prompt ids (default) or the reference's",
+    )
+    dif.add_argument("--no-memory-check", action="store_true")
+    dif.add_argument("--json", action="store_true", help="one JSON object, with every token's row")
+
     commands.add_parser("settings", help="check the settings and print them as JSON (secrets masked)")
     return parser
 
@@ -234,6 +254,42 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
     print(f"confusion (gold -> decided): {result.confusion}")
 
 
+def _diff(engine: Any, args: argparse.Namespace) -> None:
+    from playground.divergence import diff
+
+    reference = engine.catalogue.resolve(args.reference).id
+    variants = [engine.catalogue.resolve(v.strip()).id for v in args.variants.split(",") if v.strip()]
+    if not variants:
+        raise PlaygroundError("--variants names no variant")
+    if not 0 < args.top_k <= 100:
+        raise PlaygroundError(f"--top-k must be in 1..100; got {args.top_k}")
+    for variant_id in [reference, *variants]:
+        engine.load(variant_id, check_memory=not args.no_memory_check)
+    request = engine.request(
+        reference, prompt=_prompt_of(args), mode=args.mode, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed,
+    )
+    result = diff(engine, reference, variants, request, top_k=args.top_k, scored_after=args.scored_after)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(f"reference {reference} ({result.answer_tokens} tokens, finish: {result.finish_reason}): {result.answer!r}")
+    for outcome in result.variants:
+        if outcome.refusal:
+            print(f"{outcome.variant_id}: not compared: {outcome.refusal}")
+            continue
+        prompt = outcome.prompt
+        said = "equal" if prompt.equal else (
+            f"differ at token {prompt.first_difference} ({prompt.reference_tokens} against {prompt.variant_tokens} "
+            f"tokens; reference {prompt.reference_around!r}, variant {prompt.variant_around!r})"
+        )
+        first = "never" if outcome.first_divergence is None else f"at answer token {outcome.first_divergence}"
+        print(
+            f"{outcome.variant_id}: mean KL {outcome.mean_kl:.4f} nats, top-1 agreement {outcome.top1_agreement:.3f}, "
+            f"first divergence {first}; prompt token ids {said}; KL over {outcome.kl_over}"
+        )
+
+
 def _job_dict(job: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -348,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _eval(engine, args)
         elif args.command == "jobs":
             _jobs(args)
+        elif args.command == "diff":
+            _diff(engine, args)
         return 0
     except PlaygroundError as err:
         print(f"error: {err}", file=sys.stderr)

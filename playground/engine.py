@@ -13,13 +13,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from playground.backends.base import LoadInfo, Request
+from playground.backends.base import LoadInfo, Request, TeacherForced, TokenizerProbe
 from playground.catalogue import Catalogue
 from playground.config import GenerationParams, Mode, ModelConfig
 from playground.errors import GenerationError, InsufficientMemory, LoadError, PlaygroundError
 from playground.memory import MemoryEstimate, estimate
 from playground.prompts import check_prompt_text
-from playground.protocol import CountTokens, PairLogprobs, RequestTokens, Score, TextLogprobs
+from playground.protocol import (
+    CountTokens,
+    PairLogprobs,
+    ProbeTokenizer,
+    PromptIds,
+    RequestTokens,
+    Score,
+    ScoreAnswer,
+    TextLogprobs,
+    TokenTexts,
+)
 from playground.sources import locate
 from playground.workers import Event, Worker
 
@@ -243,6 +253,26 @@ class Engine:
     def pair_logprobs(self, variant_id: str, context: str, continuation: str) -> tuple[float, bool]:
         """log P(continuation | context) and whether greedy decoding would write it."""
         return self._loaded_worker(variant_id).ask(lambda rid: PairLogprobs(rid, context, continuation))[0]
+
+    def prompt_ids(self, variant_id: str, request: Request) -> list[int]:
+        """The token ids the variant's backend builds for `request` (template, BOS included)."""
+        return self._loaded_worker(variant_id).ask(lambda rid: PromptIds(rid, request))[0]
+
+    def score_answer(
+        self, variant_id: str, prompt_ids: list[int], answer_ids: list[int], top_k: int = 5, keep_rows: bool = False
+    ) -> TeacherForced:
+        """`answer_ids` scored after `prompt_ids` in the variant, in one forward pass: each
+        token's log-probability and the top_k most likely tokens at its position; with
+        keep_rows, the whole distributions too (what KL needs)."""
+        call = lambda rid: ScoreAnswer(rid, tuple(prompt_ids), tuple(answer_ids), top_k, keep_rows)  # noqa: E731
+        return self._loaded_worker(variant_id).ask(call)[0]
+
+    def token_texts(self, variant_id: str, ids: list[int]) -> list[str]:
+        """Each token's own text in the variant's tokenizer."""
+        return self._loaded_worker(variant_id).ask(lambda rid: TokenTexts(rid, tuple(ids)))[0]
+
+    def tokenizer_probe(self, variant_id: str) -> TokenizerProbe:
+        return self._loaded_worker(variant_id).ask(lambda rid: ProbeTokenizer(rid))[0]
 
     def context_length(self, variant_id: str) -> int:
         """The context the loaded variant really has (a backend may cap the configured one)."""

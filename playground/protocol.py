@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from playground.backends.base import LoadInfo, Request
+from playground.backends.base import LoadInfo, Request, TeacherForced, TokenizerProbe
 from playground.metrics import GenerationMetrics
 
 if TYPE_CHECKING:
@@ -80,7 +80,49 @@ class PairLogprobs:
         return backend.pair_logprobs(self.context, self.continuation)
 
 
-Call = Score | CountTokens | RequestTokens | TextLogprobs | PairLogprobs
+@dataclass(frozen=True)
+class PromptIds:
+    """The token ids the backend builds for a request (template and BOS included)."""
+
+    rid: str
+    request: Request
+
+    def run(self, backend: Backend) -> list[int]:
+        return backend.prompt_ids(self.request)
+
+
+@dataclass(frozen=True)
+class ScoreAnswer:
+    """An answer's tokens scored teacher-forced after a prompt (one forward pass)."""
+
+    rid: str
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+    top_k: int
+    keep_rows: bool
+
+    def run(self, backend: Backend) -> TeacherForced:
+        return backend.teacher_forced(list(self.prompt_ids), list(self.answer_ids), self.top_k, self.keep_rows)
+
+
+@dataclass(frozen=True)
+class TokenTexts:
+    rid: str
+    ids: tuple[int, ...]
+
+    def run(self, backend: Backend) -> list[str]:
+        return backend.token_texts(list(self.ids))
+
+
+@dataclass(frozen=True)
+class ProbeTokenizer:
+    rid: str
+
+    def run(self, backend: Backend) -> TokenizerProbe:
+        return backend.tokenizer_probe()
+
+
+Call = Score | CountTokens | RequestTokens | TextLogprobs | PairLogprobs | PromptIds | ScoreAnswer | TokenTexts | ProbeTokenizer
 
 
 @dataclass(frozen=True)
@@ -141,6 +183,9 @@ class Done:
     rid: str
     text: str
     metrics: GenerationMetrics
+    # The prompt's and the answer's token ids, where the backend has them (the token view).
+    prompt_ids: tuple[int, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

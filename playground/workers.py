@@ -77,6 +77,8 @@ class TextDelta:
 class Finished:
     text: str
     metrics: GenerationMetrics
+    prompt_ids: tuple[int, ...] | None = None  # where the backend has them (the token view)
+    token_ids: tuple[int, ...] | None = None
 
 
 Event = Queued | Started | TextDelta | Finished
@@ -133,7 +135,8 @@ def _run_request(backend: Any, info: LoadInfo, job: Generate, stop: threading.Ev
         device_memory=backend.device_memory(),
         warnings=warnings,
     )
-    events.send(Done(job.rid, text, metrics))
+    prompt_ids = tuple(prompt.payload) if isinstance(prompt.payload, list) else None
+    events.send(Done(job.rid, text, metrics, prompt_ids, end.token_ids))
 
 
 def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connection) -> None:
@@ -499,7 +502,7 @@ class Worker:
                     metrics = event.metrics
                     if self._unloading and metrics.finish_reason == "cancelled":
                         metrics = dataclasses.replace(metrics, finish_reason="unloaded")
-                    yield Finished(event.text, metrics)
+                    yield Finished(event.text, metrics, event.prompt_ids, event.token_ids)
                     return
                 elif isinstance(event, Failed):
                     finished = True

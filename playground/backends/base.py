@@ -7,6 +7,7 @@ What a backend can do is declared in playground.capabilities, readable without l
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,6 +68,54 @@ class StreamEnd:
     finish_reason: FinishReason
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # The ids of the generated tokens, in order, where the backend has them (the token view
+    # and the divergence tools score exactly these, never a re-tokenized text).
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class ScoredToken:
+    """One answer token read teacher-forced: its log-probability and the most likely tokens at
+    its position (the model's raw distribution, before any sampling setting)."""
+
+    token: TokenChoice
+    top: tuple[TokenChoice, ...]
+
+    @property
+    def rank1(self) -> bool:
+        return bool(self.top) and self.top[0].token_id == self.token.token_id
+
+
+@dataclass(frozen=True)
+class TeacherForced:
+    """An answer scored in one forward pass over prompt + answer. `rows` (float32 log-softmax
+    over the vocabulary at each answer position, shape [len(answer), vocab]) only when asked:
+    the divergence tools need whole distributions, the token view only `tokens`."""
+
+    tokens: tuple[ScoredToken, ...]
+    rows: Any = None
+    seconds: float = 0.0
+
+
+# A text every tokenizer splits into many pieces (spaces, digits, code, accents, CJK): two
+# tokenizers that give the same ids for it and have the same vocabulary size are one tokenizer.
+TOKENIZER_PROBE = (
+    "The quick brown fox, 1234567 jumps over 3.14 lazy dogs!\n\tdef f(x): return x**2  # é ñ ü 中文 😀 "
+    '{"route": "self", "reason": "ok"}   trailing   spaces'
+)
+
+
+@dataclass(frozen=True)
+class TokenizerProbe:
+    vocab_size: int
+    probe_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -168,6 +217,53 @@ class Backend(ABC):
         start = max(start, 1)
         logprobs, greedy = self.window_logprobs(full)
         return float(sum(logprobs[start - 1 :])), all(greedy[start - 1 :])
+
+    # -- token probabilities: the token view and the divergence tools ------------------------
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The token ids this backend feeds the model for `request` (template, BOS included)."""
+        payload = self.prepare(request).payload
+        if not isinstance(payload, list):
+            raise GenerationError(f"the {self.name} backend does not build prompts from token ids")
+        return payload
+
+    def position_logprobs(self, ids: list[int]) -> Any:
+        """One forward pass over `ids`: the log-softmax over the vocabulary at every position
+        (row i is the distribution of the token after ids[: i + 1]), float32 numpy array of
+        shape [len(ids), vocab]."""
+        raise GenerationError(f"the {self.name} backend gives no token probabilities")
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (a piece of a character shows as U+FFFD)."""
+        raise GenerationError(f"the {self.name} backend cannot show tokens")
+
+    def tokenizer_probe(self) -> TokenizerProbe:
+        """What decides whether two variants share a tokenizer (TOKENIZER_PROBE's ids)."""
+        raise GenerationError(f"the {self.name} backend cannot tokenize locally")
+
+    def teacher_forced(self, prompt_ids: list[int], answer_ids: list[int], top_k: int, keep_rows: bool) -> TeacherForced:
+        """Score `answer_ids` after `prompt_ids` in one forward pass: each answer token's
+        log-probability and the `top_k` most likely tokens at its position."""
+        import numpy as np
+
+        if not prompt_ids or not answer_ids:
+            raise GenerationError("teacher forcing needs a prompt and at least one answer token")
+        started = time.perf_counter()
+        rows = self.position_logprobs(list(prompt_ids) + list(answer_ids))[len(prompt_ids) - 1 : -1]
+        vocab = rows.shape[1]
+        if max(answer_ids) >= vocab:
+            raise GenerationError(f"answer token id {max(answer_ids)} is outside this model's vocabulary ({vocab})")
+        k = max(0, min(top_k, vocab))
+        top_ids = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        texts = self.token_texts(sorted({*answer_ids, *top_ids.ravel().tolist()}))
+        text_of = dict(zip(sorted({*answer_ids, *top_ids.ravel().tolist()}), texts, strict=True))
+        tokens = tuple(
+            ScoredToken(
+                TokenChoice(int(t), text_of[int(t)], float(rows[i, t])),
+                tuple(TokenChoice(int(j), text_of[int(j)], float(rows[i, j])) for j in top_ids[i]),
+            )
+            for i, t in enumerate(answer_ids)
+        )
+        return TeacherForced(tokens, rows.astype(np.float32) if keep_rows else None, time.perf_counter() - started)
 
     def reset_memory_peaks(self) -> None:
         """Start a new peak-memory window (GPU backends reset their allocator's peak)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from playground.backends.base import (
+    TOKENIZER_PROBE,
     Backend,
     Chunk,
     FinishReason,
@@ -25,6 +26,7 @@ from playground.backends.base import (
     Request,
     ShouldStop,
     StreamEnd,
+    TokenizerProbe,
     shared_prefix_length,
 )
 from playground.config import GenerationParams, ModelConfig
@@ -202,35 +204,49 @@ class LlamaCppBackend(Backend):
     def encode_text(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
-    def window_logprobs(self, ids: list[int]) -> tuple[list[float], list[bool]]:
+    def position_logprobs(self, ids: list[int]) -> Any:
         import llama_cpp
         import numpy as np
 
         if len(ids) > self.llm.n_ctx():
-            raise GenerationError(f"a window of {len(ids)} tokens exceeds the context of {self.llm.n_ctx()}")
+            raise GenerationError(f"{len(ids)} tokens exceed the context of {self.llm.n_ctx()}")
         n_vocab, n_batch = self.llm.n_vocab(), self.llm.n_batch
-        rows = []
+        rows = np.empty((len(ids), n_vocab), dtype=np.float32)
         # The library's eval keeps only the last position's logits unless the whole context was
         # made with logits_all (49152 floats per position here): ask for every position of each
         # batch directly instead, as llama.cpp's own perplexity tool does.
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
-        for start in range(0, len(ids), n_batch):
-            chunk = ids[start : start + n_batch]
-            self.llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
-            self.llm._ctx.decode(self.llm._batch)
-            for i in range(len(chunk)):
-                rows.append(
-                    np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,)).copy()
-                )
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        logits = np.stack(rows[:-1]).astype(np.float64)
+        try:
+            for start in range(0, len(ids), n_batch):
+                chunk = ids[start : start + n_batch]
+                self.llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                self.llm._ctx.decode(self.llm._batch)
+                for i in range(len(chunk)):
+                    rows[start + i] = np.ctypeslib.as_array(
+                        llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,)
+                    )
+        finally:
+            self.llm.reset()
+            self.llm._ctx.kv_cache_clear()
+        logits = rows.astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
-        logprobs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
+
+    def window_logprobs(self, ids: list[int]) -> tuple[list[float], list[bool]]:
+        import numpy as np
+
+        logprobs = self.position_logprobs(ids)[:-1]
         targets = np.array(ids[1:])
-        chosen = logprobs[np.arange(len(targets)), targets]
+        chosen = logprobs[np.arange(len(targets)), targets].astype(np.float64)
         return chosen.tolist(), (logprobs.argmax(axis=1) == targets).tolist()
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self._token_text(i) for i in ids]
+
+    def tokenizer_probe(self) -> TokenizerProbe:
+        probe = self.llm.tokenize(TOKENIZER_PROBE.encode("utf-8"), add_bos=False, special=False)
+        return TokenizerProbe(int(self.llm.n_vocab()), tuple(probe))
 
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         import llama_cpp
@@ -244,7 +260,7 @@ class LlamaCppBackend(Backend):
             grammar = LlamaGrammar.from_json_schema(json.dumps(prompt.json_schema), verbose=False)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = self.llm._model.vocab  # the library's own end-of-generation test needs it
-        produced = 0
+        produced: list[int] = []
         finish: FinishReason = "length"
         tokens = self.llm.generate(
             prompt.payload,
@@ -261,9 +277,9 @@ class LlamaCppBackend(Backend):
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish = "stop"
                     break
-                produced += 1
+                produced.append(token)
                 yield Chunk(decoder.decode(self.llm.detokenize([token])), 1)
-                if produced >= params.max_new_tokens:
+                if len(produced) >= params.max_new_tokens:
                     break
                 if should_stop():
                     finish = "cancelled"
@@ -273,7 +289,7 @@ class LlamaCppBackend(Backend):
         tail = decoder.decode(b"", final=True)
         if tail:
             yield Chunk(tail, 0)
-        yield StreamEnd(finish)
+        yield StreamEnd(finish, token_ids=tuple(produced))
 
     def unload(self) -> None:
         if self.llm is not None:

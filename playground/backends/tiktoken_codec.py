@@ -53,5 +53,12 @@ class TiktokenCodec:
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode([i for i in ids if i not in self.eos_ids])
 
+    def piece(self, token_id: int) -> str:
+        """One token's text, special tokens included; <id> for an id the encoding lacks."""
+        try:
+            return self.encoding.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+        except KeyError:
+            return f"<{token_id}>"
+
     def chat(self, messages: Sequence[dict[str, str]]) -> str | None:
         return None  # a from-scratch GPT has no chat template; Alpaca or raw prompts apply

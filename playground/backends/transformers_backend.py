@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from playground.backends.base import (
+    TOKENIZER_PROBE,
     Backend,
     Chunk,
     FinishReason,
@@ -33,6 +34,7 @@ from playground.backends.base import (
     Request,
     ShouldStop,
     StreamEnd,
+    TokenizerProbe,
     shared_prefix_length,
 )
 from playground.backends.fast_decode import DecodePath, StaticDecoder, fusable_groups, fuse_projections
@@ -80,6 +82,13 @@ class TextCodec:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        """One token's text, special tokens included; <id> for an id past the tokenizer's end
+        (the spare embedding rows some checkpoints have)."""
+        if token_id >= len(self.tokenizer):
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def chat(self, messages: Sequence[dict[str, str]]) -> str | None:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -430,6 +439,23 @@ class TransformersBackend(Backend):
             greedy = logprobs.argmax(dim=-1) == targets
         return chosen.tolist(), greedy.tolist()
 
+    def position_logprobs(self, ids: list[int]) -> Any:
+        assert self.model is not None, "load() first"
+        if len(ids) > self._context_length():
+            raise GenerationError(f"{len(ids)} tokens exceed the context of {self._context_length()}")
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0].float()
+            return torch.log_softmax(logits, dim=-1).cpu().numpy()
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        assert self.codec is not None, "load() first"
+        return [self.codec.piece(i) for i in ids]
+
+    def tokenizer_probe(self) -> TokenizerProbe:
+        assert self.codec is not None and self.model is not None, "load() first"
+        probe = self.codec.encode(TOKENIZER_PROBE, add_special_tokens=False)
+        return TokenizerProbe(int(self.model.config.vocab_size), tuple(probe))
+
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         assert self.codec is not None and self.model is not None, "load() first"
         codec = self.codec
@@ -456,7 +482,7 @@ class TransformersBackend(Backend):
             raise GenerationError(f"generation failed: {first_line(err)}") from None
         finally:
             tokens.close()  # ends generate's thread, or drops the decoder's step queued ahead
-        yield StreamEnd("cancelled" if should_stop() else finish)
+        yield StreamEnd("cancelled" if should_stop() else finish, token_ids=tuple(decoder.ids))
 
     def _generate_tokens(
         self, prompt_ids: list[int], params: GenerationParams, eos: list[int], should_stop: ShouldStop
