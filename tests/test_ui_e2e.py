@@ -351,6 +351,46 @@ def test_four_panels_keep_names_readable_and_show_the_newest_answer(page):
     page.locator("#clear").click()
 
 
+def test_the_token_view_shows_each_tokens_probability_and_alternatives(page):
+    page.locator("#token-view input").check()
+    try:
+        ask_one_panel(page, "Name three colours.", 12)
+        out = int(re.search(r"/ (\d+) out", page.locator("#panel-0-metrics").inner_text()).group(1))
+        tokens = page.locator("#panel-0-tokens span.tok")
+        tokens.first.wait_for(timeout=30_000)
+        assert tokens.count() == out > 0
+        tip = tokens.first.get_attribute("title")
+        assert re.search(r"p = [01]\.\d{3} · (rank \d|not in the top 5)", tip) and "top 5: " in tip, tip
+        assert 0 <= float(tokens.first.get_attribute("data-p")) <= 1
+        assert "hsl(" in tokens.first.get_attribute("style")  # coloured by its probability
+        assert re.search(r"scored in \d+\.\d\d s after the answer", page.locator("#panel-0-tokens").inner_text())
+    finally:
+        page.locator("#token-view input").uncheck()
+        set_number(page, "n-panels", 2)
+        open_shared_settings(page)
+        set_number(page, "shared-max_new_tokens", 256)
+        page.locator("#clear").click()
+
+
+def test_the_diff_view_colours_the_reference_answer_by_divergence(page):
+    page.get_by_text("Diff: where variants depart from a reference").click()
+    page.locator("#prompt textarea").fill("What is the capital of France?")
+    set_number(page, "diff-max-tokens", 12)
+    page.locator("#diff-run").click()
+    summary = wait_text(page.locator("#diff-summary"), r"smollm2-135m-gguf\s+[\d.]+\s+[\d.]+%", 120)
+    assert re.search(r"smollm2-135m-gguf.*equal", summary), summary  # the same prompt token ids
+    tokens = page.locator('#diff-tokens .diff-variant[data-variant="smollm2-135m-gguf"] span.tok')
+    assert tokens.count() == 12
+    kls = [float(t.get_attribute("data-kl")) for t in tokens.all()]
+    assert all(k >= 0 for k in kls) and any(k > 0 for k in kls)
+    assert "KL(reference ‖ variant)" in tokens.first.get_attribute("title")
+    page.screenshot(path=str(DOCS / "diff.png"), full_page=True)
+    # Nothing to compare with: said in the view, nothing runs.
+    page.locator("#diff-variants").get_by_role("button", name=re.compile("Remove|×")).first.click()
+    page.locator("#diff-run").click()
+    wait_text(page.locator("#diff-status"), "Pick a reference and at least one other variant", 10)
+
+
 def test_a_bad_path_gets_a_clear_message(page, tmp_path):
     page.get_by_text("Add a variant from a local path").click()
     path_box = page.locator("#add-path textarea, #add-path input").first

@@ -223,6 +223,43 @@ def run_lm_eval(options: LmEvalOptions, ctx: JobContext) -> dict[str, Any]:
     return result
 
 
+class MatrixOptions(_Options):
+    model: str  # the first column (and where the job runs)
+    variants: list[str] = []  # the other columns; "a,b" from the command line
+    prompts: str = "mixed-50"  # mixed-50 (bundled), or a JSONL file
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    limit: Annotated[int, Field(ge=1)] | None = None  # only the first N prompts
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("prompts")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        from playground.matrix import PROMPT_SETS
+
+        return named_or_allowed(value, PROMPT_SETS, "prompt file")
+
+
+def run_matrix_job(options: MatrixOptions, ctx: JobContext) -> dict[str, Any]:
+    from playground.engine import Engine
+    from playground.matrix import read_prompts, run_matrix
+
+    cases = read_prompts(options.prompts)[: options.limit]
+    variants = list(dict.fromkeys([ctx.catalogue.resolve(v).id for v in [options.model, *options.variants]]))
+    ctx.emit({"message": f"{len(cases)} prompts × {len(variants)} variants", "step": 0, "total": len(cases) * len(variants)})
+    engine = Engine(ctx.catalogue)
+    try:
+        result = run_matrix(engine, variants, cases, options.max_new_tokens, _progress(ctx))
+    finally:
+        engine.shutdown()
+    rates = result.pass_rates()
+    ctx.emit({"metrics": {f"checks passed {v}": r for v, r in rates.items() if r is not None}})
+    return result.to_dict()
+
+
 def lm_eval_metrics(result: dict[str, Any]) -> dict[str, float]:
     """`task/metric` -> value of an lm-eval result, standard errors left out."""
     return {
@@ -273,6 +310,38 @@ def _summary_quant_compare(options: dict[str, Any], result: dict[str, Any]) -> S
     for row in result["rows"]:
         table.setdefault(row["variant"], {})[f"llama.cpp perplexity {row['type']}"] = row["perplexity"]
     return table
+
+
+def _matrix_means(result: dict[str, Any], variant: str) -> dict[str, float | None]:
+    cells = [c for c in result["cells"] if c["variant"] == variant and not c["error"]]
+
+    def mean(key: str) -> float | None:
+        values = [c[key] for c in cells if c[key] is not None]
+        return sum(values) / len(values) if values else None
+
+    return {"checks passed": result["pass_rate"].get(variant), "decode tok/s": mean("decode_tok_s"), "TTFT s": mean("ttft_s")}
+
+
+def _summary_matrix(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    return {variant: _matrix_means(result, variant) for variant in result["variants"]}
+
+
+def _table_matrix(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["variant", "checks passed", "mean decode tok/s", "mean TTFT", "answers", "failed"]
+    rows = []
+    for variant in result["variants"]:
+        means = _matrix_means(result, variant)
+        cells = [c for c in result["cells"] if c["variant"] == variant]
+        passed, speed, ttft = means["checks passed"], means["decode tok/s"], means["TTFT s"]
+        rows.append([
+            variant,
+            "–" if passed is None else f"{passed:.1%}",
+            "–" if speed is None else f"{speed:.1f}",
+            "–" if ttft is None else f"{ttft:.3f} s",
+            str(len(cells)),
+            str(sum(1 for c in cells if c["error"])),
+        ])
+    return headers, rows
 
 
 def _table_quant_compare(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -370,6 +439,14 @@ KINDS: dict[str, JobKind] = {
             f"{_HERE}:run_lm_eval",
             "lm-evaluation-harness tasks through the engine",
             summary=_summary_lm_eval,
+        ),
+        JobKind(
+            "matrix",
+            f"{_HERE}:MatrixOptions",
+            f"{_HERE}:run_matrix_job",
+            "a prompt set answered by several variants: answers, speed, check pass rates",
+            summary=_summary_matrix,
+            table=_table_matrix,
         ),
         JobKind(
             "lora-sft",

@@ -24,6 +24,11 @@ progress.load-progress { width: 8em; vertical-align: middle; }
 /* Panels are at least 520 px wide (four wrap into two rows), so a variant's name and state
    stay readable in its picker. */
 [id^=panel-][id$=-variant] input { text-overflow: ellipsis; }
+/* Token and diff views: tokens side by side, whitespace kept, the numbers in each tooltip. */
+.token-view { font-family: ui-monospace, monospace; font-size: 0.85em; line-height: 1.9; white-space: pre-wrap; }
+.token-view .tok { padding: 1px 0; border-right: 1px solid #fff; cursor: help; }
+.token-view .tok.disagrees { text-decoration: underline wavy #b00; }
+.token-note { font-size: 0.8em; color: #666; }
 """
 
 

@@ -6,6 +6,7 @@ panel's Stop ends only its own request. Metrics sit under every answer and feed 
 
 from __future__ import annotations
 
+import html
 import tempfile
 import threading
 import time
@@ -23,10 +24,12 @@ from playground.errors import PlaygroundError
 from playground.export import Answer, Comparison, PanelRecord, SessionRecord, Turn, load_session
 from playground.ui.access import Access
 from playground.ui.charts import ReplyPoint, comparison_figure
+from playground.ui.diff_view import DiffView
 from playground.ui.formatting import error_text, load_progress, loaded_markdown, metrics_line, ordinal, preformatted
 from playground.ui.live import LivePage, VariantView, picker_choices
 from playground.ui.session import MAX_PANELS, Session, Sessions
 from playground.ui.streaming import PanelRun, stream_panels
+from playground.ui.tokens import probability_html
 
 SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
 DEFAULT_PANELS = ("smollm2-135m-gguf", "smollm2-135m-transformers")
@@ -99,6 +102,7 @@ class Panel:
     reload: gr.Button
     override: gr.Checkbox
     settings: list[gr.components.Component]
+    tokens: gr.HTML
 
 
 def _chat_view(
@@ -175,6 +179,13 @@ class CompareTab:
                 scale=1,
                 info="completion sends raw text (Alpaca variants wrap it in their format)",
             )
+            self.token_view = gr.Checkbox(
+                False,
+                label="token view",
+                info="each answer token by token: probability and top-5 on hover",
+                elem_id="token-view",
+                scale=1,
+            )
         with gr.Accordion("Generation settings (all panels)", open=False):
             with gr.Row():
                 self.shared = settings_widgets("shared")
@@ -198,6 +209,8 @@ class CompareTab:
             export_json = gr.File(label="JSON", elem_id="export-json", visible=False, height=80)
         # The figure carries its own title; a block label would sit on top of it.
         self.plot = gr.Plot(elem_id="comparison-plot", show_label=False)
+        self.diff = DiffView(engine, self.access)
+        self.diff.build(self.prompt, self.mode)
 
         # -- wiring ----------------------------------------------------------------------
         self.model.change(self.show_estimate, self.model, self.estimate)
@@ -217,10 +230,15 @@ class CompareTab:
             inputs += [p.variant, p.override, *p.settings]
         outputs = [self.send, self.status, self.notice, self.loaded, self.plot]
         for p in self.panels:
-            outputs += [p.chatbot, p.metrics, p.reload]
+            outputs += [p.chatbot, p.metrics, p.reload, p.tokens]
         self.send.click(self.run, inputs, outputs, validator=self.check_settings)
         self.prompt.submit(self.run, inputs, outputs, validator=self.check_settings)
-        clear.click(self.clear, None, [p.chatbot for p in self.panels] + [p.metrics for p in self.panels])
+        clear.click(
+            self.clear,
+            None,
+            [p.chatbot for p in self.panels] + [p.metrics for p in self.panels] + [p.tokens for p in self.panels],
+        )
+        self.token_view.change(self.set_token_view, self.token_view, None, queue=False)
         view_inputs = [self.n_panels, self.mode, *self.shared]
         for p in self.panels:
             view_inputs += [p.variant, p.override, *p.settings]
@@ -249,13 +267,14 @@ class CompareTab:
                 autoscroll=True,
             )
             metrics = gr.Markdown(elem_id=f"panel-{i}-metrics")
+            tokens = gr.HTML(elem_id=f"panel-{i}-tokens")
             with gr.Row():
                 stop = gr.Button("Stop", size="sm", elem_id=f"panel-{i}-stop")
                 reload = gr.Button("Reload", size="sm", visible=False, elem_id=f"panel-{i}-reload")
             with gr.Accordion("Settings for this panel", open=False):
                 override = gr.Checkbox(False, label="override the shared settings", elem_id=f"panel-{i}-override")
                 settings = settings_widgets(f"panel-{i}")
-        return Panel(column, variant, chatbot, metrics, stop, reload, override, settings)
+        return Panel(column, variant, chatbot, metrics, stop, reload, override, settings, tokens)
 
     # -- variants --------------------------------------------------------------------------
     def follow_live(self, live: LivePage) -> None:
@@ -272,6 +291,7 @@ class CompareTab:
 
         live.add([self.loaded], loaded)
         live.add(pickers, choices)
+        self.diff.follow_live(live)
 
     def show_estimate(self, variant_id: str | None) -> str:
         if not variant_id:
@@ -327,6 +347,9 @@ class CompareTab:
         ]
 
     # -- generation ------------------------------------------------------------------------
+    def set_token_view(self, shown: bool, request: gr.Request) -> None:
+        self.sessions.get(request).token_view = bool(shown)
+
     def _stopper(self, i: int):
         def stop(request: gr.Request) -> None:
             self.sessions.get(request).cancels[i].set()
@@ -407,7 +430,7 @@ class CompareTab:
 
     def _notice(self, text: str) -> list[Any]:
         """Outputs that change nothing but the notice line."""
-        return [gr.update(), gr.update(), text, gr.update(), gr.update()] + [gr.update()] * (3 * MAX_PANELS)
+        return [gr.update(), gr.update(), text, gr.update(), gr.update()] + [gr.update()] * (4 * MAX_PANELS)
 
     def _run(self, session: Session, prompt: str, mode: str, n: int, values: tuple[Any, ...]) -> Iterator[list[Any]]:
         entries = self._requests(session, prompt, mode, n, values)
@@ -431,16 +454,17 @@ class CompareTab:
             cells: list[Any] = []
             for i in range(MAX_PANELS):
                 if i >= n:
-                    cells += [gr.update(), gr.update(), gr.update()]
+                    cells += [gr.update(), gr.update(), gr.update(), gr.update()]
                 elif i in by_panel:
                     r = by_panel[i]
                     cells += [
                         _chat_view(session.histories[i], prompt, r.text, r.status, mode),
                         _panel_status(r),
                         gr.update(visible=r.worker_lost),
+                        self._token_view(r) if final and session.token_view else ("" if final else gr.update()),
                     ]
                 else:
-                    cells += [gr.update(), f"⚠ {entries[i].removeprefix('⚠ ')}", gr.update()]
+                    cells += [gr.update(), f"⚠ {entries[i].removeprefix('⚠ ')}", gr.update(), ""]
             return head + cells
 
         snapshot: list[PanelRun] = []
@@ -450,6 +474,19 @@ class CompareTab:
         self._remember(session, prompt, mode, values, snapshot)
         last[4] = comparison_figure(session.points[-40:]) if session.points else gr.update()
         yield last
+
+    def _token_view(self, run: PanelRun) -> str:
+        """The answer token by token, scored teacher-forced after it ended (decode itself is
+        untouched), or why there is none."""
+        if run.status == "failed" or not run.token_ids:
+            return ""
+        if run.prompt_ids is None:
+            return "<p>⚠ no token view: this backend gives no token ids (a remote server)</p>"
+        try:
+            scored = self.engine.score_answer(run.variant_id, list(run.prompt_ids), list(run.token_ids), top_k=5)
+        except Exception as err:  # the answer stays; only its token view is missing
+            return f"<p>{html.escape(error_text(err))}</p>"
+        return probability_html(scored.tokens) + f'<p class="token-note">scored in {scored.seconds:.2f} s after the answer</p>'
 
     def _remember(
         self, session: Session, prompt: str, mode: str, values: tuple[Any, ...], runs: list[PanelRun]
@@ -494,7 +531,7 @@ class CompareTab:
         session = self.sessions.get(request)
         session.histories = [[] for _ in range(MAX_PANELS)]
         session.turns = [[] for _ in range(MAX_PANELS)]
-        return [[] for _ in range(MAX_PANELS)] + ["" for _ in range(MAX_PANELS)]
+        return [[] for _ in range(MAX_PANELS)] + ["" for _ in range(2 * MAX_PANELS)]
 
     def export(self, request: gr.Request, n: float, mode: str, *values: Any) -> tuple[Any, Any, str]:
         """The whole session: every panel's conversation with the settings and finish reason of

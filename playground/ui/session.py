@@ -38,6 +38,7 @@ class Session:
     selected_job: str | None = None  # the Jobs tab's chosen job (None: the newest)
     submitted_job: str | None = None  # the last job started from this page: its start message follows it
     arena_cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event(), threading.Event()])
+    token_view: bool = False  # each answer also drawn token by token, with probabilities
 
 
 class Sessions:

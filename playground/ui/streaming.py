@@ -39,6 +39,9 @@ class PanelRun:
     loading: VariantStatus | None = None  # while its variant loads: elapsed time, download
     session: str = "local"  # whose turn this is in the variant's fair queue
     queue_position: int | None = None  # while queued: 1 is next
+    # Once finished, where the backend has them: what the token view scores.
+    prompt_ids: tuple[int, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -63,6 +66,7 @@ def _drive(engine: Engine, run: PanelRun, changed: threading.Event) -> None:
                 run.text += event.text
             elif isinstance(event, Finished):
                 run.text, run.metrics = event.text, event.metrics
+                run.prompt_ids, run.token_ids = event.prompt_ids, event.token_ids
                 run.status = "cancelled" if event.metrics.finish_reason in ("cancelled", "unloaded") else "done"
             changed.set()
     except (WorkerDied, WorkerHung) as err:
