@@ -112,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     dif.add_argument("--no-memory-check", action="store_true")
     dif.add_argument("--json", action="store_true", help="one JSON object, with every token's row")
 
+    rep = commands.add_parser(
+        "report", help="the quantization report: memory, speed, perplexity, KL and agreement against a reference"
+    )
+    rep.add_argument("--reference", required=True)
+    rep.add_argument("--variants", required=True, help="comma-separated variant ids")
+    rep.add_argument("--prompts", default="mixed-50", help="mixed-50 (bundled) or a JSONL prompt file")
+    rep.add_argument("--limit", type=int, help="only the first N prompts")
+    rep.add_argument("--max-tokens", type=int, default=48, dest="max_new_tokens", help="tokens per answer (48)")
+    rep.add_argument("--corpus", default="python-docs-heldout", help="held-out text for perplexity")
+    rep.add_argument("--corpus-chars", type=int, default=4000, help="how much of it (4000 characters)")
+    rep.add_argument("--json", action="store_true")
+
     commands.add_parser("settings", help="check the settings and print them as JSON (secrets masked)")
     return parser
 
@@ -290,6 +302,43 @@ def _diff(engine: Any, args: argparse.Namespace) -> None:
         )
 
 
+def _report(engine: Any, args: argparse.Namespace) -> None:
+    from playground.matrix import read_prompts
+    from playground.report import REPORT_HEADERS, quantization_report, report_rows
+
+    reference = engine.catalogue.resolve(args.reference).id
+    variants = [engine.catalogue.resolve(v.strip()).id for v in args.variants.split(",") if v.strip()]
+    if not variants:
+        raise PlaygroundError("--variants names no variant")
+    if args.limit is not None and args.limit < 1:
+        raise PlaygroundError(f"--limit must be at least 1; got {args.limit}")
+    if not 1 <= args.max_new_tokens <= 4096:
+        raise PlaygroundError(f"--max-tokens must be in 1..4096; got {args.max_new_tokens}")
+    cases = read_prompts(args.prompts)[: args.limit]
+
+    def progress(message: str) -> None:
+        if not args.json:
+            print(f"\r{message[:70]:<70}", end="", file=sys.stderr, flush=True)
+
+    report = quantization_report(
+        engine, reference, variants, cases, max_new_tokens=args.max_new_tokens, corpus=args.corpus,
+        corpus_chars=args.corpus_chars, progress=progress,
+    ).to_dict()
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(file=sys.stderr)
+    rows = [REPORT_HEADERS, *report_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(REPORT_HEADERS))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(f"Pareto front, KL against decode speed: {', '.join(report['pareto_speed']) or '–'}")
+    print(f"Pareto front, KL against peak memory: {', '.join(report['pareto_memory']) or '–'}")
+    for variant in report["variants"]:
+        for note in variant["notes"]:
+            print(f"note: {variant['variant']}: {note}", file=sys.stderr)
+
+
 def _job_dict(job: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -406,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _jobs(args)
         elif args.command == "diff":
             _diff(engine, args)
+        elif args.command == "report":
+            _report(engine, args)
         return 0
     except PlaygroundError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -145,6 +145,7 @@ class Cell:
     completion_tokens: int = 0
     ttft_s: float | None = None
     decode_tok_s: float | None = None
+    peak_mem_bytes: int = 0
     finish_reason: str = ""
     checks: dict[str, bool] = field(default_factory=dict)  # check description -> passed
     error: str | None = None
@@ -196,7 +197,7 @@ def run_matrix(
         engine.load(variant)
         try:
             for case in cases:
-                cells.append(_answer(engine, variant, case, max_new_tokens))
+                cells.append(answer_case(engine, variant, case, max_new_tokens))
                 done += 1
                 if progress:
                     progress(done, total)
@@ -206,7 +207,8 @@ def run_matrix(
     return MatrixResult(variants, prompts, cells, max_new_tokens)
 
 
-def _answer(engine: Engine, variant: str, case: PromptCase, max_new_tokens: int) -> Cell:
+def answer_case(engine: Engine, variant: str, case: PromptCase, max_new_tokens: int) -> Cell:
+    """One cell: `case` answered greedily by `variant` (loaded), with its speed and checks."""
     cell = Cell(case.id, variant)
     try:
         request = engine.request(variant, prompt=case.prompt, max_new_tokens=max_new_tokens, temperature=0.0)
@@ -216,7 +218,7 @@ def _answer(engine: Engine, variant: str, case: PromptCase, max_new_tokens: int)
         return cell
     m = finished.metrics
     cell.answer, cell.completion_tokens, cell.finish_reason = finished.text, m.completion_tokens, m.finish_reason
-    cell.ttft_s, cell.decode_tok_s = m.ttft_s, m.decode_tok_s
+    cell.ttft_s, cell.decode_tok_s, cell.peak_mem_bytes = m.ttft_s, m.decode_tok_s, m.peak_mem_bytes
     cell.checks = {check.describe(): check.passes(finished.text) for check in case.checks}
     return cell
 

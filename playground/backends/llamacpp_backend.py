@@ -262,6 +262,12 @@ class LlamaCppBackend(Backend):
         vocab = self.llm._model.vocab  # the library's own end-of-generation test needs it
         produced: list[int] = []
         finish: FinishReason = "length"
+        # Every request prefills its whole prompt, as the other backends do: the library would
+        # otherwise reuse the cached prefix of the last request and re-decode its last prompt
+        # token alone, whose logits differ slightly from the batched prefill (seen: one seed gave
+        # two different first tokens), and its TTFT would not be comparable.
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
         tokens = self.llm.generate(
             prompt.payload,
             top_k=params.top_k,

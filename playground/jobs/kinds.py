@@ -223,6 +223,11 @@ def run_lm_eval(options: LmEvalOptions, ctx: JobContext) -> dict[str, Any]:
     return result
 
 
+def comma_list(value: Any) -> Any:
+    """A list option given as "a,b" on the command line."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
 class MatrixOptions(_Options):
     model: str  # the first column (and where the job runs)
     variants: list[str] = []  # the other columns; "a,b" from the command line
@@ -233,7 +238,7 @@ class MatrixOptions(_Options):
     @field_validator("variants", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return comma_list(value)
 
     @field_validator("prompts")
     @classmethod
@@ -258,6 +263,53 @@ def run_matrix_job(options: MatrixOptions, ctx: JobContext) -> dict[str, Any]:
     rates = result.pass_rates()
     ctx.emit({"metrics": {f"checks passed {v}": r for v, r in rates.items() if r is not None}})
     return result.to_dict()
+
+
+class ReportOptions(_Options):
+    model: str  # the reference
+    variants: Annotated[list[str], Field(min_length=1)]  # "a,b" from the command line
+    prompts: str = "mixed-50"
+    limit: Annotated[int, Field(ge=1)] | None = 12  # prompts used (the whole set takes a while on a CPU)
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 48
+    corpus: str = "python-docs-heldout"
+    corpus_chars: Annotated[int, Field(ge=100)] = 4000
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return comma_list(value)
+
+    @field_validator("prompts")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        from playground.matrix import PROMPT_SETS
+
+        return named_or_allowed(value, PROMPT_SETS, "prompt file")
+
+    @field_validator("corpus")
+    @classmethod
+    def _readable_corpus(cls, value: str) -> str:
+        return named_or_allowed(value, CORPORA, "corpus file")
+
+
+def run_report(options: ReportOptions, ctx: JobContext) -> dict[str, Any]:
+    from playground.engine import Engine
+    from playground.matrix import read_prompts
+    from playground.report import quantization_report
+
+    cases = read_prompts(options.prompts)[: options.limit]
+    reference = ctx.catalogue.resolve(options.model).id
+    variants = [ctx.catalogue.resolve(v).id for v in options.variants]
+    steps = iter(range(1, 10_000))
+    engine = Engine(ctx.catalogue)
+    try:
+        report = quantization_report(
+            engine, reference, variants, cases, max_new_tokens=options.max_new_tokens, corpus=options.corpus,
+            corpus_chars=options.corpus_chars, progress=lambda message: ctx.emit({"message": message, "step": next(steps)}),
+        )
+    finally:
+        engine.shutdown()
+    return report.to_dict()
 
 
 def lm_eval_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -344,6 +396,20 @@ def _table_matrix(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _summary_report(options: dict[str, Any], result: dict[str, Any]) -> Summary:
+    return {
+        v["variant"]: {"mean KL to the reference": v["mean_kl"], "top-1 agreement": v["top1_agreement"],
+                       "decode tok/s": v["decode_tok_s"], "perplexity (held out)": v["perplexity"]}
+        for v in result["variants"]
+    }
+
+
+def _table_report(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    from playground.report import REPORT_HEADERS, report_rows
+
+    return REPORT_HEADERS, report_rows(result)
+
+
 def _table_quant_compare(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     headers = ["role", "variant", "file", "perplexity", "vs its F16", "MiB"]
     rows = [
@@ -362,7 +428,7 @@ def _table_quant_compare(result: dict[str, Any]) -> tuple[list[str], list[list[s
 
 # -- the records -----------------------------------------------------------------------------
 # What the Jobs tab draws from a result; the tab maps each name to a chart.
-ResultPlot = Literal["needle", "router-curve", "perplexity-by-document", "quant-compare", "format-rates"]
+ResultPlot = Literal["needle", "router-curve", "perplexity-by-document", "quant-compare", "format-rates", "pareto"]
 
 
 @dataclass(frozen=True)
@@ -447,6 +513,15 @@ KINDS: dict[str, JobKind] = {
             "a prompt set answered by several variants: answers, speed, check pass rates",
             summary=_summary_matrix,
             table=_table_matrix,
+        ),
+        JobKind(
+            "report",
+            f"{_HERE}:ReportOptions",
+            f"{_HERE}:run_report",
+            "the quantization report: memory, speed, perplexity, KL and agreement against a reference",
+            summary=_summary_report,
+            plot="pareto",
+            table=_table_report,
         ),
         JobKind(
             "lora-sft",

@@ -285,3 +285,38 @@ def quant_compare_figure(rows: Sequence[dict]) -> go.Figure:
         barmode="group",
         yaxis_title="perplexity (llama.cpp)",
     )
+
+
+def pareto_figure(report: dict) -> go.Figure:
+    """Quality (mean KL against the reference, lower is better) against decode speed and
+    against peak memory; the variants on each Pareto front are drawn as filled markers."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("KL against decode speed", "KL against peak memory"))
+    panels = (
+        (1, "decode_tok_s", 1.0, "decode tok/s (higher is better)", set(report["pareto_speed"])),
+        (2, "peak_mem_bytes", 1 / MiB, "peak memory, MiB (lower is better)", set(report["pareto_memory"])),
+    )
+    for col, key, scale, title, front in panels:
+        shown = [v for v in report["variants"] if v["mean_kl"] is not None and v[key] is not None]
+        for i, v in enumerate(shown):
+            fig.add_trace(
+                go.Scatter(
+                    x=[v[key] * scale],
+                    y=[v["mean_kl"]],
+                    mode="markers+text",
+                    text=[v["variant"]],
+                    textposition="top center",
+                    marker=dict(
+                        size=12, color=_color(i), symbol="circle" if v["variant"] in front else "circle-open"
+                    ),
+                    name=v["variant"],
+                    showlegend=col == 1,
+                    legendgroup=v["variant"],
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(title_text=title, rangemode="tozero", row=1, col=col)
+        fig.update_yaxes(title_text="mean KL to the reference (nats)", rangemode="tozero", row=1, col=col)
+    return _titled(fig, "Quality against speed and memory (filled: on the Pareto front)")

@@ -20,7 +20,14 @@ from playground.jobs.kinds import KINDS, job_kind
 from playground.jobs.manager import JobManager
 from playground.jobs.store import Job
 from playground.ui.access import Access
-from playground.ui.charts import loss_figure, metric_bars, needle_figure, quant_compare_figure, router_eval_figure
+from playground.ui.charts import (
+    loss_figure,
+    metric_bars,
+    needle_figure,
+    pareto_figure,
+    quant_compare_figure,
+    router_eval_figure,
+)
 from playground.ui.formatting import error_text
 from playground.ui.live import LivePage, VariantView
 from playground.ui.session import Session, Sessions
@@ -46,6 +53,7 @@ RESULT_PLOTS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "perplexity-by-document": _perplexity_by_document,
     "quant-compare": lambda r: quant_compare_figure(r["rows"]),
     "format-rates": _format_rates,
+    "pareto": pareto_figure,
 }
 
 TABLE_HEADERS = ["job", "kind", "variant", "state", "progress", "elapsed", "ETA", "error"]
