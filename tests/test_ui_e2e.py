@@ -614,6 +614,44 @@ def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(pag
     wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+cancelled", 20)
 
 
+def test_a_matrix_job_shows_its_grid_filters_to_differing_rows_diffs_and_exports(page, tmp_path):
+    prompts = tmp_path / "three.jsonl"
+    prompts.write_text(
+        '{"id": "france", "prompt": "What is the capital of France?", "checks": [{"kind": "contains", "value": "Paris"}]}\n'
+        '{"id": "hello", "prompt": "Say hello."}\n'
+        '{"id": "sum", "prompt": "What is 2 + 2?"}\n'
+    )
+    page.get_by_role("tab", name="Jobs").click()
+    choose(page, "job-kind", "matrix")
+    choose(page, "job-model", "smollm2-135m-gguf")
+    # One token each: the two forms of the embedded model agree on most first tokens, not on France's.
+    options = {"variants": ["smollm2-135m-transformers"], "prompts": str(prompts), "max_new_tokens": 1}
+    page.locator("#job-options textarea").fill(json.dumps(options))
+    page.locator("#job-submit").click()
+    wait_text(page.locator("#job-detail"), r"matrix.*succeeded", 240)
+    grid = page.locator("#matrix-grid")
+    wait_text(grid, r"3 of 3 prompts", 20)
+    assert grid.locator("td.cell").count() == 6
+    assert re.search(r"1 tok · [\d.]+ tok/s · TTFT [\d.]+ s", grid.inner_text())
+    answers = {
+        row.get_attribute("data-prompt"): {c.inner_text() for c in row.locator("td.cell .answer").all()}
+        for row in grid.locator("tr[data-prompt]").all()
+    }
+    differ = sorted(p for p, texts in answers.items() if len(texts) > 1)
+    assert "france" in differ and len(differ) < 3, answers
+    page.locator("#matrix-differing input").check()
+    wait_text(grid, rf"{len(differ)} of 3 prompts \(answers differ\)", 10)
+    assert sorted(r.get_attribute("data-prompt") for r in grid.locator("tr[data-prompt]").all()) == differ
+    # A word diff between the two cells of one prompt.
+    page.locator("#matrix-diff-run").click()
+    wait_text(page.locator("#matrix-word-diff"), r"smollm2-135m-gguf → smollm2-135m-transformers", 10)
+    assert page.locator("#matrix-word-diff del, #matrix-word-diff ins").count() >= 1
+    page.locator("#matrix-export").click()
+    files = page.locator("#matrix-files")
+    wait_text(files, r"\.csv[\s\S]*\.json[\s\S]*\.md", 20)
+    page.locator("#matrix-differing input").uncheck()
+
+
 def test_qat_and_its_comparison_show_as_a_table_and_chart(page, tmp_path, llama_folder):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Hello world! This is a tiny corpus for a tiny tokenizer.\n\n" * 40)

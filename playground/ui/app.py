@@ -29,6 +29,11 @@ progress.load-progress { width: 8em; vertical-align: middle; }
 .token-view .tok { padding: 1px 0; border-right: 1px solid #fff; cursor: help; }
 .token-view .tok.disagrees { text-decoration: underline wavy #b00; }
 .token-note { font-size: 0.8em; color: #666; }
+table.matrix { border-collapse: collapse; font-size: 0.85em; }
+table.matrix th, table.matrix td { border: 1px solid #ddd; padding: 4px 6px; vertical-align: top; max-width: 28em; }
+table.matrix .answer { white-space: pre-wrap; }
+table.matrix .cell-metrics { color: #666; font-size: 0.85em; margin-top: 2px; }
+.word-diff del { background: #fdd; } .word-diff ins { background: #dfd; text-decoration: none; }
 """
 
 

@@ -30,6 +30,7 @@ from playground.ui.charts import (
 )
 from playground.ui.formatting import error_text
 from playground.ui.live import LivePage, VariantView
+from playground.ui.matrix_view import MatrixView
 from playground.ui.session import Session, Sessions
 
 
@@ -183,6 +184,8 @@ class JobsTab:
         log = gr.Textbox(label="Log (latest events)", lines=10, interactive=False, elem_id="job-log")
         gr.Markdown("### Variants across evals (latest result of each)")
         results = gr.Dataframe(interactive=False, elem_id="job-results")
+        self.matrix = MatrixView(self._read_jobs)
+        self.matrix.build()
 
         kind.change(kind_help, kind, help_text)
         submit.click(self.submit, [kind, model, options], [submit_status, selected])
@@ -236,6 +239,7 @@ class JobsTab:
         live.add([selected], picker)
         live.add([detail_html, loss, result_plot, log, resume], detail)
         live.add([self.submit_status], started)
+        self.matrix.follow_live(live)
 
     # -- actions ---------------------------------------------------------------------------
     def submit(self, kind: str, model: str, options_text: str, request: gr.Request) -> tuple[str, Any]:
