@@ -191,6 +191,7 @@ class Engine:
         mode: Mode | None = None,
         assistant_prefix: str = "",
         json_schema: dict[str, Any] | None = None,
+        top_logprobs: int = 0,
         **overrides: Any,
     ) -> Request:
         """A request for one variant: its default settings with `overrides` applied."""
@@ -208,6 +209,7 @@ class Engine:
                 messages=tuple(chat),
                 assistant_prefix=assistant_prefix,
                 json_schema=json_schema,
+                top_logprobs=top_logprobs,
             )
         return Request(
             mode="completion",
@@ -215,6 +217,7 @@ class Engine:
             text=check_prompt_text(prompt),
             assistant_prefix=assistant_prefix,
             json_schema=json_schema,
+            top_logprobs=top_logprobs,
         )
 
     def _loaded_worker(self, variant_id: str) -> Worker:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from playground.backends.base import LoadInfo, Request, TeacherForced, TokenizerProbe
+from playground.backends.base import LoadInfo, Request, ScoredToken, TeacherForced, TokenizerProbe
 from playground.metrics import GenerationMetrics
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ class Done:
     # The prompt's and the answer's token ids, where the backend has them (the token view).
     prompt_ids: tuple[int, ...] | None = None
     token_ids: tuple[int, ...] | None = None
+    scored: tuple[ScoredToken, ...] | None = None  # a server's own token probabilities
 
 
 @dataclass(frozen=True)

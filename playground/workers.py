@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import psutil
 
-from playground.backends.base import FinishReason, LoadInfo, Request, StreamEnd
+from playground.backends.base import FinishReason, LoadInfo, Request, ScoredToken, StreamEnd
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError, WorkerDied, WorkerHung
 from playground.metrics import GenerationMetrics
@@ -79,6 +79,7 @@ class Finished:
     metrics: GenerationMetrics
     prompt_ids: tuple[int, ...] | None = None  # where the backend has them (the token view)
     token_ids: tuple[int, ...] | None = None
+    scored: tuple[ScoredToken, ...] | None = None  # a server's own token probabilities
 
 
 Event = Queued | Started | TextDelta | Finished
@@ -136,7 +137,7 @@ def _run_request(backend: Any, info: LoadInfo, job: Generate, stop: threading.Ev
         warnings=warnings,
     )
     prompt_ids = tuple(prompt.payload) if isinstance(prompt.payload, list) else None
-    events.send(Done(job.rid, text, metrics, prompt_ids, end.token_ids))
+    events.send(Done(job.rid, text, metrics, prompt_ids, end.token_ids, end.scored))
 
 
 def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connection) -> None:
@@ -502,7 +503,7 @@ class Worker:
                     metrics = event.metrics
                     if self._unloading and metrics.finish_reason == "cancelled":
                         metrics = dataclasses.replace(metrics, finish_reason="unloaded")
-                    yield Finished(event.text, metrics, event.prompt_ids, event.token_ids)
+                    yield Finished(event.text, metrics, event.prompt_ids, event.token_ids, event.scored)
                     return
                 elif isinstance(event, Failed):
                     finished = True

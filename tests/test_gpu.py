@@ -248,3 +248,35 @@ def test_quantized_variants_take_the_fastest_path_that_runs(engine, llama_folder
         assert "int8_outlier_threshold: 0" in info.decode
     else:
         assert info.decode.startswith("fast decode: static KV cache + CUDA graph")
+
+
+# -- token-level divergence on the GPU -----------------------------------------------------------
+def test_gpu_variants_are_diffed_against_a_cpu_reference_and_give_a_token_view(engine, llama_folder):
+    """The fast-path bf16 and the NF4 forms read the fp32 CPU reference's answer teacher-forced;
+    the answer they generate on the fast path carries its token ids for the token view."""
+    pytest.importorskip("bitsandbytes")
+    from playground.divergence import diff
+
+    base = {"backend": "transformers", "source": {"path": str(llama_folder)}}
+    for config in (
+        variant(id="ref-cpu", dtype="fp32", device="cpu", **base),
+        variant(id="gpu-bf16", dtype="bf16", device="cuda", **base),
+        variant(id="gpu-nf4", device="cuda", quantization={"method": "nf4"}, **base),
+    ):
+        engine.catalogue.add(config)
+        engine.load(config.id)
+    assert engine.status("gpu-bf16").info.decode.startswith("fast decode")
+    request = engine.request("ref-cpu", prompt="Hello there", max_new_tokens=24, temperature=0.0)
+    result = diff(engine, "ref-cpu", ["gpu-bf16", "gpu-nf4"], request)
+    bf16, nf4 = result.variants
+    for outcome in (bf16, nf4):
+        assert outcome.refusal is None and outcome.prompt_tokens_equal and len(outcome.rows) == result.answer_tokens
+        assert outcome.mean_kl >= 0 and 0 <= outcome.top1_agreement <= 1
+    assert bf16.mean_kl < nf4.mean_kl  # 4-bit weights depart further than bf16 from fp32
+    started, deltas, finished = collect(engine.generate("gpu-bf16", request))
+    check_reply(started, deltas, finished)
+    assert len(finished.token_ids) == finished.metrics.completion_tokens
+    scored = engine.score_answer("gpu-bf16", list(finished.prompt_ids), list(finished.token_ids), top_k=5)
+    # Greedy on the fast path: each generated token is the model's own top-1 read teacher-forced
+    # (bf16 noise may swap a near tie; allow one).
+    assert sum(not t.rank1 for t in scored.tokens) <= 1

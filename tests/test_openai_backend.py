@@ -97,3 +97,21 @@ def test_the_api_key_is_never_shown_back(engine, monkeypatch):
         assert secret not in message
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["chat", "completion"])
+def test_a_server_sends_token_probabilities_when_asked(engine, server, mode):
+    """llama.cpp's server gives logprobs: the token view of a remote variant comes from them."""
+    config = engine.catalogue.add(variant(id=f"probs-{mode}", backend="openai", endpoint={"base_url": server}))
+    engine.load(config.id)
+    asked = engine.request(config.id, prompt="Name a colour.", mode=mode, max_new_tokens=6, temperature=0, top_logprobs=3)
+    finished = collect(engine.generate(config.id, asked))[2]
+    assert finished.scored, "the server sent no logprobs"
+    assert "".join(t.token.text for t in finished.scored) == finished.text
+    for scored in finished.scored:
+        assert scored.token.logprob <= 0 and 1 <= len(scored.top) <= 3
+        assert [c.logprob for c in scored.top] == sorted((c.logprob for c in scored.top), reverse=True)
+    # (Not every token need be the top-1 even when greedy: the server's default repeat penalty
+    # acts after the probabilities it reports.)
+    plain = collect(engine.generate(config.id, engine.request(config.id, prompt="Hi", mode=mode, max_new_tokens=3)))[2]
+    assert plain.scored is None  # not asked, not sent

@@ -33,6 +33,9 @@ class Request:
     assistant_prefix: str = ""
     # Constrain the output to this JSON schema where the backend has a grammar (llama.cpp).
     json_schema: dict[str, Any] | None = None
+    # The top-k alternatives to ask a server for with each token (the token view of remote
+    # variants); 0: none. Local backends score their answers after the fact instead.
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.mode == "chat" and not self.messages:
@@ -56,23 +59,6 @@ class Chunk:
     n_tokens: int
 
 
-# "unloaded": the variant was unloaded while it answered (set by the parent, never by a backend).
-FinishReason = Literal["stop", "length", "cancelled", "unloaded"]
-
-
-@dataclass(frozen=True)
-class StreamEnd:
-    """The one last item of every stream: why it ended, and the token counts a server reported
-    (they replace the worker's own counts; None where the backend counted itself)."""
-
-    finish_reason: FinishReason
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    # The ids of the generated tokens, in order, where the backend has them (the token view
-    # and the divergence tools score exactly these, never a re-tokenized text).
-    token_ids: tuple[int, ...] | None = None
-
-
 @dataclass(frozen=True)
 class TokenChoice:
     token_id: int
@@ -91,6 +77,25 @@ class ScoredToken:
     @property
     def rank1(self) -> bool:
         return bool(self.top) and self.top[0].token_id == self.token.token_id
+
+
+# "unloaded": the variant was unloaded while it answered (set by the parent, never by a backend).
+FinishReason = Literal["stop", "length", "cancelled", "unloaded"]
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The one last item of every stream: why it ended, and the token counts a server reported
+    (they replace the worker's own counts; None where the backend counted itself)."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # The ids of the generated tokens, in order, where the backend has them (the token view
+    # and the divergence tools score exactly these, never a re-tokenized text).
+    token_ids: tuple[int, ...] | None = None
+    # Each token's probability and alternatives as a server reported them (OpenAI `logprobs`).
+    scored: tuple[ScoredToken, ...] | None = None
 
 
 @dataclass(frozen=True)

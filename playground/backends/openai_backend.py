@@ -23,8 +23,10 @@ from playground.backends.base import (
     LoadInfo,
     Prompt,
     Request,
+    ScoredToken,
     ShouldStop,
     StreamEnd,
+    TokenChoice,
 )
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
@@ -81,10 +83,14 @@ class OpenAIBackend(Backend):
         )
 
     def prepare(self, request: Request) -> Prompt:
+        k = request.top_logprobs
         if request.mode == "chat" and self.config.prompt_format == "chat_template":
-            return Prompt(n_tokens=None, payload=("chat/completions", {"messages": list(request.messages)}))
+            body: dict[str, Any] = {"messages": list(request.messages)}
+            if k:
+                body |= {"logprobs": True, "top_logprobs": k}
+            return Prompt(n_tokens=None, payload=("chat/completions", body))
         text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
-        return Prompt(n_tokens=None, payload=("completions", {"prompt": text}))
+        return Prompt(n_tokens=None, payload=("completions", {"prompt": text} | ({"logprobs": k} if k else {})))
 
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         assert self.client is not None, "load() first"
@@ -102,6 +108,7 @@ class OpenAIBackend(Backend):
             body["seed"] = params.seed
         finish: FinishReason = "stop"
         usage: dict[str, Any] = {}
+        scored: list[ScoredToken] = []
         try:
             with self.client.stream("POST", path, json=body) as reply:
                 if reply.status_code != 200:
@@ -117,6 +124,7 @@ class OpenAIBackend(Backend):
                         piece = (
                             choice.get("text") if path == "completions" else (choice.get("delta") or {}).get("content")
                         )
+                        scored += _scored_tokens(choice.get("logprobs"))
                         if piece:
                             yield Chunk(piece, 1)
                         if choice.get("finish_reason"):
@@ -125,11 +133,43 @@ class OpenAIBackend(Backend):
             raise GenerationError(
                 f"the connection to {self.endpoint.base_url} failed ({err.__class__.__name__})"
             ) from None
-        yield StreamEnd(finish, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        asked = "logprobs" in body
+        yield StreamEnd(
+            finish, usage.get("prompt_tokens"), usage.get("completion_tokens"), scored=tuple(scored) if asked else None
+        )
 
     def unload(self) -> None:
         if self.client is not None:
             self.client.close()
+
+
+def _scored_tokens(logprobs: Any) -> list[ScoredToken]:
+    """A streamed choice's `logprobs` as scored tokens: the chat form (`content`: token,
+    logprob, top_logprobs) or the completions form (`tokens`, `token_logprobs`, `top_logprobs`
+    as {token: logprob}). A server gives no token ids: they are -1."""
+    if not isinstance(logprobs, dict):
+        return []
+    if isinstance(logprobs.get("content"), list):
+        return [
+            ScoredToken(
+                TokenChoice(-1, str(e.get("token", "")), float(e.get("logprob", 0.0))),
+                tuple(
+                    TokenChoice(-1, str(t.get("token", "")), float(t.get("logprob", 0.0)))
+                    for t in sorted(e.get("top_logprobs") or [], key=lambda t: -float(t.get("logprob", 0.0)))
+                ),
+            )
+            for e in logprobs["content"]
+            if isinstance(e, dict)
+        ]
+    tokens, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [{}] * len(tokens)
+    return [
+        ScoredToken(
+            TokenChoice(-1, str(token), float(value if value is not None else 0.0)),
+            tuple(TokenChoice(-1, str(t), float(lp)) for t, lp in sorted((top or {}).items(), key=lambda kv: -kv[1])),
+        )
+        for token, value, top in zip(tokens, values, tops, strict=False)
+    ]
 
 
 def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -394,7 +394,11 @@ class CompareTab:
             session.cancels[i] = threading.Event()
             try:
                 messages = [*session.histories[i], {"role": "user", "content": prompt}]
-                request = self.engine.request(variant_id, prompt=prompt, messages=messages, mode=mode, **params)
+                # A server sends its token probabilities with the answer, if asked for them.
+                top = 5 if session.token_view else 0
+                request = self.engine.request(
+                    variant_id, prompt=prompt, messages=messages, mode=mode, top_logprobs=top, **params
+                )
                 runs.append(PanelRun(i, variant_id, request, cancel=session.cancels[i], session=session.key))
             except Exception as err:
                 runs.append(error_text(err))
@@ -478,10 +482,14 @@ class CompareTab:
     def _token_view(self, run: PanelRun) -> str:
         """The answer token by token, scored teacher-forced after it ended (decode itself is
         untouched), or why there is none."""
-        if run.status == "failed" or not run.token_ids:
+        if run.status == "failed":
             return ""
+        if run.scored:  # a server's own probabilities, sent with the answer
+            return probability_html(run.scored) + '<p class="token-note">as the server reported them</p>'
         if run.prompt_ids is None:
-            return "<p>⚠ no token view: this backend gives no token ids (a remote server)</p>"
+            return "<p>⚠ no token view: this server sent no token probabilities (logprobs)</p>"
+        if not run.token_ids:
+            return ""
         try:
             scored = self.engine.score_answer(run.variant_id, list(run.prompt_ids), list(run.token_ids), top_k=5)
         except Exception as err:  # the answer stays; only its token view is missing

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from playground.backends.base import Request
+from playground.backends.base import Request, ScoredToken
 from playground.engine import Engine, VariantStatus
 from playground.errors import PlaygroundError, WorkerDied, WorkerHung
 from playground.metrics import GenerationMetrics
@@ -42,6 +42,7 @@ class PanelRun:
     # Once finished, where the backend has them: what the token view scores.
     prompt_ids: tuple[int, ...] | None = None
     token_ids: tuple[int, ...] | None = None
+    scored: tuple[ScoredToken, ...] | None = None  # a server's own token probabilities
 
     @property
     def finished(self) -> bool:
@@ -66,7 +67,7 @@ def _drive(engine: Engine, run: PanelRun, changed: threading.Event) -> None:
                 run.text += event.text
             elif isinstance(event, Finished):
                 run.text, run.metrics = event.text, event.metrics
-                run.prompt_ids, run.token_ids = event.prompt_ids, event.token_ids
+                run.prompt_ids, run.token_ids, run.scored = event.prompt_ids, event.token_ids, event.scored
                 run.status = "cancelled" if event.metrics.finish_reason in ("cancelled", "unloaded") else "done"
             changed.set()
     except (WorkerDied, WorkerHung) as err:
