@@ -493,7 +493,7 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     wait_text(page.locator("#router-state"), r"not loaded \(it loads when you send a request\)", 10)
     page.locator("#router-prompt textarea").fill("Build a DCF for TSLA with 3 scenarios.")
     page.locator("#router-go").click()
-    wait_text(page.locator("#router-decision"), r"Loading the router… \d+ s", 30)
+    wait_text(page.locator("#router-decision"), r"Loading the router…\s+\d+ s", 30)  # a bar, then seconds
     wait_text(page.locator("#router-state"), r"loading the router…\s+\d+ s", 10)
     card = wait_text(page.locator("#router-decision"), r"Route: (self|npc_fin)", 90)
     assert re.search(r"P\(escalate\) 0\.\d{3}", card) and "Router latency" in card
