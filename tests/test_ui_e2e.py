@@ -121,7 +121,9 @@ def test_the_startup_load_shows_live_and_every_picker_marks_state_and_disk(page)
     wait_text(loaded, r"smollm2-135m-gguf\)`?: loading\s+\d+ s", 30)
     assert loaded.locator("progress.load-progress").count() == 1  # a bar, with no guessed percentage
     wait_text(loaded, r"smollm2-135m-gguf\)`?: ready", 120)
-    assert "ready" in page.locator("#panel-0-variant input").input_value()
+    # Its picker follows within a second (a live part of its own).
+    picker = page.locator("#panel-0-variant input")
+    page.wait_for_function("e => e.value.includes('ready')", arg=picker.element_handle(), timeout=5_000)
     # The pickers say what is on disk and what would need a download, with its size.
     page.locator("#model input").click()
     options = [o.inner_text() for o in page.get_by_role("option").all()]
@@ -364,6 +366,7 @@ def test_the_token_view_shows_each_tokens_probability_and_alternatives(page):
         assert 0 <= float(tokens.first.get_attribute("data-p")) <= 1
         assert "hsl(" in tokens.first.get_attribute("style")  # coloured by its probability
         assert re.search(r"scored in \d+\.\d\d s after the answer", page.locator("#panel-0-tokens").inner_text())
+        page.locator("#panel-0").screenshot(path=str(DOCS / "tokens.png"))
     finally:
         page.locator("#token-view input").uncheck()
         set_number(page, "n-panels", 2)
@@ -379,8 +382,9 @@ def test_the_diff_view_colours_the_reference_answer_by_divergence(page):
     page.locator("#diff-run").click()
     summary = wait_text(page.locator("#diff-summary"), r"smollm2-135m-gguf\s+[\d.]+\s+[\d.]+%", 120)
     assert re.search(r"smollm2-135m-gguf.*equal", summary), summary  # the same prompt token ids
+    answered = int(re.search(r"greedy, (\d+) tokens", page.locator("#diff-status").inner_text()).group(1))
     tokens = page.locator('#diff-tokens .diff-variant[data-variant="smollm2-135m-gguf"] span.tok')
-    assert tokens.count() == 12
+    assert tokens.count() == answered and 0 < answered <= 12
     kls = [float(t.get_attribute("data-kl")) for t in tokens.all()]
     assert all(k >= 0 for k in kls) and any(k > 0 for k in kls)
     assert "KL(reference ‖ variant)" in tokens.first.get_attribute("title")
@@ -632,7 +636,8 @@ def test_a_matrix_job_shows_its_grid_filters_to_differing_rows_diffs_and_exports
     grid = page.locator("#matrix-grid")
     wait_text(grid, r"3 of 3 prompts", 20)
     assert grid.locator("td.cell").count() == 6
-    assert re.search(r"1 tok · [\d.]+ tok/s · TTFT [\d.]+ s", grid.inner_text())
+    # One token: no decode phase, so no decode speed (shown as –, never invented).
+    assert re.search(r"1 tok · – tok/s · TTFT [\d.]+ s", grid.inner_text())
     answers = {
         row.get_attribute("data-prompt"): {c.inner_text() for c in row.locator("td.cell .answer").all()}
         for row in grid.locator("tr[data-prompt]").all()

@@ -31,7 +31,8 @@ class DiffView:
         with gr.Accordion("Diff: where variants depart from a reference, token by token", open=False):
             gr.Markdown(
                 "The reference answers the prompt above; each variant reads that same answer in one "
-                "forward pass. Per token: KL(reference ‖ variant) (redder is further), top-1 agreement "
+                "forward pass. Per token: KL(reference ‖ variant) (redder is further, on a log scale from "
+                "0.001 to 0.5 nats), top-1 agreement "
                 "(a wavy underline where the top tokens differ). Hover a token for its numbers."
             )
             with gr.Row():

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from playground.backends.base import ScoredToken
 from playground.divergence import DiffResult, TokenRow, VariantDivergence
 
-# KL (nats) at which a token is drawn fully red; larger values are clipped.
-KL_FULL = 0.5
+# The diff colour runs on a log scale: KL (nats) below KL_FAINT is white, KL_FULL and above full
+# red (most tokens of a good quantization sit near 0.001-0.05, which a linear scale hides).
+KL_FAINT, KL_FULL = 0.001, 0.5
 
 
 def _shown(text: str) -> str:
@@ -54,7 +55,7 @@ def divergence_html(rows: Sequence[TokenRow]) -> str:
     departs from the reference's at a token (KL), the redder; a top-1 disagreement underlined."""
     spans = []
     for row in rows:
-        share = min(row.kl / KL_FULL, 1.0)
+        share = min(math.log1p(row.kl / KL_FAINT) / math.log1p(KL_FULL / KL_FAINT), 1.0)
         lightness = round(100 - 45 * share)
         tip = _tip([
             f"token {row.position}: {row.token!r}",
