@@ -174,8 +174,8 @@ def test_every_job_kind_runs_on_the_gpu(tmp_path, llama_folder, monkeypatch):
     }
     assert set(runs) == set(KINDS), "a job kind without a GPU run here"
     # The GPU kinds together (the manager starts them side by side while memory lasts), then
-    # the two that read what the QAT job made.
-    reads_qat = ["export-gguf", "qat-compare"]
+    # those that read what the QAT job made.
+    reads_qat = ["export-gguf", "qat-compare", "matrix", "report"]
     for batch in ([k for k in runs if k not in reads_qat], reads_qat):
         submitted = {kind: jobs.submit(kind, runs[kind]) for kind in batch}
         for kind, job in submitted.items():

@@ -12,8 +12,10 @@ rm -rf "$kit/site" "$kit/dl" "$kit/wheels" && mkdir -p "$kit/site" "$kit/dl" "$k
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d "$kit/dl" bitsandbytes==0.50.2 gguf==0.19.0 nvidia-ml-py==13.615.71 pydantic==2.13.4 pydantic-core==2.46.4 \
-  annotated-types typing-inspection diskcache peft==0.21.2 pydantic-settings==2.16.3 python-dotenv
-# The machine's own accelerate (1.15.0, as pinned), regex, pytest, pytest-timeout, scikit-build-core
+  annotated-types typing-inspection diskcache peft==0.21.2 pydantic-settings==2.16.3 python-dotenv \
+  jsonschema==4.26.0 jsonschema-specifications referencing rpds-py attrs
+# jsonschema: the prompt matrix's checks (the matrix and report job kinds). scipy is the
+# machine's own. The machine's own accelerate (1.15.0, as pinned), regex, pytest, pytest-timeout, scikit-build-core
 # and pathspec are used as they are: the kit must stay under the tool's size limit.
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$kit/wheels" transformers==5.23.0
 for w in "$kit"/dl/*.whl; do unzip -q -o "$w" -d "$kit/site"; done
