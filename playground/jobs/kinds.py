@@ -228,9 +228,11 @@ def comma_list(value: Any) -> Any:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
-class MatrixOptions(_Options):
-    model: str  # the first column (and where the job runs)
-    variants: list[str] = []  # the other columns; "a,b" from the command line
+class _PromptSetOptions(_Options):
+    """A prompt set across variants: what the matrix and the report are given."""
+
+    model: str  # the first column (matrix) or the reference (report); where the job runs
+    variants: list[str] = []  # the others; "a,b" from the command line
     prompts: str = "mixed-50"  # mixed-50 (bundled), or a JSONL file
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     limit: Annotated[int, Field(ge=1)] | None = None  # only the first N prompts
@@ -246,6 +248,10 @@ class MatrixOptions(_Options):
         from playground.matrix import PROMPT_SETS
 
         return named_or_allowed(value, PROMPT_SETS, "prompt file")
+
+
+class MatrixOptions(_PromptSetOptions):
+    pass
 
 
 def run_matrix_job(options: MatrixOptions, ctx: JobContext) -> dict[str, Any]:
@@ -265,26 +271,12 @@ def run_matrix_job(options: MatrixOptions, ctx: JobContext) -> dict[str, Any]:
     return result.to_dict()
 
 
-class ReportOptions(_Options):
-    model: str  # the reference
-    variants: Annotated[list[str], Field(min_length=1)]  # "a,b" from the command line
-    prompts: str = "mixed-50"
-    limit: Annotated[int, Field(ge=1)] | None = 12  # prompts used (the whole set takes a while on a CPU)
+class ReportOptions(_PromptSetOptions):
+    variants: Annotated[list[str], Field(min_length=1)]
+    limit: Annotated[int, Field(ge=1)] | None = 12  # the whole set takes a while on a CPU
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 48
     corpus: str = "python-docs-heldout"
     corpus_chars: Annotated[int, Field(ge=100)] = 4000
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        return comma_list(value)
-
-    @field_validator("prompts")
-    @classmethod
-    def _readable(cls, value: str) -> str:
-        from playground.matrix import PROMPT_SETS
-
-        return named_or_allowed(value, PROMPT_SETS, "prompt file")
 
     @field_validator("corpus")
     @classmethod
