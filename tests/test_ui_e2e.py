@@ -447,7 +447,8 @@ def test_a_stopped_worker_shows_as_hung_and_ready_again_and_broken_configs_are_l
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_text(loaded, r"smollm2-135m-gguf\)`?: ⚠ hung.*stopped answering: no heartbeat", 30)
-        assert page.locator("#panel-0-variant input").input_value().endswith("⚠ hung")
+        picker = page.locator("#panel-0-variant input").element_handle()
+        page.wait_for_function("e => e.value.endsWith('⚠ hung')", arg=picker, timeout=5_000)
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_text(loaded, r"smollm2-135m-gguf\)`?: ready", 30)
