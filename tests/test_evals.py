@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_job, variant
@@ -51,6 +52,28 @@ def test_token_logprobs_match_a_direct_forward_pass_and_llama_cpp(hf_backend, gg
     # llama.cpp reads every position of a batch (and across batches, n_batch is 512 here).
     from_gguf, _ = gguf_backend.window_logprobs(ids)
     torch.testing.assert_close(torch.tensor(from_gguf), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_only_the_positions_asked_for_are_kept_and_they_equal_the_whole_pass(hf_backend, gguf_backend):
+    ids = hf_backend.encode_text(TEXT)
+    for backend in (hf_backend, gguf_backend):
+        whole = backend.position_logprobs(ids)
+        tail = backend.position_logprobs(ids, last=5)
+        assert whole.shape[0] == len(ids) and tail.shape == (5, whole.shape[1])
+        np.testing.assert_allclose(tail, whole[-5:], atol=1e-5)
+
+def test_kept_positions_may_span_llama_cpp_batches(tiny_gguf):
+    small_batches = LlamaCppBackend(
+        variant(id="tiny-gguf-b32", backend="llamacpp", source={"path": str(tiny_gguf)}, llamacpp={"n_batch": 32})
+    )
+    small_batches.load()
+    try:
+        ids = (small_batches.encode_text(TEXT) * 20)[:200]
+        whole = small_batches.position_logprobs(ids)
+        for last in (1, 40, 200):  # within the last batch, across two, all of them
+            np.testing.assert_allclose(small_batches.position_logprobs(ids, last=last), whole[-last:], atol=1e-5)
+    finally:
+        small_batches.unload()
 
 
 @pytest.mark.parametrize("spare_rows", [0, 7])

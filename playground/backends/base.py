@@ -231,10 +231,11 @@ class Backend(ABC):
             raise GenerationError(f"the {self.name} backend does not build prompts from token ids")
         return payload
 
-    def position_logprobs(self, ids: list[int]) -> Any:
-        """One forward pass over `ids`: the log-softmax over the vocabulary at every position
-        (row i is the distribution of the token after ids[: i + 1]), float32 numpy array of
-        shape [len(ids), vocab]."""
+    def position_logprobs(self, ids: list[int], last: int | None = None) -> Any:
+        """One forward pass over `ids`: the log-softmax over the vocabulary at each of the
+        `last` final positions (default: every position; row i of the whole is the distribution
+        of the token after ids[: i + 1]), float32 numpy array of shape [positions, vocab]. Only
+        the positions asked for are kept: a long prompt's rows would cost a vocabulary each."""
         raise GenerationError(f"the {self.name} backend gives no token probabilities")
 
     def token_texts(self, ids: list[int]) -> list[str]:
@@ -253,7 +254,8 @@ class Backend(ABC):
         if not prompt_ids or not answer_ids:
             raise GenerationError("teacher forcing needs a prompt and at least one answer token")
         started = time.perf_counter()
-        rows = self.position_logprobs(list(prompt_ids) + list(answer_ids))[len(prompt_ids) - 1 : -1]
+        # The rows predicting each answer token: the last prompt position and all but the last answer one.
+        rows = self.position_logprobs(list(prompt_ids) + list(answer_ids), last=len(answer_ids) + 1)[:-1]
         vocab = rows.shape[1]
         if max(answer_ids) >= vocab:
             raise GenerationError(f"answer token id {max(answer_ids)} is outside this model's vocabulary ({vocab})")

@@ -204,26 +204,27 @@ class LlamaCppBackend(Backend):
     def encode_text(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
-    def position_logprobs(self, ids: list[int]) -> Any:
+    def position_logprobs(self, ids: list[int], last: int | None = None) -> Any:
         import llama_cpp
         import numpy as np
 
         if len(ids) > self.llm.n_ctx():
             raise GenerationError(f"{len(ids)} tokens exceed the context of {self.llm.n_ctx()}")
         n_vocab, n_batch = self.llm.n_vocab(), self.llm.n_batch
-        rows = np.empty((len(ids), n_vocab), dtype=np.float32)
+        first = len(ids) - min(last or len(ids), len(ids))  # the first position kept
+        rows = np.empty((len(ids) - first, n_vocab), dtype=np.float32)
         # The library's eval keeps only the last position's logits unless the whole context was
-        # made with logits_all (49152 floats per position here): ask for every position of each
-        # batch directly instead, as llama.cpp's own perplexity tool does.
+        # made with logits_all (49152 floats per position here): ask for the positions wanted
+        # of each batch directly instead, as llama.cpp's own perplexity tool does.
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
         try:
             for start in range(0, len(ids), n_batch):
                 chunk = ids[start : start + n_batch]
-                self.llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                self.llm._batch.set_batch(batch=chunk, n_past=start, logits_all=start + len(chunk) > first)
                 self.llm._ctx.decode(self.llm._batch)
-                for i in range(len(chunk)):
-                    rows[start + i] = np.ctypeslib.as_array(
+                for i in range(max(first - start, 0), len(chunk)):
+                    rows[start + i - first] = np.ctypeslib.as_array(
                         llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,)
                     )
         finally:

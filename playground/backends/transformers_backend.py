@@ -439,13 +439,18 @@ class TransformersBackend(Backend):
             greedy = logprobs.argmax(dim=-1) == targets
         return chosen.tolist(), greedy.tolist()
 
-    def position_logprobs(self, ids: list[int]) -> Any:
+    def position_logprobs(self, ids: list[int], last: int | None = None) -> Any:
         assert self.model is not None, "load() first"
         if len(ids) > self._context_length():
             raise GenerationError(f"{len(ids)} tokens exceed the context of {self._context_length()}")
+        keep = min(last or len(ids), len(ids))
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0].float()
-            return torch.log_softmax(logits, dim=-1).cpu().numpy()
+            inputs = torch.tensor([ids], device=self.model.device)
+            try:  # the model computes only the rows kept (transformers' own models take this)
+                logits = self.model(inputs, logits_to_keep=keep).logits[0]
+            except TypeError:  # a model of its own code may not
+                logits = self.model(inputs).logits[0]
+            return torch.log_softmax(logits[-keep:].float(), dim=-1).cpu().numpy()
 
     def token_texts(self, ids: list[int]) -> list[str]:
         assert self.codec is not None, "load() first"
