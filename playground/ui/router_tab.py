@@ -23,6 +23,8 @@ from playground.ui.session import Session, Sessions
 from playground.workers import Finished, TextDelta
 
 NO_PARTNER = "(none: the router answers everything)"
+# What an answer may run to when the router answers itself or hands on (its own budget is for its JSON).
+ANSWER_MAX_TOKENS = 256
 
 
 def decision_markdown(d: RouteDecision, answered_by: str, answered_by_router: bool) -> str:
@@ -77,6 +79,10 @@ class RouterTab:
             threshold = gr.Slider(
                 0.0, 1.0, value=0.5, step=0.01, label="escalate when P(npc_fin) is above", elem_id="router-threshold"
             )
+            # The router's own max_new_tokens is sized for its JSON decision; an answer needs its own budget.
+            answer_tokens = gr.Slider(
+                1, 4096, value=ANSWER_MAX_TOKENS, step=1, label="answer max tokens", elem_id="router-answer-tokens"
+            )
         self.state_line = gr.Markdown(elem_id="router-state")
         prompt = gr.Textbox(label="Request", lines=2, elem_id="router-prompt")
         with gr.Row():
@@ -87,7 +93,7 @@ class RouterTab:
         metrics = gr.Markdown(elem_id="router-metrics")
         gr.Markdown("### Decisions in this session")
         trail = gr.Markdown("No decisions yet.", elem_id="router-trail")
-        go_button.click(self.route, [router, partner, threshold, prompt], [decision, answer, metrics, trail])
+        go_button.click(self.route, [router, partner, threshold, prompt, answer_tokens], [decision, answer, metrics, trail])
         stop.click(self.stop, None, None, queue=False)
         router.change(self.pick_router, router, None, queue=False)
         self.partner = partner
@@ -169,7 +175,13 @@ class RouterTab:
         return f"Started job `{job.id}` ({job.state}): watch it in the Jobs tab."
 
     def route(
-        self, router_id: str, partner_id: str, threshold: float, prompt: str, request: gr.Request
+        self,
+        router_id: str,
+        partner_id: str,
+        threshold: float,
+        prompt: str,
+        answer_tokens: float | None,
+        request: gr.Request,
     ) -> Iterator[tuple[str, str, str, str]]:
         session = self.sessions.get(request)
         trail = session.router_trail
@@ -212,7 +224,9 @@ class RouterTab:
                     yield card, "", f"Stopped while {name} loaded (it goes on loading).", "\n".join(trail)
                     return
                 yield card, "", f"Loading {name}… {load_progress(loading)}", "\n".join(trail)
-            answer_request = self.engine.request(chosen, prompt=prompt, mode="chat")
+            answer_request = self.engine.request(
+                chosen, prompt=prompt, mode="chat", max_new_tokens=int(answer_tokens or ANSWER_MAX_TOKENS)
+            )
             last = 0.0
             for event in self.engine.generate(chosen, answer_request, cancel, session=session.key):
                 if isinstance(event, Queued):
