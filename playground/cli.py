@@ -316,9 +316,9 @@ def _report(engine: Any, args: argparse.Namespace) -> None:
         raise PlaygroundError(f"--max-tokens must be in 1..4096; got {args.max_new_tokens}")
     cases = read_prompts(args.prompts)[: args.limit]
 
-    def progress(message: str) -> None:
+    def progress(message: str, done: int, total: int) -> None:
         if not args.json:
-            print(f"\r{message[:70]:<70}", end="", file=sys.stderr, flush=True)
+            print(f"\r{done}/{total} {message[:64]:<64}", end="", file=sys.stderr, flush=True)
 
     report = quantization_report(
         engine, reference, variants, cases, max_new_tokens=args.max_new_tokens, corpus=args.corpus,

@@ -146,10 +146,16 @@ def token_divergence(reference: TeacherForced, variant: TeacherForced) -> tuple[
 
 
 def reference_answer(engine: Engine, reference_id: str, request: Request) -> Finished:
+    """The reference's answer to `request`, checked to be one that variants can read."""
     finished = None
     for event in engine.generate(reference_id, request):
         if isinstance(event, Finished):
             finished = event
+    return usable_answer(reference_id, finished)
+
+
+def usable_answer(reference_id: str, finished: Finished | None) -> Finished:
+    """`finished` if it holds the token ids a teacher-forced reading needs; else why not."""
     if finished is None or finished.token_ids is None or finished.prompt_ids is None:
         raise GenerationError(f"{reference_id} gives no token ids for its answers: it cannot be a reference")
     if not finished.token_ids:
@@ -165,11 +171,13 @@ def diff(
     *,
     top_k: int = 5,
     scored_after: PromptChoice = "own",
+    answer: Finished | None = None,
 ) -> DiffResult:
-    """The reference answers `request`; each variant scores that answer teacher-forced after
-    its own prompt ids for the same request (`scored_after="own"`, what it would really see) or
-    after the reference's (to tell arithmetic apart from prompt building)."""
-    answer = reference_answer(engine, reference_id, request)
+    """The reference answers `request` (or `answer` is its answer, already given); each variant
+    scores that answer teacher-forced after its own prompt ids for the same request
+    (`scored_after="own"`, what it would really see) or after the reference's (to tell
+    arithmetic apart from prompt building)."""
+    answer = usable_answer(reference_id, answer) if answer else reference_answer(engine, reference_id, request)
     prompt_ids, answer_ids = list(answer.prompt_ids or ()), list(answer.token_ids or ())
     reference = engine.score_answer(reference_id, prompt_ids, answer_ids, top_k, keep_rows=True)
     probe = engine.tokenizer_probe(reference_id)

@@ -216,6 +216,12 @@ def answer_case(engine: Engine, variant: str, case: PromptCase, max_new_tokens: 
     except PlaygroundError as err:  # one failed cell is a cell, not a failed matrix
         cell.error = str(err)
         return cell
+    return answered_cell(case, variant, finished)
+
+
+def answered_cell(case: PromptCase, variant: str, finished: Finished) -> Cell:
+    """The cell of `case` from `variant`'s finished answer: its text, speed and checks."""
+    cell = Cell(case.id, variant)
     m = finished.metrics
     cell.answer, cell.completion_tokens, cell.finish_reason = finished.text, m.completion_tokens, m.finish_reason
     cell.ttft_s, cell.decode_tok_s, cell.peak_mem_bytes = m.ttft_s, m.decode_tok_s, m.peak_mem_bytes

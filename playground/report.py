@@ -22,10 +22,10 @@ from playground.engine import Engine
 from playground.errors import GenerationError, PlaygroundError
 from playground.evals.corpus import documents, limited
 from playground.evals.perplexity import perplexity
-from playground.matrix import PromptCase, answer_case
+from playground.matrix import Cell, PromptCase, answer_case, answered_cell
 from playground.workers import Finished
 
-Progress = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # message, steps done, steps in all
 REPRODUCIBILITY_SEED = 1234
 
 
@@ -102,21 +102,38 @@ def quantization_report(
     progress: Progress | None = None,
 ) -> QuantReport:
     """Every variant (the reference first) loaded side by side, measured on `cases`."""
-    say = progress or (lambda _message: None)
     names = list(dict.fromkeys([reference, *variants]))
+    others = [n for n in names if n != reference]
+    # Loads, the reference's answers (each read by every other), the others' own answers,
+    # then a perplexity and a reproducibility run per variant.
+    total, done = len(names) + len(cases) * len(names) + 2 * len(names), 0
+
+    def say(message: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(message, done, total)
+
     reports = {name: VariantReport(name) for name in names}
     for name in names:
-        say(f"loading {name}")
         info = engine.load(name)
         row = reports[name]
         row.backend, row.dtype, row.weights_bytes, row.load_s = info.backend, info.dtype, info.weights_bytes, info.load_s
+        say(f"loaded {name}")
     kl_sums = {name: 0.0 for name in names}
     agreements = {name: 0 for name in names}
+    cells: dict[str, list[Cell]] = {name: [] for name in names}
     for number, case in enumerate(cases, start=1):
-        say(f"prompt {number}/{len(cases)}")
+        say(f"{reference}: prompt {number}/{len(cases)}, read by the others")
         request = engine.request(reference, prompt=case.prompt, max_new_tokens=max_new_tokens, temperature=0.0)
+        try:  # the reference's answer is its cell and the text the others read: generated once
+            finished = next(e for e in engine.generate(reference, request) if isinstance(e, Finished))
+        except PlaygroundError as err:
+            cells[reference].append(Cell(case.id, reference, error=str(err)))
+            continue
+        cells[reference].append(answered_cell(case, reference, finished))
         try:
-            result = diff(engine, reference, [n for n in names if n != reference], request)
+            result = diff(engine, reference, others, request, answer=finished)
         except GenerationError as err:  # the reference answered nothing here: no tokens to compare
             reports[reference].notes.append(f"{case.id}: {err}")
             continue
@@ -137,24 +154,27 @@ def quantization_report(
         if row.compared_tokens:
             row.mean_kl = kl_sums[name] / row.compared_tokens
             row.top1_agreement = agreements[name] / row.compared_tokens
-        say(f"{name}: answering the prompt set")
-        cells = [answer_case(engine, name, case, max_new_tokens) for case in cases]
-        answered = [c for c in cells if c.error is None]
+        if name != reference:
+            for number, case in enumerate(cases, start=1):
+                cells[name].append(answer_case(engine, name, case, max_new_tokens))
+                say(f"{name}: prompt {number}/{len(cases)}")
+        answered = [c for c in cells[name] if c.error is None]
         speeds = [c.decode_tok_s for c in answered if c.decode_tok_s is not None]
         ttfts = [c.ttft_s for c in answered if c.ttft_s is not None]
         row.decode_tok_s = float(np.mean(speeds)) if speeds else None
         row.ttft_s = float(np.mean(ttfts)) if ttfts else None
         checks = [ok for c in answered for ok in c.checks.values()]
         row.pass_rate = sum(checks) / len(checks) if checks else None
-        row.peak_mem_bytes = max((c.peak_mem_bytes for c in answered), default=None)
-        row.notes += [f"{c.prompt_id}: {c.error}" for c in cells if c.error]
-        say(f"{name}: perplexity on {corpus}")
+        row.peak_mem_bytes = max((c.peak_mem_bytes for c in answered if c.peak_mem_bytes), default=None)
+        row.notes += [f"{c.prompt_id}: {c.error}" for c in cells[name] if c.error]
         try:
             window = min(512, engine.context_length(name))
             row.perplexity = perplexity(engine, name, docs, window, window // 2)["perplexity"]
         except PlaygroundError as err:
             row.notes.append(f"no perplexity: {err}")
+        say(f"{name}: perplexity on {corpus}")
         row.reproducible = reproducibility(engine, name, cases[0], min(max_new_tokens, 32))
+        say(f"{name}: reproducibility")
     measured = [r for r in reports.values() if r.mean_kl is not None]
     speed = {r.variant: (r.mean_kl, -r.decode_tok_s) for r in measured if r.decode_tok_s is not None}
     memory = {r.variant: (r.mean_kl, float(r.peak_mem_bytes)) for r in measured if r.peak_mem_bytes}

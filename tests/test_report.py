@@ -24,11 +24,23 @@ def test_a_report_measures_every_variant_against_the_reference(engine, tiny_gguf
     engine.catalogue.add(variant(id="r-hf", backend="transformers", source={"path": str(tiny_gguf)}, dtype="fp32",
                                  context_length=256))
     engine.catalogue.add(variant(id="r-cpp", backend="llamacpp", source={"path": str(tiny_gguf)}, context_length=256))
-    said = []
+    said, asked = [], []
+    generate = engine.generate
+
+    def counted(variant_id, *args, **kwargs):  # a spy on the real engine: who generated how often
+        asked.append(variant_id)
+        return generate(variant_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", counted)
     report = quantization_report(
         engine, "r-hf", ["r-cpp"], read_prompts("mixed-50")[:2], max_new_tokens=6, corpus_chars=300,
-        progress=said.append,
+        progress=lambda message, done, total: said.append((message, done, total)),
     ).to_dict()
+    # Each prompt answered once per variant (the reference's answer is also what the other read),
+    # and twice more for the reproducibility check.
+    assert asked.count("r-hf") == asked.count("r-cpp") == 2 + 2
+    # Progress counts every step up to its total.
+    assert [done for _, done, _ in said] == list(range(1, len(said) + 1)) and said[-1][2] == len(said)
     reference, other = report["variants"]
     assert (reference["variant"], other["variant"]) == ("r-hf", "r-cpp")
     assert reference["mean_kl"] == 0.0 and reference["top1_agreement"] == 1.0
@@ -40,7 +52,7 @@ def test_a_report_measures_every_variant_against_the_reference(engine, tiny_gguf
         assert row["reproducible"] == "reproducible", row
         assert row["pass_rate"] is not None
     assert set(report["pareto_speed"]) <= {"r-hf", "r-cpp"} and report["pareto_speed"]
-    assert any("perplexity" in m for m in said)
+    assert any("perplexity" in m for m, _, _ in said)
     rows = report_rows(report)
     assert len(rows) == 2 and len(rows[0]) == len(REPORT_HEADERS) and rows[0][0] == "r-hf (reference)"
 

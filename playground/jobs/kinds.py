@@ -292,12 +292,11 @@ def run_report(options: ReportOptions, ctx: JobContext) -> dict[str, Any]:
     cases = read_prompts(options.prompts)[: options.limit]
     reference = ctx.catalogue.resolve(options.model).id
     variants = [ctx.catalogue.resolve(v).id for v in options.variants]
-    steps = iter(range(1, 10_000))
     engine = Engine(ctx.catalogue)
     try:
         report = quantization_report(
             engine, reference, variants, cases, max_new_tokens=options.max_new_tokens, corpus=options.corpus,
-            corpus_chars=options.corpus_chars, progress=lambda message: ctx.emit({"message": message, "step": next(steps)}),
+            corpus_chars=options.corpus_chars, progress=lambda message, done, total: ctx.emit({"message": message, "step": done, "total": total}),
         )
     finally:
         engine.shutdown()
