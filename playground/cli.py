@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="ood", help="ood, in_distribution, or a JSONL file of {prompt, route}")
     ev.add_argument("--threshold", type=float, default=0.5)
     ev.add_argument("--limit", type=int, help="only the first N rows")
+    ev.add_argument(
+        "--target-escalation-rate",
+        type=float,
+        help="pick the threshold that escalates this share of --calibration-data, then evaluate at it",
+    )
+    ev.add_argument("--calibration-data", default="in_distribution", help="where the threshold is tuned")
     ev.add_argument("--json", action="store_true")
 
     jobs = commands.add_parser("jobs", help="background jobs: submit, list, show, cancel, resume")
@@ -247,21 +253,41 @@ def _route(engine: Any, args: argparse.Namespace) -> None:
 
 
 def _eval(engine: Any, args: argparse.Namespace) -> None:
-    from playground.router import evaluate_router_file
+    from playground.router import evaluate_at_target_rate, evaluate_router_file
 
     def progress(done: int, total: int) -> None:
         if not args.json:
             print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
 
-    result = evaluate_router_file(engine, args.model, args.data, args.threshold, args.limit, progress)
+    rate = args.target_escalation_rate
+    if rate is not None and not 0.0 <= rate <= 1.0:
+        raise PlaygroundError(f"--target-escalation-rate is a share in 0..1; got {rate}")
+    if rate is None:
+        result = evaluate_router_file(engine, args.model, args.data, args.threshold, args.limit, progress)
+    else:
+        result = evaluate_at_target_rate(
+            engine, args.model, args.data, rate, args.calibration_data, args.limit, progress
+        )
+    summary = result.to_dict()
+    if rate is not None:
+        summary["calibrated_threshold"] = result.threshold
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps(summary))
         return
     print(file=sys.stderr)
+    tuned = (
+        f" (tuned on {result.calibration_data} to escalate {rate:.0%}; escalated {result.escalation_rate:.0%} here)"
+        if rate is not None
+        else ""
+    )
     print(
-        f"{result.n} rows, threshold {result.threshold}: accuracy {result.accuracy:.3f}, escalation recall "
-        f"{_fmt(result.escalation_recall)}, precision {_fmt(result.escalation_precision)}, JSON valid "
-        f"{result.json_validity:.3f}, mean latency {result.mean_latency_s:.3f} s"
+        f"{result.n} rows, threshold {result.threshold:.4f}{tuned}: accuracy {result.accuracy:.3f}, escalation "
+        f"recall {_fmt(result.escalation_recall)}, precision {_fmt(result.escalation_precision)}, JSON valid "
+        f"{result.json_validity:.3f}"
+    )
+    print(
+        f"AUROC {_fmt(result.auroc)}, ECE {_fmt(result.ece)}, Brier {_fmt(result.brier)}; router latency "
+        f"p50 {result.latency_p50_s:.3f} s, p95 {result.latency_p95_s:.3f} s"
     )
     print(f"confusion (gold -> decided): {result.confusion}")
 

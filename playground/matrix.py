@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import io
 import json
 import re
@@ -26,6 +27,7 @@ from playground.config import REPO_ROOT, describe_errors
 from playground.engine import Engine
 from playground.errors import ConfigError, PlaygroundError
 from playground.evals.format_checks import strip_fences
+from playground.paths import uploads_dir
 from playground.workers import Finished
 
 PROMPT_SETS = {"mixed-50": REPO_ROOT / "assets" / "prompts" / "mixed-50.jsonl"}
@@ -135,6 +137,20 @@ def read_prompts(source: str | Path) -> list[PromptCase]:
             raise ConfigError(f"{path}: the id {case.id!r} is used twice")
         seen.add(case.id)
     return cases
+
+
+def keep_prompt_file(upload: Path, name: str | None = None) -> tuple[Path, list[PromptCase]]:
+    """An uploaded prompt file checked (every line, as `read_prompts` does) and copied where
+    jobs may read it, named by its content so the same file kept twice is one file."""
+    cases = read_prompts(upload)
+    data = upload.read_bytes()
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name or upload.name).stem).strip("-.") or "prompts"
+    folder = uploads_dir() / "prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder / f"{stem[:60]}-{hashlib.sha256(data).hexdigest()[:10]}.jsonl"
+    if not kept.exists():
+        kept.write_bytes(data)
+    return kept, cases
 
 
 @dataclass

@@ -23,3 +23,8 @@ def cache_dir() -> Path:
 def made_configs_dir() -> Path:
     """Variant configs written by fine-tune jobs."""
     return jobs_dir() / "model_configs"
+
+
+def uploads_dir() -> Path:
+    """Files people upload through the UI (prompt sets), kept where jobs may read them."""
+    return data_dir() / "uploads"

@@ -11,6 +11,8 @@ beats on both.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -221,3 +223,37 @@ def report_rows(report: dict[str, Any]) -> list[list[str]]:
             v["reproducible"],
         ])
     return rows
+
+
+def report_csv(report: dict[str, Any]) -> str:
+    """The report's table as CSV, with the raw figures (bytes, nats, rates) rather than rounded."""
+    out = io.StringIO()
+    fields = [f for f in VariantReport.__dataclass_fields__ if f != "notes"]
+    writer = csv.writer(out)
+    writer.writerow([*fields, "reference", "pareto_speed", "pareto_memory", "notes"])
+    for v in report["variants"]:
+        writer.writerow([
+            *["" if v[f] is None else v[f] for f in fields],
+            v["variant"] == report["reference"],
+            v["variant"] in report["pareto_speed"],
+            v["variant"] in report["pareto_memory"],
+            "; ".join(v["notes"]),
+        ])
+    return out.getvalue()
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report's table as Markdown, with what it was measured on and its Pareto fronts."""
+    lines = [
+        f"Reference: {report['reference']}; {report['prompts']} prompts, greedy answers of at most "
+        f"{report['max_new_tokens']} tokens; perplexity on {report['corpus']}.",
+        "",
+        "| " + " | ".join(REPORT_HEADERS) + " |",
+        "| " + " | ".join("---" if i < 2 or h == "reproducible" else "---:" for i, h in enumerate(REPORT_HEADERS)) + " |",
+        *["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in report_rows(report)],
+        "",
+        f"Pareto front, KL against decode speed: {', '.join(report['pareto_speed']) or '–'}",
+        f"Pareto front, KL against peak memory: {', '.join(report['pareto_memory']) or '–'}",
+    ]
+    notes = [f"- {v['variant']}: {note}" for v in report["variants"] for note in v["notes"]]
+    return "\n".join(lines + (["", "Notes:", *notes] if notes else []))

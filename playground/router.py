@@ -20,6 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss, roc_auc_score
+
 from playground.capabilities import capabilities
 from playground.config import ModelConfig, RouterSpec
 from playground.engine import Engine
@@ -189,6 +193,18 @@ class RouterEval:
     mean_latency_s: float
     curve: list[dict[str, float]]  # per threshold: escalation rate and accuracy
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # How well P(escalate) ranks and how honest it is as a probability (scikit-learn):
+    auroc: float | None = None  # None while the gold routes hold one class only
+    ece: float | None = None  # expected calibration error over RELIABILITY_BINS equal-width bins
+    brier: float | None = None
+    reliability: list[dict[str, float]] = field(default_factory=list)  # per non-empty bin
+    latency_p50_s: float = 0.0
+    latency_p95_s: float = 0.0
+    escalation_rate: float = 0.0  # decided at `threshold`
+    # With a target escalation rate: the threshold that reaches it on the calibration data
+    # (RouteLLM's calibration), and the rate it reached here.
+    target_escalation_rate: float | None = None
+    calibration_data: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,7 +250,17 @@ def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, thre
                 "accuracy": sum(decided(r, t) == r["route"] for r in rows) / len(rows),
             }
         )
+    escalates = np.array([r["route"] == escalate for r in rows])
+    scores = np.array([float(r["p_escalate"]) for r in rows])
+    latencies = np.array([float(r["latency_s"]) for r in rows])
+    auroc = float(roc_auc_score(escalates, scores)) if 0 < escalates.sum() < len(rows) else None
     return RouterEval(
+        auroc=auroc,
+        brier=float(brier_score_loss(escalates, scores, pos_label=True)),
+        **reliability(escalates, scores),
+        latency_p50_s=float(np.percentile(latencies, 50)),
+        latency_p95_s=float(np.percentile(latencies, 95)),
+        escalation_rate=said_esc / len(rows),
         n=len(rows),
         threshold=threshold,
         accuracy=correct / len(rows),
@@ -246,6 +272,34 @@ def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, thre
         curve=curve,
         rows=rows,
     )
+
+
+RELIABILITY_BINS = 10
+
+
+def reliability(escalates: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """The reliability diagram (scikit-learn's calibration curve over equal-width bins of
+    P(escalate)) and the expected calibration error: the gap between each bin's observed
+    escalation frequency and its mean P(escalate), weighted by the bin's share of rows."""
+    frequency, confidence = calibration_curve(escalates, scores, n_bins=RELIABILITY_BINS, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, RELIABILITY_BINS + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], scores), minlength=RELIABILITY_BINS)  # the curve's own bins
+    counts = counts[counts > 0]
+    return {
+        "ece": float(np.average(np.abs(frequency - confidence), weights=counts)),
+        "reliability": [
+            {"confidence": float(c), "frequency": float(f), "count": int(n)}
+            for c, f, n in zip(confidence, frequency, counts, strict=True)
+        ],
+    }
+
+
+def threshold_for_rate(scores: list[float], target_rate: float) -> float:
+    """The threshold at which a share `target_rate` of `scores` lies above it (escalates), as
+    RouteLLM calibrates its routers: the (1 − rate) quantile of the calibration scores."""
+    if not 0.0 <= target_rate <= 1.0:
+        raise PlaygroundError(f"a target escalation rate is a share in 0..1; got {target_rate}")
+    return float(np.quantile(np.asarray(scores, dtype=float), 1.0 - target_rate))
 
 
 def router_rows(data: str, routes: list[str], limit: int | None = None) -> list[dict[str, str]]:
@@ -271,6 +325,33 @@ def evaluate_router_file(
     config = engine.catalogue.resolve(variant)
     rows = router_rows(data, router_spec(config).routes, limit)
     return evaluate_router(engine, config.id, rows, threshold, progress, cancel)
+
+
+def evaluate_at_target_rate(
+    engine: Engine,
+    variant: str,
+    data: str,
+    target_rate: float,
+    calibration_data: str = "in_distribution",
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> RouterEval:
+    """The threshold that escalates `target_rate` of `calibration_data` (never the eval data:
+    tuned there, the rate reached would be the target by construction), then `data` evaluated
+    at it: its `escalation_rate` is the rate actually reached."""
+    config = engine.catalogue.resolve(variant)
+    spec = router_spec(config)
+    calibration = router_rows(calibration_data, spec.routes)
+    rows = router_rows(data, spec.routes, limit)
+    total = len(calibration) + len(rows)
+    step = (lambda done, _n: progress(done, total)) if progress else None
+    tuned = evaluate_router(engine, config.id, calibration, 0.5, step, cancel)
+    threshold = threshold_for_rate([r["p_escalate"] for r in tuned.rows], target_rate)
+    shifted = (lambda done, _n: progress(len(calibration) + done, total)) if progress else None
+    result = evaluate_router(engine, config.id, rows, threshold, shifted, cancel)
+    result.target_escalation_rate, result.calibration_data = target_rate, calibration_data
+    return result
 
 
 def evaluate_router(

@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     @property
     def roots(self) -> list[Path]:
         chosen = self.allowed_roots or [Path.home(), Path.cwd()]
-        # The data shipped with the app (bundled datasets, corpora, eval tasks) is always readable.
-        return [p.expanduser().resolve() for p in [*chosen, BUNDLED_DATA]]
+        # The data shipped with the app (bundled datasets, corpora, eval tasks) is always
+        # readable, and so is what people uploaded through the UI (the app wrote it there).
+        return [p.expanduser().resolve() for p in [*chosen, BUNDLED_DATA, self.data_dir / "uploads"]]
 
     def role_of(self, name: str, password: str) -> Role | None:
         """The role a login gets, or None when it is refused."""

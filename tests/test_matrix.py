@@ -19,6 +19,7 @@ from playground.matrix import (
     Check,
     MatrixResult,
     differing_prompts,
+    keep_prompt_file,
     read_prompts,
     run_matrix,
     to_csv,
@@ -144,3 +145,26 @@ def test_the_matrix_job_runs_from_the_command_line(tmp_path, tiny_gguf):
 
 def test_prompt_sets_are_where_they_are_named():
     assert all(path.is_file() for path in PROMPT_SETS.values())
+
+
+def test_an_uploaded_prompt_file_is_checked_then_kept_where_jobs_may_read_it(tmp_path, monkeypatch):
+    from playground.jobs.kinds import MatrixOptions
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PLAYGROUND_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PLAYGROUND_ALLOWED_ROOTS", json.dumps([str(home)]))  # the data folder is not among them
+    upload = tmp_path / "gradio-tmp" / "My prompts!.jsonl"
+    upload.parent.mkdir()
+    upload.write_text('{"prompt": "Say hi."}\n"Say bye."\n')
+    kept, cases = keep_prompt_file(upload)
+    assert [c.prompt for c in cases] == ["Say hi.", "Say bye."]
+    assert kept.parent == tmp_path / "data" / "uploads" / "prompts" and kept.name.startswith("My-prompts-")
+    assert kept.read_bytes() == upload.read_bytes()
+    assert keep_prompt_file(upload)[0] == kept  # the same content kept twice is one file
+    assert MatrixOptions(model="m", prompts=str(kept)).prompts == str(kept)  # a job may read it
+    with pytest.raises(ValueError, match="outside the folders"):  # the upload folder of gradio may not
+        MatrixOptions(model="m", prompts=str(upload))
+    upload.write_text('{"prompt": "Say hi."}\n{"prompt": ""}\n')
+    with pytest.raises(ConfigError, match="line 2: the prompt is empty"):
+        keep_prompt_file(upload)
+    assert len(list(kept.parent.iterdir())) == 1  # nothing kept of a bad file

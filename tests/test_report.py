@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 from conftest import run_job, variant
@@ -10,7 +12,14 @@ from test_cli import cli
 from playground.jobs.manager import JobManager
 from playground.jobs.store import JobStore
 from playground.matrix import read_prompts
-from playground.report import REPORT_HEADERS, pareto_front, quantization_report, report_rows
+from playground.report import (
+    REPORT_HEADERS,
+    pareto_front,
+    quantization_report,
+    report_csv,
+    report_markdown,
+    report_rows,
+)
 
 
 def test_pareto_front_keeps_what_nothing_beats_on_both():
@@ -55,6 +64,11 @@ def test_a_report_measures_every_variant_against_the_reference(engine, tiny_gguf
     assert any("perplexity" in m for m, _, _ in said)
     rows = report_rows(report)
     assert len(rows) == 2 and len(rows[0]) == len(REPORT_HEADERS) and rows[0][0] == "r-hf (reference)"
+    table = list(csv.DictReader(io.StringIO(report_csv(report))))
+    assert [r["variant"] for r in table] == ["r-hf", "r-cpp"] and table[0]["reference"] == "True"
+    assert float(table[1]["mean_kl"]) == other["mean_kl"] and int(table[1]["weights_bytes"]) == other["weights_bytes"]
+    markdown = report_markdown(report)
+    assert "| r-hf (reference) |" in markdown and "2 prompts" in markdown and "Pareto front" in markdown
 
 
 def test_the_report_command_and_job(tmp_path, tiny_gguf, monkeypatch):
@@ -76,3 +90,13 @@ def test_the_report_command_and_job(tmp_path, tiny_gguf, monkeypatch):
     done = run_job(jobs, "report", {"model": "q-hf", "variants": "q-cpp", "limit": 1, "max_new_tokens": 4,
                                      "corpus_chars": 200})
     assert done.result["reference"] == "q-hf" and len(done.result["variants"]) == 2
+
+
+def test_no_limit_given_explicitly_survives_the_job_record():
+    from playground.jobs.kinds import ReportOptions
+    from playground.jobs.manager import stored_options
+
+    unlimited = stored_options(ReportOptions(model="m", variants=["v"], limit=None))
+    assert unlimited["limit"] is None and ReportOptions.model_validate(unlimited).limit is None
+    default = stored_options(ReportOptions(model="m", variants=["v"]))
+    assert default["limit"] == 12 and default["prompts"] == "mixed-50"

@@ -14,6 +14,7 @@ import torch
 from conftest import EMBEDDED_GGUF, collect, variant
 
 from playground.config import load_config_dir
+from playground.errors import PlaygroundError
 from playground.router import (
     ROUTE_END,
     ROUTE_PREFIX,
@@ -22,6 +23,7 @@ from playground.router import (
     parse_route_json,
     read_router_data,
     summarize,
+    threshold_for_rate,
 )
 
 ROUTER_SPEC = load_config_dir()["smollm2-135m-router"].router.model_dump()
@@ -71,6 +73,43 @@ def test_summary_metrics_and_threshold_curve():
     assert result.json_validity == 0.75 and result.mean_latency_s == 2.0
     rates = [point["escalation_rate"] for point in result.curve]
     assert rates[0] == 1.0 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)
+    assert result.escalation_rate == 0.5 and result.latency_p50_s == 2.0
+
+
+def test_auroc_and_calibration_match_a_direct_computation():
+    rng = np.random.default_rng(5)
+    gold = rng.random(400) < 0.3
+    p = np.clip(np.where(gold, rng.beta(5, 2, 400), rng.beta(2, 5, 400)), 0, 1)
+    rows = [
+        {"route": "npc_fin" if g else "self", "p_escalate": float(q), "best_other": "self", "valid_json": True,
+         "latency_s": float(i)}
+        for i, (g, q) in enumerate(zip(gold, p, strict=True))
+    ]
+    result = summarize(rows, ["self", "npc_fin"], "npc_fin", 0.5)
+    # AUROC: the chance that an escalating request scores above a staying one (ties half).
+    pos, neg = p[gold], p[~gold]
+    direct = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert result.auroc == pytest.approx(direct)
+    # ECE: per tenth of [0, 1], |share escalating − mean P| weighted by the bin's rows.
+    bins = np.minimum((p * 10).astype(int), 9)
+    direct_ece = sum(
+        (bins == b).sum() / len(p) * abs(gold[bins == b].mean() - p[bins == b].mean()) for b in range(10) if (bins == b).any()
+    )
+    assert result.ece == pytest.approx(direct_ece)
+    assert sum(b["count"] for b in result.reliability) == 400
+    assert result.brier == pytest.approx(np.mean((p - gold) ** 2))
+    assert result.latency_p50_s == pytest.approx(199.5) and result.latency_p95_s == pytest.approx(np.percentile(range(400), 95))
+    one_class = summarize(rows[:1], ["self", "npc_fin"], "npc_fin", 0.5)
+    assert one_class.auroc is None  # undefined with one class, never a made-up number
+
+
+def test_a_threshold_for_a_target_rate_escalates_that_share_of_the_calibration_scores():
+    scores = list(np.linspace(0.0, 1.0, 101))
+    for rate in (0.0, 0.1, 0.37, 0.9):
+        t = threshold_for_rate(scores, rate)
+        assert np.mean(np.array(scores) > t) == pytest.approx(rate, abs=0.011)
+    with pytest.raises(PlaygroundError, match="share in 0..1"):
+        threshold_for_rate(scores, 1.5)
 
 
 def test_router_data_files_are_what_the_readme_says():
@@ -218,6 +257,16 @@ def test_cli_route_and_eval(tmp_path):
     result = json.loads(out.stdout)
     assert result["n"] == 2 and len(result["curve"]) == 21 and result["json_validity"] == 1.0
     assert sum(sum(v.values()) for v in result["confusion"].values()) == 2
+    assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["ece"] <= 1.0 and result["latency_p95_s"] > 0
+    # A threshold tuned on other rows to escalate a target share, and the share reached here.
+    out = cli("eval", "--kind", "router", "--model", "smollm2-135m-router", "--data", str(rows),
+              "--target-escalation-rate", "0.5", "--calibration-data", str(rows), "--json")
+    assert out.returncode == 0, out.stderr
+    tuned = json.loads(out.stdout)
+    assert tuned["target_escalation_rate"] == 0.5 and tuned["escalation_rate"] == 0.5
+    assert tuned["calibrated_threshold"] == tuned["threshold"]
+    bad = cli("eval", "--kind", "router", "--model", "smollm2-135m-router", "--target-escalation-rate", "2")
+    assert bad.returncode == 2 and "share in 0..1" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli("route", "--router", "smollm2-135m-gguf", "--prompt", "hi")
     assert bad.returncode == 2 and "has no router section" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli("route", "--router", "smollm2-135m-router", "--prompt", "hi", "--threshold", "3")

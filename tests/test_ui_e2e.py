@@ -467,7 +467,7 @@ def test_monitor_moves_every_second(page):
     page.screenshot(path=str(DOCS / "monitor.png"), full_page=True)
 
 
-def test_blind_vote_updates_the_leaderboard(page):
+def test_blind_vote_updates_the_leaderboard(page, tmp_path):
     page.get_by_role("tab", name="Compare").click()
     if not re.search(
         r"transformers\).*ready[\s\S]*gguf\).*ready|gguf\).*ready[\s\S]*transformers\).*ready",
@@ -478,18 +478,47 @@ def test_blind_vote_updates_the_leaderboard(page):
         page.locator("#send").click()
         wait_text(page.locator("#panel-1-metrics"), "finish:", 180)
     page.get_by_role("tab", name="Blind").click()
-    assert "No votes yet" in page.locator("#leaderboard").inner_text()
+    wait_text(page.locator("#leaderboard"), "No votes yet", 10)
     page.locator("#arena-new").click()
     wait_text(page.locator("#arena-info"), "new pair is ready", 20)
     page.locator("#arena-prompt textarea, #arena-prompt input").first.fill("Say hello.")
+    page.locator("#arena-tag input").fill("greetings")  # a new category, typed
     page.locator("#arena-send").click()
     wait_text(page.locator("#arena-info"), "Which is better", 180)
     page.locator("#vote-a").click()
     reveal = wait_text(page.locator("#arena-reveal"), "Model A was", 20)
     assert "SmolLM2-135M" in reveal
-    # The rendered table reads as tab-separated cells: rank, variant, rating, votes, wins, losses.
-    board = wait_text(page.locator("#leaderboard"), r"1\tsmollm2-135m-\S+\t1016\.0\t1\t1\t0", 20)
-    assert re.search(r"2\tsmollm2-135m-\S+\t984\.0\t1\t0\t1", board)
+    # The rendered table reads as tab-separated cells: rank, variant, rating, interval, votes, wins,
+    # losses. One vote and the prior's one tie: 1.5 of 2 points, strengths 3:1, ±95 on the Elo scale.
+    board = wait_text(page.locator("#leaderboard"), r"1\tsmollm2-135m-\S+\t1095\t\? – \?\t1\t1\t0", 20)
+    assert re.search(r"2\tsmollm2-135m-\S+\t905\t\? – \?\t1\t0\t1", board)
+    notes = wait_text(page.locator("#leaderboard-notes"), r"Bradley–Terry over 1 vote", 10)
+    assert "not separated yet" in notes
+    assert "100% (1)" in page.locator("#winrate").inner_text()
+    # Style control: the same votes with length and Markdown as covariates.
+    page.locator("#style-control input").check()
+    wait_text(page.locator("#leaderboard-notes"), r"with style control over 1 vote[\s\S]*Style effects", 30)
+    page.locator("#style-control input").uncheck()
+    # The category typed with the prompt is offered as a filter.
+    choose(page, "leaderboard-tag", "greetings")
+    wait_text(page.locator("#leaderboard-notes"), r"Only votes tagged 'greetings'", 20)
+    choose(page, "leaderboard-tag", "all categories")
+    # Votes out as JSON and CSV; another session's votes merged in.
+    page.locator("#votes-export").click()
+    wait_text(page.locator("#votes-files"), r"votes-\S+\s*\.json[\s\S]*votes-\S+\s*\.csv", 20)
+    other = tmp_path / "other-session.csv"
+    a, b = re.findall(r"smollm2-135m-\S+(?=\t)", board)[:2]
+    other.write_text(
+        "variant_a,variant_b,outcome,prompt,answer_a,answer_b,tag,session\n"
+        f"{a},{b},b,Name a colour.,Red.,Blue,colours,demo 2\n{b},{a},tie,Count to 3.,1 2 3,1 2 3,,demo 2\n"
+    )
+    upload(page, "votes-import", other)
+    wait_text(page.locator("#votes-status"), r"Imported 2 votes from other-session\.csv\.", 20)
+    wait_text(page.locator("#leaderboard-notes"), r"Bradley–Terry over 3 votes", 10)  # live, no reload
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"votes": [{"variant_a": "x", "variant_b": "y", "outcome": "sideways"}]}')
+    upload(page, "votes-import", broken)
+    wait_text(page.locator("#votes-status"), r"broken\.json, vote 1: outcome", 20)
     page.screenshot(path=str(DOCS / "blind.png"), full_page=True)
 
 
@@ -529,7 +558,9 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     page.locator("#eval-run").click()
     result = wait_text(page.locator("#eval-status"), r"2 rows.*accuracy", 120)
     assert "JSON valid 1.000" in result
+    assert re.search(r"AUROC [01]\.\d{3}, ECE [01]\.\d{3}, Brier [01]\.\d{3}; router latency p50 [\d.]+ s, p95", result)
     page.locator("#eval-plot").get_by_text("escalation rate and accuracy by threshold").wait_for(timeout=20_000)
+    page.locator("#eval-plot").get_by_text("reliability: observed against predicted").wait_for(timeout=5_000)
     page.screenshot(path=str(DOCS / "router.png"), full_page=True)
     # The same eval as a background job (the Jobs tab test sees it end).
     page.locator("#eval-background").click()
@@ -656,6 +687,49 @@ def test_a_matrix_job_shows_its_grid_filters_to_differing_rows_diffs_and_exports
     files = page.locator("#matrix-files")
     wait_text(files, r"\.csv[\s\S]*\.json[\s\S]*\.md", 20)
     page.locator("#matrix-differing input").uncheck()
+
+
+def test_a_report_runs_from_an_uploaded_prompt_file_and_shows_its_table_and_pareto_charts(page, tmp_path):
+    page.get_by_role("tab", name="Jobs").click()
+    # A malformed prompt file is named with its line, and the prompt set stays as it was.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "Say hi."}\n{"prompt": "Say bye."\n')
+    upload(page, "ps-upload", broken)
+    wait_text(page.locator("#ps-status"), r"broken\.jsonl, line 2: not valid JSON", 20)
+    assert page.locator("#ps-prompts input").input_value() == "mixed-50"
+    prompts = tmp_path / "two.jsonl"
+    prompts.write_text(
+        '{"id": "france", "prompt": "What is the capital of France?", "checks": [{"kind": "contains", "value": "Paris"}]}\n'
+        '{"id": "sum", "prompt": "What is 2 + 2?", "checks": [{"kind": "contains", "value": "4"}]}\n'
+    )
+    upload(page, "ps-upload", prompts)
+    wait_text(page.locator("#ps-status"), r"2 prompts from two\.jsonl \(2 with checks\)", 20)
+    assert re.search(r"uploads/prompts/two-[0-9a-f]{10}\.jsonl$", page.locator("#ps-prompts input").input_value())
+    # The form's defaults: the dequantized twin as the reference, the Q4_1 file as the variant.
+    assert page.locator("#ps-reference input").input_value() == "smollm2-135m-transformers"
+    assert "smollm2-135m-gguf" in page.locator("#ps-variants").inner_text()
+    page.locator("#ps-max-tokens input").fill("8")
+    page.locator("#ps-report").click()
+    started = wait_text(page.locator("#ps-status"), r"Started report job \S+ \((running|queued)\)", 20)
+    job_id = re.search(r"job (\S+) \(", started).group(1)
+    wait_text(page.locator("#job-table"), rf"{job_id}\s+report\s+smollm2-135m-transformers\s+succeeded", 400)
+    # The finished report is picked in its own section as it finishes (live, no reload).
+    page.wait_for_function(
+        "id => document.querySelector('#report-job input')?.value === id", arg=job_id, timeout=10_000
+    )
+    summary = wait_text(page.locator("#report-summary"), r"2 prompts, greedy answers of at most 8 tokens", 20)
+    assert "Pareto front" in summary
+    table = wait_text(page.locator("#report-table"), r"smollm2-135m-gguf", 10)
+    assert "smollm2-135m-transformers (reference)" in table and "llamacpp" in table
+    # The reference against itself: no divergence, full agreement (the table reads one cell a line:
+    # backend, weights, peak, load, decode, TTFT, checks, perplexity, then mean KL and top-1 agreement).
+    assert re.search(r"\(reference\)\n(?:[^\n]*\n){8}0\.0000\n100\.0%", table), table
+    assert re.search(r"smollm2-135m-gguf\nllamacpp Q4_1\n(?:[^\n]*\n){7}0\.\d{4}\n\d+\.\d%", table), table
+    page.locator("#report-pareto").get_by_text("KL against decode speed").wait_for(timeout=20_000)
+    page.locator("#report-pareto").get_by_text("KL against peak memory").wait_for(timeout=5_000)
+    page.locator("#report-export").click()
+    wait_text(page.locator("#report-files"), r"\.csv[\s\S]*\.json[\s\S]*\.md", 20)
+    page.screenshot(path=str(DOCS / "report.png"), full_page=True)
 
 
 def test_qat_and_its_comparison_show_as_a_table_and_chart(page, tmp_path, llama_folder):

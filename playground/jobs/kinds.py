@@ -318,7 +318,14 @@ Summary = dict[str, dict[str, float | None]]  # variant -> column -> value
 
 
 def _summary_router(options: dict[str, Any], result: dict[str, Any]) -> Summary:
-    return {options["model"]: {f"router accuracy ({options.get('data', 'ood')})": result.get("accuracy")}}
+    data = options.get("data", "ood")
+    return {
+        options["model"]: {
+            f"router accuracy ({data})": result.get("accuracy"),
+            f"router AUROC ({data})": result.get("auroc"),
+            f"router ECE ({data})": result.get("ece"),
+        }
+    }
 
 
 def _summary_perplexity(options: dict[str, Any], result: dict[str, Any]) -> Summary:

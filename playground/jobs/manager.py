@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
+from pydantic import BaseModel
 
 from playground.errors import ConfigError, PlaygroundError
 from playground.jobs.kinds import job_kind, placement, validate_options
@@ -58,6 +59,13 @@ def free_gpu_bytes() -> int | None:
 
     gpus = gpu_memory()
     return gpus[0][0] if gpus else None
+
+
+def stored_options(options: BaseModel) -> dict[str, Any]:
+    """What a job record keeps: every option with its value, None left out unless given
+    explicitly (an explicit None can mean "no limit" where the default is a number; dropped,
+    the worker's own check would put the default back)."""
+    return {k: v for k, v in options.model_dump().items() if v is not None or k in options.model_fields_set}
 
 
 class JobManager:
@@ -142,7 +150,7 @@ class JobManager:
         device, gpu_bytes = placement(kind, validated, self.catalogue)
         if device == "cuda" and self.gpu_free() is None:
             raise ConfigError(f"this {kind} job needs a GPU, and none is visible here")
-        job = self.store.create(kind, validated.model_dump(exclude_none=True), device, gpu_bytes)
+        job = self.store.create(kind, stored_options(validated), device, gpu_bytes)
         if start:
             self.schedule()
         return self.store.get(job.id)

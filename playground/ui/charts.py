@@ -181,15 +181,42 @@ def monitor_summary(sample: Sample | None) -> str:
 
 
 def router_eval_figure(
-    curve: Sequence[dict[str, float]], confusion: dict[str, dict[str, int]], threshold: float
+    curve: Sequence[dict[str, float]],
+    confusion: dict[str, dict[str, int]],
+    threshold: float,
+    reliability: Sequence[dict[str, float]] = (),
 ) -> go.Figure:
-    """Left: escalation rate and accuracy across thresholds. Right: the confusion matrix."""
+    """Left: escalation rate and accuracy across thresholds. Middle: the reliability diagram
+    (observed escalation frequency against mean P(escalate) per bin; the diagonal is perfect
+    calibration). Right: the confusion matrix."""
     fig = make_subplots(
         rows=1,
-        cols=2,
-        column_widths=[0.62, 0.38],
-        subplot_titles=("escalation rate and accuracy by threshold", f"confusion at threshold {threshold:.2f}"),
+        cols=3,
+        column_widths=[0.4, 0.3, 0.3],
+        subplot_titles=(
+            "escalation rate and accuracy by threshold",
+            "reliability: observed against predicted",
+            f"confusion at threshold {threshold:.2f}",
+        ),
     )
+    fig.add_trace(
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="perfect calibration"),
+        row=1,
+        col=2,
+    )
+    if reliability:
+        fig.add_trace(
+            go.Scatter(
+                x=[b["confidence"] for b in reliability],
+                y=[b["frequency"] for b in reliability],
+                mode="lines+markers",
+                marker={"size": [6 + min(14, b["count"]) for b in reliability]},
+                text=[f"{b['count']} rows" for b in reliability],
+                name="P(escalate) bins",
+            ),
+            row=1,
+            col=2,
+        )
     x = [p["threshold"] for p in curve]
     fig.add_trace(
         go.Scatter(x=x, y=[p["escalation_rate"] for p in curve], name="escalation rate", mode="lines+markers"),
@@ -213,12 +240,14 @@ def router_eval_figure(
             showscale=False,
         ),
         row=1,
-        col=2,
+        col=3,
     )
     fig.update_xaxes(title_text="threshold", range=[0, 1], row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], title_text="share of requests", row=1, col=1)
-    fig.update_xaxes(title_text="decided", row=1, col=2)
-    fig.update_yaxes(title_text="gold", row=1, col=2)
+    fig.update_xaxes(title_text="mean P(escalate)", range=[0, 1], row=1, col=2)
+    fig.update_yaxes(title_text="share escalating (gold)", range=[0, 1.02], row=1, col=2)
+    fig.update_xaxes(title_text="decided", row=1, col=3)
+    fig.update_yaxes(title_text="gold", row=1, col=3)
     fig.update_layout(height=380, margin={"l": 40, "r": 20, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.2})
     return fig
 

@@ -485,7 +485,10 @@ class CompareTab:
         if run.status == "failed":
             return ""
         if run.scored:  # a server's own probabilities, sent with the answer
-            return probability_html(run.scored) + '<p class="token-note">as the server reported them</p>'
+            return probability_html(run.scored) + (
+                '<p class="token-note">as the server reported them while it decoded: compare its decode tok/s with '
+                "the token view off (llama-cpp-python's server decoded 5.6× slower when asked, benchmarks/RESULTS.md)</p>"
+            )
         if run.prompt_ids is None:
             return "<p>⚠ no token view: this server sent no token probabilities (logprobs)</p>"
         if not run.token_ids:

@@ -10,7 +10,6 @@ from playground.errors import PlaygroundError
 from playground.metrics import GenerationMetrics
 
 if TYPE_CHECKING:
-    from playground.arena import Standing
     from playground.engine import Engine
 
 MiB = 1 << 20
@@ -113,20 +112,6 @@ def loaded_markdown(engine: Engine) -> str:
         f"- ⚠ broken config `{b.path.name}`: {html.escape(' '.join(b.error.split()))}" for b in engine.catalogue.broken
     ]
     return "\n".join(rows) or "No variant loaded yet."
-
-
-def leaderboard_markdown(standings: list[Standing]) -> str:
-    if not standings:
-        return "No votes yet."
-    lines = [
-        "| # | variant | rating | votes | wins | losses | ties | both bad |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for rank, s in enumerate(standings, start=1):
-        lines.append(
-            f"| {rank} | {s.variant} | {s.rating:.1f} | {s.votes} | {s.wins} | {s.losses} | {s.ties} | {s.both_bad} |"
-        )
-    return "\n".join(lines)
 
 
 def ordinal(n: int) -> str:

@@ -31,6 +31,7 @@ from playground.ui.charts import (
 from playground.ui.formatting import error_text
 from playground.ui.live import LivePage, VariantView
 from playground.ui.matrix_view import MatrixView
+from playground.ui.report_view import PromptSetJobs, ReportView
 from playground.ui.session import Session, Sessions
 
 
@@ -49,7 +50,7 @@ def _format_rates(result: dict[str, Any]) -> Any:
 RESULT_PLOTS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "needle": needle_figure,
     "router-curve": lambda r: (
-        router_eval_figure(r["curve"], r["confusion"], r["threshold"]) if r.get("curve") else None
+        router_eval_figure(r["curve"], r["confusion"], r["threshold"], r.get("reliability", ())) if r.get("curve") else None
     ),
     "perplexity-by-document": _perplexity_by_document,
     "quant-compare": lambda r: quant_compare_figure(r["rows"]),
@@ -184,14 +185,19 @@ class JobsTab:
         log = gr.Textbox(label="Log (latest events)", lines=10, interactive=False, elem_id="job-log")
         gr.Markdown("### Variants across evals (latest result of each)")
         results = gr.Dataframe(interactive=False, elem_id="job-results")
+        self.prompt_sets = PromptSetJobs(self.manager, self.access, self.sessions, sorted(self.engine.catalogue.configs))
+        self.prompt_sets.build()
         self.matrix = MatrixView(self._read_jobs)
         self.matrix.build()
+        self.report = ReportView(self._read_jobs)
+        self.report.build()
 
         kind.change(kind_help, kind, help_text)
         submit.click(self.submit, [kind, model, options], [submit_status, selected])
         cancel.click(self.cancel, selected, action_status)
         resume.click(self.resume, selected, action_status)
-        add_variants.click(self.add_variants, None, [action_status, model, *variant_dropdowns])
+        pickers = [self.prompt_sets.reference, self.prompt_sets.variants]
+        add_variants.click(self.add_variants, None, [action_status, model, *pickers, *variant_dropdowns])
         self.view_outputs = [table, selected, detail, loss_plot, result_plot, log, results, resume]
         self.submit_status = submit_status
         # A person picking a job: shown at once (the live loop shows it from then on).
@@ -240,6 +246,7 @@ class JobsTab:
         live.add([detail_html, loss, result_plot, log, resume], detail)
         live.add([self.submit_status], started)
         self.matrix.follow_live(live)
+        self.report.follow_live(live)
 
     # -- actions ---------------------------------------------------------------------------
     def submit(self, kind: str, model: str, options_text: str, request: gr.Request) -> tuple[str, Any]:
@@ -294,7 +301,7 @@ class JobsTab:
         updates = [gr.update(choices=panel_choices)] * self._n_dropdowns
         if self._has_router_dropdown:
             updates.append(gr.update(choices=routers))
-        return (message, gr.update(choices=choices), *updates)
+        return (message, gr.update(choices=choices), gr.update(choices=choices), gr.update(choices=choices), *updates)
 
     # -- the view --------------------------------------------------------------------------
     def _read_jobs(self) -> list[Job]:

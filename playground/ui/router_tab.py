@@ -284,6 +284,7 @@ class RouterTab:
         text = (
             f"**{r.n} rows** ({dataset}), threshold {r.threshold:.2f}: accuracy **{r.accuracy:.3f}**, "
             f"escalation recall {_rate(r.escalation_recall)}, precision {_rate(r.escalation_precision)}, "
-            f"JSON valid {r.json_validity:.3f}, mean router latency {r.mean_latency_s:.2f} s"
+            f"JSON valid {r.json_validity:.3f}; AUROC {_rate(r.auroc)}, ECE {_rate(r.ece)}, Brier {_rate(r.brier)}; "
+            f"router latency p50 {r.latency_p50_s:.2f} s, p95 {r.latency_p95_s:.2f} s"
         )
-        yield text, router_eval_figure(r.curve, r.confusion, r.threshold)
+        yield text, router_eval_figure(r.curve, r.confusion, r.threshold, r.reliability)

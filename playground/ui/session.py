@@ -31,6 +31,10 @@ class Session:
     arena_pair: tuple[str, str] | None = None
     arena_prompt: str = ""
     arena_voted: bool = False
+    arena_answers: tuple[str, str] = ("", "")  # kept with the vote
+    arena_tag: str = ""  # the category of the prompt asked
+    board_tag: str = ""  # the leaderboard's category filter ("" = all votes)
+    board_style: bool = False  # the leaderboard with style control
     router_trail: list[str] = field(default_factory=list)  # rows of the Router tab's decision table
     router_id: str | None = None  # the router picked in the Router tab (its state is shown live)
     router_cancel: threading.Event = field(default_factory=threading.Event)  # Stop for the routed answer
