@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--calibration-data", default="in_distribution", help="where the threshold is tuned")
     ev.add_argument("--json", action="store_true")
 
+    cal = commands.add_parser(
+        "calibrate-router", help="fit a router's P(escalate) calibration on in-distribution data and store it"
+    )
+    cal.add_argument("--model", required=True)
+    cal.add_argument("--data", default="in_distribution", help="in_distribution, or a JSONL file of {prompt, route}")
+    cal.add_argument("--method", choices=["platt", "isotonic"], default="platt")
+    cal.add_argument("--limit", type=int, help="only the first N rows")
+    cal.add_argument("--remove", action="store_true", help="delete the stored calibration instead")
+    cal.add_argument("--json", action="store_true")
+
     jobs = commands.add_parser("jobs", help="background jobs: submit, list, show, cancel, resume")
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     submit = job_commands.add_parser("submit", help="start a job (queued when others are running)")
@@ -292,6 +302,36 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
     print(f"confusion (gold -> decided): {result.confusion}")
 
 
+def _calibrate(engine: Any, args: argparse.Namespace) -> None:
+    from playground.router import calibrate_router, router_spec
+    from playground.router_calibration import calibration_path, remove_calibration
+
+    config = engine.catalogue.resolve(args.model)
+    router_spec(config)  # a variant with no router section is refused before anything runs
+    if args.remove:
+        removed = remove_calibration(config.id)
+        said = {"variant": config.id, "removed": removed, "path": str(calibration_path(config.id))}
+        print(json.dumps(said) if args.json else f"{config.id}: {'calibration removed' if removed else 'had none'}")
+        return
+
+    if args.limit is not None and args.limit < 2:
+        raise PlaygroundError(f"--limit must be at least 2 (a calibration needs both routes); got {args.limit}")
+
+    def progress(done: int, total: int) -> None:
+        if not args.json:
+            print(f"\r{done}/{total}", end="", file=sys.stderr, flush=True)
+
+    calibration = calibrate_router(engine, config.id, args.data, args.method, args.limit, progress)
+    if args.json:
+        print(json.dumps(calibration.model_dump() | {"path": str(calibration_path(config.id))}))
+        return
+    print(file=sys.stderr)
+    print(
+        f"{config.id}: {calibration.describe()}; ECE on that data {_fmt(calibration.ece_before)} raw, "
+        f"{_fmt(calibration.ece_after)} calibrated (in-sample); stored in {calibration_path(config.id)}"
+    )
+
+
 def _diff(engine: Any, args: argparse.Namespace) -> None:
     from playground.divergence import diff
 
@@ -477,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _route(engine, args)
         elif args.command == "eval":
             _eval(engine, args)
+        elif args.command == "calibrate-router":
+            _calibrate(engine, args)
         elif args.command == "jobs":
             _jobs(args)
         elif args.command == "diff":

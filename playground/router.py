@@ -29,6 +29,7 @@ from playground.config import ModelConfig, RouterSpec
 from playground.engine import Engine
 from playground.errors import PlaygroundError
 from playground.jsonl import read_jsonl
+from playground.router_calibration import Calibration, Method, fit_calibration, load_calibration, save_calibration
 from playground.settings import allowed_path
 from playground.workers import Finished
 
@@ -57,6 +58,8 @@ class RouteDecision:
     latency_s: float  # scoring and writing the answer, as the user waits for both
     score_latency_s: float
     grammar: bool  # whether the answer was written under a JSON grammar
+    p_escalate_raw: float | None = None  # before the router's calibration, when it has one
+    calibration: str | None = None  # which calibration was applied
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,12 +106,14 @@ def router_spec(config: ModelConfig) -> RouterSpec:
 class Router:
     """One router variant of the engine: scores requests and decides against a threshold."""
 
-    def __init__(self, engine: Engine, variant_id: str, session: str = "local") -> None:
+    def __init__(self, engine: Engine, variant_id: str, session: str = "local", calibrated: bool = True) -> None:
         config = engine.catalogue.get(variant_id)
         self.engine = engine
         self.config: ModelConfig = config
         self.spec = router_spec(config)
         self.session = session  # whose turn its answers take in the router's fair queue
+        # Its stored calibration (playground.router_calibration) maps raw P(escalate) to calibrated.
+        self.calibration: Calibration | None = load_calibration(config.id) if calibrated else None
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.spec.system_prompt}, {"role": "user", "content": prompt}]
@@ -154,7 +159,8 @@ class Router:
         self.ensure_loaded()
         started = time.perf_counter()
         probs, score_s = self.score(prompt)
-        p_escalate = probs[self.spec.escalate_route]
+        p_raw = probs[self.spec.escalate_route]
+        p_escalate = float(self.calibration.apply(p_raw)) if self.calibration else p_raw
         others = [r for r in self.spec.routes if r != self.spec.escalate_route]
         route = self.spec.escalate_route if p_escalate > threshold else max(others, key=lambda r: probs[r])
         raw, grammar = self.write_answer(prompt) if explain else ("", False)
@@ -172,6 +178,8 @@ class Router:
             latency_s=time.perf_counter() - started,
             score_latency_s=score_s,
             grammar=grammar,
+            p_escalate_raw=p_raw if self.calibration else None,
+            calibration=self.calibration.describe() if self.calibration else None,
         )
 
 
@@ -342,13 +350,19 @@ def evaluate_at_target_rate(
     at it: its `escalation_rate` is the rate actually reached."""
     config = engine.catalogue.resolve(variant)
     spec = router_spec(config)
-    calibration = router_rows(calibration_data, spec.routes)
     rows = router_rows(data, spec.routes, limit)
-    total = len(calibration) + len(rows)
-    step = (lambda done, _n: progress(done, total)) if progress else None
-    tuned = evaluate_router(engine, config.id, calibration, 0.5, step, cancel)
-    threshold = threshold_for_rate([r["p_escalate"] for r in tuned.rows], target_rate)
-    shifted = (lambda done, _n: progress(len(calibration) + done, total)) if progress else None
+    stored = load_calibration(config.id)
+    if stored is not None and stored.data == calibration_data and stored.calibrated_scores:
+        # The router's calibration kept its scores of that data: no need to route it again.
+        scores, done_before, total = stored.calibrated_scores, 0, len(rows)
+    else:
+        calibration = router_rows(calibration_data, spec.routes)
+        total = len(calibration) + len(rows)
+        step = (lambda done, _n: progress(done, total)) if progress else None
+        scores = [r["p_escalate"] for r in evaluate_router(engine, config.id, calibration, 0.5, step, cancel).rows]
+        done_before = len(calibration)
+    threshold = threshold_for_rate(scores, target_rate)
+    shifted = (lambda done, _n: progress(done_before + done, total)) if progress else None
     result = evaluate_router(engine, config.id, rows, threshold, shifted, cancel)
     result.target_escalation_rate, result.calibration_data = target_rate, calibration_data
     return result
@@ -361,10 +375,12 @@ def evaluate_router(
     threshold: float = 0.5,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    calibrated: bool = True,
 ) -> RouterEval:
     """Run the router on every row. `progress(done, total)` is called before the first row and
-    after each; setting `cancel` ends the eval between rows with `EvalCancelled`."""
-    router = Router(engine, variant_id)
+    after each; setting `cancel` ends the eval between rows with `EvalCancelled`. With
+    `calibrated` (and a stored calibration) P(escalate) is the calibrated score."""
+    router = Router(engine, variant_id, calibrated=calibrated)
     if progress is not None:
         progress(0, len(data))
     rows = []
@@ -378,6 +394,7 @@ def evaluate_router(
                 "prompt": item["prompt"],
                 "route": item["route"],
                 "p_escalate": d.p_escalate,
+                "p_escalate_raw": d.p_escalate if d.p_escalate_raw is None else d.p_escalate_raw,
                 "best_other": max(others, key=others.get),
                 "valid_json": d.valid_json,
                 "model_route": d.model_route,
@@ -388,6 +405,29 @@ def evaluate_router(
         if progress is not None:
             progress(i + 1, len(data))
     return summarize(rows, router.spec.routes, router.spec.escalate_route, threshold)
+
+
+def calibrate_router(
+    engine: Engine,
+    variant: str,
+    data: str = "in_distribution",
+    method: Method = "platt",
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Calibration:
+    """Route `data` with the raw scores, fit the calibration, store it with the router variant
+    (every later decision and eval of that variant uses it) and return it."""
+    config = engine.catalogue.resolve(variant)
+    rows = router_rows(data, router_spec(config).routes, limit)
+    raw = evaluate_router(engine, config.id, rows, 0.5, progress, cancel, calibrated=False)
+    escalates = [r["route"] == router_spec(config).escalate_route for r in raw.rows]
+    scores = [r["p_escalate"] for r in raw.rows]
+    calibration = fit_calibration(config.id, scores, escalates, method, data)
+    calibration.ece_before = raw.ece
+    calibration.ece_after = reliability(np.array(escalates), np.array(calibration.calibrated_scores))["ece"]
+    save_calibration(calibration)
+    return calibration
 
 
 class EvalCancelled(PlaygroundError):

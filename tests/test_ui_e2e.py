@@ -525,6 +525,9 @@ def test_blind_vote_updates_the_leaderboard(page, tmp_path):
 def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     page.get_by_role("tab", name="Router").click()
     wait_text(page.locator("#router-state"), r"not loaded \(it loads when you send a request\)", 10)
+    answer_tokens = page.locator("#router-answer-tokens input[type='number']")
+    answer_tokens.fill("24")  # short answers here; the Stop below gets a long one
+    answer_tokens.press("Tab")
     page.locator("#router-prompt textarea").fill("Build a DCF for TSLA with 3 scenarios.")
     page.locator("#router-go").click()
     wait_text(page.locator("#router-decision"), r"Loading the router…\s+\d+ s", 30)  # a bar, then seconds
@@ -538,11 +541,16 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     wait_text(page.locator("#router-trail"), r"Build a DCF for TSLA", 10)
     wait_text(page.locator("#router-state"), r": ready", 5)
     # A long answer is stopped from its own button.
+    answer_tokens.fill("400")
+    answer_tokens.press("Tab")
     page.locator("#router-prompt textarea").fill("Write a long story about a lighthouse keeper, please.")
     page.locator("#router-go").click()
     wait_text(page.locator("#router-metrics"), "streaming…", 60)
     page.locator("#router-stop").click()
-    wait_text(page.locator("#router-metrics"), "finish: cancelled", 20)
+    metrics = wait_text(page.locator("#router-metrics"), "finish: cancelled", 20)
+    assert int(re.search(r"/ (\d+) out", metrics).group(1)) < 400
+    answer_tokens.fill("24")
+    answer_tokens.press("Tab")
     page.get_by_text("Evaluate the router").click()
     # The in-page eval can be cancelled.
     page.locator("#eval-run").click()
@@ -561,6 +569,16 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     assert re.search(r"AUROC [01]\.\d{3}, ECE [01]\.\d{3}, Brier [01]\.\d{3}; router latency p50 [\d.]+ s, p95", result)
     page.locator("#eval-plot").get_by_text("escalation rate and accuracy by threshold").wait_for(timeout=20_000)
     page.locator("#eval-plot").get_by_text("reliability: observed against predicted").wait_for(timeout=5_000)
+    # A calibration fitted on the same rows (both routes) is stored and every decision then uses it.
+    page.get_by_role("radio", name="isotonic").check()
+    page.locator("#calibrate-run").click()
+    wait_text(page.locator("#eval-status"), r"Calibrated: isotonic on \S+rows\.jsonl \(2 rows\)\. ECE", 120)
+    page.locator("#router-prompt textarea").fill("Hello there!")
+    page.locator("#router-go").click()
+    wait_text(page.locator("#router-decision"), r"\(calibrated, isotonic on \S+ \(2 rows\); raw 0\.\d{3}\)", 60)
+    wait_text(page.locator("#router-metrics"), "finish:", 90)
+    page.locator("#calibrate-remove").click()
+    wait_text(page.locator("#eval-status"), "Calibration removed", 10)
     page.screenshot(path=str(DOCS / "router.png"), full_page=True)
     # The same eval as a background job (the Jobs tab test sees it end).
     page.locator("#eval-background").click()

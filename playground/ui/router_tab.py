@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -14,7 +15,15 @@ import gradio as gr
 from playground.engine import Engine
 from playground.jobs.manager import JobManager
 from playground.request_queue import Queued
-from playground.router import DATASETS, RouteDecision, Router, answering_variant, evaluate_router_file
+from playground.router import (
+    DATASETS,
+    RouteDecision,
+    Router,
+    answering_variant,
+    calibrate_router,
+    evaluate_router_file,
+)
+from playground.router_calibration import remove_calibration
 from playground.ui.access import Access
 from playground.ui.charts import router_eval_figure
 from playground.ui.formatting import error_text, load_progress, metrics_line, ordinal, preformatted
@@ -32,7 +41,8 @@ def decision_markdown(d: RouteDecision, answered_by: str, answered_by_router: bo
     lines = [
         f"**Route: `{d.route}`** → answered by **{answered_by}**"
         + (" (it escalates, but no partner is chosen)" if d.escalated and answered_by_router else ""),
-        f"P(escalate) {d.p_escalate:.3f} `{bar}` threshold {d.threshold:.2f}",
+        f"P(escalate) {d.p_escalate:.3f} `{bar}` threshold {d.threshold:.2f}"
+        + (f" (calibrated, {d.calibration}; raw {d.p_escalate_raw:.3f})" if d.calibration else ""),
         f"Router latency {d.latency_s:.2f} s (scoring {d.score_latency_s:.2f} s, the rest writing its answer"
         f"{' under a JSON grammar' if d.grammar else ', free'})",
     ]
@@ -111,8 +121,16 @@ class RouterTab:
                 run = gr.Button("Run eval here", elem_id="eval-run")
                 cancel = gr.Button("Cancel", elem_id="eval-cancel")
                 background = gr.Button("Run as a background job", elem_id="eval-background")
+            with gr.Row():
+                method = gr.Radio(
+                    ["platt", "isotonic"], value="platt", label="calibration method", elem_id="calibrate-method"
+                )
+                calibrate = gr.Button("Fit calibration on this data (in-distribution)", elem_id="calibrate-run")
+                uncalibrate = gr.Button("Remove its calibration", elem_id="calibrate-remove")
             status = gr.Markdown(elem_id="eval-status")
             plot = gr.Plot(elem_id="eval-plot", show_label=False)
+            calibrate.click(self.calibrate, [router, dataset, path, limit, method], status)
+            uncalibrate.click(self.uncalibrate, router, status)
             run.click(self.evaluate, [router, threshold, dataset, path, limit], [status, plot])
             cancel.click(self.cancel_eval, None, None, queue=False)
             background.click(self.submit_eval, [router, threshold, dataset, path, limit], status)
@@ -241,29 +259,19 @@ class RouterTab:
         except Exception as err:
             yield card, text, error_text(err), "\n".join(trail)
 
-    def evaluate(
-        self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None, request: gr.Request
-    ) -> Iterator[tuple[str, Any]]:
+    def _over_rows(
+        self, request: gr.Request, task: Callable[[Callable[[int, int], None], threading.Event], Any],
+        outcome: dict[str, Any],
+    ) -> Iterator[str]:
+        """Run `task(progress, cancel)` in a thread, yielding a progress line every half second;
+        its result or error lands in `outcome`. Cancel (the eval's own button) stops it between rows."""
         session = self.sessions.get(request)
         session.eval_cancel = cancel = threading.Event()
-        source = dataset if dataset in DATASETS else (path or "").strip()
-        if not source:
-            yield error_text(ValueError("give the path of a JSONL file")), gr.update()
-            return
         progress = {"done": 0, "total": 0}
-        outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["result"] = evaluate_router_file(
-                    self.engine,
-                    router_id,
-                    source,
-                    float(threshold),
-                    int(limit) if limit else None,
-                    lambda done, total: progress.update(done=done, total=total),
-                    cancel,
-                )
+                outcome["result"] = task(lambda done, total: progress.update(done=done, total=total), cancel)
             except Exception as err:
                 outcome["error"] = err
 
@@ -273,10 +281,55 @@ class RouterTab:
         while thread.is_alive():
             thread.join(0.5)
             said = "cancelling after this row…" if cancel.is_set() else ""
-            yield (
-                f"⏳ {progress['done']}/{progress['total']} rows, {time.monotonic() - started:.0f} s {said}".rstrip(),
-                gr.update(),
-            )
+            yield f"⏳ {progress['done']}/{progress['total']} rows, {time.monotonic() - started:.0f} s {said}".rstrip()
+
+    def calibrate(
+        self, router_id: str, dataset: str, path: str, limit: float | None, method: str, request: gr.Request
+    ) -> Iterator[str]:
+        if refusal := self.access.refusal(request, "calibrate routers"):
+            yield refusal
+            return
+        source = dataset if dataset in DATASETS else (path or "").strip()
+        if not source:
+            yield error_text(ValueError("give the path of a JSONL file"))
+            return
+        outcome: dict[str, Any] = {}
+        yield from self._over_rows(
+            request,
+            lambda progress, cancel: calibrate_router(
+                self.engine, router_id, source, method, int(limit) if limit else None, progress, cancel
+            ),
+            outcome,
+        )
+        if "error" in outcome:
+            yield error_text(outcome["error"])
+            return
+        c = outcome["result"]
+        yield (
+            f"Calibrated: {c.describe()}. ECE on that data {_rate(c.ece_before)} raw → {_rate(c.ece_after)} "
+            "calibrated (in-sample). Every decision of this router now uses the calibrated P(escalate); "
+            "evaluate it on other data (ood) to see how it holds."
+        )
+
+    def uncalibrate(self, router_id: str, request: gr.Request) -> str:
+        if refusal := self.access.refusal(request, "calibrate routers"):
+            return refusal
+        if not router_id:
+            return "⚠ Pick a router."
+        removed = remove_calibration(router_id)
+        return "Calibration removed: decisions use the raw P(escalate) again." if removed else "It had no calibration."
+
+    def evaluate(
+        self, router_id: str, threshold: float, dataset: str, path: str, limit: float | None, request: gr.Request
+    ) -> Iterator[tuple[str, Any]]:
+        source = dataset if dataset in DATASETS else (path or "").strip()
+        if not source:
+            yield error_text(ValueError("give the path of a JSONL file")), gr.update()
+            return
+        outcome: dict[str, Any] = {}
+        task = partial(evaluate_router_file, self.engine, router_id, source, float(threshold), int(limit) if limit else None)
+        for line in self._over_rows(request, lambda progress, cancel: task(progress, cancel), outcome):
+            yield line, gr.update()
         if "error" in outcome:
             yield error_text(outcome["error"]), gr.update()
             return
