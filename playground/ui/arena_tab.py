@@ -135,10 +135,11 @@ class ArenaTab:
             style = gr.Checkbox(
                 False, label="style control (length, headers, lists, bold as covariates)", elem_id="style-control"
             )
-        self.board = gr.Markdown("Computing…", elem_id="leaderboard")
-        self.notes = gr.Markdown(elem_id="leaderboard-notes")
+        shown = self._initial_board()
+        self.board = gr.Markdown(shown[0], elem_id="leaderboard")
+        self.notes = gr.Markdown(shown[1], elem_id="leaderboard-notes")
         gr.Markdown("#### Pairwise win rates")
-        self.win_rates = gr.Markdown(elem_id="winrate")
+        self.win_rates = gr.Markdown(shown[2], elem_id="winrate")
         with gr.Row():
             export = gr.Button("Export votes (JSON, CSV)", elem_id="votes-export")
             import_button = gr.UploadButton(
@@ -156,7 +157,9 @@ class ArenaTab:
         self.board_tag.change(self.pick_tag, self.board_tag, board_outputs)
         style.change(self.pick_style, style, board_outputs)
         export.click(self.export, None, files)
-        import_button.upload(self.import_votes, import_button, votes_status)
+        import_button.upload(self.import_votes, import_button, votes_status).then(
+            self.pick_style, style, board_outputs
+        )
         self.tag = tag
 
     def follow_live(self, live: LivePage) -> None:
@@ -181,13 +184,15 @@ class ArenaTab:
             key = (self._version(), session.board_tag, session.board_style)
             return [(key, lambda i=i: self._board_views(session)[i]) for i in range(3)]
 
-        live.add([self.board, self.notes, self.win_rates], board)
+        # Not registered: with these two live parts the Compare tab's streams stalled (e2e, 2026-11-30;
+        # cause not found yet). The board follows votes, imports and its own controls instead.
+        del board
 
         def tags(_session: Session, _views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
             known = tuple(self._tags())
             return [(known, gr.update(choices=list(known))), (known, gr.update(choices=[ALL_TAGS, *known]))]
 
-        live.add([self.tag, self.board_tag], tags)
+        del tags
 
     # -- the leaderboard ----------------------------------------------------------------------
     def _version(self) -> tuple[int, int]:
@@ -216,6 +221,11 @@ class ArenaTab:
                 self._boards = {k: v for k, v in self._boards.items() if k[0] == key[0]}  # this version's only
                 self._boards[key] = (leaderboard_markdown(board), board_notes(board), win_rate_markdown(votes))
             return self._boards[key]
+
+    def _initial_board(self) -> tuple[str, str, str]:
+        """The board of all votes as the app starts (each page then updates it on its own events)."""
+        board = self.votes.leaderboard()
+        return leaderboard_markdown(board), board_notes(board), win_rate_markdown(self.votes.votes())
 
     def pick_tag(self, tag: str | None, request: gr.Request) -> tuple[str, str, str]:
         session = self.sessions.get(request)
@@ -330,7 +340,6 @@ class ArenaTab:
                 f"Model B was **{self.engine.catalogue.configs[b].display_name}**."
             )
             self._version_at = -1.0  # read the votes again at the next look
-            # The leaderboard follows through the live loop (refitting takes a moment with many votes).
-            return [reveal, gr.update(), gr.update(), gr.update(), *off]
+            return [reveal, *self._board_views(session), *off]
 
         return vote
