@@ -91,7 +91,6 @@ class ArenaTab:
         self._lock = threading.Lock()
         self._version_at = -1.0
         self._version_seen: tuple[int, int] = (0, 0)
-        self._tags_seen: list[str] = []
         self._board_lock = threading.Lock()
         self._boards: dict[Any, tuple[str, str, str]] = {}
 
@@ -180,19 +179,9 @@ class ArenaTab:
 
         live.add([self.pool], render)
 
-        def board(session: Session, _views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
-            key = (self._version(), session.board_tag, session.board_style)
-            return [(key, lambda i=i: self._board_views(session)[i]) for i in range(3)]
-
-        # Not registered: with these two live parts the Compare tab's streams stalled (e2e, 2026-11-30;
-        # cause not found yet). The board follows votes, imports and its own controls instead.
-        del board
-
-        def tags(_session: Session, _views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
-            known = tuple(self._tags())
-            return [(known, gr.update(choices=list(known))), (known, gr.update(choices=[ALL_TAGS, *known]))]
-
-        del tags
+        # The leaderboard is not a live part: with it (and a live tag list) the Compare tab's
+        # streams stalled (e2e, 2026-11-30; cause not found yet). It follows votes, imports and
+        # its own controls instead.
 
     # -- the leaderboard ----------------------------------------------------------------------
     def _version(self) -> tuple[int, int]:
@@ -200,13 +189,8 @@ class ArenaTab:
         with self._lock:
             if time.monotonic() - self._version_at > 0.4:
                 self._version_seen = self.votes.version()
-                self._tags_seen = self.votes.tags()
                 self._version_at = time.monotonic()
             return self._version_seen
-
-    def _tags(self) -> list[str]:
-        self._version()
-        return self._tags_seen
 
     def _board_views(self, session: Session) -> tuple[str, str, str]:
         """(table, notes, win rates) for the session's category and style choice, computed once
