@@ -52,6 +52,7 @@ def main() -> None:
             server_port=settings.port,
             auth=access.login if settings.auth_enabled else None,
             max_file_size=f"{settings.max_upload_mb}mb",
+            max_threads=settings.ui_max_events,
             css=CSS,
         )
     finally:

@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--router", required=True, help="a variant id with a router section")
     _prompt_arguments(route)
     route.add_argument("--threshold", type=float, default=0.5, help="escalate when P(escalate) is above it")
+    route.add_argument(
+        "--no-reason", action="store_true", help="decide the route only; the model writes no reason (faster)"
+    )
     route.add_argument("--json", action="store_true")
 
     ev = commands.add_parser("eval", help="evaluate a variant (kinds: router)")
@@ -252,13 +255,13 @@ def _generate(engine: Any, args: argparse.Namespace) -> None:
 def _route(engine: Any, args: argparse.Namespace) -> None:
     from playground.router import Router
 
-    decision = Router(engine, args.router).decide(_prompt_of(args), args.threshold)
-    fields = ("route", "reason", "p_escalate", "valid_json", "latency_s")
+    decision = Router(engine, args.router).decide(_prompt_of(args), args.threshold, explain=not args.no_reason)
+    fields = ("route", "p_escalate", "decision_latency_s") + (() if args.no_reason else ("reason", "valid_json", "latency_s"))
     if args.json:
         print(json.dumps(decision.to_dict()))
         return
     print(", ".join(f"{k}={_fmt(getattr(decision, k))}" for k in fields))
-    if not decision.valid_json:
+    if not decision.valid_json and not args.no_reason:
         print(f"the model's own answer is not valid route JSON: {decision.raw_output!r}", file=sys.stderr)
 
 
@@ -296,7 +299,8 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
         f"{result.json_validity:.3f}"
     )
     print(
-        f"AUROC {_fmt(result.auroc)}, ECE {_fmt(result.ece)}, Brier {_fmt(result.brier)}; router latency "
+        f"AUROC {_fmt(result.auroc)}, ECE {_fmt(result.ece)}, Brier {_fmt(result.brier)}; route decided in p50 "
+        f"{result.decision_latency_p50_s:.3f} s, p95 {result.decision_latency_p95_s:.3f} s; with the written reason "
         f"p50 {result.latency_p50_s:.3f} s, p95 {result.latency_p95_s:.3f} s"
     )
     print(f"confusion (gold -> decided): {result.confusion}")

@@ -60,6 +60,10 @@ class RouteDecision:
     grammar: bool  # whether the answer was written under a JSON grammar
     p_escalate_raw: float | None = None  # before the router's calibration, when it has one
     calibration: str | None = None  # which calibration was applied
+    # As the caller waits: until the route is known (scoring, calibration, threshold), and then
+    # writing the reason (None when it was not asked for).
+    decision_latency_s: float = 0.0
+    reason_latency_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +167,7 @@ class Router:
         p_escalate = float(self.calibration.apply(p_raw)) if self.calibration else p_raw
         others = [r for r in self.spec.routes if r != self.spec.escalate_route]
         route = self.spec.escalate_route if p_escalate > threshold else max(others, key=lambda r: probs[r])
+        decided_s = time.perf_counter() - started
         raw, grammar = self.write_answer(prompt) if explain else ("", False)
         valid, model_route, reason, _ = parse_route_json(raw, self.spec.routes) if explain else (False, None, None, "")
         return RouteDecision(
@@ -180,6 +185,8 @@ class Router:
             grammar=grammar,
             p_escalate_raw=p_raw if self.calibration else None,
             calibration=self.calibration.describe() if self.calibration else None,
+            decision_latency_s=decided_s,
+            reason_latency_s=time.perf_counter() - started - decided_s if explain else None,
         )
 
 
@@ -206,8 +213,11 @@ class RouterEval:
     ece: float | None = None  # expected calibration error over RELIABILITY_BINS equal-width bins
     brier: float | None = None
     reliability: list[dict[str, float]] = field(default_factory=list)  # per non-empty bin
-    latency_p50_s: float = 0.0
+    latency_p50_s: float = 0.0  # of whole decisions, the written reason included
     latency_p95_s: float = 0.0
+    # Until the route is known, without the reason (rows without the field count their latency_s).
+    decision_latency_p50_s: float = 0.0
+    decision_latency_p95_s: float = 0.0
     escalation_rate: float = 0.0  # decided at `threshold`
     # With a target escalation rate: the threshold that reaches it on the calibration data
     # (RouteLLM's calibration), and the rate it reached here.
@@ -261,6 +271,7 @@ def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, thre
     escalates = np.array([r["route"] == escalate for r in rows])
     scores = np.array([float(r["p_escalate"]) for r in rows])
     latencies = np.array([float(r["latency_s"]) for r in rows])
+    decision_latencies = np.array([float(r.get("decision_latency_s", r["latency_s"])) for r in rows])
     auroc = float(roc_auc_score(escalates, scores)) if 0 < escalates.sum() < len(rows) else None
     return RouterEval(
         auroc=auroc,
@@ -268,6 +279,8 @@ def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, thre
         **reliability(escalates, scores),
         latency_p50_s=float(np.percentile(latencies, 50)),
         latency_p95_s=float(np.percentile(latencies, 95)),
+        decision_latency_p50_s=float(np.percentile(decision_latencies, 50)),
+        decision_latency_p95_s=float(np.percentile(decision_latencies, 95)),
         escalation_rate=said_esc / len(rows),
         n=len(rows),
         threshold=threshold,
@@ -399,6 +412,7 @@ def evaluate_router(
                 "valid_json": d.valid_json,
                 "model_route": d.model_route,
                 "latency_s": d.latency_s,
+                "decision_latency_s": d.decision_latency_s,
                 "raw_output": d.raw_output,
             }
         )

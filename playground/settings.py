@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     viewer_token: SecretStr | None = None
     # Gradio's own worker threads for events of all kinds.
     ui_concurrency: Annotated[int, Field(ge=1, le=256)] = 16
+    # Gradio's cap on events running at once, server-wide (its max_threads, also its thread pool
+    # for plain functions): each open page holds one for its live view (ui.live), so this bounds
+    # the pages open at once with room left for their requests.
+    ui_max_events: Annotated[int, Field(ge=8, le=4096)] = 256
     max_upload_mb: Annotated[int, Field(ge=1, le=100_000)] = 200
 
     # -- where things are ----------------------------------------------------------------------

@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import run_job, variant
 
+from playground.backends.base import Request
 from playground.backends.llamacpp_backend import LlamaCppBackend
 from playground.backends.transformers_backend import TransformersBackend
+from playground.config import GenerationParams
 from playground.errors import ConfigError
 from playground.evals import format_checks
 from playground.evals.corpus import documents, limited
@@ -219,3 +221,22 @@ def test_lm_eval_runs_local_tasks_on_transformers_and_gguf_variants(jobs, tiny_g
         assert results["playground_echo"]["exact_match,none"] == 0.0  # a random model echoes nothing
     unknown = jobs.wait(jobs.submit("eval-lm", {"model": str(tiny_gguf), "tasks": ["no_such_task"]}).id, 120)
     assert unknown.state == "failed" and "knows no task no_such_task" in unknown.error
+
+
+@pytest.mark.parametrize("name", ["hf_backend", "gguf_backend"])
+def test_score_keeps_the_shared_prefix_for_the_next_call(request, name):
+    """After a score, the prefix it evaluated is what the next score may reuse; any other use of
+    llama.cpp's context (here a perplexity pass) empties it, and a reused prefix scores as a
+    fresh one."""
+    backend = request.getfixturevalue(name)
+    def ask(text: str) -> Request:  # the same long preamble, then a request of its own
+        return Request(mode="completion", params=GenerationParams(), text=TEXT + "Request: " + text + "\nRoute:")
+
+    first = backend.score(ask("one"), [" yes", " no"])
+    assert len(backend._scored_prefix) > 2 * 32  # several blocks: the system prompt and more
+    backend.score(ask("another request"), [" yes", " no"])
+    assert backend.score(ask("one"), [" yes", " no"]) == first
+    backend.position_logprobs(backend.encode_text("Some text to score."))
+    if name == "gguf_backend":
+        assert backend._scored_prefix == []
+    assert backend.score(ask("one"), [" yes", " no"]) == first

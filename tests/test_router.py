@@ -62,10 +62,10 @@ def test_parse_route_json(text, valid, why):
 
 def test_summary_metrics_and_threshold_curve():
     rows = [
-        {"route": "npc_fin", "p_escalate": 0.9, "best_other": "self", "valid_json": True, "latency_s": 1.0},
-        {"route": "npc_fin", "p_escalate": 0.4, "best_other": "self", "valid_json": False, "latency_s": 2.0},
-        {"route": "self", "p_escalate": 0.6, "best_other": "self", "valid_json": True, "latency_s": 3.0},
-        {"route": "self", "p_escalate": 0.1, "best_other": "self", "valid_json": True, "latency_s": 2.0},
+        {"route": "npc_fin", "p_escalate": 0.9, "best_other": "self", "valid_json": True, "latency_s": 1.0, "decision_latency_s": 0.1},
+        {"route": "npc_fin", "p_escalate": 0.4, "best_other": "self", "valid_json": False, "latency_s": 2.0, "decision_latency_s": 0.2},
+        {"route": "self", "p_escalate": 0.6, "best_other": "self", "valid_json": True, "latency_s": 3.0, "decision_latency_s": 0.4},
+        {"route": "self", "p_escalate": 0.1, "best_other": "self", "valid_json": True, "latency_s": 2.0, "decision_latency_s": 0.2},
     ]
     result = summarize(rows, ["self", "npc_fin"], "npc_fin", 0.5)
     assert result.accuracy == 0.5 and result.escalation_recall == 0.5 and result.escalation_precision == 0.5
@@ -74,6 +74,8 @@ def test_summary_metrics_and_threshold_curve():
     rates = [point["escalation_rate"] for point in result.curve]
     assert rates[0] == 1.0 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)
     assert result.escalation_rate == 0.5 and result.latency_p50_s == 2.0
+    assert result.decision_latency_p50_s == pytest.approx(0.2)
+    assert result.decision_latency_p95_s == pytest.approx(np.percentile([0.1, 0.2, 0.4, 0.2], 95))
 
 
 def test_auroc_and_calibration_match_a_direct_computation():
@@ -188,6 +190,24 @@ def test_llamacpp_scores_match_logits_all(engine):
     assert probs["npc_fin"] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["transformers", "llamacpp"])
+def test_a_cached_system_prompt_scores_as_a_fresh_pass(engine, llama_folder, backend):
+    """The system prompt's KV state is kept between decisions: a request scored after others
+    (its system prompt's blocks reused) gets exactly the numbers of its first, fresh pass, and
+    a generation in between (which clears llama.cpp's context) changes nothing either."""
+    source = {"path": str(llama_folder)} if backend == "transformers" else {"path": str(EMBEDDED_GGUF)}
+    extra = {"dtype": "fp32"} if backend == "transformers" else {"context_length": 1024}
+    config = engine.catalogue.add(router_variant(f"cached-{backend}", backend, source, TINY_SPEC, **extra))
+    router = Router(engine, config.id, calibrated=False)
+    router.ensure_loaded()
+    fresh, _ = router.score(PROMPT)
+    others = [router.score(p)[0] for p in ("What is 2 + 2?", "Summarize the Q3 earnings call of a bank.")]
+    assert all(o["npc_fin"] != fresh["npc_fin"] for o in others)  # other requests, other scores
+    assert router.score(PROMPT)[0] == fresh
+    router.write_answer("Say hi.")
+    assert router.score(PROMPT)[0] == fresh
+
+
 def test_decision_follows_the_threshold_and_never_the_json(engine, llama_folder):
     """A random tiny model writes garbage: the answer is invalid, yet the route is decided."""
     config = engine.catalogue.add(
@@ -215,6 +235,9 @@ def test_embedded_router_in_both_backends(engine, backend):
     decision = Router(engine, config.id).decide(PROMPT)
     assert 0.0 < decision.p_escalate < 1.0 and decision.route in ("self", "npc_fin")
     assert decision.latency_s >= decision.score_latency_s > 0
+    # The route is known before the reason is written; the two are timed apart.
+    assert 0 < decision.decision_latency_s < decision.latency_s and decision.reason_latency_s > 0
+    assert decision.decision_latency_s + decision.reason_latency_s == pytest.approx(decision.latency_s, abs=1e-3)
     if backend == "llamacpp":  # the JSON grammar makes the answer valid route JSON
         assert decision.grammar and decision.valid_json and decision.model_route in ("self", "npc_fin")
 
@@ -248,6 +271,13 @@ def test_cli_route_and_eval(tmp_path):
     data = json.loads(out.stdout)
     assert {"route", "reason", "p_escalate", "valid_json", "latency_s"} <= set(data)
     assert data["route"] == ("npc_fin" if data["p_escalate"] > 0.3 else "self")
+    assert 0 < data["decision_latency_s"] < data["latency_s"]
+    # The route alone: no reason written, the same P(escalate).
+    out = cli("route", "--router", "smollm2-135m-router", "--prompt", PROMPT, "--threshold", "0.3", "--no-reason", "--json")
+    assert out.returncode == 0, out.stderr
+    quick = json.loads(out.stdout)
+    assert quick["raw_output"] == "" and quick["reason_latency_s"] is None
+    assert quick["p_escalate"] == data["p_escalate"] and quick["route"] == data["route"]
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
         '{"prompt": "Say hi", "route": "self"}\n{"prompt": "Price a bond ladder with duration math", "route": "npc_fin"}\n'
@@ -258,6 +288,7 @@ def test_cli_route_and_eval(tmp_path):
     assert result["n"] == 2 and len(result["curve"]) == 21 and result["json_validity"] == 1.0
     assert sum(sum(v.values()) for v in result["confusion"].values()) == 2
     assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["ece"] <= 1.0 and result["latency_p95_s"] > 0
+    assert 0 < result["decision_latency_p50_s"] < result["latency_p50_s"]
     # A threshold tuned on other rows to escalate a target share, and the share reached here.
     out = cli("eval", "--kind", "router", "--model", "smollm2-135m-router", "--data", str(rows),
               "--target-escalation-rate", "0.5", "--calibration-data", str(rows), "--json")

@@ -37,6 +37,11 @@ from playground.sources import check_gguf_header, fetch
 log = logging.getLogger(__name__)
 
 
+# Tokens per batch when `score` evaluates a shared prefix: small enough that a cached system
+# prompt leaves little to evaluate again, large enough to keep a batch's matrix products efficient.
+SCORE_BLOCK = 32
+
+
 def physical_cores() -> int:
     import psutil
 
@@ -51,6 +56,7 @@ class LlamaCppBackend(Backend):
         self.llm: Any = None
         self.device = "cpu"
         self._chat_formatter: Any = None
+        self._scored_prefix: list[int] = []  # the tokens the last score left in the KV cache
 
     def load(self) -> LoadInfo:
         import llama_cpp
@@ -169,6 +175,9 @@ class LlamaCppBackend(Backend):
         start = shared_prefix_length(sequences)
         if start == 0:
             raise GenerationError("cannot score: the continuations share no prompt tokens")
+        longest = max(len(ids) for ids in sequences)
+        if longest > self.llm.n_ctx():
+            raise GenerationError(f"{longest} tokens exceed the context of {self.llm.n_ctx()}")
         n_vocab = self.llm.n_vocab()
 
         def logprobs_at(i: int) -> Any:
@@ -179,12 +188,21 @@ class LlamaCppBackend(Backend):
         def next_logprobs() -> Any:
             return logprobs_at(-1)
 
-        # The shared prefix is evaluated once, as one batch, and each continuation after it as
-        # one batch too, logits kept for every position: a token fed alone gives slightly
-        # different numbers than in a batch (seen: 1e-3 in P(escalate) on an AVX2 CPU).
+        # The shared prefix is evaluated in fixed blocks of SCORE_BLOCK tokens from position 0,
+        # and each continuation after it as one batch, logits kept for every position. The blocks
+        # the last score left in the KV cache are kept where this prefix has the same tokens (a
+        # router's system prompt, the same for every request): computed from the same tokens in
+        # the same batches, they give the numbers a fresh evaluation would (a token fed alone
+        # gives slightly different numbers than in a batch: seen 1e-3 in P(escalate) on AVX2).
+        prefix = sequences[0][:start]
+        same = shared_prefix_length([self._scored_prefix, prefix]) if self._scored_prefix else 0
+        kept = min(same, start - 1) // SCORE_BLOCK * SCORE_BLOCK  # the last block is fed again for its logits
         self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        self.llm.eval(sequences[0][:start])
+        self._scored_prefix = []
+        self.llm._ctx.kv_cache_seq_rm(-1, kept, -1)
+        for block in range(kept, start, SCORE_BLOCK):
+            self.llm._batch.set_batch(batch=prefix[block : block + SCORE_BLOCK], n_past=block, logits_all=False)
+            self.llm._ctx.decode(self.llm._batch)
         after_prefix = next_logprobs().copy()
         scores = []
         for ids in sequences:
@@ -197,9 +215,15 @@ class LlamaCppBackend(Backend):
                 for i, token in enumerate(rest[1:]):
                     total += float(logprobs_at(i)[token])
             scores.append(total)
+        self.llm._ctx.kv_cache_seq_rm(-1, start, -1)
+        self._scored_prefix = prefix  # in the KV cache for the next score; any other use clears it
+        return scores
+
+    def _clear_context(self) -> None:
+        """An empty KV cache, and the library and `score` told so."""
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
-        return scores
+        self._scored_prefix = []
 
     def encode_text(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -216,8 +240,7 @@ class LlamaCppBackend(Backend):
         # The library's eval keeps only the last position's logits unless the whole context was
         # made with logits_all (49152 floats per position here): ask for the positions wanted
         # of each batch directly instead, as llama.cpp's own perplexity tool does.
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
+        self._clear_context()
         try:
             for start in range(0, len(ids), n_batch):
                 chunk = ids[start : start + n_batch]
@@ -228,8 +251,7 @@ class LlamaCppBackend(Backend):
                         llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,)
                     )
         finally:
-            self.llm.reset()
-            self.llm._ctx.kv_cache_clear()
+            self._clear_context()
         logits = rows.astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         return (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
@@ -267,8 +289,7 @@ class LlamaCppBackend(Backend):
         # otherwise reuse the cached prefix of the last request and re-decode its last prompt
         # token alone, whose logits differ slightly from the batched prefill (seen: one seed gave
         # two different first tokens), and its TTFT would not be comparable.
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
+        self._clear_context()
         tokens = self.llm.generate(
             prompt.payload,
             top_k=params.top_k,

@@ -44,6 +44,8 @@ from playground.paths import cache_dir
 from playground.prompts import render_without_template
 from playground.sources import Weights, check_hf_folder, fetch, file_sha256
 
+# Tokens per forward pass when `score` evaluates a shared prefix (see llamacpp_backend.SCORE_BLOCK).
+SCORE_BLOCK = 32
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -162,6 +164,11 @@ class TransformersBackend(Backend):
         self.device = "cpu"
         self.decoder: StaticDecoder | None = None
         self.decode_path = DecodePath("generate")
+        # `score`'s prefix cache: the tokens and KV state the last score left, and whether this
+        # model's own forward honours a passed cache (checked against a plain pass once).
+        self._scored_prefix: list[int] = []
+        self._score_cache: Any = None
+        self._prefix_cache_ok: bool | None = None
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -416,13 +423,63 @@ class TransformersBackend(Backend):
         start = shared_prefix_length(sequences)
         if start == 0:
             raise GenerationError("cannot score: the continuations share no prompt tokens")
-        scores = []
         with torch.inference_mode():
-            for ids in sequences:
-                logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0].float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                # The token at position i is predicted by the logits at position i - 1.
-                scores.append(float(sum(logprobs[i - 1, ids[i]] for i in range(start, len(ids)))))
+            if self._prefix_cache_ok is None:  # the first score on this model: is the cache honoured?
+                plain = self._score_plain(sequences, start)
+                try:
+                    cached = self._score_cached(sequences, start)
+                except (TypeError, ValueError, AttributeError, RuntimeError):  # a model of its own code
+                    cached = None
+                self._prefix_cache_ok = cached is not None and all(
+                    abs(a - b) <= 0.05 + 1e-3 * abs(b) for a, b in zip(cached, plain, strict=True)
+                )
+                return cached if self._prefix_cache_ok else plain
+            if self._prefix_cache_ok:
+                return self._score_cached(sequences, start)
+            return self._score_plain(sequences, start)
+
+    def _score_plain(self, sequences: list[list[int]], start: int) -> list[float]:
+        """Each whole sequence in one forward pass."""
+        scores = []
+        for ids in sequences:
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            # The token at position i is predicted by the logits at position i - 1.
+            scores.append(float(sum(logprobs[i - 1, ids[i]] for i in range(start, len(ids)))))
+        return scores
+
+    def _score_cached(self, sequences: list[list[int]], start: int) -> list[float]:
+        """The shared prefix in fixed blocks of SCORE_BLOCK tokens into a KV cache, keeping the
+        blocks the last score left where the tokens are the same (a router's system prompt), then
+        each continuation on top of it; as llamacpp_backend.score does, and for the same reasons."""
+        from transformers import DynamicCache
+
+        device = self.model.device
+        prefix = sequences[0][:start]
+        same = shared_prefix_length([self._scored_prefix, prefix]) if self._scored_prefix else 0
+        kept = min(same, start - 1) // SCORE_BLOCK * SCORE_BLOCK  # the last block is fed again for its logits
+        cache = self._score_cache if kept else DynamicCache(config=self.model.config)
+        self._scored_prefix, self._score_cache = [], None  # until this score has finished
+        _keep_first(cache, kept)
+        for block in range(kept, start, SCORE_BLOCK):
+            ids = torch.tensor([prefix[block : block + SCORE_BLOCK]], device=device)
+            out = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        after_prefix = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        scores = []
+        for ids in sequences:
+            rest = ids[start:]
+            total = float(after_prefix[rest[0]])
+            if len(rest) > 1:
+                _keep_first(cache, start)  # the last continuation's positions go
+                logits = self.model(
+                    torch.tensor([rest[:-1]], device=device), past_key_values=cache, use_cache=True
+                ).logits[0]
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                rows = torch.arange(len(rest) - 1, device=logprobs.device)
+                total += float(logprobs[rows, torch.tensor(rest[1:], device=logprobs.device)].sum())
+            scores.append(total)
+        _keep_first(cache, start)
+        self._scored_prefix, self._score_cache = prefix, cache
         return scores
 
     def encode_text(self, text: str) -> list[int]:
@@ -546,8 +603,17 @@ class TransformersBackend(Backend):
             self.decoder.release()
             self.decoder = None
         self.model = None
+        self._scored_prefix, self._score_cache, self._prefix_cache_ok = [], None, None
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _keep_first(cache: Any, length: int) -> None:
+    """Cut a KV cache back to its first `length` positions (transformers 5's `crop` takes the
+    number of positions to remove, as a negative count)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
 
 
 def _as_list(value: Any) -> list[int]:

@@ -91,6 +91,7 @@ class ArenaTab:
         self._lock = threading.Lock()
         self._version_at = -1.0
         self._version_seen: tuple[int, int] = (0, 0)
+        self._tags_seen: list[str] = []
         self._board_lock = threading.Lock()
         self._boards: dict[Any, tuple[str, str, str]] = {}
 
@@ -150,7 +151,7 @@ class ArenaTab:
         vote_buttons = list(buttons.values())
         board_outputs = [self.board, self.notes, self.win_rates]
         new_pair.click(self.new_pair, None, [self.info, chat_a, chat_b, self.reveal, *vote_buttons])
-        send.click(self.ask, [prompt, tag], [self.info, chat_a, chat_b, *vote_buttons])
+        send.click(self.ask, [prompt, tag], [self.info, chat_a, chat_b, *vote_buttons], show_progress="hidden")
         for outcome, button in buttons.items():
             button.click(self._voter(outcome), session_name, [self.reveal, *board_outputs, *vote_buttons])
         self.board_tag.change(self.pick_tag, self.board_tag, board_outputs)
@@ -179,9 +180,19 @@ class ArenaTab:
 
         live.add([self.pool], render)
 
-        # The leaderboard is not a live part: with it (and a live tag list) the Compare tab's
-        # streams stalled (e2e, 2026-11-30; cause not found yet). It follows votes, imports and
-        # its own controls instead.
+        # Votes cast on other pages (a demo session's other laptops) reach this board and its
+        # category lists within a second; this page's own votes and imports update it at once.
+        def board(session: Session, _views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
+            key = (self._version(), session.board_tag, session.board_style)
+            return [(key, lambda i=i: self._board_views(session)[i]) for i in range(3)]
+
+        live.add([self.board, self.notes, self.win_rates], board)
+
+        def tags(_session: Session, _views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
+            known = tuple(self._tags())
+            return [(known, gr.update(choices=list(known))), (known, gr.update(choices=[ALL_TAGS, *known]))]
+
+        live.add([self.tag, self.board_tag], tags)
 
     # -- the leaderboard ----------------------------------------------------------------------
     def _version(self) -> tuple[int, int]:
@@ -189,8 +200,13 @@ class ArenaTab:
         with self._lock:
             if time.monotonic() - self._version_at > 0.4:
                 self._version_seen = self.votes.version()
+                self._tags_seen = self.votes.tags()
                 self._version_at = time.monotonic()
             return self._version_seen
+
+    def _tags(self) -> list[str]:
+        self._version()
+        return self._tags_seen
 
     def _board_views(self, session: Session) -> tuple[str, str, str]:
         """(table, notes, win rates) for the session's category and style choice, computed once
@@ -207,7 +223,7 @@ class ArenaTab:
             return self._boards[key]
 
     def _initial_board(self) -> tuple[str, str, str]:
-        """The board of all votes as the app starts (each page then updates it on its own events)."""
+        """The board of all votes as the app starts, before its live part first looks."""
         board = self.votes.leaderboard()
         return leaderboard_markdown(board), board_notes(board), win_rate_markdown(self.votes.votes())
 

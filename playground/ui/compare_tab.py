@@ -231,8 +231,11 @@ class CompareTab:
         outputs = [self.send, self.status, self.notice, self.loaded, self.plot]
         for p in self.panels:
             outputs += [p.chatbot, p.metrics, p.reload, p.tokens]
-        self.send.click(self.run, inputs, outputs, validator=self.check_settings)
-        self.prompt.submit(self.run, inputs, outputs, validator=self.check_settings)
+        # No progress overlays: the status line and each panel say where they are, and the
+        # overlays' animation cost the browser most of a core on a 2-core CPU, taken from the
+        # very decode being measured (benchmarks/RESULTS.md, "UI cost while streaming").
+        for submit in (self.send.click, self.prompt.submit):
+            submit(self.run, inputs, outputs, validator=self.check_settings, show_progress="hidden")
         clear.click(
             self.clear,
             None,

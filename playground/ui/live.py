@@ -124,9 +124,14 @@ class LivePart:
 
 
 class LivePage:
-    """The per-page loops over every tab's live parts: one loop per part, so a part whose view
-    did not change sends nothing (an update, even an empty one, makes the browser redraw a
-    component: an open dropdown list would lose the option under the pointer)."""
+    """One loop per open page over every tab's live parts. Gradio counts each running event
+    against one cap for the whole server (its `max_threads`, 40 by default) and starts nothing
+    new while the cap is reached: a loop per part (14 of them) let three open pages stop every
+    Send in the app (e2e, 2026-11-30). A part whose view did not change gets an empty update,
+    which Gradio skips; a page that sees no change for `HEARTBEAT_S` still gets one empty
+    frame, because Gradio notices a closed page only when its loop yields."""
+
+    HEARTBEAT_S = 5.0
 
     def __init__(self, state: LiveState, sessions: Sessions) -> None:
         self.state = state
@@ -136,10 +141,15 @@ class LivePage:
     def add(self, outputs: list[gr.components.Component], render: Render) -> None:
         self.parts.append(LivePart(outputs, render))
 
+    @property
+    def outputs(self) -> list[gr.components.Component]:
+        return [output for part in self.parts for output in part.outputs]
+
     def attach(self, demo: gr.Blocks) -> None:
-        """Start each part's loop when a page loads (inside the Blocks context)."""
-        for part in self.parts:
-            demo.load(self._follower(part), None, part.outputs, show_progress="hidden", concurrency_limit=None)
+        """Start the page's loop when it loads (inside the Blocks context)."""
+        ids = [id(output) for output in self.outputs]
+        assert len(ids) == len(set(ids)), "a component belongs to one live part only"
+        demo.load(self._follow, None, self.outputs, show_progress="hidden", concurrency_limit=None)
 
     def changes(
         self, part: LivePart, session: Session, sent: list[Hashable]
@@ -157,20 +167,36 @@ class LivePage:
         ]
         return updates, [key for key, _ in views]
 
-    def _follower(self, part: LivePart) -> Callable[[gr.Request], AsyncIterator[list[Any]]]:
-        async def follow(request: gr.Request) -> AsyncIterator[list[Any]]:
-            """Gradio ends it when the page closes. The looking runs in a thread, so the
-            server's event loop never waits on it."""
-            session = self.sessions.get(request)
-            sent: list[Hashable] = [object()] * len(part.outputs)  # nothing sent yet
-            while True:
-                try:
-                    updates, sent = await asyncio.to_thread(self.changes, part, session, sent)
-                except Exception as err:  # a failed look (a store being replaced) is tried again
-                    print(f"live view: {err.__class__.__name__}: {err}", file=sys.stderr, flush=True)
-                    updates = None
-                if updates is not None:
-                    yield updates[0] if len(updates) == 1 else updates
-                await asyncio.sleep(self.state.look_s)
+    def page_changes(
+        self, session: Session, sent: list[list[Hashable]]
+    ) -> tuple[list[Any] | None, list[list[Hashable]]]:
+        """Every part's updates, in `outputs` order (None: nothing changed anywhere). A part
+        whose look fails is left as it was and tried again at the next look."""
+        updates: list[Any] = []
+        now_sent: list[list[Hashable]] = []
+        any_change = False
+        for part, before in zip(self.parts, sent, strict=True):
+            try:
+                part_updates, keys = self.changes(part, session, before)
+            except Exception as err:  # a failed look (a store being replaced) is tried again
+                print(f"live view: {err.__class__.__name__}: {err}", file=sys.stderr, flush=True)
+                part_updates, keys = None, before
+            any_change = any_change or part_updates is not None
+            updates += part_updates or [gr.update()] * len(part.outputs)
+            now_sent.append(keys)
+        return (updates if any_change else None), now_sent
 
-        return follow
+    async def _follow(self, request: gr.Request) -> AsyncIterator[list[Any]]:
+        """Gradio ends it when the page closes. The looking runs in a thread, so the server's
+        event loop never waits on it."""
+        session = self.sessions.get(request)
+        sent: list[list[Hashable]] = [[object()] * len(part.outputs) for part in self.parts]  # nothing sent yet
+        last_sent = time.monotonic()
+        while True:
+            updates, sent = await asyncio.to_thread(self.page_changes, session, sent)
+            if updates is None and time.monotonic() - last_sent >= self.HEARTBEAT_S:
+                updates = [gr.update()] * len(self.outputs)
+            if updates is not None:
+                yield updates
+                last_sent = time.monotonic()
+            await asyncio.sleep(self.state.look_s)

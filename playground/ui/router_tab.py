@@ -43,8 +43,8 @@ def decision_markdown(d: RouteDecision, answered_by: str, answered_by_router: bo
         + (" (it escalates, but no partner is chosen)" if d.escalated and answered_by_router else ""),
         f"P(escalate) {d.p_escalate:.3f} `{bar}` threshold {d.threshold:.2f}"
         + (f" (calibrated, {d.calibration}; raw {d.p_escalate_raw:.3f})" if d.calibration else ""),
-        f"Router latency {d.latency_s:.2f} s (scoring {d.score_latency_s:.2f} s, the rest writing its answer"
-        f"{' under a JSON grammar' if d.grammar else ', free'})",
+        f"Route decided in {d.decision_latency_s * 1000:.0f} ms (scoring {d.score_latency_s * 1000:.0f} ms); "
+        f"its reason written in {d.reason_latency_s or 0:.2f} s{' under a JSON grammar' if d.grammar else ', free'}",
     ]
     if d.valid_json:
         agree = "" if d.model_route == d.route else f" — it wrote route `{d.model_route}`, the scores decided otherwise"
@@ -103,7 +103,12 @@ class RouterTab:
         metrics = gr.Markdown(elem_id="router-metrics")
         gr.Markdown("### Decisions in this session")
         trail = gr.Markdown("No decisions yet.", elem_id="router-trail")
-        go_button.click(self.route, [router, partner, threshold, prompt, answer_tokens], [decision, answer, metrics, trail])
+        go_button.click(
+            self.route,
+            [router, partner, threshold, prompt, answer_tokens],
+            [decision, answer, metrics, trail],
+            show_progress="hidden",
+        )
         stop.click(self.stop, None, None, queue=False)
         router.change(self.pick_router, router, None, queue=False)
         self.partner = partner
@@ -338,6 +343,7 @@ class RouterTab:
             f"**{r.n} rows** ({dataset}), threshold {r.threshold:.2f}: accuracy **{r.accuracy:.3f}**, "
             f"escalation recall {_rate(r.escalation_recall)}, precision {_rate(r.escalation_precision)}, "
             f"JSON valid {r.json_validity:.3f}; AUROC {_rate(r.auroc)}, ECE {_rate(r.ece)}, Brier {_rate(r.brier)}; "
-            f"router latency p50 {r.latency_p50_s:.2f} s, p95 {r.latency_p95_s:.2f} s"
+            f"route decided in p50 {r.decision_latency_p50_s * 1000:.0f} ms, p95 {r.decision_latency_p95_s * 1000:.0f} ms; "
+            f"with the written reason p50 {r.latency_p50_s:.2f} s, p95 {r.latency_p95_s:.2f} s"
         )
         yield text, router_eval_figure(r.curve, r.confusion, r.threshold, r.reliability)
