@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         help="pick the threshold that escalates this share of --calibration-data, then evaluate at it",
     )
     ev.add_argument("--calibration-data", default="in_distribution", help="where the threshold is tuned")
+    ev.add_argument(
+        "--quality-data",
+        help="a JSONL file of {prompt, weak_quality, strong_quality}: adds the cost-quality curve, cpt50, cpt80, apgr",
+    )
+    ev.add_argument("--partner", help="the strong variant whose cost the curve uses (default: the partner variant)")
     ev.add_argument("--json", action="store_true")
 
     cal = commands.add_parser(
@@ -284,6 +289,12 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
     summary = result.to_dict()
     if rate is not None:
         summary["calibrated_threshold"] = result.threshold
+    curve = None
+    if args.quality_data:
+        from playground.router_curve import router_cost_quality
+
+        curve = router_cost_quality(engine, args.model, args.quality_data, args.partner, args.limit)
+        summary |= {"cpt50": curve.cpt50, "cpt80": curve.cpt80, "apgr": curve.apgr, "cost_quality": curve.to_dict()}
     if args.json:
         print(json.dumps(summary))
         return
@@ -304,6 +315,14 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
         f"p50 {result.latency_p50_s:.3f} s, p95 {result.latency_p95_s:.3f} s"
     )
     print(f"confusion (gold -> decided): {result.confusion}")
+    if curve is not None:
+        print(
+            f"cost-quality over {curve.n} requests: weak {curve.weak_quality:.3f}, strong {curve.strong_quality:.3f}; "
+            f"APGR {_fmt(curve.apgr)} (oracle {_fmt(curve.oracle_apgr)}), CPT(50%) {_fmt(curve.cpt50)}, "
+            f"CPT(80%) {_fmt(curve.cpt80)} of requests to the partner"
+        )
+        for note in curve.notes:
+            print(f"note: {note}")
 
 
 def _calibrate(engine: Any, args: argparse.Namespace) -> None:

@@ -113,6 +113,18 @@ class RouterSpec(_Strict):
     escalate_route: str = "npc_fin"
 
 
+class CostSpec(_Strict):
+    """What one answer of this variant costs, for the router's cost-quality curve: its price per
+    million tokens (an API's list price, or your own hardware's) and its typical seconds."""
+
+    usd_per_million_input_tokens: Annotated[float, Field(ge=0)] = 0.0
+    usd_per_million_output_tokens: Annotated[float, Field(ge=0)] = 0.0
+    seconds_per_answer: Annotated[float, Field(ge=0)] | None = None
+
+    def usd(self, input_tokens: float, output_tokens: float) -> float:
+        return (input_tokens * self.usd_per_million_input_tokens + output_tokens * self.usd_per_million_output_tokens) / 1e6
+
+
 class LlamaCppOptions(_Strict):
     n_threads: Annotated[int, Field(ge=0, le=512)] = 0  # 0: one per physical core
     n_gpu_layers: Annotated[int, Field(ge=-1)] = -1  # -1: all layers when built with GPU support
@@ -209,6 +221,7 @@ class ModelConfig(_Strict):
     warn_greedy: bool = False
     adapter: AdapterSpec | None = None
     finetune: FinetuneRecord | None = None
+    cost: CostSpec | None = None  # for a router's cost-quality curve in money or seconds
     notes: str = ""
 
     @model_validator(mode="after")

@@ -433,9 +433,10 @@ def calibrate_router(
     """Route `data` with the raw scores, fit the calibration, store it with the router variant
     (every later decision and eval of that variant uses it) and return it."""
     config = engine.catalogue.resolve(variant)
-    rows = router_rows(data, router_spec(config).routes, limit)
+    spec = router_spec(config)
+    rows = router_rows(data, spec.routes, limit)
     raw = evaluate_router(engine, config.id, rows, 0.5, progress, cancel, calibrated=False)
-    escalates = [r["route"] == router_spec(config).escalate_route for r in raw.rows]
+    escalates = [r["route"] == spec.escalate_route for r in raw.rows]
     scores = [r["p_escalate"] for r in raw.rows]
     calibration = fit_calibration(config.id, scores, escalates, method, data)
     calibration.ece_before = raw.ece

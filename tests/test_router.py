@@ -227,6 +227,33 @@ def test_decision_follows_the_threshold_and_never_the_json(engine, llama_folder)
     assert router.decide(PROMPT, threshold=1.0, explain=False).route == "self"
 
 
+def test_cli_eval_with_quality_data_adds_the_cost_quality_curve(tmp_path):
+    from scipy.integrate import trapezoid
+
+    quality = tmp_path / "quality.jsonl"
+    lines = [
+        ("Say hi", 1, 1), ("Price a bond ladder with duration math", 0, 1),
+        ("Build a DCF for TSLA with 3 scenarios.", 0, 1), ("What is 2 + 2?", 1, 0),
+    ]
+    quality.write_text("".join(json.dumps({"prompt": p, "weak_quality": w, "strong_quality": s}) + "\n" for p, w, s in lines))
+    out = cli("eval", "--kind", "router", "--model", "smollm2-135m-router", "--data", str(quality.parent / "routes.jsonl"),
+              "--quality-data", str(quality), "--json")
+    assert out.returncode == 2 and "routes.jsonl" in out.stderr  # the route data must exist too
+    (tmp_path / "routes.jsonl").write_text('{"prompt": "Say hi", "route": "self"}\n')
+    out = cli("eval", "--kind", "router", "--model", "smollm2-135m-router", "--data", str(tmp_path / "routes.jsonl"),
+              "--quality-data", str(quality), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    curve = result["cost_quality"]
+    assert curve["n"] == 4 and (curve["weak_quality"], curve["strong_quality"]) == (0.5, 0.75)
+    shares = [p["strong_share"] for p in curve["router"]]
+    qualities = [p["quality"] for p in curve["router"]]
+    assert shares[0] == 0 and shares[-1] == 1 and qualities[0] == 0.5 and qualities[-1] == 0.75
+    assert result["apgr"] == pytest.approx((trapezoid(qualities, shares) - 0.5) / 0.25)
+    assert 0 <= result["cpt50"] <= result["cpt80"] <= 1  # the curve ends at the strong side, so both are reached
+    assert any("no money or seconds axis" in note for note in curve["notes"])  # no cost sections shipped
+
+
 @pytest.mark.parametrize("backend", ["llamacpp", "transformers"])
 def test_embedded_router_in_both_backends(engine, backend):
     config = engine.catalogue.add(
