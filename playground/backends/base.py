@@ -285,6 +285,14 @@ class Backend(ABC):
         return None
 
 
+def reusable_blocks(cached: list[int], prefix: list[int], block: int) -> int:
+    """How many leading tokens of `prefix` a scorer may keep from the `cached` tokens it
+    evaluated before in blocks of `block` from position 0: whole blocks of the common start
+    only, and never the last prefix token, whose logits the scorer needs."""
+    same = shared_prefix_length([cached, prefix]) if cached else 0
+    return min(same, len(prefix) - 1) // block * block
+
+
 def shared_prefix_length(sequences: list[list[int]]) -> int:
     """Length of the longest token prefix common to every sequence."""
     shortest = min(len(seq) for seq in sequences)

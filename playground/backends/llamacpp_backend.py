@@ -27,6 +27,7 @@ from playground.backends.base import (
     ShouldStop,
     StreamEnd,
     TokenizerProbe,
+    reusable_blocks,
     shared_prefix_length,
 )
 from playground.config import GenerationParams, ModelConfig
@@ -195,8 +196,7 @@ class LlamaCppBackend(Backend):
         # the same batches, they give the numbers a fresh evaluation would (a token fed alone
         # gives slightly different numbers than in a batch: seen 1e-3 in P(escalate) on AVX2).
         prefix = sequences[0][:start]
-        same = shared_prefix_length([self._scored_prefix, prefix]) if self._scored_prefix else 0
-        kept = min(same, start - 1) // SCORE_BLOCK * SCORE_BLOCK  # the last block is fed again for its logits
+        kept = reusable_blocks(self._scored_prefix, prefix, SCORE_BLOCK)
         self.llm.reset()
         self._scored_prefix = []
         self.llm._ctx.kv_cache_seq_rm(-1, kept, -1)

@@ -35,6 +35,7 @@ from playground.backends.base import (
     ShouldStop,
     StreamEnd,
     TokenizerProbe,
+    reusable_blocks,
     shared_prefix_length,
 )
 from playground.backends.fast_decode import DecodePath, StaticDecoder, fusable_groups, fuse_projections
@@ -462,8 +463,7 @@ class TransformersBackend(Backend):
 
         device = self.model.device
         prefix = sequences[0][:start]
-        same = shared_prefix_length([self._scored_prefix, prefix]) if self._scored_prefix else 0
-        kept = min(same, start - 1) // SCORE_BLOCK * SCORE_BLOCK  # the last block is fed again for its logits
+        kept = reusable_blocks(self._scored_prefix, prefix, SCORE_BLOCK)
         cache = self._score_cache if kept else DynamicCache(config=self.model.config)
         self._scored_prefix, self._score_cache = [], None  # until this score has finished
         _keep_first(cache, kept)

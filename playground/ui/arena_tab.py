@@ -135,11 +135,10 @@ class ArenaTab:
             style = gr.Checkbox(
                 False, label="style control (length, headers, lists, bold as covariates)", elem_id="style-control"
             )
-        shown = self._initial_board()
-        self.board = gr.Markdown(shown[0], elem_id="leaderboard")
-        self.notes = gr.Markdown(shown[1], elem_id="leaderboard-notes")
+        self.board = gr.Markdown("Computing…", elem_id="leaderboard")  # the live part fills it
+        self.notes = gr.Markdown(elem_id="leaderboard-notes")
         gr.Markdown("#### Pairwise win rates")
-        self.win_rates = gr.Markdown(shown[2], elem_id="winrate")
+        self.win_rates = gr.Markdown(elem_id="winrate")
         with gr.Row():
             export = gr.Button("Export votes (JSON, CSV)", elem_id="votes-export")
             import_button = gr.UploadButton(
@@ -221,11 +220,6 @@ class ArenaTab:
                 self._boards = {k: v for k, v in self._boards.items() if k[0] == key[0]}  # this version's only
                 self._boards[key] = (leaderboard_markdown(board), board_notes(board), win_rate_markdown(votes))
             return self._boards[key]
-
-    def _initial_board(self) -> tuple[str, str, str]:
-        """The board of all votes as the app starts, before its live part first looks."""
-        board = self.votes.leaderboard()
-        return leaderboard_markdown(board), board_notes(board), win_rate_markdown(self.votes.votes())
 
     def pick_tag(self, tag: str | None, request: gr.Request) -> tuple[str, str, str]:
         session = self.sessions.get(request)

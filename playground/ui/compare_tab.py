@@ -232,8 +232,8 @@ class CompareTab:
         for p in self.panels:
             outputs += [p.chatbot, p.metrics, p.reload, p.tokens]
         # No progress overlays: the status line and each panel say where they are, and the
-        # overlays' animation cost the browser most of a core on a 2-core CPU, taken from the
-        # very decode being measured (benchmarks/RESULTS.md, "UI cost while streaming").
+        # overlays' animation kept the browser busy on a 2-core CPU, taking from the very decode
+        # being measured (benchmarks/RESULTS.md, "what the page costs while it streams").
         for submit in (self.send.click, self.prompt.submit):
             submit(self.run, inputs, outputs, validator=self.check_settings, show_progress="hidden")
         clear.click(
