@@ -224,17 +224,23 @@ def test_lm_eval_runs_local_tasks_on_transformers_and_gguf_variants(jobs, tiny_g
 
 
 @pytest.mark.parametrize("name", ["hf_backend", "gguf_backend"])
-def test_score_keeps_the_shared_prefix_for_the_next_call(request, name):
-    """After a score, the prefix it evaluated is what the next score may reuse; any other use of
-    llama.cpp's context (here a perplexity pass) empties it, and a reused prefix scores as a
-    fresh one."""
+def test_score_keeps_the_system_prompt_for_the_next_call(request, name):
+    """After a score, the part of the prompt no request changes (a long system prompt and the
+    template up to the user's words) stays in the KV cache for the next score; any other use of
+    llama.cpp's context (here a perplexity pass) empties it, and a reused part scores as a fresh
+    one."""
     backend = request.getfixturevalue(name)
-    def ask(text: str) -> Request:  # the same long preamble, then a request of its own
-        return Request(mode="completion", params=GenerationParams(), text=TEXT + "Request: " + text + "\nRoute:")
+    SYSTEM = TEXT[:200]  # noqa: N806 (fits the tiny models' 256-token context)
+
+    def ask(text: str) -> Request:  # the same long system prompt, then a request of its own
+        messages = ({"role": "system", "content": SYSTEM}, {"role": "user", "content": text})
+        return Request(mode="chat", params=GenerationParams(), messages=messages, assistant_prefix="Route:")
 
     first = backend.score(ask("one"), [" yes", " no"])
-    assert len(backend._scored_prefix) > 2 * 16  # several blocks: the system prompt and more
+    kept = backend._scored_prefix
+    assert len(kept) > len(backend.encode_text(SYSTEM))  # the system prompt and its template tokens
     backend.score(ask("another request"), [" yes", " no"])
+    assert backend._scored_prefix == kept  # the same part, whatever the request says
     assert backend.score(ask("one"), [" yes", " no"]) == first
     backend.position_logprobs(backend.encode_text("Some text to score."))
     if name == "gguf_backend":

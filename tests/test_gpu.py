@@ -171,6 +171,8 @@ def test_every_job_kind_runs_on_the_gpu(tmp_path, llama_folder, monkeypatch):
         "qat": {"model": "gpu-tiny", "steps": 3, "seq_len": 32, "max_chars": 5000, "name": "gpu-qat"},
         "export-gguf": {"model": "gpu-qat", "types": ["Q8_0"]},
         "qat-compare": {"model": "gpu-tiny", "qat": "gpu-qat", "types": ["Q8_0"]} | tiny_text,
+        "matrix": {"model": "gpu-tiny", "variants": ["gpu-qat"], "limit": 2, "max_new_tokens": 8},
+        "report": {"model": "gpu-tiny", "variants": ["gpu-qat"], "limit": 1, "max_new_tokens": 4, "corpus_chars": 400},
     }
     assert set(runs) == set(KINDS), "a job kind without a GPU run here"
     # The GPU kinds together (the manager starts them side by side while memory lasts), then
@@ -280,3 +282,27 @@ def test_gpu_variants_are_diffed_against_a_cpu_reference_and_give_a_token_view(e
     # Greedy on the fast path: each generated token is the model's own top-1 read teacher-forced
     # (bf16 noise may swap a near tie; allow one).
     assert sum(not t.rank1 for t in scored.tokens) <= 1
+
+
+# -- the router's kept system prompt on the GPU -------------------------------------------------
+def test_a_router_on_the_gpu_keeps_its_system_prompt_and_scores_as_a_fresh_pass(engine, llama_folder):
+    """A bf16 router on CUDA keeps its system prompt's KV state between scores: a request scored
+    after others gets the numbers of its first pass, near the fp32 CPU figure."""
+    from test_router import PROMPT, TINY_SPEC, router_variant
+
+    from playground.router import Router
+
+    source = {"path": str(llama_folder)}
+    on_gpu = engine.catalogue.add(router_variant("router-cuda", "transformers", source, TINY_SPEC, dtype="bf16", device="cuda"))
+    on_cpu = engine.catalogue.add(router_variant("router-cpu", "transformers", source, TINY_SPEC, dtype="fp32", device="cpu"))
+    router = Router(engine, on_gpu.id, calibrated=False)
+    router.ensure_loaded()
+    fresh, _ = router.score(PROMPT)
+    others = [router.score(p)[0] for p in ("What is 2 + 2?", "Summarize the Q3 earnings call of a bank.")]
+    assert all(o["npc_fin"] != fresh["npc_fin"] for o in others)
+    assert router.score(PROMPT)[0] == fresh
+    decision = router.decide(PROMPT, explain=False)
+    assert decision.p_escalate == pytest.approx(fresh["npc_fin"]) and decision.decision_latency_s > 0
+    reference = Router(engine, on_cpu.id, calibrated=False)
+    reference.ensure_loaded()
+    assert fresh["npc_fin"] == pytest.approx(reference.score(PROMPT)[0]["npc_fin"], abs=0.05)

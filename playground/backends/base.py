@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from playground.capabilities import Capabilities, capabilities
@@ -285,12 +285,31 @@ class Backend(ABC):
         return None
 
 
-def reusable_blocks(cached: list[int], prefix: list[int], block: int) -> int:
-    """How many leading tokens of `prefix` a scorer may keep from the `cached` tokens it
-    evaluated before in blocks of `block` from position 0: whole blocks of the common start
-    only, and never the last prefix token, whose logits the scorer needs."""
-    same = shared_prefix_length([cached, prefix]) if cached else 0
-    return min(same, len(prefix) - 1) // block * block
+def stable_prefix_length(
+    prompt_tokens: Callable[[Request], list[int]],
+    request: Request,
+    ids: list[int],
+    memo: dict[Any, tuple[list[int], list[int]]] | None = None,
+) -> int:
+    """How many leading tokens of `ids` (the tokens of `request`, perhaps with a continuation
+    after them) stay the same whatever the request's last message says: its system prompt and
+    earlier turns, which a router sends unchanged with every request. Found by tokenizing the
+    request with two other last messages that differ from their first character on (kept in
+    `memo` for the next request with the same start); it depends on the request alone, never on
+    what was scored before. 0 for a completion request."""
+    if request.mode != "chat":
+        return 0
+    *earlier, last = request.messages
+    key = (tuple(tuple(sorted(m.items())) for m in earlier), last.get("role"), request.assistant_prefix)
+    probes = memo.get(key) if memo is not None else None
+    if probes is None:
+        probed = [replace(request, messages=(*earlier, {**last, "content": c})) for c in ("A", "B")]
+        probes = (prompt_tokens(probed[0]), prompt_tokens(probed[1]))
+        if memo is not None:
+            if len(memo) >= 16:  # a few system prompts at a time; never grows without bound
+                memo.clear()
+            memo[key] = probes
+    return min(shared_prefix_length([ids, probe]) for probe in probes)
 
 
 def shared_prefix_length(sequences: list[list[int]]) -> int:

@@ -27,8 +27,8 @@ from playground.backends.base import (
     ShouldStop,
     StreamEnd,
     TokenizerProbe,
-    reusable_blocks,
     shared_prefix_length,
+    stable_prefix_length,
 )
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
@@ -36,11 +36,6 @@ from playground.prompts import render_without_template
 from playground.sources import check_gguf_header, fetch
 
 log = logging.getLogger(__name__)
-
-
-# Tokens per batch when `score` evaluates a shared prefix: small enough that a cached system
-# prompt leaves little to evaluate again, large enough to keep a batch's matrix products efficient.
-SCORE_BLOCK = 32
 
 
 def physical_cores() -> int:
@@ -58,6 +53,7 @@ class LlamaCppBackend(Backend):
         self.device = "cpu"
         self._chat_formatter: Any = None
         self._scored_prefix: list[int] = []  # the tokens the last score left in the KV cache
+        self._probes: dict[Any, Any] = {}  # stable_prefix_length's tokenized probes
 
     def load(self) -> LoadInfo:
         import llama_cpp
@@ -169,9 +165,6 @@ class LlamaCppBackend(Backend):
         return Prompt(n_tokens=len(ids), payload=ids, json_schema=request.json_schema)
 
     def score(self, request: Request, continuations: list[str]) -> list[float]:
-        import llama_cpp
-        import numpy as np
-
         sequences = [self._tokens(request, c) for c in continuations]
         start = shared_prefix_length(sequences)
         if start == 0:
@@ -179,45 +172,60 @@ class LlamaCppBackend(Backend):
         longest = max(len(ids) for ids in sequences)
         if longest > self.llm.n_ctx():
             raise GenerationError(f"{longest} tokens exceed the context of {self.llm.n_ctx()}")
-        n_vocab = self.llm.n_vocab()
 
-        def logprobs_at(i: int) -> Any:
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,))
-            shifted = logits.astype(np.float64) - logits.max()
-            return shifted - np.log(np.exp(shifted).sum())
-
-        def next_logprobs() -> Any:
-            return logprobs_at(-1)
-
-        # The shared prefix is evaluated in fixed blocks of SCORE_BLOCK tokens from position 0,
-        # and each continuation after it as one batch, logits kept for every position. The blocks
-        # the last score left in the KV cache are kept where this prefix has the same tokens (a
-        # router's system prompt, the same for every request): computed from the same tokens in
-        # the same batches, they give the numbers a fresh evaluation would (a token fed alone
-        # gives slightly different numbers than in a batch: seen 1e-3 in P(escalate) on AVX2).
-        prefix = sequences[0][:start]
-        kept = reusable_blocks(self._scored_prefix, prefix, SCORE_BLOCK)
+        # Two batches, fixed by the request alone so that a reused part gives the numbers a fresh
+        # evaluation would (the same token fed in another batch gives slightly different numbers:
+        # seen 1e-3 in P(escalate) on AVX2): the part no request changes (a router's system
+        # prompt), kept in the KV cache from the last score when its tokens are the same; then the
+        # rest of the prompt with the first continuation, logits kept from the last prompt token
+        # on. Each other continuation follows as a batch of its own on the prompt.
+        first = sequences[0]
+        stable = min(stable_prefix_length(self._tokens, request, first, self._probes), start - 1)
+        reused = stable > 0 and self._scored_prefix == first[:stable]
         self.llm.reset()
         self._scored_prefix = []
-        self.llm._ctx.kv_cache_seq_rm(-1, kept, -1)
-        for block in range(kept, start, SCORE_BLOCK):
-            self.llm._batch.set_batch(batch=prefix[block : block + SCORE_BLOCK], n_past=block, logits_all=False)
-            self.llm._ctx.decode(self.llm._batch)
-        after_prefix = next_logprobs().copy()
-        scores = []
-        for ids in sequences:
+        if reused:
+            self.llm._ctx.kv_cache_seq_rm(-1, stable, -1)
+        else:
+            self.llm._ctx.kv_cache_clear()
+            self._decode(first[:stable], 0, keep_from=stable)
+        rows = self._decode(first[stable:-1], stable, keep_from=start - 1)
+        after_prefix = rows[start - 1]
+        scores = [float(after_prefix[first[start]] + sum(rows[i - 1][first[i]] for i in range(start + 1, len(first))))]
+        for ids in sequences[1:]:
             rest = ids[start:]
             total = float(after_prefix[rest[0]])
             if len(rest) > 1:
                 self.llm._ctx.kv_cache_seq_rm(-1, start, -1)  # the last continuation's positions
-                self.llm._batch.set_batch(batch=rest[:-1], n_past=start, logits_all=True)
-                self.llm._ctx.decode(self.llm._batch)
-                for i, token in enumerate(rest[1:]):
-                    total += float(logprobs_at(i)[token])
+                rows = self._decode(rest[:-1], start, keep_from=start)
+                total += sum(float(rows[i - 1][ids[i]]) for i in range(start + 1, len(ids)))
             scores.append(total)
-        self.llm._ctx.kv_cache_seq_rm(-1, start, -1)
-        self._scored_prefix = prefix  # in the KV cache for the next score; any other use clears it
+        self.llm._ctx.kv_cache_seq_rm(-1, stable, -1)
+        self._scored_prefix = first[:stable]  # in the KV cache for the next score; any other use clears it
         return scores
+
+    def _decode(self, ids: list[int], n_past: int, keep_from: int) -> dict[int, Any]:
+        """Evaluate `ids` at positions n_past onward (in batches of at most n_batch), returning
+        the log-probabilities predicted at each position from `keep_from` on: only those rows
+        of logits are computed."""
+        import llama_cpp
+        import numpy as np
+
+        n_vocab, rows = self.llm.n_vocab(), {}
+        for offset in range(0, len(ids), self.llm.n_batch):
+            chunk = ids[offset : offset + self.llm.n_batch]
+            first_pos = n_past + offset
+            batch = self.llm._batch
+            batch.set_batch(batch=chunk, n_past=first_pos, logits_all=False)
+            wanted = [i for i in range(len(chunk)) if first_pos + i >= keep_from]
+            for i in range(len(chunk)):
+                batch.batch.logits[i] = i in wanted
+            self.llm._ctx.decode(batch)
+            for i in wanted:
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,))
+                shifted = logits.astype(np.float64) - logits.max()
+                rows[first_pos + i] = shifted - np.log(np.exp(shifted).sum())
+        return rows
 
     def _clear_context(self) -> None:
         """An empty KV cache, and the library and `score` told so."""

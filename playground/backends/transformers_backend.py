@@ -35,8 +35,8 @@ from playground.backends.base import (
     ShouldStop,
     StreamEnd,
     TokenizerProbe,
-    reusable_blocks,
     shared_prefix_length,
+    stable_prefix_length,
 )
 from playground.backends.fast_decode import DecodePath, StaticDecoder, fusable_groups, fuse_projections
 from playground.config import GenerationParams, ModelConfig
@@ -45,8 +45,6 @@ from playground.paths import cache_dir
 from playground.prompts import render_without_template
 from playground.sources import Weights, check_hf_folder, fetch, file_sha256
 
-# Tokens per forward pass when `score` evaluates a shared prefix (see llamacpp_backend.SCORE_BLOCK).
-SCORE_BLOCK = 16
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -170,6 +168,7 @@ class TransformersBackend(Backend):
         self._scored_prefix: list[int] = []
         self._score_cache: Any = None
         self._prefix_cache_ok: bool | None = None
+        self._probes: dict[Any, Any] = {}  # stable_prefix_length's tokenized probes
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -409,10 +408,13 @@ class TransformersBackend(Backend):
         text = render_without_template(self.config.prompt_format, request.mode, request.messages, request.text)
         return text + request.assistant_prefix, False
 
-    def prepare(self, request: Request) -> Prompt:
+    def prompt_ids(self, request: Request) -> list[int]:
         assert self.codec is not None, "load() first"
         text, templated = self.render(request)
-        ids = self.codec.encode(text, add_special_tokens=not templated)
+        return self.codec.encode(text, add_special_tokens=not templated)
+
+    def prepare(self, request: Request) -> Prompt:
+        ids = self.prompt_ids(request)
         if not ids:
             raise GenerationError("the prompt is empty")
         return Prompt(n_tokens=len(ids), payload=ids)
@@ -428,21 +430,17 @@ class TransformersBackend(Backend):
             if self._prefix_cache_ok is None:  # the first score on this model: is the cache honoured?
                 plain = self._score_plain(sequences, start)
                 try:
-                    cached = self._score_cached(sequences, start)
-                except (TypeError, ValueError, AttributeError, RuntimeError):  # a model of its own code
+                    cached = self._score_cached(request, sequences, start)
+                except (_CacheIgnored, TypeError, ValueError, AttributeError, RuntimeError):  # a model of its own code
                     cached = None
-                # The cache must have grown to the prefix (a model ignoring it leaves it empty),
-                # and the numbers agree as closely as the dtype allows (bf16: ~0.1 between batch shapes).
+                # The numbers agree as closely as the dtype allows (bf16: ~0.1 between batch shapes).
                 tolerance = 0.05 if self.model.dtype == torch.float32 else 1.0
-                self._prefix_cache_ok = (
-                    cached is not None
-                    and self._score_cache is not None
-                    and self._score_cache.get_seq_length() == start
-                    and all(abs(a - b) <= tolerance + 1e-2 * abs(b) for a, b in zip(cached, plain, strict=True))
+                self._prefix_cache_ok = cached is not None and all(
+                    abs(a - b) <= tolerance + 1e-2 * abs(b) for a, b in zip(cached, plain, strict=True)
                 )
                 return cached if self._prefix_cache_ok else plain
             if self._prefix_cache_ok:
-                return self._score_cached(sequences, start)
+                return self._score_cached(request, sequences, start)
             return self._score_plain(sequences, start)
 
     def _score_plain(self, sequences: list[list[int]], start: int) -> list[float]:
@@ -455,24 +453,35 @@ class TransformersBackend(Backend):
             scores.append(float(sum(logprobs[i - 1, ids[i]] for i in range(start, len(ids)))))
         return scores
 
-    def _score_cached(self, sequences: list[list[int]], start: int) -> list[float]:
-        """The shared prefix in fixed blocks of SCORE_BLOCK tokens into a KV cache, keeping the
-        blocks the last score left where the tokens are the same (a router's system prompt), then
-        each continuation on top of it; as llamacpp_backend.score does, and for the same reasons."""
+    def _score_cached(self, request: Request, sequences: list[list[int]], start: int) -> list[float]:
+        """The part of the prompt no request changes in a KV cache kept from the last score when
+        its tokens are the same, then the rest of the prompt with the first continuation in one
+        pass, then each other continuation on top; as llamacpp_backend.score does, and for the
+        same reasons."""
         from transformers import DynamicCache
 
         device = self.model.device
-        prefix = sequences[0][:start]
-        kept = reusable_blocks(self._scored_prefix, prefix, SCORE_BLOCK)
-        cache = self._score_cache if kept else DynamicCache(config=self.model.config)
+        first = sequences[0]
+        stable = min(stable_prefix_length(self.prompt_ids, request, first, self._probes), start - 1)
+        reused = stable > 0 and self._scored_prefix == first[:stable]
+        cache = self._score_cache if reused else DynamicCache(config=self.model.config)
         self._scored_prefix, self._score_cache = [], None  # until this score has finished
-        _keep_first(cache, kept)
-        for block in range(kept, start, SCORE_BLOCK):
-            ids = torch.tensor([prefix[block : block + SCORE_BLOCK]], device=device)
-            out = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        after_prefix = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        scores = []
-        for ids in sequences:
+        if reused:
+            _keep_first(cache, stable)
+        elif stable:
+            prompt_start = torch.tensor([first[:stable]], device=device)
+            self.model(prompt_start, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # Logits from the last prompt token on: the first continuation's tokens and what follows the prompt.
+        rest_of_prompt = torch.tensor([first[stable:-1]], device=device)
+        logits = self.model(
+            rest_of_prompt, past_key_values=cache, use_cache=True, logits_to_keep=len(first) - start
+        ).logits[0]
+        if cache.get_seq_length() != len(first) - 1:  # this model's forward ignores a passed cache
+            raise _CacheIgnored
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        after_prefix = logprobs[0]
+        scores = [_picked(logprobs, first[start:])]
+        for ids in sequences[1:]:
             rest = ids[start:]
             total = float(after_prefix[rest[0]])
             if len(rest) > 1:
@@ -480,12 +489,10 @@ class TransformersBackend(Backend):
                 logits = self.model(
                     torch.tensor([rest[:-1]], device=device), past_key_values=cache, use_cache=True
                 ).logits[0]
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                rows = torch.arange(len(rest) - 1, device=logprobs.device)
-                total += float(logprobs[rows, torch.tensor(rest[1:], device=logprobs.device)].sum())
+                total += _picked(torch.log_softmax(logits.float(), dim=-1), rest[1:])
             scores.append(total)
-        _keep_first(cache, start)
-        self._scored_prefix, self._score_cache = prefix, cache
+        _keep_first(cache, stable)
+        self._scored_prefix, self._score_cache = first[:stable], cache
         return scores
 
     def encode_text(self, text: str) -> list[int]:
@@ -612,6 +619,16 @@ class TransformersBackend(Backend):
         self._scored_prefix, self._score_cache, self._prefix_cache_ok = [], None, None
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _picked(logprobs: torch.Tensor, targets: list[int]) -> float:
+    """The summed log-probabilities of `targets`, row i giving target i's."""
+    rows = torch.arange(len(targets), device=logprobs.device)
+    return float(logprobs[rows, torch.tensor(targets, device=logprobs.device)].sum())
+
+
+class _CacheIgnored(Exception):
+    """A model's forward left a passed KV cache as it was (its own code may not take one)."""
 
 
 def _keep_first(cache: Any, length: int) -> None:
