@@ -5,7 +5,7 @@
 For each embedded router (llama.cpp and its transformers twin) the first N requests of the
 bundled OOD set are decided one after another, as the Router tab and `route --no-reason` do,
 after two warm-up decisions; each figure is the wall time of `Router.decide(explain=False)` in
-the caller (worker round trip included). Then the first 10 are decided again with the reason
+the caller (worker round trip included). Then the first 10 (--reason-prompts) are decided again with the reason
 written, to time that part apart. The script runs on any commit that has `Router.decide`, so the
 same command measures the code before and after a change.
 """
@@ -34,7 +34,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def measure(engine: Any, router_id: str, prompts: list[str]) -> dict[str, Any]:
+def measure(engine: Any, router_id: str, prompts: list[str], reason_prompts: int = 10) -> dict[str, Any]:
     from playground.router import Router
 
     router = Router(engine, router_id, calibrated=False)
@@ -47,7 +47,7 @@ def measure(engine: Any, router_id: str, prompts: list[str]) -> dict[str, Any]:
         router.decide(prompt, explain=False)
         decisions.append(time.perf_counter() - started)
     with_reason = []
-    for prompt in prompts[:10]:
+    for prompt in prompts[:reason_prompts]:
         started = time.perf_counter()
         router.decide(prompt, explain=True)
         with_reason.append(time.perf_counter() - started)
@@ -59,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=60)
+    parser.add_argument("--reason-prompts", type=int, default=10, help="how many are timed again with the reason")
     args = parser.parse_args()
 
     from playground.catalogue import Catalogue
@@ -68,7 +69,7 @@ def main() -> None:
     prompts = [row["prompt"] for row in router_rows("ood", ["self", "npc_fin"], args.prompts)]
     engine = Engine(Catalogue.from_settings())
     try:
-        results = {router_id: measure(engine, router_id, prompts) for router_id in ROUTERS}
+        results = {router_id: measure(engine, router_id, prompts, args.reason_prompts) for router_id in ROUTERS}
     finally:
         engine.shutdown()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

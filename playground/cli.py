@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="evaluate a variant (kinds: router)")
     ev.add_argument("--kind", required=True, choices=["router"])
     ev.add_argument("--model", required=True)
-    ev.add_argument("--data", default="ood", help="ood, in_distribution, or a JSONL file of {prompt, route}")
+    ev.add_argument("--data", default="ood", help="ood, ood2, in_distribution, or a JSONL file of {prompt, route}")
     ev.add_argument("--threshold", type=float, default=0.5)
     ev.add_argument("--limit", type=int, help="only the first N rows")
     ev.add_argument(
@@ -87,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--partner", help="the strong variant whose cost the curve uses (default: the partner variant)")
     ev.add_argument("--json", action="store_true")
+
+    rq = commands.add_parser(
+        "router-quality", help="write a quality file for the cost-quality curve from a finished matrix job's checks"
+    )
+    rq.add_argument("--matrix", required=True, help="the id of a finished matrix job")
+    rq.add_argument("--weak", required=True, help="its column with the router's own answers")
+    rq.add_argument("--strong", required=True, help="its column with the partner's answers")
+    rq.add_argument("--out", required=True, type=Path, help="the JSONL file to write")
 
     cal = commands.add_parser(
         "calibrate-router", help="fit a router's P(escalate) calibration on in-distribution data and store it"
@@ -434,6 +442,23 @@ def _job_dict(job: Any) -> dict[str, Any]:
     return asdict(job) | {"elapsed_s": job.elapsed_s(), "eta_s": job.eta_s()}
 
 
+def _router_quality(args: argparse.Namespace) -> None:
+    from playground.jobs.store import JobStore
+    from playground.paths import jobs_dir
+    from playground.router_curve import quality_rows_from_matrix, write_quality_data
+
+    try:
+        job = JobStore(jobs_dir() / "jobs.sqlite").get(args.matrix)
+    except KeyError:
+        raise PlaygroundError(f"no job {args.matrix!r}") from None
+    if job.kind != "matrix" or job.state != "succeeded" or not job.result:
+        raise PlaygroundError(f"job {job.id} is a {job.kind} job, {job.state}: a finished matrix job is needed")
+    rows = quality_rows_from_matrix(job.result, args.weak, args.strong)
+    write_quality_data(rows, args.out)
+    priced = sum(1 for r in rows if r.weak_tokens)
+    print(f"{len(rows)} prompts with checks written to {args.out} ({priced} with token counts for the money axis)")
+
+
 def _jobs(args: argparse.Namespace) -> None:
     from playground.jobs.manager import JobManager
     from playground.jobs.store import JobStore
@@ -542,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _eval(engine, args)
         elif args.command == "calibrate-router":
             _calibrate(engine, args)
+        elif args.command == "router-quality":
+            _router_quality(args)
         elif args.command == "jobs":
             _jobs(args)
         elif args.command == "diff":

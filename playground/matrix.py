@@ -159,6 +159,7 @@ class Cell:
     variant: str
     answer: str = ""
     completion_tokens: int = 0
+    prompt_tokens: int = 0  # 0 where the backend does not count them (remote servers may not)
     ttft_s: float | None = None
     decode_tok_s: float | None = None
     peak_mem_bytes: int = 0
@@ -240,6 +241,7 @@ def answered_cell(case: PromptCase, variant: str, finished: Finished) -> Cell:
     cell = Cell(case.id, variant)
     m = finished.metrics
     cell.answer, cell.completion_tokens, cell.finish_reason = finished.text, m.completion_tokens, m.finish_reason
+    cell.prompt_tokens = m.prompt_tokens or 0
     cell.ttft_s, cell.decode_tok_s, cell.peak_mem_bytes = m.ttft_s, m.decode_tok_s, m.peak_mem_bytes
     cell.checks = {check.describe(): check.passes(finished.text) for check in case.checks}
     return cell

@@ -450,4 +450,9 @@ class EvalCancelled(PlaygroundError):
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "router"
-DATASETS = {"ood": ASSETS / "ood.jsonl", "in_distribution": ASSETS / "eval_in_distribution.jsonl"}
+# ood2: a second set written by hand later, after the router LoRA was trained and tuned on nothing of it.
+DATASETS = {
+    "ood": ASSETS / "ood.jsonl",
+    "ood2": ASSETS / "ood2.jsonl",
+    "in_distribution": ASSETS / "eval_in_distribution.jsonl",
+}

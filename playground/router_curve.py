@@ -15,6 +15,9 @@ quality recovers x% of the gap, interpolated between the curve's points.
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,45 @@ def read_quality_data(path: Path) -> list[QualityRow]:
     if not rows:
         raise PlaygroundError(f"{path} holds no rows")
     return rows
+
+
+def quality_rows_from_matrix(result: dict[str, Any], weak: str, strong: str) -> list[QualityRow]:
+    """Quality rows from a finished matrix job's result: each prompt with checks that both
+    columns answered without error, its quality the share of its checks each answer passed, and
+    each side's (prompt, completion) tokens where the cells counted them."""
+    from playground.matrix import Cell, MatrixResult
+
+    matrix = MatrixResult.from_dict(result)
+    for variant in (weak, strong):
+        if variant not in matrix.variants:
+            raise PlaygroundError(f"{variant} is not a column of this matrix (its columns: {', '.join(matrix.variants)})")
+
+    def quality(cell: Cell) -> float:
+        return sum(cell.checks.values()) / len(cell.checks)
+
+    def tokens(cell: Cell) -> tuple[float, float] | None:
+        return (float(cell.prompt_tokens), float(cell.completion_tokens)) if cell.prompt_tokens else None
+
+    rows = []
+    for prompt in matrix.prompts:
+        a, b = matrix.cell(prompt["id"], weak), matrix.cell(prompt["id"], strong)
+        if a.error or b.error or not a.checks or not b.checks:
+            continue
+        rows.append(QualityRow(prompt["prompt"], quality(a), quality(b), tokens(a), tokens(b)))
+    if not rows:
+        raise PlaygroundError(f"no prompt of this matrix has checks that both {weak} and {strong} answered")
+    return rows
+
+
+def write_quality_data(rows: list[QualityRow], path: Path) -> None:
+    """The rows as the JSONL `read_quality_data` reads."""
+    lines = []
+    for row in rows:
+        item: dict[str, Any] = {"prompt": row.prompt, "weak_quality": row.weak_quality, "strong_quality": row.strong_quality}
+        if row.weak_tokens and row.strong_tokens:
+            item |= {"weak_tokens": list(row.weak_tokens), "strong_tokens": list(row.strong_tokens)}
+        lines.append(json.dumps(item) + "\n")
+    path.write_text("".join(lines))
 
 
 def _points(
@@ -198,16 +240,30 @@ def partner_of(catalogue: Any, partner_id: str | None) -> Any:
 
 
 def router_cost_quality(
-    engine: Any, router_id: str, data: str, partner_id: str | None = None, limit: int | None = None
+    engine: Any,
+    router_id: str,
+    data: str,
+    partner_id: str | None = None,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> CostQualityCurve:
     """Score every request of a quality file (inside the allowed roots) with the router, as its
-    decision would (calibrated where it has a calibration), and draw the curve."""
-    from playground.router import Router
+    decision would (calibrated where it has a calibration), and draw the curve. `progress(done,
+    total)` is told after each request; setting `cancel` ends it between requests with
+    `EvalCancelled`."""
+    from playground.router import EvalCancelled, Router
     from playground.settings import allowed_path
 
     rows = read_quality_data(allowed_path(data, "quality data file"))[: limit or None]
     router = Router(engine, router_id)
-    scores = [router.decide(row.prompt, explain=False).p_escalate for row in rows]
+    scores = []
+    for i, row in enumerate(rows):
+        if cancel is not None and cancel.is_set():
+            raise EvalCancelled(f"cancelled after {i} of {len(rows)} requests")
+        scores.append(router.decide(row.prompt, explain=False).p_escalate)
+        if progress is not None:
+            progress(i + 1, len(rows))
     partner = partner_of(engine.catalogue, partner_id)
     curve = cost_quality_curve(scores, rows, router.config.cost, partner.cost if partner else None)
     if partner is None:

@@ -26,6 +26,7 @@ from playground.matrix import (
     to_markdown,
     word_diff,
 )
+from playground.router_curve import read_quality_data
 
 
 def test_the_bundled_set_is_varied_and_every_check_is_valid():
@@ -138,6 +139,23 @@ def test_the_matrix_job_runs_from_the_command_line(tmp_path, tiny_gguf):
     job = json.loads(done.stdout)
     assert job["state"] == "succeeded" and job["result"]["variants"] == ["col-a", "col-b"]
     assert len(job["result"]["cells"]) == 4 and set(job["result"]["pass_rate"]) == {"col-a", "col-b"}
+    # Its checks become the quality file of the router's cost-quality curve (col-a as the router's
+    # own answers, col-b as the partner's), with each side's tokens for the money axis.
+    quality = tmp_path / "quality.jsonl"
+    made = subprocess.run([sys.executable, "-m", "playground", "router-quality", "--matrix", job["id"], "--weak", "col-a",
+                           "--strong", "col-b", "--out", str(quality)], capture_output=True, text=True, env=env, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert "2 prompts with checks written" in made.stdout and "(2 with token counts" in made.stdout
+    rows = read_quality_data(quality)
+    cells = {(c["prompt_id"], c["variant"]): c for c in job["result"]["cells"]}
+    for row, prompt in zip(rows, job["result"]["prompts"], strict=True):
+        weak, strong = cells[prompt["id"], "col-a"], cells[prompt["id"], "col-b"]
+        assert row.prompt == prompt["prompt"]
+        assert row.weak_quality == sum(weak["checks"].values()) / len(weak["checks"])
+        assert row.strong_quality == sum(strong["checks"].values()) / len(strong["checks"])
+        assert row.weak_tokens == (weak["prompt_tokens"], weak["completion_tokens"]) and weak["prompt_tokens"] > 0
+    wrong = subprocess.run([*made.args[:7], "col-z", *made.args[8:]], capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode == 2 and "col-z is not a column of this matrix (its columns: col-a, col-b)" in wrong.stderr
     bad = subprocess.run([*command[:-2], "--option", "prompts=/nowhere/p.jsonl"], capture_output=True, text=True,
                          env=env, timeout=60)
     assert bad.returncode == 2 and "prompt file" in bad.stderr and "Traceback" not in bad.stderr

@@ -119,8 +119,12 @@ def test_router_data_files_are_what_the_readme_says():
     ood = read_router_data(__import__("pathlib").Path("assets/router/ood.jsonl"))
     ind = read_router_data(__import__("pathlib").Path("assets/router/eval_in_distribution.jsonl"))
     assert len(train) == 500 and sum(r["route"] == "self" for r in train) == 300
+    ood2 = read_router_data(__import__("pathlib").Path("assets/router/ood2.jsonl"))
     assert len(ood) >= 60 and {r["route"] for r in ood} == {"self", "npc_fin"}
+    assert (len(ood2), sum(r["route"] == "self" for r in ood2)) == (61, 36)
+    seen = {r["prompt"] for r in train} | {r["prompt"] for r in ind} | {r["prompt"] for r in ood}
     assert not {r["prompt"] for r in train} & ({r["prompt"] for r in ind} | {r["prompt"] for r in ood})
+    assert not seen & {r["prompt"] for r in ood2}  # a set of its own
 
 
 def test_bad_router_data_is_named(tmp_path):

@@ -75,3 +75,25 @@ def test_bad_quality_files_are_named(tmp_path):
         read_quality_data(path)
     path.write_text('{"prompt": "a", "weak_quality": 1, "strong_quality": 0.5, "strong_tokens": [3, 4]}\n')
     assert read_quality_data(path) == [QualityRow("a", 1.0, 0.5, None, (3.0, 4.0))]
+
+
+def test_several_routers_share_one_table_and_chart_and_a_failed_one_is_named():
+    from playground.ui.charts import cost_quality_figure
+    from playground.ui.router_tab import cost_quality_markdown
+
+    quality = rows([0, 1, 0, 1], [1, 1, 1, 0])
+    curves = {"good": cost_quality_curve([0.9, 0.1, 0.6, 0.3], quality), "flat": cost_quality_curve([0.4] * 4, quality)}
+    failures = {"absent": PlaygroundError("its weights are not on this machine")}
+    text, axis = cost_quality_markdown(curves, failures, {"good": "Good router"}, "money")
+    assert "| Good router | 1.125 | 12.5% | 20.0% | 4 |" in text
+    assert "| flat | 0.500 | 50.0% | 80.0% | 4 |" in text
+    assert "absent could not score: ⚠ its weights are not on this machine" in text
+    alone, _ = cost_quality_markdown({}, failures, {}, "partner calls")
+    assert alone == "absent could not score: ⚠ its weights are not on this machine"
+    assert "quality 0.500; partner only: 0.750; oracle APGR" in text
+    # No cost sections here: the money axis falls back to partner calls, and says so.
+    assert axis == "partner calls" and "No money axis for these routers" in text
+    fig = cost_quality_figure(curves, axis)
+    names = [t.name for t in fig.data]
+    assert names[:4] == ["random routing", "oracle", "good", "flat"]
+    assert list(fig.data[2].x) == [p.strong_share for p in curves["good"].router]

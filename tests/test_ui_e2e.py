@@ -591,6 +591,41 @@ def test_router_view_decides_answers_and_evaluates(page, tmp_path):
     wait_text(page.locator("#job-table"), r"eval-router\s+smollm2-135m-router\s+succeeded\s+2/2", 120)
 
 
+def test_cost_quality_curves_of_several_routers_share_one_chart_and_table(page, tmp_path):
+    """A quality file drawn for two routers at once: one table with each router's APGR and CPTs,
+    one chart with the baselines; a router whose weights are not here is named in the table while
+    the others are drawn; a malformed file is refused before any router loads."""
+    page.get_by_role("tab", name="Router").click()
+    page.get_by_text("Cost against quality").click()
+    bad = tmp_path / "bad-quality.jsonl"
+    bad.write_text('{"prompt": "Hello", "weak_quality": "good", "strong_quality": 1}\n')
+    page.locator("#curve-path textarea, #curve-path input").first.fill(str(bad))
+    page.locator("#curve-run").click()
+    wait_text(page.locator("#curve-status"), r"line 1: \"weak_quality\" and \"strong_quality\" must both be numbers", 20)
+    quality = tmp_path / "quality.jsonl"
+    rows = [
+        ("Say hi to my team.", 1, 1), ("What is 2 + 2?", 1, 1), ("Translate 'good morning' into French.", 1, 0),
+        ("Build a DCF for TSLA with 3 scenarios.", 0, 1),
+        ("Price a 5-year interest rate swap and explain its DV01.", 0, 1),
+    ]  # fmt: skip
+    quality.write_text("".join(json.dumps({"prompt": q, "weak_quality": w, "strong_quality": st}) + "\n" for q, w, st in rows))
+    choose(page, "curve-routers", "SmolLM2-135M-Instruct as router (transformers, dequantized)")
+    choose(page, "curve-routers", "NPC Fast 1.7B (bf16)")  # its weights are not on this machine
+    page.get_by_text("Small language models side by side").click()  # closes the list
+    page.locator("#curve-path textarea, #curve-path input").first.fill(str(quality))
+    page.locator("#curve-run").click()
+    wait_text(page.locator("#curve-status"), r"⏳ \d+/15 rows", 60)
+    table = wait_text(page.locator("#curve-status"), r"APGR.*\n(.*\n)*.*oracle APGR", 240)
+    for name in ("SmolLM2-135M-Instruct Q4_1 as router (llama.cpp)", "SmolLM2-135M-Instruct as router (transformers, dequantized)"):
+        assert re.search(re.escape(name) + r"\s+-?\d\.\d{3}\s+(\d+\.\d%|never)\s+(\d+\.\d%|never)\s+5", table), table
+    assert re.search(r"NPC Fast 1\.7B \(bf16\) could not score: ⚠ .*not on this machine", table)
+    assert "Router's own answers only: quality 0.600; partner only: 0.800" in table
+    for legend in ("Answer quality against cost", "random routing", "oracle", "as router (transformers, dequantized)"):
+        page.locator("#curve-plot").get_by_text(legend).first.wait_for(timeout=20_000)
+    page.locator("#curve-plot").scroll_into_view_if_needed()
+    page.screenshot(path=str(DOCS / "router-cost-quality.png"), full_page=True)
+
+
 def wait_option(page, elem_id: str, label: str, timeout_s: float = 10) -> None:
     """Open a dropdown until it offers `label` (pickers follow the engine within a second)."""
     deadline = time.monotonic() + timeout_s

@@ -45,7 +45,7 @@ class _Options(BaseModel):
 
 class RouterEvalOptions(_Options):
     model: str
-    data: str = "ood"  # ood, in_distribution, or a JSONL path
+    data: str = "ood"  # ood, ood2, in_distribution, or a JSONL path
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     limit: Annotated[int, Field(ge=1)] | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -349,3 +350,54 @@ def pareto_figure(report: dict) -> go.Figure:
         fig.update_xaxes(title_text=title, rangemode="tozero", row=1, col=col)
         fig.update_yaxes(title_text="mean KL to the reference (nats)", rangemode="tozero", row=1, col=col)
     return _titled(fig, "Quality against speed and memory (filled: on the Pareto front)")
+
+
+COST_AXES = {
+    "partner calls": ("strong_share", "share of requests sent to the partner"),
+    "money": ("usd", "cost of all answers (USD)"),
+    "seconds": ("seconds", "time of all answers (s)"),
+}
+
+
+def cost_quality_figure(curves: dict[str, Any], axis: str = "partner calls") -> go.Figure:
+    """Answer quality against what it costs, for each router's `CostQualityCurve` (routers
+    scored on the same quality rows), with the baselines: weak only and strong only (the two
+    ends), random routing (the straight line between them) and the oracle."""
+    field, title = COST_AXES[axis]
+    fig = go.Figure()
+    first = next(iter(curves.values()))
+
+    def xs(points: Sequence[Any]) -> list[float | None]:
+        return [getattr(p, field) for p in points]
+
+    ends = [first.oracle[0], first.oracle[-1]]
+    fig.add_trace(
+        go.Scatter(
+            x=xs(ends), y=[first.weak_quality, first.strong_quality], mode="lines",
+            line={"dash": "dash", "color": "grey"}, name="random routing",
+        )
+    )  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=xs(first.oracle), y=[p.quality for p in first.oracle], mode="lines",
+            line={"dash": "dot", "color": "black"}, name="oracle",
+        )
+    )  # fmt: skip
+    for i, (router_id, curve) in enumerate(curves.items()):
+        fig.add_trace(
+            go.Scatter(
+                x=xs(curve.router), y=[p.quality for p in curve.router], mode="lines+markers",
+                line={"color": _color(i)}, name=router_id,
+            )
+        )  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=xs(ends), y=[first.weak_quality, first.strong_quality], mode="markers+text",
+            text=["router only", "partner only"], textposition=["top right", "bottom left"],
+            marker={"size": 11, "color": "grey", "symbol": "diamond"}, showlegend=False,
+        )
+    )  # fmt: skip
+    return _titled(
+        fig, "Answer quality against cost", xaxis_title=title, yaxis_title="mean answer quality",
+        xaxis={"rangemode": "tozero"}, legend={"orientation": "h", "y": -0.25},
+    )  # fmt: skip

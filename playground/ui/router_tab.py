@@ -13,10 +13,12 @@ from typing import Any
 import gradio as gr
 
 from playground.engine import Engine
+from playground.errors import PlaygroundError
 from playground.jobs.manager import JobManager
 from playground.request_queue import Queued
 from playground.router import (
     DATASETS,
+    EvalCancelled,
     RouteDecision,
     Router,
     answering_variant,
@@ -24,8 +26,10 @@ from playground.router import (
     evaluate_router_file,
 )
 from playground.router_calibration import remove_calibration
+from playground.router_curve import CostQualityCurve, read_quality_data, router_cost_quality
+from playground.settings import allowed_path
 from playground.ui.access import Access
-from playground.ui.charts import router_eval_figure
+from playground.ui.charts import COST_AXES, cost_quality_figure, router_eval_figure
 from playground.ui.formatting import error_text, load_progress, metrics_line, ordinal, preformatted
 from playground.ui.live import LivePage, VariantView, picker_choices
 from playground.ui.session import Session, Sessions
@@ -66,6 +70,7 @@ class RouterTab:
         self.access = access
         self.jobs = jobs
         self.router: gr.Dropdown | None = None
+        self.curve_routers: gr.Dropdown | None = None
 
     def routers(self) -> list[tuple[str, str]]:
         return [(c.display_name, c.id) for c in self.engine.catalogue.configs.values() if c.router is not None]
@@ -115,11 +120,11 @@ class RouterTab:
 
         with gr.Accordion("Evaluate the router", open=False):
             gr.Markdown(
-                "`ood` was written by hand apart from the training generator (generalization); "
+                "`ood` and `ood2` were written by hand apart from the training generator (generalization); "
                 "`in_distribution` comes from the same generator as the training pairs (format fidelity)."
             )
             with gr.Row():
-                dataset = gr.Radio(["ood", "in_distribution", "file"], value="ood", label="data", elem_id="eval-data")
+                dataset = gr.Radio([*DATASETS, "file"], value="ood", label="data", elem_id="eval-data")
                 path = gr.Textbox(label="JSONL of {prompt, route} (for 'file')", elem_id="eval-path")
                 limit = gr.Number(value=None, precision=0, label="first N rows (empty: all)", elem_id="eval-limit")
             with gr.Row():
@@ -140,6 +145,32 @@ class RouterTab:
             cancel.click(self.cancel_eval, None, None, queue=False)
             background.click(self.submit_eval, [router, threshold, dataset, path, limit], status)
 
+        with gr.Accordion("Cost against quality: what a router buys", open=False):
+            gr.Markdown(
+                "A JSONL file, one request per line: `prompt`, `weak_quality` (how good the router's own "
+                "answer was) and `strong_quality` (the partner's), on one scale such as 0/1 from a check; "
+                "`weak_tokens` and `strong_tokens` as [input, output] give the money axis from the variants' "
+                "`cost:` sections. Each threshold is a point. APGR, CPT(50%) and CPT(80%) are RouteLLM's: the "
+                "share of the quality gap recovered on average, and the partner calls needed to recover half "
+                "and 80% of it."
+            )
+            with gr.Row():
+                curve_routers = self.curve_routers = gr.Dropdown(
+                    routers, value=[default] if default else [], multiselect=True, label="routers on one chart",
+                    elem_id="curve-routers",
+                )  # fmt: skip
+                curve_path = gr.Textbox(label="quality file (JSONL)", elem_id="curve-path")
+                curve_axis = gr.Radio(list(COST_AXES), value="partner calls", label="cost axis", elem_id="curve-axis")
+            with gr.Row():
+                curve_run = gr.Button("Draw the curves", elem_id="curve-run")
+                curve_cancel = gr.Button("Cancel", elem_id="curve-cancel")
+            curve_status = gr.Markdown(elem_id="curve-status")
+            curve_plot = gr.Plot(elem_id="curve-plot", show_label=False)
+            curve_run.click(
+                self.cost_quality, [curve_routers, curve_path, curve_axis, partner], [curve_status, curve_plot]
+            )
+            curve_cancel.click(self.cancel_eval, None, None, queue=False)
+
     def follow_live(self, live: LivePage) -> None:
         """The picked router's state (loading with elapsed time, ready, failed...) and both
         pickers' marks follow the engine."""
@@ -154,10 +185,11 @@ class RouterTab:
         def pickers(_session: Session, views: dict[str, VariantView]) -> list[tuple[Any, Any]]:
             routers = picker_choices(views, [v for _, v in self.routers()])
             partners = [(NO_PARTNER, "")] + picker_choices(views, [v for _, v in self.partners()[1:]])
-            return [(tuple(routers), gr.update(choices=routers)), (tuple(partners), gr.update(choices=partners))]
+            marked = gr.update(choices=routers)
+            return [(tuple(routers), marked), (tuple(partners), gr.update(choices=partners)), (tuple(routers), marked)]
 
         live.add([self.state_line], state)
-        live.add([self.router, self.partner], pickers)
+        live.add([self.router, self.partner, self.curve_routers], pickers)
 
     def _state_text(self, view: VariantView | None) -> str:
         if view is None:
@@ -333,7 +365,7 @@ class RouterTab:
             return
         outcome: dict[str, Any] = {}
         task = partial(evaluate_router_file, self.engine, router_id, source, float(threshold), int(limit) if limit else None)
-        for line in self._over_rows(request, lambda progress, cancel: task(progress, cancel), outcome):
+        for line in self._over_rows(request, task, outcome):
             yield line, gr.update()
         if "error" in outcome:
             yield error_text(outcome["error"]), gr.update()
@@ -347,3 +379,80 @@ class RouterTab:
             f"with the written reason p50 {r.latency_p50_s:.2f} s, p95 {r.latency_p95_s:.2f} s"
         )
         yield text, router_eval_figure(r.curve, r.confusion, r.threshold, r.reliability)
+
+    def cost_quality(
+        self, router_ids: list[str] | None, path: str, axis: str, partner_id: str | None, request: gr.Request
+    ) -> Iterator[tuple[str, Any]]:
+        """Each chosen router scores every request of the quality file: one chart, one table. A
+        router that cannot (its weights absent, say) is named in the table; the others are drawn."""
+        path = (path or "").strip()
+        if not router_ids:
+            yield "⚠ Pick at least one router.", gr.update()
+            return
+        try:
+            if not path:
+                raise PlaygroundError("give the path of a JSONL quality file")
+            read_quality_data(allowed_path(path, "quality data file"))  # refused before any router loads
+        except Exception as err:
+            yield error_text(err), gr.update()
+            return
+        outcome: dict[str, Any] = {}
+
+        def task(progress: Callable[[int, int], None], cancel: threading.Event) -> Any:
+            curves: dict[str, CostQualityCurve] = {}
+            failures: dict[str, Exception] = {}
+            for k, router_id in enumerate(router_ids):
+                def told(done: int, total: int, k: int = k) -> None:
+                    progress(k * total + done, len(router_ids) * total)
+
+                try:
+                    curves[router_id] = router_cost_quality(
+                        self.engine, router_id, path, partner_id or None, progress=told, cancel=cancel
+                    )
+                except EvalCancelled:
+                    raise
+                except Exception as err:  # this router only: the others are still drawn
+                    failures[router_id] = err
+            return curves, failures
+
+        for line in self._over_rows(request, task, outcome):
+            yield line, gr.update()
+        if "error" in outcome:
+            yield error_text(outcome["error"]), gr.update()
+            return
+        curves, failures = outcome["result"]
+        names = {c.id: c.display_name for c in self.engine.catalogue.configs.values()}
+        text, axis = cost_quality_markdown(curves, failures, names, axis)
+        named = {names.get(router_id, router_id): curve for router_id, curve in curves.items()}
+        yield text, cost_quality_figure(named, axis) if curves else gr.update()
+
+
+def _share(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1%}"
+
+
+def cost_quality_markdown(
+    curves: dict[str, CostQualityCurve], failures: dict[str, Exception], names: dict[str, str], axis: str
+) -> tuple[str, str]:
+    """The routers' numbers in one table, the baselines and notes under it; and the axis the
+    chart can draw (money or seconds only where every point has them)."""
+    lines = ["| router | APGR | CPT(50%) | CPT(80%) | requests |", "| --- | ---: | ---: | ---: | ---: |"]
+    for router_id, c in curves.items():
+        apgr = "—" if c.apgr is None else f"{c.apgr:.3f}"
+        lines.append(f"| {names.get(router_id, router_id)} | {apgr} | {_share(c.cpt50)} | {_share(c.cpt80)} | {c.n} |")
+    notes = [f"{names.get(router_id, router_id)} could not score: {error_text(err)}" for router_id, err in failures.items()]
+    if curves:
+        first = next(iter(curves.values()))
+        oracle = "—" if first.oracle_apgr is None else f"{first.oracle_apgr:.3f}"
+        notes.append(
+            f"Router's own answers only: quality {first.weak_quality:.3f}; partner only: {first.strong_quality:.3f}; "
+            f"oracle APGR {oracle}; random routing's APGR is 0.5. CPT: the share of requests sent to the partner."
+        )
+        field = COST_AXES[axis][0]
+        if any(getattr(p, field) is None for c in curves.values() for p in c.router):
+            notes.append(f"No {axis} axis for these routers: drawn against partner calls.")
+            axis = "partner calls"
+        notes += sorted({n for c in curves.values() for n in c.notes})
+    if not curves:
+        lines = []
+    return "\n\n".join(filter(None, ["\n".join(lines), *notes])), axis
