@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="lora-router option")
     parser.add_argument("--skip-before", action="store_true", help="no eval of the untrained router (timing runs)")
+    parser.add_argument("--before", default="ood,in_distribution", help="data sets the untrained router is scored on")
     parser.add_argument("--after", default="ood,in_distribution", help="data sets the trained router is scored on")
+    parser.add_argument("--no-reason", action="store_true", help="evals route only (no written answers, no JSON validity)")
     parser.add_argument("--random-base", type=Path, metavar="TOKENIZER_DIR", help="random weights of the base's shape")
     args = parser.parse_args()
     from benchmarks.job_runner import job_runner
@@ -63,15 +65,15 @@ def main() -> None:
     run, results = job_runner("router-lora-")
     base = random_base(args.random_base) if args.random_base else BASE
 
-    for data in () if args.skip_before else ("ood", "in_distribution"):
-        results[f"before_{data}"] = run("eval-router", {"model": base, "data": data})
+    for data in () if args.skip_before else filter(None, args.before.split(",")):
+        results[f"before_{data}"] = run("eval-router", {"model": base, "data": data, "explain": not args.no_reason})
     options = {"model": base, "name": "smollm2-135m-router-lora"}
     for item in args.option:
         key, _, value = item.partition("=")
         options[key] = json.loads(value) if value[:1] in "0123456789[-" or value in ("true", "false") else value
     results["finetune"] = run("lora-router", options)
     for data in filter(None, args.after.split(",")):
-        results[f"after_{data}"] = run("eval-router", {"model": options["name"], "data": data})
+        results[f"after_{data}"] = run("eval-router", {"model": options["name"], "data": data, "explain": not args.no_reason})
     args.out.write_text(json.dumps(results, indent=1))
 
 

@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--calibration-data", default="in_distribution", help="where the threshold is tuned")
     ev.add_argument(
+        "--no-reason", action="store_true", help="routes only: the router writes no answers (no JSON validity; faster)"
+    )
+    ev.add_argument(
         "--quality-data",
         help="a JSONL file of {prompt, weak_quality, strong_quality}: adds the cost-quality curve, cpt50, cpt80, apgr",
     )
@@ -289,7 +292,9 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
     if rate is not None and not 0.0 <= rate <= 1.0:
         raise PlaygroundError(f"--target-escalation-rate is a share in 0..1; got {rate}")
     if rate is None:
-        result = evaluate_router_file(engine, args.model, args.data, args.threshold, args.limit, progress)
+        result = evaluate_router_file(
+            engine, args.model, args.data, args.threshold, args.limit, progress, explain=not args.no_reason
+        )
     else:
         result = evaluate_at_target_rate(
             engine, args.model, args.data, rate, args.calibration_data, args.limit, progress
@@ -313,9 +318,10 @@ def _eval(engine: Any, args: argparse.Namespace) -> None:
         else ""
     )
     print(
-        f"{result.n} rows, threshold {result.threshold:.4f}{tuned}: accuracy {result.accuracy:.3f}, escalation "
+        f"{result.n} rows, threshold {result.threshold:.4f}{tuned}: accuracy {result.accuracy:.3f} (95% CI "
+        f"{result.accuracy_ci95[0]:.3f}-{result.accuracy_ci95[1]:.3f}), escalation "
         f"recall {_fmt(result.escalation_recall)}, precision {_fmt(result.escalation_precision)}, JSON valid "
-        f"{result.json_validity:.3f}"
+        f"{_fmt(result.json_validity)}"
     )
     print(
         f"AUROC {_fmt(result.auroc)}, ECE {_fmt(result.ece)}, Brier {_fmt(result.brier)}; route decided in p50 "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
@@ -203,12 +204,14 @@ class RouterEval:
     accuracy: float
     escalation_recall: float | None
     escalation_precision: float | None
-    json_validity: float
+    json_validity: float | None  # None when the eval asked for no written answers (explain=False)
     confusion: dict[str, dict[str, int]]  # gold route -> decided route -> count
     mean_latency_s: float
     curve: list[dict[str, float]]  # per threshold: escalation rate and accuracy
     rows: list[dict[str, Any]] = field(default_factory=list)
     # How well P(escalate) ranks and how honest it is as a probability (scikit-learn):
+    # Wilson score interval of the accuracy at 95% (scipy's binomtest), over these n rows.
+    accuracy_ci95: tuple[float, float] = (0.0, 1.0)
     auroc: float | None = None  # None while the gold routes hold one class only
     ece: float | None = None  # expected calibration error over RELIABILITY_BINS equal-width bins
     brier: float | None = None
@@ -243,6 +246,12 @@ def read_router_data(path: Path, routes: list[str] | None = None) -> list[dict[s
     if not rows:
         raise PlaygroundError(f"{path} holds no rows")
     return rows
+
+
+def accuracy_interval(correct: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of `correct` right out of `n` (scipy)."""
+    interval = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, threshold: float) -> RouterEval:
@@ -285,9 +294,14 @@ def summarize(rows: list[dict[str, Any]], routes: list[str], escalate: str, thre
         n=len(rows),
         threshold=threshold,
         accuracy=correct / len(rows),
+        accuracy_ci95=accuracy_interval(correct, len(rows)),
         escalation_recall=true_esc / gold_esc if gold_esc else None,
         escalation_precision=true_esc / said_esc if said_esc else None,
-        json_validity=sum(bool(r["valid_json"]) for r in rows) / len(rows),
+        json_validity=(
+            sum(bool(r["valid_json"]) for r in written) / len(written)
+            if (written := [r for r in rows if r["valid_json"] is not None])
+            else None
+        ),
         confusion=confusion,
         mean_latency_s=sum(r["latency_s"] for r in rows) / len(rows),
         curve=curve,
@@ -339,13 +353,14 @@ def evaluate_router_file(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    explain: bool = True,
 ) -> RouterEval:
     """The router eval of the CLI, the Router tab and the eval-router job: `data` read as
     `router_rows` says (a bad file is refused before the router loads), then every row routed.
     `variant` is an id or a path."""
     config = engine.catalogue.resolve(variant)
     rows = router_rows(data, router_spec(config).routes, limit)
-    return evaluate_router(engine, config.id, rows, threshold, progress, cancel)
+    return evaluate_router(engine, config.id, rows, threshold, progress, cancel, explain=explain)
 
 
 def evaluate_at_target_rate(
@@ -389,10 +404,12 @@ def evaluate_router(
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     calibrated: bool = True,
+    explain: bool = True,
 ) -> RouterEval:
     """Run the router on every row. `progress(done, total)` is called before the first row and
     after each; setting `cancel` ends the eval between rows with `EvalCancelled`. With
-    `calibrated` (and a stored calibration) P(escalate) is the calibrated score."""
+    `calibrated` (and a stored calibration) P(escalate) is the calibrated score. Without
+    `explain` the router writes no answers: routes only, and no JSON validity."""
     router = Router(engine, variant_id, calibrated=calibrated)
     if progress is not None:
         progress(0, len(data))
@@ -400,7 +417,7 @@ def evaluate_router(
     for i, item in enumerate(data):
         if cancel is not None and cancel.is_set():
             raise EvalCancelled(f"the router eval was cancelled after {i} of {len(data)} rows")
-        d = router.decide(item["prompt"], threshold)
+        d = router.decide(item["prompt"], threshold, explain=explain)
         others = {r: p for r, p in d.route_probs.items() if r != router.spec.escalate_route}
         rows.append(
             {
@@ -409,7 +426,7 @@ def evaluate_router(
                 "p_escalate": d.p_escalate,
                 "p_escalate_raw": d.p_escalate if d.p_escalate_raw is None else d.p_escalate_raw,
                 "best_other": max(others, key=others.get),
-                "valid_json": d.valid_json,
+                "valid_json": d.valid_json if explain else None,
                 "model_route": d.model_route,
                 "latency_s": d.latency_s,
                 "decision_latency_s": d.decision_latency_s,

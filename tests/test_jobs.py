@@ -383,6 +383,53 @@ def test_router_lora_teaches_the_router_answer_and_the_result_is_a_router(tmp_pa
     assert failed.state == "failed" and "'elsewhere' is not one of" in failed.error
 
 
+def test_router_lora_stops_early_once_its_held_out_rows_route_right(tmp_path, llama_folder, jobs):
+    """Rows held out of training (stratified by route) are routed every few steps; two checks in a
+    row at the target accuracy stop the job, and the saved router routes them as the last check."""
+    from playground.jobs.lora import read_router_rows, split_holdout
+
+    data = tmp_path / "router.jsonl"
+    rows = [{"prompt": f"Value this bond number {i}", "route": "npc_fin", "reason": "valuation"} for i in range(6)]
+    rows += [{"prompt": f"Say hi number {i}", "route": "self", "reason": "chit-chat"} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {"model": str(llama_folder), "data": str(data), "epochs": 25, "batch_size": 4, "learning_rate": 0.01,
+               "max_length": 1024, "holdout": 4, "eval_every": 2, "stop_at": 0.25, "name": "tiny-router-early"}
+    done = jobs.wait(jobs.submit("lora-router", options).id, timeout_s=240)
+    assert done.state == "succeeded", done.error
+    result = done.result
+    assert (result["holdout"], result["planned_steps"]) == (4, 50)  # 8 rows left to train on: 2 steps an epoch
+    assert result["stopped_early_at"] == result["steps"] == 4
+    assert [h["step"] for h in result["holdout_accuracy"]] == [2, 4]
+    assert all(h["accuracy"] >= 0.25 for h in result["holdout_accuracy"])
+    assert len([e for _, _, e in jobs.store.events(done.id) if "loss" in e]) == 4
+    messages = [e["message"] for _, _, e in jobs.store.events(done.id) if "message" in e]
+    assert any("4 rows held out, routed every 2 steps" in m for m in messages)
+    assert any(m.startswith("step 4: held-out route accuracy") and m.endswith("stopping early") for m in messages)
+    # The held-out rows are the stratified split's, none of them trained on; the saved router
+    # routes them as the last check did.
+    from playground.catalogue import Catalogue
+    from playground.engine import Engine
+    from playground.router import Router
+
+    engine = Engine(Catalogue.from_settings())
+    try:
+        spec = engine.catalogue.get("tiny-router-early").router
+        _, held = split_holdout(read_router_rows(data, spec), 4, 0)
+        assert sorted(json.loads(a)["route"] for _, a in held) == ["npc_fin", "npc_fin", "self", "self"]
+        router = Router(engine, "tiny-router-early", calibrated=False)
+        router.ensure_loaded()
+        right = [
+            (router.score(m[-1]["content"])[0]["npc_fin"] > 0.5) == (json.loads(a)["route"] == "npc_fin")
+            for m, a in held
+        ]
+        assert sum(right) / len(right) == result["holdout_accuracy"][-1]["accuracy"]
+    finally:
+        engine.shutdown()
+    # A holdout as large as the data leaves no rows to train on.
+    failed = jobs.wait(jobs.submit("lora-router", options | {"holdout": 12, "name": "x"}).id, timeout_s=120)
+    assert failed.state == "failed" and "holdout (12) must be smaller than the 12 training rows" in failed.error
+
+
 def _sft_file(tmp_path, n: int = 16):
     data = tmp_path / "sft.jsonl"
     rows = [{"instruction": f"Name a colour, number {i}.", "response": "Blue, as the sea."} for i in range(n)]

@@ -20,6 +20,7 @@ from playground.router import (
     ROUTE_PREFIX,
     Router,
     answering_variant,
+    evaluate_router,
     parse_route_json,
     read_router_data,
     summarize,
@@ -76,6 +77,10 @@ def test_summary_metrics_and_threshold_curve():
     assert result.escalation_rate == 0.5 and result.latency_p50_s == 2.0
     assert result.decision_latency_p50_s == pytest.approx(0.2)
     assert result.decision_latency_p95_s == pytest.approx(np.percentile([0.1, 0.2, 0.4, 0.2], 95))
+    # The accuracy's 95% Wilson interval, by its formula: 2 right out of 4.
+    z, n, phat = 1.959963984540054, 4, 0.5
+    centre, half = (phat + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert result.accuracy_ci95 == pytest.approx((centre - half, centre + half))
 
 
 def test_auroc_and_calibration_match_a_direct_computation():
@@ -229,6 +234,19 @@ def test_decision_follows_the_threshold_and_never_the_json(engine, llama_folder)
     assert (below.route, above.route) == ("npc_fin", "self")
     assert router.decide(PROMPT, threshold=0.0, explain=False).route == "npc_fin"
     assert router.decide(PROMPT, threshold=1.0, explain=False).route == "self"
+
+
+def test_an_eval_without_written_answers_routes_the_same_and_leaves_json_validity_unmeasured(engine, llama_folder):
+    config = engine.catalogue.add(
+        router_variant("tiny-router-quick", "transformers", {"path": str(llama_folder)}, TINY_SPEC, dtype="fp32")
+    )
+    rows = [{"prompt": PROMPT, "route": "npc_fin"}, {"prompt": "Say hi to the team.", "route": "self"}]
+    written = evaluate_router(engine, config.id, rows)
+    quick = evaluate_router(engine, config.id, rows, explain=False)
+    assert [r["p_escalate"] for r in quick.rows] == pytest.approx([r["p_escalate"] for r in written.rows])
+    assert quick.accuracy == written.accuracy and quick.confusion == written.confusion
+    assert written.json_validity == 0.0  # a random tiny model writes no valid answer
+    assert quick.json_validity is None and all(r["valid_json"] is None for r in quick.rows)
 
 
 def test_cli_eval_with_quality_data_adds_the_cost_quality_curve(tmp_path):

@@ -443,6 +443,10 @@ class TransformersBackend(Backend):
                 return self._score_cached(request, sequences, start)
             return self._score_plain(sequences, start)
 
+    def forget_scores(self) -> None:
+        """Drop `score`'s kept KV state: the weights changed (a fine-tune checking its router)."""
+        self._scored_prefix, self._score_cache, self._prefix_cache_ok = [], None, None
+
     def _score_plain(self, sequences: list[list[int]], start: int) -> list[float]:
         """Each whole sequence in one forward pass."""
         scores = []

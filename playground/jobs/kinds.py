@@ -48,6 +48,7 @@ class RouterEvalOptions(_Options):
     data: str = "ood"  # ood, ood2, in_distribution, or a JSONL path
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     limit: Annotated[int, Field(ge=1)] | None = None
+    explain: bool = True  # False: routes only, no written answers (no JSON validity; much faster)
 
     @field_validator("data")
     @classmethod
@@ -91,12 +92,15 @@ def run_router_eval(options: RouterEvalOptions, ctx: JobContext) -> dict[str, An
 
     engine = Engine(ctx.catalogue)  # the router loads on its first decision, after its rows are read
     try:
-        result = evaluate_router_file(engine, options.model, options.data, options.threshold, options.limit, progress)
+        result = evaluate_router_file(
+            engine, options.model, options.data, options.threshold, options.limit, progress, explain=options.explain
+        )
     finally:
         engine.shutdown()
     summary = result.to_dict()
     summary.pop("rows")
-    ctx.emit({"metrics": {"accuracy": result.accuracy, "json_validity": result.json_validity}})
+    metrics = {"accuracy": result.accuracy, "json_validity": result.json_validity}
+    ctx.emit({"metrics": {k: v for k, v in metrics.items() if v is not None}})
     return summary
 
 

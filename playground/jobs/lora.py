@@ -81,6 +81,12 @@ class RouterLoraOptions(LoraOptions):
     # Every linear layer, as QLoRA found best; the routing decision is one token to learn well.
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     max_length: Annotated[int, Field(ge=8, le=8192)] = 512  # the router prompt alone is ~120 tokens
+    # Early stopping: this many training rows (stratified by route) are held out and routed by
+    # the model every `eval_every` steps; training stops once two checks in a row reach
+    # `stop_at` accuracy. 0: the card's recipe, every step of every epoch.
+    holdout: Annotated[int, Field(ge=0, le=2000)] = 0
+    eval_every: Annotated[int, Field(ge=1)] = 8
+    stop_at: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
 def read_sft_rows(path: Path) -> list[Example]:
@@ -122,6 +128,62 @@ def read_router_rows(path: Path, spec: RouterSpec) -> list[Example]:
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": row["prompt"]}]
         rows.append((messages, router_answer(row["route"], reason)))
     return rows
+
+
+def split_holdout(rows: list[Example], holdout: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(training rows, held-out rows): `holdout` rows drawn with the routes in the data's
+    proportions (scikit-learn's stratified split), the same for the same seed."""
+    if not holdout:
+        return rows, []
+    from sklearn.model_selection import train_test_split
+
+    if holdout >= len(rows):
+        raise PlaygroundError(f"holdout ({holdout}) must be smaller than the {len(rows)} training rows")
+    routes = [json.loads(answer)["route"] for _, answer in rows]
+    try:
+        kept, held = train_test_split(rows, test_size=holdout, random_state=seed, stratify=routes)
+    except ValueError as err:  # a route with too few rows to split
+        raise PlaygroundError(f"cannot hold out {holdout} rows stratified by route: {err}") from None
+    return list(kept), list(held)
+
+
+class HoldoutCheck:
+    """Routes the held-out rows with the model as it trains (P(escalate) from the route tokens'
+    log-probabilities, as the router decides, threshold 0.5) and says when to stop."""
+
+    def __init__(self, backend: Any, model: Any, rows: list[Example], spec: RouterSpec, stop_at: float) -> None:
+        self.backend, self.model, self.rows, self.spec, self.stop_at = backend, model, rows, spec, stop_at
+        self.history: list[tuple[int, float]] = []
+
+    def accuracy(self) -> float:
+        import torch
+
+        from playground.backends.base import Request
+        from playground.config import GenerationParams
+        from playground.router import ROUTE_END, ROUTE_PREFIX
+
+        continuations = [r + ROUTE_END for r in self.spec.routes]
+        escalate = self.spec.routes.index(self.spec.escalate_route)
+        self.backend.forget_scores()  # the weights changed since the last check
+        self.model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for messages, answer in self.rows:
+                request = Request(
+                    mode="chat", params=GenerationParams(), messages=tuple(messages), assistant_prefix=ROUTE_PREFIX
+                )
+                logprobs = self.backend.score(request, continuations)
+                top = max(logprobs)
+                weights = [math.exp(lp - top) for lp in logprobs]
+                escalates = weights[escalate] / sum(weights) > 0.5
+                correct += escalates == (json.loads(answer)["route"] == self.spec.escalate_route)
+        self.model.train()
+        self.backend.forget_scores()
+        return correct / len(self.rows)
+
+    def should_stop(self, step: int) -> bool:
+        self.history.append((step, self.accuracy()))
+        return len(self.history) >= 2 and all(acc >= self.stop_at for _, acc in self.history[-2:])
 
 
 def router_spec_for(options: RouterLoraOptions, base: ModelConfig, catalogue: Catalogue) -> RouterSpec:
@@ -193,9 +255,10 @@ def run_lora(options: LoraOptions, ctx: JobContext) -> dict[str, Any]:
 
     base = ctx.catalogue.resolve(options.model)
     check_trainable(base, "LoRA")
+    held: list[Example] = []
     if isinstance(options, RouterLoraOptions):
         spec = router_spec_for(options, base, ctx.catalogue)
-        rows = read_router_rows(Path(options.data), spec)
+        rows, held = split_holdout(read_router_rows(Path(options.data), spec), options.holdout, options.seed)
     else:
         spec, rows = base.router, read_sft_rows(Path(options.data))
     torch.manual_seed(options.seed)
@@ -225,12 +288,21 @@ def run_lora(options: LoraOptions, ctx: JobContext) -> dict[str, Any]:
         {
             "message": f"{len(examples)} examples, {total} steps on {backend.device}"
             + (f"; {cut} cut at max_length {options.max_length}, their answers in part or not at all" if cut else "")
-            + (f"; resumed from the checkpoint at step {resumed_at}" if resumed_at else ""),
+            + (f"; resumed from the checkpoint at step {resumed_at}" if resumed_at else "")
+            + (
+                f"; {len(held)} rows held out, routed every {options.eval_every} steps (stops at accuracy "
+                f"{options.stop_at:g} twice in a row)"
+                if held
+                else ""
+            ),
             "step": resumed_at,
             "total": total,
         }
     )
     pad = sorted(backend.codec.eos_ids)[0] if backend.codec.eos_ids else 0
+
+    check = HoldoutCheck(backend, model, held, spec, options.stop_at) if held and spec else None
+    stopped = {"at": 0, "last": resumed_at}
 
     def batches() -> Iterator[Step]:
         rng, step = random.Random(options.seed), 0
@@ -241,6 +313,8 @@ def run_lora(options: LoraOptions, ctx: JobContext) -> dict[str, Any]:
                 step += 1
                 if step <= resumed_at:
                     continue
+                if stopped["at"]:
+                    return
                 batch = [examples[i] for i in order[start : start + options.batch_size]]
                 width = max(len(ids) for ids, _ in batch)
                 device = backend.device
@@ -254,7 +328,16 @@ def run_lora(options: LoraOptions, ctx: JobContext) -> dict[str, Any]:
                 yield Step(step, inputs, {"epoch": epoch + 1})
 
     def keep(step: int, losses_so_far: list[float]) -> None:
-        if step % options.checkpoint_every == 0 and step < total:
+        stopped["last"] = step
+        if check is not None and step % options.eval_every == 0 and step < total:
+            if check.should_stop(step):
+                stopped["at"] = step
+            accuracy = check.history[-1][1]
+            ctx.emit(
+                {"message": f"step {step}: held-out route accuracy {accuracy:.3f} ({len(held)} rows)"
+                 + ("; stopping early" if stopped["at"] else ""), "metrics": {"held-out route accuracy": accuracy}}
+            )  # fmt: skip
+        if step % options.checkpoint_every == 0 and step < total and not stopped["at"]:
             checkpoint.save(model, optimizer, step, losses_so_far)
 
     started = time.perf_counter()
@@ -284,14 +367,18 @@ def run_lora(options: LoraOptions, ctx: JobContext) -> dict[str, Any]:
     save_variant_config(config, ctx.catalogue)
     checkpoint.path.unlink(missing_ok=True)
     ctx.emit({"message": f"saved {variant_id} in {folder}"})
-    return {
+    result = {
         "variant_id": variant_id,
         "folder": str(folder),
-        "steps": total,
+        "steps": stopped["last"],
         "final_loss": losses[-1] if losses else None,
         "train_wall_s": round(wall, 2),
         "resumed_at": resumed_at,
     }
+    if check is not None:
+        result |= {"planned_steps": total, "stopped_early_at": stopped["at"] or None, "holdout": len(held)}
+        result["holdout_accuracy"] = [{"step": step, "accuracy": acc} for step, acc in check.history]
+    return result
 
 
 def result_config(

@@ -372,9 +372,10 @@ class RouterTab:
             return
         r = outcome["result"]
         text = (
-            f"**{r.n} rows** ({dataset}), threshold {r.threshold:.2f}: accuracy **{r.accuracy:.3f}**, "
+            f"**{r.n} rows** ({dataset}), threshold {r.threshold:.2f}: accuracy **{r.accuracy:.3f}** "
+            f"(95% CI {r.accuracy_ci95[0]:.3f}–{r.accuracy_ci95[1]:.3f}), "
             f"escalation recall {_rate(r.escalation_recall)}, precision {_rate(r.escalation_precision)}, "
-            f"JSON valid {r.json_validity:.3f}; AUROC {_rate(r.auroc)}, ECE {_rate(r.ece)}, Brier {_rate(r.brier)}; "
+            f"JSON valid {_rate(r.json_validity)}; AUROC {_rate(r.auroc)}, ECE {_rate(r.ece)}, Brier {_rate(r.brier)}; "
             f"route decided in p50 {r.decision_latency_p50_s * 1000:.0f} ms, p95 {r.decision_latency_p95_s * 1000:.0f} ms; "
             f"with the written reason p50 {r.latency_p50_s:.2f} s, p95 {r.latency_p95_s:.2f} s"
         )
