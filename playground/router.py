@@ -108,6 +108,14 @@ def router_spec(config: ModelConfig) -> RouterSpec:
     return config.router
 
 
+def route_probabilities(routes: list[str], logprobs: list[float]) -> dict[str, float]:
+    """Each route's probability from its scored tokens' log-probability, normalized over the routes."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    return {r: w / total for r, w in zip(routes, weights, strict=True)}
+
+
 class Router:
     """One router variant of the engine: scores requests and decides against a threshold."""
 
@@ -133,10 +141,7 @@ class Router:
             self.config.id, messages=self._messages(prompt), mode="chat", assistant_prefix=ROUTE_PREFIX
         )
         logprobs, seconds = self.engine.score(self.config.id, request, [r + ROUTE_END for r in self.spec.routes])
-        top = max(logprobs)
-        weights = [math.exp(lp - top) for lp in logprobs]
-        total = sum(weights)
-        return {r: w / total for r, w in zip(self.spec.routes, weights, strict=True)}, seconds
+        return route_probabilities(self.spec.routes, logprobs), seconds
 
     def write_answer(self, prompt: str) -> tuple[str, bool]:
         """The model's own answer, greedy; under a JSON grammar when the backend has one."""

@@ -160,10 +160,9 @@ class HoldoutCheck:
 
         from playground.backends.base import Request
         from playground.config import GenerationParams
-        from playground.router import ROUTE_END, ROUTE_PREFIX
+        from playground.router import ROUTE_END, ROUTE_PREFIX, route_probabilities
 
         continuations = [r + ROUTE_END for r in self.spec.routes]
-        escalate = self.spec.routes.index(self.spec.escalate_route)
         self.backend.forget_scores()  # the weights changed since the last check
         self.model.eval()
         correct = 0
@@ -172,10 +171,8 @@ class HoldoutCheck:
                 request = Request(
                     mode="chat", params=GenerationParams(), messages=tuple(messages), assistant_prefix=ROUTE_PREFIX
                 )
-                logprobs = self.backend.score(request, continuations)
-                top = max(logprobs)
-                weights = [math.exp(lp - top) for lp in logprobs]
-                escalates = weights[escalate] / sum(weights) > 0.5
+                probs = route_probabilities(self.spec.routes, self.backend.score(request, continuations))
+                escalates = probs[self.spec.escalate_route] > 0.5
                 correct += escalates == (json.loads(answer)["route"] == self.spec.escalate_route)
         self.model.train()
         self.backend.forget_scores()
