@@ -197,3 +197,43 @@ def test_adapter_and_other_layers_are_not_fused(llama_folder):
     assert fuse_projections(model) == model.config.num_hidden_layers
     attention = model.base_model.model.model.layers[0].self_attn
     assert not hasattr(attention, "qkv_fused") and hasattr(model.base_model.model.model.layers[0].mlp, "gate_up_fused")
+
+
+def test_the_static_scorer_gives_the_plain_pass_numbers(tiny_pair):
+    """The batched scoring pass (the GPU's router path, here eager in fp32): each continuation a
+    padded row on top of a kept prefix. Its sums equal a plain forward pass per sequence, across
+    length buckets, a changed prefix (prefilled again) and a changed number of continuations."""
+    from playground.backends.fast_decode import MIN_SCORE_TOKENS, StaticScorer
+
+    plain, _ = tiny_pair
+    # A context above the tiny model's 256 positions lets the cache grow past its smallest size
+    # (every sequence here stays within 256 positions).
+    scorer = StaticScorer(plain.model, 1024, use_cuda_graph=False)
+    codec = plain.codec
+
+    def case(system: str, request: str, continuations: list[str]) -> tuple[list[int], list[list[int]], int]:
+        prompt = codec.encode(f"{system}\nUser: {request}\nRoute: ", add_special_tokens=True)
+        sequences = [prompt + codec.encode(c, add_special_tokens=False) for c in continuations]
+        return codec.encode(f"{system}\n", add_special_tokens=True), sequences, len(prompt)
+
+    cases = [
+        case("You route requests.", "Hi", ["self", "npc_fin"]),
+        case("You route requests.", "Value a bond with a 5% coupon over ten years " * 5, ["self", "npc_fin"]),
+        case("Another system prompt, kept in its turn.", "What is 2 + 2?", ["self", "npc_fin"]),
+        case("You route requests.", "Hi again", ["a", "bb", "ccc"]),
+    ]
+    lengths = {len(seq) - len(stable) for stable, sequences, _ in cases for seq in sequences}
+    assert min(lengths) <= 2 * MIN_SCORE_TOKENS < 4 * MIN_SCORE_TOKENS < max(lengths)  # two buckets or more
+    with torch.inference_mode():
+        for number, (stable, sequences, start) in enumerate(cases[:3] + cases[:1] + cases[3:] + cases[:1]):
+            assert sequences[0][: len(stable)] == stable
+            expected = plain._score_plain(sequences, start)
+            assert scorer.score(stable, sequences, start) == pytest.approx(expected, abs=1e-4)
+            if number == 3:  # a short request after the long one: the grown cache and its passes stay
+                assert scorer.capacity == 512 and len(scorer._passes) >= 2
+    assert scorer.rows == 2 and scorer.stable == cases[0][0]  # the last case: two rows again
+    assert scorer.fits(20, 532) and not scorer.fits(20, 533)  # a tail of 513 pads to 1024, and 20 + 1024 > 1024
+    with pytest.raises(ValueError, match="exceed the context"):
+        scorer.score(cases[0][0], [cases[0][1][0] + [5] * 1024], cases[0][2])
+    with pytest.raises(ValueError, match="kept prefix"):
+        scorer.score([], cases[0][1], cases[0][2])

@@ -306,3 +306,40 @@ def test_a_router_on_the_gpu_keeps_its_system_prompt_and_scores_as_a_fresh_pass(
     reference = Router(engine, on_cpu.id, calibrated=False)
     reference.ensure_loaded()
     assert fresh["npc_fin"] == pytest.approx(reference.score(PROMPT)[0]["npc_fin"], abs=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_router_scores_on_the_gpu_run_as_one_captured_pass_with_the_plain_numbers(llama_folder, dtype):
+    """With the fast path, `score` on CUDA is the batched static pass replayed from a CUDA graph:
+    its numbers are a plain forward pass's (fp32: to float noise; bf16: as the first-score check
+    allows), across a changed system prompt and a longer request (another graph)."""
+    from test_fast_decode import backend_for
+    from test_router import TINY_SPEC
+
+    from playground.backends.base import Request, shared_prefix_length
+    from playground.config import GenerationParams
+    from playground.router import ROUTE_END, ROUTE_PREFIX
+
+    config = variant(id=f"scorer-{dtype}", backend="transformers", source={"path": str(llama_folder)}, dtype=dtype, device="cuda")
+    backend = backend_for(config, "auto")
+    assert backend.decode_path.name == "cuda-graph"
+    continuations = [r + ROUTE_END for r in TINY_SPEC["routes"]]
+    tolerance = 1e-3 if dtype == "fp32" else 0.5
+    for system, prompt in (
+        (TINY_SPEC["system_prompt"], "Hi"),
+        (TINY_SPEC["system_prompt"], "Value a ten-year bond with a 5% coupon at a 4% yield, step by step."),
+        ("A different system prompt.", "What is 2 + 2?"),
+        (TINY_SPEC["system_prompt"], "Hi"),
+    ):
+        messages = ({"role": "system", "content": system}, {"role": "user", "content": prompt})
+        request = Request(mode="chat", params=GenerationParams(), messages=messages, assistant_prefix=ROUTE_PREFIX)
+        scores = backend.score(request, continuations)
+        sequences = backend.continuation_ids(request, continuations)
+        with torch.inference_mode():
+            plain = backend._score_plain(sequences, shared_prefix_length(sequences))
+        assert scores == pytest.approx(plain, abs=tolerance)
+    assert backend._prefix_cache_ok and backend._scorer is not None
+    graphs = {length: run["graph"] for length, run in backend._scorer._passes.items()}
+    assert len(graphs) >= 2 and all(graph is not None for graph in graphs.values())
+    backend.unload()
+    assert backend._scorer is None

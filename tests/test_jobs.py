@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from conftest import run_job
+from conftest import run_job, variant
 
 from playground.config import REPO_ROOT
 from playground.errors import ConfigError, PlaygroundError
@@ -383,6 +383,104 @@ def test_router_lora_teaches_the_router_answer_and_the_result_is_a_router(tmp_pa
     assert failed.state == "failed" and "'elsewhere' is not one of" in failed.error
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "remote_code"])
+def test_a_shared_prompt_prefix_run_once_gives_the_loss_and_gradients_of_the_plain_pass(arch, request):
+    """The LoRA step's shared-prefix pass (the system prompt once per batch, its keys and values
+    repeated for each row) against the plain padded pass, in fp32, on each trainable architecture."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from playground.jobs.training import causal_lm_loss, unlabelled_prefix_length
+
+    folder = request.getfixturevalue({"remote_code": "remote_code_folder"}.get(arch, f"{arch}_folder"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=arch == "remote_code")
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in model.named_parameters():  # LoRA's B starts at zero: give it a gradient path
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    prompt = list(range(5, 30))  # 25 shared prompt tokens, then each row's own prompt and answer
+    rows = [
+        (prompt + [40, 41, 42, 50, 51], [-100] * 28 + [50, 51]),
+        (prompt + [43, 44, 52, 53, 54, 55], [-100] * 27 + [53, 54, 55]),
+        (prompt + [45, 56, 57], [-100] * 26 + [57]),
+    ]
+    assert unlabelled_prefix_length(rows) == 25 and unlabelled_prefix_length(rows[:1]) == 0
+    assert unlabelled_prefix_length(rows, least=26) == 0
+    width = max(len(ids) for ids, _ in rows)
+    inputs = {
+        "input_ids": torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows]),
+        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    passes = {}
+    for shared in (0, 25):
+        model.zero_grad()
+        loss = causal_lm_loss(model, inputs, shared)
+        loss.backward()
+        passes[shared] = (loss.item(), [p.grad.clone() for p in trainable])
+    assert passes[25][0] == pytest.approx(passes[0][0], rel=1e-5)
+    for plain, shared in zip(passes[0][1], passes[25][1], strict=True):
+        torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in passes[25][1])
+
+
+def test_held_out_rows_are_scored_in_batches_as_the_router_scores_them_one_by_one(llama_folder):
+    """The router LoRA's held-out check scores all rows in batches that share their prompt's
+    start: each sum equals the backend's plain pass over that one sequence (fp32)."""
+    import torch
+
+    from playground.backends.transformers_backend import TransformersBackend
+    from playground.jobs.training import sequence_logprobs
+    from playground.router import ROUTE_END
+
+    backend = TransformersBackend(variant(id="t", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32"))
+    backend.load()
+    system = backend.codec.encode("Route the request, self or npc_fin.\n", add_special_tokens=True)
+    sequences, starts = [], []
+    for request in ("Hi", "Value a bond with a 5% coupon", "What is 2 + 2?", "Price a swap", "Thanks"):
+        prompt = system + backend.codec.encode(f"User: {request}\nRoute: ", add_special_tokens=False)
+        for route in ("self", "npc_fin"):
+            sequences.append(prompt + backend.codec.encode(route + ROUTE_END, add_special_tokens=False))
+            starts.append(len(prompt))
+    sequences.append(backend.codec.encode("A row of its own, sharing nothing", add_special_tokens=False))
+    starts.append(3)
+    batched = sequence_logprobs(backend.model, sequences, starts, pad=0, batch_size=4)
+    with torch.inference_mode():
+        one_by_one = [backend._score_plain([ids], start)[0] for ids, start in zip(sequences, starts, strict=True)]
+    assert batched == pytest.approx(one_by_one, abs=1e-4)
+    assert len(set(batched)) == len(batched)
+
+
+def test_length_grouped_batches_pad_less_and_keep_a_routers_routes_mixed():
+    """A router's long rows are mostly one route: grouping by length alone made one-route batches."""
+    import random
+
+    from playground.jobs.lora import epoch_batches
+
+    rng = random.Random(1)
+    routes = ["npc_fin"] * 200 + ["self"] * 300
+    lengths = [rng.randint(150, 300) if r == "npc_fin" else rng.randint(120, 200) for r in routes]
+
+    def padded(batches):  # pad tokens in an epoch
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) - sum(lengths)
+
+    shuffled = epoch_batches(lengths, 8, random.Random(0), group_by_length=False)
+    by_length = epoch_batches(lengths, 8, random.Random(0), group_by_length=True)
+    by_length_mixed = epoch_batches(lengths, 8, random.Random(0), group_by_length=True, strata=routes)
+    for batches in (shuffled, by_length, by_length_mixed):
+        assert sorted(i for b in batches for i in b) == list(range(500))  # each row once an epoch
+        assert sorted(len(b) for b in batches) == [4] + [8] * 62
+    assert padded(by_length) < padded(by_length_mixed) < 0.6 * padded(shuffled)
+    assert any(all(routes[i] == "npc_fin" for i in b) for b in by_length)  # the fault the strata mend
+    escalating = [sum(routes[i] == "npc_fin" for i in b) for b in by_length_mixed if len(b) == 8]
+    assert min(escalating) >= 2 and max(escalating) <= 5  # 3.2 of 8 in the data
+    # The same seed gives the same batches: a resumed job replays its order.
+    assert epoch_batches(lengths, 8, random.Random(0), True, routes) == by_length_mixed
+
+
 def test_router_lora_stops_early_once_its_held_out_rows_route_right(tmp_path, llama_folder, jobs):
     """Rows held out of training (stratified by route) are routed every few steps; two checks in a
     row at the target accuracy stop the job, and the saved router routes them as the last check."""
@@ -392,8 +490,18 @@ def test_router_lora_stops_early_once_its_held_out_rows_route_right(tmp_path, ll
     rows = [{"prompt": f"Value this bond number {i}", "route": "npc_fin", "reason": "valuation"} for i in range(6)]
     rows += [{"prompt": f"Say hi number {i}", "route": "self", "reason": "chit-chat"} for i in range(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    options = {"model": str(llama_folder), "data": str(data), "epochs": 25, "batch_size": 4, "learning_rate": 0.01,
-               "max_length": 1024, "holdout": 4, "eval_every": 2, "stop_at": 0.25, "name": "tiny-router-early"}
+    options = {
+        "model": str(llama_folder),
+        "data": str(data),
+        "epochs": 25,
+        "batch_size": 4,
+        "learning_rate": 0.01,
+        "max_length": 1024,
+        "holdout": 4,
+        "eval_every": 2,
+        "stop_at": 0.25,
+        "name": "tiny-router-early",
+    }
     done = jobs.wait(jobs.submit("lora-router", options).id, timeout_s=240)
     assert done.state == "succeeded", done.error
     result = done.result

@@ -112,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--reason-prompts", type=int, default=3, help="how many are timed again with the reason")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
     parser.add_argument("--tokenizer", type=Path, help="a saved SmolLM2 tokenizer folder (default: the embedded GGUF's)")
     args = parser.parse_args()
@@ -132,7 +133,7 @@ def main() -> None:
             config = catalogue.add(parse_config(router_config(folder, quantization, device), origin="benchmark"))
             engine = Engine(catalogue)
             try:
-                results[config.id] = measure(engine, config.id, prompts)
+                results[config.id] = measure(engine, config.id, prompts, args.reason_prompts)
             finally:
                 engine.shutdown()
             results[config.id]["in_process"] = in_process(config, prompts)

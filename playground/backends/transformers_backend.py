@@ -38,7 +38,13 @@ from playground.backends.base import (
     shared_prefix_length,
     stable_prefix_length,
 )
-from playground.backends.fast_decode import DecodePath, StaticDecoder, fusable_groups, fuse_projections
+from playground.backends.fast_decode import (
+    DecodePath,
+    StaticDecoder,
+    StaticScorer,
+    fusable_groups,
+    fuse_projections,
+)
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
 from playground.paths import cache_dir
@@ -169,6 +175,8 @@ class TransformersBackend(Backend):
         self._score_cache: Any = None
         self._prefix_cache_ok: bool | None = None
         self._probes: dict[Any, Any] = {}  # stable_prefix_length's tokenized probes
+        # On a GPU with the fast path, scores run as one batched, graph-captured pass.
+        self._scorer: StaticScorer | None = None
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -419,33 +427,48 @@ class TransformersBackend(Backend):
             raise GenerationError("the prompt is empty")
         return Prompt(n_tokens=len(ids), payload=ids)
 
+    def continuation_ids(self, request: Request, continuations: list[str]) -> list[list[int]]:
+        """The token ids of the request's prompt followed by each continuation, as `score` reads them."""
+        assert self.codec is not None, "load() first"
+        text, templated = self.render(request)
+        return [self.codec.encode(text + c, add_special_tokens=not templated) for c in continuations]
+
     def score(self, request: Request, continuations: list[str]) -> list[float]:
         assert self.codec is not None and self.model is not None, "load() first"
-        text, templated = self.render(request)
-        sequences = [self.codec.encode(text + c, add_special_tokens=not templated) for c in continuations]
+        sequences = self.continuation_ids(request, continuations)
         start = shared_prefix_length(sequences)
         if start == 0:
             raise GenerationError("cannot score: the continuations share no prompt tokens")
         with torch.inference_mode():
             if self._prefix_cache_ok is None:  # the first score on this model: is the cache honoured?
                 plain = self._score_plain(sequences, start)
-                try:
-                    cached = self._score_cached(request, sequences, start)
-                except (_CacheIgnored, TypeError, ValueError, AttributeError, RuntimeError):  # a model of its own code
-                    cached = None
+                if self.decoder is not None and self.device == "cuda" and self._scorer is None:
+                    self._scorer = StaticScorer(self.model, self._context_length(), self.decoder.use_cuda_graph)
+                cached = None
+                for _ in range(2):  # the batched static pass first where there is one, then the kept cache
+                    try:
+                        cached = self._score_cached(request, sequences, start)
+                        break
+                    except (_CacheIgnored, TypeError, ValueError, AttributeError, RuntimeError):  # a model of its own code
+                        if self._scorer is None:
+                            break
+                        self._drop_scorer()
                 # The numbers agree as closely as the dtype allows (bf16: ~0.1 between batch shapes).
                 tolerance = 0.05 if self.model.dtype == torch.float32 else 1.0
                 self._prefix_cache_ok = cached is not None and all(
                     abs(a - b) <= tolerance + 1e-2 * abs(b) for a, b in zip(cached, plain, strict=True)
                 )
+                if not self._prefix_cache_ok:
+                    self._drop_scorer()
                 return cached if self._prefix_cache_ok else plain
             if self._prefix_cache_ok:
                 return self._score_cached(request, sequences, start)
             return self._score_plain(sequences, start)
 
-    def forget_scores(self) -> None:
-        """Drop `score`'s kept KV state: the weights changed (a fine-tune checking its router)."""
-        self._scored_prefix, self._score_cache, self._prefix_cache_ok = [], None, None
+    def _drop_scorer(self) -> None:
+        if self._scorer is not None:
+            self._scorer.release()
+            self._scorer = None
 
     def _score_plain(self, sequences: list[list[int]], start: int) -> list[float]:
         """Each whole sequence in one forward pass."""
@@ -461,12 +484,15 @@ class TransformersBackend(Backend):
         """The part of the prompt no request changes in a KV cache kept from the last score when
         its tokens are the same, then the rest of the prompt with the first continuation in one
         pass, then each other continuation on top; as llamacpp_backend.score does, and for the
-        same reasons."""
+        same reasons. On a GPU with the fast path, the static scorer does the same in one
+        batched, graph-captured pass (fast_decode.StaticScorer)."""
         from transformers import DynamicCache
 
         device = self.model.device
         first = sequences[0]
         stable = min(stable_prefix_length(self.prompt_ids, request, first, self._probes), start - 1)
+        if self._scorer is not None and stable > 0 and self._scorer.fits(stable, max(map(len, sequences))):
+            return self._scorer.score(first[:stable], sequences, start)
         reused = stable > 0 and self._scored_prefix == first[:stable]
         cache = self._score_cache if reused else DynamicCache(config=self.model.config)
         self._scored_prefix, self._score_cache = [], None  # until this score has finished
@@ -619,6 +645,7 @@ class TransformersBackend(Backend):
         if self.decoder is not None:
             self.decoder.release()
             self.decoder = None
+        self._drop_scorer()
         self.model = None
         self._scored_prefix, self._score_cache, self._prefix_cache_ok = [], None, None
         if self.device == "cuda":

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from playground.backends import backend_class
+from playground.backends.base import shared_prefix_length
 from playground.capabilities import capabilities, with_capability
 from playground.catalogue import Catalogue
 from playground.config import ModelConfig
@@ -89,6 +90,58 @@ class Step:
     number: int
     inputs: dict[str, Any]
     note: dict[str, Any] = field(default_factory=dict)
+    # Tokens that every row of the batch begins with (a shared system prompt), none of them
+    # labelled: run once and repeated across the batch in the KV cache (0: a plain pass).
+    shared_prefix: int = 0
+
+
+def unlabelled_prefix_length(rows: list[tuple[list[int], list[int]]], least: int = 16) -> int:
+    """How many leading tokens all (ids, labels) rows share before the first label, less one
+    (the last prefix token's logit predicts the first token after it, which must be unlabelled);
+    0 when that is under `least` tokens or the batch has one row, where sharing gains nothing."""
+    if len(rows) < 2:
+        return 0
+    first_label = min(next((i for i, label in enumerate(labels) if label != -100), len(labels)) for _, labels in rows)
+    length = min(shared_prefix_length([ids for ids, _ in rows]), first_label - 1)
+    return length if length >= least else 0
+
+
+def padded_batch(rows: list[tuple[list[int], list[int]]], pad: int, device: Any) -> dict[str, Any]:
+    """A causal LM's inputs for (ids, labels) rows, padded on the right to the longest row."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    return {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=device),
+        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows], device=device),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows], device=device),
+    }
+
+
+def causal_lm_loss(model: Any, inputs: dict[str, Any], shared_prefix: int = 0) -> Any:
+    """The model's mean loss over labelled tokens, with `shared_prefix` as forward_sharing_prefix
+    runs it: the same loss as the plain pass for less compute."""
+    return forward_sharing_prefix(model, inputs, shared_prefix).loss
+
+
+def forward_sharing_prefix(model: Any, inputs: dict[str, Any], shared_prefix: int = 0) -> Any:
+    """The model's output for a padded batch (`labels` optional). With `shared_prefix`, the
+    tokens every row begins with run once and their keys and values are repeated for every row
+    (gradients flow back through the repeat); logits then cover the positions after them."""
+    if not shared_prefix:
+        return model(**inputs)
+    ids, rows = inputs["input_ids"], inputs["input_ids"].shape[0]
+    head = model(input_ids=ids[:1, :shared_prefix], use_cache=True, logits_to_keep=1)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(rows)
+    tail = {"labels": inputs["labels"][:, shared_prefix:]} if "labels" in inputs else {}  # its first is unlabelled
+    return model(
+        input_ids=ids[:, shared_prefix:],
+        attention_mask=inputs["attention_mask"],  # the whole row's, prefix included
+        past_key_values=cache,
+        use_cache=True,
+        **tail,
+    )
 
 
 def train(
@@ -109,7 +162,7 @@ def train(
     losses = list(losses or [])
     trainable = [p for p in model.parameters() if p.requires_grad]
     for step in steps:
-        loss = model(**step.inputs).loss
+        loss = causal_lm_loss(model, step.inputs, step.shared_prefix)
         loss.backward()
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
@@ -120,3 +173,33 @@ def train(
         if after_step is not None:
             after_step(step.number, losses)
     return losses
+
+
+def sequence_logprobs(
+    model: Any, sequences: list[list[int]], starts: list[int], pad: int, batch_size: int = 16
+) -> list[float]:
+    """Each sequence's summed log-probability of its tokens from its start on, in batches of
+    like length that run the tokens they all begin with once (as causal_lm_loss does): what a
+    router scores one request at a time, for many requests at once while a model trains."""
+    import torch
+
+    totals = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for first in range(0, len(order), batch_size):
+            members = order[first : first + batch_size]
+            # Labels mark the scored tokens, so unlabelled_prefix_length keeps them out of the prefix.
+            labelled = [(sequences[i], [-100] * starts[i] + sequences[i][starts[i] :]) for i in members]
+            shared = unlabelled_prefix_length(labelled, least=1)
+            inputs = padded_batch(labelled, pad, device)
+            ids = inputs["input_ids"]
+            unlabelled = {k: v for k, v in inputs.items() if k != "labels"}  # logits are read, no loss wanted
+            logits = forward_sharing_prefix(model, unlabelled, shared).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, index in enumerate(members):
+                # The token at position p is predicted at p - 1, which is row p - 1 - shared here.
+                positions = torch.arange(starts[index], len(sequences[index]), device=device)
+                targets = ids[row, positions]
+                totals[index] = float(logprobs[row, positions - 1 - shared, targets].sum())
+    return totals
