@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from playground.capabilities import capabilities, with_capability
 from playground.errors import ConfigError
+from playground.gguf_types import ConvertWeights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_DIR = REPO_ROOT / "model_configs"
@@ -131,6 +132,10 @@ class LlamaCppOptions(_Strict):
     n_batch: Annotated[int, Field(ge=1, le=65_536)] = 512
     # auto: flash attention where layers run on a GPU (llama.cpp's own tools default to it there).
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    # The weights converted at load (once, cached) to a type whose CPU prompt kernels are faster:
+    # what a router wants, whose decision is all prompt processing. auto: a 2- to 6-bit file
+    # on the CPU becomes BF16 where the CPU has bf16 dot products, else F16 (playground.gguf_types).
+    convert_weights: ConvertWeights = "no"
 
 
 class ScratchGptOptions(_Strict):

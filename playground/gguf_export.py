@@ -4,12 +4,11 @@ The `gguf` package does the writing; this module only maps names and metadata. l
 LLAMA architecture applies RoPE to interleaved pairs, so q/k rows are permuted back from HF's
 half-split order (the inverse of what HF conversion scripts do); its QWEN2 architecture rotates
 halves as HF does, and keeps the q/k/v biases. F32 and F16 are written here; smaller types come
-from llama.cpp's own quantizer afterwards.
+from llama.cpp's own quantizer afterwards (playground.gguf_types).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -159,22 +158,3 @@ def _write_tensors(writer: Any, model: Any, arch: Any, n_heads: int, n_kv: int, 
         if dtype == "f16" and array.ndim == 2:
             array = array.astype(np.float16)
         writer.add_tensor(gguf_name, array)
-
-
-# llama.cpp's file types for the quantizer (llama_ftype); the names as its tools spell them.
-QUANT_TYPES = {"Q4_K_M": 15, "Q4_1": 3, "Q8_0": 7, "Q4_0": 2, "Q5_K_M": 17, "Q6_K": 18, "F16": 1}
-
-
-def quantize_gguf(source: Path, target: Path, quant_type: str, threads: int = 0) -> Path:
-    """llama.cpp's own quantizer (through llama-cpp-python) from an F32/F16 GGUF."""
-    import llama_cpp
-
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unknown quantization {quant_type!r}; known: {', '.join(QUANT_TYPES)}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[quant_type]
-    params.nthread = threads
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
-    if code != 0 or not Path(target).exists():
-        raise RuntimeError(f"llama.cpp could not quantize {source.name} to {quant_type} (code {code})")
-    return target

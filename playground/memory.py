@@ -19,6 +19,7 @@ import psutil
 
 from playground.capabilities import capabilities
 from playground.config import ModelConfig
+from playground.gguf_types import CONVERTED_BYTES_PER_WEIGHT, converted_type, gguf_file_type
 from playground.sources import (
     Weights,
     check_hf_folder,
@@ -228,6 +229,9 @@ def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEsti
     from_hint = weights.kind == "hub_repo" or not weights.present
     if capabilities(config.backend).weights_as_file:
         weight_bytes = shape.file_bytes or shape.n_params
+        converted = _converted_bytes_per_weight(config, weights, device)
+        if converted:
+            weight_bytes, basis = int(shape.n_params * converted), basis + f"; weights converted ({config.llamacpp.convert_weights})"
         kv_bytes_per = 2  # llama.cpp keeps an f16 KV cache by default
     elif from_hint and shape.file_bytes and config.quantization.method == "none":
         weight_bytes, kv_bytes_per = shape.file_bytes, DTYPE_BYTES[dtype]
@@ -246,6 +250,17 @@ def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEsti
         available_bytes=_available(device, budget_bytes),
         basis=basis,
     )
+
+
+def _converted_bytes_per_weight(config: ModelConfig, weights: Weights, device: str) -> float | None:
+    """Bytes per weight of the type a GGUF is converted to at load (gguf_types), None where it
+    is kept as stored. `auto` may convert to BF16 or F16: both take 2 bytes a weight."""
+    choice = config.llamacpp.convert_weights
+    if choice == "no" or config.backend != "llamacpp":
+        return None
+    stored = gguf_file_type(weights.path) if weights.present and weights.kind == "gguf" else "unknown"
+    target = converted_type(choice, stored, device != "cpu", cpu_features="")  # auto: F16 or BF16, alike here
+    return CONVERTED_BYTES_PER_WEIGHT[target] if target else None
 
 
 def _available(device: str, budget_bytes: int | None) -> int | None:

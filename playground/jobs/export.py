@@ -59,7 +59,8 @@ def export_variant(
     import torch
 
     from playground.backends.transformers_backend import TransformersBackend
-    from playground.gguf_export import quantize_gguf, write_gguf
+    from playground.gguf_export import write_gguf
+    from playground.gguf_types import quantize_gguf
 
     if not capabilities(config.backend).exports_gguf or config.quantization.method != "none" or config.adapter:
         raise PlaygroundError(
