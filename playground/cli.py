@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("kind", help="e.g. eval-router")
     submit.add_argument("--model", required=True)
     submit.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a job option (repeatable)")
+    submit.add_argument("--preset", help="a named option set of the kind (lora-router: card, quick); --option adds to it")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--json", action="store_true")
     listing = job_commands.add_parser("list")
@@ -466,6 +467,7 @@ def _router_quality(args: argparse.Namespace) -> None:
 
 
 def _jobs(args: argparse.Namespace) -> None:
+    from playground.jobs.kinds import KINDS
     from playground.jobs.manager import JobManager
     from playground.jobs.store import JobStore
     from playground.paths import jobs_dir
@@ -513,6 +515,12 @@ def _jobs(args: argparse.Namespace) -> None:
         print(job.state + (f": {job.error}" if job.error else ""))
         return
     options: dict[str, Any] = {"model": args.model}
+    if args.preset:
+        presets = KINDS[args.kind].presets if args.kind in KINDS else {}
+        if args.preset not in presets:
+            known = ", ".join(presets) or "none"
+            raise PlaygroundError(f"{args.kind} has no preset {args.preset!r} (its presets: {known})")
+        options |= presets[args.preset][1]
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep:

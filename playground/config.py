@@ -148,17 +148,20 @@ class ScratchGptOptions(_Strict):
 
 
 class TokenizerSpec(_Strict):
-    """A tokenizer other than the one inside the weights folder (scratch_gpt variants and the HF
-    folders fine-tuned from them)."""
+    """A tokenizer other than the one inside the weights folder: tiktoken for scratch_gpt
+    variants and the HF folders fine-tuned from them; for a remote variant, the served model's
+    own tokenizer (`path`: a tokenizer folder or a GGUF file), for exact token counts, its chat
+    template and token-level scoring through the server."""
 
     tiktoken: str | None = None  # a tiktoken encoding name, e.g. gpt2
     file: str | None = None  # a tiktoken BPE file (base64 token, rank per line)
+    path: str | None = None  # a local tokenizer folder or GGUF file (remote variants)
     eos_token_id: int | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> TokenizerSpec:
-        if bool(self.tiktoken) == bool(self.file):
-            raise ValueError("give exactly one of tiktoken (an encoding name) or file")
+        if sum(bool(kind) for kind in (self.tiktoken, self.file, self.path)) != 1:
+            raise ValueError("give exactly one of tiktoken (an encoding name), file or path")
         return self
 
 
@@ -239,6 +242,10 @@ class ModelConfig(_Strict):
         if caps.remote:
             if self.endpoint is None:
                 raise ValueError(f"backend {self.backend} needs an `endpoint`")
+            if self.tokenizer is not None and not self.tokenizer.path:
+                raise ValueError("a remote variant's tokenizer is `path`: the served model's tokenizer folder or GGUF")
+        elif self.tokenizer is not None and self.tokenizer.path:
+            raise ValueError("tokenizer.path names a remote variant's tokenizer; a local one has its own")
         elif self.source is None:
             raise ValueError(f"backend {self.backend} needs a `source`")
         if self.role == "router" and self.router is None:

@@ -66,6 +66,7 @@ def write_gguf(
     dtype: Literal["f32", "f16"] = "f32",
     name: str = "model",
     tokenizer_from: Path | None = None,
+    add_bos: bool = False,
 ) -> Path:
     """Write `model` to `path`. With `tokenizer_from` (a GGUF file), its tokenizer and chat
     template metadata are copied as they are (pre-tokenizer name included), so the export
@@ -98,7 +99,7 @@ def write_gguf(
     if tokenizer_from is not None:
         _copy_tokenizer_metadata(writer, Path(tokenizer_from))
     else:
-        _write_tokenizer_metadata(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
+        _write_tokenizer_metadata(writer, tokenizer, model.get_input_embeddings().weight.shape[0], add_bos)
     _write_tensors(writer, model, gguf.MODEL_ARCH[arch], n_heads if permute else 0, n_kv if permute else 0, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -117,7 +118,7 @@ def _copy_tokenizer_metadata(writer: Any, source: Path) -> None:
             writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
 
 
-def _write_tokenizer_metadata(writer: Any, tokenizer: Any, n_embeddings: int) -> None:
+def _write_tokenizer_metadata(writer: Any, tokenizer: Any, n_embeddings: int, add_bos: bool = False) -> None:
     tokens, types, merges = _tokenizer_tables(tokenizer, n_embeddings)
     writer.add_tokenizer_model("gpt2")
     # HF's ByteLevel pre-tokenizer splits text with GPT-2's pattern; llama.cpp's "gpt-2"
@@ -130,7 +131,7 @@ def _write_tokenizer_metadata(writer: Any, tokenizer: Any, n_embeddings: int) ->
         writer.add_bos_token_id(tokenizer.bos_token_id)
     if tokenizer.eos_token_id is not None:
         writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -92,8 +93,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[str]:
+@contextlib.contextmanager
+def serving_gguf(path: Path, alias: str) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server for one GGUF on 127.0.0.1: its /v1 URL."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -101,7 +103,7 @@ def server() -> Iterator[str]:
             "-m",
             "llama_cpp.server",
             "--model",
-            str(EMBEDDED_GGUF),
+            str(path),
             "--host",
             "127.0.0.1",
             "--port",
@@ -109,7 +111,7 @@ def server() -> Iterator[str]:
             "--n_ctx",
             "1024",
             "--model_alias",
-            "smollm2-135m",
+            alias,
             "--verbose",
             "False",
         ],
@@ -131,6 +133,12 @@ def server() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[str]:
+    with serving_gguf(EMBEDDED_GGUF, "smollm2-135m") as base:
+        yield base
 
 
 def variant(**fields) -> object:

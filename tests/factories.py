@@ -225,8 +225,9 @@ def _merge(seq: list[bytes], a: bytes, b: bytes) -> list[bytes]:
     return out
 
 
-def make_gguf(path: Path, arch: str = "llama", spare_rows: int = 0) -> Path:
-    """A tiny random model with its tokenizer and chat template, written as an F32 GGUF."""
+def make_gguf(path: Path, arch: str = "llama", spare_rows: int = 0, add_bos: bool = False) -> Path:
+    """A tiny random model with its tokenizer and chat template, written as an F32 GGUF
+    (`add_bos`: llama.cpp puts the beginning-of-sequence token before every prompt)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from playground.gguf_export import write_gguf
@@ -234,4 +235,4 @@ def make_gguf(path: Path, arch: str = "llama", spare_rows: int = 0) -> Path:
     folder = make_hf_folder(path.parent / f"{path.stem}-hf", arch, spare_rows=spare_rows)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return write_gguf(model, tokenizer, path, name="tiny")
+    return write_gguf(model, tokenizer, path, name="tiny", add_bos=add_bos)

@@ -16,6 +16,7 @@ from conftest import run_job, variant
 
 from playground.config import REPO_ROOT
 from playground.errors import ConfigError, PlaygroundError
+from playground.jobs.kinds import KINDS
 from playground.jobs.manager import JobManager
 from playground.jobs.store import JobStore
 
@@ -141,6 +142,23 @@ def test_cli_jobs(tmp_path):
     bad = run("submit", "eval-router", "--model", "m", "--option", "threshold=9")
     assert bad.returncode == 2 and "invalid options for eval-router" in bad.stderr and "Traceback" not in bad.stderr
     assert run("cancel", "nope").returncode == 2
+    # A preset's options, with --option on top; a preset the kind lacks is named as such.
+    quick = run(
+        "submit", "lora-router", "--model", "smollm2-135m-router-transformers", "--preset", "quick", "--option", "seed=3"
+    )
+    assert quick.returncode == 0, quick.stderr
+    quick_id = quick.stdout.split()[0]
+    run("cancel", quick_id)
+    options = json.loads(run("show", quick_id, "--json").stdout)["options"]
+    assert (options["seed"], options["holdout"], options["learning_rate"], options["stop_at"]) == (3, 50, 1e-3, 0.96)
+    unknown = run("submit", "lora-router", "--model", "smollm2-135m-router", "--preset", "fast")
+    assert unknown.returncode == 2 and "no preset 'fast' (its presets: card, quick)" in unknown.stderr
+
+
+@pytest.mark.parametrize("kind", sorted(name for name, record in KINDS.items() if record.presets))
+def test_every_preset_is_valid_options_of_its_kind(kind):
+    for name, (about, options) in KINDS[kind].presets.items():
+        assert about and KINDS[kind].options.model_validate({"model": "m", **options}), name
 
 
 def _jobs_cli(data_dir, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -7,10 +7,14 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import factories
 import pytest
-from conftest import EMBEDDED_GGUF, check_reply, collect, free_port, variant
+from conftest import EMBEDDED_GGUF, check_reply, collect, free_port, serving_gguf, variant
 
-from playground.errors import GenerationError, LoadError
+from playground.backends.base import Request
+from playground.config import GenerationParams
+from playground.errors import ConfigError, GenerationError, LoadError
+from playground.router import ROUTE_END, ROUTE_PREFIX, Router
 
 
 @pytest.mark.parametrize("mode", ["chat", "completion"])
@@ -115,3 +119,95 @@ def test_a_server_sends_token_probabilities_when_asked(engine, server, mode):
     # acts after the probabilities it reports.)
     plain = collect(engine.generate(config.id, engine.request(config.id, prompt="Hi", mode=mode, max_new_tokens=3)))[2]
     assert plain.scored is None  # not asked, not sent
+
+
+# A router prompt short enough for the tiny model's 256 positions.
+TINY_ROUTER = {
+    "routes": ["self", "npc_fin"],
+    "escalate_route": "npc_fin",
+    "system_prompt": "Route the request: self or npc_fin. Answer in JSON.",
+    "system_prompt_source": "written for the tests",
+}
+
+
+@pytest.fixture(scope="module")
+def bos_gguf(models_dir):
+    """A tiny GGUF whose prompts begin with a beginning-of-sequence token, and a server for it."""
+    path = factories.make_gguf(models_dir / "tiny-bos.gguf", add_bos=True)
+    with serving_gguf(path, "tiny-bos") as base:
+        yield path, base
+
+
+def test_a_remote_variant_scores_routes_and_text_as_the_same_gguf_does_locally(engine, bos_gguf):
+    """With prompt log-probabilities that pass the load-time self-check and the served model's
+    tokenizer named in the config, route scores, the route decision and perplexity come from
+    the server, and match the same GGUF loaded here (llama.cpp both sides: the numbers differ by
+    batch shape only)."""
+    path, base = bos_gguf
+    common = {"prompt_format": "raw", "role": "router", "router": TINY_ROUTER, "context_length": 256}
+    remote = engine.catalogue.add(
+        variant(id="remote-tiny", backend="openai", endpoint={"base_url": base}, tokenizer={"path": str(path)}, **common)
+    )
+    local = engine.catalogue.add(variant(id="local-tiny", backend="llamacpp", source={"path": str(path)}, **common))
+    info = engine.load(remote.id)
+    assert any("passed a self-check" in note for note in info.notes), info.notes
+    assert any("prompt token counts are exact" in note for note in info.notes)
+    engine.load(local.id)
+    prompt = "Build a DCF for TSLA with 3 scenarios."
+    remote_router, local_router = Router(engine, remote.id, calibrated=False), Router(engine, local.id, calibrated=False)
+    for asked in (prompt, "What is 2 + 2?"):
+        continuations = [r + ROUTE_END for r in TINY_ROUTER["routes"]]
+        routed = Request(
+            mode="chat",
+            params=GenerationParams(),
+            messages=({"role": "system", "content": TINY_ROUTER["system_prompt"]}, {"role": "user", "content": asked}),
+            assistant_prefix=ROUTE_PREFIX,
+        )
+        there, _ = engine.score(remote.id, routed, continuations)
+        here, _ = engine.score(local.id, routed, continuations)
+        assert there == pytest.approx(here, abs=0.02)
+        assert remote_router.score(asked)[0]["npc_fin"] == pytest.approx(local_router.score(asked)[0]["npc_fin"], abs=0.01)
+    decided = remote_router.decide(prompt, threshold=0.5, explain=False)
+    assert decided.route == local_router.decide(prompt, threshold=0.5, explain=False).route
+    text = "The capital of France is Paris. Numbers like 12345 appear in code."
+    there = engine.text_logprobs(remote.id, text, window=64, stride=64)
+    here = engine.text_logprobs(local.id, text, window=64, stride=64)
+    # llama-cpp-python's server leaves out the first token's log-probability (OpenAI's old
+    # convention): one token fewer, the rest the same.
+    assert len(here) - 1 == len(there) > 5 and there == pytest.approx(here[1:], abs=0.02)
+    # The exact prompt length, from the configured tokenizer, where the server reports none.
+    asked = engine.request(remote.id, prompt="Once upon a time", mode="completion", max_new_tokens=4, temperature=0)
+    started, deltas, finished = collect(engine.generate(remote.id, asked))
+    assert started.prompt_tokens == engine.request_tokens(local.id, asked)
+
+
+def test_a_server_whose_prompt_log_probabilities_fail_the_self_check_is_not_scored_through(engine, server):
+    """llama-cpp-python's server reports each prompt token's log-probability one position late
+    for a model without a beginning-of-sequence token (the embedded SmolLM2): the load says so,
+    scoring and perplexity refuse with that reason, and generation goes on."""
+    config = engine.catalogue.add(
+        variant(
+            id="remote-shifted",
+            backend="openai",
+            endpoint={"base_url": server},
+            tokenizer={"path": str(EMBEDDED_GGUF)},
+            role="router",
+            router=TINY_ROUTER,
+        )
+    )
+    info = engine.load(config.id)
+    assert any("failed a self-check" in note for note in info.notes), info.notes
+    with pytest.raises(GenerationError, match="cannot score continuations: the server's prompt log-probabilities failed"):
+        Router(engine, config.id, calibrated=False).score("Build a DCF for TSLA.")
+    with pytest.raises(GenerationError, match="cannot score tokens"):
+        engine.text_logprobs(config.id, "Once upon a time there was a cat.", window=64, stride=64)
+    request = engine.request(config.id, prompt="Say hi.", mode="chat", max_new_tokens=4, temperature=0)
+    started, deltas, finished = collect(engine.generate(config.id, request))
+    assert finished.text and started.prompt_tokens > 0  # counted by the configured tokenizer
+
+
+def test_a_remote_tokenizer_path_is_checked_when_the_config_is_read(tiny_gguf):
+    with pytest.raises(ConfigError, match="a remote variant's tokenizer is `path`"):
+        variant(id="r", backend="openai", endpoint={"base_url": "http://127.0.0.1:1/v1"}, tokenizer={"tiktoken": "gpt2"})
+    with pytest.raises(ConfigError, match="tokenizer.path names a remote variant's tokenizer"):
+        variant(id="l", backend="llamacpp", source={"path": str(tiny_gguf)}, tokenizer={"path": str(tiny_gguf)})

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from browser import REPO, browser_page, running_app
 from fake_hub import serving_hub
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.e2e
 # Screenshots refresh docs/ only when asked (UPDATE_SCREENSHOTS=1), so a test run leaves the tree clean.
@@ -651,8 +652,18 @@ def choose(page, elem_id: str, value: str) -> None:
 
 def test_jobs_tab_runs_watches_cancels_and_puts_a_fine_tune_next_to_its_base(page, tmp_path):
     page.get_by_role("tab", name="Jobs").click()
+    # A kind with presets offers them; picking one fills the options, to edit before starting.
+    assert not page.locator("#job-preset").is_visible()
+    choose(page, "job-kind", "lora-router")
+    box = page.locator("#job-preset input")
+    box.click()
+    box.fill("quick")
+    page.get_by_role("option", name=re.compile(r"^quick: early stop")).click()
+    filled = page.locator("#job-options textarea")
+    expect(filled).to_have_value('{"holdout": 50, "eval_every": 8, "stop_at": 0.96, "learning_rate": 0.001}')
     # Bad options are refused with a message, and nothing starts.
     choose(page, "job-kind", "eval-perplexity")
+    expect(page.locator("#job-preset")).to_be_hidden()
     page.locator("#job-options textarea").fill('{"window": 256, "stride": 512}')
     page.locator("#job-submit").click()
     refused = wait_text(page.locator("#job-submit-status"), r"stride \(512\) must not exceed window \(256\)", 20)

@@ -177,7 +177,8 @@ class Backend(ABC):
 
     def window_logprobs(self, ids: list[int]) -> tuple[list[float], list[bool]]:
         """For each position i >= 1 of one window: log P(ids[i] | ids[:i]), and whether ids[i]
-        was the most likely token there."""
+        was the most likely token there. A remote server may withhold the first of them: the
+        lists then cover the last positions only, so callers read them from the end."""
         raise GenerationError(f"the {self.name} backend cannot score tokens")
 
     def count_tokens(self, text: str) -> int:
@@ -203,8 +204,8 @@ class Backend(ABC):
         while scored_until < len(ids):
             end = min(begin + window, len(ids))
             logprobs, _ = self.window_logprobs(ids[begin:end])
-            # logprobs[k] is for position begin + k + 1; keep the positions not scored before.
-            scores.extend(logprobs[scored_until - begin - 1 :])
+            # logprobs[-1] is for position end - 1; keep the positions not scored before.
+            scores.extend(logprobs[max(0, len(logprobs) - (end - scored_until)) :])
             scored_until = end
             begin += stride
             if end == len(ids):
@@ -221,7 +222,10 @@ class Backend(ABC):
             raise GenerationError("the continuation adds no tokens to the context")
         start = max(start, 1)
         logprobs, greedy = self.window_logprobs(full)
-        return float(sum(logprobs[start - 1 :])), all(greedy[start - 1 :])
+        wanted = len(full) - start  # read from the end (see window_logprobs)
+        if len(logprobs) < wanted:
+            raise GenerationError("the model gave no log-probability for the continuation's first token")
+        return float(sum(logprobs[-wanted:])), all(greedy[-wanted:])
 
     # -- token probabilities: the token view and the divergence tools ------------------------
     def prompt_ids(self, request: Request) -> list[int]:

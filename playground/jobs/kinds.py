@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -450,6 +450,9 @@ class JobKind:
     # A result as a table of text cells (headers, rows), shown with the job's details.
     table: Callable[[dict[str, Any]], tuple[list[str], list[list[str]]]] | None = None
     plots_loss: bool = False  # emits a loss per step
+    # Named option sets offered beside the options (Jobs tab, `jobs submit --preset`): name ->
+    # (what it is, its options).
+    presets: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def options(self) -> type[_Options]:
@@ -542,6 +545,16 @@ KINDS: dict[str, JobKind] = {
             gpu_memory_factor=1.5,
             resumes=True,
             plots_loss=True,
+            presets={
+                "card": ("the NPC Fast card's recipe: 3 epochs, 189 steps (41-47 min on a 2-core CPU)", {}),
+                # benchmarks/RESULTS.md, "Router LoRA in under 10 minutes": stopped at step 48 of
+                # 171, 603 s for the job; OOD 63/64 and 59/61 right afterwards.
+                "quick": (
+                    "early stop: 50 rows held out and routed every 8 steps, lr 1e-3 "
+                    "(the embedded router in 10 min on a 2-core CPU)",
+                    {"holdout": 50, "eval_every": 8, "stop_at": 0.96, "learning_rate": 1e-3},
+                ),
+            },
         ),
         JobKind(
             "qat",

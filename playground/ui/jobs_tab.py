@@ -116,6 +116,21 @@ def kind_help(kind: str) -> str:
     return "\n".join(lines)
 
 
+def preset_choices(kind: str) -> Any:
+    """The kind's named option sets, shown only where it has some."""
+    presets = KINDS[kind].presets if kind in KINDS else {}
+    choices = [(f"{name}: {about}", name) for name, (about, _) in presets.items()]
+    return gr.update(choices=choices, value=None, visible=bool(choices))
+
+
+def preset_options(kind: str, name: str | None) -> Any:
+    """The Options box filled with a preset's options, as JSON a person can edit before starting."""
+    presets = KINDS[kind].presets if kind in KINDS else {}
+    if name not in presets:
+        return gr.update()
+    return json.dumps(presets[name][1])
+
+
 def results_rows(jobs: list[Job]) -> dict[str, Any]:
     """Variant × eval: the latest succeeded result of each eval for each variant, as the
     Dataframe's value (headers and rows)."""
@@ -165,6 +180,7 @@ class JobsTab:
                 elem_id="job-model",
                 allow_custom_value=True,
             )
+        preset = gr.Dropdown([], label="Preset (fills the options)", elem_id="job-preset", visible=False)
         options = gr.Textbox(value="{}", label="Options (JSON)", lines=2, elem_id="job-options")
         help_text = gr.Markdown(kind_help("eval-perplexity"), elem_id="job-help")
         submit = gr.Button("Start job", variant="primary", elem_id="job-submit")
@@ -193,6 +209,8 @@ class JobsTab:
         self.report.build()
 
         kind.change(kind_help, kind, help_text)
+        kind.change(preset_choices, kind, preset)
+        preset.input(preset_options, [kind, preset], options)
         submit.click(self.submit, [kind, model, options], [submit_status, selected])
         cancel.click(self.cancel, selected, action_status)
         resume.click(self.resume, selected, action_status)
