@@ -1,4 +1,5 @@
-"""Live resource samples: CPU, system RAM, each loaded variant's memory, and VRAM per GPU.
+"""Live resource samples: CPU, system RAM, each loaded variant's memory, and VRAM per GPU;
+and the servers behind remote variants (playground.remote_health).
 
 A background thread samples once a second into a ring buffer; readers (the UI's timer) only
 copy the buffer, so watching never slows generation. GPU figures come from nvml (nvidia-ml-py),
@@ -16,8 +17,10 @@ from typing import Any
 
 import psutil
 
+from playground import remote_health
 from playground.engine import Engine
 from playground.memory import nvml_memory_info
+from playground.remote_health import RemoteHealth
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,20 @@ class _Nvml:
 
 
 class SystemMonitor:
-    def __init__(self, engine: Engine, interval_s: float = 1.0, keep_s: float = 300.0) -> None:
+    def __init__(
+        self, engine: Engine, interval_s: float = 1.0, keep_s: float = 300.0, remote_interval_s: float = 3.0
+    ) -> None:
         self.engine = engine
         self.interval_s = interval_s
+        self.remote_interval_s = remote_interval_s
         self.samples: deque[Sample] = deque(maxlen=int(keep_s / interval_s) + 1)
+        # variant id -> its server's last look; checked in a thread of their own, so a server
+        # that does not answer never delays the samples.
+        self.remote: dict[str, RemoteHealth] = {}
         self._nvml = _Nvml()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._remote_thread: threading.Thread | None = None
         psutil.cpu_percent(None)  # the first call only sets the reference point
 
     @property
@@ -123,11 +133,30 @@ class SystemMonitor:
             except Exception:  # a failed sample must never end the monitor
                 continue
 
+    def check_remotes(self) -> dict[str, RemoteHealth]:
+        """Each remote variant's server, looked at now (loaded or not: whether it answers is
+        worth knowing before a load)."""
+        configs = [c for c in self.engine.catalogue.configs.values() if c.endpoint is not None]
+        seen = {c.id: remote_health.check(c.endpoint) for c in configs if c.endpoint is not None}
+        self.remote = seen
+        return seen
+
+    def _run_remote(self) -> None:
+        while True:
+            try:
+                self.check_remotes()
+            except Exception:  # a failed look must never end the monitor
+                pass
+            if self._stop.wait(self.remote_interval_s):
+                return
+
     def start(self) -> SystemMonitor:
         if self._thread is None:
             self.sample_now()
             self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
             self._thread.start()
+            self._remote_thread = threading.Thread(target=self._run_remote, name="monitor-remote", daemon=True)
+            self._remote_thread.start()
         return self
 
     def stop(self) -> None:

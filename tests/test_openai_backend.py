@@ -1,20 +1,26 @@
-"""The OpenAI-compatible backend against a real server on 127.0.0.1: llama-cpp-python's own,
-serving the embedded GGUF."""
+"""The OpenAI-compatible backend against real servers on 127.0.0.1: llama-cpp-python's own,
+serving the embedded GGUF or a tiny one; and the Monitor's look at remote variants' servers."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import factories
 import pytest
 from conftest import EMBEDDED_GGUF, check_reply, collect, free_port, serving_gguf, variant
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from playground.backends.base import Request
 from playground.config import GenerationParams
 from playground.errors import ConfigError, GenerationError, LoadError
+from playground.evals.needle import needle_grid
+from playground.monitor import SystemMonitor
 from playground.router import ROUTE_END, ROUTE_PREFIX, Router
+from playground.ui.charts import monitor_summary
 
 
 @pytest.mark.parametrize("mode", ["chat", "completion"])
@@ -179,6 +185,10 @@ def test_a_remote_variant_scores_routes_and_text_as_the_same_gguf_does_locally(e
     asked = engine.request(remote.id, prompt="Once upon a time", mode="completion", max_new_tokens=4, temperature=0)
     started, deltas, finished = collect(engine.generate(remote.id, asked))
     assert started.prompt_tokens == engine.request_tokens(local.id, asked)
+    # The needle eval sizes its haystacks with those counts, then asks the server.
+    grid = needle_grid(engine, remote.id, lengths=[120, 400], depths=[0.5])
+    ran, skipped = grid["cells"]
+    assert 100 <= ran["prompt_tokens"] <= 120 and "answer" in ran and "beyond the context" in skipped["skipped"]
 
 
 def test_a_server_whose_prompt_log_probabilities_fail_the_self_check_is_not_scored_through(engine, server):
@@ -211,3 +221,56 @@ def test_a_remote_tokenizer_path_is_checked_when_the_config_is_read(tiny_gguf):
         variant(id="r", backend="openai", endpoint={"base_url": "http://127.0.0.1:1/v1"}, tokenizer={"tiktoken": "gpt2"})
     with pytest.raises(ConfigError, match="tokenizer.path names a remote variant's tokenizer"):
         variant(id="l", backend="llamacpp", source={"path": str(tiny_gguf)}, tokenizer={"path": str(tiny_gguf)})
+
+
+class _EngineLikeServer(BaseHTTPRequestHandler):
+    """A stand-in for a vLLM server's two GET routes: its model list, and its Prometheus
+    /metrics written by prometheus_client from real gauges with vLLM's names."""
+
+    registry: Any = None
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path == "/v1/models":
+            body, kind = json.dumps({"data": [{"id": "big-model"}]}).encode(), "application/json"
+        elif self.path == "/metrics":
+            body, kind = generate_latest(self.registry), CONTENT_TYPE_LATEST
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_monitor_looks_at_each_remote_variants_server(engine, server):
+    """Reachable or not, the round trip, and the queue where the server's /metrics has one:
+    llama-cpp-python's server (no /metrics), a server with vLLM's gauges, and no server."""
+    registry = CollectorRegistry()
+    running = Gauge("vllm:num_requests_running", "running", ["model_name"], registry=registry)
+    waiting = Gauge("vllm:num_requests_waiting", "waiting", ["model_name"], registry=registry)
+    running.labels("big-model").set(3)
+    waiting.labels("big-model").set(5)
+    handler = type("Handler", (_EngineLikeServer,), {"registry": registry})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    vllm_like = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        for vid, url in (("llama-server", server), ("vllm-like", vllm_like), ("gone", f"http://127.0.0.1:{free_port()}/v1")):
+            engine.catalogue.add(variant(id=vid, backend="openai", endpoint={"base_url": url}))
+        monitor = SystemMonitor(engine)
+        seen = monitor.check_remotes()
+        assert seen["llama-server"].reachable and seen["llama-server"].latency_ms > 0
+        assert seen["llama-server"].running is None and "/metrics answered 404" in seen["llama-server"].queue_source
+        assert (seen["vllm-like"].running, seen["vllm-like"].waiting) == (3, 5)
+        assert seen["vllm-like"].queue_source == "vLLM /metrics"
+        assert not seen["gone"].reachable and seen["gone"].error == "ConnectError"
+        lines = monitor_summary(monitor.sample_now(), seen)
+        assert f"vllm-like → {vllm_like}: reachable" in lines and "3 running, 5 waiting (vLLM /metrics)" in lines
+        assert re.search(r"gone → http://127\.0\.0\.1:\d+/v1: unreachable \(ConnectError\)", lines)
+    finally:
+        httpd.shutdown()

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from playground.monitor import Sample
+from playground.remote_health import RemoteHealth
 
 GiB = 2**30
 MiB = 2**20
@@ -166,7 +167,23 @@ def monitor_figure(samples: Sequence[Sample]) -> go.Figure:
     return fig
 
 
-def monitor_summary(sample: Sample | None) -> str:
+def remote_line(variant_id: str, health: RemoteHealth) -> str:
+    """One remote variant's server: whether it answers, how fast, and its queue."""
+    if not health.reachable:
+        return f"{variant_id} → {health.base_url}: unreachable ({health.error})"
+    queue = (
+        f"{_count(health.running)} running, {_count(health.waiting)} waiting ({health.queue_source})"
+        if health.running is not None or health.waiting is not None
+        else f"queue unknown: {health.queue_source}"
+    )
+    return f"{variant_id} → {health.base_url}: reachable, {health.latency_ms:.0f} ms; {queue}"
+
+
+def _count(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
+def monitor_summary(sample: Sample | None, remote: dict[str, RemoteHealth] | None = None) -> str:
     if sample is None:
         return "Sampling…"
     lines = [
@@ -178,6 +195,7 @@ def monitor_summary(sample: Sample | None) -> str:
     for variant, rss in sorted(sample.variant_rss.items()):
         gpu = sample.variant_gpu.get(variant)
         lines.append(f"{variant}: RSS {rss / MiB:.0f} MiB" + (f", GPU {gpu / MiB:.0f} MiB" if gpu else ""))
+    lines += [remote_line(variant, health) for variant, health in sorted((remote or {}).items())]
     return "  \n".join(lines)
 
 

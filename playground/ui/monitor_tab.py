@@ -1,4 +1,5 @@
-"""The Monitor tab: CPU, RAM, each variant's memory and VRAM per GPU, refreshed every second.
+"""The Monitor tab: CPU, RAM, each variant's memory and VRAM per GPU, refreshed every second;
+below them each remote variant's server (reachable, round trip, queue), looked at every 3 s.
 
 The sampling happens in the engine's SystemMonitor thread; the timer here only draws the
 buffer, so it never waits on a generation, and it runs only while the tab is shown.
@@ -27,4 +28,4 @@ class MonitorTab:
 
     def refresh(self) -> tuple[str, Any]:
         samples = self.monitor.recent()
-        return monitor_summary(samples[-1] if samples else None), monitor_figure(samples)
+        return monitor_summary(samples[-1] if samples else None, self.monitor.remote), monitor_figure(samples)
