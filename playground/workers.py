@@ -124,6 +124,11 @@ def _run_request(backend: Any, info: LoadInfo, job: Generate, stop: threading.Ev
         warnings.append("greedy decoding: this model's card says it loops; use temperature >= 0.7 with top-k")
     if not backend.caps.counts_tokens_locally and end.completion_tokens is None:
         warnings.append("the server reported no token usage: completion tokens are counted from streamed chunks")
+    if end.prompt_tokens is None and prompt.n_tokens is None:
+        warnings.append(
+            "prompt tokens unknown: the server reported none and the config names no tokenizer "
+            "(tokenizer.path), so prefill tok/s is not measured"
+        )
     if loop := repetition_warning(text):
         warnings.append(loop)
     metrics = timer.finish(

@@ -36,6 +36,7 @@ def test_streams_from_a_real_server(engine, server, mode):
     check_reply(started, deltas, finished, prompt_counted=False)
     assert finished.metrics.backend == "openai"
     assert any("no token usage" in w for w in finished.metrics.warnings)
+    assert any("prompt tokens unknown" in w and "tokenizer.path" in w for w in finished.metrics.warnings)
     # Greedy, same weights, same library: the server says what our own llama.cpp backend says
     # (with the server's default repeat penalty, 1.1: the OpenAI protocol has no field for it).
     local = engine.catalogue.add(variant(id=f"local-{mode}", backend="llamacpp", source={"path": str(EMBEDDED_GGUF)}))

@@ -297,6 +297,18 @@ class OpenAIBackend(Backend):
             finish, usage.get("prompt_tokens"), usage.get("completion_tokens"), scored=tuple(scored) if asked else None
         )
 
+    # -- what a server cannot give ----------------------------------------------------------
+    FULL_DISTRIBUTION = (
+        "a server returns the top few tokens of each position, never the whole distribution: "
+        "divergence (KL) and the full-distribution token tools need a local variant"
+    )
+
+    def position_logprobs(self, ids: list[int], last: int | None = None) -> Any:
+        raise GenerationError(self.FULL_DISTRIBUTION)
+
+    def tokenizer_probe(self) -> Any:
+        raise GenerationError(self.FULL_DISTRIBUTION)
+
     def unload(self) -> None:
         if self.client is not None:
             self.client.close()
