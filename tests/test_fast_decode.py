@@ -237,3 +237,11 @@ def test_the_static_scorer_gives_the_plain_pass_numbers(tiny_pair):
         scorer.score(cases[0][0], [cases[0][1][0] + [5] * 1024], cases[0][2])
     with pytest.raises(ValueError, match="kept prefix"):
         scorer.score([], cases[0][1], cases[0][2])
+    # Warmed up (on the GPU: captured) for the common tail lengths, the numbers stay the plain ones.
+    fresh = StaticScorer(plain.model, 1024, use_cuda_graph=False)
+    stable, sequences, start = cases[1]
+    with torch.inference_mode():
+        assert fresh.warm_up(stable, len(sequences)) == [16, 32, 64, 128]
+        assert sorted(fresh._passes) == [16, 32, 64, 128] and fresh.capacity >= len(stable) + 128
+        assert fresh.score(stable, sequences, start) == pytest.approx(plain._score_plain(sequences, start), abs=1e-4)
+    assert StaticScorer(plain.model, 64, use_cuda_graph=False).warm_up(stable[:20], 2) == [16, 32]  # what fits

@@ -340,6 +340,8 @@ def test_router_scores_on_the_gpu_run_as_one_captured_pass_with_the_plain_number
         assert scores == pytest.approx(plain, abs=tolerance)
     assert backend._prefix_cache_ok and backend._scorer is not None
     graphs = {length: run["graph"] for length, run in backend._scorer._passes.items()}
-    assert len(graphs) >= 2 and all(graph is not None for graph in graphs.values())
+    # The common tail lengths were captured at the first score (the tiny model holds 256
+    # positions, so 128 fits after the short system prompt).
+    assert set(graphs) >= {16, 32, 64, 128} and all(graph is not None for graph in graphs.values())
     backend.unload()
     assert backend._scorer is None

@@ -301,6 +301,10 @@ class StaticDecoder:
 
 # The shortest tail a scoring pass is padded to; longer tails take the next power of two.
 MIN_SCORE_TOKENS = 16
+# Tail lengths whose graphs are captured at the first score, so a request of a new length does
+# not pay a capture (suspected behind the 1.7B router's p95 of ~100 ms on the H200 against a
+# 6.3 ms p50: benchmarks/RESULTS.md).
+WARM_SCORE_TOKENS = (16, 32, 64, 128)
 
 
 class StaticScorer:
@@ -376,6 +380,20 @@ class StaticScorer:
             else:
                 totals = self._forward(run)
             return totals.tolist()
+
+    def warm_up(self, stable: Sequence[int], rows: int, lengths: Sequence[int] = WARM_SCORE_TOKENS) -> list[int]:
+        """Run (and, with graphs, capture) a pass of each padded tail length in `lengths` that
+        fits, on `rows` rows over `stable`, longest first so the cache grows once; returns the
+        lengths now ready. The cache keeps `stable`, so the next real score reuses it."""
+        kept = len(stable)
+        ready = []
+        for length in sorted({self._padded(n) for n in lengths}, reverse=True):
+            if kept + length > self.context_limit:
+                continue
+            filler = [list(stable) + [stable[-1]] * length for _ in range(rows)]
+            self.score(stable, filler, kept + 1)
+            ready.append(length)
+        return sorted(ready)
 
     def fits(self, kept: int, longest: int) -> bool:
         """Whether sequences of up to `longest` tokens, `kept` of them kept, fit the context once

@@ -492,6 +492,8 @@ class TransformersBackend(Backend):
         first = sequences[0]
         stable = min(stable_prefix_length(self.prompt_ids, request, first, self._probes), start - 1)
         if self._scorer is not None and stable > 0 and self._scorer.fits(stable, max(map(len, sequences))):
+            if self._scorer.rows == 0 and self._scorer.use_cuda_graph:  # the first score: capture the common lengths
+                self._scorer.warm_up(first[:stable], len(sequences))
             return self._scorer.score(first[:stable], sequences, start)
         reused = stable > 0 and self._scored_prefix == first[:stable]
         cache = self._score_cache if reused else DynamicCache(config=self.model.config)
