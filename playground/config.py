@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from playground.capabilities import capabilities, with_capability
 from playground.errors import ConfigError
@@ -23,7 +23,15 @@ DEFAULT_CONFIG_DIR = REPO_ROOT / "model_configs"
 
 BackendName = Literal["transformers", "llamacpp", "scratch_gpt", "openai"]
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-Device = Literal["auto", "cuda", "cpu"]
+# auto, cpu, cuda (any GPU: the one with the most free memory), or cuda:N (GPU N, as nvml and
+# nvidia-smi number them).
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", value):
+        raise ValueError(f"{value!r} is not a device: auto, cpu, cuda, or cuda:N (GPU N)")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device)]
 PromptFormat = Literal["chat_template", "alpaca", "raw"]
 Role = Literal["general", "router", "partner"]
 # auto: the static-cache + CUDA-graph decoder on a GPU, plain generate on CPU; on: the static

@@ -49,6 +49,7 @@ class VariantStatus:
     # While its weights download: bytes received, and in all (None until the hub said).
     download_bytes: int | None = None
     download_total: int | None = None
+    gpu: int | None = None  # the GPU its worker was placed on (nvml's index)
 
 
 class Engine:
@@ -98,6 +99,7 @@ class Engine:
             expected_load_s=self._load_seconds.get(variant_id),
             download_bytes=download.done_bytes if download else None,
             download_total=download.total_bytes if download else None,
+            gpu=worker.gpu if worker else None,
         )
 
     def statuses(self) -> list[VariantStatus]:
@@ -126,16 +128,31 @@ class Engine:
             current = self.workers.get(variant_id)
             if current is not None and current.state in ("loading", "ready"):
                 return current
-            if check_memory:
-                needed = estimate(config, self.memory_budget_bytes)
-                if not needed.fits:
-                    raise InsufficientMemory(f"{config.display_name} will not fit: needs {needed.describe()}")
+            # Where it goes: needed for the GPU it is placed on even when memory is not checked.
+            needed = estimate(config, self.memory_budget_bytes) if check_memory else self._placement(config)
+            if needed is not None and needed.refusal:
+                raise InsufficientMemory(f"{config.display_name} cannot load: {needed.refusal}")
+            if check_memory and needed is not None and not needed.fits:
+                raise InsufficientMemory(f"{config.display_name} will not fit: needs {needed.describe()}")
             if current is not None:
                 current.unload()
-            worker = Worker(config, stall_timeout_s=self.stall_timeout_s, silent_after_s=self.silent_after_s)
+            worker = Worker(
+                config,
+                stall_timeout_s=self.stall_timeout_s,
+                silent_after_s=self.silent_after_s,
+                gpu=needed.gpu if needed is not None and needed.device == "cuda" else None,
+            )
             self.workers[variant_id] = worker
             self._failures.pop(variant_id, None)
             return worker
+
+    def _placement(self, config: ModelConfig) -> MemoryEstimate | None:
+        """Where the variant goes and what it needs there (the GPU with the most free memory,
+        or the pinned one); None where that cannot be worked out before loading."""
+        try:
+            return estimate(config, self.memory_budget_bytes)
+        except PlaygroundError:  # weights not there yet and no shape hint: the load will say
+            return None
 
     def load(self, variant_id: str, *, check_memory: bool = True, timeout_s: float | None = 900) -> LoadInfo:
         return self.finish_load(variant_id, self.start_load(variant_id, check_memory=check_memory), timeout_s)

@@ -54,6 +54,8 @@ class MemoryEstimate:
     device: str
     available_bytes: int | None
     basis: str
+    gpu: int | None = None  # the GPU it goes to (the pinned one, or the one with most free memory)
+    refusal: str | None = None  # why it cannot go where it asks (a GPU this machine lacks)
 
     @property
     def total_bytes(self) -> int:
@@ -61,11 +63,14 @@ class MemoryEstimate:
 
     @property
     def fits(self) -> bool:
-        return self.available_bytes is None or self.total_bytes <= self.available_bytes
+        return self.refusal is None and (self.available_bytes is None or self.total_bytes <= self.available_bytes)
 
     def describe(self) -> str:
+        if self.refusal:
+            return self.refusal
+        where = f"GPU {self.gpu}" if self.gpu is not None else self.device
         text = (
-            f"~{self.total_bytes / GiB:.2f} GiB on {self.device} (weights {self.weights_bytes / GiB:.2f}, "
+            f"~{self.total_bytes / GiB:.2f} GiB on {where} (weights {self.weights_bytes / GiB:.2f}, "
             f"KV cache {self.kv_cache_bytes / GiB:.2f}, runtime {self.runtime_bytes / GiB:.2f}; from {self.basis})"
         )
         if self.available_bytes is not None:
@@ -204,12 +209,30 @@ def nvml_memory_info(nv: Any, handle: Any) -> Any:
         return nv.nvmlDeviceGetMemoryInfo(handle)
 
 
+def pinned_gpu(device: str) -> int | None:
+    """N of a `cuda:N` device; None for any other."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else None
+
+
+def pick_gpu(gpus: list[tuple[int, int]], pinned: int | None) -> tuple[int | None, str | None]:
+    """The GPU a variant goes to, from each GPU's (free, total) bytes: the pinned one, else the
+    one with the most free memory (the only one that can fit it if any can); and why none can
+    be named (no GPU, or a pinned index this machine lacks)."""
+    if not gpus:
+        return None, None
+    if pinned is not None:
+        if pinned >= len(gpus):
+            return None, f"device cuda:{pinned} asks for GPU {pinned}, and this machine has {len(gpus)} (0-{len(gpus) - 1})"
+        return pinned, None
+    return max(range(len(gpus)), key=lambda i: (gpus[i][0], -i)), None
+
+
 def planned_device(config: ModelConfig) -> str:
     caps = capabilities(config.backend)
     if caps.remote:
         return "remote"
     if config.device != "auto":
-        return config.device
+        return "cuda" if config.device.startswith("cuda") else config.device
     if not caps.runs_on_gpu or (caps.weights_as_file and config.llamacpp.n_gpu_layers == 0):
         return "cpu"
     return "cuda" if gpu_memory() else "cpu"
@@ -221,10 +244,17 @@ def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEsti
     runtime = RUNTIME_BYTES[config.backend]
     if device == "remote":
         return MemoryEstimate(0, 0, runtime, "cpu", _available("cpu", budget_bytes), "a remote server")
+    gpu, refusal, available = None, None, None
+    if device == "cuda":
+        gpus = gpu_memory()
+        gpu, refusal = pick_gpu(gpus, pinned_gpu(config.device))
+        available = _within_budget(gpus[gpu][0] if gpu is not None else None, budget_bytes)
+    else:
+        available = _available(device, budget_bytes)
     weights = locate(config)
     shape, basis = model_shape(config, weights)
     if shape is None:
-        return MemoryEstimate(0, 0, runtime, device, _available(device, budget_bytes), basis)
+        return MemoryEstimate(0, 0, runtime, device, available, basis, gpu, refusal)
     dtype = config.dtype if config.dtype != "auto" else "bf16"
     from_hint = weights.kind == "hub_repo" or not weights.present
     if capabilities(config.backend).weights_as_file:
@@ -247,8 +277,10 @@ def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEsti
         kv_cache_bytes=kv,
         runtime_bytes=runtime + int(0.1 * weight_bytes),
         device=device,
-        available_bytes=_available(device, budget_bytes),
+        available_bytes=available,
         basis=basis,
+        gpu=gpu,
+        refusal=refusal,
     )
 
 
@@ -264,11 +296,11 @@ def _converted_bytes_per_weight(config: ModelConfig, weights: Weights, device: s
 
 
 def _available(device: str, budget_bytes: int | None) -> int | None:
-    if device == "cuda":
-        gpus = gpu_memory()
-        free = gpus[0][0] if gpus else None
-    else:
-        free = psutil.virtual_memory().available
+    """Free system memory (the CPU's), within the budget; a GPU's is pick_gpu's."""
+    return _within_budget(psutil.virtual_memory().available, budget_bytes)
+
+
+def _within_budget(free: int | None, budget_bytes: int | None) -> int | None:
     if budget_bytes is not None:
         free = budget_bytes if free is None else min(free, budget_bytes)
     return free

@@ -41,6 +41,7 @@ class Sample:
     variant_rss: dict[str, int]  # variant id -> worker RSS
     variant_gpu: dict[str, int]  # variant id -> GPU memory of its worker, where reported
     gpus: list[GpuSample] = field(default_factory=list)
+    variant_gpu_index: dict[str, int] = field(default_factory=dict)  # variant id -> the GPU it is on
 
 
 class _Nvml:
@@ -59,11 +60,11 @@ class _Nvml:
         except Exception as err:  # NVMLError_LibraryNotFound where there is no driver
             self.note = f"No NVIDIA GPU on this machine ({err.__class__.__name__}): showing CPU and RAM only."
 
-    def sample(self, pids: dict[int, str]) -> tuple[list[GpuSample], dict[str, int]]:
+    def sample(self, pids: dict[int, str]) -> tuple[list[GpuSample], dict[str, int], dict[str, int]]:
         if self.module is None:
-            return [], {}
+            return [], {}, {}
         nv = self.module
-        gpus, per_variant = [], {}
+        gpus, per_variant, where = [], {}, {}
         for index in range(nv.nvmlDeviceGetCount()):
             handle = nv.nvmlDeviceGetHandleByIndex(index)
             memory = nvml_memory_info(nv, handle)
@@ -85,7 +86,8 @@ class _Nvml:
                 variant = pids.get(proc.pid)
                 if variant and proc.usedGpuMemory is not None:
                     per_variant[variant] = per_variant.get(variant, 0) + int(proc.usedGpuMemory)
-        return gpus, per_variant
+                    where[variant] = index
+        return gpus, per_variant, where
 
 
 class SystemMonitor:
@@ -118,10 +120,17 @@ class SystemMonitor:
                 value = worker.rss_bytes()
                 if value is not None:
                     rss[variant_id] = value
-        gpus, per_variant = self._nvml.sample(pids)
+        gpus, per_variant, where = self._nvml.sample(pids)
         memory = psutil.virtual_memory()
         sample = Sample(
-            time.time(), psutil.cpu_percent(None), memory.total - memory.available, memory.total, rss, per_variant, gpus
+            time.time(),
+            psutil.cpu_percent(None),
+            memory.total - memory.available,
+            memory.total,
+            rss,
+            per_variant,
+            gpus,
+            where,
         )
         self.samples.append(sample)
         return sample

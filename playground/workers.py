@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -145,8 +146,13 @@ def _run_request(backend: Any, info: LoadInfo, job: Generate, stop: threading.Ev
     events.send(Done(job.rid, text, metrics, prompt_ids, end.token_ids, end.scored))
 
 
-def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connection) -> None:
-    """Entry point of a worker process: load, then serve requests until shutdown or EOF."""
+def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connection, gpu: int | None = None) -> None:
+    """Entry point of a worker process: load, then serve requests until shutdown or EOF. With
+    `gpu`, the process sees that GPU only (numbered as nvml numbers them), as `cuda`."""
+    if gpu is not None:  # before anything here initializes CUDA
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        config = config.model_copy(update={"device": "cuda"})
     from playground.backends import create_backend
     from playground.errors import PlaygroundError
 
@@ -165,6 +171,8 @@ def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connecti
     except Exception as err:  # any other failure still reaches the user as one line
         events.send(LoadFailed(f"unexpected {err.__class__.__name__} while loading: {err}"))
         return
+    if gpu is not None and info.device == "cuda":
+        info.notes.append(f"placed on GPU {gpu}")
     events.send(Ready(info))
 
     pending: queue.Queue[Generate | Call | None] = queue.Queue()
@@ -290,8 +298,16 @@ def describe_exit(exitcode: int | None) -> str:
 class Worker:
     """The parent's side of one variant's worker process."""
 
-    def __init__(self, config: ModelConfig, *, stall_timeout_s: float = 300.0, silent_after_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        stall_timeout_s: float = 300.0,
+        silent_after_s: float = 10.0,
+        gpu: int | None = None,
+    ) -> None:
         self.config = config
+        self.gpu = gpu  # the GPU its process sees (nvml's index), where the engine placed it on one
         # A request that sends nothing for this long is stuck (a deadlock, a runaway prefill).
         self.stall_timeout_s = stall_timeout_s
         # A worker that answers no heartbeat for this long has stopped (SIGSTOP, the GIL held).
@@ -313,7 +329,7 @@ class Worker:
         self._events, events_w = _CTX.Pipe(duplex=False)
         self.process = _CTX.Process(
             target=worker_main,
-            args=(config, commands_r, events_w),
+            args=(config, commands_r, events_w, gpu),
             name=f"worker-{config.id}",
             daemon=True,
         )

@@ -9,6 +9,7 @@ from conftest import variant
 
 from playground.config import DEFAULT_CONFIG_DIR, load_config_dir, load_config_file, validate_params
 from playground.errors import ConfigError, LoadError
+from playground.memory import pick_gpu
 from playground.sources import config_from_path, locate
 
 SHIPPED = sorted(DEFAULT_CONFIG_DIR.glob("*.yaml"))
@@ -104,6 +105,8 @@ def test_duplicate_ids_name_both_files(tmp_path):
         ({"quantization": {"method": "nf4", "int8_outlier_threshold": 0}}, "method int8 only"),
         ({"quantization": {"method": "int8", "int8_outlier_threshold": -1}}, "int8_outlier_threshold"),
         ({"backend": "openai", "source": None}, "needs an `endpoint`"),
+        ({"device": "gpu"}, "'gpu' is not a device: auto, cpu, cuda, or cuda:N"),
+        ({"device": "cuda:first"}, "is not a device"),
     ],
 )
 def test_inconsistent_configs(fields, message):
@@ -145,3 +148,17 @@ def test_variant_from_each_kind_of_path(llama_folder, tiny_gguf, gpt_files, tmp_
         config_from_path(tmp_path / "notes.txt")
     with pytest.raises(ConfigError, match="prompt_format"):
         config_from_path(tiny_gguf, prompt_format="jinja")
+
+
+def test_a_gpu_is_picked_by_its_free_memory_or_pinned():
+    """Each GPU's (free, total) bytes, as nvml reports them: the most free one takes the next
+    variant (the lowest index on a tie); a pinned index is kept, one this machine lacks named."""
+    gib = 2**30
+    two = [(10 * gib, 80 * gib), (30 * gib, 80 * gib)]
+    assert pick_gpu(two, None) == (1, None)
+    assert pick_gpu([(5 * gib, 8 * gib), (5 * gib, 8 * gib)], None) == (0, None)
+    assert pick_gpu(two, 0) == (0, None)
+    index, why = pick_gpu(two, 2)
+    assert index is None and why == "device cuda:2 asks for GPU 2, and this machine has 2 (0-1)"
+    assert pick_gpu([], 1) == (None, None)  # no GPU at all: the load itself says so
+    assert variant(id="pinned", backend="transformers", source={"path": "/a"}, device="cuda:1").device == "cuda:1"

@@ -345,3 +345,30 @@ def test_router_scores_on_the_gpu_run_as_one_captured_pass_with_the_plain_number
     assert set(graphs) >= {16, 32, 64, 128} and all(graph is not None for graph in graphs.values())
     backend.unload()
     assert backend._scorer is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the lent nvidia-h200-x2)")
+def test_variants_spread_over_two_gpus_and_a_pinned_one_stays(engine, llama_folder):
+    """device auto: each load goes to the GPU with the most free memory, so the second lands on
+    the other GPU; cuda:1 stays on GPU 1; a GPU the machine lacks is refused before a worker
+    starts. Each answers, and says where it is."""
+    from playground.errors import InsufficientMemory
+    from playground.ui.formatting import loaded_markdown
+
+    placed = {}
+    for number, device in enumerate(["auto", "auto", "auto", "cuda:1"]):
+        config = variant(
+            id=f"spread-{number}", backend="transformers", source={"path": str(llama_folder)}, dtype="bf16", device=device
+        )
+        info, _ = _run(engine, config)
+        placed[config.id] = engine.status(config.id).gpu
+        assert info.device == "cuda" and f"placed on GPU {placed[config.id]}" in info.notes
+    assert placed["spread-0"] != placed["spread-1"] and set(placed.values()) == {0, 1}
+    assert placed["spread-3"] == 1
+    assert "on GPU 1" in loaded_markdown(engine)
+    too_far = engine.catalogue.add(
+        variant(id="spread-far", backend="transformers", source={"path": str(llama_folder)}, device="cuda:7")
+    )
+    with pytest.raises(InsufficientMemory, match="asks for GPU 7, and this machine has 2"):
+        engine.load(too_far.id)
+    assert "spread-far" not in engine.workers

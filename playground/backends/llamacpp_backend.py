@@ -69,8 +69,10 @@ class LlamaCppBackend(Backend):
         options = self.config.llamacpp
         wants_gpu = self.config.device != "cpu" and options.n_gpu_layers != 0
         can_offload = bool(llama_cpp.llama_supports_gpu_offload())
-        if self.config.device == "cuda" and not can_offload:
-            raise LoadError("this variant asks for device cuda, but llama-cpp-python was built without GPU support")
+        if self.config.device.startswith("cuda") and not can_offload:
+            raise LoadError(
+                f"this variant asks for device {self.config.device}, but llama-cpp-python was built without GPU support"
+            )
         n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
         path, notes = self._weights_to_run(weights.path, n_gpu_layers != 0)
         n_ctx = self.config.context_length

@@ -55,8 +55,11 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 def resolve_device(config: ModelConfig) -> str:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise LoadError("this variant asks for device cuda, but no CUDA GPU is available here")
+    """cpu, cuda, or cuda:N. A worker sees only the GPU the engine placed it on
+    (CUDA_VISIBLE_DEVICES), and its config says cuda; `cuda:N` reaches here only outside a
+    worker (a job loading a pinned variant)."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoadError(f"this variant asks for device {config.device}, but no CUDA GPU is available here")
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return config.device

@@ -191,10 +191,16 @@ def monitor_summary(sample: Sample | None, remote: dict[str, RemoteHealth] | Non
     ]
     for gpu in sample.gpus:
         util = f", {gpu.util_percent}% busy" if gpu.util_percent is not None else ""
-        lines.append(f"GPU {gpu.index} {gpu.name}: {gpu.used_bytes / MiB:.0f} / {gpu.total_bytes / MiB:.0f} MiB{util}")
+        on_it = sorted(v for v, index in sample.variant_gpu_index.items() if index == gpu.index)
+        lines.append(
+            f"GPU {gpu.index} {gpu.name}: {gpu.used_bytes / MiB:.0f} / {gpu.total_bytes / MiB:.0f} MiB{util}"
+            + (f"; variants: {', '.join(on_it)}" if on_it else "")
+        )
     for variant, rss in sorted(sample.variant_rss.items()):
         gpu = sample.variant_gpu.get(variant)
-        lines.append(f"{variant}: RSS {rss / MiB:.0f} MiB" + (f", GPU {gpu / MiB:.0f} MiB" if gpu else ""))
+        index = sample.variant_gpu_index.get(variant)
+        on = f", GPU {gpu / MiB:.0f} MiB" + (f" on GPU {index}" if index is not None else "") if gpu else ""
+        lines.append(f"{variant}: RSS {rss / MiB:.0f} MiB{on}")
     lines += [remote_line(variant, health) for variant, health in sorted((remote or {}).items())]
     return "  \n".join(lines)
 

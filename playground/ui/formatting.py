@@ -96,7 +96,10 @@ def loaded_markdown(engine: Engine) -> str:
         # No memory figure here (the Monitor tab draws it): the list is sent to every page
         # whenever its text changes, and redrawing it moves the page under an open dropdown.
         rss = f" · pid {status.pid}" if status.pid else ""
-        where = f" · {status.info.backend} on {status.info.device}" if status.info else ""
+        where = ""
+        if status.info:
+            on_gpu = status.info.device == "cuda" and status.gpu is not None
+            where = f" · {status.info.backend} on {f'GPU {status.gpu}' if on_gpu else status.info.device}"
         if status.info and status.info.decode:
             where += f" · {status.info.decode}"
         if status.config.trust_remote_code and status.info:  # said of a loaded one, not a refused one
