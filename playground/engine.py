@@ -7,6 +7,7 @@ no module-global state.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -140,11 +141,20 @@ class Engine:
                 config,
                 stall_timeout_s=self.stall_timeout_s,
                 silent_after_s=self.silent_after_s,
-                gpu=needed.gpu if needed is not None and needed.device == "cuda" else None,
+                gpu=self._gpu_for(needed),
             )
             self.workers[variant_id] = worker
             self._failures.pop(variant_id, None)
             return worker
+
+    @staticmethod
+    def _gpu_for(needed: MemoryEstimate | None) -> int | None:
+        """The GPU a new worker is placed on; none where this process was itself given its GPUs
+        (CUDA_VISIBLE_DEVICES: a job placed on one, or an app started that way), whose workers
+        keep that choice."""
+        if needed is None or needed.device != "cuda" or "CUDA_VISIBLE_DEVICES" in os.environ:
+            return None
+        return needed.gpu
 
     def _placement(self, config: ModelConfig) -> MemoryEstimate | None:
         """Where the variant goes and what it needs there (the GPU with the most free memory,

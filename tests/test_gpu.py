@@ -372,3 +372,17 @@ def test_variants_spread_over_two_gpus_and_a_pinned_one_stays(engine, llama_fold
     with pytest.raises(InsufficientMemory, match="asks for GPU 7, and this machine has 2"):
         engine.load(too_far.id)
     assert "spread-far" not in engine.workers
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the lent nvidia-h200-x2)")
+def test_a_gpu_job_runs_on_the_gpu_with_more_room(tmp_path, llama_folder, jobs):
+    """With 20 GiB taken on GPU 0 by this process, a LoRA job goes to GPU 1, sees only that GPU,
+    and trains there."""
+    from test_jobs import _sft_file
+
+    hog = torch.empty(20 * 2**30, dtype=torch.uint8, device="cuda:0")
+    options = {"model": str(llama_folder), "data": str(_sft_file(tmp_path, n=4)), "device": "cuda", "name": "on-gpu-1"}
+    done = jobs.wait(jobs.submit("lora-sft", options).id, timeout_s=300)
+    assert done.state == "succeeded", done.error
+    assert done.gpu == 1
+    del hog

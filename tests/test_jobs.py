@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from conftest import run_job, variant
 from playground.config import REPO_ROOT
 from playground.errors import ConfigError, PlaygroundError
 from playground.jobs.kinds import KINDS
-from playground.jobs.manager import JobManager
+from playground.jobs.manager import JobManager, choose_gpu
 from playground.jobs.store import JobStore
 
 SHORT = {"model": "smollm2-135m-router", "data": "ood", "limit": 2}
@@ -648,17 +649,19 @@ def test_a_new_manager_adopts_a_running_job_instead_of_killing_it(tmp_path):
 
 
 def test_a_gpu_job_waits_for_gpu_memory_and_says_so(tmp_path, llama_folder):
-    free: list[int | None] = [0]
+    # What nvml would report: each GPU's free bytes (the seam the manager reads them through).
+    free: list[list[int] | None] = [[0]]
     jobs = JobManager(JobStore(tmp_path / "jobs.sqlite"), tmp_path / "logs", gpu_free=lambda: free[0])
     options = {"model": str(llama_folder), "data": str(_sft_file(tmp_path, n=2)), "device": "cuda"}
     job = jobs.submit("lora-sft", options)
     assert job.device == "cuda" and job.gpu_bytes > 0 and job.state == "queued"
-    free[0] = job.gpu_bytes - 1
+    free[0] = [job.gpu_bytes - 1, job.gpu_bytes // 2]
     jobs.schedule()
     free[0] = None
     jobs.schedule()
     messages = [e["message"] for _, _, e in jobs.store.events(job.id)]
-    assert messages[0].startswith("waiting: needs") and messages[0].endswith("0.0 free")
+    assert re.fullmatch(r"waiting: needs \d+\.\d GiB of GPU memory; free: GPU 0 0\.0 GiB", messages[0])
+    assert re.fullmatch(r"waiting: needs [\d.]+ GiB of GPU memory; free: GPU 0 [\d.]+ GiB, GPU 1 [\d.]+ GiB", messages[1])
     assert messages[-1] == "waiting: no GPU is visible" and len(messages) == 3
     # A CPU job is not held up behind it.
     cpu_job = jobs.submit("eval-router", SHORT)
@@ -681,3 +684,15 @@ def test_stopping_the_app_manager_interrupts_its_jobs_and_a_fine_tune_resumes(tm
     assert stopped.state == "interrupted" and process_gone(stopped.pid)
     again = JobManager(jobs.store, jobs.logs_dir)
     assert again.wait(again.resume(job.id).id, timeout_s=240).result["resumed_at"] >= 4
+
+
+def test_gpu_jobs_go_to_the_gpu_with_room_or_to_their_variants_pinned_one():
+    """The scheduler's choice among GPUs, from each one's room (free memory less what running
+    jobs were promised): the one with the most room that fits, the pinned one for a variant
+    with device cuda:N, and a message naming each GPU's room while none fits."""
+    gib = 2**30
+    assert choose_gpu("cuda", 4 * gib, [3 * gib, 6 * gib]) == (1, "")
+    assert choose_gpu("cuda", 4 * gib, [6 * gib, 6 * gib]) == (0, "")
+    assert choose_gpu("cuda:0", 4 * gib, [3 * gib, 60 * gib]) == (None, "needs 4.0 GiB of GPU memory; free: GPU 0 3.0 GiB")
+    assert choose_gpu("cuda:1", 4 * gib, [3 * gib, 6 * gib]) == (1, "")
+    assert choose_gpu("cuda:2", gib, [6 * gib, 6 * gib]) == (None, "its variant is pinned to GPU 2, and 2 GPU(s) are visible")

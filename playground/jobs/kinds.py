@@ -594,14 +594,15 @@ def job_kind(kind: str) -> JobKind:
 
 
 def placement(kind: str, options: _Options, catalogue: Catalogue) -> tuple[str, int]:
-    """Where a job will run ("cpu" or "cuda") and the GPU memory it needs there, in bytes.
+    """Where a job will run ("cpu", "cuda", or "cuda:N" for a variant pinned to GPU N) and the
+    GPU memory it needs there, in bytes.
 
     Every kind works on one variant (`options.model`): it runs where that variant would,
     unless the options pin a device or the kind runs on the CPU. A variant that cannot be
     resolved is refused here, before any process starts.
     """
     from playground.capabilities import capabilities
-    from playground.memory import estimate
+    from playground.memory import estimate, pinned_gpu
 
     record = job_kind(kind)
     pinned = getattr(options, "device", "auto")
@@ -617,7 +618,9 @@ def placement(kind: str, options: _Options, catalogue: Catalogue) -> tuple[str, 
         return "cpu", 0
     if need.device != "cuda":
         return "cpu", 0
-    return "cuda", int(need.total_bytes * record.gpu_memory_factor)
+    pinned_to = pinned_gpu(config.device) if pinned == "auto" else None
+    where = "cuda" if pinned_to is None else f"cuda:{pinned_to}"
+    return where, int(need.total_bytes * record.gpu_memory_factor)
 
 
 def validate_options(kind: str, options: dict[str, Any]) -> _Options:

@@ -54,11 +54,26 @@ def _job_process_alive(job: Job) -> bool:
         return False
 
 
-def free_gpu_bytes() -> int | None:
+def free_gpu_bytes() -> list[int] | None:
+    """Each GPU's free memory (nvml's order); None where there is no GPU."""
     from playground.memory import gpu_memory
 
     gpus = gpu_memory()
-    return gpus[0][0] if gpus else None
+    return [free for free, _ in gpus] or None
+
+
+def choose_gpu(device: str, need: int, room: list[int]) -> tuple[int | None, str]:
+    """The GPU a job goes to: its pinned one (`cuda:N`), else the one with the most room;
+    None, with why, while none has `need` bytes free."""
+    pinned = int(device.split(":", 1)[1]) if device.startswith("cuda:") else None
+    if pinned is not None and pinned >= len(room):
+        return None, f"its variant is pinned to GPU {pinned}, and {len(room)} GPU(s) are visible"
+    candidates = [pinned] if pinned is not None else list(range(len(room)))
+    best = max(candidates, key=lambda i: (room[i], -i))
+    if room[best] >= need:
+        return best, ""
+    free = ", ".join(f"GPU {i} {max(room[i], 0) / GiB:.1f} GiB" for i in candidates)
+    return None, f"needs {need / GiB:.1f} GiB of GPU memory; free: {free}"
 
 
 def stored_options(options: BaseModel) -> dict[str, Any]:
@@ -74,7 +89,7 @@ class JobManager:
         store: JobStore,
         logs_dir: Path,
         max_cpu_jobs: int = 1,
-        gpu_free: Callable[[], int | None] = free_gpu_bytes,
+        gpu_free: Callable[[], list[int] | None] = free_gpu_bytes,
         catalogue: Catalogue | None = None,
     ) -> None:
         from playground.catalogue import Catalogue
@@ -148,7 +163,7 @@ class JobManager:
         `start`, run a scheduling pass here; without, a scheduler process starts it."""
         validated = validate_options(kind, options)  # refuse bad options before any process
         device, gpu_bytes = placement(kind, validated, self.catalogue)
-        if device == "cuda" and self.gpu_free() is None:
+        if device.startswith("cuda") and not self.gpu_free():
             raise ConfigError(f"this {kind} job needs a GPU, and none is visible here")
         job = self.store.create(kind, stored_options(validated), device, gpu_bytes)
         if start:
@@ -162,31 +177,34 @@ class JobManager:
             jobs = self.store.list()
             running = self._look_at_running_jobs(jobs)
             cpu_running = sum(job.device == "cpu" for job in running)
-            gpu_promised = sum(job.gpu_bytes for job in running if job.device == "cuda")
             queued = sorted((job for job in jobs if job.state == "queued"), key=lambda j: j.created)
-            free = None
+            room: list[int] | None = None
             for job in queued:
-                if job.device == "cuda":
-                    if free is None:
+                gpu = None
+                if job.device.startswith("cuda"):
+                    if room is None:
                         free = self.gpu_free()
-                    # Conservative: memory a running job already took is counted again in its
-                    # promise, so a GPU job may wait longer than it must, but never overfills.
-                    room = None if free is None else free - gpu_promised
-                    if room is None or room < job.gpu_bytes:
-                        why = (
-                            "no GPU is visible"
-                            if room is None
-                            else f"needs {job.gpu_bytes / GiB:.1f} GiB of GPU memory, {max(room, 0) / GiB:.1f} free"
-                        )
+                        if not free:
+                            self._say_waiting(job, "waiting: no GPU is visible")
+                            continue
+                        # Conservative: memory a running job already took is counted again in
+                        # its promise, so a GPU job may wait longer than it must, but never
+                        # overfills its GPU. A job from before GPUs were told apart is on GPU 0.
+                        room = list(free)
+                        for other in running:
+                            if other.device.startswith("cuda") and (other.gpu or 0) < len(room):
+                                room[other.gpu or 0] -= other.gpu_bytes
+                    gpu, why = choose_gpu(job.device, job.gpu_bytes, room)
+                    if gpu is None:
                         self._say_waiting(job, f"waiting: {why}")
                         continue
-                    gpu_promised += job.gpu_bytes
+                    room[gpu] -= job.gpu_bytes
                 elif cpu_running >= self.max_cpu_jobs:
                     self._say_waiting(job, f"waiting for a CPU slot ({self.max_cpu_jobs} at a time)")
                     continue
                 else:
                     cpu_running += 1
-                self._start(job)
+                self._start(job, gpu)
             return bool(running or queued)
 
     def has_work(self) -> bool:
@@ -198,17 +216,21 @@ class JobManager:
             self._waiting_said[job.id] = message
             self.store.add_event(job.id, {"message": message})
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, gpu: int | None = None) -> None:
         self._waiting_said.pop(job.id, None)
         log = (self.logs_dir / f"{job.id}.log").open("ab")
+        environment = None
+        if gpu is not None:  # the job and the workers it starts see that GPU only, as cuda
+            environment = os.environ | {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpu)}
         process = subprocess.Popen(
             [sys.executable, "-m", "playground.jobs.run", str(self.store.path), job.id],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=environment,
         )
         log.close()
-        self.store.update(job.id, state="running", pid=process.pid, started=time.time())
+        self.store.update(job.id, state="running", pid=process.pid, started=time.time(), gpu=gpu)
         self._processes[job.id] = process
         threading.Thread(target=self._watch, args=(job.id, process), daemon=True).start()
 

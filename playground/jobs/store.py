@@ -32,8 +32,9 @@ class Job:
     result: dict[str, Any] | None
     step: int
     total: int
-    device: str = "cpu"  # where it runs: "cpu" or "cuda"
+    device: str = "cpu"  # where it runs: "cpu", "cuda" (any GPU) or "cuda:N" (its variant is pinned to GPU N)
     gpu_bytes: int = 0  # the GPU memory it needs to start
+    gpu: int | None = None  # the GPU it was started on (nvml's index)
 
     @property
     def finished(self) -> bool:
@@ -72,8 +73,12 @@ class JobStore:
                 """
             )
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in (("device", "TEXT NOT NULL DEFAULT 'cpu'"), ("gpu_bytes", "INTEGER NOT NULL DEFAULT 0")):
-                if name not in columns:  # a store written before jobs were placed
+            for name, kind in (
+                ("device", "TEXT NOT NULL DEFAULT 'cpu'"),
+                ("gpu_bytes", "INTEGER NOT NULL DEFAULT 0"),
+                ("gpu", "INTEGER"),
+            ):
+                if name not in columns:  # a store written before jobs were placed (on one GPU of several)
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def _db(self) -> AbstractContextManager[sqlite3.Connection]:
@@ -134,11 +139,11 @@ class JobStore:
         return [(seq, t, json.loads(data)) for seq, t, data in rows]
 
 
-_COLUMNS = "id, kind, options, state, created, started, ended, pid, error, result, step, total, device, gpu_bytes"
+_COLUMNS = "id, kind, options, state, created, started, ended, pid, error, result, step, total, device, gpu_bytes, gpu"
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    (job_id, kind, options, state, created, started, ended, pid, error, result, step, total, device, gpu_bytes) = row
+    (job_id, kind, options, state, created, started, ended, pid, error, result, step, total, device, gpu_bytes, gpu) = row
     return Job(
         job_id,
         kind,
@@ -154,4 +159,5 @@ def _job(row: tuple[Any, ...]) -> Job:
         total,
         device,
         gpu_bytes,
+        gpu,
     )

@@ -395,7 +395,7 @@ class JobsTab:
         bar = f'<progress value="{job.step}" max="{job.total}" style="width:60%"></progress>' if job.total else ""
         parts = [
             f"<b>{job.kind}</b> on <code>{html.escape(str(job.options.get('model', '')))}</code>: "
-            f"<b class='job-state'>{job.state}</b>",
+            f"<b class='job-state'>{job.state}</b>" + (f" on GPU {job.gpu}" if job.gpu is not None else ""),
             f"{bar} {_progress(job)}",
             f"elapsed {_duration(job.elapsed_s()) or '–'}, ETA {_duration(job.eta_s()) or '–'}",
         ]
