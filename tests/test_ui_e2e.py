@@ -18,6 +18,7 @@ import factories
 import httpx
 import pytest
 from browser import REPO, browser_page, running_app
+from conftest import serving_gguf
 from fake_hub import serving_hub
 from playwright.sync_api import expect
 
@@ -52,14 +53,38 @@ def page(tmp_path_factory, hub):
         "id: tiny-from-hub\ndisplay_name: Tiny Llama from a hub\nbackend: transformers\ndtype: fp32\n"
         f"source:\n  repo: playground-tests/tiny-llama\n  endpoint: {hub}\n"
     )
+    # A router served by llama-cpp-python's server: a tiny GGUF whose prompts begin with BOS (its
+    # prompt log-probabilities pass the self-check), its own file named as the tokenizer.
+    served = factories.make_gguf(tmp / "tiny-bos.gguf", add_bos=True)
     env = {
         "PLAYGROUND_DATA_DIR": str(tmp / "data"),
         "PLAYGROUND_CONFIG_DIRS": json.dumps([str(REPO / "model_configs"), str(extra)]),
         "HF_HUB_CACHE": str(tmp / "hf-cache"),
     }
-    with running_app(tmp / "app.log", env) as url, browser_page() as page:
-        page.goto(url)
-        yield page
+    with serving_gguf(served, "tiny-bos") as server_url:
+        (extra / "tiny-remote-router.yaml").write_text(
+            json.dumps(
+                {
+                    "id": "tiny-remote-router",
+                    "display_name": "Tiny router on a server",
+                    "backend": "openai",
+                    "endpoint": {"base_url": server_url},
+                    "tokenizer": {"path": str(served)},
+                    "prompt_format": "raw",
+                    "context_length": 256,
+                    "role": "router",
+                    "router": {
+                        "routes": ["self", "npc_fin"],
+                        "escalate_route": "npc_fin",
+                        "system_prompt": "Route the request: self or npc_fin. Answer in JSON.",
+                        "system_prompt_source": "written for the tests",
+                    },
+                }
+            )
+        )
+        with running_app(tmp / "app.log", env) as url, browser_page() as page:
+            page.goto(url)
+            yield page
 
 
 @pytest.fixture(autouse=True)
@@ -910,3 +935,22 @@ def test_a_second_session_waits_its_turn_for_a_shared_variant_and_sees_its_place
         assert first.locator("#panel-0-chat").get_by_text("Say hello.").count() == 0
     finally:
         context.close()
+
+
+def test_a_router_on_a_server_decides_from_its_log_probabilities_and_the_monitor_sees_it(page):
+    """A remote router variant: its route comes from the server's prompt log-probabilities
+    (checked at load), its answer streams from the server, and the Monitor shows the server.
+    Last in this file: it leaves the remote router loaded and chosen."""
+    page.get_by_role("tab", name="Router").click()
+    choose(page, "router-variant", "Tiny router on a server")
+    page.locator("#router-prompt textarea").fill("Value a bond with a 5% coupon.")
+    page.locator("#router-go").click()
+    card = wait_text(page.locator("#router-decision"), r"Route: (self|npc_fin)", 60)
+    assert re.search(r"P\(escalate\) 0\.\d{3}", card) and re.search(r"Route decided in \d+ ms", card)
+    wait_text(page.locator("#router-metrics"), r"openai on remote", 60)
+    page.get_by_role("tab", name="Monitor").click()
+    wait_text(
+        page.locator("#monitor-summary"),
+        r"tiny-remote-router → http://127\.0\.0\.1:\d+/v1: reachable, \d+ ms; queue unknown: no queue figures",
+        10,
+    )
