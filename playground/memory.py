@@ -243,14 +243,14 @@ def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEsti
     device = planned_device(config)
     runtime = RUNTIME_BYTES[config.backend]
     if device == "remote":
-        return MemoryEstimate(0, 0, runtime, "cpu", _available("cpu", budget_bytes), "a remote server")
+        return MemoryEstimate(0, 0, runtime, "cpu", _available_ram(budget_bytes), "a remote server")
     gpu, refusal, available = None, None, None
     if device == "cuda":
         gpus = gpu_memory()
         gpu, refusal = pick_gpu(gpus, pinned_gpu(config.device))
         available = _within_budget(gpus[gpu][0] if gpu is not None else None, budget_bytes)
     else:
-        available = _available(device, budget_bytes)
+        available = _available_ram(budget_bytes)
     weights = locate(config)
     shape, basis = model_shape(config, weights)
     if shape is None:
@@ -295,8 +295,8 @@ def _converted_bytes_per_weight(config: ModelConfig, weights: Weights, device: s
     return CONVERTED_BYTES_PER_WEIGHT[target] if target else None
 
 
-def _available(device: str, budget_bytes: int | None) -> int | None:
-    """Free system memory (the CPU's), within the budget; a GPU's is pick_gpu's."""
+def _available_ram(budget_bytes: int | None) -> int | None:
+    """Free system memory, within the budget (a GPU's free memory comes with pick_gpu's choice)."""
     return _within_budget(psutil.virtual_memory().available, budget_bytes)
 
 

@@ -99,7 +99,7 @@ class OpenAIBackend(Backend):
         )
 
     # -- log-probabilities of given text, through the completions endpoint's `echo` ----------
-    def _completion(self, text: str, echo: bool, top: int = 1) -> dict[str, Any]:
+    def _completion(self, text: str, echo: bool) -> dict[str, Any]:
         """One greedy token after `text`, with log-probabilities (of the prompt's tokens too
         with `echo`); the first choice's `logprobs` object, or {} where the server sent none."""
         assert self.client is not None, "load() first"
@@ -108,7 +108,7 @@ class OpenAIBackend(Backend):
             "prompt": text,
             "max_tokens": 1,
             "temperature": 0.0,
-            "logprobs": top,
+            "logprobs": 1,  # the top token too: whether the scored one was the greedy choice
             "echo": echo,
         }
         try:
@@ -127,10 +127,10 @@ class OpenAIBackend(Backend):
         logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
         return logprobs if isinstance(logprobs, dict) else {}
 
-    def _prompt_entries(self, text: str, top: int = 1) -> list[PromptToken]:
+    def _prompt_entries(self, text: str) -> list[PromptToken]:
         """The server's tokens of `text` with each one's log-probability given those before
         it (None for the first), from an echoed completion; the generated token left out."""
-        logprobs = self._completion(text, echo=True, top=top)
+        logprobs = self._completion(text, echo=True)
         tokens = logprobs.get("tokens") or []
         offsets = logprobs.get("text_offset") or []
         values = logprobs.get("token_logprobs") or []
