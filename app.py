@@ -10,7 +10,6 @@ import signal
 import sys
 
 from playground.arena import VoteStore
-from playground.catalogue import Catalogue
 from playground.engine import Engine
 from playground.errors import ConfigError
 from playground.jobs.manager import JobManager
@@ -33,7 +32,7 @@ def main() -> None:
     host, warning = settings.bind_host()
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    engine = Engine(Catalogue.from_settings())
+    engine = Engine.from_settings()
     engine.start_load(DEFAULT_VARIANT)
     monitor = SystemMonitor(engine).start()
     jobs = JobManager(

@@ -567,10 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "settings":  # no engine: this is also the container's start-up check
             _settings()
             return 0
-        from playground.catalogue import Catalogue
         from playground.engine import Engine
 
-        engine = Engine(Catalogue.from_settings())
+        engine = Engine.from_settings()
         if args.command == "models":
             _models(engine, args.json)
         elif args.command == "generate":

@@ -18,7 +18,7 @@ from playground.backends.base import LoadInfo, Request, TeacherForced, Tokenizer
 from playground.catalogue import Catalogue
 from playground.config import GenerationParams, Mode, ModelConfig
 from playground.errors import GenerationError, InsufficientMemory, LoadError, PlaygroundError
-from playground.memory import MemoryEstimate, estimate
+from playground.memory import GpuBudget, MemoryEstimate, estimate
 from playground.prompts import check_prompt_text
 from playground.protocol import (
     CountTokens,
@@ -61,11 +61,16 @@ class Engine:
         catalogue: Catalogue | None = None,
         *,
         memory_budget_bytes: int | None = None,
+        gpu_budget_bytes: int | None = None,
         stall_timeout_s: float = 300.0,
         silent_after_s: float = 10.0,
     ) -> None:
         self.catalogue = catalogue if catalogue is not None else Catalogue.from_settings()
         self.memory_budget_bytes = memory_budget_bytes
+        # The most the variants may take of each GPU (settings.gpu_budget_mib), counted by the
+        # estimates their loads were placed with.
+        self.gpu_budget_bytes = gpu_budget_bytes
+        self._placed: dict[str, MemoryEstimate] = {}
         self.stall_timeout_s = stall_timeout_s  # a request that sends nothing this long is stuck
         self.silent_after_s = silent_after_s  # a worker that answers no heartbeat this long is hung
         self.workers: dict[str, Worker] = {}
@@ -73,6 +78,14 @@ class Engine:
         # Each variant's last load time here: what a load in progress is measured against.
         self._load_seconds: dict[str, float] = {}
         self._failures: dict[str, str] = {}  # the last failed load's message, per variant
+
+    @classmethod
+    def from_settings(cls) -> Engine:
+        """The engine of a running app or command: the configured catalogue and GPU budget."""
+        from playground.settings import get_settings
+
+        budget = get_settings().gpu_budget_mib
+        return cls(Catalogue.from_settings(), gpu_budget_bytes=budget * 2**20 if budget else None)
 
     def status(self, variant_id: str) -> VariantStatus:
         config = self.catalogue.get(variant_id)
@@ -112,7 +125,25 @@ class Engine:
         return [self.status(v) for v in dict.fromkeys([*self.workers, *self._failures]) if v in self.catalogue]
 
     def estimate(self, variant_id: str) -> MemoryEstimate:
-        return estimate(self.catalogue.get(variant_id), self.memory_budget_bytes)
+        return self._estimate(self.catalogue.get(variant_id))
+
+    def _estimate(self, config: ModelConfig) -> MemoryEstimate:
+        return estimate(config, self.memory_budget_bytes, self._gpu_budget(exclude=config.id))
+
+    def _gpu_budget(self, exclude: str = "") -> GpuBudget | None:
+        """The GPU budget with what each GPU's live workers were placed with (a variant being
+        reloaded is not counted against itself)."""
+        if self.gpu_budget_bytes is None:
+            return None
+        held: dict[int, int] = {}
+        for variant_id, worker in list(self.workers.items()):
+            placed = self._placed.get(variant_id)
+            if variant_id == exclude or placed is None or worker.gpu is None:
+                continue
+            if worker.state in ("loading", "ready", "hung"):
+                held[worker.gpu] = held.get(worker.gpu, 0) + placed.total_bytes
+        size = max(held, default=-1) + 1
+        return GpuBudget(self.gpu_budget_bytes, tuple(held.get(i, 0) for i in range(size)))
 
     # -- loading -------------------------------------------------------------------------
     def start_load(self, variant_id: str, *, check_memory: bool = True) -> Worker:
@@ -130,7 +161,7 @@ class Engine:
             if current is not None and current.state in ("loading", "ready"):
                 return current
             # Where it goes: needed for the GPU it is placed on even when memory is not checked.
-            needed = estimate(config, self.memory_budget_bytes) if check_memory else self._placement(config)
+            needed = self._estimate(config) if check_memory else self._placement(config)
             if needed is not None and needed.refusal:
                 raise InsufficientMemory(f"{config.display_name} cannot load: {needed.refusal}")
             if check_memory and needed is not None and not needed.fits:
@@ -144,6 +175,10 @@ class Engine:
                 gpu=self._gpu_for(needed),
             )
             self.workers[variant_id] = worker
+            if needed is not None and worker.gpu is not None:
+                self._placed[variant_id] = needed
+            else:
+                self._placed.pop(variant_id, None)
             self._failures.pop(variant_id, None)
             return worker
 
@@ -160,7 +195,7 @@ class Engine:
         """Where the variant goes and what it needs there (the GPU with the most free memory,
         or the pinned one); None where that cannot be worked out before loading."""
         try:
-            return estimate(config, self.memory_budget_bytes)
+            return self._estimate(config)
         except PlaygroundError:  # weights not there yet and no shape hint: the load will say
             return None
 
@@ -201,6 +236,7 @@ class Engine:
         with self._lock:
             worker = self.workers.pop(variant_id, None)
             self._failures.pop(variant_id, None)
+            self._placed.pop(variant_id, None)
         if worker is not None:
             worker.unload()
 

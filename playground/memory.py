@@ -56,6 +56,7 @@ class MemoryEstimate:
     basis: str
     gpu: int | None = None  # the GPU it goes to (the pinned one, or the one with most free memory)
     refusal: str | None = None  # why it cannot go where it asks (a GPU this machine lacks)
+    rooms: str = ""  # each GPU's room within the GPU budget, where one is set
 
     @property
     def total_bytes(self) -> int:
@@ -75,6 +76,8 @@ class MemoryEstimate:
         )
         if self.available_bytes is not None:
             text += f"; {self.available_bytes / GiB:.2f} GiB available"
+        if self.rooms:
+            text += f" ({self.rooms})"
         return text
 
 
@@ -215,9 +218,9 @@ def pinned_gpu(device: str) -> int | None:
 
 
 def pick_gpu(gpus: list[tuple[int, int]], pinned: int | None) -> tuple[int | None, str | None]:
-    """The GPU a variant goes to, from each GPU's (free, total) bytes: the pinned one, else the
-    one with the most free memory (the only one that can fit it if any can); and why none can
-    be named (no GPU, or a pinned index this machine lacks)."""
+    """The GPU a variant goes to, from each GPU's (room, total) bytes: the pinned one, else the
+    one with the most room (the only one that can fit it if any can); and why none can be
+    named (no GPU, or a pinned index this machine lacks)."""
     if not gpus:
         return None, None
     if pinned is not None:
@@ -225,6 +228,26 @@ def pick_gpu(gpus: list[tuple[int, int]], pinned: int | None) -> tuple[int | Non
             return None, f"device cuda:{pinned} asks for GPU {pinned}, and this machine has {len(gpus)} (0-{len(gpus) - 1})"
         return pinned, None
     return max(range(len(gpus)), key=lambda i: (gpus[i][0], -i)), None
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """The most the loaded variants may take of each GPU (`gpu_budget_mib`), and what each GPU's
+    variants already take of it by their estimates (index: GPU)."""
+
+    budget_bytes: int
+    held_bytes: tuple[int, ...] = ()
+
+    def room(self, gpu: int, free: int) -> int:
+        held = self.held_bytes[gpu] if gpu < len(self.held_bytes) else 0
+        return max(0, min(free, self.budget_bytes - held))
+
+
+def gpu_rooms(gpus: list[tuple[int, int]], budget: GpuBudget | None) -> list[tuple[int, int]]:
+    """Each GPU's (room, total): its free memory, within what the budget leaves it."""
+    if budget is None:
+        return gpus
+    return [(budget.room(i, free), total) for i, (free, total) in enumerate(gpus)]
 
 
 def planned_device(config: ModelConfig) -> str:
@@ -238,23 +261,29 @@ def planned_device(config: ModelConfig) -> str:
     return "cuda" if gpu_memory() else "cpu"
 
 
-def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEstimate:
-    """The memory `config` needs where it will run, and what is available there."""
+def estimate(
+    config: ModelConfig, budget_bytes: int | None = None, gpu_budget: GpuBudget | None = None
+) -> MemoryEstimate:
+    """The memory `config` needs where it will run, and what is available there: free memory,
+    within `budget_bytes` (host or GPU) and, on a GPU, within what `gpu_budget` leaves it."""
     device = planned_device(config)
     runtime = RUNTIME_BYTES[config.backend]
     if device == "remote":
         return MemoryEstimate(0, 0, runtime, "cpu", _available_ram(budget_bytes), "a remote server")
-    gpu, refusal, available = None, None, None
+    gpu, refusal, available, rooms_note = None, None, None, ""
     if device == "cuda":
-        gpus = gpu_memory()
+        gpus = gpu_rooms(gpu_memory(), gpu_budget)
         gpu, refusal = pick_gpu(gpus, pinned_gpu(config.device))
         available = _within_budget(gpus[gpu][0] if gpu is not None else None, budget_bytes)
+        if gpu_budget is not None:
+            rooms = ", ".join(f"GPU {i} {room / GiB:.2f} GiB" for i, (room, _) in enumerate(gpus))
+            rooms_note = f"room within the {gpu_budget.budget_bytes / GiB:.2f} GiB budget per GPU: {rooms}"
     else:
         available = _available_ram(budget_bytes)
     weights = locate(config)
     shape, basis = model_shape(config, weights)
     if shape is None:
-        return MemoryEstimate(0, 0, runtime, device, available, basis, gpu, refusal)
+        return MemoryEstimate(0, 0, runtime, device, available, basis, gpu, refusal, rooms_note)
     dtype = config.dtype if config.dtype != "auto" else "bf16"
     from_hint = weights.kind == "hub_repo" or not weights.present
     if capabilities(config.backend).weights_as_file:
@@ -281,6 +310,7 @@ def estimate(config: ModelConfig, budget_bytes: int | None = None) -> MemoryEsti
         basis=basis,
         gpu=gpu,
         refusal=refusal,
+        rooms=rooms_note,
     )
 
 

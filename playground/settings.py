@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # Variant ids whose model folders may run their own code (their configs must also ask for it).
     remote_code_variants: list[str] = []
     max_cpu_jobs: Annotated[int, Field(ge=1, le=64)] = 1
+    # The most the loaded variants may take of each GPU, counted by their estimates (MiB); unset:
+    # each GPU's free memory alone decides. For a GPU shared with other programs or people.
+    gpu_budget_mib: Annotated[int, Field(ge=64, le=10_000_000)] | None = None
 
     @classmethod
     def settings_customise_sources(

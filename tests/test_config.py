@@ -9,7 +9,7 @@ from conftest import variant
 
 from playground.config import DEFAULT_CONFIG_DIR, load_config_dir, load_config_file, validate_params
 from playground.errors import ConfigError, LoadError
-from playground.memory import pick_gpu
+from playground.memory import GpuBudget, gpu_rooms, pick_gpu
 from playground.sources import config_from_path, locate
 
 SHIPPED = sorted(DEFAULT_CONFIG_DIR.glob("*.yaml"))
@@ -162,3 +162,18 @@ def test_a_gpu_is_picked_by_its_free_memory_or_pinned():
     assert index is None and why == "device cuda:2 asks for GPU 2, and this machine has 2 (0-1)"
     assert pick_gpu([], 1) == (None, None)  # no GPU at all: the load itself says so
     assert variant(id="pinned", backend="transformers", source={"path": "/a"}, device="cuda:1").device == "cuda:1"
+
+
+def test_a_gpu_budget_leaves_each_gpu_the_room_its_variants_do_not_hold():
+    """gpu_budget_mib: each GPU's room is its free memory within the budget less what the
+    variants placed there hold; the next variant goes to the GPU with the most room."""
+    gib = 2**30
+    free = [(70 * gib, 80 * gib), (75 * gib, 80 * gib)]
+    budget = GpuBudget(10 * gib, held_bytes=(2 * gib, 9 * gib))
+    assert gpu_rooms(free, budget) == [(8 * gib, 80 * gib), (1 * gib, 80 * gib)]
+    assert pick_gpu(gpu_rooms(free, budget), None) == (0, None)  # GPU 1 has more free memory, less room
+    assert gpu_rooms(free, None) == free
+    # A GPU with little free memory is limited by that, not by the budget; a full one has none.
+    assert GpuBudget(10 * gib).room(0, free=3 * gib) == 3 * gib
+    assert GpuBudget(10 * gib, held_bytes=(12 * gib,)).room(0, free=70 * gib) == 0
+    assert GpuBudget(10 * gib, held_bytes=(1 * gib,)).room(3, free=70 * gib) == 10 * gib  # none held on GPU 3

@@ -348,27 +348,38 @@ def test_router_scores_on_the_gpu_run_as_one_captured_pass_with_the_plain_number
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the lent nvidia-h200-x2)")
-def test_variants_spread_over_two_gpus_and_a_pinned_one_stays(engine, llama_folder):
-    """device auto: each load goes to the GPU with the most free memory, so the second lands on
-    the other GPU; cuda:1 stays on GPU 1; a GPU the machine lacks is refused before a worker
-    starts. Each answers, and says where it is."""
+def test_variants_spread_over_two_gpus_within_a_budget_and_a_pinned_one_stays(engine, llama_folder):
+    """A GPU budget that holds two of these variants per GPU (gpu_budget_mib): four `device:
+    auto` loads spread two and two, each to the GPU with the most room; a fifth is refused with
+    each GPU's room named; once one on GPU 1 is unloaded, a `cuda:1` variant goes there. A GPU
+    the machine lacks is refused before a worker starts. Each answers, and says where it is."""
     from playground.errors import InsufficientMemory
     from playground.ui.formatting import loaded_markdown
 
-    placed = {}
-    for number, device in enumerate(["auto", "auto", "auto", "cuda:1"]):
-        config = variant(
-            id=f"spread-{number}", backend="transformers", source={"path": str(llama_folder)}, dtype="bf16", device=device
+    def config(name, device="auto"):
+        return engine.catalogue.add(
+            variant(id=name, backend="transformers", source={"path": str(llama_folder)}, dtype="bf16", device=device)
         )
-        info, _ = _run(engine, config)
-        placed[config.id] = engine.status(config.id).gpu
-        assert info.device == "cuda" and f"placed on GPU {placed[config.id]}" in info.notes
-    assert placed["spread-0"] != placed["spread-1"] and set(placed.values()) == {0, 1}
-    assert placed["spread-3"] == 1
-    assert "on GPU 1" in loaded_markdown(engine)
-    too_far = engine.catalogue.add(
-        variant(id="spread-far", backend="transformers", source={"path": str(llama_folder)}, device="cuda:7")
-    )
+
+    one = engine.estimate(config("spread-0").id).total_bytes
+    engine.gpu_budget_bytes = int(2.5 * one)
+    placed = {}
+    for number in range(4):
+        info, _ = _run(engine, config(f"spread-{number}"))
+        placed[number] = engine.status(f"spread-{number}").gpu
+        assert info.device == "cuda" and f"placed on GPU {placed[number]}" in info.notes
+    assert sorted(placed.values()) == [0, 0, 1, 1] and placed[0] != placed[1]
+    with pytest.raises(InsufficientMemory, match=r"will not fit: .*budget per GPU: GPU 0 0\.\d+ GiB, GPU 1 0\.\d+ GiB"):
+        engine.load(config("spread-4").id)
+    assert "spread-4" not in engine.workers
+    pinned = config("spread-pinned", device="cuda:1")
+    with pytest.raises(InsufficientMemory, match="will not fit"):
+        engine.load(pinned.id)
+    engine.unload(next(f"spread-{n}" for n, gpu in placed.items() if gpu == 1))
+    info, _ = _run(engine, pinned)
+    assert engine.status(pinned.id).gpu == 1 and "placed on GPU 1" in info.notes
+    assert "on GPU 1" in loaded_markdown(engine) and "on GPU 0" in loaded_markdown(engine)
+    too_far = config("spread-far", device="cuda:7")
     with pytest.raises(InsufficientMemory, match="asks for GPU 7, and this machine has 2"):
         engine.load(too_far.id)
     assert "spread-far" not in engine.workers
