@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# All of tests/test_gpu.py on a lent machine of two GPUs, in about half the time of one run:
+# while llama-cpp-python's CUDA build runs (run_on_device.sh, BUILD_LLAMA=1), two pytest
+# processes take one GPU each; then the tests that read every GPU's memory through nvml or use
+# both GPUs run with both visible, and the llama.cpp test once the build is done. The groups
+# are made from the collected ids, so a test added to the file always runs in one of them.
+# Usage (repo root, on the machine):
+#   BUILD_LLAMA=1 AFTER_BUILD="bash /tmp/after_build.sh" bash benchmarks/gpu/run_on_device.sh bash benchmarks/gpu/run_gpu_tests.sh
+# (this script writes /tmp/after_build.sh, the llama.cpp test). Logs: $OUT/gpu_tests_{a,b,both,llamacpp}.log
+set -uo pipefail
+pytest=(python3 -m pytest -p no:cacheprovider -rs -v --timeout 400)
+ids=$(python3 -m pytest -p no:cacheprovider --collect-only -q tests/test_gpu.py | grep '^tests/test_gpu.py::')
+both='auto_device|job_waits|two_gpus|more_room'  # nvml sees every GPU whatever CUDA_VISIBLE_DEVICES says
+heavy='every_job_kind|qlora|bitsandbytes_on_cuda|transformers_on_cuda'
+group_both=$(grep -E "$both" <<<"$ids")
+group_llama=$(grep -E 'llamacpp' <<<"$ids" | grep -vE "$both")
+rest=$(grep -vE "$both|llamacpp" <<<"$ids")
+group_a=$(grep -E "$heavy" <<<"$rest")
+group_b=$(grep -vE "$heavy" <<<"$rest")
+echo "collected $(wc -l <<<"$ids"): a $(wc -l <<<"$group_a"), b $(wc -l <<<"$group_b"), both $(wc -l <<<"$group_both"), llamacpp $(wc -l <<<"$group_llama")"
+CUDA_VISIBLE_DEVICES=0 "${pytest[@]}" $group_a > "$OUT/gpu_tests_a.log" 2>&1 & pid_a=$!
+CUDA_VISIBLE_DEVICES=1 "${pytest[@]}" $group_b > "$OUT/gpu_tests_b.log" 2>&1 & pid_b=$!
+wait $pid_a; rc_a=$?
+wait $pid_b; rc_b=$?
+"${pytest[@]}" $group_both > "$OUT/gpu_tests_both.log" 2>&1; rc_both=$?
+echo "rc a=$rc_a b=$rc_b both=$rc_both"
+for f in a b both; do grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/gpu_tests_$f.log" | tail -5; done
+# Written for run_on_device.sh, which runs it once the build is done.
+cat > /tmp/after_build.sh <<AFTER
+${pytest[*]} $group_llama > "$OUT/gpu_tests_llamacpp.log" 2>&1; rc=\$?
+tail -3 "$OUT/gpu_tests_llamacpp.log"; exit \$rc
+AFTER
+[ $rc_a -eq 0 ] && [ $rc_b -eq 0 ] && [ $rc_both -eq 0 ]
