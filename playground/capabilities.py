@@ -26,6 +26,9 @@ class Capabilities:
     load_time_quantization: bool = False  # bitsandbytes NF4/int8 at load
     fast_decode: bool = False  # the static-cache / CUDA-graph decoder
     adapters: bool = False  # a LoRA adapter applied at load
+    # Speculative decoding (config `speculative`): drafted tokens checked in one pass. Which
+    # drafting methods: prompt lookup needs nothing more; a draft model is loaded beside it.
+    speculative_methods: tuple[str, ...] = ()
     # Runs the weights file as it is (GGUF): the file's size is the weights' size in memory,
     # and its own options say whether layers go to a GPU.
     weights_as_file: bool = False
@@ -33,10 +36,17 @@ class Capabilities:
 
 _TORCH_MODEL = {"scores_tokens": True, "can_finetune": True, "runs_on_gpu": True, "fast_decode": True, "adapters": True}
 CAPABILITIES: dict[str, Capabilities] = {
-    "transformers": Capabilities(**_TORCH_MODEL, exports_gguf=True, load_time_quantization=True),
+    "transformers": Capabilities(
+        **_TORCH_MODEL,
+        exports_gguf=True,
+        load_time_quantization=True,
+        speculative_methods=("prompt-lookup", "draft-model"),
+    ),
     # Its tiktoken tokenizer has no GGUF form here, and bitsandbytes is not wired to it.
     "scratch_gpt": Capabilities(**_TORCH_MODEL),
-    "llamacpp": Capabilities(scores_tokens=True, grammar=True, runs_on_gpu=True, weights_as_file=True),
+    "llamacpp": Capabilities(
+        scores_tokens=True, grammar=True, runs_on_gpu=True, weights_as_file=True, speculative_methods=("prompt-lookup",)
+    ),
     # A server batches requests itself and reports its own token counts.
     "openai": Capabilities(remote=True, counts_tokens_locally=False, serves_concurrently=True),
 }

@@ -128,6 +128,23 @@ class Catalogue:
         check_obtainable(config)  # offline with the weights absent: said now, not by a worker later
         return config
 
+    def draft_of(self, config: ModelConfig) -> ModelConfig | None:
+        """The draft variant a speculative variant loads beside it (config `speculative`), checked
+        as its own load would be; None for a variant without one."""
+        spec = config.speculative
+        if spec is None or spec.draft_variant is None:
+            return None
+        try:
+            draft = self.check_before_load(spec.draft_variant)
+        except PlaygroundError as err:
+            raise LoadError(f"{config.display_name}'s draft variant {spec.draft_variant!r} cannot load: {err}") from None
+        if draft.backend != config.backend:
+            raise LoadError(
+                f"{config.display_name}'s draft variant {draft.id} is a {draft.backend} variant; "
+                f"a draft model runs in the same {config.backend} worker"
+            )
+        return draft
+
     def get(self, variant_id: str) -> ModelConfig:
         if variant_id not in self.configs:
             self.refresh_made_variants()  # a job may have made it since

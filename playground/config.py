@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from playground.capabilities import capabilities, with_capability
+from playground.capabilities import CAPABILITIES, capabilities, with_capability
 from playground.errors import ConfigError
 from playground.gguf_types import ConvertWeights
 
@@ -146,6 +146,32 @@ class LlamaCppOptions(_Strict):
     convert_weights: ConvertWeights = "no"
 
 
+SpeculativeMethod = Literal["prompt-lookup", "draft-model"]
+
+
+class SpeculativeSpec(_Strict):
+    """Speculative decoding: a few tokens are drafted cheaply, then the variant checks them all
+    in one forward pass and keeps those it would have chosen itself, so a greedy reply is the
+    same tokens plain decoding gives, in fewer passes. For greedy replies (temperature 0);
+    a sampled reply decodes plainly and says so."""
+
+    # prompt-lookup: the draft is what followed the last few tokens where they appeared before
+    # in the prompt or reply (no model; good for summarising, editing, code). draft-model: a
+    # small variant with the same tokenizer drafts, loaded in this variant's worker.
+    method: SpeculativeMethod
+    num_tokens: Annotated[int, Field(ge=1, le=32)] = 8  # drafted per pass
+    ngram: Annotated[int, Field(ge=1, le=8)] = 3  # prompt-lookup: the longest n-gram matched
+    draft_variant: str | None = None  # draft-model: its variant id
+
+    @model_validator(mode="after")
+    def _draft_named(self) -> SpeculativeSpec:
+        if self.method == "draft-model" and not self.draft_variant:
+            raise ValueError("speculative method draft-model needs `draft_variant`: the id of a smaller variant")
+        if self.method == "prompt-lookup" and self.draft_variant:
+            raise ValueError("speculative method prompt-lookup drafts from the text itself: drop `draft_variant`")
+        return self
+
+
 class ScratchGptOptions(_Strict):
     """What the tensor shapes of a from-scratch GPT state_dict cannot tell."""
 
@@ -238,6 +264,7 @@ class ModelConfig(_Strict):
     adapter: AdapterSpec | None = None
     finetune: FinetuneRecord | None = None
     cost: CostSpec | None = None  # for a router's cost-quality curve in money or seconds
+    speculative: SpeculativeSpec | None = None
     notes: str = ""
 
     @model_validator(mode="after")
@@ -268,6 +295,11 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"concurrency above 1 needs the {only('serves_concurrently')}: a local worker decodes one request at a time"
             )
+        if self.speculative and self.speculative.method not in caps.speculative_methods:
+            backends = [b for b in CAPABILITIES if self.speculative.method in CAPABILITIES[b].speculative_methods]
+            raise ValueError(f"speculative method {self.speculative.method} applies to the {' and '.join(backends)} backend(s) only")
+        if self.speculative and self.speculative.draft_variant == self.id:
+            raise ValueError("a variant cannot be its own draft model")
         if self.router and self.router.escalate_route not in self.router.routes:
             raise ValueError("router.escalate_route must be one of router.routes")
         return self

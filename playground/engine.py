@@ -7,6 +7,7 @@ no module-global state.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from playground.backends.base import LoadInfo, Request, TeacherForced, Tokenizer
 from playground.catalogue import Catalogue
 from playground.config import GenerationParams, Mode, ModelConfig
 from playground.errors import GenerationError, InsufficientMemory, LoadError, PlaygroundError
-from playground.memory import GpuBudget, MemoryEstimate, estimate
+from playground.memory import RUNTIME_BYTES, GpuBudget, MemoryEstimate, estimate
 from playground.prompts import check_prompt_text
 from playground.protocol import (
     CountTokens,
@@ -128,7 +129,19 @@ class Engine:
         return self._estimate(self.catalogue.get(variant_id))
 
     def _estimate(self, config: ModelConfig) -> MemoryEstimate:
-        return estimate(config, self.memory_budget_bytes, self._gpu_budget(exclude=config.id))
+        needed = estimate(config, self.memory_budget_bytes, self._gpu_budget(exclude=config.id))
+        draft = self.catalogue.draft_of(config)
+        if draft is None:
+            return needed
+        # The draft model loads in the same worker, on the same device.
+        extra = estimate(draft.model_copy(update={"device": config.device}), self.memory_budget_bytes)
+        return dataclasses.replace(
+            needed,
+            weights_bytes=needed.weights_bytes + extra.weights_bytes,
+            kv_cache_bytes=needed.kv_cache_bytes + extra.kv_cache_bytes,
+            runtime_bytes=needed.runtime_bytes + extra.runtime_bytes - RUNTIME_BYTES[draft.backend],
+            basis=f"{needed.basis}; with its draft model {draft.id}",
+        )
 
     def _gpu_budget(self, exclude: str = "") -> GpuBudget | None:
         """The GPU budget with what each GPU's live workers were placed with (a variant being
@@ -173,6 +186,7 @@ class Engine:
                 stall_timeout_s=self.stall_timeout_s,
                 silent_after_s=self.silent_after_s,
                 gpu=self._gpu_for(needed),
+                draft=self.catalogue.draft_of(config),
             )
             self.workers[variant_id] = worker
             if needed is not None and worker.gpu is not None:

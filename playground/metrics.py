@@ -8,16 +8,22 @@ Definitions (the same for every backend, timed inside the worker process):
   never in it. None when fewer than two tokens were made.
 - peak_mem_bytes: the worker's peak RSS during the reply on CPU; on a GPU, the peak of memory
   allocated by the framework (reserved is reported beside it).
+- draft_accept_rate: drafted tokens the variant kept / drafted tokens (speculative decoding).
+- spec_speedup: decode_tok_s / the tok/s of the reply's own first plain steps, which run and
+  are timed before drafting starts (at the reply's length, on the machine as it is then).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from playground.backends.base import SpeculationStats
 
 
 @dataclass
@@ -37,9 +43,34 @@ class GenerationMetrics:
     gpu_allocated_peak_bytes: int | None = None
     gpu_reserved_peak_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)
+    # Speculative decoding (a variant's `speculative`): its method, or why this reply decoded
+    # plainly; drafted and kept tokens; decode tok/s over the tok/s of the reply's own first
+    # plain steps.
+    speculation: str | None = None
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
+    draft_accept_rate: float | None = None
+    spec_passes: int | None = None
+    spec_speedup: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_speculation(self, stats: SpeculationStats | None) -> GenerationMetrics:
+        if stats is None:
+            return self
+        if stats.off:
+            return replace(self, speculation=f"off: {stats.off}")
+        speedup = self.decode_tok_s / stats.plain_tok_s if self.decode_tok_s and stats.plain_tok_s else None
+        return replace(
+            self,
+            speculation=stats.method,
+            draft_tokens=stats.drafted,
+            accepted_tokens=stats.accepted,
+            draft_accept_rate=stats.accept_rate,
+            spec_passes=stats.passes,
+            spec_speedup=speedup,
+        )
 
 
 class GenerationTimer:

@@ -141,14 +141,21 @@ def _run_request(backend: Any, info: LoadInfo, job: Generate, stop: threading.Ev
         peak_rss_bytes=rss.peak,
         device_memory=backend.device_memory(),
         warnings=warnings,
-    )
+    ).with_speculation(end.speculation)
     prompt_ids = tuple(prompt.payload) if isinstance(prompt.payload, list) else None
     events.send(Done(job.rid, text, metrics, prompt_ids, end.token_ids, end.scored))
 
 
-def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connection, gpu: int | None = None) -> None:
+def worker_main(
+    config: ModelConfig,
+    commands: Connection,
+    events_pipe: Connection,
+    gpu: int | None = None,
+    draft: ModelConfig | None = None,
+) -> None:
     """Entry point of a worker process: load, then serve requests until shutdown or EOF. With
-    `gpu`, the process sees that GPU only (numbered as nvml numbers them), as `cuda`."""
+    `gpu`, the process sees that GPU only (numbered as nvml numbers them), as `cuda`. `draft`:
+    the config of the draft model a speculative variant loads beside it."""
     if gpu is not None:  # before anything here initializes CUDA
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -161,6 +168,7 @@ def worker_main(config: ModelConfig, commands: Connection, events_pipe: Connecti
     try:
         backend = create_backend(config)
         backend.report_download = _download_reporter(events)
+        backend.draft_config = draft
         info = backend.load()
     except PlaygroundError as err:
         events.send(LoadFailed(str(err)))
@@ -305,6 +313,7 @@ class Worker:
         stall_timeout_s: float = 300.0,
         silent_after_s: float = 10.0,
         gpu: int | None = None,
+        draft: ModelConfig | None = None,
     ) -> None:
         self.config = config
         self.gpu = gpu  # the GPU its process sees (nvml's index), where the engine placed it on one
@@ -329,7 +338,7 @@ class Worker:
         self._events, events_w = _CTX.Pipe(duplex=False)
         self.process = _CTX.Process(
             target=worker_main,
-            args=(config, commands_r, events_w, gpu),
+            args=(config, commands_r, events_w, gpu, draft),
             name=f"worker-{config.id}",
             daemon=True,
         )

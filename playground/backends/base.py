@@ -79,6 +79,30 @@ class ScoredToken:
         return bool(self.top) and self.top[0].token_id == self.token.token_id
 
 
+# Plain steps a speculative reply runs and times before it drafts: their speed, at the reply's
+# length and on the machine as it is then, is what the reply's speed-up is measured against.
+PLAIN_STEPS_TIMED = 3
+
+
+@dataclass
+class SpeculationStats:
+    """How a reply's speculative decoding went: tokens drafted and kept, and the passes of the
+    variant that checked them. `plain_tok_s`: the speed of the reply's first plain steps
+    (PLAIN_STEPS_TIMED), what `spec_speedup` is measured against. `off`: why a reply of a
+    speculative variant decoded plainly (a sampled reply)."""
+
+    method: str
+    drafted: int = 0
+    accepted: int = 0
+    passes: int = 0
+    plain_tok_s: float | None = None
+    off: str = ""
+
+    @property
+    def accept_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
 # "unloaded": the variant was unloaded while it answered (set by the parent, never by a backend).
 FinishReason = Literal["stop", "length", "cancelled", "unloaded"]
 
@@ -96,6 +120,7 @@ class StreamEnd:
     token_ids: tuple[int, ...] | None = None
     # Each token's probability and alternatives as a server reported them (OpenAI `logprobs`).
     scored: tuple[ScoredToken, ...] | None = None
+    speculation: SpeculationStats | None = None
 
 
 @dataclass(frozen=True)
@@ -141,8 +166,10 @@ class Backend(ABC):
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
-        # Set by the worker before `load`: where a hub download reports its bytes.
+        # Set by the worker before `load`: where a hub download reports its bytes, and the
+        # config of a speculative variant's draft model.
         self.report_download: DownloadProgress | None = None
+        self.draft_config: ModelConfig | None = None
 
     @property
     def caps(self) -> Capabilities:

@@ -21,9 +21,10 @@ the CPU tests compare against `generate`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats
 from playground.config import GenerationParams
 
 # The smallest cache; larger requests get the next power of two. Attention reads the whole
@@ -297,6 +299,174 @@ class StaticDecoder:
             chosen = torch.argmax(scores, dim=-1)
         self._history[:, position] = chosen
         return chosen
+
+
+    # -- speculative decoding ----------------------------------------------------------------
+    def speculative_tokens(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        should_stop: Callable[[], bool],
+        drafter: Drafter,
+        num_tokens: int,
+        stats: SpeculationStats,
+    ) -> Iterator[int]:
+        """Greedy token ids as `tokens` gives them, made in fewer passes: each pass feeds the last
+        token with up to `num_tokens` drafted after it, and keeps the drafts up to the first
+        one this model would not have chosen, plus its own choice there. Each row of the pass
+        sees exactly the cache a single step would see there (the mask hides later rows and
+        slots left by rejected drafts), so the choices are plain decoding's. The first few
+        steps run plain and timed: `stats.plain_tok_s`, at this reply's length and on this
+        machine as it is now, is what the reply's speed-up is measured against."""
+        processors, sample = sampling_processors(params)
+        if sample:
+            raise ValueError("speculative decoding here is for greedy replies")
+        n_prompt = len(prompt_ids)
+        if n_prompt >= self.context_limit:
+            raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room in the context ({self.context_limit})")
+        # Room for a whole pass past the last token kept: its drafts are written, then dropped.
+        self.prepare(cache_tokens_for(n_prompt + params.max_new_tokens + num_tokens + 1, self.context_limit))
+        drafter.begin(self.capacity)
+        history = list(prompt_ids)
+        with torch.inference_mode():
+            self.cache.reset()
+            prompt = torch.tensor([history], dtype=torch.long, device=self.device)
+            self._history[:, :n_prompt] = prompt
+            logits = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[
+                :, -1, :
+            ]
+            token = int(self._choose(logits, n_prompt, processors, sample))
+        history.append(token)
+        yield token
+        produced, position = 1, n_prompt  # `position`: where the last token goes in the cache
+        plain_seconds: list[float] = []
+        while produced < params.max_new_tokens and position + 1 < self.capacity and not should_stop():
+            room = min(num_tokens, params.max_new_tokens - produced - 1, self.capacity - position - 2)
+            timed = len(plain_seconds) < PLAIN_STEPS_TIMED  # the plain speed this reply is measured against
+            drafts = drafter.propose(history, room) if room > 0 and not timed else []
+            started = time.perf_counter()
+            with torch.inference_mode():
+                if drafts:
+                    rows = self._verify([token, *drafts], position)
+                    stats.drafted += len(drafts)
+                else:
+                    rows = self._single(token, position)
+                stats.passes += 1
+                kept: list[int] = []
+                for row in range(len(drafts) + 1):
+                    chosen = int(self._choose(rows[row : row + 1], position + 1 + row, processors, sample))
+                    kept.append(chosen)
+                    if row == len(drafts) or chosen != drafts[row]:
+                        break
+            if timed:  # the chosen token was read back, so the step is done
+                plain_seconds.append(time.perf_counter() - started)
+                stats.plain_tok_s = len(plain_seconds) / sum(plain_seconds)
+            stats.accepted += len(kept) - 1
+            # The cache holds the last token and the drafts kept; the next pass starts after them.
+            position += len(kept)
+            for token in kept:
+                history.append(token)
+                yield token
+                produced += 1
+                if produced >= params.max_new_tokens:
+                    return
+
+    def _set_length(self, length: int) -> None:
+        """The cache's next write goes to `length` (each layer's own counter)."""
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(length)
+
+    def _single(self, token: int, position: int) -> torch.Tensor:
+        """One token at `position` through the step (the graph where there is one): [1, vocab]."""
+        self._set_length(position)
+        self._token.fill_(token)
+        self._position.fill_(position)
+        return self._run_step()
+
+    def _verify(self, tokens: list[int], position: int) -> torch.Tensor:
+        """`tokens` at positions position.. in one pass: the logits after each, [len, vocab]."""
+        self._set_length(position)
+        count = len(tokens)
+        positions = self._positions[position : position + count]
+        mask = self._positions.view(1, -1) <= positions.view(-1, 1)  # row i sees 0..position+i
+        out = self.model(
+            input_ids=torch.tensor([tokens], dtype=torch.long, device=self.device),
+            position_ids=positions.view(1, -1),
+            attention_mask=mask.view(1, 1, count, -1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[0]
+
+    def greedy_continue(self, ids: list[int], start: int, count: int) -> list[int]:
+        """For a draft model: feed ids[start:] after the first `start` already in the cache, then
+        `count` greedy tokens in all; the cache keeps all but the last of them."""
+        with torch.inference_mode():
+            new = ids[start:]
+            logits = self._single(new[0], start) if len(new) == 1 else self._verify(new, start)[-1:]
+            drafted = [int(torch.argmax(logits, dim=-1))]
+            position = len(ids)
+            while len(drafted) < count and position + 1 < self.capacity:
+                logits = self._single(drafted[-1], position)
+                drafted.append(int(torch.argmax(logits, dim=-1)))
+                position += 1
+        return drafted
+
+
+class Drafter(Protocol):
+    """What proposes the tokens a speculative pass checks."""
+
+    def begin(self, capacity: int) -> None: ...
+
+    def propose(self, history: list[int], count: int) -> list[int]: ...
+
+
+class PromptLookupDrafter:
+    """Drafts what followed the last few tokens where they appeared before in the prompt or
+    reply (transformers' own prompt-lookup candidate generator)."""
+
+    def __init__(self, ngram: int, num_tokens: int) -> None:
+        from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+        self.generator = PromptLookupCandidateGenerator(
+            num_output_tokens=num_tokens, max_matching_ngram_size=ngram, max_length=1 << 30
+        )
+
+    def begin(self, capacity: int) -> None:
+        return None
+
+    def propose(self, history: list[int], count: int) -> list[int]:
+        ids = torch.tensor([history], dtype=torch.long)  # on the host: the search reads values
+        candidates, _ = self.generator.get_candidates(ids)
+        return candidates[0, len(history) :].tolist()[:count]
+
+
+class DraftModelDrafter:
+    """Drafts with a smaller model's own static decoder, greedy; its cache keeps what the last
+    proposal shares with the history, so each pass feeds it only the new tokens."""
+
+    def __init__(self, decoder: StaticDecoder) -> None:
+        self.decoder = decoder
+        self.cached: list[int] = []
+
+    def begin(self, capacity: int) -> None:
+        self.decoder.prepare(min(capacity, self.decoder.context_limit))
+        self.cached = []
+
+    def propose(self, history: list[int], count: int) -> list[int]:
+        if len(history) + count + 1 >= self.decoder.capacity:
+            return []
+        start = min(_shared_length(self.cached, history), len(history) - 1)
+        drafted = self.decoder.greedy_continue(history, start, count)
+        self.cached = history + drafted[:-1]
+        return drafted
+
+
+def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
 
 
 # The shortest tail a scoring pass is padded to; longer tails take the next power of two.

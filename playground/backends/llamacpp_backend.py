@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from playground.backends.base import (
+    PLAIN_STEPS_TIMED,
     TOKENIZER_PROBE,
     Backend,
     Chunk,
@@ -25,6 +26,7 @@ from playground.backends.base import (
     Prompt,
     Request,
     ShouldStop,
+    SpeculationStats,
     StreamEnd,
     TokenizerProbe,
     shared_prefix_length,
@@ -104,6 +106,13 @@ class LlamaCppBackend(Backend):
             notes.append("the GGUF file holds no chat template: chat mode is off")
         if n_ctx < self.config.context_length:
             notes.append(f"context capped at {n_ctx}, the length the model was trained for")
+        if self.config.speculative is not None:
+            spec = self.config.speculative
+            notes.append(
+                f"speculative decoding: prompt lookup (n-grams of up to {spec.ngram} tokens), up to "
+                f"{spec.num_tokens} drafted tokens a pass, for greedy replies without a repetition penalty "
+                "or JSON schema"
+            )
         return LoadInfo(
             backend=self.name,
             device=self.device,
@@ -240,10 +249,10 @@ class LlamaCppBackend(Backend):
         self._scored_prefix = first[:stable]  # in the KV cache for the next score; any other use clears it
         return scores
 
-    def _decode(self, ids: list[int], n_past: int, keep_from: int) -> dict[int, Any]:
+    def _decode(self, ids: list[int], n_past: int, keep_from: int, raw: bool = False) -> dict[int, Any]:
         """Evaluate `ids` at positions n_past onward (in batches of at most n_batch), returning
         the log-probabilities predicted at each position from `keep_from` on: only those rows
-        of logits are computed."""
+        of logits are computed. `raw`: the logits themselves (what an argmax needs)."""
         import llama_cpp
         import numpy as np
 
@@ -259,6 +268,9 @@ class LlamaCppBackend(Backend):
             self.llm._ctx.decode(batch)
             for i in wanted:
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, i), shape=(n_vocab,))
+                if raw:
+                    rows[first_pos + i] = logits.copy()
+                    continue
                 shifted = logits.astype(np.float64) - logits.max()
                 rows[first_pos + i] = shifted - np.log(np.exp(shifted).sum())
         return rows
@@ -315,8 +327,78 @@ class LlamaCppBackend(Backend):
         probe = self.llm.tokenize(TOKENIZER_PROBE.encode("utf-8"), add_bos=False, special=False)
         return TokenizerProbe(int(self.llm.n_vocab()), tuple(probe))
 
+    def _speculation_off(self, params: GenerationParams, prompt: Prompt) -> str:
+        """Why this reply of a speculative variant decodes plainly ('' when it speculates)."""
+        if params.temperature != 0:
+            return "speculative decoding is for greedy replies (temperature 0); this one was sampled"
+        if params.repetition_penalty != 1.0:
+            return "speculative decoding here is for replies without a repetition penalty; this one had one"
+        if prompt.json_schema is not None:
+            return "speculative decoding is off for replies held to a JSON schema"
+        return ""
+
+    def _speculative_tokens(
+        self, prompt_ids: list[int], params: GenerationParams, should_stop: ShouldStop, stats: SpeculationStats
+    ) -> Iterator[int]:
+        """Greedy token ids in fewer passes: each pass evaluates the last token with the tokens
+        drafted by prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding) in one batch and
+        keeps the drafts up to the first this model would not have chosen, plus its own choice
+        there; the KV cache drops the rest. A batch's logits can differ from one-token decodes
+        in the last bits, so a near tie may resolve otherwise than in plain decoding. The first
+        few steps run plain and timed (`stats.plain_tok_s`, the speed-up's baseline)."""
+        import numpy as np
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        assert self.config.speculative is not None
+        spec = self.config.speculative
+        lookup = LlamaPromptLookupDecoding(max_ngram_size=spec.ngram, num_pred_tokens=spec.num_tokens)
+        n_ctx = self.llm.n_ctx()
+        self._clear_context()
+        try:
+            history = list(prompt_ids)
+            rows = self._decode(history, 0, keep_from=len(history) - 1, raw=True)
+            token = int(np.argmax(rows[len(history) - 1]))
+            history.append(token)
+            yield token
+            produced, position = 1, len(prompt_ids)  # `position`: where the last token goes
+            plain_seconds: list[float] = []
+            while produced < params.max_new_tokens and position + 1 < n_ctx and not should_stop():
+                room = min(spec.num_tokens, params.max_new_tokens - produced - 1, n_ctx - position - 2)
+                timed = len(plain_seconds) < PLAIN_STEPS_TIMED  # what this reply's speed-up is measured against
+                drafts = [] if timed or room <= 0 else [int(t) for t in lookup(np.array(history, dtype=np.intc))[:room]]
+                started = time.perf_counter()
+                rows = self._decode([token, *drafts], position, keep_from=position, raw=True)
+                if timed:
+                    plain_seconds.append(time.perf_counter() - started)
+                    stats.plain_tok_s = len(plain_seconds) / sum(plain_seconds)
+                stats.passes += 1
+                stats.drafted += len(drafts)
+                kept: list[int] = []
+                for row in range(len(drafts) + 1):
+                    kept.append(int(np.argmax(rows[position + row])))
+                    if row == len(drafts) or kept[-1] != drafts[row]:
+                        break
+                stats.accepted += len(kept) - 1
+                position += len(kept)
+                self.llm._ctx.kv_cache_seq_rm(-1, position, -1)  # the drafts not kept
+                for token in kept:
+                    history.append(token)
+                    yield token
+                    produced += 1
+                    if produced >= params.max_new_tokens:
+                        return
+        finally:
+            self._clear_context()
+
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         import llama_cpp
+
+        spec, stats = self.config.speculative, None
+        if spec is not None:
+            stats = SpeculationStats(spec.method, off=self._speculation_off(params, prompt))
+            if not stats.off:
+                yield from self._stream_speculative(prompt, params, should_stop, stats)
+                return
 
         if params.seed is not None:
             self.llm.set_seed(params.seed)
@@ -361,7 +443,33 @@ class LlamaCppBackend(Backend):
         tail = decoder.decode(b"", final=True)
         if tail:
             yield Chunk(tail, 0)
-        yield StreamEnd(finish, token_ids=tuple(produced))
+        yield StreamEnd(finish, token_ids=tuple(produced), speculation=stats)
+
+    def _stream_speculative(
+        self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop, stats: SpeculationStats
+    ) -> Iterator[Chunk | StreamEnd]:
+        import llama_cpp
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = self.llm._model.vocab
+        produced: list[int] = []
+        finish: FinishReason = "length"
+        tokens = self._speculative_tokens(prompt.payload, params, should_stop, stats)
+        try:
+            for token in tokens:
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                produced.append(token)
+                yield Chunk(decoder.decode(self.llm.detokenize([token])), 1)
+        finally:
+            tokens.close()
+        if should_stop() and finish != "stop":
+            finish = "cancelled"
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield Chunk(tail, 0)
+        yield StreamEnd(finish, token_ids=tuple(produced), speculation=stats)
 
     def unload(self) -> None:
         if self.llm is not None:

@@ -33,6 +33,7 @@ from playground.backends.base import (
     Prompt,
     Request,
     ShouldStop,
+    SpeculationStats,
     StreamEnd,
     TokenizerProbe,
     shared_prefix_length,
@@ -40,6 +41,9 @@ from playground.backends.base import (
 )
 from playground.backends.fast_decode import (
     DecodePath,
+    Drafter,
+    DraftModelDrafter,
+    PromptLookupDrafter,
     StaticDecoder,
     StaticScorer,
     fusable_groups,
@@ -180,6 +184,10 @@ class TransformersBackend(Backend):
         self._probes: dict[Any, Any] = {}  # stable_prefix_length's tokenized probes
         # On a GPU with the fast path, scores run as one batched, graph-captured pass.
         self._scorer: StaticScorer | None = None
+        # Speculative decoding (config `speculative`): what drafts, the draft model where one
+        # drafts.
+        self.drafter: Drafter | None = None
+        self.draft: TransformersBackend | None = None
 
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> LoadInfo:
@@ -203,6 +211,9 @@ class TransformersBackend(Backend):
         on_gpu = self.device == "cuda"
         weights_bytes = torch.cuda.memory_allocated() if on_gpu else self.model.get_memory_footprint()
         self.decode_path = self._set_up_decoder()
+        speculation = self._set_up_speculation()
+        if speculation:
+            notes.append(speculation)
         n_params = sum(p.numel() for p in self.model.parameters())
         shown_dtype = self.config.quantization.method if self.is_quantized else str(dtype).removeprefix("torch.")
         return LoadInfo(
@@ -224,7 +235,7 @@ class TransformersBackend(Backend):
         if mode == "off":
             return DecodePath("generate", "fast_decode is off in this variant's config")
         on_cuda = self.device == "cuda"
-        if mode == "auto" and not on_cuda:
+        if mode == "auto" and not on_cuda and self.config.speculative is None:
             return DecodePath("generate", "the fast path is for CUDA; fast_decode: on uses its static cache on CPU")
         fused, not_fused = self._fuse_projections(on_cuda)
         failures = [not_fused] if not_fused else []
@@ -249,6 +260,47 @@ class TransformersBackend(Backend):
                 failures.extend(self._graph_hint())
             return DecodePath(name, "; ".join(failures), compiled=compile_step, fused=fused)
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
+
+    def _set_up_speculation(self) -> str:
+        """The drafter of a speculative variant (a draft model loaded here, checked to share
+        this model's tokenizer), and the plain speed it is measured against; the load note."""
+        spec = self.config.speculative
+        if spec is None:
+            return ""
+        if self.decoder is None:
+            why = self.decode_path.reason or "fast_decode is off"
+            return f"speculative decoding off: it runs on the static-cache decoder, which this variant does not use ({why})"
+        if spec.method == "prompt-lookup":
+            self.drafter = PromptLookupDrafter(spec.ngram, spec.num_tokens)
+            what = f"prompt lookup (n-grams of up to {spec.ngram} tokens)"
+        else:
+            self.draft = self._load_draft_model()
+            assert self.draft.decoder is not None
+            self.drafter = DraftModelDrafter(self.draft.decoder)
+            what = f"draft model {self.draft.config.display_name} ({self.draft.decode_path.name})"
+        return f"speculative decoding: {what}, up to {spec.num_tokens} drafted tokens a pass, for greedy replies"
+
+    def _load_draft_model(self) -> TransformersBackend:
+        draft_config = self.draft_config
+        if draft_config is None:
+            raise LoadError(f"{self.config.display_name} drafts with another variant, and none was given to its worker")
+        # Beside this model, on its device, with its own static cache (eager steps on a CPU).
+        draft = TransformersBackend(
+            draft_config.model_copy(update={"device": self.device, "fast_decode": "on", "speculative": None})
+        )
+        try:
+            draft.load()
+        except LoadError as err:
+            raise LoadError(f"its draft variant {draft_config.id} failed to load: {err}") from None
+        if draft.decoder is None:
+            raise LoadError(f"its draft variant {draft_config.id} cannot decode step by step: {draft.decode_path.reason}")
+        if draft.tokenizer_probe() != self.tokenizer_probe():
+            draft.unload()
+            raise LoadError(
+                f"its draft variant {draft_config.id} has another tokenizer: a draft model must give the same "
+                "token ids for the same text, and the same vocabulary"
+            )
+        return draft
 
     def _graph_hint(self) -> list[str]:
         """What the config can change when a GPU step could not be captured, where we know it."""
@@ -572,7 +624,17 @@ class TransformersBackend(Backend):
         if params.seed is not None:
             torch.manual_seed(params.seed)
         eos = set(codec.eos_ids) | set(_as_list(self.model.generation_config.eos_token_id))
-        if self.decoder is not None:
+        spec, stats = self.config.speculative, None
+        if self.decoder is not None and self.drafter is not None and spec is not None:
+            stats = SpeculationStats(spec.method)
+            if params.temperature == 0:
+                tokens = self.decoder.speculative_tokens(
+                    prompt.payload, params, should_stop, self.drafter, spec.num_tokens, stats
+                )
+            else:
+                stats.off = "speculative decoding is for greedy replies (temperature 0); this one was sampled"
+                tokens = self.decoder.tokens(prompt.payload, params, should_stop)
+        elif self.decoder is not None:
             tokens = self.decoder.tokens(prompt.payload, params, should_stop)
         else:
             tokens = self._generate_tokens(prompt.payload, params, sorted(eos), should_stop)
@@ -592,7 +654,7 @@ class TransformersBackend(Backend):
             raise GenerationError(f"generation failed: {first_line(err)}") from None
         finally:
             tokens.close()  # ends generate's thread, or drops the decoder's step queued ahead
-        yield StreamEnd("cancelled" if should_stop() else finish, token_ids=tuple(decoder.ids))
+        yield StreamEnd("cancelled" if should_stop() else finish, token_ids=tuple(decoder.ids), speculation=stats)
 
     def _generate_tokens(
         self, prompt_ids: list[int], params: GenerationParams, eos: list[int], should_stop: ShouldStop
@@ -647,6 +709,9 @@ class TransformersBackend(Backend):
         }
 
     def unload(self) -> None:
+        if self.draft is not None:
+            self.draft.unload()
+            self.draft, self.drafter = None, None
         if self.decoder is not None:
             self.decoder.release()
             self.decoder = None

@@ -36,9 +36,23 @@ def metrics_line(m: GenerationMetrics) -> str:
         f"finish: {FINISH_WORDS.get(m.finish_reason, m.finish_reason)}",
     ]
     text = " · ".join(parts)
+    if m.speculation:
+        text += "\n" + speculation_line(m)
     for warning in m.warnings:
         text += f"\n⚠ {warning}"
     return text
+
+
+def speculation_line(m: GenerationMetrics) -> str:
+    """How a speculative variant's reply went: drafts kept, and the speed-up over plain steps."""
+    if m.speculation is None or m.speculation.startswith("off: "):
+        return f"speculative decoding {m.speculation or 'off'}"
+    rate = _num(None if m.draft_accept_rate is None else 100 * m.draft_accept_rate, ".0f", "%")
+    speedup = "n/a" if m.spec_speedup is None else f"×{m.spec_speedup:.2f}"
+    return (
+        f"speculative ({m.speculation}): {m.accepted_tokens} of {m.draft_tokens} drafted tokens kept ({rate}) · "
+        f"{max(m.completion_tokens - 1, 0)} tokens after the first in {m.spec_passes} passes · {speedup} decode speed against its first plain steps"
+    )
 
 
 def preformatted(text: str) -> str:
