@@ -350,6 +350,36 @@ def test_router_scores_on_the_gpu_run_as_one_captured_pass_with_the_plain_number
     assert backend._scorer is None
 
 
+@pytest.mark.parametrize("method", ["prompt-lookup", "draft-model"])
+def test_speculative_decoding_on_the_gpu_gives_plain_greedy_tokens(llama_folder, method):
+    """fp32 on CUDA: the speculative reply (single steps through the captured graph, passes of
+    drafts eager) is plain generate's, token for token; the same weights as draft keep every draft."""
+    from playground.backends.base import Request, StreamEnd
+    from playground.backends.transformers_backend import TransformersBackend
+    from playground.config import GenerationParams
+
+    base = dict(backend="transformers", source={"path": str(llama_folder)}, dtype="fp32", device="cuda")
+    spec = {"method": method, "num_tokens": 4}
+    if method == "draft-model":
+        spec["draft_variant"] = "gpu-draft"
+    plain = TransformersBackend(variant(id="gpu-plain", **base, fast_decode="off"))
+    fast = TransformersBackend(variant(id="gpu-spec", **base, speculative=spec))
+    fast.draft_config = variant(id="gpu-draft", **base)
+    plain.load(), fast.load()
+    assert fast.decode_path.name == "cuda-graph"
+    params = GenerationParams(temperature=0.0, max_new_tokens=48)
+    ends = []
+    for backend in (plain, fast):
+        prompt = backend.prepare(Request(mode="completion", params=params, text="one two three four five. " * 3))
+        ends.append([item for item in backend.stream(prompt, params, lambda: False) if isinstance(item, StreamEnd)][0])
+    assert ends[1].token_ids == ends[0].token_ids and len(ends[0].token_ids) == 48
+    stats = ends[1].speculation
+    assert stats.accepted > 0 and stats.passes == 47 - stats.accepted
+    if method == "draft-model":
+        assert stats.accepted == stats.drafted
+    fast.unload(), plain.unload()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (the lent nvidia-h200-x2)")
 def test_variants_spread_over_two_gpus_within_a_budget_and_a_pinned_one_stays(engine, llama_folder):
     """A GPU budget that holds two of these variants per GPU (gpu_budget_mib): four `device:
