@@ -265,6 +265,10 @@ def _generate(engine: Any, args: argparse.Namespace) -> None:
                 print()
                 shown = ", ".join(f"{k}={_fmt(metrics[k])}" for k in METRIC_FIELDS)
                 print(f"[{shown}, finish={metrics['finish_reason']}]", file=sys.stderr)
+                if event.metrics.speculation:
+                    from playground.ui.formatting import speculation_line
+
+                    print(speculation_line(event.metrics), file=sys.stderr)
                 for warning in metrics["warnings"]:
                     print(f"warning: {warning}", file=sys.stderr)
 

@@ -62,6 +62,20 @@ def test_generate_json_on_the_embedded_default():
     assert out["decode_tok_s"] == pytest.approx((out["completion_tokens"] - 1) / out["decode_s"])
 
 
+def test_generate_json_of_a_speculative_variant_reports_its_drafts():
+    """The shipped embedded variant with prompt lookup: `--json` has the speculation fields,
+    and the plain output's stderr line says what the drafts bought."""
+    prompt = "Repeat exactly: alpha beta gamma delta, alpha beta gamma delta, alpha beta gamma delta."
+    args = ("generate", "--model", "smollm2-135m-gguf-lookup", "--prompt", prompt, "--max-tokens", "24")
+    out = json.loads(cli(*args, "--json").stdout)
+    assert out["speculation"] == "prompt-lookup" and out["draft_tokens"] >= out["accepted_tokens"] >= 0
+    assert 0 <= out["draft_accept_rate"] <= 1 and out["spec_speedup"] > 0 and out["spec_passes"] >= 1
+    sampled = json.loads(cli(*args, "--temperature", "0.7", "--json").stdout)
+    assert sampled["speculation"].startswith("off: it is for greedy replies") and sampled["spec_speedup"] is None
+    plain = cli(*args)
+    assert plain.returncode == 0 and "speculative (prompt-lookup):" in plain.stderr, plain.stderr
+
+
 def test_generate_streams_text_for_a_path(tiny_gguf):
     result = cli("generate", "--model", str(tiny_gguf), "--prompt", "Hello", "--max-tokens", "5", "--seed", "3")
     assert result.returncode == 0, result.stderr

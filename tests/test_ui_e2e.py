@@ -282,6 +282,33 @@ def test_completion_output_is_shown_as_written(page):
     page.locator("#clear").click()
 
 
+def test_a_speculative_variant_says_under_its_reply_what_its_drafts_bought(page):
+    """The embedded model with prompt lookup: a greedy reply shows the drafts kept and the
+    speed-up over its own first plain steps; a sampled one says it decoded plainly."""
+    set_number(page, "n-panels", 1)
+    choose(page, "panel-0-variant", "SmolLM2-135M-Instruct Q4_1 + prompt lookup (llama.cpp)")
+    open_shared_settings(page)
+    set_number(page, "shared-temperature", 0)
+    try:
+        ask_one_panel(page, "Repeat this list exactly: red, green, blue, red, green, blue, red, green, blue.", 32)
+        metrics = page.locator("#panel-0-metrics").inner_text()
+        found = re.search(r"speculative \(prompt-lookup\): (\d+) of (\d+) drafted tokens kept \((\d+) %\)", metrics)
+        assert found and int(found.group(1)) <= int(found.group(2)) > 0, metrics
+        assert re.search(r"×\d+\.\d\d decode speed against its first plain steps", metrics), metrics
+        page.locator("#clear").click()
+        set_number(page, "shared-temperature", 0.7)
+        ask_one_panel(page, "Name a colour.", 8)
+        assert "speculative decoding off: it is for greedy replies" in page.locator(
+            "#panel-0-metrics"
+        ).inner_text()
+    finally:
+        set_number(page, "shared-temperature", 0.7)
+        set_number(page, "shared-max_new_tokens", 256)
+        choose(page, "panel-0-variant", "SmolLM2-135M-Instruct Q4_1 (llama.cpp)")
+        set_number(page, "n-panels", 2)
+        page.locator("#clear").click()
+
+
 def test_unloading_a_variant_while_it_answers_says_so_in_its_panel(page):
     set_number(page, "n-panels", 1)
     open_shared_settings(page)

@@ -2,7 +2,7 @@
 # All of tests/test_gpu.py on a lent GPU machine (best with two GPUs), faster than one run:
 # while llama-cpp-python's CUDA build runs (run_on_device.sh, BUILD_LLAMA=1), two pytest
 # processes take one GPU each; then the tests that read every GPU's memory through nvml or use
-# both GPUs run with both visible, and the llama.cpp test once the build is done. The groups
+# both GPUs run with both visible, and those that need llama.cpp once the build is done. The groups
 # are made from the collected ids, so a test added to the file always runs in one of them.
 # Usage (repo root, on the machine):
 #   BUILD_LLAMA=1 AFTER_BUILD="bash /tmp/after_build.sh" bash benchmarks/gpu/run_on_device.sh bash benchmarks/gpu/run_gpu_tests.sh
@@ -11,10 +11,12 @@ set -uo pipefail
 pytest=(python3 -m pytest -p no:cacheprovider -rs -v --timeout 400)
 ids=$(python3 -m pytest -p no:cacheprovider --collect-only -q tests/test_gpu.py | grep '^tests/test_gpu.py::')
 both='auto_device|job_waits|two_gpus|more_room'  # nvml sees every GPU whatever CUDA_VISIBLE_DEVICES says
-heavy='every_job_kind|qlora|bitsandbytes_on_cuda|transformers_on_cuda'
+heavy='qlora|bitsandbytes_on_cuda|transformers_on_cuda|quantized_variants'
 group_both=$(grep -E "$both" <<<"$ids")
-group_llama=$(grep -E 'llamacpp' <<<"$ids" | grep -vE "$both")
-rest=$(grep -vE "$both|llamacpp" <<<"$ids")
+# Those that need llama-cpp-python (the GGUF export job among every job kind) wait for the build.
+after='llamacpp|every_job_kind'
+group_llama=$(grep -E "$after" <<<"$ids" | grep -vE "$both")
+rest=$(grep -vE "$both|$after" <<<"$ids")
 group_a=$(grep -E "$heavy" <<<"$rest")
 group_b=$(grep -vE "$heavy" <<<"$rest")
 echo "collected $(wc -l <<<"$ids"): a $(wc -l <<<"$group_a"), b $(wc -l <<<"$group_b"), both $(wc -l <<<"$group_both"), llamacpp $(wc -l <<<"$group_llama")"

@@ -330,11 +330,11 @@ class LlamaCppBackend(Backend):
     def _speculation_off(self, params: GenerationParams, prompt: Prompt) -> str:
         """Why this reply of a speculative variant decodes plainly ('' when it speculates)."""
         if params.temperature != 0:
-            return "speculative decoding is for greedy replies (temperature 0); this one was sampled"
+            return "it is for greedy replies (temperature 0), and this one was sampled"
         if params.repetition_penalty != 1.0:
-            return "speculative decoding here is for replies without a repetition penalty; this one had one"
+            return "here it is for replies without a repetition penalty, and this one had one"
         if prompt.json_schema is not None:
-            return "speculative decoding is off for replies held to a JSON schema"
+            return "it does not run for replies held to a JSON schema"
         return ""
 
     def _speculative_tokens(

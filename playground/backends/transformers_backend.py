@@ -632,7 +632,7 @@ class TransformersBackend(Backend):
                     prompt.payload, params, should_stop, self.drafter, spec.num_tokens, stats
                 )
             else:
-                stats.off = "speculative decoding is for greedy replies (temperature 0); this one was sampled"
+                stats.off = "it is for greedy replies (temperature 0), and this one was sampled"
                 tokens = self.decoder.tokens(prompt.payload, params, should_stop)
         elif self.decoder is not None:
             tokens = self.decoder.tokens(prompt.payload, params, should_stop)
