@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
@@ -101,6 +101,18 @@ class SpeculationStats:
     @property
     def accept_rate(self) -> float | None:
         return self.accepted / self.drafted if self.drafted else None
+
+
+def kept_drafts(drafts: Sequence[int], choose: Callable[[int], int]) -> list[int]:
+    """What one speculative pass keeps: the model's own choice at each row (`choose(row)`; row i
+    follows the last token and drafts[:i]) while it equals the draft there, then its choice at
+    the first row where it does not, or after the last draft."""
+    kept: list[int] = []
+    for row in range(len(drafts) + 1):
+        kept.append(choose(row))
+        if row == len(drafts) or kept[-1] != drafts[row]:
+            break
+    return kept
 
 
 # "unloaded": the variant was unloaded while it answered (set by the parent, never by a backend).

@@ -37,7 +37,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats
+from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats, kept_drafts
 from playground.config import GenerationParams
 
 # The smallest cache; larger requests get the next power of two. Attention reads the whole
@@ -352,12 +352,10 @@ class StaticDecoder:
                 else:
                     rows = self._single(token, position)
                 stats.passes += 1
-                kept: list[int] = []
-                for row in range(len(drafts) + 1):
-                    chosen = int(self._choose(rows[row : row + 1], position + 1 + row, processors, sample))
-                    kept.append(chosen)
-                    if row == len(drafts) or chosen != drafts[row]:
-                        break
+                kept = kept_drafts(
+                    drafts,
+                    lambda row, rows=rows, at=position + 1: int(self._choose(rows[row : row + 1], at + row, processors, sample)),
+                )
             if timed:  # the chosen token was read back, so the step is done
                 plain_seconds.append(time.perf_counter() - started)
                 stats.plain_tok_s = len(plain_seconds) / sum(plain_seconds)

@@ -29,6 +29,7 @@ from playground.backends.base import (
     SpeculationStats,
     StreamEnd,
     TokenizerProbe,
+    kept_drafts,
     shared_prefix_length,
     stable_prefix_length,
 )
@@ -373,11 +374,7 @@ class LlamaCppBackend(Backend):
                     stats.plain_tok_s = len(plain_seconds) / sum(plain_seconds)
                 stats.passes += 1
                 stats.drafted += len(drafts)
-                kept: list[int] = []
-                for row in range(len(drafts) + 1):
-                    kept.append(int(np.argmax(rows[position + row])))
-                    if row == len(drafts) or kept[-1] != drafts[row]:
-                        break
+                kept = kept_drafts(drafts, lambda row, rows=rows, at=position: int(np.argmax(rows[at + row])))
                 stats.accepted += len(kept) - 1
                 position += len(kept)
                 self.llm._ctx.kv_cache_seq_rm(-1, position, -1)  # the drafts not kept
@@ -390,16 +387,8 @@ class LlamaCppBackend(Backend):
         finally:
             self._clear_context()
 
-    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
-        import llama_cpp
-
-        spec, stats = self.config.speculative, None
-        if spec is not None:
-            stats = SpeculationStats(spec.method, off=self._speculation_off(params, prompt))
-            if not stats.off:
-                yield from self._stream_speculative(prompt, params, should_stop, stats)
-                return
-
+    def _plain_tokens(self, prompt: Prompt, params: GenerationParams) -> Iterator[int]:
+        """The library's own token loop, with the request's sampling settings and schema."""
         if params.seed is not None:
             self.llm.set_seed(params.seed)
         grammar = None
@@ -407,16 +396,12 @@ class LlamaCppBackend(Backend):
             from llama_cpp import LlamaGrammar
 
             grammar = LlamaGrammar.from_json_schema(json.dumps(prompt.json_schema), verbose=False)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = self.llm._model.vocab  # the library's own end-of-generation test needs it
-        produced: list[int] = []
-        finish: FinishReason = "length"
         # Every request prefills its whole prompt, as the other backends do: the library would
         # otherwise reuse the cached prefix of the last request and re-decode its last prompt
         # token alone, whose logits differ slightly from the batched prefill (seen: one seed gave
         # two different first tokens), and its TTFT would not be comparable.
         self._clear_context()
-        tokens = self.llm.generate(
+        return self.llm.generate(
             prompt.payload,
             top_k=params.top_k,
             top_p=params.top_p,
@@ -426,6 +411,21 @@ class LlamaCppBackend(Backend):
             reset=True,
             grammar=grammar,
         )
+
+    def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
+        import llama_cpp
+
+        spec, stats = self.config.speculative, None
+        if spec is not None:
+            stats = SpeculationStats(spec.method, off=self._speculation_off(params, prompt))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = self.llm._model.vocab  # the library's own end-of-generation test needs it
+        produced: list[int] = []
+        finish: FinishReason = "length"
+        if stats is not None and not stats.off:
+            tokens = self._speculative_tokens(prompt.payload, params, should_stop, stats)
+        else:
+            tokens = self._plain_tokens(prompt, params)
         try:
             for token in tokens:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
@@ -440,32 +440,6 @@ class LlamaCppBackend(Backend):
                     break
         finally:
             tokens.close()
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield Chunk(tail, 0)
-        yield StreamEnd(finish, token_ids=tuple(produced), speculation=stats)
-
-    def _stream_speculative(
-        self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop, stats: SpeculationStats
-    ) -> Iterator[Chunk | StreamEnd]:
-        import llama_cpp
-
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = self.llm._model.vocab
-        produced: list[int] = []
-        finish: FinishReason = "length"
-        tokens = self._speculative_tokens(prompt.payload, params, should_stop, stats)
-        try:
-            for token in tokens:
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                produced.append(token)
-                yield Chunk(decoder.decode(self.llm.detokenize([token])), 1)
-        finally:
-            tokens.close()
-        if should_stop() and finish != "stop":
-            finish = "cancelled"
         tail = decoder.decode(b"", final=True)
         if tail:
             yield Chunk(tail, 0)
