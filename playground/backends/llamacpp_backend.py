@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from playground.backends.base import (
     shared_prefix_length,
     stable_prefix_length,
 )
-from playground.config import GenerationParams, ModelConfig
+from playground.config import GenerationParams, ModelConfig, SpeculativeSpec
 from playground.errors import GenerationError, LoadError
 from playground.gguf_types import converted_gguf, converted_type, gguf_file_type
 from playground.paths import cache_dir
@@ -59,6 +59,7 @@ class LlamaCppBackend(Backend):
         self._chat_formatter: Any = None
         self._scored_prefix: list[int] = []  # the tokens the last score left in the KV cache
         self._probes: dict[Any, Any] = {}  # stable_prefix_length's tokenized probes
+        self.draft: LlamaCppBackend | None = None  # a speculative variant's draft model
 
     def load(self) -> LoadInfo:
         import llama_cpp
@@ -109,10 +110,14 @@ class LlamaCppBackend(Backend):
             notes.append(f"context capped at {n_ctx}, the length the model was trained for")
         if self.config.speculative is not None:
             spec = self.config.speculative
+            if spec.method == "draft-model":
+                self.draft = self._load_draft_model()
+                what = f"draft model {self.draft.config.display_name} ({self.draft.device})"
+            else:
+                what = f"prompt lookup (n-grams of up to {spec.ngram} tokens)"
             notes.append(
-                f"speculative decoding: prompt lookup (n-grams of up to {spec.ngram} tokens), up to "
-                f"{spec.num_tokens} drafted tokens a pass, for greedy replies without a repetition penalty "
-                "or JSON schema"
+                f"speculative decoding: {what}, up to {spec.num_tokens} drafted tokens a pass, for greedy "
+                "replies without a repetition penalty or JSON schema"
             )
         return LoadInfo(
             backend=self.name,
@@ -338,21 +343,69 @@ class LlamaCppBackend(Backend):
             return "it does not run for replies held to a JSON schema"
         return ""
 
+    def _drafter(self, spec: SpeculativeSpec) -> Callable[[list[int], int], list[int]]:
+        """What proposes a pass's drafts: llama-cpp-python's prompt lookup, or the draft model
+        loaded beside this one (greedy, its KV cache kept in step with the reply)."""
+        import numpy as np
+
+        if self.draft is None:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            lookup = LlamaPromptLookupDecoding(max_ngram_size=spec.ngram, num_pred_tokens=spec.num_tokens)
+            return lambda history, count: [int(t) for t in lookup(np.array(history, dtype=np.intc))[:count]]
+        draft = self.draft
+        draft._clear_context()
+        cached: list[int] = []  # the tokens in the draft's KV cache
+
+        def propose(history: list[int], count: int) -> list[int]:
+            nonlocal cached
+            if len(history) + count + 1 >= draft.llm.n_ctx():
+                return []
+            start = min(shared_prefix_length([cached, history]), len(history) - 1)
+            draft.llm._ctx.kv_cache_seq_rm(-1, start, -1)
+            rows = draft._decode(history[start:], start, keep_from=len(history) - 1, raw=True)
+            drafted = [int(np.argmax(rows[len(history) - 1]))]
+            while len(drafted) < count:
+                position = len(history) + len(drafted) - 1
+                rows = draft._decode(drafted[-1:], position, keep_from=position, raw=True)
+                drafted.append(int(np.argmax(rows[position])))
+            cached = history + drafted[:-1]
+            return drafted
+
+        return propose
+
+    def _load_draft_model(self) -> LlamaCppBackend:
+        """The draft variant beside this one, on the same device, checked to share its tokenizer."""
+        if self.draft_config is None:
+            raise LoadError(f"{self.config.display_name} drafts with another variant, and none was given to its worker")
+        device = "cpu" if self.device == "cpu" else self.draft_config.device
+        draft = LlamaCppBackend(self.draft_config.model_copy(update={"device": device, "speculative": None}))
+        try:
+            draft.load()
+        except LoadError as err:
+            raise LoadError(f"its draft variant {self.draft_config.id} failed to load: {err}") from None
+        if draft.tokenizer_probe() != self.tokenizer_probe():
+            draft.unload()
+            raise LoadError(
+                f"its draft variant {self.draft_config.id} has another tokenizer: a draft model must give the same "
+                "token ids for the same text, and the same vocabulary"
+            )
+        return draft
+
     def _speculative_tokens(
         self, prompt_ids: list[int], params: GenerationParams, should_stop: ShouldStop, stats: SpeculationStats
     ) -> Iterator[int]:
         """Greedy token ids in fewer passes: each pass evaluates the last token with the tokens
-        drafted by prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding) in one batch and
+        drafted (by prompt lookup or a draft model: `_drafter`) in one batch and
         keeps the drafts up to the first this model would not have chosen, plus its own choice
         there; the KV cache drops the rest. A batch's logits can differ from one-token decodes
         in the last bits, so a near tie may resolve otherwise than in plain decoding. The first
         few steps run plain and timed (`stats.plain_tok_s`, the speed-up's baseline)."""
         import numpy as np
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         assert self.config.speculative is not None
         spec = self.config.speculative
-        lookup = LlamaPromptLookupDecoding(max_ngram_size=spec.ngram, num_pred_tokens=spec.num_tokens)
+        propose = self._drafter(spec)
         n_ctx = self.llm.n_ctx()
         self._clear_context()
         try:
@@ -366,7 +419,7 @@ class LlamaCppBackend(Backend):
             while produced < params.max_new_tokens and position + 1 < n_ctx and not should_stop():
                 room = min(spec.num_tokens, params.max_new_tokens - produced - 1, n_ctx - position - 2)
                 timed = len(plain_seconds) < PLAIN_STEPS_TIMED  # what this reply's speed-up is measured against
-                drafts = [] if timed or room <= 0 else [int(t) for t in lookup(np.array(history, dtype=np.intc))[:room]]
+                drafts = [] if timed or room <= 0 else propose(history, room)
                 started = time.perf_counter()
                 rows = self._decode([token, *drafts], position, keep_from=position, raw=True)
                 if timed:
@@ -446,6 +499,9 @@ class LlamaCppBackend(Backend):
         yield StreamEnd(finish, token_ids=tuple(produced), speculation=stats)
 
     def unload(self) -> None:
+        if self.draft is not None:
+            self.draft.unload()
+            self.draft = None
         if self.llm is not None:
             self.llm.close()
             self.llm = None
