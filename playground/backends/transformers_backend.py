@@ -263,7 +263,7 @@ class TransformersBackend(Backend):
 
     def _set_up_speculation(self) -> str:
         """The drafter of a speculative variant (a draft model loaded here, checked to share
-        this model's tokenizer), and the plain speed it is measured against; the load note."""
+        this model's tokenizer); the load note that says how it drafts, or why it cannot."""
         spec = self.config.speculative
         if spec is None:
             return ""
