@@ -352,8 +352,9 @@ def test_router_scores_on_the_gpu_run_as_one_captured_pass_with_the_plain_number
 
 @pytest.mark.parametrize("method", ["prompt-lookup", "draft-model"])
 def test_speculative_decoding_on_the_gpu_gives_plain_greedy_tokens(llama_folder, method):
-    """fp32 on CUDA: the speculative reply (single steps through the captured graph, passes of
-    drafts eager) is plain generate's, token for token; the same weights as draft keep every draft."""
+    """fp32 on CUDA: the speculative reply (single steps and padded passes of drafts, each through
+    its captured graph) is plain generate's, token for token; the same weights as draft keep
+    every draft."""
     from playground.backends.base import Request, StreamEnd
     from playground.backends.transformers_backend import TransformersBackend
     from playground.config import GenerationParams
@@ -375,6 +376,8 @@ def test_speculative_decoding_on_the_gpu_gives_plain_greedy_tokens(llama_folder,
     assert ends[1].token_ids == ends[0].token_ids and len(ends[0].token_ids) == 48
     stats = ends[1].speculation
     assert stats.accepted > 0 and stats.passes == 47 - stats.accepted
+    # The passes of drafts replayed their own graph (padded to one length).
+    assert not fast.decoder.verify_graph_failure and fast.decoder._verify_graph is not None
     if method == "draft-model":
         assert stats.accepted == stats.drafted
     fast.unload(), plain.unload()

@@ -181,6 +181,11 @@ class StaticDecoder:
         # (norms, RoPE, SiLU, adds) still cost ~1.5 us each. torch.compile fuses them; the graph
         # is then captured around the compiled step. Compiled once per cache size.
         self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
+        # Speculative passes on a GPU: the last token and `_verify_length - 1` drafts, padded,
+        # through a graph captured at the first pass (per cache size).
+        self._verify_length = 0
+        self._verify_graph: torch.cuda.CUDAGraph | None = None
+        self.verify_graph_failure = ""
 
     # -- buffers and the graph ---------------------------------------------------------------
     def prepare(self, capacity: int) -> None:
@@ -207,8 +212,10 @@ class StaticDecoder:
 
     def release(self) -> None:
         """Drop the cache, buffers and graph (a bigger request, or unloading)."""
-        self._graph = None
+        self._graph = self._verify_graph = None
         for name in ("cache", "_token", "_position", "_positions", "_mask", "_history", "_host", "_graph_logits"):
+            self.__dict__.pop(name, None)
+        for name in ("_verify_tokens", "_verify_start", "_verify_logits"):
             self.__dict__.pop(name, None)
         self.capacity = 0
 
@@ -326,6 +333,8 @@ class StaticDecoder:
             raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room in the context ({self.context_limit})")
         # Room for a whole pass past the last token kept: its drafts are written, then dropped.
         self.prepare(cache_tokens_for(n_prompt + params.max_new_tokens + num_tokens + 1, self.context_limit))
+        if self._verify_length != num_tokens + 1:
+            self._verify_length, self._verify_graph, self.verify_graph_failure = num_tokens + 1, None, ""
         drafter.begin(self.capacity)
         history = list(prompt_ids)
         with torch.inference_mode():
@@ -347,7 +356,11 @@ class StaticDecoder:
             started = time.perf_counter()
             with torch.inference_mode():
                 if drafts:
-                    rows = self._verify([token, *drafts], position)
+                    # A graph replays one fixed length: pad with the last draft (rows past the
+                    # drafts are never read, and their cache slots are written over later).
+                    padded = self.use_cuda_graph and position + num_tokens + 1 <= self.capacity
+                    padding = [drafts[-1]] * (num_tokens - len(drafts)) if padded else []
+                    rows = self._verify([token, *drafts, *padding], position)
                     stats.drafted += len(drafts)
                 else:
                     rows = self._single(token, position)
@@ -382,13 +395,25 @@ class StaticDecoder:
         return self._run_step()
 
     def _verify(self, tokens: list[int], position: int) -> torch.Tensor:
-        """`tokens` at positions position.. in one pass: the logits after each, [len, vocab]."""
+        """`tokens` at positions position.. in one pass: the logits after each, [len, vocab].
+        Where steps replay a CUDA graph, a pass of `tokens` padded to a fixed length replays
+        one too (captured at its first use): eagerly, a pass costs a step's ~900 launches."""
         self._set_length(position)
         count = len(tokens)
-        positions = self._positions[position : position + count]
+        if self.use_cuda_graph and count == self._verify_length:
+            rows = self._verify_replay(tokens, position)
+            if rows is not None:
+                return rows
+        return self._verify_pass(
+            torch.tensor([tokens], dtype=torch.long, device=self.device),
+            self._positions[position : position + count],
+        )
+
+    def _verify_pass(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        count = token_ids.shape[1]
         mask = self._positions.view(1, -1) <= positions.view(-1, 1)  # row i sees 0..position+i
         out = self.model(
-            input_ids=torch.tensor([tokens], dtype=torch.long, device=self.device),
+            input_ids=token_ids,
             position_ids=positions.view(1, -1),
             attention_mask=mask.view(1, 1, count, -1),
             past_key_values=self.cache,
@@ -396,12 +421,55 @@ class StaticDecoder:
         )
         return out.logits[0]
 
+    def _verify_replay(self, tokens: list[int], position: int) -> torch.Tensor | None:
+        """The fixed-length pass through its graph; None where it cannot be captured (then
+        passes run eagerly, and the reason is kept in `verify_graph_failure`)."""
+        if self._verify_graph is None and not self.verify_graph_failure:
+            self._capture_verify()
+        if self._verify_graph is None:
+            return None
+        self._verify_tokens.copy_(torch.tensor([tokens], dtype=torch.long), non_blocking=True)
+        self._verify_start.fill_(position)
+        self._verify_graph.replay()
+        return self._verify_logits
+
+    def _capture_verify(self) -> None:
+        length = self._verify_length
+        self._verify_tokens = torch.zeros((1, length), dtype=torch.long, device=self.device)
+        self._verify_start = torch.ones((1,), dtype=torch.long, device=self.device)
+        offsets = torch.arange(length, device=self.device)
+
+        def run() -> torch.Tensor:
+            return self._verify_pass(self._verify_tokens, self._verify_start + offsets)
+
+        try:
+            with torch.inference_mode():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up writes cache slots every request rewrites
+                        self._set_length(1)
+                        run()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                self._set_length(1)
+                with torch.cuda.graph(graph):
+                    self._verify_logits = run()
+            self._verify_graph = graph
+        except Exception as err:  # eager passes still give the same tokens, only slower
+            self.verify_graph_failure = f"the verify pass could not be captured: {str(err).splitlines()[0]}"
+            torch.cuda.synchronize()
+
     def greedy_continue(self, ids: list[int], start: int, count: int) -> list[int]:
         """For a draft model: feed ids[start:] after the first `start` already in the cache, then
         `count` greedy tokens in all; the cache keeps all but the last of them."""
         with torch.inference_mode():
             new = ids[start:]
-            logits = self._single(new[0], start) if len(new) == 1 else self._verify(new, start)[-1:]
+            if len(new) <= 4:  # the usual case: the last draft and the target's own token, as steps
+                for offset, token in enumerate(new):
+                    logits = self._single(token, start + offset)
+            else:
+                logits = self._verify(new, start)[-1:]
             drafted = [int(torch.argmax(logits, dim=-1))]
             position = len(ids)
             while len(drafted) < count and position + 1 < self.capacity:
