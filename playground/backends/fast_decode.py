@@ -37,7 +37,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats, kept_drafts
+from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats, kept_drafts, shared_prefix_length
 from playground.config import GenerationParams
 
 # The smallest cache; larger requests get the next power of two. Attention reads the whole
@@ -254,20 +254,13 @@ class StaticDecoder:
         return self._step_fn()
 
     # -- one request ---------------------------------------------------------------------------
-    def tokens(
-        self, prompt_ids: Sequence[int], params: GenerationParams, should_stop: Callable[[], bool]
-    ) -> Iterator[int]:
-        """Token ids as they are made: at most max_new_tokens, ending early when the caller
-        stops iterating (end of sequence) or should_stop() turns true; the cache's end also
-        ends it."""
+    def _prefill(self, prompt_ids: Sequence[int], room_after: int) -> torch.Tensor:
+        """A cache sized for the prompt and `room_after` more positions, the prompt written into
+        it in one pass; the logits after its last token, [1, vocab]."""
         n_prompt = len(prompt_ids)
         if n_prompt >= self.context_limit:
             raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room in the context ({self.context_limit})")
-        self.prepare(cache_tokens_for(n_prompt + params.max_new_tokens, self.context_limit))
-        processors, sample = sampling_processors(params)
-        on_cuda = self.device.type == "cuda"
-        host = self._host
-        copied = torch.cuda.Event() if on_cuda else None
+        self.prepare(cache_tokens_for(n_prompt + room_after, self.context_limit))
         with torch.inference_mode():
             self.cache.reset()
             prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
@@ -276,6 +269,20 @@ class StaticDecoder:
                 :, -1, :
             ]
             self._position.fill_(n_prompt)
+        return logits
+
+    def tokens(
+        self, prompt_ids: Sequence[int], params: GenerationParams, should_stop: Callable[[], bool]
+    ) -> Iterator[int]:
+        """Token ids as they are made: at most max_new_tokens, ending early when the caller
+        stops iterating (end of sequence) or should_stop() turns true; the cache's end also
+        ends it."""
+        n_prompt = len(prompt_ids)
+        logits = self._prefill(prompt_ids, params.max_new_tokens)
+        processors, sample = sampling_processors(params)
+        on_cuda = self.device.type == "cuda"
+        host = self._host
+        copied = torch.cuda.Event() if on_cuda else None
         position, produced = n_prompt, 0
         while True:
             with torch.inference_mode():
@@ -329,21 +336,13 @@ class StaticDecoder:
         if sample:
             raise ValueError("speculative decoding here is for greedy replies")
         n_prompt = len(prompt_ids)
-        if n_prompt >= self.context_limit:
-            raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room in the context ({self.context_limit})")
         # Room for a whole pass past the last token kept: its drafts are written, then dropped.
-        self.prepare(cache_tokens_for(n_prompt + params.max_new_tokens + num_tokens + 1, self.context_limit))
+        logits = self._prefill(prompt_ids, params.max_new_tokens + num_tokens + 1)
         if self._verify_length != num_tokens + 1:
             self._verify_length, self._verify_graph, self.verify_graph_failure = num_tokens + 1, None, ""
         drafter.begin(self.capacity)
         history = list(prompt_ids)
         with torch.inference_mode():
-            self.cache.reset()
-            prompt = torch.tensor([history], dtype=torch.long, device=self.device)
-            self._history[:, :n_prompt] = prompt
-            logits = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[
-                :, -1, :
-            ]
             token = int(self._choose(logits, n_prompt, processors, sample))
         history.append(token)
         yield token
@@ -522,17 +521,10 @@ class DraftModelDrafter:
     def propose(self, history: list[int], count: int) -> list[int]:
         if len(history) + count + 1 >= self.decoder.capacity:
             return []
-        start = min(_shared_length(self.cached, history), len(history) - 1)
+        start = min(shared_prefix_length([self.cached, history]), len(history) - 1)
         drafted = self.decoder.greedy_continue(history, start, count)
         self.cached = history + drafted[:-1]
         return drafted
-
-
-def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
 
 
 # The shortest tail a scoring pass is padded to; longer tails take the next power of two.
