@@ -11,7 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from playground.capabilities import Capabilities, capabilities
 from playground.config import GenerationParams, Mode, ModelConfig
@@ -113,6 +113,42 @@ def kept_drafts(drafts: Sequence[int], choose: Callable[[int], int]) -> list[int
         if row == len(drafts) or kept[-1] != drafts[row]:
             break
     return kept
+
+
+class DraftModel(Protocol):
+    """A draft model as a speculative drafter uses it (a transformers `StaticDecoder`, a
+    llama.cpp backend): its cache made ready for a reply, and greedy continuations."""
+
+    def start_drafting(self, capacity: int) -> int:
+        """Ready for a reply of at most `capacity` positions; the positions it can hold."""
+        ...
+
+    def greedy_continue(self, ids: list[int], start: int, count: int) -> list[int]:
+        """Feed ids[start:] after the first `start` already in its cache, then `count` greedy
+        tokens; the cache keeps all but the last of them."""
+        ...
+
+
+class DraftModelDrafter:
+    """Drafts with a smaller model, greedy; its cache keeps what the last proposal shares with
+    the history, so each pass feeds it only the new tokens."""
+
+    def __init__(self, model: DraftModel) -> None:
+        self.model = model
+        self.capacity = 0
+        self.cached: list[int] = []  # the tokens in the draft model's cache
+
+    def begin(self, capacity: int) -> None:
+        self.capacity = self.model.start_drafting(capacity)
+        self.cached = []
+
+    def propose(self, history: list[int], count: int) -> list[int]:
+        if len(history) + count + 1 >= self.capacity:
+            return []
+        start = min(shared_prefix_length([self.cached, history]), len(history) - 1)
+        drafted = self.model.greedy_continue(history, start, count)
+        self.cached = history + drafted[:-1]
+        return drafted
 
 
 # "unloaded": the variant was unloaded while it answered (set by the parent, never by a backend).

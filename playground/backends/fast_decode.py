@@ -37,7 +37,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats, kept_drafts, shared_prefix_length
+from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats, kept_drafts
 from playground.config import GenerationParams
 
 # The smallest cache; larger requests get the next power of two. Attention reads the whole
@@ -459,8 +459,13 @@ class StaticDecoder:
             self.verify_graph_failure = f"the verify pass could not be captured: {str(err).splitlines()[0]}"
             torch.cuda.synchronize()
 
+    def start_drafting(self, capacity: int) -> int:
+        """As a draft model (base.DraftModel): a cache for `capacity` positions, within the context."""
+        self.prepare(min(capacity, self.context_limit))
+        return self.capacity
+
     def greedy_continue(self, ids: list[int], start: int, count: int) -> list[int]:
-        """For a draft model: feed ids[start:] after the first `start` already in the cache, then
+        """As a draft model: feed ids[start:] after the first `start` already in the cache, then
         `count` greedy tokens in all; the cache keeps all but the last of them."""
         with torch.inference_mode():
             new = ids[start:]
@@ -504,27 +509,6 @@ class PromptLookupDrafter:
         ids = torch.tensor([history], dtype=torch.long)  # on the host: the search reads values
         candidates, _ = self.generator.get_candidates(ids)
         return candidates[0, len(history) :].tolist()[:count]
-
-
-class DraftModelDrafter:
-    """Drafts with a smaller model's own static decoder, greedy; its cache keeps what the last
-    proposal shares with the history, so each pass feeds it only the new tokens."""
-
-    def __init__(self, decoder: StaticDecoder) -> None:
-        self.decoder = decoder
-        self.cached: list[int] = []
-
-    def begin(self, capacity: int) -> None:
-        self.decoder.prepare(min(capacity, self.decoder.context_limit))
-        self.cached = []
-
-    def propose(self, history: list[int], count: int) -> list[int]:
-        if len(history) + count + 1 >= self.decoder.capacity:
-            return []
-        start = min(shared_prefix_length([self.cached, history]), len(history) - 1)
-        drafted = self.decoder.greedy_continue(history, start, count)
-        self.cached = history + drafted[:-1]
-        return drafted
 
 
 # The shortest tail a scoring pass is padded to; longer tails take the next power of two.

@@ -21,6 +21,7 @@ from playground.backends.base import (
     TOKENIZER_PROBE,
     Backend,
     Chunk,
+    DraftModelDrafter,
     FinishReason,
     LoadInfo,
     Prompt,
@@ -353,26 +354,28 @@ class LlamaCppBackend(Backend):
 
             lookup = LlamaPromptLookupDecoding(max_ngram_size=spec.ngram, num_pred_tokens=spec.num_tokens)
             return lambda history, count: [int(t) for t in lookup(np.array(history, dtype=np.intc))[:count]]
-        draft = self.draft
-        draft._clear_context()
-        cached: list[int] = []  # the tokens in the draft's KV cache
+        drafter = DraftModelDrafter(self.draft)
+        drafter.begin(self.llm.n_ctx())
+        return drafter.propose
 
-        def propose(history: list[int], count: int) -> list[int]:
-            nonlocal cached
-            if len(history) + count + 1 >= draft.llm.n_ctx():
-                return []
-            start = min(shared_prefix_length([cached, history]), len(history) - 1)
-            draft.llm._ctx.kv_cache_seq_rm(-1, start, -1)
-            rows = draft._decode(history[start:], start, keep_from=len(history) - 1, raw=True)
-            drafted = [int(np.argmax(rows[len(history) - 1]))]
-            while len(drafted) < count:
-                position = len(history) + len(drafted) - 1
-                rows = draft._decode(drafted[-1:], position, keep_from=position, raw=True)
-                drafted.append(int(np.argmax(rows[position])))
-            cached = history + drafted[:-1]
-            return drafted
+    def start_drafting(self, capacity: int) -> int:
+        """As a draft model (base.DraftModel): an empty KV cache; the context it holds."""
+        self._clear_context()
+        return min(capacity, self.llm.n_ctx())
 
-        return propose
+    def greedy_continue(self, ids: list[int], start: int, count: int) -> list[int]:
+        """As a draft model: feed ids[start:] after the first `start` already in the KV cache,
+        then `count` greedy tokens; the cache keeps all but the last of them."""
+        import numpy as np
+
+        self.llm._ctx.kv_cache_seq_rm(-1, start, -1)
+        rows = self._decode(ids[start:], start, keep_from=len(ids) - 1, raw=True)
+        drafted = [int(np.argmax(rows[len(ids) - 1]))]
+        while len(drafted) < count:
+            position = len(ids) + len(drafted) - 1
+            rows = self._decode(drafted[-1:], position, keep_from=position, raw=True)
+            drafted.append(int(np.argmax(rows[position])))
+        return drafted
 
     def _load_draft_model(self) -> LlamaCppBackend:
         """The draft variant beside this one, on the same device, checked to share its tokenizer."""

@@ -28,6 +28,7 @@ from playground.backends.base import (
     TOKENIZER_PROBE,
     Backend,
     Chunk,
+    DraftModelDrafter,
     FinishReason,
     LoadInfo,
     Prompt,
@@ -42,7 +43,6 @@ from playground.backends.base import (
 from playground.backends.fast_decode import (
     DecodePath,
     Drafter,
-    DraftModelDrafter,
     PromptLookupDrafter,
     StaticDecoder,
     StaticScorer,
