@@ -126,11 +126,12 @@ class Engine:
         return [self.status(v) for v in dict.fromkeys([*self.workers, *self._failures]) if v in self.catalogue]
 
     def estimate(self, variant_id: str) -> MemoryEstimate:
-        return self._estimate(self.catalogue.get(variant_id))
+        config = self.catalogue.get(variant_id)
+        return self._estimate(config, self.catalogue.draft_of(config))
 
-    def _estimate(self, config: ModelConfig) -> MemoryEstimate:
+    def _estimate(self, config: ModelConfig, draft: ModelConfig | None) -> MemoryEstimate:
+        """What `config` needs where it goes, its draft model (`Catalogue.draft_of`) included."""
         needed = estimate(config, self.memory_budget_bytes, self._gpu_budget(exclude=config.id))
-        draft = self.catalogue.draft_of(config)
         if draft is None:
             return needed
         # The draft model loads in the same worker, on the same device.
@@ -173,8 +174,9 @@ class Engine:
             current = self.workers.get(variant_id)
             if current is not None and current.state in ("loading", "ready"):
                 return current
+            draft = self.catalogue.draft_of(config)  # checked as its own load would be
             # Where it goes: needed for the GPU it is placed on even when memory is not checked.
-            needed = self._estimate(config) if check_memory else self._placement(config)
+            needed = self._estimate(config, draft) if check_memory else self._placement(config, draft)
             if needed is not None and needed.refusal:
                 raise InsufficientMemory(f"{config.display_name} cannot load: {needed.refusal}")
             if check_memory and needed is not None and not needed.fits:
@@ -186,7 +188,7 @@ class Engine:
                 stall_timeout_s=self.stall_timeout_s,
                 silent_after_s=self.silent_after_s,
                 gpu=self._gpu_for(needed),
-                draft=self.catalogue.draft_of(config),
+                draft=draft,
             )
             self.workers[variant_id] = worker
             if needed is not None and worker.gpu is not None:
@@ -205,11 +207,11 @@ class Engine:
             return None
         return needed.gpu
 
-    def _placement(self, config: ModelConfig) -> MemoryEstimate | None:
+    def _placement(self, config: ModelConfig, draft: ModelConfig | None) -> MemoryEstimate | None:
         """Where the variant goes and what it needs there (the GPU with the most free memory,
         or the pinned one); None where that cannot be worked out before loading."""
         try:
-            return self._estimate(config)
+            return self._estimate(config, draft)
         except PlaygroundError:  # weights not there yet and no shape hint: the load will say
             return None
 
