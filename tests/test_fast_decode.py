@@ -11,7 +11,13 @@ import torch
 from conftest import EMBEDDED_GGUF, check_reply, collect, variant
 
 from playground.backends.base import Request, StreamEnd
-from playground.backends.fast_decode import MIN_CACHE_TOKENS, StaticDecoder, cache_tokens_for, fuse_projections
+from playground.backends.fast_decode import (
+    MIN_CACHE_TOKENS,
+    StaticDecoder,
+    cache_tokens_for,
+    fuse_projections,
+    prefill_tokens_for,
+)
 from playground.backends.transformers_backend import TransformersBackend
 from playground.config import GenerationParams
 from playground.errors import ConfigError
@@ -103,6 +109,28 @@ def test_requests_of_growing_length_reuse_and_regrow_the_cache(tiny_pair):
             plain, params, mode="completion", text="The quick brown fox"
         )
     assert fast.decoder.capacity == MIN_CACHE_TOKENS  # the last request needed only the smallest
+
+
+@pytest.mark.parametrize("n_prompt,limit", [(5, 1024), (32, 1024), (33, 1024), (200, 1024), (200, 240)])
+def test_a_padded_prefill_gives_the_unpadded_logits_and_tokens(tiny_pair, n_prompt, limit):
+    """On a GPU a prompt is padded to a power of two, so each padded length can replay one
+    captured pass; the padding must change nothing. Here the same padded pass runs eagerly.
+    In a 240-token context, 200 tokens would pad to 256, past the cache: they go unpadded."""
+    _, fast = tiny_pair
+    vocab = fast.model.config.vocab_size
+    ids = [(7 * i + 3) % vocab for i in range(n_prompt)]
+    padded = StaticDecoder(fast.model, limit, use_cuda_graph=False, pad_prefill=True)
+    unpadded = StaticDecoder(fast.model, limit, use_cuda_graph=False, pad_prefill=False)
+    room = min(limit, MIN_CACHE_TOKENS) - n_prompt - 1
+    with torch.inference_mode():
+        padded_logits = padded._prefill(ids, room).clone()
+        unpadded_logits = unpadded._prefill(ids, room).clone()
+    torch.testing.assert_close(padded_logits, unpadded_logits, rtol=1e-5, atol=1e-5)
+    assert (prefill_tokens_for(n_prompt) <= padded.capacity) == (limit > 240)
+    params = GenerationParams(temperature=0.0, max_new_tokens=min(24, room))
+    tokens = list(padded.tokens(ids, params, lambda: False))
+    assert len(tokens) == params.max_new_tokens
+    assert tokens == list(unpadded.tokens(ids, params, lambda: False))
 
 
 def test_stop_and_end_of_sequence(tiny_pair):

@@ -45,6 +45,22 @@ from playground.config import GenerationParams
 MIN_CACHE_TOKENS = 256
 
 
+# A prompt on the GPU is padded to a power of two of at least this many tokens, and each padded
+# length has its own captured prefill (a graph per length, as a graph replays fixed shapes).
+MIN_PREFILL_TOKENS = 32
+# Padded prompt lengths captured when a cache is made, so a prompt of a new length does not pay
+# a capture (three eager passes) on its first token; longer ones are captured at first use.
+WARM_PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024)
+
+
+def prefill_tokens_for(prompt: int) -> int:
+    """The padded length a prompt of `prompt` tokens is prefilled at."""
+    size = MIN_PREFILL_TOKENS
+    while size < prompt:
+        size *= 2
+    return size
+
+
 def cache_tokens_for(needed: int, limit: int) -> int:
     """Cache length for a request of `needed` positions: a power of two (so few graphs are ever
     captured), at least MIN_CACHE_TOKENS, never above the model's context `limit`."""
@@ -153,6 +169,7 @@ class DecodePath:
     reason: str = ""
     compiled: bool = False  # the step went through torch.compile
     fused: bool = False  # q/k/v and gate/up projections run as one matmul each
+    prefill_graphs: bool = False  # prompts go through a captured pass per padded length
 
     def describe(self) -> str:
         text = {
@@ -164,19 +181,37 @@ class DecodePath:
             text += " of a compiled step"
         if self.fused:
             text += ", fused projections"
+        if self.prefill_graphs:
+            text += ", prompts through captured passes"
         return f"{text} ({self.reason})" if self.reason else text
 
 
 class StaticDecoder:
     """Decodes one sequence at a time into a static cache, replaying a CUDA graph per token."""
 
-    def __init__(self, model: Any, context_limit: int, use_cuda_graph: bool, compile_step: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        context_limit: int,
+        use_cuda_graph: bool,
+        compile_step: bool = False,
+        pad_prefill: bool | None = None,
+    ) -> None:
         self.model = model
         self.context_limit = context_limit
         self.use_cuda_graph = use_cuda_graph
         self.device = model.device
         self.capacity = 0
         self._graph: torch.cuda.CUDAGraph | None = None
+        # Prompts are prefilled padded to a power of two (prefill_tokens_for) on a GPU, where
+        # that lets each length replay a captured pass: eagerly, a 1.7B's 256-token prefill took
+        # ~30 ms of launching for ~3 ms of GPU work (3x llama.cpp's time to first token). A
+        # decoder without graphs pads too, so it computes what the graphed one does; a CPU
+        # would only pay for the padding, so there it is off unless asked for (the tests).
+        self.pad_prefill = self.device.type == "cuda" if pad_prefill is None else pad_prefill
+        self._prefills: dict[int, dict[str, Any]] = {}  # per padded length: buffers, graph, logits
+        self._prefill_pool: Any = None
+        self.prefill_graph_failure = ""
         # A graph removes launch gaps, not launches: the model's ~50 small kernels per layer
         # (norms, RoPE, SiLU, adds) still cost ~1.5 us each. torch.compile fuses them; the graph
         # is then captured around the compiled step. Compiled once per cache size.
@@ -209,10 +244,14 @@ class StaticDecoder:
         self.capacity = capacity
         if self.use_cuda_graph:
             self._capture()
+            for length in WARM_PREFILL_TOKENS:
+                if length <= capacity and not self.prefill_graph_failure:
+                    self._prefill_for(length)
 
     def release(self) -> None:
-        """Drop the cache, buffers and graph (a bigger request, or unloading)."""
+        """Drop the cache, buffers and graphs (a bigger request, or unloading)."""
         self._graph = self._verify_graph = None
+        self._prefills.clear()
         for name in ("cache", "_token", "_position", "_positions", "_mask", "_history", "_host", "_graph_logits"):
             self.__dict__.pop(name, None)
         for name in ("_verify_tokens", "_verify_start", "_verify_logits"):
@@ -261,15 +300,91 @@ class StaticDecoder:
         if n_prompt >= self.context_limit:
             raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room in the context ({self.context_limit})")
         self.prepare(cache_tokens_for(n_prompt + room_after, self.context_limit))
+        return self._write_prompt(prompt_ids)
+
+    def _write_prompt(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """The prompt into the cache from position 0, padded where `pad_prefill` says; the
+        logits after its last token, [1, vocab]."""
+        n_prompt = len(prompt_ids)
         with torch.inference_mode():
-            self.cache.reset()
-            prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-            self._history[:, :n_prompt] = prompt
-            logits = self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[
-                :, -1, :
-            ]
+            self._history[:, :n_prompt] = torch.tensor([list(prompt_ids)], dtype=torch.long)
+            length = prefill_tokens_for(n_prompt)
+            if self.pad_prefill and length <= self.capacity:
+                logits = self._padded_prefill(prompt_ids, length)
+                self._set_length(n_prompt)  # the first step writes over the first padding row
+            else:
+                self.cache.reset()
+                prompt = self._history[:, :n_prompt]
+                logits = self.model(
+                    input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+                ).logits[:, -1, :]
             self._position.fill_(n_prompt)
         return logits
+
+    def _padded_prefill(self, prompt_ids: Sequence[int], length: int) -> torch.Tensor:
+        """The prompt padded to `length` with its last token, through that length's graph where
+        there is one. Padding rows come after every real one, so no real row sees them (the
+        mask is causal), and the cache slots they fill are masked until a step writes them."""
+        run = self._prefill_for(length)
+        padded = list(prompt_ids) + [prompt_ids[-1]] * (length - len(prompt_ids))
+        run["ids"].copy_(torch.tensor([padded], dtype=torch.long), non_blocking=True)
+        run["last"].fill_(len(prompt_ids) - 1)
+        self._set_length(0)
+        if run["graph"] is not None:
+            run["graph"].replay()
+            return run["logits"]
+        return self._prefill_pass(run)
+
+    def _prefill_pass(self, run: dict[str, Any]) -> torch.Tensor:
+        ids = run["ids"]
+        positions = self._positions[: ids.shape[1]]
+        mask = self._positions.view(1, -1) <= positions.view(-1, 1)  # row i sees 0..i
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions.view(1, -1),
+            attention_mask=mask.view(1, 1, ids.shape[1], -1),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=run["last"],  # the last real row only: the head is a large matmul
+        )
+        return out.logits[:, -1, :]
+
+    def _prefill_for(self, length: int) -> dict[str, Any]:
+        """The buffers of a padded prefill of `length`, and its graph (captured here, once per
+        cache) where steps replay one; a failed capture leaves eager passes and its reason in
+        `prefill_graph_failure`."""
+        if length in self._prefills:
+            return self._prefills[length]
+        run: dict[str, Any] = {
+            "ids": torch.zeros((1, length), dtype=torch.long, device=self.device),
+            "last": torch.zeros((1,), dtype=torch.long, device=self.device),
+            "graph": None,
+        }
+        self._prefills[length] = run
+        if not self.use_cuda_graph or self.prefill_graph_failure:
+            return run
+        if self._prefill_pool is None:
+            # One pool for every length: a replay's logits are read before another prefill
+            # replays, so the lengths can share their scratch memory.
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.inference_mode():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # lets cuBLAS and the allocator settle before capture
+                        self._set_length(0)
+                        self._prefill_pass(run)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                self._set_length(0)
+                with torch.cuda.graph(graph, pool=self._prefill_pool):
+                    run["logits"] = self._prefill_pass(run)
+            run["graph"] = graph
+        except Exception as err:  # eager padded passes give the same logits, only slower
+            self.prefill_graph_failure = f"the prefill could not be captured: {str(err).splitlines()[0]}"
+            torch.cuda.synchronize()
+        return run
 
     def tokens(
         self, prompt_ids: Sequence[int], params: GenerationParams, should_stop: Callable[[], bool]
@@ -469,7 +584,9 @@ class StaticDecoder:
         `count` greedy tokens in all; the cache keeps all but the last of them."""
         with torch.inference_mode():
             new = ids[start:]
-            if len(new) <= 4:  # the usual case: the last draft and the target's own token, as steps
+            if start == 0 and len(new) > 4:  # the prompt: as the target's own is written
+                logits = self._write_prompt(new)
+            elif len(new) <= 4:  # the usual case: the last draft and the target's own token, as steps
                 for offset, token in enumerate(new):
                     logits = self._single(token, start + offset)
             else:

@@ -258,7 +258,12 @@ class TransformersBackend(Backend):
             self.decoder = decoder
             if on_cuda and not use_graph:
                 failures.extend(self._graph_hint())
-            return DecodePath(name, "; ".join(failures), compiled=compile_step, fused=fused)
+            if decoder.prefill_graph_failure:
+                failures.append(decoder.prefill_graph_failure)
+            prefill_graphs = use_graph and not decoder.prefill_graph_failure
+            return DecodePath(
+                name, "; ".join(failures), compiled=compile_step, fused=fused, prefill_graphs=prefill_graphs
+            )
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
 
     def _set_up_speculation(self) -> str:
