@@ -1,0 +1,170 @@
+"""How torch.compile's options change one decode step's time on the GPU (issue 20).
+
+The fast path compiles the step with Inductor's defaults and replays it as a CUDA graph. What is
+left between it and the bandwidth bound is mostly per-kernel cost (launch, ramp-up and tail of
+~300 kernels a token) and cuBLAS's batch-1 GEMV rate (benchmarks/RESULTS.md, profile). Options
+tried here, each in its own process so Inductor's caches and settings do not carry over:
+- `default`: what the app uses;
+- `pdl`: programmatic dependent launch for Inductor's Triton kernels (a kernel's launch overlaps
+  the tail of the one before);
+- `max-autotune`: Inductor times Triton templates against cuBLAS for each matmul;
+- `max-autotune-pdl`: both;
+- `coordinate-descent`: tunes the block sizes of Inductor's own kernels.
+Per option and shape: ms per token of the captured step, timed with CUDA events over replays
+from position 256 on (a 1024-slot cache), against the bytes a token reads at the measured copy rate.
+
+On the lent GPU:
+  bash benchmarks/gpu/run_on_device.sh python3 -m benchmarks.gpu.step_options --out $OUT/step_options.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# In the order they are run (--options), most telling first, so a budget cuts the least.
+OPTIONS = {
+    "default": {},
+    "pdl": {"options": {"triton.enable_pdl": True}},
+    "max-autotune-pdl": {"mode": "max-autotune-no-cudagraphs", "options": {"triton.enable_pdl": True}},
+    "coordinate-descent": {"options": {"coordinate_descent_tuning": True}},
+    "max-autotune": {"mode": "max-autotune-no-cudagraphs"},
+}
+
+
+def copy_rate_bytes_per_s() -> float:
+    """Device-to-device copy, bytes read and written, as decode_speed measures it."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1000)
+
+
+def prefill_ms(decoder) -> dict:
+    """A 256-token prompt's prefill, median of 10 (synchronized): through its captured pass,
+    and as the app did it before, one eager unpadded pass."""
+    import statistics
+
+    import torch
+
+    prompt = [(i * 7919) % 49152 for i in range(256)]
+
+    def timed(write) -> float:
+        runs = []
+        for _ in range(12):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            with torch.inference_mode():
+                int(torch.argmax(write(), dim=-1))  # read back, as the first token is
+            runs.append((time.perf_counter() - started) * 1000)
+        return statistics.median(runs[2:])
+
+    def eager():
+        decoder.cache.reset()
+        ids = torch.tensor([prompt], device="cuda")
+        return decoder.model(input_ids=ids, past_key_values=decoder.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    return {
+        "prefill_256_graph_ms": timed(lambda: decoder._write_prompt(prompt)),
+        "prefill_256_eager_ms": timed(eager),
+        "prefill_graph_failure": decoder.prefill_graph_failure,
+    }
+
+
+def measure(option: str, shape: str, replays: int) -> dict:
+    """One option on one shape, in this process."""
+    import torch
+
+    from benchmarks.gpu.speculative_speed import make_decoder
+
+    with_folder = Path("/tmp")
+    decoder = make_decoder(shape, "cuda", with_folder)
+    settings = OPTIONS[option]
+    decoder._step_fn = torch.compile(
+        decoder._step, dynamic=False, mode=settings.get("mode"), options=settings.get("options")
+    )
+    started = time.perf_counter()
+    try:
+        decoder.prepare(1024)
+    except Exception as err:  # an option this torch lacks: say so, measure the rest
+        return {"option": option, "shape": shape, "error": str(err).splitlines()[0][:300]}
+    prepare_s = time.perf_counter() - started
+    weights = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
+    times = []
+    for _ in range(3):
+        decoder._position.fill_(256)
+        decoder._set_length(256)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            decoder._graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    config = decoder.model.config
+    kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2 * (256 + replays / 2)
+    rate = copy_rate_bytes_per_s()
+    bound_ms = (weights + kv_bytes) / rate * 1000
+    best = min(times)
+    prefill = prefill_ms(decoder) if option == "default" else {}
+    return {
+        **prefill,
+        "option": option,
+        "shape": shape,
+        "ms_per_token": best,
+        "runs_ms": times,
+        "bound_ms": bound_ms,
+        "share_of_bound": bound_ms / best,
+        "copy_rate_tb_s": rate / 1e12,
+        "compile_and_capture_s": prepare_s,
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--shapes", default="smollm2-1.7b,smollm2-135m")
+    parser.add_argument("--replays", type=int, default=256)
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per option and shape")
+    parser.add_argument("--budget", type=int, default=3600, help="no new run starts after this many seconds")
+    parser.add_argument("--one", nargs=2, metavar=("OPTION", "SHAPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(measure(*args.one, args.replays)), flush=True)
+        return
+    rows = []
+    begun = time.monotonic()
+    for shape, option in [(s, o) for o in args.options.split(",") for s in args.shapes.split(",")]:
+        if time.monotonic() - begun > args.budget:
+            rows.append({"option": option, "shape": shape, "error": "not run: over the budget"})
+            continue
+        command = [sys.executable, "-m", "benchmarks.gpu.step_options", "--out", "-", "--one", option, shape]
+        command += ["--replays", str(args.replays)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            row = json.loads(found[0]) if found else {"option": option, "shape": shape, "error": done.stderr[-600:]}
+        except subprocess.TimeoutExpired:
+            row = {"option": option, "shape": shape, "error": f"over {args.timeout} s"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
