@@ -204,6 +204,8 @@ def test_fast_path_matches_generate_and_its_own_eager_steps(llama_folder, qwen2_
     fp32 = variant(id=f"fast-{arch}", backend="transformers", source={"path": str(folder)}, dtype="fp32", device="cuda")
     plain, fast = backend_for(fp32, "off"), backend_for(fp32, "auto")
     assert fast.decode_path.name == "cuda-graph" and not fast.decode_path.reason
+    # Prompts go through a captured pass per padded length (the 32-token one here).
+    assert fast.decode_path.prefill_graphs and "prompts through captured passes" in fast.decode_path.describe()
     for settings in ({"temperature": 0.0}, {"temperature": 0.8, "top_k": 30, "seed": 3, "repetition_penalty": 1.1}):
         params = GenerationParams(max_new_tokens=48, **settings)
         assert reply(fast, params, mode="completion", text="Hello world") == reply(
@@ -216,6 +218,7 @@ def test_fast_path_matches_generate_and_its_own_eager_steps(llama_folder, qwen2_
     ids = bf16.prepare(_completion("The quick brown fox")).payload
     params = GenerationParams(temperature=0.0, max_new_tokens=64)
     graphed = list(bf16.decoder.tokens(ids, params, lambda: False))
+    assert bf16.decoder._prefills[32]["graph"] is not None  # the prompt's padded length
     eager = StaticDecoder(bf16.model, bf16._context_length(), use_cuda_graph=False, compile_step=True)
     assert list(eager.tokens(ids, params, lambda: False)) == graphed
     texts, finish = reply(bf16, GenerationParams(temperature=0.0, max_new_tokens=40), stop_after=6)

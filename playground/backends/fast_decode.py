@@ -220,6 +220,9 @@ class StaticDecoder:
         # through a graph captured at the first pass (per cache size).
         self._verify_length = 0
         self._verify_graph: torch.cuda.CUDAGraph | None = None
+        # Compiled as the step is (its elementwise kernels fused), once: Dynamo recompiles it
+        # for a new pass length or cache size, and reuses what it compiled otherwise.
+        self._verify_fn = torch.compile(self._fixed_verify, dynamic=False) if compile_step else self._fixed_verify
         self.verify_graph_failure = ""
 
     # -- buffers and the graph ---------------------------------------------------------------
@@ -254,7 +257,7 @@ class StaticDecoder:
         self._prefills.clear()
         for name in ("cache", "_token", "_position", "_positions", "_mask", "_history", "_host", "_graph_logits"):
             self.__dict__.pop(name, None)
-        for name in ("_verify_tokens", "_verify_start", "_verify_logits"):
+        for name in ("_verify_tokens", "_verify_start", "_verify_offsets", "_verify_logits"):
             self.__dict__.pop(name, None)
         self.capacity = 0
 
@@ -293,13 +296,16 @@ class StaticDecoder:
         return self._step_fn()
 
     # -- one request ---------------------------------------------------------------------------
-    def _prefill(self, prompt_ids: Sequence[int], room_after: int) -> torch.Tensor:
+    def _prefill(self, prompt_ids: Sequence[int], room_after: int, capture_verify: bool = False) -> torch.Tensor:
         """A cache sized for the prompt and `room_after` more positions, the prompt written into
-        it in one pass; the logits after its last token, [1, vocab]."""
+        it in one pass; the logits after its last token, [1, vocab]. `capture_verify`: first
+        capture the speculative pass's graph, if steps replay one and it is not there yet."""
         n_prompt = len(prompt_ids)
         if n_prompt >= self.context_limit:
             raise ValueError(f"the prompt ({n_prompt} tokens) leaves no room in the context ({self.context_limit})")
         self.prepare(cache_tokens_for(n_prompt + room_after, self.context_limit))
+        if capture_verify and self.use_cuda_graph and self._verify_graph is None and not self.verify_graph_failure:
+            self._capture_verify()
         return self._write_prompt(prompt_ids)
 
     def _write_prompt(self, prompt_ids: Sequence[int]) -> torch.Tensor:
@@ -451,10 +457,12 @@ class StaticDecoder:
         if sample:
             raise ValueError("speculative decoding here is for greedy replies")
         n_prompt = len(prompt_ids)
-        # Room for a whole pass past the last token kept: its drafts are written, then dropped.
-        logits = self._prefill(prompt_ids, params.max_new_tokens + num_tokens + 1)
         if self._verify_length != num_tokens + 1:
             self._verify_length, self._verify_graph, self.verify_graph_failure = num_tokens + 1, None, ""
+        # Room for a whole pass past the last token kept: its drafts are written, then dropped.
+        # The pass's graph is captured before the prompt is written: capturing runs the pass on
+        # the cache, which mid-reply would write over the prompt's first positions.
+        logits = self._prefill(prompt_ids, params.max_new_tokens + num_tokens + 1, capture_verify=True)
         drafter.begin(self.capacity)
         history = list(prompt_ids)
         with torch.inference_mode():
@@ -479,10 +487,7 @@ class StaticDecoder:
                 else:
                     rows = self._single(token, position)
                 stats.passes += 1
-                kept = kept_drafts(
-                    drafts,
-                    lambda row, rows=rows, at=position + 1: int(self._choose(rows[row : row + 1], at + row, processors, sample)),
-                )
+                kept = kept_drafts(drafts, self._row_chooser(rows, len(drafts) + 1, position + 1, processors))
             if timed:  # the chosen token was read back, so the step is done
                 plain_seconds.append(time.perf_counter() - started)
                 stats.plain_tok_s = len(plain_seconds) / sum(plain_seconds)
@@ -495,6 +500,19 @@ class StaticDecoder:
                 produced += 1
                 if produced >= params.max_new_tokens:
                     return
+
+    def _row_chooser(
+        self, rows: torch.Tensor, count: int, at: int, processors: LogitsProcessorList
+    ) -> Callable[[int], int]:
+        """The greedy choice at each of a pass's first `count` rows (row i at position at + i).
+        Without processors every row's choice is read back at once (one wait on the GPU, not
+        one a row); a repetition penalty needs each choice in the history before the next."""
+        if processors:
+            return lambda row: int(self._choose(rows[row : row + 1], at + row, processors, False))
+        chosen = torch.argmax(rows[:count], dim=-1)
+        self._history[0, at : at + count] = chosen  # rows past the kept ones are rewritten later
+        choices = chosen.tolist()
+        return lambda row: choices[row]
 
     def _set_length(self, length: int) -> None:
         """The cache's next write goes to `length` (each layer's own counter)."""
@@ -538,30 +556,31 @@ class StaticDecoder:
     def _verify_replay(self, tokens: list[int], position: int) -> torch.Tensor | None:
         """The fixed-length pass through its graph; None where it cannot be captured (then
         passes run eagerly, and the reason is kept in `verify_graph_failure`)."""
-        if self._verify_graph is None and not self.verify_graph_failure:
-            self._capture_verify()
-        if self._verify_graph is None:
+        if self._verify_graph is None:  # captured before the prompt (_prefill), or failed
             return None
         self._verify_tokens.copy_(torch.tensor([tokens], dtype=torch.long), non_blocking=True)
         self._verify_start.fill_(position)
         self._verify_graph.replay()
         return self._verify_logits
 
+    def _fixed_verify(self) -> torch.Tensor:
+        """The pass of `_verify_tokens` from `_verify_start`: what the verify graph holds."""
+        return self._verify_pass(self._verify_tokens, self._verify_start + self._verify_offsets)
+
     def _capture_verify(self) -> None:
+        """The fixed-length pass's graph. Its warm-up and capture write cache slots from 1 on,
+        so this runs before a prompt is written (_prefill)."""
         length = self._verify_length
         self._verify_tokens = torch.zeros((1, length), dtype=torch.long, device=self.device)
         self._verify_start = torch.ones((1,), dtype=torch.long, device=self.device)
-        offsets = torch.arange(length, device=self.device)
-
-        def run() -> torch.Tensor:
-            return self._verify_pass(self._verify_tokens, self._verify_start + offsets)
-
+        self._verify_offsets = torch.arange(length, device=self.device)
+        run = self._verify_fn
         try:
             with torch.inference_mode():
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up writes cache slots every request rewrites
+                    for _ in range(3):  # compiles, and lets cuBLAS and the allocator settle
                         self._set_length(1)
                         run()
                 torch.cuda.current_stream().wait_stream(side)

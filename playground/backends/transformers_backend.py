@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from playground.backends.base import (
+    PLAIN_STEPS_TIMED,
     TOKENIZER_PROBE,
     Backend,
     Chunk,
@@ -283,7 +284,27 @@ class TransformersBackend(Backend):
             assert self.draft.decoder is not None
             self.drafter = DraftModelDrafter(self.draft.decoder)
             what = f"draft model {self.draft.config.display_name} ({self.draft.decode_path.name})"
-        return f"speculative decoding: {what}, up to {spec.num_tokens} drafted tokens a pass, for greedy replies"
+        note = f"speculative decoding: {what}, up to {spec.num_tokens} drafted tokens a pass, for greedy replies"
+        if self.decoder.use_cuda_graph:
+            failure = self._try_speculation(spec.num_tokens)
+            if failure:
+                note += f" ({failure}; its passes run eagerly)"
+        return note
+
+    def _try_speculation(self, num_tokens: int) -> str:
+        """One short speculative reply of the default size, so the pass is compiled and captured
+        at load rather than in the first reply; why its graph failed, if it did."""
+        assert self.decoder is not None and self.drafter is not None
+        prompt = [0] * min(64, self.decoder.context_limit // 2)  # repeats: prompt lookup drafts
+        trial = GenerationParams(temperature=0.0, max_new_tokens=self.config.generation.max_new_tokens)
+        tokens = self.decoder.speculative_tokens(
+            prompt, trial, lambda: False, self.drafter, num_tokens, SpeculationStats("trial")
+        )
+        with torch.inference_mode():
+            for _ in zip(range(PLAIN_STEPS_TIMED + 3), tokens, strict=False):
+                pass
+        tokens.close()
+        return self.decoder.verify_graph_failure
 
     def _load_draft_model(self) -> TransformersBackend:
         draft_config = self.draft_config
