@@ -29,9 +29,10 @@ wait $pid_b; rc_b=$?
 "${pytest[@]}" $group_both > "$OUT/gpu_tests_both.log" 2>&1; rc_both=$?
 echo "rc a=$rc_a b=$rc_b both=$rc_both"
 for f in a b both; do grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/gpu_tests_$f.log" | tail -5; done
-# Written for run_on_device.sh, which runs it once the build is done.
+# Written for run_on_device.sh, which runs it once the build is done. The ids go on one line
+# (echo joins them): one a line made the second a command of its own, and that test never ran.
 cat > /tmp/after_build.sh <<AFTER
-${pytest[*]} $group_llama > "$OUT/gpu_tests_llamacpp.log" 2>&1; rc=\$?
+${pytest[*]} $(echo $group_llama) > "$OUT/gpu_tests_llamacpp.log" 2>&1; rc=\$?
 tail -3 "$OUT/gpu_tests_llamacpp.log"; exit \$rc
 AFTER
 [ $rc_a -eq 0 ] && [ $rc_b -eq 0 ] && [ $rc_both -eq 0 ]

@@ -70,6 +70,37 @@ def cache_tokens_for(needed: int, limit: int) -> int:
     return min(size, limit)
 
 
+_warm_up_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def capture_graph(
+    body: Callable[[], Any], warm_ups: int, before: Callable[[], None] = lambda: None, pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """`body` captured as a CUDA graph, and what it returned at capture (the tensors a replay
+    refills). It runs `warm_ups` times first on a side stream (a compile, cuBLAS and the
+    allocator settle there); `before` runs ahead of each run, to set counters the body reads.
+
+    One side stream per device for every capture of the process: cuBLAS keeps a workspace for
+    each stream it has run on (32 MiB on a Hopper GPU), so a new stream per capture adds one per
+    padded prompt length. Five lengths of 32 MiB match the ~160 MiB by which the 135M's peak
+    grew on the H200 with prefill graphs (not yet measured with this change)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    side = _warm_up_streams.get(device)
+    if side is None:
+        side = _warm_up_streams[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm_ups):
+            before()
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    before()
+    with torch.cuda.graph(graph, pool=pool):
+        out = body()
+    return graph, out
+
+
 def sampling_processors(params: GenerationParams) -> tuple[LogitsProcessorList, bool]:
     """The logits processors `generate` would build for these settings, in its order, and
     whether to sample (False: greedy)."""
@@ -278,16 +309,7 @@ class StaticDecoder:
     def _capture(self) -> None:
         with torch.inference_mode():
             self._position.fill_(1)  # warm-up steps write cache slots that every request rewrites
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):  # compiles, and lets cuBLAS and the allocator settle
-                    self._step_fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._graph_logits = self._step_fn()
-        self._graph = graph
+            self._graph, self._graph_logits = capture_graph(self._step_fn, warm_ups=3)
 
     def _run_step(self) -> torch.Tensor:
         if self._graph is not None:
@@ -375,18 +397,9 @@ class StaticDecoder:
             self._prefill_pool = torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # lets cuBLAS and the allocator settle before capture
-                        self._set_length(0)
-                        self._prefill_pass(run)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                self._set_length(0)
-                with torch.cuda.graph(graph, pool=self._prefill_pool):
-                    run["logits"] = self._prefill_pass(run)
-            run["graph"] = graph
+                run["graph"], run["logits"] = capture_graph(
+                    lambda: self._prefill_pass(run), 2, lambda: self._set_length(0), self._prefill_pool
+                )
         except Exception as err:  # eager padded passes give the same logits, only slower
             self.prefill_graph_failure = f"the prefill could not be captured: {str(err).splitlines()[0]}"
             torch.cuda.synchronize()
@@ -574,21 +587,9 @@ class StaticDecoder:
         self._verify_tokens = torch.zeros((1, length), dtype=torch.long, device=self.device)
         self._verify_start = torch.ones((1,), dtype=torch.long, device=self.device)
         self._verify_offsets = torch.arange(length, device=self.device)
-        run = self._verify_fn
         try:
-            with torch.inference_mode():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):  # compiles, and lets cuBLAS and the allocator settle
-                        self._set_length(1)
-                        run()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                self._set_length(1)
-                with torch.cuda.graph(graph):
-                    self._verify_logits = run()
-            self._verify_graph = graph
+            with torch.inference_mode():  # three runs: the first compiles
+                self._verify_graph, self._verify_logits = capture_graph(self._verify_fn, 3, lambda: self._set_length(1))
         except Exception as err:  # eager passes still give the same tokens, only slower
             self.verify_graph_failure = f"the verify pass could not be captured: {str(err).splitlines()[0]}"
             torch.cuda.synchronize()
@@ -767,16 +768,7 @@ class StaticScorer:
             "graph": None,
         }
         if self.use_cuda_graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # lets cuBLAS and the allocator settle before capture
-                    self._forward(run)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run["out"] = self._forward(run)
-            run["graph"] = graph
+            run["graph"], run["out"] = capture_graph(lambda: self._forward(run), warm_ups=2)
         self._passes[length] = run
         return run
 
