@@ -52,6 +52,8 @@ class GenerationMetrics:
     draft_accept_rate: float | None = None
     spec_passes: int | None = None
     spec_speedup: float | None = None
+    # Tokens decoded without drafts because drafting had stopped paying (base.DraftPacer).
+    spec_paused_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +72,7 @@ class GenerationMetrics:
             draft_accept_rate=stats.accept_rate,
             spec_passes=stats.passes,
             spec_speedup=speedup,
+            spec_paused_tokens=stats.paused,
         )
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 from conftest import EMBEDDED_GGUF, collect, variant
 
-from playground.backends.base import Request, StreamEnd
+from playground.backends.base import Request, SpeculationStats, StreamEnd, speculative_loop
 from playground.backends.llamacpp_backend import LlamaCppBackend
 from playground.backends.transformers_backend import TransformersBackend
 from playground.config import GenerationParams
 from playground.errors import ConfigError, LoadError
+from playground.metrics import GenerationMetrics
 from playground.ui.formatting import metrics_line
 
 # Repeats itself, as grounded prompts (an edit, a summary that quotes) do: prompt lookup finds
@@ -123,6 +124,58 @@ def test_a_draft_model_must_exist_share_the_backend_and_the_tokenizer(engine, ll
     )
     with pytest.raises(LoadError, match="is a llamacpp variant; a draft model runs in the same transformers worker"):
         engine.load(wrong.id)
+
+
+def _chain(token: int) -> int:
+    """A model's greedy choice after `token`, for the loop's tests."""
+    return (token * 7 + 1) % 97
+
+
+@pytest.mark.parametrize(
+    "drafts_right,pass_seconds", [(False, 1.5), (True, 1.5), (True, 10.0)], ids=["wrong", "right", "right-but-slow"]
+)
+def test_drafting_pauses_while_its_passes_come_slower_than_plain_steps(drafts_right, pass_seconds):
+    """The shared speculative loop against a clock that charges 1 s a plain step and
+    `pass_seconds` a pass of drafts. Drafts that are always wrong give one token a pass, slower
+    than plain steps: after four such passes the next 8 tokens decode plainly, then 16 after four
+    more. Drafts that are always right never pause, even when their passes time slower (on a
+    shared CPU a step's time changes within a reply). The tokens are the model's own either way."""
+    now = [0.0]
+    shapes = []  # per pass: "P" (plain step) or "D" (a pass of drafts)
+
+    def check(token, drafts, position):
+        now[0] += pass_seconds if drafts else 1.0
+        shapes.append("D" if drafts else "P")
+        return lambda row: _chain(token if row == 0 else drafts[row - 1])
+
+    def propose(history, count):
+        chain = [_chain(history[-1])]
+        while len(chain) < count:
+            chain.append(_chain(chain[-1]))
+        return chain if drafts_right else [(t + 1) % 97 for t in chain]
+
+    stats = SpeculationStats("test")
+    params = GenerationParams(temperature=0.0, max_new_tokens=80)
+    tokens = list(
+        speculative_loop([5, 9], 2, 4096, params, lambda: False, 4, propose, check, stats, clock=lambda: now[0])
+    )
+    expected = [9]
+    while len(expected) < 80:
+        expected.append(_chain(expected[-1]))
+    assert [9, *tokens] == expected and stats.plain_tok_s == 1.0
+    assert stats.passes == 79 - stats.accepted
+    if drafts_right:
+        assert "".join(shapes[:-1]) == "PPP" + "D" * (len(shapes) - 4) and stats.paused == 0
+    else:
+        assert "".join(shapes[:35]) == "PPP" + "DDDD" + "P" * 8 + "DDDD" + "P" * 16
+        # The last step has no room for drafts: a plain step, not a paused one.
+        assert stats.paused == shapes[3:-1].count("P") and stats.accepted == 0
+    reply = GenerationMetrics(
+        prompt_tokens=2, completion_tokens=80, ttft_s=1.0, prefill_tok_s=2.0, decode_tok_s=1.2, decode_s=66.0,
+        total_s=67.0, peak_mem_bytes=0, peak_rss_bytes=0, backend="test", device="cpu", finish_reason="length",
+    )  # fmt: skip
+    line = metrics_line(reply.with_speculation(stats))
+    assert ("drafting paused for" in line) == (not drafts_right)
 
 
 def test_speculative_configs_are_checked():

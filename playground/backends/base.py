@@ -97,6 +97,7 @@ class SpeculationStats:
     passes: int = 0
     plain_tok_s: float | None = None
     off: str = ""
+    paused: int = 0  # tokens decoded without drafts because drafting had stopped paying
 
     @property
     def accept_rate(self) -> float | None:
@@ -113,6 +114,102 @@ def kept_drafts(drafts: Sequence[int], choose: Callable[[int], int]) -> list[int
         if row == len(drafts) or kept[-1] != drafts[row]:
             break
     return kept
+
+
+class DraftPacer:
+    """Whether a reply's next step drafts. Drafting pays only while a pass's tokens come faster
+    than plain steps do; on text the drafter cannot predict (prompt lookup on new code, say) a
+    pass costs more than a step and keeps little, and such replies ran at 0.7x plain decoding
+    on the CPU (benchmarks/RESULTS.md). So the last `window` drafting passes are compared with
+    the reply's plain steps: while they came slower and kept under `min_kept` of their drafts,
+    the next `pause` tokens decode plainly, the pause doubling (up to `longest_pause`) each time
+    drafting is tried again in vain. Timing alone is not trusted: on a shared CPU (other
+    variants answering beside this one) a step's time changes within a reply, and once paused
+    a reply whose drafts were all kept."""
+
+    def __init__(
+        self, window: int = 4, min_kept: float = 0.5, first_pause: int = 8, longest_pause: int = 128
+    ) -> None:
+        self.window, self.min_kept = window, min_kept
+        self.first_pause, self.longest_pause = first_pause, longest_pause
+        self.pause = first_pause
+        self.plain_left = 0  # plain steps still to run before drafting is tried again
+        self.plain_seconds: list[float] = []
+        self.passes: list[tuple[int, int, float]] = []  # (drafted, kept, seconds) of recent drafting passes
+
+    def drafts_now(self) -> bool:
+        return self.plain_left == 0
+
+    def plain_step(self, seconds: float) -> None:
+        self.plain_seconds = [*self.plain_seconds[-15:], seconds]
+        self.plain_left = max(self.plain_left - 1, 0)
+
+    def drafting_pass(self, drafted: int, kept: int, seconds: float) -> None:
+        """A pass that checked `drafted` drafts and kept `kept` of them in `seconds`."""
+        self.passes = [*self.passes[-(self.window - 1) :], (drafted, kept, seconds)]
+        if len(self.passes) < self.window or not self.plain_seconds:
+            return
+        plain_tok_s = len(self.plain_seconds) / sum(self.plain_seconds)
+        drafting_tok_s = sum(k + 1 for _, k, _ in self.passes) / sum(s for _, _, s in self.passes)
+        kept_share = sum(k for _, k, _ in self.passes) / sum(d for d, _, _ in self.passes)
+        if drafting_tok_s >= plain_tok_s or kept_share >= self.min_kept:
+            self.pause = self.first_pause
+            return
+        self.plain_left, self.passes = self.pause, []
+        self.pause = min(2 * self.pause, self.longest_pause)
+
+
+def speculative_loop(
+    history: list[int],
+    position: int,
+    limit: int,
+    params: GenerationParams,
+    should_stop: Callable[[], bool],
+    num_tokens: int,
+    propose: Callable[[list[int], int], list[int]],
+    check: Callable[[int, list[int], int], Callable[[int], int]],
+    stats: SpeculationStats,
+    rewind: Callable[[int], None] = lambda position: None,
+    pacer: DraftPacer | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Iterator[int]:
+    """The tokens after the first of a greedy speculative reply, for both backends. `history`
+    holds the prompt and the first token, which goes at `position` of a cache of `limit`.
+    Each step runs `check(token, drafts, position)`: the last token and its drafts in one pass,
+    returning the model's greedy choice at each row; the drafts are kept up to the first it
+    would not have chosen, plus its own choice there, and `rewind(next position)` drops the
+    rest where a cache must be told. The first PLAIN_STEPS_TIMED steps run without drafts and
+    timed: `stats.plain_tok_s` is the speed-up's baseline. After that, `pacer` (a DraftPacer by
+    default) says when drafting has stopped paying."""
+    pacer = pacer or DraftPacer()
+    token, produced = history[-1], 1
+    while produced < params.max_new_tokens and position + 1 < limit and not should_stop():
+        room = min(num_tokens, params.max_new_tokens - produced - 1, limit - position - 2)
+        timed = stats.passes < PLAIN_STEPS_TIMED
+        started = clock()
+        drafting = room > 0 and not timed and pacer.drafts_now()
+        drafts = propose(history, room) if drafting else []
+        kept = kept_drafts(drafts, check(token, drafts, position))
+        seconds = clock() - started
+        stats.passes += 1
+        stats.drafted += len(drafts)
+        stats.accepted += len(kept) - 1
+        if drafts:
+            pacer.drafting_pass(len(drafts), len(kept) - 1, seconds)
+        else:
+            pacer.plain_step(seconds)
+            if timed:
+                stats.plain_tok_s = len(pacer.plain_seconds) / sum(pacer.plain_seconds)
+            elif not drafting and room > 0:
+                stats.paused += 1
+        position += len(kept)
+        rewind(position)
+        for token in kept:
+            history.append(token)
+            yield token
+            produced += 1
+            if produced >= params.max_new_tokens:
+                return
 
 
 class DraftModel(Protocol):

@@ -21,7 +21,6 @@ the CPU tests compare against `generate`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,7 +36,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from playground.backends.base import PLAIN_STEPS_TIMED, SpeculationStats, kept_drafts
+from playground.backends.base import SpeculationStats, speculative_loop
 from playground.config import GenerationParams
 
 # The smallest cache; larger requests get the next power of two. Attention reads the whole
@@ -477,42 +476,28 @@ class StaticDecoder:
         # the cache, which mid-reply would write over the prompt's first positions.
         logits = self._prefill(prompt_ids, params.max_new_tokens + num_tokens + 1, capture_verify=True)
         drafter.begin(self.capacity)
-        history = list(prompt_ids)
         with torch.inference_mode():
             token = int(self._choose(logits, n_prompt, processors, sample))
-        history.append(token)
         yield token
-        produced, position = 1, n_prompt  # `position`: where the last token goes in the cache
-        plain_seconds: list[float] = []
-        while produced < params.max_new_tokens and position + 1 < self.capacity and not should_stop():
-            room = min(num_tokens, params.max_new_tokens - produced - 1, self.capacity - position - 2)
-            timed = len(plain_seconds) < PLAIN_STEPS_TIMED  # the plain speed this reply is measured against
-            drafts = drafter.propose(history, room) if room > 0 and not timed else []
-            started = time.perf_counter()
+
+        def check(token: int, drafts: list[int], position: int) -> Callable[[int], int]:
             with torch.inference_mode():
-                if drafts:
+                if not drafts:
+                    rows = self._single(token, position)
+                else:
                     # A graph replays one fixed length: pad with the last draft (rows past the
                     # drafts are never read, and their cache slots are written over later).
                     padded = self.use_cuda_graph and position + num_tokens + 1 <= self.capacity
                     padding = [drafts[-1]] * (num_tokens - len(drafts)) if padded else []
                     rows = self._verify([token, *drafts, *padding], position)
-                    stats.drafted += len(drafts)
-                else:
-                    rows = self._single(token, position)
-                stats.passes += 1
-                kept = kept_drafts(drafts, self._row_chooser(rows, len(drafts) + 1, position + 1, processors))
-            if timed:  # the chosen token was read back, so the step is done
-                plain_seconds.append(time.perf_counter() - started)
-                stats.plain_tok_s = len(plain_seconds) / sum(plain_seconds)
-            stats.accepted += len(kept) - 1
-            # The cache holds the last token and the drafts kept; the next pass starts after them.
-            position += len(kept)
-            for token in kept:
-                history.append(token)
-                yield token
-                produced += 1
-                if produced >= params.max_new_tokens:
-                    return
+                return self._row_chooser(rows, len(drafts) + 1, position + 1, processors)
+
+        # The cache holds the last token and the drafts kept: each pass sets its write counters
+        # (_single, _verify), so nothing needs rewinding.
+        yield from speculative_loop(
+            [*prompt_ids, token], n_prompt, self.capacity, params, should_stop, num_tokens,
+            drafter.propose, check, stats,
+        )  # fmt: skip
 
     def _row_chooser(
         self, rows: torch.Tensor, count: int, at: int, processors: LogitsProcessorList
@@ -521,7 +506,12 @@ class StaticDecoder:
         Without processors every row's choice is read back at once (one wait on the GPU, not
         one a row); a repetition penalty needs each choice in the history before the next."""
         if processors:
-            return lambda row: int(self._choose(rows[row : row + 1], at + row, processors, False))
+
+            def choose(row: int) -> int:
+                with torch.inference_mode():
+                    return int(self._choose(rows[row : row + 1], at + row, processors, False))
+
+            return choose
         chosen = torch.argmax(rows[:count], dim=-1)
         self._history[0, at : at + count] = chosen  # rows past the kept ones are rewritten later
         choices = chosen.tolist()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from playground.backends.base import (
-    PLAIN_STEPS_TIMED,
     TOKENIZER_PROBE,
     Backend,
     Chunk,
@@ -30,8 +29,8 @@ from playground.backends.base import (
     SpeculationStats,
     StreamEnd,
     TokenizerProbe,
-    kept_drafts,
     shared_prefix_length,
+    speculative_loop,
     stable_prefix_length,
 )
 from playground.config import GenerationParams, ModelConfig, SpeculativeSpec
@@ -417,29 +416,17 @@ class LlamaCppBackend(Backend):
             token = int(np.argmax(rows[len(history) - 1]))
             history.append(token)
             yield token
-            produced, position = 1, len(prompt_ids)  # `position`: where the last token goes
-            plain_seconds: list[float] = []
-            while produced < params.max_new_tokens and position + 1 < n_ctx and not should_stop():
-                room = min(spec.num_tokens, params.max_new_tokens - produced - 1, n_ctx - position - 2)
-                timed = len(plain_seconds) < PLAIN_STEPS_TIMED  # what this reply's speed-up is measured against
-                drafts = [] if timed or room <= 0 else propose(history, room)
-                started = time.perf_counter()
+
+            def check(token: int, drafts: list[int], position: int) -> Callable[[int], int]:
                 rows = self._decode([token, *drafts], position, keep_from=position, raw=True)
-                if timed:
-                    plain_seconds.append(time.perf_counter() - started)
-                    stats.plain_tok_s = len(plain_seconds) / sum(plain_seconds)
-                stats.passes += 1
-                stats.drafted += len(drafts)
-                kept = kept_drafts(drafts, lambda row, rows=rows, at=position: int(np.argmax(rows[at + row])))
-                stats.accepted += len(kept) - 1
-                position += len(kept)
-                self.llm._ctx.kv_cache_seq_rm(-1, position, -1)  # the drafts not kept
-                for token in kept:
-                    history.append(token)
-                    yield token
-                    produced += 1
-                    if produced >= params.max_new_tokens:
-                        return
+                return lambda row: int(np.argmax(rows[position + row]))
+
+            def rewind(position: int) -> None:  # the drafts not kept leave the KV cache
+                self.llm._ctx.kv_cache_seq_rm(-1, position, -1)
+
+            yield from speculative_loop(
+                history, len(prompt_ids), n_ctx, params, should_stop, spec.num_tokens, propose, check, stats, rewind
+            )
         finally:
             self._clear_context()
 

@@ -49,9 +49,15 @@ def speculation_line(m: GenerationMetrics) -> str:
         return f"speculative decoding {m.speculation or 'off'}"
     rate = _num(None if m.draft_accept_rate is None else 100 * m.draft_accept_rate, ".0f", "%")
     speedup = "n/a" if m.spec_speedup is None else f"×{m.spec_speedup:.2f}"
+    paused = (
+        f" · drafting paused for {m.spec_paused_tokens} tokens, where passes came slower than plain steps"
+        if m.spec_paused_tokens
+        else ""
+    )
     return (
         f"speculative ({m.speculation}): {m.accepted_tokens} of {m.draft_tokens} drafted tokens kept ({rate}) · "
         f"{max(m.completion_tokens - 1, 0)} tokens after the first in {m.spec_passes} passes · {speedup} decode speed against its first plain steps"
+        f"{paused}"
     )
 
 
