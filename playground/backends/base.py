@@ -7,6 +7,7 @@ What a backend can do is declared in playground.capabilities, readable without l
 
 from __future__ import annotations
 
+import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -118,24 +119,21 @@ def kept_drafts(drafts: Sequence[int], choose: Callable[[int], int]) -> list[int
 
 class DraftPacer:
     """Whether a reply's next step drafts. Drafting pays only while a pass's tokens come faster
-    than plain steps do; on text the drafter cannot predict (prompt lookup on new code, say) a
-    pass costs more than a step and keeps little, and such replies ran at 0.7x plain decoding
-    on the CPU (benchmarks/RESULTS.md). So the last `window` drafting passes are compared with
-    the reply's plain steps: while they came slower and kept under `min_kept` of their drafts,
-    the next `pause` tokens decode plainly, the pause doubling (up to `longest_pause`) each time
-    drafting is tried again in vain. Timing alone is not trusted: on a shared CPU (other
-    variants answering beside this one) a step's time changes within a reply, and once paused
-    a reply whose drafts were all kept."""
+    than plain steps do: on text the drafter cannot predict (prompt lookup on new code, say),
+    or with a draft model nearly as slow as the variant (the 135M beside the 1.7B on a GPU), a
+    pass costs more than it brings, and such replies ran at 0.7x plain decoding on the CPU
+    (benchmarks/RESULTS.md). So each `window` drafting passes are compared with the median of
+    the reply's recent plain steps; when they came slower, the next `pause` tokens decode
+    plainly, the pause doubling (up to `longest_pause`) each time drafting is tried again in
+    vain. The steps of a pause are timed too, so a baseline gone stale (a shared CPU slows
+    down as other variants start answering) is renewed by the first pause it causes."""
 
-    def __init__(
-        self, window: int = 4, min_kept: float = 0.5, first_pause: int = 8, longest_pause: int = 128
-    ) -> None:
-        self.window, self.min_kept = window, min_kept
-        self.first_pause, self.longest_pause = first_pause, longest_pause
+    def __init__(self, window: int = 4, first_pause: int = 8, longest_pause: int = 128) -> None:
+        self.window, self.first_pause, self.longest_pause = window, first_pause, longest_pause
         self.pause = first_pause
         self.plain_left = 0  # plain steps still to run before drafting is tried again
-        self.plain_seconds: list[float] = []
-        self.passes: list[tuple[int, int, float]] = []  # (drafted, kept, seconds) of recent drafting passes
+        self.plain_seconds: list[float] = []  # the last 16 plain steps
+        self.passes: list[tuple[int, float]] = []  # (tokens, seconds) of the window's drafting passes
 
     def drafts_now(self) -> bool:
         return self.plain_left == 0
@@ -144,18 +142,18 @@ class DraftPacer:
         self.plain_seconds = [*self.plain_seconds[-15:], seconds]
         self.plain_left = max(self.plain_left - 1, 0)
 
-    def drafting_pass(self, drafted: int, kept: int, seconds: float) -> None:
-        """A pass that checked `drafted` drafts and kept `kept` of them in `seconds`."""
-        self.passes = [*self.passes[-(self.window - 1) :], (drafted, kept, seconds)]
+    def drafting_pass(self, tokens: int, seconds: float) -> None:
+        """A pass of drafts that gave `tokens` tokens (the drafts kept and its own) in `seconds`."""
+        self.passes.append((tokens, seconds))
         if len(self.passes) < self.window or not self.plain_seconds:
             return
-        plain_tok_s = len(self.plain_seconds) / sum(self.plain_seconds)
-        drafting_tok_s = sum(k + 1 for _, k, _ in self.passes) / sum(s for _, _, s in self.passes)
-        kept_share = sum(k for _, k, _ in self.passes) / sum(d for d, _, _ in self.passes)
-        if drafting_tok_s >= plain_tok_s or kept_share >= self.min_kept:
+        plain_tok_s = 1 / statistics.median(self.plain_seconds)
+        drafting_tok_s = sum(t for t, _ in self.passes) / sum(s for _, s in self.passes)
+        self.passes = []
+        if drafting_tok_s >= plain_tok_s:
             self.pause = self.first_pause
             return
-        self.plain_left, self.passes = self.pause, []
+        self.plain_left = self.pause
         self.pause = min(2 * self.pause, self.longest_pause)
 
 
@@ -195,7 +193,7 @@ def speculative_loop(
         stats.drafted += len(drafts)
         stats.accepted += len(kept) - 1
         if drafts:
-            pacer.drafting_pass(len(drafts), len(kept) - 1, seconds)
+            pacer.drafting_pass(len(kept), seconds)
         else:
             pacer.plain_step(seconds)
             if timed:
