@@ -11,6 +11,7 @@ this module, and torch's CUDA libraries beside llama.cpp's have crashed a worker
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -46,7 +47,14 @@ def quantize_gguf(
 
 def gguf_file_type(path: Path) -> str:
     """The file's weight type as llama.cpp's tools name it (Q4_1, Q4_K_M, F16, ...), or
-    'unknown' where the file does not say."""
+    'unknown' where the file does not say. Kept per file version: every memory estimate asks,
+    and reading the header parses every tensor's entry."""
+    stat = path.stat()
+    return _stored_file_type(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _stored_file_type(path: str, mtime_ns: int, size: int) -> str:
     from gguf import GGUFReader, LlamaFileType
 
     field = GGUFReader(path).fields.get("general.file_type")

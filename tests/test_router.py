@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +19,7 @@ from playground.backends.base import Request, shared_prefix_length
 from playground.backends.llamacpp_backend import LlamaCppBackend
 from playground.config import GenerationParams, load_config_dir
 from playground.errors import PlaygroundError
-from playground.gguf_types import converted_type
+from playground.gguf_types import converted_type, gguf_file_type, quantize_gguf
 from playground.router import (
     ROUTE_END,
     ROUTE_PREFIX,
@@ -400,6 +402,18 @@ def test_llamacpp_route_scores_are_the_summed_log_probabilities_of_a_plain_pass(
 )
 def test_which_weights_a_llamacpp_variant_converts_to(choice, stored, on_gpu, features, expected):
     assert converted_type(choice, stored, on_gpu, features) == expected
+
+
+def test_a_gguf_type_is_read_once_per_version_of_the_file(tmp_path, tiny_gguf):
+    """Estimates ask a GGUF's type often; it is kept per file version, and a file written over
+    is read again."""
+    path = tmp_path / "m.gguf"
+    shutil.copy(tiny_gguf, path)
+    first = gguf_file_type(path)
+    assert gguf_file_type(path) == first != "Q8_0"
+    quantize_gguf(tiny_gguf, tmp_path / "q.gguf", "Q8_0")
+    os.replace(tmp_path / "q.gguf", path)
+    assert gguf_file_type(path) == "Q8_0"
 
 
 def test_router_weights_converted_at_load_score_as_their_full_precision_computation(engine, tmp_path, monkeypatch):
