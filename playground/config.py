@@ -7,6 +7,7 @@ This module knows nothing about how a backend loads weights.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -206,6 +207,14 @@ class EndpointSpec(_Strict):
     model: str = ""
     api_key_env: str | None = None  # name of the environment variable holding the key
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+
+    def api_key(self) -> str:
+        """The key, read from the environment when asked (never stored in a config)."""
+        return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+
+    def auth_headers(self) -> dict[str, str]:
+        key = self.api_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class ShapeHint(_Strict):

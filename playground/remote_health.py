@@ -8,7 +8,6 @@ engine uses. The text is parsed by prometheus_client.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -61,8 +60,7 @@ def queue_from_metrics(text: str) -> tuple[float | None, float | None, str]:
 
 def check(endpoint: EndpointSpec, timeout_s: float = 2.0) -> RemoteHealth:
     """One look at the server behind `endpoint`; never raises."""
-    key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = endpoint.auth_headers()
     base = endpoint.base_url.rstrip("/")
     started = time.perf_counter()
     try:

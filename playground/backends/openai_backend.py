@@ -9,7 +9,6 @@ which is what such servers send.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,23 +50,16 @@ class OpenAIBackend(Backend):
         self.prompt_logprobs = False
         self.prompt_logprobs_note = "not checked"
 
-    def _key(self) -> str:
-        env = self.endpoint.api_key_env
-        return os.environ.get(env, "") if env else ""
-
-    def _headers(self) -> dict[str, str]:
-        key = self._key()
-        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _redacted(self, text: str) -> str:
         """A server's words with our key taken out: some echo the Authorization header back."""
-        key = self._key()
+        key = self.endpoint.api_key()
         return text.replace(key, "***") if key else text
 
     def load(self) -> LoadInfo:
         started = time.perf_counter()
         base = self.endpoint.base_url.rstrip("/") + "/"
-        self.client = httpx.Client(base_url=base, headers=self._headers(), timeout=self.endpoint.timeout_s)
+        self.client = httpx.Client(base_url=base, headers=self.endpoint.auth_headers(), timeout=self.endpoint.timeout_s)
         try:
             reply = self.client.get("models", timeout=10.0)
             reply.raise_for_status()
