@@ -84,6 +84,7 @@ def run(variants: list[tuple[str, dict[str, Any]]], max_new_tokens: int) -> dict
                         "spec_speedup": fast.metrics.spec_speedup,
                         "draft_accept_rate": fast.metrics.draft_accept_rate,
                         "passes": fast.metrics.spec_passes,
+                        "paused_tokens": fast.metrics.spec_paused_tokens,
                         "same_tokens": fast.token_ids == plain.token_ids,
                         "first_difference": _first_difference(plain.token_ids, fast.token_ids),
                     }
