@@ -52,21 +52,24 @@ MIN_PREFILL_TOKENS = 32
 WARM_PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024)
 
 
-def prefill_tokens_for(prompt: int) -> int:
-    """The padded length a prompt of `prompt` tokens is prefilled at."""
-    size = MIN_PREFILL_TOKENS
-    while size < prompt:
+def power_of_two_at_least(needed: int, smallest: int) -> int:
+    """The smallest of smallest, 2 * smallest, 4 * smallest, ... that holds `needed`: the padded
+    lengths of caches, prompts and scored tails, so few graphs are ever captured."""
+    size = smallest
+    while size < needed:
         size *= 2
     return size
 
 
+def prefill_tokens_for(prompt: int) -> int:
+    """The padded length a prompt of `prompt` tokens is prefilled at."""
+    return power_of_two_at_least(prompt, MIN_PREFILL_TOKENS)
+
+
 def cache_tokens_for(needed: int, limit: int) -> int:
-    """Cache length for a request of `needed` positions: a power of two (so few graphs are ever
-    captured), at least MIN_CACHE_TOKENS, never above the model's context `limit`."""
-    size = MIN_CACHE_TOKENS
-    while size < needed:
-        size *= 2
-    return min(size, limit)
+    """Cache length for a request of `needed` positions: a power of two, at least
+    MIN_CACHE_TOKENS, never above the model's context `limit`."""
+    return min(power_of_two_at_least(needed, MIN_CACHE_TOKENS), limit)
 
 
 _warm_up_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -364,17 +367,8 @@ class StaticDecoder:
 
     def _prefill_pass(self, run: dict[str, Any]) -> torch.Tensor:
         ids = run["ids"]
-        positions = self._positions[: ids.shape[1]]
-        mask = self._positions.view(1, -1) <= positions.view(-1, 1)  # row i sees 0..i
-        out = self.model(
-            input_ids=ids,
-            position_ids=positions.view(1, -1),
-            attention_mask=mask.view(1, 1, ids.shape[1], -1),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=run["last"],  # the last real row only: the head is a large matmul
-        )
-        return out.logits[:, -1, :]
+        # The last real row's logits only: the head is a large matmul.
+        return self._masked_pass(ids, self._positions[: ids.shape[1]], logits_to_keep=run["last"])[:, -1, :]
 
     def _prefill_for(self, length: int) -> dict[str, Any]:
         """The buffers of a padded prefill of `length`, and its graph (captured here, once per
@@ -539,22 +533,28 @@ class StaticDecoder:
             rows = self._verify_replay(tokens, position)
             if rows is not None:
                 return rows
-        return self._verify_pass(
-            torch.tensor([tokens], dtype=torch.long, device=self.device),
-            self._positions[position : position + count],
-        )
+        token_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        return self._masked_pass(token_ids, self._positions[position : position + count])[0]
 
-    def _verify_pass(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _masked_pass(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`token_ids` [1, n] at `positions` in one pass over the cache, each row seeing the
+        cache up to its own position (later rows, padding and stale slots masked); the logits
+        [1, rows, vocab], of every row or of the rows `logits_to_keep` names. Everything stays
+        on the device, so it can be captured."""
         count = token_ids.shape[1]
-        mask = self._positions.view(1, -1) <= positions.view(-1, 1)  # row i sees 0..position+i
+        mask = self._positions.view(1, -1) <= positions.view(-1, 1)
+        keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         out = self.model(
             input_ids=token_ids,
             position_ids=positions.view(1, -1),
             attention_mask=mask.view(1, 1, count, -1),
             past_key_values=self.cache,
             use_cache=True,
+            **keep,
         )
-        return out.logits[0]
+        return out.logits
 
     def _verify_replay(self, tokens: list[int], position: int) -> torch.Tensor | None:
         """The fixed-length pass through its graph; None where it cannot be captured (then
@@ -568,7 +568,7 @@ class StaticDecoder:
 
     def _fixed_verify(self) -> torch.Tensor:
         """The pass of `_verify_tokens` from `_verify_start`: what the verify graph holds."""
-        return self._verify_pass(self._verify_tokens, self._verify_start + self._verify_offsets)
+        return self._masked_pass(self._verify_tokens, self._verify_start + self._verify_offsets)[0]
 
     def _capture_verify(self) -> None:
         """The fixed-length pass's graph. Its warm-up and capture write cache slots from 1 on,
@@ -741,10 +741,7 @@ class StaticScorer:
 
     @staticmethod
     def _padded(tail: int) -> int:
-        length = MIN_SCORE_TOKENS
-        while length < tail:
-            length *= 2
-        return length
+        return power_of_two_at_least(tail, MIN_SCORE_TOKENS)
 
     def _pass_for(self, length: int) -> dict[str, Any]:
         if length in self._passes:
