@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from playground.capabilities import Capabilities, capabilities
 from playground.config import GenerationParams, Mode, ModelConfig
-from playground.errors import GenerationError
+from playground.errors import GenerationError, LoadError
 from playground.sources import DownloadProgress
 
 ShouldStop = Callable[[], bool]
@@ -419,6 +419,32 @@ class Backend(ABC):
     def tokenizer_probe(self) -> TokenizerProbe:
         """What decides whether two variants share a tokenizer (TOKENIZER_PROBE's ids)."""
         raise GenerationError(f"the {self.name} backend cannot tokenize locally")
+
+    def _draft_variant(self) -> ModelConfig:
+        """The config of this speculative variant's draft model, which the worker sets."""
+        if self.draft_config is None:
+            raise LoadError(f"{self.config.display_name} drafts with another variant, and none was given to its worker")
+        return self.draft_config
+
+    def _load_draft(self, draft: Backend, unusable: Callable[[Backend], str] = lambda draft: "") -> Backend:
+        """`draft` (a backend of the draft variant's config) loaded beside this one, or a
+        LoadError: it must load, be usable here (`unusable` says why not) and give the same
+        token ids for the same text."""
+        draft_id = draft.config.id
+        try:
+            draft.load()
+        except LoadError as err:
+            raise LoadError(f"its draft variant {draft_id} failed to load: {err}") from None
+        why = unusable(draft)
+        if not why and draft.tokenizer_probe() != self.tokenizer_probe():
+            why = (
+                "has another tokenizer: a draft model must give the same token ids for the same text, "
+                "and the same vocabulary"
+            )
+        if why:
+            draft.unload()
+            raise LoadError(f"its draft variant {draft_id} {why}")
+        return draft
 
     def teacher_forced(self, prompt_ids: list[int], answer_ids: list[int], top_k: int, keep_rows: bool) -> TeacherForced:
         """Score `answer_ids` after `prompt_ids` in one forward pass: each answer token's

@@ -378,21 +378,9 @@ class LlamaCppBackend(Backend):
 
     def _load_draft_model(self) -> LlamaCppBackend:
         """The draft variant beside this one, on the same device, checked to share its tokenizer."""
-        if self.draft_config is None:
-            raise LoadError(f"{self.config.display_name} drafts with another variant, and none was given to its worker")
-        device = "cpu" if self.device == "cpu" else self.draft_config.device
-        draft = LlamaCppBackend(self.draft_config.model_copy(update={"device": device, "speculative": None}))
-        try:
-            draft.load()
-        except LoadError as err:
-            raise LoadError(f"its draft variant {self.draft_config.id} failed to load: {err}") from None
-        if draft.tokenizer_probe() != self.tokenizer_probe():
-            draft.unload()
-            raise LoadError(
-                f"its draft variant {self.draft_config.id} has another tokenizer: a draft model must give the same "
-                "token ids for the same text, and the same vocabulary"
-            )
-        return draft
+        draft_config = self._draft_variant()
+        device = "cpu" if self.device == "cpu" else draft_config.device
+        return self._load_draft(LlamaCppBackend(draft_config.model_copy(update={"device": device, "speculative": None})))
 
     def _speculative_tokens(
         self, prompt_ids: list[int], params: GenerationParams, should_stop: ShouldStop, stats: SpeculationStats

@@ -293,40 +293,28 @@ class TransformersBackend(Backend):
 
     def _try_speculation(self, num_tokens: int) -> str:
         """One short speculative reply of the default size, so the pass is compiled and captured
-        at load rather than in the first reply; why its graph failed, if it did."""
-        assert self.decoder is not None and self.drafter is not None
-        prompt = [0] * min(64, self.decoder.context_limit // 2)  # repeats: prompt lookup drafts
-        trial = GenerationParams(temperature=0.0, max_new_tokens=self.config.generation.max_new_tokens)
-        tokens = self.decoder.speculative_tokens(
-            prompt, trial, lambda: False, self.drafter, num_tokens, SpeculationStats("trial")
+        at load rather than in the first reply; why its graph failed, if it did. The trial's
+        prompt repeats one token, so prompt lookup drafts too."""
+        decoder, drafter = self.decoder, self.drafter
+        assert decoder is not None and drafter is not None
+        self._trial_reply(
+            decoder,
+            lambda prompt, trial: decoder.speculative_tokens(
+                prompt, trial, lambda: False, drafter, num_tokens, SpeculationStats("trial")
+            ),
+            PLAIN_STEPS_TIMED + 3,
         )
-        with torch.inference_mode():
-            for _ in zip(range(PLAIN_STEPS_TIMED + 3), tokens, strict=False):
-                pass
-        tokens.close()
-        return self.decoder.verify_graph_failure
+        return decoder.verify_graph_failure
 
     def _load_draft_model(self) -> TransformersBackend:
-        draft_config = self.draft_config
-        if draft_config is None:
-            raise LoadError(f"{self.config.display_name} drafts with another variant, and none was given to its worker")
         # Beside this model, on its device, with its own static cache (eager steps on a CPU).
-        draft = TransformersBackend(
-            draft_config.model_copy(update={"device": self.device, "fast_decode": "on", "speculative": None})
-        )
-        try:
-            draft.load()
-        except LoadError as err:
-            raise LoadError(f"its draft variant {draft_config.id} failed to load: {err}") from None
-        if draft.decoder is None:
-            raise LoadError(f"its draft variant {draft_config.id} cannot decode step by step: {draft.decode_path.reason}")
-        if draft.tokenizer_probe() != self.tokenizer_probe():
-            draft.unload()
-            raise LoadError(
-                f"its draft variant {draft_config.id} has another tokenizer: a draft model must give the same "
-                "token ids for the same text, and the same vocabulary"
-            )
-        return draft
+        update = {"device": self.device, "fast_decode": "on", "speculative": None}
+        draft = TransformersBackend(self._draft_variant().model_copy(update=update))
+
+        def unusable(draft: TransformersBackend) -> str:
+            return "" if draft.decoder is not None else f"cannot decode step by step: {draft.decode_path.reason}"
+
+        return self._load_draft(draft, unusable)
 
     def _graph_hint(self) -> list[str]:
         """What the config can change when a GPU step could not be captured, where we know it."""
@@ -361,11 +349,22 @@ class TransformersBackend(Backend):
 
     def _try_decoder(self, decoder: StaticDecoder) -> None:
         """Three greedy tokens after a short prompt, in a cache sized for the default settings."""
+        self._trial_reply(decoder, lambda prompt, trial: decoder.tokens(prompt, trial, lambda: False), 3)
+
+    def _trial_reply(
+        self,
+        decoder: StaticDecoder,
+        reply: Callable[[list[int], GenerationParams], Iterator[int]],
+        count: int,
+    ) -> None:
+        """The first `count` tokens of `reply` to a short prompt of one repeated token, greedy,
+        in a cache sized for the variant's default settings: what a load tries, compiles and
+        captures before the first real reply."""
         prompt = [0] * min(64, decoder.context_limit // 2)
         trial = GenerationParams(temperature=0.0, max_new_tokens=self.config.generation.max_new_tokens)
-        tokens = decoder.tokens(prompt, trial, lambda: False)
+        tokens = reply(prompt, trial)
         with torch.inference_mode():
-            for _ in zip(range(3), tokens, strict=False):
+            for _ in zip(range(count), tokens, strict=False):
                 pass
         tokens.close()
 
