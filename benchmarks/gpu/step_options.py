@@ -9,7 +9,11 @@ tried here, each in its own process so Inductor's caches and settings do not car
   the tail of the one before);
 - `max-autotune`: Inductor times Triton templates against cuBLAS for each matmul;
 - `max-autotune-pdl`: both;
-- `coordinate-descent`: tunes the block sizes of Inductor's own kernels.
+- `coordinate-descent`: tunes the block sizes of Inductor's own kernels;
+- `triton-layers`: the default compile over playground/backends/triton_layers.py's fused layers
+  (norm, SiLU and residual add inside four Triton matvecs a layer). Its row also holds each
+  matvec's time against cuBLAS's plain matmul of the same weight, and how far one eager step's
+  logits move from the model's own layers.
 Per option and shape: ms per token of the captured step, timed with CUDA events over replays
 from position 256 on (a 1024-slot cache), against the bytes a token reads at the measured copy rate.
 
@@ -20,6 +24,7 @@ On the lent GPU:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -29,6 +34,7 @@ from pathlib import Path
 # In the order they are run (--options), most telling first, so a budget cuts the least.
 OPTIONS = {
     "default": {},
+    "triton-layers": {},
     "pdl": {"options": {"triton.enable_pdl": True}},
     # torch.compile takes a mode or options, not both: max-autotune-no-cudagraphs as options.
     "max-autotune-pdl": {"options": {"max_autotune": True, "triton.cudagraphs": False, "triton.enable_pdl": True}},
@@ -76,12 +82,72 @@ def prefill_ms(decoder) -> dict:
     def eager():
         decoder.cache.reset()
         ids = torch.tensor([prompt], device="cuda")
-        return decoder.model(input_ids=ids, past_key_values=decoder.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return decoder.model(input_ids=ids, past_key_values=decoder.cache, use_cache=True, logits_to_keep=1).logits[
+            :, -1
+        ]
 
     return {
         "prefill_256_graph_ms": timed(lambda: decoder._write_prompt(prompt)),
         "prefill_256_eager_ms": timed(eager),
         "prefill_graph_failure": decoder.prefill_graph_failure,
+    }
+
+
+def matvec_times(model) -> dict:
+    """Per projection of the first layer: the fused matvec (its picked launch shape) and cuBLAS's
+    plain matmul of the same weight, each timed in CUDA graphs, with the weight's read rate."""
+    import torch
+    from triton.testing import do_bench_cudagraph
+
+    from playground.backends.triton_layers import fused_matvec
+
+    layer = model.model.layers[0]
+    inner = layer.layer
+    weights = {
+        "qkv": (inner.self_attn.qkv_fused.weight, inner.input_layernorm, False),
+        "o": (inner.self_attn.o_proj.weight, None, False),
+        "gate_up": (inner.mlp.gate_up_fused.weight, inner.post_attention_layernorm, True),
+        "down": (inner.mlp.down_proj.weight, None, False),
+    }
+    out = {}
+    for name, (weight, norm, gated) in weights.items():
+        x = torch.randn(weight.shape[1], dtype=weight.dtype, device="cuda")
+        rows = weight.shape[0] // 2 if gated else weight.shape[0]
+        residual = None if norm is not None or gated else torch.zeros(rows, dtype=weight.dtype, device="cuda")
+        config = layer.configs[name]
+        fused = functools.partial(fused_matvec, x, weight, config, norm=norm, residual=residual, gated=gated)
+        fused_ms = do_bench_cudagraph(fused)
+        cublas_ms = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x.view(1, -1), weight))
+        size = weight.numel() * weight.element_size()
+        out[f"matvec_{name}"] = {
+            "shape": list(weight.shape),
+            "config": [config.block_n, config.block_k, config.num_warps],
+            "fused_us": fused_ms * 1000,
+            "cublas_us": cublas_ms * 1000,
+            "fused_tb_s": size / (fused_ms / 1000) / 1e12,
+            "cublas_tb_s": size / (cublas_ms / 1000) / 1e12,
+        }
+    return out
+
+
+def fused_against_own_layers(decoder) -> dict:
+    """One eager step at position 256, through the fused layers and then the model's own (bf16):
+    the largest logit difference and whether the greedy choice agrees."""
+
+    from playground.backends.triton_layers import remove_fused_layers
+
+    logits = []
+    for _ in range(2):
+        decoder._position.fill_(256)
+        decoder._set_length(256)  # the cache's own write counter, so both steps write slot 256
+        decoder._token.fill_(17)
+        logits.append(decoder._step().float().clone())
+        remove_fused_layers(decoder.model)
+    fused, own = logits
+    return {
+        "step_logits_max_diff": float((fused - own).abs().max()),
+        "step_logits_scale": float(own.abs().max()),
+        "step_greedy_agrees": bool(int(fused.argmax()) == int(own.argmax())),
     }
 
 
@@ -94,6 +160,13 @@ def measure(option: str, shape: str, replays: int) -> dict:
     with_folder = Path("/tmp")
     decoder = make_decoder(shape, "cuda", with_folder)
     settings = OPTIONS[option]
+    matvecs = {}
+    if option == "triton-layers":
+        from playground.backends.triton_layers import install_fused_layers
+
+        tuning_started = time.perf_counter()
+        install_fused_layers(decoder.model)
+        matvecs = {"tuning_s": time.perf_counter() - tuning_started, **matvec_times(decoder.model)}
     decoder._step_fn = torch.compile(
         decoder._step, dynamic=False, mode=settings.get("mode"), options=settings.get("options")
     )
@@ -116,13 +189,23 @@ def measure(option: str, shape: str, replays: int) -> dict:
         end.synchronize()
         times.append(start.elapsed_time(end) / replays)
     config = decoder.model.config
-    kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2 * (256 + replays / 2)
+    kv_bytes = (
+        config.num_hidden_layers
+        * 2
+        * config.num_key_value_heads
+        * (config.hidden_size // config.num_attention_heads)
+        * 2
+        * (256 + replays / 2)
+    )
     rate = copy_rate_bytes_per_s()
     bound_ms = (weights + kv_bytes) / rate * 1000
     best = min(times)
-    prefill = prefill_ms(decoder) if option == "default" else {}
+    prefill = prefill_ms(decoder) if option in ("default", "triton-layers") else {}
+    if option == "triton-layers":
+        matvecs |= fused_against_own_layers(decoder)
     return {
         **prefill,
+        **matvecs,
         "option": option,
         "shape": shape,
         "ms_per_token": best,

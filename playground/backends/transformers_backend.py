@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from playground.backends import triton_layers
 from playground.backends.base import (
     PLAIN_STEPS_TIMED,
     TOKENIZER_PROBE,
@@ -242,16 +243,23 @@ class TransformersBackend(Backend):
         failures = [not_fused] if not_fused else []
         # Fastest first; each is tried once on a request of the variant's default size, which
         # also compiles and captures the step for the cache size most requests will use.
-        attempts = [("cuda-graph", True, True), ("cuda-graph", True, False)] if on_cuda else []
-        attempts.append(("static-cache", False, False))
-        for name, use_graph, compile_step in attempts:
+        # (path name, CUDA graph, torch.compile, Triton layers)
+        attempts = [("cuda-graph", True, True, False), ("cuda-graph", True, False, False)] if on_cuda else []
+        if on_cuda and fused and triton_layers.triton_available() and not triton_layers.unfusable_reason(self.model):
+            attempts.insert(0, ("cuda-graph", True, True, True))
+        attempts.append(("static-cache", False, False, False))
+        for name, use_graph, compile_step, layers in attempts:
             decoder = StaticDecoder(self.model, self._context_length(), use_graph, compile_step)
             try:
+                if layers:  # its kernels' block sizes are timed here, on this model's weights
+                    triton_layers.install_fused_layers(self.model)
                 self._try_decoder(decoder)
             except Exception as err:  # any failure of an optional path means: use the next one
                 decoder.release()
                 what = "torch.compile" if compile_step else "CUDA graph" if use_graph else "static cache"
-                failures.append(f"{what} failed: {first_line(err)}")
+                failures.append(f"{'Triton layers' if layers else what} failed: {first_line(err)}")
+                if layers:
+                    triton_layers.remove_fused_layers(self.model)
                 if on_cuda:
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
@@ -263,7 +271,12 @@ class TransformersBackend(Backend):
                 failures.append(decoder.prefill_graph_failure)
             prefill_graphs = use_graph and not decoder.prefill_graph_failure
             return DecodePath(
-                name, "; ".join(failures), compiled=compile_step, fused=fused, prefill_graphs=prefill_graphs
+                name,
+                "; ".join(failures),
+                compiled=compile_step,
+                fused=fused,
+                prefill_graphs=prefill_graphs,
+                triton_layers=layers,
             )
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
 

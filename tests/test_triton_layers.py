@@ -1,0 +1,134 @@
+"""The fused single-token layers (playground/backends/triton_layers.py) against the model's own.
+
+Triton's interpreter runs the kernels on the CPU (it must be switched on before the first kernel
+is made, hence the environment line before the imports). On the GPU the same kernels run
+compiled: test_gpu.py checks them there through the app's fast path.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from playground.backends import triton_layers  # noqa: E402
+from playground.backends.fast_decode import StaticDecoder, fuse_projections  # noqa: E402
+from playground.backends.triton_layers import (  # noqa: E402
+    FusedDecoderLayer,
+    MatvecConfig,
+    fused_matvec,
+    install_fused_layers,
+    remove_fused_layers,
+    unfusable_reason,
+)
+from playground.config import GenerationParams  # noqa: E402
+
+# Several column blocks and a partial last row block, so the loops and masks are exercised.
+SMALL_BLOCKS = MatvecConfig(block_n=8, block_k=32, num_warps=4)
+ROWS, COLUMNS = 37, 100
+
+
+class Norm(torch.nn.Module):
+    """The Llama/Qwen2 RMSNorm, as the model computes it (normalised, rounded, times weight)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = torch.nn.Parameter(weight), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * normalised.to(x.dtype)
+
+
+# fp16 rather than bf16: the interpreter truncates fp32 to bf16 where a GPU rounds to nearest
+# (half its conversions came out one ulp low), and fp16 takes the kernel's same rounding steps.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["norm-and-bias", "gated", "residual"])
+def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case):
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    x, norm = random(COLUMNS), Norm(1 + 0.1 * random(COLUMNS))
+    with torch.no_grad():
+        if case == "norm-and-bias":
+            weight, bias = random(ROWS, COLUMNS), random(ROWS)
+            expected = F.linear(norm(x), weight, bias)
+            got = fused_matvec(x, weight, SMALL_BLOCKS, norm=norm, bias=bias)
+        elif case == "gated":
+            weight = random(2 * ROWS, COLUMNS)
+            gate, up = F.linear(norm(x), weight).split(ROWS)
+            expected = F.silu(gate) * up
+            got = fused_matvec(x, weight, SMALL_BLOCKS, norm=norm, gated=True)
+        else:
+            weight, residual = random(ROWS, COLUMNS), random(ROWS)
+            expected = residual + F.linear(x, weight)
+            got = fused_matvec(x, weight, SMALL_BLOCKS, residual=residual)
+    assert got.dtype == dtype and got.shape == (ROWS,)
+    # fp32: only the order of the sums differs. fp16: the same roundings, so an ulp or two apart.
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+def _fused_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    fuse_projections(model)
+    assert unfusable_reason(model) == ""
+    assert install_fused_layers(model) == model.config.num_hidden_layers
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, arch, monkeypatch):
+    """fp32, greedy: the static-cache decoder over fused layers gives generate's tokens one for
+    one (Qwen2's q/k/v biases included), and its single-token passes did go through the kernels."""
+    from transformers import AutoModelForCausalLM
+
+    folder = {"llama": llama_folder, "qwen2": qwen2_folder}[arch]
+    prompt = [3, 14, 15, 9, 26, 5, 35, 8]
+    new_tokens = 10
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    expected = plain.generate(
+        torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
+    )[0, len(prompt) :].tolist()
+
+    calls: list[bool] = []
+    kernel = triton_layers.fused_matvec
+    monkeypatch.setattr(triton_layers, "fused_matvec", lambda *a, **k: calls.append(True) or kernel(*a, **k))
+    model = _fused_model(folder)
+    decoder = StaticDecoder(model, 256, use_cuda_graph=False)
+    params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
+    assert list(decoder.tokens(prompt, params, lambda: False)) == expected
+    # four matvecs a layer in every single-token pass: the cache's first token and each step
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 4 * layers * new_tokens
+
+
+def test_multi_token_passes_and_removal_give_the_model_s_own_layers(llama_folder):
+    model = _fused_model(llama_folder)
+    ids = torch.tensor([[3, 14, 15, 9, 26, 5]])
+    with torch.no_grad():
+        fused_prompt_logits = model(ids).logits  # several tokens: the wrapped layers' own pass
+        remove_fused_layers(model)
+        assert not any(isinstance(layer, FusedDecoderLayer) for layer in model.model.layers)
+        torch.testing.assert_close(model(ids).logits, fused_prompt_logits, atol=0, rtol=0)
+
+
+def test_layers_that_cannot_be_fused_say_why(llama_folder):
+    from transformers import AutoModelForCausalLM
+
+    eager = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32, attn_implementation="eager")
+    fuse_projections(eager)
+    assert "SDPA" in unfusable_reason(eager)
+    # q/k/v left as three matmuls, as for quantized or adapter layers (fusable_groups skips those)
+    unfused = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
+    assert "q/k/v and gate/up fused first" in unfusable_reason(unfused)
