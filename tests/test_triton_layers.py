@@ -22,6 +22,7 @@ from playground.backends.fast_decode import StaticDecoder, fuse_projections  # n
 from playground.backends.triton_layers import (  # noqa: E402
     FusedDecoderLayer,
     MatvecConfig,
+    decode_attention,
     fused_matvec,
     install_fused_layers,
     remove_fused_layers,
@@ -77,6 +78,47 @@ def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case):
     torch.testing.assert_close(got, expected, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("position", [0, 5, 37])
+def test_decode_attention_rotates_writes_and_attends_as_the_model_does(dtype, position):
+    """Grouped heads (4 query heads on 2 kv heads), slots over several blocks: the kernel's
+    output, the cache slot it wrote and the length it set, against RoPE, index_copy and SDPA."""
+    from transformers.cache_utils import StaticLayer
+
+    generator = torch.Generator().manual_seed(position)
+    q_heads, kv_heads, head_dim, capacity = 4, 2, 16, 64
+    qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    angles = torch.randn(head_dim // 2, generator=generator).repeat(2)
+    cos, sin = (f(angles).to(dtype).view(1, 1, -1) for f in (torch.cos, torch.sin))
+    layer = StaticLayer(max_cache_len=capacity)
+    cached = torch.randn(1, kv_heads, capacity, head_dim, generator=generator).to(dtype)
+    layer.lazy_initialization(cached[:, :, :1], cached[:, :, :1])
+    layer.keys.copy_(cached)
+    layer.values.copy_(cached.flip(-1))
+
+    query, key, value = (
+        part.view(1, 1, -1, head_dim).transpose(1, 2)
+        for part in qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+    )
+    query, key = (triton_layers._rotate(t, cos.unsqueeze(1), sin.unsqueeze(1)) for t in (query, key))
+    keys, values = layer.keys.clone(), layer.values.clone()
+    keys[:, :, position], values[:, :, position] = key[:, :, 0], value[:, :, 0]
+    expected = F.scaled_dot_product_attention(
+        query.float(),
+        keys[:, :, : position + 1].float(),
+        values[:, :, : position + 1].float(),
+        enable_gqa=True,
+        scale=head_dim**-0.5,
+    ).to(dtype)
+
+    scale = head_dim**-0.5
+    got = decode_attention(qkv, (cos, sin), layer, torch.tensor([position]), q_heads, scale, block_t=16)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
+    torch.testing.assert_close(got, expected.reshape(-1), **tolerance)
+    assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    assert int(layer.cumulative_length) == position + 1
+
+
 def _fused_model(folder):
     from transformers import AutoModelForCausalLM
 
@@ -101,16 +143,20 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
         torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
     )[0, len(prompt) :].tolist()
 
-    calls: list[bool] = []
-    kernel = triton_layers.fused_matvec
-    monkeypatch.setattr(triton_layers, "fused_matvec", lambda *a, **k: calls.append(True) or kernel(*a, **k))
+    calls: list[str] = []
+    for name in ("fused_matvec", "decode_attention"):
+        kernel = getattr(triton_layers, name)
+        counted = lambda *a, name=name, kernel=kernel, **k: calls.append(name) or kernel(*a, **k)  # noqa: E731
+        monkeypatch.setattr(triton_layers, name, counted)
     model = _fused_model(folder)
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected
-    # four matvecs a layer in every single-token pass: the cache's first token and each step
+    # four matvecs a layer in every single-token pass (the cache's first token and each step),
+    # and the attention kernel in every step (the first token allocates through the cache's own)
     layers = model.config.num_hidden_layers
-    assert len(calls) == 4 * layers * new_tokens
+    assert calls.count("fused_matvec") == 4 * layers * new_tokens
+    assert calls.count("decode_attention") == layers * (new_tokens - 1)
 
 
 def test_multi_token_passes_and_removal_give_the_model_s_own_layers(llama_folder):

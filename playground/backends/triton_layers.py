@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import StaticLayer
 
 # Architectures whose layers have the pre-norm Llama shape (norm, attention, add, norm, gated
 # MLP, add) with the standard rotary embedding; others keep their own layers.
@@ -215,6 +216,146 @@ def fused_matvec(
     )
 
 
+@functools.cache
+def _attention_op() -> Any:
+    """The decode-attention kernel and its op, made at first use (as `_matvec_op`)."""
+    import triton
+    import triton.language as tl
+    from torch.library import custom_op
+
+    @triton.jit
+    def attention_kernel(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        keys_ptr,
+        values_ptr,
+        position_ptr,
+        length_ptr,
+        out_ptr,
+        scale,
+        capacity,
+        Q_HEADS: tl.constexpr,
+        KV_HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        dtype = out_ptr.dtype.element_ty
+        head = tl.program_id(0)
+        group = head // (Q_HEADS // KV_HEADS)
+        position = tl.load(position_ptr)
+        dims = tl.arange(0, HEAD_DIM)
+        # rotate_half: the first half takes minus the second, the second the first
+        partner = (dims + HEAD_DIM // 2) % HEAD_DIM
+        sign = tl.where(dims < HEAD_DIM // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + dims).to(tl.float32)
+        sin = tl.load(sin_ptr + dims).to(tl.float32)
+        # RoPE as the model rounds it: x*cos and rotate_half(x)*sin each rounded, then the sum.
+        q_at = head * HEAD_DIM
+        q_turned = (tl.load(qkv_ptr + q_at + partner).to(tl.float32) * sign * sin).to(dtype).to(tl.float32)
+        query = ((tl.load(qkv_ptr + q_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + q_turned).to(dtype)
+        k_at = (Q_HEADS + group) * HEAD_DIM
+        k_turned = (tl.load(qkv_ptr + k_at + partner).to(tl.float32) * sign * sin).to(dtype).to(tl.float32)
+        key = ((tl.load(qkv_ptr + k_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + k_turned).to(dtype)
+        value = tl.load(qkv_ptr + (Q_HEADS + KV_HEADS + group) * HEAD_DIM + dims)
+        group_start = group.to(tl.int64) * capacity
+        if head % (Q_HEADS // KV_HEADS) == 0:  # one program per kv head writes the new slot
+            tl.store(keys_ptr + (group_start + position) * HEAD_DIM + dims, key)
+            tl.store(values_ptr + (group_start + position) * HEAD_DIM + dims, value)
+        tl.store(length_ptr, position + 1)  # the same value from every program
+        # Online softmax over slots 0..position-1 from the cache, starting from the new token's
+        # own score; the new slot is used from registers, so no program waits on another's write.
+        query_scaled = query.to(tl.float32) * scale
+        best = tl.sum(query_scaled * key.to(tl.float32), axis=0)
+        total = best * 0.0 + 1.0
+        acc = value.to(tl.float32)
+        start = 0
+        while start < position:
+            slots = start + tl.arange(0, BLOCK_T)
+            filled = slots < position
+            at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
+            keys = tl.load(keys_ptr + at, mask=filled[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(filled, tl.sum(keys * query_scaled[None, :], axis=1), float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            shrink = tl.exp(best - new_best)
+            weights = tl.exp(scores - new_best)
+            values = tl.load(values_ptr + at, mask=filled[:, None], other=0.0).to(tl.float32)
+            acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
+            total = total * shrink + tl.sum(weights, axis=0)
+            best = new_best
+            start += BLOCK_T
+        tl.store(out_ptr + head * HEAD_DIM + dims, (acc / total).to(dtype))
+
+    @custom_op("playground::decode_attention", mutates_args=("keys", "values", "length"))
+    def decode_attention(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        position: torch.Tensor,
+        length: torch.Tensor,
+        q_heads: int,
+        scale: float,
+        block_t: int,
+    ) -> torch.Tensor:
+        kv_heads, capacity, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
+        out = torch.empty((q_heads * head_dim,), dtype=qkv.dtype, device=qkv.device)
+        attention_kernel[(q_heads,)](
+            qkv,
+            cos,
+            sin,
+            keys,
+            values,
+            position,
+            length,
+            out,
+            scale,
+            capacity,
+            Q_HEADS=q_heads,
+            KV_HEADS=kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_T=block_t,
+        )
+        return out
+
+    @decode_attention.register_fake
+    def _(qkv, cos, sin, keys, values, position, length, q_heads, scale, block_t):  # noqa: ANN001, ANN202
+        return qkv.new_empty((q_heads * keys.shape[3],))
+
+    return decode_attention
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    cache_layer: Any,
+    position: torch.Tensor,
+    q_heads: int,
+    scale: float,
+    block_t: int = 64,
+) -> torch.Tensor:
+    """One token's attention straight from its q/k/v projection [(q_heads + 2 kv_heads) * d]:
+    q and k rotated, k and v written to `cache_layer` (a transformers `StaticLayer`) at
+    `position` ([1], on the device), the cache's length set past it, and q attending to slots
+    0..position. Returns [q_heads * d], heads in order, as the model's attention output."""
+    if not torch.compiler.is_compiling():
+        _attention_op()
+    cos, sin = (t.reshape(-1) for t in position_embeddings)
+    return torch.ops.playground.decode_attention(
+        qkv,
+        cos,
+        sin,
+        cache_layer.keys,
+        cache_layer.values,
+        position,
+        cache_layer.cumulative_length,
+        q_heads,
+        scale,
+        block_t,
+    )
+
+
 def unfusable_reason(model: nn.Module) -> str:
     """Why this model's layers cannot take the fused single-token pass; "" when they can."""
     config = model.config
@@ -276,22 +417,16 @@ class FusedDecoderLayer(nn.Module):
         x = hidden_states.reshape(-1)
         qkv = attention.qkv_fused
         projected = fused_matvec(x, qkv.weight, self.configs["qkv"], norm=layer.input_layernorm, bias=qkv.bias)
-        query, key, value = (part.view(1, 1, -1, head_dim).transpose(1, 2) for part in projected.split(qkv.sizes))
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, attention.layer_idx)
-        attended, _ = self._attention(
-            attention,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0,
-            scaling=attention.scaling,
-            position_ids=position_ids,
-            **kwargs,
-        )
+        cache_layer = past_key_values.layers[attention.layer_idx] if past_key_values is not None else None
+        if type(cache_layer) is StaticLayer and cache_layer.is_initialized and position_ids is not None:
+            # The static-cache decoder's single-token passes attend to slots 0..position, which
+            # is the mask it builds (fast_decode); the kernel reads only those slots.
+            q_heads = qkv.sizes[0] // head_dim
+            attended = decode_attention(
+                projected, position_embeddings, cache_layer, position_ids.reshape(-1), q_heads, attention.scaling
+            )
+        else:  # another cache (or its first, allocating write): the model's own steps
+            attended = self._model_attention(projected, position_embeddings, past_key_values, attention_mask, **kwargs)
         o_proj, down_proj, gate_up = attention.o_proj, mlp.down_proj, mlp.gate_up_fused
         hidden = fused_matvec(attended.reshape(-1), o_proj.weight, self.configs["o"], bias=o_proj.bias, residual=x)
         activated = fused_matvec(
@@ -304,6 +439,28 @@ class FusedDecoderLayer(nn.Module):
         )
         out = fused_matvec(activated, down_proj.weight, self.configs["down"], bias=down_proj.bias, residual=hidden)
         return out.view_as(hidden_states)
+
+    def _model_attention(
+        self,
+        projected: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Any,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """RoPE, the cache's own update and SDPA, as the model's attention does them."""
+        attention = self.layer.self_attn
+        head_dim = attention.head_dim
+        parts = projected.split(attention.qkv_fused.sizes)
+        query, key, value = (part.view(1, 1, -1, head_dim).transpose(1, 2) for part in parts)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, attention.layer_idx)
+        attended, _ = self._attention(
+            attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling, **kwargs
+        )
+        return attended.reshape(-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
