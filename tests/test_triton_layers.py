@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 from playground.backends import triton_layers  # noqa: E402
 from playground.backends.fast_decode import StaticDecoder, fuse_projections  # noqa: E402
 from playground.backends.triton_layers import (  # noqa: E402
+    AttentionConfig,
     FusedDecoderLayer,
     MatvecConfig,
     decode_attention,
@@ -112,7 +113,7 @@ def test_decode_attention_rotates_writes_and_attends_as_the_model_does(dtype, po
     ).to(dtype)
 
     scale = head_dim**-0.5
-    got = decode_attention(qkv, (cos, sin), layer, torch.tensor([position]), q_heads, scale, block_t=16)
+    got = decode_attention(qkv, (cos, sin), layer, torch.tensor([position]), q_heads, scale, AttentionConfig(16, 4))
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected.reshape(-1), **tolerance)
     assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)

@@ -33,6 +33,9 @@ from typing import Any
 SHAPES = {
     "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
+    # Qwen2.5-3B's layers (grouped heads, head_dim 128) on SmolLM2's vocabulary: a stand-in for
+    # step timings of the layer stack, not of the 3B's 151936-row head
+    "qwen2.5-3b-layers": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
 }  # fmt: skip
 

@@ -13,7 +13,9 @@ tried here, each in its own process so Inductor's caches and settings do not car
 - `triton-layers`: the default compile over playground/backends/triton_layers.py's fused layers
   (norm, SiLU and residual add inside four Triton matvecs a layer). Its row also holds each
   matvec's time against cuBLAS's plain matmul of the same weight, and how far one eager step's
-  logits move from the model's own layers.
+  logits move from the model's own layers;
+- `triton-layers-model-attention`: the same with the model's own RoPE, cache update and SDPA in
+  place of triton_layers' decode-attention kernel.
 Per option and shape: ms per token of the captured step, timed with CUDA events over replays
 from position 256 on (a 1024-slot cache), against the bytes a token reads at the measured copy rate.
 
@@ -35,6 +37,7 @@ from pathlib import Path
 OPTIONS = {
     "default": {},
     "triton-layers": {},
+    "triton-layers-model-attention": {},
     "pdl": {"options": {"triton.enable_pdl": True}},
     # torch.compile takes a mode or options, not both: max-autotune-no-cudagraphs as options.
     "max-autotune-pdl": {"options": {"max_autotune": True, "triton.cudagraphs": False, "triton.enable_pdl": True}},
@@ -161,12 +164,14 @@ def measure(option: str, shape: str, replays: int) -> dict:
     decoder = make_decoder(shape, "cuda", with_folder)
     settings = OPTIONS[option]
     matvecs = {}
-    if option == "triton-layers":
+    if option.startswith("triton-layers"):
         from playground.backends.triton_layers import install_fused_layers
 
         tuning_started = time.perf_counter()
-        install_fused_layers(decoder.model)
+        install_fused_layers(decoder.model, triton_attention=option == "triton-layers")
         matvecs = {"tuning_s": time.perf_counter() - tuning_started, **matvec_times(decoder.model)}
+        chosen = decoder.model.model.layers[0].configs["attention"]
+        matvecs["attention_config"] = None if chosen is None else [chosen.block_t, chosen.num_warps]
     decoder._step_fn = torch.compile(
         decoder._step, dynamic=False, mode=settings.get("mode"), options=settings.get("options")
     )
@@ -201,7 +206,7 @@ def measure(option: str, shape: str, replays: int) -> dict:
     bound_ms = (weights + kv_bytes) / rate * 1000
     best = min(times)
     prefill = prefill_ms(decoder) if option in ("default", "triton-layers") else {}
-    if option == "triton-layers":
+    if option.startswith("triton-layers"):
         matvecs |= fused_against_own_layers(decoder)
     return {
         **prefill,

@@ -68,6 +68,26 @@ CANDIDATE_CONFIGS = (
 )
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The attention kernel's launch shape: cache slots per loop step, and warps."""
+
+    block_t: int
+    num_warps: int
+
+
+DEFAULT_ATTENTION = AttentionConfig(64, 4)
+# Larger slot blocks put more of a head's cache in flight at once (a 256-token context in one
+# step); the kernel has one program per query head, so each must keep many loads going.
+ATTENTION_CANDIDATES = (
+    AttentionConfig(32, 4),
+    AttentionConfig(64, 4),
+    AttentionConfig(128, 4),
+    AttentionConfig(128, 8),
+    AttentionConfig(256, 8),
+)
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -274,12 +294,15 @@ def _attention_op() -> Any:
             slots = start + tl.arange(0, BLOCK_T)
             filled = slots < position
             at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
-            keys = tl.load(keys_ptr + at, mask=filled[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(filled, tl.sum(keys * query_scaled[None, :], axis=1), float("-inf"))
+            # both loads issued before either is used, so their latencies overlap
+            keys = tl.load(keys_ptr + at, mask=filled[:, None], other=0.0)
+            values = tl.load(values_ptr + at, mask=filled[:, None], other=0.0)
+            scores = tl.sum(keys.to(tl.float32) * query_scaled[None, :], axis=1)
+            scores = tl.where(filled, scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=0))
             shrink = tl.exp(best - new_best)
             weights = tl.exp(scores - new_best)
-            values = tl.load(values_ptr + at, mask=filled[:, None], other=0.0).to(tl.float32)
+            values = values.to(tl.float32)
             acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
             total = total * shrink + tl.sum(weights, axis=0)
             best = new_best
@@ -298,6 +321,7 @@ def _attention_op() -> Any:
         q_heads: int,
         scale: float,
         block_t: int,
+        num_warps: int,
     ) -> torch.Tensor:
         kv_heads, capacity, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
         out = torch.empty((q_heads * head_dim,), dtype=qkv.dtype, device=qkv.device)
@@ -316,11 +340,12 @@ def _attention_op() -> Any:
             KV_HEADS=kv_heads,
             HEAD_DIM=head_dim,
             BLOCK_T=block_t,
+            num_warps=num_warps,
         )
         return out
 
     @decode_attention.register_fake
-    def _(qkv, cos, sin, keys, values, position, length, q_heads, scale, block_t):  # noqa: ANN001, ANN202
+    def _(qkv, cos, sin, keys, values, position, length, q_heads, scale, block_t, num_warps):  # noqa: ANN001, ANN202
         return qkv.new_empty((q_heads * keys.shape[3],))
 
     return decode_attention
@@ -333,7 +358,7 @@ def decode_attention(
     position: torch.Tensor,
     q_heads: int,
     scale: float,
-    block_t: int = 64,
+    config: AttentionConfig = DEFAULT_ATTENTION,
 ) -> torch.Tensor:
     """One token's attention straight from its q/k/v projection [(q_heads + 2 kv_heads) * d]:
     q and k rotated, k and v written to `cache_layer` (a transformers `StaticLayer`) at
@@ -352,7 +377,8 @@ def decode_attention(
         cache_layer.cumulative_length,
         q_heads,
         scale,
-        block_t,
+        config.block_t,
+        config.num_warps,
     )
 
 
@@ -384,10 +410,12 @@ class FusedDecoderLayer(nn.Module):
     """A Llama-shaped decoder layer whose single-token pass runs through `fused_matvec`; any other
     pass goes to the wrapped layer unchanged."""
 
-    def __init__(self, layer: nn.Module, configs: dict[str, MatvecConfig]) -> None:
+    def __init__(self, layer: nn.Module, configs: dict[str, Any]) -> None:
         super().__init__()
         self.layer = layer
-        self.configs = configs  # per projection: "qkv", "o", "gate_up", "down"
+        # MatvecConfig per projection ("qkv", "o", "gate_up", "down"); "attention": an
+        # AttentionConfig for decode_attention, or None for the model's own attention
+        self.configs = configs
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self._attention = sdpa_attention_forward
@@ -418,12 +446,24 @@ class FusedDecoderLayer(nn.Module):
         qkv = attention.qkv_fused
         projected = fused_matvec(x, qkv.weight, self.configs["qkv"], norm=layer.input_layernorm, bias=qkv.bias)
         cache_layer = past_key_values.layers[attention.layer_idx] if past_key_values is not None else None
-        if type(cache_layer) is StaticLayer and cache_layer.is_initialized and position_ids is not None:
+        kernel = self.configs.get("attention")
+        if (
+            kernel is not None
+            and type(cache_layer) is StaticLayer
+            and cache_layer.is_initialized
+            and position_ids is not None
+        ):
             # The static-cache decoder's single-token passes attend to slots 0..position, which
             # is the mask it builds (fast_decode); the kernel reads only those slots.
             q_heads = qkv.sizes[0] // head_dim
             attended = decode_attention(
-                projected, position_embeddings, cache_layer, position_ids.reshape(-1), q_heads, attention.scaling
+                projected,
+                position_embeddings,
+                cache_layer,
+                position_ids.reshape(-1),
+                q_heads,
+                attention.scaling,
+                kernel,
             )
         else:  # another cache (or its first, allocating write): the model's own steps
             attended = self._model_attention(projected, position_embeddings, past_key_values, attention_mask, **kwargs)
@@ -470,9 +510,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def install_fused_layers(model: nn.Module) -> int:
+def install_fused_layers(model: nn.Module, triton_attention: bool = True) -> int:
     """Wrap every decoder layer in a `FusedDecoderLayer`; returns how many. Call only when
-    `unfusable_reason` is "". On a GPU each projection's kernel shape is timed first."""
+    `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first.
+    `triton_attention`: False keeps the model's own RoPE, cache update and SDPA."""
     layers = _decoder_layers(model)
     first = layers[0]
     weights = {
@@ -481,7 +522,8 @@ def install_fused_layers(model: nn.Module) -> int:
         "gate_up": (first.mlp.gate_up_fused.weight, first.post_attention_layernorm, True),
         "down": (first.mlp.down_proj.weight, None, False),
     }
-    configs = {name: _pick_config(*spec) for name, spec in weights.items()}
+    configs: dict[str, Any] = {name: _pick_config(*spec) for name, spec in weights.items()}
+    configs["attention"] = _pick_attention_config(model) if triton_attention else None
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs)
     return len(layers)
@@ -524,3 +566,39 @@ def _pick_config(weight: torch.Tensor, norm: nn.Module | None, gated: bool) -> M
         except Exception:  # a shape the compiler or the device refuses: not a candidate
             continue
     return min(timings, key=timings.__getitem__) if timings else DEFAULT_CONFIG
+
+
+def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int = 1024) -> AttentionConfig:
+    """The fastest candidate for the attention kernel at `position` of a `capacity`-slot
+    cache, shaped as this model's, timed in CUDA graphs; the default off a GPU."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cuda":
+        return DEFAULT_ATTENTION
+    from types import SimpleNamespace
+
+    from triton.testing import do_bench_cudagraph
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    device, dtype = parameter.device, parameter.dtype
+    qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
+    angles = (torch.ones(1, 1, head_dim, device=device, dtype=dtype),) * 2
+    cache = SimpleNamespace(
+        keys=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
+        values=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
+        cumulative_length=torch.zeros((), dtype=torch.long, device=device),
+    )
+    where = torch.tensor([position], device=device)
+    timings: dict[AttentionConfig, float] = {}
+    for candidate in ATTENTION_CANDIDATES:
+
+        def run(candidate: AttentionConfig = candidate) -> torch.Tensor:
+            return decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, candidate)
+
+        try:
+            run()
+            timings[candidate] = float(do_bench_cudagraph(run, rep=20))
+        except Exception:  # a shape the compiler or the device refuses: not a candidate
+            continue
+    return min(timings, key=timings.__getitem__) if timings else DEFAULT_ATTENTION
