@@ -206,6 +206,10 @@ def test_fast_path_matches_generate_and_its_own_eager_steps(llama_folder, qwen2_
     assert fast.decode_path.name == "cuda-graph" and not fast.decode_path.reason
     # Prompts go through a captured pass per padded length (the 32-token one here).
     assert fast.decode_path.prefill_graphs and "prompts through captured passes" in fast.decode_path.describe()
+    # Single-token passes through triton_layers: four matvecs and the attention kernel a layer,
+    # their launch shapes timed at load; fp32 replies below are generate's, token for token.
+    assert fast.decode_path.triton_layers and "inside Triton matvecs" in fast.decode_path.describe()
+    assert fast.model.model.layers[0].configs["attention"] is not None
     for settings in ({"temperature": 0.0}, {"temperature": 0.8, "top_k": 30, "seed": 3, "repetition_penalty": 1.1}):
         params = GenerationParams(max_new_tokens=48, **settings)
         assert reply(fast, params, mode="completion", text="Hello world") == reply(
