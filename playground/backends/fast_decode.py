@@ -203,7 +203,7 @@ class DecodePath:
     compiled: bool = False  # the step went through torch.compile
     fused: bool = False  # q/k/v and gate/up projections run as one matmul each
     prefill_graphs: bool = False  # prompts go through a captured pass per padded length
-    triton_layers: bool = False  # single-token passes through triton_layers' fused matvecs
+    triton_layers: bool = False  # single-token passes through triton_layers' kernels
 
     def describe(self) -> str:
         text = {
@@ -216,7 +216,7 @@ class DecodePath:
         if self.fused:
             text += ", fused projections"
         if self.triton_layers:
-            text += ", norms, SiLU and residual adds inside Triton matvecs"
+            text += ", norms, SiLU and residual adds inside Triton matvecs, attention in a Triton kernel"
         if self.prefill_graphs:
             text += ", prompts through captured passes"
         return f"{text} ({self.reason})" if self.reason else text

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -542,41 +543,28 @@ def has_fused_layers(model: nn.Module) -> bool:
 
 
 def _pick_config(weight: torch.Tensor, norm: nn.Module | None, gated: bool) -> MatvecConfig:
-    """The fastest candidate launch shape for this weight, timed in CUDA graphs (a step replays
-    one, so launch cost counts as it will); the default off a GPU."""
+    """The fastest candidate launch shape for this weight (`_fastest`); the default off a GPU."""
     if weight.device.type != "cuda":
         return DEFAULT_CONFIG
-    from triton.testing import do_bench_cudagraph
-
     columns = weight.shape[1]
     x = torch.randn(columns, dtype=weight.dtype, device=weight.device)
     rows = weight.shape[0] // 2 if gated else weight.shape[0]
     residual = None if norm is not None or gated else torch.zeros(rows, dtype=weight.dtype, device=weight.device)
-    timings: dict[MatvecConfig, float] = {}
-    for config in CANDIDATE_CONFIGS:
-        if config.block_k > 2 * columns:
-            continue  # mostly masked columns
+    candidates = [config for config in CANDIDATE_CONFIGS if config.block_k <= 2 * columns]  # else mostly masked
 
-        def run(config: MatvecConfig = config) -> torch.Tensor:
-            return fused_matvec(x, weight, config, norm=norm, residual=residual, gated=gated)
+    def run(config: MatvecConfig) -> torch.Tensor:
+        return fused_matvec(x, weight, config, norm=norm, residual=residual, gated=gated)
 
-        try:
-            run()
-            timings[config] = float(do_bench_cudagraph(run, rep=20))
-        except Exception:  # a shape the compiler or the device refuses: not a candidate
-            continue
-    return min(timings, key=timings.__getitem__) if timings else DEFAULT_CONFIG
+    return _fastest(candidates, run, DEFAULT_CONFIG)
 
 
 def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int = 1024) -> AttentionConfig:
-    """The fastest candidate for the attention kernel at `position` of a `capacity`-slot
-    cache, shaped as this model's, timed in CUDA graphs; the default off a GPU."""
+    """The fastest candidate for the attention kernel at `position` of a `capacity`-slot cache
+    shaped as this model's (`_fastest`); the default off a GPU."""
     parameter = next(model.parameters())
     if parameter.device.type != "cuda":
         return DEFAULT_ATTENTION
     from types import SimpleNamespace
-
-    from triton.testing import do_bench_cudagraph
 
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -590,15 +578,23 @@ def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int 
         cumulative_length=torch.zeros((), dtype=torch.long, device=device),
     )
     where = torch.tensor([position], device=device)
-    timings: dict[AttentionConfig, float] = {}
-    for candidate in ATTENTION_CANDIDATES:
 
-        def run(candidate: AttentionConfig = candidate) -> torch.Tensor:
-            return decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, candidate)
+    def run(candidate: AttentionConfig) -> torch.Tensor:
+        return decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, candidate)
 
+    return _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION)
+
+
+def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any) -> Any:
+    """The candidate whose `run` replays fastest in a CUDA graph (a step replays one, so launch
+    cost counts as it will there); `default` if none runs."""
+    from triton.testing import do_bench_cudagraph
+
+    timings = {}
+    for candidate in candidates:
         try:
-            run()
-            timings[candidate] = float(do_bench_cudagraph(run, rep=20))
+            run(candidate)  # compiles it, outside the graph
+            timings[candidate] = float(do_bench_cudagraph(functools.partial(run, candidate), rep=20))
         except Exception:  # a shape the compiler or the device refuses: not a candidate
             continue
-    return min(timings, key=timings.__getitem__) if timings else DEFAULT_ATTENTION
+    return min(timings, key=timings.__getitem__) if timings else default
