@@ -19,12 +19,14 @@ pytest.importorskip("triton")
 
 from playground.backends import triton_layers  # noqa: E402
 from playground.backends.fast_decode import StaticDecoder, fuse_projections  # noqa: E402
-from playground.backends.triton_layers import (  # noqa: E402
+from playground.backends.triton_kernels import (  # noqa: E402
     AttentionConfig,
-    FusedDecoderLayer,
     MatvecConfig,
     decode_attention,
     fused_matvec,
+)
+from playground.backends.triton_layers import (  # noqa: E402
+    FusedDecoderLayer,
     install_fused_layers,
     remove_fused_layers,
     unfusable_reason,

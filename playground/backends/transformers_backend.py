@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from playground.backends import triton_layers
+from playground.backends import triton_kernels, triton_layers
 from playground.backends.base import (
     PLAIN_STEPS_TIMED,
     TOKENIZER_PROBE,
@@ -245,7 +245,7 @@ class TransformersBackend(Backend):
         # also compiles and captures the step for the cache size most requests will use.
         # (path name, CUDA graph, torch.compile, Triton layers)
         attempts = [("cuda-graph", True, True, False), ("cuda-graph", True, False, False)] if on_cuda else []
-        if on_cuda and fused and triton_layers.triton_available() and not triton_layers.unfusable_reason(self.model):
+        if on_cuda and fused and triton_kernels.triton_available() and not triton_layers.unfusable_reason(self.model):
             attempts.insert(0, ("cuda-graph", True, True, True))
         attempts.append(("static-cache", False, False, False))
         for name, use_graph, compile_step, layers in attempts:
