@@ -22,8 +22,10 @@ from playground.backends.fast_decode import StaticDecoder, fuse_projections  # n
 from playground.backends.triton_kernels import (  # noqa: E402
     AttentionConfig,
     MatvecConfig,
+    NF4Weight,
     decode_attention,
     fused_matvec,
+    nf4_matvec,
 )
 from playground.backends.triton_layers import (  # noqa: E402
     FusedDecoderLayer,
@@ -77,6 +79,57 @@ def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case):
             got = fused_matvec(x, weight, SMALL_BLOCKS, residual=residual)
     assert got.dtype == dtype and got.shape == (ROWS,)
     # fp32: only the order of the sums differs. fp16: the same roundings, so an ulp or two apart.
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+def _nf4_linears(shapes: list[tuple[int, int]], dtype: torch.dtype, nested: bool, seed: int = 0) -> list:
+    """bitsandbytes Linear4bit layers of `shapes` (rows, columns), quantized on the CPU."""
+    import bitsandbytes as bnb
+
+    generator = torch.Generator().manual_seed(seed)
+    linears = []
+    for rows, columns in shapes:
+        linear = bnb.nn.Linear4bit(columns, rows, bias=False, compute_dtype=dtype, quant_type="nf4")
+        weight = torch.randn(rows, columns, generator=generator).to(dtype)
+        linear.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=nested, quant_type="nf4")
+        linears.append(linear.to("cpu"))  # quantizes
+    return linears
+
+
+def _dequantized(linear) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("nested", [False, True], ids=["nf4", "nf4-double-quant"])
+@pytest.mark.parametrize("case", ["qkv-norm-and-bias", "gated", "residual"])
+def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case):
+    """Three stacked parts (q, k, v of different rows), gate/up, and one weight with a residual;
+    100 columns, so 64-value blocks straddle rows: against bitsandbytes' own dequantization."""
+    generator = torch.Generator().manual_seed(1)
+    columns = 100
+    x = torch.randn(columns, generator=generator).to(dtype)
+    norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(dtype))
+    shapes = {"qkv-norm-and-bias": [(32, columns), (16, columns), (16, columns)], "gated": [(24, columns)] * 2}
+    linears = _nf4_linears(shapes.get(case, [(24, columns)]), dtype, nested)
+    weights = [_dequantized(linear) for linear in linears]
+    assert weights[0].dtype == dtype
+    packed = NF4Weight.of(linears)
+    with torch.no_grad():
+        if case == "qkv-norm-and-bias":
+            bias = torch.randn(64, generator=generator).to(dtype)
+            expected = F.linear(norm(x), torch.cat(weights), bias)
+            got = nf4_matvec(x, packed, SMALL_BLOCKS, norm=norm, bias=bias)
+        elif case == "gated":
+            expected = F.silu(F.linear(norm(x), weights[0])) * F.linear(norm(x), weights[1])
+            got = nf4_matvec(x, packed, SMALL_BLOCKS, norm=norm, gated=True)
+        else:
+            residual = torch.randn(24, generator=generator).to(dtype)
+            expected = residual + F.linear(x, weights[0])
+            got = nf4_matvec(x, packed, SMALL_BLOCKS, residual=residual)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected, **tolerance)
 

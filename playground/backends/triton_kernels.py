@@ -78,72 +78,11 @@ def triton_available() -> bool:
 
 @functools.cache
 def _matvec_op() -> Any:
-    """The kernel and the torch op around it, made at first use, so importing this module needs
-    no Triton and the interpreter setting is read when the tests have set it."""
+    """The matvec kernel's torch op, made at first use (see the module's note)."""
     import triton
-    import triton.language as tl
     from torch.library import custom_op
 
-    @triton.jit
-    def matvec_kernel(
-        x_ptr,
-        w_ptr,
-        norm_ptr,
-        bias_ptr,
-        res_ptr,
-        out_ptr,
-        N,
-        eps,
-        K: tl.constexpr,  # known when compiled: static loops, and Triton's interpreter needs it so
-        HAS_NORM: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        GATED: tl.constexpr,
-        HAS_RES: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        dtype = out_ptr.dtype.element_ty
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        row_start = rows.to(tl.int64)[:, None] * K
-        cols = tl.arange(0, BLOCK_K)
-        if HAS_NORM:
-            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for start in range(0, K, BLOCK_K):
-                value = tl.load(x_ptr + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
-                squares += value * value
-            rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        if GATED:
-            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            col = start + cols
-            col_ok = col < K
-            value = tl.load(x_ptr + col, mask=col_ok, other=0.0)
-            if HAS_NORM:
-                # As the model's RMSNorm: normalised in fp32, rounded, then times its weight.
-                scale = tl.load(norm_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
-                value = (scale * (value.to(tl.float32) * rstd).to(dtype).to(tl.float32)).to(dtype)
-            value = value.to(tl.float32)[None, :]
-            in_bounds = row_ok[:, None] & col_ok[None, :]
-            weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
-            acc += weight.to(tl.float32) * value
-            if GATED:  # the up projection's rows sit N rows below the gate's
-                weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
-                acc_up += weight_up.to(tl.float32) * value
-        result = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if GATED:
-            up = tl.sum(acc_up, axis=1)
-            if HAS_BIAS:
-                up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
-            gate = result.to(dtype).to(tl.float32)
-            activated = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-            result = activated * up.to(dtype).to(tl.float32)
-        if HAS_RES:
-            result = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) + result.to(dtype).to(tl.float32)
-        tl.store(out_ptr + rows, result.to(dtype), mask=row_ok)
+    from playground.backends.triton_source import matvec_kernel
 
     # An opaque op with a fake (shape-only) twin: torch.compile places the kernel's launch in its
     # graph without tracing into it, and a CUDA graph captures it like any other kernel.
@@ -211,78 +150,180 @@ def fused_matvec(
     )
 
 
+@dataclass(frozen=True)
+class NF4Weight:
+    """One or more bitsandbytes NF4 weights of the same columns, stacked as one matvec reads
+    them (q, k and v; or gate and up), each in bitsandbytes' own layout, nothing copied: per
+    part its packed codes, block scales (8-bit with `outer` and `code2` when `nested`, i.e.
+    double quant), and the nested scales' offset."""
+
+    packed: tuple[torch.Tensor, ...]
+    absmax: tuple[torch.Tensor, ...]
+    outer: tuple[torch.Tensor, ...]
+    code2: tuple[torch.Tensor, ...]
+    offsets: tuple[float, ...]
+    rows: tuple[int, ...]
+    columns: int
+    table: torch.Tensor  # the 16 NF4 values
+    blocksize: int
+    blocksize2: int
+    nested: bool
+
+    @classmethod
+    def of(cls, linears: list[nn.Module]) -> NF4Weight:
+        """From bitsandbytes `Linear4bit` modules quantized alike (checked by `nf4_parts_match`)."""
+        states = [linear.weight.quant_state for linear in linears]
+        nested = bool(states[0].nested)
+        return cls(
+            packed=tuple(linear.weight.data.view(-1) for linear in linears),
+            absmax=tuple(state.absmax for state in states),
+            outer=tuple(state.state2.absmax if nested else state.absmax for state in states),
+            code2=tuple(state.state2.code if nested else state.absmax for state in states),
+            offsets=tuple(float(state.offset) if nested else 0.0 for state in states),
+            rows=tuple(int(state.shape[0]) for state in states),
+            columns=int(states[0].shape[1]),
+            table=states[0].code,
+            blocksize=int(states[0].blocksize),
+            blocksize2=int(states[0].state2.blocksize) if nested else 1,
+            nested=nested,
+        )
+
+
+def nf4_parts_match(linears: list[nn.Module]) -> str:
+    """Why these bitsandbytes 4-bit layers cannot go through one `nf4_matvec`; "" when they can."""
+    states = [getattr(linear.weight, "quant_state", None) for linear in linears]
+    if any(state is None or state.quant_type != "nf4" for state in states):
+        return "fused layers read NF4 weights only (not FP4)"
+    first = states[0]
+    if any(
+        (state.blocksize, bool(state.nested), state.dtype, int(state.shape[1]))
+        != (first.blocksize, bool(first.nested), first.dtype, int(first.shape[1]))
+        for state in states
+    ):
+        return "fused layers need the q/k/v (or gate/up) weights quantized alike"
+    if int(first.shape[1]) % 2 or first.blocksize % 2:
+        return "fused layers need an even number of columns"
+    return ""
+
+
 @functools.cache
-def _attention_op() -> Any:
-    """The decode-attention kernel and its op, made at first use (as `_matvec_op`)."""
+def _nf4_matvec_op() -> Any:
+    """The NF4 matvec kernel's torch op, made at first use (see the module's note)."""
     import triton
-    import triton.language as tl
     from torch.library import custom_op
 
-    @triton.jit
-    def attention_kernel(
-        qkv_ptr,
-        cos_ptr,
-        sin_ptr,
-        keys_ptr,
-        values_ptr,
-        position_ptr,
-        length_ptr,
-        out_ptr,
-        scale,
-        capacity,
-        Q_HEADS: tl.constexpr,
-        KV_HEADS: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-    ):
-        dtype = out_ptr.dtype.element_ty
-        head = tl.program_id(0)
-        group = head // (Q_HEADS // KV_HEADS)
-        position = tl.load(position_ptr)
-        dims = tl.arange(0, HEAD_DIM)
-        # rotate_half: the first half takes minus the second, the second the first
-        partner = (dims + HEAD_DIM // 2) % HEAD_DIM
-        sign = tl.where(dims < HEAD_DIM // 2, -1.0, 1.0)
-        cos = tl.load(cos_ptr + dims).to(tl.float32)
-        sin = tl.load(sin_ptr + dims).to(tl.float32)
-        # RoPE as the model rounds it: x*cos and rotate_half(x)*sin each rounded, then the sum.
-        q_at = head * HEAD_DIM
-        q_turned = (tl.load(qkv_ptr + q_at + partner).to(tl.float32) * sign * sin).to(dtype).to(tl.float32)
-        query = ((tl.load(qkv_ptr + q_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + q_turned).to(dtype)
-        k_at = (Q_HEADS + group) * HEAD_DIM
-        k_turned = (tl.load(qkv_ptr + k_at + partner).to(tl.float32) * sign * sin).to(dtype).to(tl.float32)
-        key = ((tl.load(qkv_ptr + k_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + k_turned).to(dtype)
-        value = tl.load(qkv_ptr + (Q_HEADS + KV_HEADS + group) * HEAD_DIM + dims)
-        group_start = group.to(tl.int64) * capacity
-        if head % (Q_HEADS // KV_HEADS) == 0:  # one program per kv head writes the new slot
-            tl.store(keys_ptr + (group_start + position) * HEAD_DIM + dims, key)
-            tl.store(values_ptr + (group_start + position) * HEAD_DIM + dims, value)
-        tl.store(length_ptr, position + 1)  # the same value from every program
-        # Online softmax over slots 0..position-1 from the cache, starting from the new token's
-        # own score; the new slot is used from registers, so no program waits on another's write.
-        query_scaled = query.to(tl.float32) * scale
-        best = tl.sum(query_scaled * key.to(tl.float32), axis=0)
-        total = best * 0.0 + 1.0
-        acc = value.to(tl.float32)
-        start = 0
-        while start < position:
-            slots = start + tl.arange(0, BLOCK_T)
-            filled = slots < position
-            at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
-            # both loads issued before either is used, so their latencies overlap
-            keys = tl.load(keys_ptr + at, mask=filled[:, None], other=0.0)
-            values = tl.load(values_ptr + at, mask=filled[:, None], other=0.0)
-            scores = tl.sum(keys.to(tl.float32) * query_scaled[None, :], axis=1)
-            scores = tl.where(filled, scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=0))
-            shrink = tl.exp(best - new_best)
-            weights = tl.exp(scores - new_best)
-            values = values.to(tl.float32)
-            acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
-            total = total * shrink + tl.sum(weights, axis=0)
-            best = new_best
-            start += BLOCK_T
-        tl.store(out_ptr + head * HEAD_DIM + dims, (acc / total).to(dtype))
+    from playground.backends.triton_source import nf4_matvec_kernel
+
+    @custom_op("playground::nf4_matvec", mutates_args=())
+    def nf4_matvec(
+        x: torch.Tensor,
+        packed: list[torch.Tensor],
+        absmax: list[torch.Tensor],
+        outer: list[torch.Tensor],
+        code2: list[torch.Tensor],
+        offsets: list[float],
+        rows: list[int],
+        table: torch.Tensor,
+        norm_weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        gated: bool,
+        columns: int,
+        blocksize: int,
+        blocksize2: int,
+        nested: bool,
+        block_n: int,
+        block_k: int,
+        num_warps: int,
+    ) -> torch.Tensor:
+        out_rows = rows[0] if gated else sum(rows)
+        out = torch.empty((out_rows,), dtype=x.dtype, device=x.device)
+        parts = len(packed)
+        pick = [min(index, parts - 1) for index in range(3)]  # unused parts repeat the last
+        part_args = []
+        for index in pick:
+            part_args += [packed[index], absmax[index], outer[index], code2[index], offsets[index]]
+        nf4_matvec_kernel[(triton.cdiv(out_rows, block_n),)](
+            x,
+            x if norm_weight is None else norm_weight,
+            x if bias is None else bias,
+            x if residual is None else residual,
+            out,
+            table,
+            *part_args,
+            rows[0],
+            rows[1] if parts > 1 else 0,
+            out_rows,
+            eps,
+            K=columns,
+            PARTS=parts,
+            NESTED=nested,
+            BLOCKSIZE=blocksize,
+            BLOCKSIZE2=blocksize2,
+            HAS_NORM=norm_weight is not None,
+            HAS_BIAS=bias is not None,
+            GATED=gated,
+            HAS_RES=residual is not None,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+        )
+        return out
+
+    @nf4_matvec.register_fake
+    def _(x, packed, absmax, outer, code2, offsets, rows, table, *rest):  # noqa: ANN001, ANN002, ANN202
+        gated = rest[4]
+        return x.new_empty((rows[0] if gated else sum(rows),))
+
+    return nf4_matvec
+
+
+def nf4_matvec(
+    x: torch.Tensor,
+    weight: NF4Weight,
+    config: MatvecConfig = DEFAULT_CONFIG,
+    norm: nn.Module | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
+) -> torch.Tensor:
+    """As `fused_matvec`, for NF4 weights: the parts' rows stacked (q, k, v), or, `gated`, gate
+    (part 0) and up (part 1). A row block of `config` must divide every part's rows."""
+    if not torch.compiler.is_compiling():
+        _nf4_matvec_op()
+    norm_weight = norm.weight if norm is not None else None
+    eps = float(norm.variance_epsilon) if norm is not None else 0.0
+    return torch.ops.playground.nf4_matvec(
+        x,
+        list(weight.packed),
+        list(weight.absmax),
+        list(weight.outer),
+        list(weight.code2),
+        list(weight.offsets),
+        list(weight.rows),
+        weight.table,
+        norm_weight,
+        bias,
+        residual,
+        eps,
+        gated,
+        weight.columns,
+        weight.blocksize,
+        weight.blocksize2,
+        weight.nested,
+        config.block_n,
+        config.block_k,
+        config.num_warps,
+    )
+
+
+@functools.cache
+def _attention_op() -> Any:
+    """The decode-attention kernel's torch op, made at first use (see the module's note)."""
+    from torch.library import custom_op
+
+    from playground.backends.triton_source import attention_kernel
 
     @custom_op("playground::decode_attention", mutates_args=("keys", "values", "length"))
     def decode_attention(

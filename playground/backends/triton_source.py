@@ -1,0 +1,338 @@
+"""The Triton kernels behind `triton_kernels`' ops (imported only when an op is first made, so
+the rest of the app runs without Triton, and after the tests have switched on its interpreter).
+
+Shared pieces are `@triton.jit` helpers: the RMSNorm prologue (`rms_rstd`, `matmul_input`), the
+epilogue (`finish`: bias, SiLU(gate) * up, residual add) and bitsandbytes' NF4 dequantization
+(`nf4_pair`). Every rounding follows the model's eager code: a value is rounded to the model's
+dtype (the output's) wherever the eager code would hold it in that dtype.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rms_rstd(x_ptr, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) over x's K values, in fp32 (each program recomputes it: x is a
+    few KB, cheaper to read again than a kernel of its own)."""
+    cols = tl.arange(0, BLOCK_K)
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        value = tl.load(x_ptr + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
+        squares += value * value
+    return tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+
+
+@triton.jit
+def matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM: tl.constexpr):
+    """x at `col` as the matmul sees it, in fp32: with the model's RMSNorm where there is one
+    (normalised in fp32, rounded, times its weight, rounded)."""
+    value = tl.load(x_ptr + col, mask=col_ok, other=0.0)
+    if HAS_NORM:
+        dtype = value.dtype
+        scale = tl.load(norm_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        value = (scale * (value.to(tl.float32) * rstd).to(dtype).to(tl.float32)).to(dtype)
+    return value.to(tl.float32)
+
+
+@triton.jit
+def finish(
+    result,
+    up,
+    rows,
+    row_ok,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    N,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
+    """Store `result` (fp32 sums of `rows`) after the layer's work around the matmul: its bias;
+    SiLU(gate) * up where `up` holds the up rows' sums (their bias N rows further on); the
+    residual. Each step rounded as the model's eager code rounds it."""
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if GATED:
+        if HAS_BIAS:
+            up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
+        gate = result.to(dtype).to(tl.float32)
+        activated = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+        result = activated * up.to(dtype).to(tl.float32)
+    if HAS_RES:
+        result = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) + result.to(dtype).to(tl.float32)
+    tl.store(out_ptr + rows, result.to(dtype), mask=row_ok)
+
+
+@triton.jit
+def matvec_kernel(
+    x_ptr,
+    w_ptr,
+    norm_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    N,
+    eps,
+    K: tl.constexpr,  # known when compiled: static loops, and Triton's interpreter needs it so
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[N] = w[N, K] @ x (gated: w holds gate's N rows over up's), with `finish`'s work."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_start = rows.to(tl.int64)[:, None] * K
+    cols = tl.arange(0, BLOCK_K)
+    rstd = 1.0
+    if HAS_NORM:
+        rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = acc
+    for start in range(0, K, BLOCK_K):
+        col = start + cols
+        col_ok = col < K
+        value = matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM)[None, :]
+        in_bounds = row_ok[:, None] & col_ok[None, :]
+        weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
+        acc += weight.to(tl.float32) * value
+        if GATED:  # the up projection's rows sit N rows below the gate's
+            weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
+            acc_up += weight_up.to(tl.float32) * value
+    finish(
+        tl.sum(acc, axis=1),
+        tl.sum(acc_up, axis=1),
+        rows,
+        row_ok,
+        bias_ptr,
+        res_ptr,
+        out_ptr,
+        N,
+        HAS_BIAS,
+        GATED,
+        HAS_RES,
+    )
+
+
+@triton.jit
+def nf4_pair(
+    packed_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    table_ptr,
+    local_rows,
+    half,
+    ok,
+    dtype: tl.constexpr,
+    K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+):
+    """The weights at columns 2*half and 2*half + 1 of `local_rows` of one bitsandbytes NF4
+    weight, in fp32, as bitsandbytes dequantizes them: a byte holds the even column's code in
+    its high nibble; a value is table[code] * its block's scale, rounded to the compute dtype.
+    NESTED (double quant): a scale is itself code2[byte] * absmax2[its block of blocks] + offset."""
+    byte = local_rows.to(tl.int64)[:, None] * (K // 2) + half[None, :]
+    packed = tl.load(packed_ptr + byte, mask=ok, other=0).to(tl.int32)
+    block = (byte * 2) // BLOCKSIZE
+    if NESTED:
+        quantized = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        outer = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
+        scale = tl.load(code2_ptr + quantized) * outer + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    high = (tl.load(table_ptr + (packed >> 4)) * scale).to(dtype).to(tl.float32)
+    low = (tl.load(table_ptr + (packed & 15)) * scale).to(dtype).to(tl.float32)
+    return high, low
+
+
+@triton.jit
+def nf4_matvec_kernel(
+    x_ptr,
+    norm_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    table_ptr,
+    packed0,
+    absmax0,
+    outer0,
+    code0,
+    offset0,
+    packed1,
+    absmax1,
+    outer1,
+    code1,
+    offset1,
+    packed2,
+    absmax2,
+    outer2,
+    code2,
+    offset2,
+    rows0,
+    rows1,
+    N,
+    eps,
+    K: tl.constexpr,
+    PARTS: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
+    rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
+    part 0 is gate and part 1 up, both of N rows. A program's rows lie in one part (the launch
+    shape's row block divides every part's rows)."""
+    dtype = out_ptr.dtype.element_ty
+    first = tl.program_id(0) * BLOCK_N
+    rows = first + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    packed, absmax, outer, code, offset, base = packed0, absmax0, outer0, code0, offset0, 0
+    if PARTS > 1 and not GATED:
+        if first >= rows0:
+            packed, absmax, outer, code, offset, base = packed1, absmax1, outer1, code1, offset1, rows0
+        if PARTS > 2:
+            if first >= rows0 + rows1:
+                packed, absmax, outer, code, offset, base = packed2, absmax2, outer2, code2, offset2, rows0 + rows1
+    local_rows = rows - base
+    halves = tl.arange(0, BLOCK_K // 2)
+    rstd = 1.0
+    if HAS_NORM:
+        rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+    acc_up = acc
+    for start in range(0, K // 2, BLOCK_K // 2):
+        half = start + halves
+        half_ok = half < K // 2
+        even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)[None, :]
+        odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)[None, :]
+        ok = row_ok[:, None] & half_ok[None, :]
+        high, low = nf4_pair(
+            packed,
+            absmax,
+            outer,
+            code,
+            offset,
+            table_ptr,
+            local_rows,
+            half,
+            ok,
+            dtype,
+            K,
+            BLOCKSIZE,
+            BLOCKSIZE2,
+            NESTED,
+        )
+        acc += high * even + low * odd
+        if GATED:
+            high, low = nf4_pair(
+                packed1,
+                absmax1,
+                outer1,
+                code1,
+                offset1,
+                table_ptr,
+                rows,
+                half,
+                ok,
+                dtype,
+                K,
+                BLOCKSIZE,
+                BLOCKSIZE2,
+                NESTED,
+            )
+            acc_up += high * even + low * odd
+    finish(
+        tl.sum(acc, axis=1),
+        tl.sum(acc_up, axis=1),
+        rows,
+        row_ok,
+        bias_ptr,
+        res_ptr,
+        out_ptr,
+        N,
+        HAS_BIAS,
+        GATED,
+        HAS_RES,
+    )
+
+
+@triton.jit
+def attention_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    keys_ptr,
+    values_ptr,
+    position_ptr,
+    length_ptr,
+    out_ptr,
+    scale,
+    capacity,
+    Q_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    dtype = out_ptr.dtype.element_ty
+    head = tl.program_id(0)
+    group = head // (Q_HEADS // KV_HEADS)
+    position = tl.load(position_ptr)
+    dims = tl.arange(0, HEAD_DIM)
+    # rotate_half: the first half takes minus the second, the second the first
+    partner = (dims + HEAD_DIM // 2) % HEAD_DIM
+    sign = tl.where(dims < HEAD_DIM // 2, -1.0, 1.0)
+    cos = tl.load(cos_ptr + dims).to(tl.float32)
+    sin = tl.load(sin_ptr + dims).to(tl.float32)
+    # RoPE as the model rounds it: x*cos and rotate_half(x)*sin each rounded, then the sum.
+    q_at = head * HEAD_DIM
+    q_turned = (tl.load(qkv_ptr + q_at + partner).to(tl.float32) * sign * sin).to(dtype).to(tl.float32)
+    query = ((tl.load(qkv_ptr + q_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + q_turned).to(dtype)
+    k_at = (Q_HEADS + group) * HEAD_DIM
+    k_turned = (tl.load(qkv_ptr + k_at + partner).to(tl.float32) * sign * sin).to(dtype).to(tl.float32)
+    key = ((tl.load(qkv_ptr + k_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + k_turned).to(dtype)
+    value = tl.load(qkv_ptr + (Q_HEADS + KV_HEADS + group) * HEAD_DIM + dims)
+    group_start = group.to(tl.int64) * capacity
+    if head % (Q_HEADS // KV_HEADS) == 0:  # one program per kv head writes the new slot
+        tl.store(keys_ptr + (group_start + position) * HEAD_DIM + dims, key)
+        tl.store(values_ptr + (group_start + position) * HEAD_DIM + dims, value)
+    tl.store(length_ptr, position + 1)  # the same value from every program
+    # Online softmax over slots 0..position-1 from the cache, starting from the new token's
+    # own score; the new slot is used from registers, so no program waits on another's write.
+    query_scaled = query.to(tl.float32) * scale
+    best = tl.sum(query_scaled * key.to(tl.float32), axis=0)
+    total = best * 0.0 + 1.0
+    acc = value.to(tl.float32)
+    start = 0
+    while start < position:
+        slots = start + tl.arange(0, BLOCK_T)
+        filled = slots < position
+        at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
+        # both loads issued before either is used, so their latencies overlap
+        keys = tl.load(keys_ptr + at, mask=filled[:, None], other=0.0)
+        values = tl.load(values_ptr + at, mask=filled[:, None], other=0.0)
+        scores = tl.sum(keys.to(tl.float32) * query_scaled[None, :], axis=1)
+        scores = tl.where(filled, scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=0))
+        shrink = tl.exp(best - new_best)
+        weights = tl.exp(scores - new_best)
+        values = values.to(tl.float32)
+        acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
+        total = total * shrink + tl.sum(weights, axis=0)
+        best = new_best
+        start += BLOCK_T
+    tl.store(out_ptr + head * HEAD_DIM + dims, (acc / total).to(dtype))
