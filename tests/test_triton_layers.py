@@ -175,43 +175,60 @@ def test_decode_attention_rotates_writes_and_attends_as_the_model_does(dtype, po
     assert int(layer.cumulative_length) == position + 1
 
 
-def _fused_model(folder):
-    from transformers import AutoModelForCausalLM
+def _fused_model(folder, nf4: str = ""):
+    """fp32 model, its projections fused (plain) or in NF4 ("nf4", "nf4-double-quant"), with
+    the fused layers installed."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    fuse_projections(model)
+    if nf4:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=nf4 == "nf4-double-quant",
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    fuse_projections(model)  # plain linears only: NF4 layers stay as they are
     assert unfusable_reason(model) == ""
     assert install_fused_layers(model) == model.config.num_hidden_layers
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, arch, monkeypatch):
+@pytest.mark.parametrize(
+    "arch,weights",
+    [("llama", "plain"), ("qwen2", "plain"), ("llama", "nf4"), ("qwen2", "nf4-double-quant")],
+)
+def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, arch, weights, monkeypatch):
     """fp32, greedy: the static-cache decoder over fused layers gives generate's tokens one for
-    one (Qwen2's q/k/v biases included), and its single-token passes did go through the kernels."""
-    from transformers import AutoModelForCausalLM
-
+    one (Qwen2's q/k/v biases included; NF4 weights against bitsandbytes' own layers), and its
+    single-token passes did go through the kernels."""
     folder = {"llama": llama_folder, "qwen2": qwen2_folder}[arch]
+    nf4 = "" if weights == "plain" else weights
     prompt = [3, 14, 15, 9, 26, 5, 35, 8]
     new_tokens = 10
-    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    plain = _fused_model(folder, nf4)
+    remove_fused_layers(plain)  # the model's own layers (and bitsandbytes' own matmuls)
     expected = plain.generate(
         torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
     )[0, len(prompt) :].tolist()
 
     calls: list[str] = []
-    for name in ("fused_matvec", "decode_attention"):
+    for name in ("fused_matvec", "nf4_matvec", "decode_attention"):
         kernel = getattr(triton_layers, name)
         counted = lambda *a, name=name, kernel=kernel, **k: calls.append(name) or kernel(*a, **k)  # noqa: E731
         monkeypatch.setattr(triton_layers, name, counted)
-    model = _fused_model(folder)
+    model = _fused_model(folder, nf4)
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected
     # four matvecs a layer in every single-token pass (the cache's first token and each step),
     # and the attention kernel in every step (the first token allocates through the cache's own)
     layers = model.config.num_hidden_layers
-    assert calls.count("fused_matvec") == 4 * layers * new_tokens
+    assert calls.count("nf4_matvec" if nf4 else "fused_matvec") == 4 * layers * new_tokens
     assert calls.count("decode_attention") == layers * (new_tokens - 1)
 
 
@@ -233,4 +250,25 @@ def test_layers_that_cannot_be_fused_say_why(llama_folder):
     assert "SDPA" in unfusable_reason(eager)
     # q/k/v left as three matmuls, as for quantized or adapter layers (fusable_groups skips those)
     unfused = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
-    assert "q/k/v and gate/up fused first" in unfusable_reason(unfused)
+    assert "q/k/v and gate/up fused, or every projection in NF4" in unfusable_reason(unfused)
+
+
+def test_every_kernel_variant_compiles_for_hopper():
+    """ptxas from Triton's wheel, no GPU: each kernel as the app launches it, built for sm_90,
+    in a process without the interpreter (tests/hopper_compile.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run(
+        [sys.executable, str(root / "tests" / "hopper_compile.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert done.stdout.count("bytes of sm_90 code") == 7, done.stdout

@@ -245,7 +245,8 @@ class TransformersBackend(Backend):
         # also compiles and captures the step for the cache size most requests will use.
         # (path name, CUDA graph, torch.compile, Triton layers)
         attempts = [("cuda-graph", True, True, False), ("cuda-graph", True, False, False)] if on_cuda else []
-        if on_cuda and fused and triton_kernels.triton_available() and not triton_layers.unfusable_reason(self.model):
+        # Plain weights (their projections fused above) or bitsandbytes NF4 ones
+        if on_cuda and triton_kernels.triton_available() and not triton_layers.unfusable_reason(self.model):
             attempts.insert(0, ("cuda-graph", True, True, True))
         attempts.append(("static-cache", False, False, False))
         for name, use_graph, compile_step, layers in attempts:

@@ -168,6 +168,7 @@ class NF4Weight:
     blocksize: int
     blocksize2: int
     nested: bool
+    dtype: torch.dtype  # what the weights dequantize to: the layer's compute dtype
 
     @classmethod
     def of(cls, linears: list[nn.Module]) -> NF4Weight:
@@ -186,6 +187,7 @@ class NF4Weight:
             blocksize=int(states[0].blocksize),
             blocksize2=int(states[0].state2.blocksize) if nested else 1,
             nested=nested,
+            dtype=states[0].dtype,
         )
 
 

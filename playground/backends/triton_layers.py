@@ -3,33 +3,33 @@
 At batch 1 a compiled, graph-captured step still runs about a dozen kernels a layer, and on the
 H200 each costs a few microseconds whatever its size: on the 1.7B shape the weights alone would
 take 0.8 ms a token but the step took 1.69 ms (benchmarks/RESULTS.md). Here a Llama-family
-layer's single-token pass runs its four weight reads as four Triton matrix-vector kernels that
-also do the work around them:
+layer's single-token pass is five kernels (triton_kernels):
 
-- the RMSNorm before q/k/v and before gate/up, done in the matvec's prologue (each program
-  recomputes the norm of the 2-8 KB input, which is cheaper than a kernel of its own);
-- q/k/v's bias, where the model has one (Qwen2);
-- SiLU(gate) * up, in the gate/up matvec's epilogue (a program reads a gate row and its up row);
-- the residual add, in the o_proj and down_proj epilogues.
+- four matvecs, one per weight read (q/k/v, o, gate/up, down), each doing the work around it:
+  the RMSNorm in the q/k/v and gate/up prologues, q/k/v's bias (Qwen2), SiLU(gate) * up in the
+  gate/up epilogue, the residual add in the o and down epilogues;
+- one decode-attention kernel: RoPE, the static cache's new slot, attention over filled slots.
 
-Rotary embedding, the cache write and attention stay the model's own (Inductor fuses the first
-two). Passes of several tokens (prefill, speculative checks) go through the model's own layer:
-a matvec reads each weight once per token, which only pays at one token.
+The weights are either plain (q/k/v and gate/up fused by fast_decode.fuse_projections first) or
+bitsandbytes NF4, read in bitsandbytes' own layout (double quant too), so an NF4 variant reads a
+quarter of the bytes without a copy of its weights. Passes of several tokens (prefill,
+speculative checks) go through the model's own layer: a matvec reads each weight once per
+token, which only pays at one token.
 
-Rounding follows the model's eager code step by step (the norm rounded to the model's dtype
-before its weight multiplies, each projection rounded before SiLU, the product and the add), so
-bf16 results match the unfused layer up to the order of the sums, and fp32 tokens match
-`generate` (tests/test_triton_layers.py, through Triton's interpreter on a CPU).
+Rounding follows the model's eager code step by step, so fp32 tokens match `generate` (plain and
+NF4: tests/test_triton_layers.py, through Triton's interpreter on a CPU) and bf16 results differ
+from the unfused layer by the order of the sums.
 
-Each kernel's block sizes are picked per weight shape when the layers are installed, by timing
-the candidates in CUDA graphs on the model's own weights; a CPU (the interpreter) takes one
-default. This module knows nothing of caches or sampling: `fast_decode` owns those.
+Each kernel's launch shape is picked when the layers are installed, by timing the candidates in
+CUDA graphs on the model's own weights; a CPU (the interpreter) takes the first that fits. This
+module knows nothing of sampling: `fast_decode` owns that.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,8 +43,11 @@ from playground.backends.triton_kernels import (
     DEFAULT_CONFIG,
     AttentionConfig,
     MatvecConfig,
+    NF4Weight,
     decode_attention,
     fused_matvec,
+    nf4_matvec,
+    nf4_parts_match,
 )
 
 # Architectures whose layers have the pre-norm Llama shape (norm, attention, add, norm, gated
@@ -63,13 +66,107 @@ def unfusable_reason(model: nn.Module) -> str:
         return f"fused layers call SDPA attention, the model uses {config._attn_implementation}"
     for layer in _decoder_layers(model):
         attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if getattr(attention, "qkv_fused", None) is None or getattr(mlp, "gate_up_fused", None) is None:
-            return "fused layers need q/k/v and gate/up fused first (quantized or adapter layers are not)"
-        if type(attention.o_proj) is not nn.Linear or type(mlp.down_proj) is not nn.Linear:
-            return "fused layers need plain linear o_proj and down_proj"
         if getattr(attention, "sliding_window", None) is not None:
             return "fused layers do not do sliding-window attention"
+        why = _weights_unfusable(attention, mlp)
+        if why:
+            return why
     return ""
+
+
+def _weights_unfusable(attention: nn.Module, mlp: nn.Module) -> str:
+    """Plain weights need q/k/v and gate/up fused (fast_decode.fuse_projections) and plain
+    o_proj and down_proj; NF4 weights need all seven bitsandbytes NF4 layers, alike."""
+    if getattr(attention, "qkv_fused", None) is not None and getattr(mlp, "gate_up_fused", None) is not None:
+        if type(attention.o_proj) is not nn.Linear or type(mlp.down_proj) is not nn.Linear:
+            return "fused layers need plain linear o_proj and down_proj"
+        return ""
+    groups = [
+        [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj")],
+        [getattr(attention, "o_proj", None)],
+        [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")],
+        [getattr(mlp, "down_proj", None)],
+    ]
+    if not all(_is_nf4_linear(linear) for group in groups for linear in group):
+        return "fused layers need q/k/v and gate/up fused, or every projection in NF4 (adapter layers are neither)"
+    for group in groups:
+        why = nf4_parts_match(group)
+        if why:
+            return why
+    return ""
+
+
+def _is_nf4_linear(module: nn.Module | None) -> bool:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return False
+    return type(module) is Linear4bit
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One of a layer's four matvecs: a plain weight (its parts' rows stacked) or NF4 parts,
+    with the bias of all its parts; `parts` holds each part's rows (q, k, v)."""
+
+    weight: torch.Tensor | NF4Weight
+    bias: torch.Tensor | None
+    parts: tuple[int, ...]
+
+    @property
+    def columns(self) -> int:
+        return self.weight.columns if isinstance(self.weight, NF4Weight) else self.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.table.device if isinstance(self.weight, NF4Weight) else self.weight.device
+
+    def fits(self, config: MatvecConfig) -> bool:
+        """Whether `config` can run this matvec: an NF4 program's rows must lie in one part."""
+        if config.block_k > 2 * self.columns:
+            return False  # mostly masked columns
+        return not isinstance(self.weight, NF4Weight) or all(rows % config.block_n == 0 for rows in self.parts)
+
+    def matvec(
+        self,
+        x: torch.Tensor,
+        config: MatvecConfig,
+        norm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
+        gated: bool = False,
+    ) -> torch.Tensor:
+        kernel = nf4_matvec if isinstance(self.weight, NF4Weight) else fused_matvec
+        return kernel(x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated)
+
+
+def layer_projections(layer: nn.Module) -> dict[str, Projection]:
+    """The four matvecs of a layer `unfusable_reason` passed: "qkv", "o", "gate_up", "down"."""
+    attention, mlp = layer.self_attn, layer.mlp
+    if getattr(attention, "qkv_fused", None) is not None:
+        qkv, gate_up = attention.qkv_fused, mlp.gate_up_fused
+        return {
+            "qkv": Projection(qkv.weight, qkv.bias, tuple(qkv.sizes)),
+            "o": Projection(attention.o_proj.weight, attention.o_proj.bias, (attention.o_proj.out_features,)),
+            "gate_up": Projection(gate_up.weight, gate_up.bias, tuple(gate_up.sizes)),
+            "down": Projection(mlp.down_proj.weight, mlp.down_proj.bias, (mlp.down_proj.out_features,)),
+        }
+
+    def nf4(*linears: nn.Module) -> Projection:
+        weight = NF4Weight.of(list(linears))
+        biases = [linear.bias for linear in linears]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).to(biases[0].device)
+        return Projection(weight, bias, weight.rows)
+
+    return {
+        "qkv": nf4(attention.q_proj, attention.k_proj, attention.v_proj),
+        "o": nf4(attention.o_proj),
+        "gate_up": nf4(mlp.gate_proj, mlp.up_proj),
+        "down": nf4(mlp.down_proj),
+    }
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -77,12 +174,14 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class FusedDecoderLayer(nn.Module):
-    """A Llama-shaped decoder layer whose single-token pass runs through `fused_matvec`; any other
-    pass goes to the wrapped layer unchanged."""
+    """A Llama-shaped decoder layer whose single-token pass runs through the Triton kernels
+    (`Projection.matvec` four times, `decode_attention` once); any other pass goes to the
+    wrapped layer unchanged."""
 
     def __init__(self, layer: nn.Module, configs: dict[str, Any]) -> None:
         super().__init__()
         self.layer = layer
+        self.projections = layer_projections(layer)
         # MatvecConfig per projection ("qkv", "o", "gate_up", "down"); "attention": an
         # AttentionConfig for decode_attention, or None for the model's own attention
         self.configs = configs
@@ -110,13 +209,13 @@ class FusedDecoderLayer(nn.Module):
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
-        layer, attention, mlp = self.layer, self.layer.self_attn, self.layer.mlp
-        head_dim = attention.head_dim
+        layer, attention = self.layer, self.layer.self_attn
+        projections, configs = self.projections, self.configs
         x = hidden_states.reshape(-1)
-        qkv = attention.qkv_fused
-        projected = fused_matvec(x, qkv.weight, self.configs["qkv"], norm=layer.input_layernorm, bias=qkv.bias)
+        qkv = projections["qkv"]
+        projected = qkv.matvec(x, configs["qkv"], norm=layer.input_layernorm)
         cache_layer = past_key_values.layers[attention.layer_idx] if past_key_values is not None else None
-        kernel = self.configs.get("attention")
+        kernel = configs.get("attention")
         if (
             kernel is not None
             and type(cache_layer) is StaticLayer
@@ -125,7 +224,7 @@ class FusedDecoderLayer(nn.Module):
         ):
             # The static-cache decoder's single-token passes attend to slots 0..position, which
             # is the mask it builds (fast_decode); the kernel reads only those slots.
-            q_heads = qkv.sizes[0] // head_dim
+            q_heads = qkv.parts[0] // attention.head_dim
             attended = decode_attention(
                 projected,
                 position_embeddings,
@@ -137,17 +236,11 @@ class FusedDecoderLayer(nn.Module):
             )
         else:  # another cache (or its first, allocating write): the model's own steps
             attended = self._model_attention(projected, position_embeddings, past_key_values, attention_mask, **kwargs)
-        o_proj, down_proj, gate_up = attention.o_proj, mlp.down_proj, mlp.gate_up_fused
-        hidden = fused_matvec(attended.reshape(-1), o_proj.weight, self.configs["o"], bias=o_proj.bias, residual=x)
-        activated = fused_matvec(
-            hidden,
-            gate_up.weight,
-            self.configs["gate_up"],
-            norm=layer.post_attention_layernorm,
-            bias=gate_up.bias,
-            gated=True,
+        hidden = projections["o"].matvec(attended, configs["o"], residual=x)
+        activated = projections["gate_up"].matvec(
+            hidden, configs["gate_up"], norm=layer.post_attention_layernorm, gated=True
         )
-        out = fused_matvec(activated, down_proj.weight, self.configs["down"], bias=down_proj.bias, residual=hidden)
+        out = projections["down"].matvec(activated, configs["down"], residual=hidden)
         return out.view_as(hidden_states)
 
     def _model_attention(
@@ -161,7 +254,7 @@ class FusedDecoderLayer(nn.Module):
         """RoPE, the cache's own update and SDPA, as the model's attention does them."""
         attention = self.layer.self_attn
         head_dim = attention.head_dim
-        parts = projected.split(attention.qkv_fused.sizes)
+        parts = projected.split(self.projections["qkv"].parts)
         query, key, value = (part.view(1, 1, -1, head_dim).transpose(1, 2) for part in parts)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
@@ -182,17 +275,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def install_fused_layers(model: nn.Module, triton_attention: bool = True) -> int:
     """Wrap every decoder layer in a `FusedDecoderLayer`; returns how many. Call only when
-    `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first.
-    `triton_attention`: False keeps the model's own RoPE, cache update and SDPA."""
+    `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first, on the first
+    layer's weights. `triton_attention`: False keeps the model's own RoPE, cache update and SDPA."""
     layers = _decoder_layers(model)
-    first = layers[0]
-    weights = {
-        "qkv": (first.self_attn.qkv_fused.weight, first.input_layernorm, False),
-        "o": (first.self_attn.o_proj.weight, None, False),
-        "gate_up": (first.mlp.gate_up_fused.weight, first.post_attention_layernorm, True),
-        "down": (first.mlp.down_proj.weight, None, False),
+    first, projections = layers[0], layer_projections(layers[0])
+    norms = {"qkv": first.input_layernorm, "o": None, "gate_up": first.post_attention_layernorm, "down": None}
+    configs: dict[str, Any] = {
+        name: _pick_config(projections[name], norm, gated=name == "gate_up") for name, norm in norms.items()
     }
-    configs: dict[str, Any] = {name: _pick_config(*spec) for name, spec in weights.items()}
     configs["attention"] = _pick_attention_config(model) if triton_attention else None
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs)
@@ -211,20 +301,23 @@ def has_fused_layers(model: nn.Module) -> bool:
     return any(isinstance(layer, FusedDecoderLayer) for layer in _decoder_layers(model))
 
 
-def _pick_config(weight: torch.Tensor, norm: nn.Module | None, gated: bool) -> MatvecConfig:
-    """The fastest candidate launch shape for this weight (`_fastest`); the default off a GPU."""
-    if weight.device.type != "cuda":
-        return DEFAULT_CONFIG
-    columns = weight.shape[1]
-    x = torch.randn(columns, dtype=weight.dtype, device=weight.device)
-    rows = weight.shape[0] // 2 if gated else weight.shape[0]
-    residual = None if norm is not None or gated else torch.zeros(rows, dtype=weight.dtype, device=weight.device)
-    candidates = [config for config in CANDIDATE_CONFIGS if config.block_k <= 2 * columns]  # else mostly masked
+def _pick_config(projection: Projection, norm: nn.Module | None, gated: bool) -> MatvecConfig:
+    """The fastest candidate launch shape for this projection (`_fastest`); off a GPU the first
+    that fits."""
+    candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
+    if not candidates:
+        raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
+    device, dtype = projection.device, projection.dtype
+    if device.type != "cuda":
+        return candidates[0]
+    x = torch.randn(projection.columns, dtype=dtype, device=device)
+    rows = projection.parts[0] if gated else sum(projection.parts)
+    residual = None if norm is not None or gated else torch.zeros(rows, dtype=dtype, device=device)
 
     def run(config: MatvecConfig) -> torch.Tensor:
-        return fused_matvec(x, weight, config, norm=norm, residual=residual, gated=gated)
+        return projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
 
-    return _fastest(candidates, run, DEFAULT_CONFIG)
+    return _fastest(candidates, run, candidates[0])
 
 
 def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int = 1024) -> AttentionConfig:

@@ -1,0 +1,89 @@
+"""Compile every Triton kernel variant the app launches for Hopper (sm_90), with no GPU.
+
+Triton's wheel carries ptxas, so a kernel that would not compile on the lent H200 (a type that
+differs between branches, a bad constexpr) fails here, in CI, instead of on scarce device time.
+Run by tests/test_triton_layers.py in a process of its own: the interpreter the other tests
+switch on would turn the kernels into Python.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from playground.backends import triton_source
+
+HOPPER = GPUTarget("cuda", 90, 32)
+BF16 = "*bf16"
+MATVEC_ARGS = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
+NF4_PART = {"packed": "*u8", "absmax": "*u8", "outer": "*fp32", "code": "*fp32", "offset": "fp32"}
+
+
+def matvec(norm: bool, bias: bool, gated: bool, residual: bool) -> tuple:
+    signature = MATVEC_ARGS | {"N": "i32", "eps": "fp32"}
+    constants = dict(K=2048, HAS_NORM=norm, HAS_BIAS=bias, GATED=gated, HAS_RES=residual, BLOCK_N=8, BLOCK_K=512)
+    return triton_source.matvec_kernel, signature, constants
+
+
+def nf4(parts: int, nested: bool, norm: bool, bias: bool, gated: bool, residual: bool) -> tuple:
+    signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
+    signature["table_ptr"] = "*fp32"
+    for index in range(3):
+        for name, kind in NF4_PART.items():
+            kind = kind if nested or name != "absmax" else "*fp32"
+            signature[f"{name}{index}"] = kind
+    signature |= {"rows0": "i32", "rows1": "i32", "N": "i32", "eps": "fp32"}
+    constants = dict(
+        K=2048,
+        PARTS=parts,
+        NESTED=nested,
+        BLOCKSIZE=64,
+        BLOCKSIZE2=256,
+        HAS_NORM=norm,
+        HAS_BIAS=bias,
+        GATED=gated,
+        HAS_RES=residual,
+        BLOCK_N=8,
+        BLOCK_K=512,
+    )
+    return triton_source.nf4_matvec_kernel, signature, constants
+
+
+def attention() -> tuple:
+    signature = {name: BF16 for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "keys_ptr", "values_ptr", "out_ptr")}
+    signature |= {"position_ptr": "*i64", "length_ptr": "*i64", "scale": "fp32", "capacity": "i32"}
+    constants = dict(Q_HEADS=16, KV_HEADS=2, HEAD_DIM=128, BLOCK_T=128)
+    return triton_source.attention_kernel, signature, constants
+
+
+# What a layer launches: q/k/v (norm, bias), o and down (residual), gate/up (norm, gated).
+VARIANTS = {
+    "matvec qkv": matvec(norm=True, bias=True, gated=False, residual=False),
+    "matvec gate/up": matvec(norm=True, bias=False, gated=True, residual=False),
+    "matvec o/down": matvec(norm=False, bias=False, gated=False, residual=True),
+    "nf4 qkv, double quant": nf4(3, nested=True, norm=True, bias=True, gated=False, residual=False),
+    "nf4 gate/up": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False),
+    "nf4 o/down, double quant": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True),
+    "attention": attention(),
+}
+
+
+def main() -> int:
+    failed = 0
+    for name, (kernel, signature, constants) in VARIANTS.items():
+        order = [arg for arg in kernel.arg_names if arg not in constants]
+        signature = {arg: signature[arg] for arg in order} | {arg: "constexpr" for arg in constants}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constants), target=HOPPER, options={"num_warps": 8})
+            print(f"{name}: {len(compiled.asm['cubin'])} bytes of sm_90 code")
+        except Exception as err:  # report every variant, then fail
+            failed += 1
+            print(f"{name}: FAILED {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
