@@ -260,6 +260,32 @@ def test_quantized_variants_take_the_fastest_path_that_runs(engine, llama_folder
         assert "int8_outlier_threshold: 0" in info.decode
     else:
         assert info.decode.startswith("fast decode: static KV cache + CUDA graph")
+    if quantization["method"] == "nf4":  # read in bitsandbytes' layout by the Triton layers
+        assert "inside Triton matvecs" in info.decode
+
+
+def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder):
+    """An NF4 variant computing in fp32: the Triton layers' replies are bitsandbytes' own
+    `generate`'s, token for token (both dequantize the same codes and scales)."""
+    pytest.importorskip("bitsandbytes")
+    from test_fast_decode import backend_for, reply
+
+    from playground.config import GenerationParams
+
+    nf4 = variant(
+        id="fast-nf4-fp32",
+        backend="transformers",
+        source={"path": str(llama_folder)},
+        dtype="fp32",
+        device="cuda",
+        quantization={"method": "nf4", "double_quant": True, "compute_dtype": "fp32"},
+    )
+    plain, fast = backend_for(nf4, "off"), backend_for(nf4, "auto")
+    assert fast.decode_path.triton_layers, fast.decode_path.describe()
+    params = GenerationParams(max_new_tokens=48, temperature=0.0)
+    assert reply(fast, params, mode="completion", text="Hello world") == reply(
+        plain, params, mode="completion", text="Hello world"
+    )
 
 
 # -- token-level divergence on the GPU -----------------------------------------------------------

@@ -248,6 +248,16 @@ def test_layers_that_cannot_be_fused_say_why(llama_folder):
     eager = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32, attn_implementation="eager")
     fuse_projections(eager)
     assert "SDPA" in unfusable_reason(eager)
+    # NF4 layers that compute in another dtype than the model's: bitsandbytes casts, the kernel would not
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    mixed = AutoModelForCausalLM.from_pretrained(
+        llama_folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
+    )
+    assert "compute in the model's dtype" in unfusable_reason(mixed)
     # q/k/v left as three matmuls, as for quantized or adapter layers (fusable_groups skips those)
     unfused = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
     assert "q/k/v and gate/up fused, or every projection in NF4" in unfusable_reason(unfused)

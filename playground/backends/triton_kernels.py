@@ -205,6 +205,9 @@ def nf4_parts_match(linears: list[nn.Module]) -> str:
         return "fused layers need the q/k/v (or gate/up) weights quantized alike"
     if int(first.shape[1]) % 2 or first.blocksize % 2:
         return "fused layers need an even number of columns"
+    if any(getattr(linear, "compute_dtype", None) not in (None, first.dtype) for linear in linears):
+        # the kernel computes in the model's dtype, as bitsandbytes does only when they agree
+        return "fused layers need NF4 layers that compute in the model's dtype (quantization.compute_dtype)"
     return ""
 
 
