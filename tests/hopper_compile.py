@@ -22,13 +22,15 @@ MATVEC_ARGS = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr",
 NF4_PART = {"packed": "*u8", "absmax": "*u8", "outer": "*fp32", "code": "*fp32", "offset": "fp32"}
 
 
-def matvec(norm: bool, bias: bool, gated: bool, residual: bool) -> tuple:
+def matvec(norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False) -> tuple:
     signature = MATVEC_ARGS | {"N": "i32", "eps": "fp32"}
-    constants = dict(K=2048, HAS_NORM=norm, HAS_BIAS=bias, GATED=gated, HAS_RES=residual, BLOCK_N=8, BLOCK_K=512)
+    constants = dict(
+        K=2048, HAS_NORM=norm, HAS_BIAS=bias, GATED=gated, HAS_RES=residual, BLOCK_N=8, BLOCK_K=512, USE_PDL=pdl
+    )
     return triton_source.matvec_kernel, signature, constants
 
 
-def nf4(parts: int, nested: bool, norm: bool, bias: bool, gated: bool, residual: bool) -> tuple:
+def nf4(parts: int, nested: bool, norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature["table_ptr"] = "*fp32"
     for index in range(3):
@@ -48,14 +50,15 @@ def nf4(parts: int, nested: bool, norm: bool, bias: bool, gated: bool, residual:
         HAS_RES=residual,
         BLOCK_N=8,
         BLOCK_K=512,
+        USE_PDL=pdl,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
 
 
-def attention() -> tuple:
+def attention(pdl: bool = False) -> tuple:
     signature = {name: BF16 for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "keys_ptr", "values_ptr", "out_ptr")}
     signature |= {"position_ptr": "*i64", "length_ptr": "*i64", "scale": "fp32", "capacity": "i32"}
-    constants = dict(Q_HEADS=16, KV_HEADS=2, HEAD_DIM=128, BLOCK_T=128)
+    constants = dict(Q_HEADS=16, KV_HEADS=2, HEAD_DIM=128, BLOCK_T=128, USE_PDL=pdl)
     return triton_source.attention_kernel, signature, constants
 
 
@@ -68,6 +71,11 @@ VARIANTS = {
     "nf4 gate/up": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False),
     "nf4 o/down, double quant": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True),
     "attention": attention(),
+    # with programmatic dependent launch (griddepcontrol, Hopper's own instructions)
+    "matvec gate/up, PDL": matvec(norm=True, bias=False, gated=True, residual=False, pdl=True),
+    "matvec o/down, PDL": matvec(norm=False, bias=False, gated=False, residual=True, pdl=True),
+    "nf4 qkv, double quant, PDL": nf4(3, nested=True, norm=True, bias=True, gated=False, residual=False, pdl=True),
+    "attention, PDL": attention(pdl=True),
 }
 
 

@@ -24,11 +24,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class MatvecConfig:
-    """One launch shape of the matvec kernel: rows and columns per program, and warps."""
+    """One launch shape of the matvec kernel: rows and columns per program, and warps; `pdl`:
+    launched with programmatic dependent launch (Hopper on), reading its first weights early."""
 
     block_n: int
     block_k: int
     num_warps: int
+    pdl: bool = False
 
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
@@ -50,10 +52,12 @@ CANDIDATE_CONFIGS = (
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """The attention kernel's launch shape: cache slots per loop step, and warps."""
+    """The attention kernel's launch shape: cache slots per loop step, and warps; `pdl` as for
+    `MatvecConfig`."""
 
     block_t: int
     num_warps: int
+    pdl: bool = False
 
 
 DEFAULT_ATTENTION = AttentionConfig(64, 4)
@@ -66,6 +70,11 @@ ATTENTION_CANDIDATES = (
     AttentionConfig(128, 8),
     AttentionConfig(256, 8),
 )
+
+
+# Launch options: programmatic dependent launch is asked for only where a config wants it (the
+# interpreter knows no such option).
+PDL_LAUNCH: dict[bool, dict[str, bool]] = {False: {}, True: {"launch_pdl": True}}
 
 
 def triton_available() -> bool:
@@ -98,6 +107,7 @@ def _matvec_op() -> Any:
         block_n: int,
         block_k: int,
         num_warps: int,
+        pdl: bool,
     ) -> torch.Tensor:
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty((rows,), dtype=x.dtype, device=x.device)
@@ -118,11 +128,13 @@ def _matvec_op() -> Any:
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             num_warps=num_warps,
+            USE_PDL=pdl,
+            **PDL_LAUNCH[pdl],
         )
         return out
 
     @fused_matvec.register_fake
-    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps):  # noqa: ANN001, ANN202
+    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps, pdl):  # noqa: ANN001, ANN202
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         return x.new_empty((rows,))
 
@@ -146,7 +158,7 @@ def fused_matvec(
     norm_weight = norm.weight if norm is not None else None
     eps = float(norm.variance_epsilon) if norm is not None else 0.0
     return torch.ops.playground.fused_matvec(
-        x, weight, norm_weight, bias, residual, eps, gated, config.block_n, config.block_k, config.num_warps
+        x, weight, norm_weight, bias, residual, eps, gated, config.block_n, config.block_k, config.num_warps, config.pdl
     )
 
 
@@ -241,6 +253,7 @@ def _nf4_matvec_op() -> Any:
         block_n: int,
         block_k: int,
         num_warps: int,
+        pdl: bool,
     ) -> torch.Tensor:
         out_rows = rows[0] if gated else sum(rows)
         out = torch.empty((out_rows,), dtype=x.dtype, device=x.device)
@@ -273,6 +286,8 @@ def _nf4_matvec_op() -> Any:
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             num_warps=num_warps,
+            USE_PDL=pdl,
+            **PDL_LAUNCH[pdl],
         )
         return out
 
@@ -320,6 +335,7 @@ def nf4_matvec(
         config.block_n,
         config.block_k,
         config.num_warps,
+        config.pdl,
     )
 
 
@@ -343,6 +359,7 @@ def _attention_op() -> Any:
         scale: float,
         block_t: int,
         num_warps: int,
+        pdl: bool,
     ) -> torch.Tensor:
         kv_heads, capacity, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
         out = torch.empty((q_heads * head_dim,), dtype=qkv.dtype, device=qkv.device)
@@ -362,11 +379,13 @@ def _attention_op() -> Any:
             HEAD_DIM=head_dim,
             BLOCK_T=block_t,
             num_warps=num_warps,
+            USE_PDL=pdl,
+            **PDL_LAUNCH[pdl],
         )
         return out
 
     @decode_attention.register_fake
-    def _(qkv, cos, sin, keys, values, position, length, q_heads, scale, block_t, num_warps):  # noqa: ANN001, ANN202
+    def _(qkv, cos, sin, keys, values, position, length, q_heads, scale, block_t, num_warps, pdl):  # noqa: ANN001, ANN202
         return qkv.new_empty((q_heads * keys.shape[3],))
 
     return decode_attention
@@ -400,4 +419,5 @@ def decode_attention(
         scale,
         config.block_t,
         config.num_warps,
+        config.pdl,
     )

@@ -27,6 +27,7 @@ module knows nothing of sampling: `fast_decode` owns that.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -317,7 +318,8 @@ def _pick_config(projection: Projection, norm: nn.Module | None, gated: bool) ->
     def run(config: MatvecConfig) -> torch.Tensor:
         return projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
 
-    return _fastest(candidates, run, candidates[0])
+    best = _fastest(candidates, run, candidates[0])
+    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best)
 
 
 def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int = 1024) -> AttentionConfig:
@@ -344,7 +346,8 @@ def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int 
     def run(candidate: AttentionConfig) -> torch.Tensor:
         return decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, candidate)
 
-    return _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION)
+    best = _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION)
+    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best)
 
 
 def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any) -> Any:

@@ -9,6 +9,7 @@ dtype (the output's) wherever the eager code would hold it in that dtype.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -83,27 +84,56 @@ def matvec_kernel(
     HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """out[N] = w[N, K] @ x (gated: w holds gate's N rows over up's), with `finish`'s work."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     row_start = rows.to(tl.int64)[:, None] * K
     cols = tl.arange(0, BLOCK_K)
-    rstd = 1.0
-    if HAS_NORM:
-        rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = acc
-    for start in range(0, K, BLOCK_K):
-        col = start + cols
-        col_ok = col < K
-        value = matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM)[None, :]
-        in_bounds = row_ok[:, None] & col_ok[None, :]
-        weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
-        acc += weight.to(tl.float32) * value
-        if GATED:  # the up projection's rows sit N rows below the gate's
-            weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
-            acc_up += weight_up.to(tl.float32) * value
+    if USE_PDL:
+        # Programmatic dependent launch: the next kernel may start now, and this one reads its
+        # first weight tile (which no earlier kernel writes) before waiting for the one before
+        # to finish, so the weight stream starts under that kernel's tail. Each later tile is
+        # loaded one step ahead of its use.
+        gdc_launch_dependents()
+        in_bounds = row_ok[:, None] & (cols < K)[None, :]
+        weight = tl.load(w_ptr + row_start + cols[None, :], mask=in_bounds, other=0.0)
+        weight_up = weight
+        if GATED:
+            weight_up = tl.load(w_ptr + row_start + N * K + cols[None, :], mask=in_bounds, other=0.0)
+        gdc_wait()
+        rstd = 1.0
+        if HAS_NORM:
+            rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
+        for start in range(0, K, BLOCK_K):
+            col = start + cols
+            value = matmul_input(x_ptr, norm_ptr, col, col < K, rstd, HAS_NORM)[None, :]
+            ahead = col + BLOCK_K
+            in_bounds = row_ok[:, None] & (ahead < K)[None, :]
+            weight_ahead = tl.load(w_ptr + row_start + ahead[None, :], mask=in_bounds, other=0.0)
+            acc += weight.to(tl.float32) * value
+            weight = weight_ahead
+            if GATED:
+                weight_up_ahead = tl.load(w_ptr + row_start + N * K + ahead[None, :], mask=in_bounds, other=0.0)
+                acc_up += weight_up.to(tl.float32) * value
+                weight_up = weight_up_ahead
+    else:
+        rstd = 1.0
+        if HAS_NORM:
+            rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
+        for start in range(0, K, BLOCK_K):
+            col = start + cols
+            col_ok = col < K
+            value = matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM)[None, :]
+            in_bounds = row_ok[:, None] & col_ok[None, :]
+            weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
+            acc += weight.to(tl.float32) * value
+            if GATED:  # the up projection's rows sit N rows below the gate's
+                weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
+                acc_up += weight_up.to(tl.float32) * value
     finish(
         tl.sum(acc, axis=1),
         tl.sum(acc_up, axis=1),
@@ -192,6 +222,7 @@ def nf4_matvec_kernel(
     HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
     rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
@@ -210,6 +241,9 @@ def nf4_matvec_kernel(
                 packed, absmax, outer, code, offset, base = packed2, absmax2, outer2, code2, offset2, rows0 + rows1
     local_rows = rows - base
     halves = tl.arange(0, BLOCK_K // 2)
+    if USE_PDL:  # the next kernel may launch now; this one waits for the one before
+        gdc_launch_dependents()
+        gdc_wait()
     rstd = 1.0
     if HAS_NORM:
         rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
@@ -287,11 +321,15 @@ def attention_kernel(
     KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     dtype = out_ptr.dtype.element_ty
     head = tl.program_id(0)
     group = head // (Q_HEADS // KV_HEADS)
     position = tl.load(position_ptr)
+    if USE_PDL:  # the next kernel may launch now; q/k/v come from the kernel before
+        gdc_launch_dependents()
+        gdc_wait()
     dims = tl.arange(0, HEAD_DIM)
     # rotate_half: the first half takes minus the second, the second the first
     partner = (dims + HEAD_DIM // 2) % HEAD_DIM
