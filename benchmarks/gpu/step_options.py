@@ -15,7 +15,8 @@ tried here, each in its own process so Inductor's caches and settings do not car
   matvec's time against cuBLAS's plain matmul of the same weight, and how far one eager step's
   logits move from the model's own layers;
 - `triton-layers-model-attention`: the same with the model's own RoPE, cache update and SDPA in
-  place of triton_layers' decode-attention kernel.
+  place of triton_layers' decode-attention kernel;
+- `triton-layers-no-pdl`: the same without programmatic dependent launch among the choices.
 Per option and shape: ms per token of the captured step, timed with CUDA events over replays
 from position 256 on (a 1024-slot cache), against the bytes a token reads at the measured copy rate.
 
@@ -38,6 +39,7 @@ OPTIONS = {
     "default": {},
     "triton-layers": {},
     "triton-layers-model-attention": {},
+    "triton-layers-no-pdl": {},
     "pdl": {"options": {"triton.enable_pdl": True}},
     # torch.compile takes a mode or options, not both: max-autotune-no-cudagraphs as options.
     "max-autotune-pdl": {"options": {"max_autotune": True, "triton.cudagraphs": False, "triton.enable_pdl": True}},
@@ -102,7 +104,7 @@ def matvec_times(model) -> dict:
     import torch
     from triton.testing import do_bench_cudagraph
 
-    from playground.backends.triton_layers import fused_matvec
+    from playground.backends.triton_kernels import fused_matvec
 
     layer = model.model.layers[0]
     inner = layer.layer
@@ -124,7 +126,7 @@ def matvec_times(model) -> dict:
         size = weight.numel() * weight.element_size()
         out[f"matvec_{name}"] = {
             "shape": list(weight.shape),
-            "config": [config.block_n, config.block_k, config.num_warps],
+            "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
             "fused_us": fused_ms * 1000,
             "cublas_us": cublas_ms * 1000,
             "fused_tb_s": size / (fused_ms / 1000) / 1e12,
@@ -168,10 +170,14 @@ def measure(option: str, shape: str, replays: int) -> dict:
         from playground.backends.triton_layers import install_fused_layers
 
         tuning_started = time.perf_counter()
-        install_fused_layers(decoder.model, triton_attention=option == "triton-layers")
+        install_fused_layers(
+            decoder.model,
+            triton_attention=option != "triton-layers-model-attention",
+            pdl=option != "triton-layers-no-pdl",
+        )
         matvecs = {"tuning_s": time.perf_counter() - tuning_started, **matvec_times(decoder.model)}
         chosen = decoder.model.model.layers[0].configs["attention"]
-        matvecs["attention_config"] = None if chosen is None else [chosen.block_t, chosen.num_warps]
+        matvecs["attention_config"] = None if chosen is None else [chosen.block_t, chosen.num_warps, chosen.pdl]
     decoder._step_fn = torch.compile(
         decoder._step, dynamic=False, mode=settings.get("mode"), options=settings.get("options")
     )

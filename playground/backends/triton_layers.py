@@ -274,17 +274,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def install_fused_layers(model: nn.Module, triton_attention: bool = True) -> int:
+def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: bool = True) -> int:
     """Wrap every decoder layer in a `FusedDecoderLayer`; returns how many. Call only when
     `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first, on the first
-    layer's weights. `triton_attention`: False keeps the model's own RoPE, cache update and SDPA."""
+    layer's weights. `triton_attention`: False keeps the model's own RoPE, cache update and SDPA;
+    `pdl`: False leaves programmatic dependent launch out of the choice."""
     layers = _decoder_layers(model)
     first, projections = layers[0], layer_projections(layers[0])
     norms = {"qkv": first.input_layernorm, "o": None, "gate_up": first.post_attention_layernorm, "down": None}
     configs: dict[str, Any] = {
-        name: _pick_config(projections[name], norm, gated=name == "gate_up") for name, norm in norms.items()
+        name: _pick_config(projections[name], norm, name == "gate_up", pdl) for name, norm in norms.items()
     }
-    configs["attention"] = _pick_attention_config(model) if triton_attention else None
+    configs["attention"] = _pick_attention_config(model, pdl) if triton_attention else None
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs)
     return len(layers)
@@ -302,7 +303,7 @@ def has_fused_layers(model: nn.Module) -> bool:
     return any(isinstance(layer, FusedDecoderLayer) for layer in _decoder_layers(model))
 
 
-def _pick_config(projection: Projection, norm: nn.Module | None, gated: bool) -> MatvecConfig:
+def _pick_config(projection: Projection, norm: nn.Module | None, gated: bool, pdl: bool) -> MatvecConfig:
     """The fastest candidate launch shape for this projection (`_fastest`); off a GPU the first
     that fits."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
@@ -319,10 +320,10 @@ def _pick_config(projection: Projection, norm: nn.Module | None, gated: bool) ->
         return projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
 
     best = _fastest(candidates, run, candidates[0])
-    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best)
+    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best) if pdl else best
 
 
-def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int = 1024) -> AttentionConfig:
+def _pick_attention_config(model: nn.Module, pdl: bool, position: int = 256, capacity: int = 1024) -> AttentionConfig:
     """The fastest candidate for the attention kernel at `position` of a `capacity`-slot cache
     shaped as this model's (`_fastest`); the default off a GPU."""
     parameter = next(model.parameters())
@@ -347,7 +348,7 @@ def _pick_attention_config(model: nn.Module, position: int = 256, capacity: int 
         return decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, candidate)
 
     best = _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION)
-    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best)
+    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best) if pdl else best
 
 
 def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any) -> Any:
