@@ -243,22 +243,31 @@ class TransformersBackend(Backend):
         failures = [not_fused] if not_fused else []
         # Fastest first; each is tried once on a request of the variant's default size, which
         # also compiles and captures the step for the cache size most requests will use.
-        # (path name, CUDA graph, torch.compile, Triton layers)
-        attempts = [("cuda-graph", True, True, False), ("cuda-graph", True, False, False)] if on_cuda else []
-        # Plain weights (their projections fused above) or bitsandbytes NF4 ones
+        # (path name, CUDA graph, torch.compile, Triton layers' install options or None)
+        attempts: list[tuple[str, bool, bool, dict[str, bool] | None]] = []
+        # Plain weights (their projections fused above) or bitsandbytes NF4 ones; without
+        # programmatic dependent launch again if the graph would not hold it.
         if on_cuda and triton_kernels.triton_available() and not triton_layers.unfusable_reason(self.model):
-            attempts.insert(0, ("cuda-graph", True, True, True))
-        attempts.append(("static-cache", False, False, False))
+            attempts += [("cuda-graph", True, True, {"pdl": True}), ("cuda-graph", True, True, {"pdl": False})]
+        if on_cuda:
+            attempts += [("cuda-graph", True, True, None), ("cuda-graph", True, False, None)]
+        attempts.append(("static-cache", False, False, None))
+        picked_pdl = True
         for name, use_graph, compile_step, layers in attempts:
+            if layers and not layers["pdl"] and not picked_pdl:
+                continue  # the attempt before picked no PDL: these would be the same kernels
             decoder = StaticDecoder(self.model, self._context_length(), use_graph, compile_step)
             try:
-                if layers:  # its kernels' block sizes are timed here, on this model's weights
-                    triton_layers.install_fused_layers(self.model)
+                if layers:  # its kernels' launch shapes are timed here, on this model's weights
+                    triton_layers.install_fused_layers(self.model, **layers)
+                    picked_pdl = triton_layers.uses_pdl(self.model)
                 self._try_decoder(decoder)
             except Exception as err:  # any failure of an optional path means: use the next one
                 decoder.release()
                 what = "torch.compile" if compile_step else "CUDA graph" if use_graph else "static cache"
-                failures.append(f"{'Triton layers' if layers else what} failed: {first_line(err)}")
+                if layers:
+                    what = "Triton layers" + (" with programmatic dependent launch" if picked_pdl else "")
+                failures.append(f"{what} failed: {first_line(err)}")
                 if layers:
                     triton_layers.remove_fused_layers(self.model)
                 if on_cuda:
@@ -277,7 +286,7 @@ class TransformersBackend(Backend):
                 compiled=compile_step,
                 fused=fused,
                 prefill_graphs=prefill_graphs,
-                triton_layers=layers,
+                triton_layers=layers is not None,
             )
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
 

@@ -299,8 +299,10 @@ def remove_fused_layers(model: nn.Module) -> None:
             layers[index] = layer.layer
 
 
-def has_fused_layers(model: nn.Module) -> bool:
-    return any(isinstance(layer, FusedDecoderLayer) for layer in _decoder_layers(model))
+def uses_pdl(model: nn.Module) -> bool:
+    """Whether any kernel of the installed layers launches with programmatic dependent launch."""
+    layers = [layer for layer in _decoder_layers(model) if isinstance(layer, FusedDecoderLayer)]
+    return bool(layers) and any(getattr(config, "pdl", False) for config in layers[0].configs.values())
 
 
 def _pick_config(projection: Projection, norm: nn.Module | None, gated: bool, pdl: bool) -> MatvecConfig:
