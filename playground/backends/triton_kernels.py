@@ -85,6 +85,30 @@ def triton_available() -> bool:
     return True
 
 
+def _matvec_options(
+    norm_weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gated: bool,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    pdl: bool,
+) -> dict[str, Any]:
+    """The compile-time flags and launch options both matvec kernels take."""
+    return dict(
+        HAS_NORM=norm_weight is not None,
+        HAS_BIAS=bias is not None,
+        GATED=gated,
+        HAS_RES=residual is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        USE_PDL=pdl,
+        **PDL_LAUNCH[pdl],
+    )
+
+
 @functools.cache
 def _matvec_op() -> Any:
     """The matvec kernel's torch op, made at first use (see the module's note)."""
@@ -121,15 +145,7 @@ def _matvec_op() -> Any:
             rows,
             eps,
             K=weight.shape[1],
-            HAS_NORM=norm_weight is not None,
-            HAS_BIAS=bias is not None,
-            GATED=gated,
-            HAS_RES=residual is not None,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-            USE_PDL=pdl,
-            **PDL_LAUNCH[pdl],
+            **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
@@ -279,15 +295,7 @@ def _nf4_matvec_op() -> Any:
             NESTED=nested,
             BLOCKSIZE=blocksize,
             BLOCKSIZE2=blocksize2,
-            HAS_NORM=norm_weight is not None,
-            HAS_BIAS=bias is not None,
-            GATED=gated,
-            HAS_RES=residual is not None,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-            USE_PDL=pdl,
-            **PDL_LAUNCH[pdl],
+            **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
