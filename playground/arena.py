@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from playground.config import describe_errors
 from playground.errors import ConfigError
 from playground.ratings import Leaderboard, bradley_terry, style_controlled
-from playground.sqlite_store import opened
+from playground.sqlite_store import begin_schema, opened
 
 Outcome = Literal["a", "b", "tie", "both_bad"]
 OUTCOMES: tuple[str, ...] = ("a", "b", "tie", "both_bad")
@@ -77,6 +77,7 @@ class VoteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         with self._connect() as db:
+            begin_schema(db)
             db.execute(
                 "CREATE TABLE IF NOT EXISTS votes (id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL, "
                 "variant_a TEXT NOT NULL, variant_b TEXT NOT NULL, outcome TEXT NOT NULL, prompt TEXT NOT NULL)"

@@ -45,6 +45,14 @@ def opened(path: Path, what: str, timeout_s: float = 30.0) -> Iterator[sqlite3.C
         db.close()
 
 
+def begin_schema(db: sqlite3.Connection) -> None:
+    """Take the store's write lock before reading and changing its schema. Processes that open a
+    new store at once (several command lines, say) then set it up one after another, and each
+    later one sees the tables and columns the first made instead of adding them again (seen:
+    "duplicate column name"). The connection's busy timeout waits for the lock."""
+    db.execute("BEGIN IMMEDIATE")
+
+
 def _why(err: sqlite3.Error, read_only: bool) -> str:
     text = str(err)
     if "not a database" in text or "malformed" in text:

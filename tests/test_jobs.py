@@ -249,6 +249,35 @@ def test_the_jobs_database_damaged_or_read_only_gets_one_line(tmp_path):
         assert "the jobs database" in result.stderr and "is damaged: move it aside" in result.stderr
 
 
+def test_stores_opened_at_once_set_their_schema_up_once(tmp_path):
+    """Several command lines opening a new store together (CI saw three `jobs submit` at once
+    fail with "duplicate column name"): eight connections at a time, the jobs and the votes
+    store, five times over; every open succeeds and the columns are there once."""
+    import threading
+
+    from playground.arena import VoteStore
+
+    for trial in range(5):
+        for store, name in ((JobStore, "jobs.sqlite"), (VoteStore, "votes.sqlite")):
+            path = tmp_path / str(trial) / name
+            start, errors = threading.Barrier(8), []
+
+            def open_store(store=store, path=path, start=start, errors=errors) -> None:
+                start.wait()
+                try:
+                    store(path)
+                except Exception as err:  # noqa: BLE001 - collected for the assertion
+                    errors.append(f"{type(err).__name__}: {err}")
+
+            threads = [threading.Thread(target=open_store) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not errors, errors
+    assert JobStore(tmp_path / "0" / "jobs.sqlite").list() == []
+
+
 def test_a_read_only_jobs_folder_is_still_listed_and_a_submit_says_why(tmp_path, small_disk):
     JobStore(small_disk / "jobs" / "jobs.sqlite").create("eval-router", SHORT)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from playground.sqlite_store import StoreError, opened
+from playground.sqlite_store import StoreError, begin_schema, opened
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
@@ -52,6 +52,17 @@ class Job:
         return elapsed / self.step * (self.total - self.step)
 
 
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, options TEXT NOT NULL, state TEXT NOT NULL,
+        created REAL NOT NULL, started REAL, ended REAL, pid INTEGER, error TEXT, result TEXT,
+        step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, t REAL NOT NULL, data TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS events_by_job ON events (job, seq)",
+)
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -61,17 +72,9 @@ class JobStore:
             raise StoreError(f"the jobs folder {self.path.parent} cannot be made: {err.strerror}") from None
         self._lock = threading.Lock()
         with self._db() as db:
-            db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS jobs (
-                    id TEXT PRIMARY KEY, kind TEXT NOT NULL, options TEXT NOT NULL, state TEXT NOT NULL,
-                    created REAL NOT NULL, started REAL, ended REAL, pid INTEGER, error TEXT, result TEXT,
-                    step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0);
-                CREATE TABLE IF NOT EXISTS events (
-                    seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, t REAL NOT NULL, data TEXT NOT NULL);
-                CREATE INDEX IF NOT EXISTS events_by_job ON events (job, seq);
-                """
-            )
+            begin_schema(db)
+            for statement in SCHEMA:
+                db.execute(statement)
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             for name, kind in (
                 ("device", "TEXT NOT NULL DEFAULT 'cpu'"),
