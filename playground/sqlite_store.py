@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,12 +38,27 @@ def opened(path: Path, what: str, timeout_s: float = 30.0) -> Iterator[sqlite3.C
     try:
         with db:
             if not read_only:
-                db.execute("PRAGMA journal_mode=WAL")
+                _write_ahead_log(db, timeout_s)
             yield db
     except sqlite3.DatabaseError as err:
         raise StoreError(f"{what} {path} cannot be used: {_why(err, read_only)}") from None
     finally:
         db.close()
+
+
+def _write_ahead_log(db: sqlite3.Connection, timeout_s: float) -> None:
+    """Put the store in WAL mode. Switching a new file can meet another connection's lock, and
+    SQLite answers "database is locked" there without its busy handler (seen with eight
+    connections opening one new store), so the switch is tried again until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def begin_schema(db: sqlite3.Connection) -> None:
