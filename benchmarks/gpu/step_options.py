@@ -99,30 +99,22 @@ def prefill_ms(decoder) -> dict:
 
 
 def matvec_times(model) -> dict:
-    """Per projection of the first layer: the fused matvec (its picked launch shape) and cuBLAS's
-    plain matmul of the same weight, each timed in CUDA graphs, with the weight's read rate."""
+    """Per projection of the first layer: the fused matvec (its picked launch shape, on the
+    picker's own trial call) and cuBLAS's plain matmul of the same weight, each timed in CUDA
+    graphs, with the weight's read rate."""
     import torch
     from triton.testing import do_bench_cudagraph
 
-    from playground.backends.triton_kernels import fused_matvec
+    from playground.backends.triton_layers import MATVECS, matvec_trial
 
     layer = model.model.layers[0]
-    inner = layer.layer
-    weights = {
-        "qkv": (inner.self_attn.qkv_fused.weight, inner.input_layernorm, False),
-        "o": (inner.self_attn.o_proj.weight, None, False),
-        "gate_up": (inner.mlp.gate_up_fused.weight, inner.post_attention_layernorm, True),
-        "down": (inner.mlp.down_proj.weight, None, False),
-    }
     out = {}
-    for name, (weight, norm, gated) in weights.items():
-        x = torch.randn(weight.shape[1], dtype=weight.dtype, device="cuda")
-        rows = weight.shape[0] // 2 if gated else weight.shape[0]
-        residual = None if norm is not None or gated else torch.zeros(rows, dtype=weight.dtype, device="cuda")
-        config = layer.configs[name]
-        fused = functools.partial(fused_matvec, x, weight, config, norm=norm, residual=residual, gated=gated)
-        fused_ms = do_bench_cudagraph(fused)
-        cublas_ms = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x.view(1, -1), weight))
+    for name in MATVECS:
+        projection, config = layer.projections[name], layer.configs[name]
+        weight = projection.weight
+        fused_ms = do_bench_cudagraph(functools.partial(matvec_trial(layer.layer, name, projection), config))
+        x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device="cuda")
+        cublas_ms = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x, weight))
         size = weight.numel() * weight.element_size()
         out[f"matvec_{name}"] = {
             "shape": list(weight.shape),

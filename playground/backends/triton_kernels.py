@@ -2,6 +2,7 @@
 
 - `fused_matvec`: weight @ x for a plain (bf16, fp16 or fp32) weight, with what the layer does
   around the matmul folded in: the RMSNorm before it, a bias, SiLU(gate) * up, a residual add.
+- `nf4_matvec`: the same for bitsandbytes NF4 weights, read in bitsandbytes' own layout.
 - `decode_attention`: RoPE on q and k, the static cache's new slot written, and attention over
   the filled slots, in one kernel.
 
@@ -25,7 +26,8 @@ from torch import nn
 @dataclass(frozen=True)
 class MatvecConfig:
     """One launch shape of the matvec kernel: rows and columns per program, and warps; `pdl`:
-    launched with programmatic dependent launch (Hopper on), reading its first weights early."""
+    launched with programmatic dependent launch (Hopper on): the next kernel may launch early,
+    and the plain matvec reads its first weight tile before waiting for the kernel before."""
 
     block_n: int
     block_k: int
@@ -83,6 +85,11 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _norm_arguments(norm: nn.Module | None) -> tuple[torch.Tensor | None, float]:
+    """An RMSNorm module (`weight`, `variance_epsilon`) as the matvec ops take it."""
+    return (norm.weight, float(norm.variance_epsilon)) if norm is not None else (None, 0.0)
 
 
 def _matvec_options(
@@ -171,8 +178,7 @@ def fused_matvec(
     when `gated` (the weight is gate's rows over up's), then `residual` added. Returns [N]."""
     if not torch.compiler.is_compiling():  # registered by the first eager call, before any compile
         _matvec_op()
-    norm_weight = norm.weight if norm is not None else None
-    eps = float(norm.variance_epsilon) if norm is not None else 0.0
+    norm_weight, eps = _norm_arguments(norm)
     return torch.ops.playground.fused_matvec(
         x, weight, norm_weight, bias, residual, eps, gated, config.block_n, config.block_k, config.num_warps, config.pdl
     )
@@ -320,8 +326,7 @@ def nf4_matvec(
     (part 0) and up (part 1). A row block of `config` must divide every part's rows."""
     if not torch.compiler.is_compiling():
         _nf4_matvec_op()
-    norm_weight = norm.weight if norm is not None else None
-    eps = float(norm.variance_epsilon) if norm is not None else 0.0
+    norm_weight, eps = _norm_arguments(norm)
     return torch.ops.playground.nf4_matvec(
         x,
         list(weight.packed),

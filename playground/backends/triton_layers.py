@@ -274,6 +274,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+# Each matvec of a layer: the layer's norm in its prologue (attribute name, or None) and
+# whether it is gated (SiLU(gate) * up); those without a norm add the residual instead.
+MATVECS = {
+    "qkv": ("input_layernorm", False),
+    "o": (None, False),
+    "gate_up": ("post_attention_layernorm", True),
+    "down": (None, False),
+}
+
+
 def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: bool = True) -> int:
     """Wrap every decoder layer in a `FusedDecoderLayer`; returns how many. Call only when
     `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first, on the first
@@ -281,14 +291,23 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     `pdl`: False leaves programmatic dependent launch out of the choice."""
     layers = _decoder_layers(model)
     first, projections = layers[0], layer_projections(layers[0])
-    norms = {"qkv": first.input_layernorm, "o": None, "gate_up": first.post_attention_layernorm, "down": None}
-    configs: dict[str, Any] = {
-        name: _pick_config(projections[name], norm, name == "gate_up", pdl) for name, norm in norms.items()
-    }
+    configs: dict[str, Any] = {name: _pick_config(first, name, projections[name], pdl) for name in MATVECS}
     configs["attention"] = _pick_attention_config(model, pdl) if triton_attention else None
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs)
     return len(layers)
+
+
+def matvec_trial(layer: nn.Module, name: str, projection: Projection) -> Callable[[MatvecConfig], torch.Tensor]:
+    """`layer`'s `name` matvec (MATVECS) on a random input, and a zero residual where the layer
+    adds one, as a call of the launch shape: what the launch-shape picker times."""
+    norm_name, gated = MATVECS[name]
+    norm = getattr(layer, norm_name) if norm_name else None
+    device, dtype = projection.device, projection.dtype
+    x = torch.randn(projection.columns, dtype=dtype, device=device)
+    rows = projection.parts[0] if gated else sum(projection.parts)
+    residual = None if norm is not None or gated else torch.zeros(rows, dtype=dtype, device=device)
+    return lambda config: projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
 
 
 def remove_fused_layers(model: nn.Module) -> None:
@@ -305,24 +324,15 @@ def uses_pdl(model: nn.Module) -> bool:
     return bool(layers) and any(getattr(config, "pdl", False) for config in layers[0].configs.values())
 
 
-def _pick_config(projection: Projection, norm: nn.Module | None, gated: bool, pdl: bool) -> MatvecConfig:
-    """The fastest candidate launch shape for this projection (`_fastest`); off a GPU the first
-    that fits."""
+def _pick_config(layer: nn.Module, name: str, projection: Projection, pdl: bool) -> MatvecConfig:
+    """The fastest launch shape that fits `layer`'s `name` matvec, timed on its `matvec_trial`
+    (`_fastest`); off a GPU the first that fits."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     if not candidates:
         raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
-    device, dtype = projection.device, projection.dtype
-    if device.type != "cuda":
+    if projection.device.type != "cuda":
         return candidates[0]
-    x = torch.randn(projection.columns, dtype=dtype, device=device)
-    rows = projection.parts[0] if gated else sum(projection.parts)
-    residual = None if norm is not None or gated else torch.zeros(rows, dtype=dtype, device=device)
-
-    def run(config: MatvecConfig) -> torch.Tensor:
-        return projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
-
-    best = _fastest(candidates, run, candidates[0])
-    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best) if pdl else best
+    return _fastest(candidates, matvec_trial(layer, name, projection), candidates[0], pdl)
 
 
 def _pick_attention_config(model: nn.Module, pdl: bool, position: int = 256, capacity: int = 1024) -> AttentionConfig:
@@ -349,20 +359,28 @@ def _pick_attention_config(model: nn.Module, pdl: bool, position: int = 256, cap
     def run(candidate: AttentionConfig) -> torch.Tensor:
         return decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, candidate)
 
-    best = _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION)
-    return _fastest([best, dataclasses.replace(best, pdl=True)], run, best) if pdl else best
+    return _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION, pdl)
 
 
-def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any) -> Any:
+def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any, pdl: bool) -> Any:
     """The candidate whose `run` replays fastest in a CUDA graph (a step replays one, so launch
-    cost counts as it will there); `default` if none runs."""
+    cost counts as it will there); `default` if none runs. `pdl`: the winner is then timed again
+    with programmatic dependent launch, which it keeps if that is faster."""
     from triton.testing import do_bench_cudagraph
 
-    timings = {}
-    for candidate in candidates:
-        try:
-            run(candidate)  # compiles it, outside the graph
-            timings[candidate] = float(do_bench_cudagraph(functools.partial(run, candidate), rep=20))
-        except Exception:  # a shape the compiler or the device refuses: not a candidate
-            continue
-    return min(timings, key=timings.__getitem__) if timings else default
+    def timings(choices: Sequence[Any]) -> dict[Any, float]:
+        timed = {}
+        for candidate in choices:
+            try:
+                run(candidate)  # compiles it, outside the graph
+                timed[candidate] = float(do_bench_cudagraph(functools.partial(run, candidate), rep=20))
+            except Exception:  # a shape the compiler or the device refuses: not a candidate
+                continue
+        return timed
+
+    timed = timings(candidates)
+    best = min(timed, key=timed.__getitem__) if timed else default
+    if not pdl:
+        return best
+    timed = timings([best, dataclasses.replace(best, pdl=True)])
+    return min(timed, key=timed.__getitem__) if timed else best
