@@ -258,6 +258,17 @@ def test_layers_that_cannot_be_fused_say_why(llama_folder):
         llama_folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
     )
     assert "compute in the model's dtype" in unfusable_reason(mixed)
+    # a LoRA adapter left unmerged on an NF4 base, as the app loads a QLoRA variant: peft wraps
+    # the model and the projections
+    from peft import LoraConfig, get_peft_model
+
+    quantization.bnb_4bit_compute_dtype = torch.float32
+    nf4 = AutoModelForCausalLM.from_pretrained(
+        llama_folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
+    )
+    assert unfusable_reason(nf4) == ""
+    adapted = get_peft_model(nf4, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert "adapter layers are neither" in unfusable_reason(adapted)
     # q/k/v left as three matmuls, as for quantized or adapter layers (fusable_groups skips those)
     unfused = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
     assert "q/k/v and gate/up fused, or every projection in NF4" in unfusable_reason(unfused)

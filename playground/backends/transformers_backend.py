@@ -247,8 +247,12 @@ class TransformersBackend(Backend):
         attempts: list[tuple[str, bool, bool, dict[str, bool] | None]] = []
         # Plain weights (their projections fused above) or bitsandbytes NF4 ones; without
         # programmatic dependent launch again if the graph would not hold it.
-        if on_cuda and triton_kernels.triton_available() and not triton_layers.unfusable_reason(self.model):
-            attempts += [("cuda-graph", True, True, {"pdl": True}), ("cuda-graph", True, True, {"pdl": False})]
+        if on_cuda and triton_kernels.triton_available():
+            why_not_fused = self._unfusable_reason()
+            if why_not_fused:
+                failures.append(f"no Triton layers: {why_not_fused}")
+            else:
+                attempts += [("cuda-graph", True, True, {"pdl": True}), ("cuda-graph", True, True, {"pdl": False})]
         if on_cuda:
             attempts += [("cuda-graph", True, True, None), ("cuda-graph", True, False, None)]
         attempts.append(("static-cache", False, False, None))
@@ -289,6 +293,14 @@ class TransformersBackend(Backend):
                 triton_layers=layers is not None,
             )
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
+
+    def _unfusable_reason(self) -> str:
+        """Why the Triton layers do not fit this model; a model the check itself cannot read
+        takes the next path rather than failing its load."""
+        try:
+            return triton_layers.unfusable_reason(self.model)
+        except Exception as err:
+            return f"the check failed: {first_line(err)}"
 
     def _set_up_speculation(self) -> str:
         """The drafter of a speculative variant (a draft model loaded here, checked to share

@@ -171,7 +171,10 @@ def layer_projections(layer: nn.Module) -> dict[str, Projection]:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
+    # An adapter left unmerged on a quantized base wraps the model (peft's PeftModel); its
+    # layers are the base model's.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
 
 
 class FusedDecoderLayer(nn.Module):
