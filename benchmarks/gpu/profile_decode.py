@@ -32,7 +32,7 @@ def kind_of(kernel: str) -> str:
     # Attention first: cuDNN's SDPA kernels also carry an "sm90" in their names.
     if any(k in name for k in ("fmha", "attention", "flash", "sdpa", "softmax", "efficient")):
         return "attention"
-    if any(k in name for k in ("gemv", "gemm", "cutlass", "xmma", "sm90", "matmul", "splitk", "cublas")):
+    if any(k in name for k in ("gemv", "gemm", "cutlass", "xmma", "sm90", "matmul", "matvec", "splitk", "cublas")):
         return "matmul (weights)"
     return "other (norms, rope, activations, copies)"
 

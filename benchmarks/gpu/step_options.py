@@ -127,6 +127,38 @@ def matvec_times(model) -> dict:
     return out
 
 
+def graph_kernel_profile(decoder, replays: int = 32) -> dict:
+    """The kernels inside the step's graph, as CUPTI records them during replays from position
+    256: device time per token by kernel, and their sum. The step's time less that sum is time
+    the GPU spent between kernels (launch and dependency gaps, ramp-up and drain)."""
+    import torch
+
+    from benchmarks.gpu.profile_decode import kernel_times, kind_of
+
+    def replay() -> None:
+        decoder._position.fill_(256)
+        decoder._set_length(256)
+        for _ in range(replays):
+            decoder._graph.replay()
+        torch.cuda.synchronize()
+
+    replay()  # warm
+    times = kernel_times(replay)
+    by_kind: dict[str, float] = {}
+    for name, (us, _) in times.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us / replays
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:10]
+    return {
+        "graph_kernel_us_per_token": sum(us for us, _ in times.values()) / replays,
+        "graph_kernels_per_token": sum(calls for _, calls in times.values()) / replays,
+        "graph_kernel_us_by_kind": by_kind,
+        "graph_kernel_top": [
+            {"kernel": name[:100], "us_per_token": us / replays, "calls_per_token": calls / replays}
+            for name, (us, calls) in top
+        ],
+    }
+
+
 def fused_against_own_layers(decoder) -> dict:
     """One eager step at position 256, through the fused layers and then the model's own (bf16):
     the largest logit difference and whether the greedy choice agrees."""
@@ -203,12 +235,18 @@ def measure(option: str, shape: str, replays: int) -> dict:
     rate = copy_rate_bytes_per_s()
     bound_ms = (weights + kv_bytes) / rate * 1000
     best = min(times)
+    try:
+        kernels = graph_kernel_profile(decoder)
+        kernels["graph_gap_us_per_token"] = best * 1000 - kernels["graph_kernel_us_per_token"]
+    except Exception as err:  # a profiler that cannot see into graphs here: the step's time stands
+        kernels = {"graph_kernel_profile_error": str(err).splitlines()[0][:300]}
     prefill = prefill_ms(decoder) if option in ("default", "triton-layers") else {}
     if option.startswith("triton-layers"):
         matvecs |= fused_against_own_layers(decoder)
     return {
         **prefill,
         **matvecs,
+        **kernels,
         "option": option,
         "shape": shape,
         "ms_per_token": best,
