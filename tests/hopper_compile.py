@@ -55,10 +55,13 @@ def nf4(parts: int, nested: bool, norm: bool, bias: bool, gated: bool, residual:
     return triton_source.nf4_matvec_kernel, signature, constants
 
 
-def attention(pdl: bool = False) -> tuple:
+def attention(pdl: bool = False, splits: int = 1) -> tuple:
     signature = {name: BF16 for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "keys_ptr", "values_ptr", "out_ptr")}
     signature |= {"position_ptr": "*i64", "length_ptr": "*i64", "scale": "fp32", "capacity": "i32"}
-    constants = dict(Q_HEADS=16, KV_HEADS=2, HEAD_DIM=128, BLOCK_T=128, USE_PDL=pdl)
+    signature |= {"partial_ptr": "*fp32", "counter_ptr": "*i32"}
+    constants = dict(
+        Q_HEADS=16, KV_HEADS=2, HEAD_DIM=128, BLOCK_T=128 if splits == 1 else 32, SPLITS=splits, USE_PDL=pdl
+    )
     return triton_source.attention_kernel, signature, constants
 
 
@@ -71,11 +74,13 @@ VARIANTS = {
     "nf4 gate/up": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False),
     "nf4 o/down, double quant": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True),
     "attention": attention(),
+    "attention, slots shared over 8 programs a head": attention(splits=8),
     # with programmatic dependent launch (griddepcontrol, Hopper's own instructions)
     "matvec gate/up, PDL": matvec(norm=True, bias=False, gated=True, residual=False, pdl=True),
     "matvec o/down, PDL": matvec(norm=False, bias=False, gated=False, residual=True, pdl=True),
     "nf4 qkv, double quant, PDL": nf4(3, nested=True, norm=True, bias=True, gated=False, residual=False, pdl=True),
     "attention, PDL": attention(pdl=True),
+    "attention, 16 shares, PDL": attention(pdl=True, splits=16),
 }
 
 

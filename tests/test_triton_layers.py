@@ -23,6 +23,7 @@ from playground.backends.triton_kernels import (  # noqa: E402
     AttentionConfig,
     MatvecConfig,
     NF4Weight,
+    attention_counters,
     decode_attention,
     fused_matvec,
     nf4_matvec,
@@ -136,8 +137,10 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("position", [0, 5, 37])
-def test_decode_attention_rotates_writes_and_attends_as_the_model_does(dtype, position):
-    """Grouped heads (4 query heads on 2 kv heads), slots over several blocks: the kernel's
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_rotates_writes_and_attends_as_the_model_does(dtype, position, splits):
+    """Grouped heads (4 query heads on 2 kv heads), slots over several blocks, in one program
+    per head or shared out over four (some shares empty at the short positions): the kernel's
     output, the cache slot it wrote and the length it set, against RoPE, index_copy and SDPA."""
     from transformers.cache_utils import StaticLayer
 
@@ -168,11 +171,15 @@ def test_decode_attention_rotates_writes_and_attends_as_the_model_does(dtype, po
     ).to(dtype)
 
     scale = head_dim**-0.5
-    got = decode_attention(qkv, (cos, sin), layer, torch.tensor([position]), q_heads, scale, AttentionConfig(16, 4))
+    counters = attention_counters(q_heads, "cpu")
+    config = AttentionConfig(8, 4, splits=splits)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
-    torch.testing.assert_close(got, expected.reshape(-1), **tolerance)
-    assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
-    assert int(layer.cumulative_length) == position + 1
+    for _ in range(2):  # the counters the last program of each head sets back serve the next launch
+        got = decode_attention(qkv, (cos, sin), layer, torch.tensor([position]), q_heads, scale, counters, config)
+        torch.testing.assert_close(got, expected.reshape(-1), **tolerance)
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        assert int(layer.cumulative_length) == position + 1
+        assert not counters.any()
 
 
 def _fused_model(folder, nf4: str = ""):
@@ -199,13 +206,20 @@ def _fused_model(folder, nf4: str = ""):
 
 
 @pytest.mark.parametrize(
-    "arch,weights",
-    [("llama", "plain"), ("qwen2", "plain"), ("llama", "nf4"), ("qwen2", "nf4-double-quant")],
+    "arch,weights,splits",
+    [
+        ("llama", "plain", 1),
+        ("qwen2", "plain", 1),
+        ("qwen2", "plain", 4),
+        ("llama", "nf4", 1),
+        ("qwen2", "nf4-double-quant", 1),
+    ],
 )
-def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, arch, weights, monkeypatch):
+def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, arch, weights, splits, monkeypatch):
     """fp32, greedy: the static-cache decoder over fused layers gives generate's tokens one for
-    one (Qwen2's q/k/v biases included; NF4 weights against bitsandbytes' own layers), and its
-    single-token passes did go through the kernels."""
+    one (Qwen2's q/k/v biases included; NF4 weights against bitsandbytes' own layers; attention
+    in one program per head, or its slots shared out over four), and its single-token passes did
+    go through the kernels."""
     folder = {"llama": llama_folder, "qwen2": qwen2_folder}[arch]
     nf4 = "" if weights == "plain" else weights
     prompt = [3, 14, 15, 9, 26, 5, 35, 8]
@@ -222,6 +236,7 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
         counted = lambda *a, name=name, kernel=kernel, **k: calls.append(name) or kernel(*a, **k)  # noqa: E731
         monkeypatch.setattr(triton_layers, name, counted)
     model = _fused_model(folder, nf4)
+    model.model.layers[0].configs["attention"] = AttentionConfig(4, 4, splits=splits)  # every layer's
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected
@@ -292,4 +307,6 @@ def test_every_kernel_variant_compiles_for_hopper():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    assert done.stdout.count("bytes of sm_90 code") == 11, done.stdout
+    from hopper_compile import VARIANTS  # noqa: PLC0415  (tests/ is on the path under pytest)
+
+    assert done.stdout.count("bytes of sm_90 code") == len(VARIANTS), done.stdout

@@ -201,7 +201,9 @@ def measure(option: str, shape: str, replays: int) -> dict:
         )
         matvecs = {"tuning_s": time.perf_counter() - tuning_started, **matvec_times(decoder.model)}
         chosen = decoder.model.model.layers[0].configs["attention"]
-        matvecs["attention_config"] = None if chosen is None else [chosen.block_t, chosen.num_warps, chosen.pdl]
+        matvecs["attention_config"] = (
+            None if chosen is None else [chosen.block_t, chosen.num_warps, chosen.pdl, chosen.splits]
+        )
     decoder._step_fn = torch.compile(
         decoder._step, dynamic=False, mode=settings.get("mode"), options=settings.get("options")
     )

@@ -45,6 +45,7 @@ from playground.backends.triton_kernels import (
     AttentionConfig,
     MatvecConfig,
     NF4Weight,
+    attention_counters,
     decode_attention,
     fused_matvec,
     nf4_matvec,
@@ -182,13 +183,14 @@ class FusedDecoderLayer(nn.Module):
     (`Projection.matvec` four times, `decode_attention` once); any other pass goes to the
     wrapped layer unchanged."""
 
-    def __init__(self, layer: nn.Module, configs: dict[str, Any]) -> None:
+    def __init__(self, layer: nn.Module, configs: dict[str, Any], attention_counters: torch.Tensor) -> None:
         super().__init__()
         self.layer = layer
         self.projections = layer_projections(layer)
         # MatvecConfig per projection ("qkv", "o", "gate_up", "down"); "attention": an
         # AttentionConfig for decode_attention, or None for the model's own attention
         self.configs = configs
+        self.attention_counters = attention_counters  # shared by every layer (see decode_attention)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self._attention = sdpa_attention_forward
@@ -236,6 +238,7 @@ class FusedDecoderLayer(nn.Module):
                 position_ids.reshape(-1),
                 q_heads,
                 attention.scaling,
+                self.attention_counters,
                 kernel,
             )
         else:  # another cache (or its first, allocating write): the model's own steps
@@ -296,8 +299,9 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     first, projections = layers[0], layer_projections(layers[0])
     configs: dict[str, Any] = {name: _pick_config(first, name, projections[name], pdl) for name in MATVECS}
     configs["attention"] = _pick_attention_config(model, pdl) if triton_attention else None
+    counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
-        layers[index] = FusedDecoderLayer(layer, configs)
+        layers[index] = FusedDecoderLayer(layer, configs, counters)
     return len(layers)
 
 
@@ -338,9 +342,10 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection, pdl: bool)
     return _fastest(candidates, matvec_trial(layer, name, projection), candidates[0], pdl)
 
 
-def _pick_attention_config(model: nn.Module, pdl: bool, position: int = 256, capacity: int = 1024) -> AttentionConfig:
-    """The fastest candidate for the attention kernel at `position` of a `capacity`-slot cache
-    shaped as this model's (`_fastest`); the default off a GPU."""
+def _pick_attention_config(model: nn.Module, pdl: bool, positions: Sequence[int] = (256, 2048)) -> AttentionConfig:
+    """The fastest candidate for the attention kernel (`_fastest`), timed as one step at each of
+    `positions` of a cache shaped as this model's: a short reply and a long one both count;
+    the default off a GPU."""
     parameter = next(model.parameters())
     if parameter.device.type != "cuda":
         return DEFAULT_ATTENTION
@@ -350,6 +355,7 @@ def _pick_attention_config(model: nn.Module, pdl: bool, position: int = 256, cap
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     device, dtype = parameter.device, parameter.dtype
+    capacity = max(positions) + 1
     qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     angles = (torch.ones(1, 1, head_dim, device=device, dtype=dtype),) * 2
     cache = SimpleNamespace(
@@ -357,10 +363,15 @@ def _pick_attention_config(model: nn.Module, pdl: bool, position: int = 256, cap
         values=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
         cumulative_length=torch.zeros((), dtype=torch.long, device=device),
     )
-    where = torch.tensor([position], device=device)
+    wheres = [torch.tensor([position], device=device) for position in positions]
+    counters = attention_counters(q_heads, device)
 
     def run(candidate: AttentionConfig) -> torch.Tensor:
-        return decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, candidate)
+        outs = [
+            decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, counters, candidate)
+            for where in wheres
+        ]
+        return outs[-1]
 
     return _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION, pdl)
 

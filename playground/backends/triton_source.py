@@ -315,16 +315,25 @@ def attention_kernel(
     position_ptr,
     length_ptr,
     out_ptr,
+    partial_ptr,
+    counter_ptr,
     scale,
     capacity,
     Q_HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    SPLITS: tl.constexpr = 1,
     USE_PDL: tl.constexpr = False,
 ):
+    """One program per query head and share of the filled slots (`SPLITS` shares: one program
+    per head keeps too few loads in flight to fill the GPU). Each share's online softmax goes to
+    `partial_ptr` [Q_HEADS, SPLITS, HEAD_DIM + 2] (fp32: running max, sum, weighted values); the
+    last program of a head to finish, counted in `counter_ptr` [Q_HEADS] (zero on entry, zero
+    again on exit), combines them, so one launch does it all."""
     dtype = out_ptr.dtype.element_ty
     head = tl.program_id(0)
+    share = tl.program_id(1)
     group = head // (Q_HEADS // KV_HEADS)
     position = tl.load(position_ptr)
     if USE_PDL:  # the next kernel may launch now; q/k/v come from the kernel before
@@ -345,20 +354,29 @@ def attention_kernel(
     key = ((tl.load(qkv_ptr + k_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + k_turned).to(dtype)
     value = tl.load(qkv_ptr + (Q_HEADS + KV_HEADS + group) * HEAD_DIM + dims)
     group_start = group.to(tl.int64) * capacity
-    if head % (Q_HEADS // KV_HEADS) == 0:  # one program per kv head writes the new slot
+    if share == 0 and head % (Q_HEADS // KV_HEADS) == 0:  # one program per kv head writes the slot
         tl.store(keys_ptr + (group_start + position) * HEAD_DIM + dims, key)
         tl.store(values_ptr + (group_start + position) * HEAD_DIM + dims, value)
     tl.store(length_ptr, position + 1)  # the same value from every program
-    # Online softmax over slots 0..position-1 from the cache, starting from the new token's
-    # own score; the new slot is used from registers, so no program waits on another's write.
+    # Online softmax over this share of slots 0..position-1 from the cache; the first share
+    # starts from the new token's own score, its slot used from registers, so no program waits
+    # on another's write. Shares are whole slot blocks; the last ones may be empty.
     query_scaled = query.to(tl.float32) * scale
-    best = tl.sum(query_scaled * key.to(tl.float32), axis=0)
-    total = best * 0.0 + 1.0
-    acc = value.to(tl.float32)
-    start = 0
-    while start < position:
+    own = tl.sum(query_scaled * key.to(tl.float32), axis=0)
+    if share == 0:
+        best = own
+        total = own * 0.0 + 1.0
+        acc = value.to(tl.float32)
+    else:
+        best = own * 0.0 - float("inf")
+        total = own * 0.0
+        acc = value.to(tl.float32) * 0.0
+    per_share = tl.cdiv(tl.cdiv(position, SPLITS), BLOCK_T) * BLOCK_T
+    start = share * per_share
+    end = tl.minimum(start + per_share, position)
+    while start < end:
         slots = start + tl.arange(0, BLOCK_T)
-        filled = slots < position
+        filled = slots < end
         at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
         # both loads issued before either is used, so their latencies overlap
         keys = tl.load(keys_ptr + at, mask=filled[:, None], other=0.0)
@@ -373,4 +391,24 @@ def attention_kernel(
         total = total * shrink + tl.sum(weights, axis=0)
         best = new_best
         start += BLOCK_T
-    tl.store(out_ptr + head * HEAD_DIM + dims, (acc / total).to(dtype))
+    if SPLITS == 1:
+        tl.store(out_ptr + head * HEAD_DIM + dims, (acc / total).to(dtype))
+    else:
+        row = partial_ptr + (head * SPLITS + share) * (HEAD_DIM + 2)
+        tl.store(row + dims, acc)
+        tl.store(row + HEAD_DIM, best)
+        tl.store(row + HEAD_DIM + 1, total)
+        # Every thread's stores are issued before the count that publishes them (release),
+        # and the last program reads the others' after it (acquire), past the L1 cache.
+        tl.debug_barrier()
+        finished = tl.atomic_add(counter_ptr + head, 1, sem="acq_rel", scope="gpu")
+        if finished == SPLITS - 1:
+            rows = partial_ptr + (head * SPLITS + tl.arange(0, SPLITS)) * (HEAD_DIM + 2)
+            bests = tl.load(rows + HEAD_DIM, cache_modifier=".cg")
+            totals = tl.load(rows + HEAD_DIM + 1, cache_modifier=".cg")
+            accs = tl.load(rows[:, None] + dims[None, :], cache_modifier=".cg")
+            top = tl.max(bests, axis=0)
+            weights = tl.exp(bests - top)  # an empty share's -inf gives 0
+            combined = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
+            tl.store(out_ptr + head * HEAD_DIM + dims, combined.to(dtype))
+            tl.atomic_xchg(counter_ptr + head, 0)  # ready for the next launch
