@@ -159,6 +159,44 @@ def graph_kernel_profile(decoder, replays: int = 32) -> dict:
     }
 
 
+def split_attention_agreement(model) -> dict:
+    """The attention kernel with a head's slots shared over 8 programs against one program a
+    head, on this model's head shape and a random cache, at positions 256 and 2000: the largest
+    difference, and whether the counters came back to zero (the in-launch combine's contract)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from playground.backends.triton_kernels import AttentionConfig, attention_counters, decode_attention
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, generator=generator, device="cuda", dtype=torch.bfloat16)
+    angles = torch.randn(head_dim, generator=generator, device="cuda")
+    cos_sin = (angles.cos().to(torch.bfloat16).view(1, 1, -1), angles.sin().to(torch.bfloat16).view(1, 1, -1))
+    counters = attention_counters(q_heads, "cuda")
+    worst = 0.0
+    for position in (256, 2000):
+        outs = []
+        for chosen in (AttentionConfig(64, 4), AttentionConfig(32, 2, splits=8)):
+            cache = SimpleNamespace(
+                keys=torch.randn(
+                    1, kv_heads, 2048, head_dim, generator=generator.manual_seed(1), device="cuda"
+                ).bfloat16(),
+                values=torch.randn(
+                    1, kv_heads, 2048, head_dim, generator=generator.manual_seed(2), device="cuda"
+                ).bfloat16(),
+                cumulative_length=torch.zeros((), dtype=torch.long, device="cuda"),
+            )
+            where = torch.tensor([position], device="cuda")
+            outs.append(decode_attention(qkv, cos_sin, cache, where, q_heads, head_dim**-0.5, counters, chosen).float())
+        worst = max(worst, float((outs[0] - outs[1]).abs().max()))
+    torch.cuda.synchronize()
+    return {"split_attention_max_diff": worst, "split_attention_counters_zero": not bool(counters.any())}
+
+
 def fused_against_own_layers(decoder) -> dict:
     """One eager step at position 256, through the fused layers and then the model's own (bf16):
     the largest logit difference and whether the greedy choice agrees."""
@@ -244,7 +282,7 @@ def measure(option: str, shape: str, replays: int) -> dict:
         kernels = {"graph_kernel_profile_error": str(err).splitlines()[0][:300]}
     prefill = prefill_ms(decoder) if option in ("default", "triton-layers") else {}
     if option.startswith("triton-layers"):
-        matvecs |= fused_against_own_layers(decoder)
+        matvecs |= fused_against_own_layers(decoder) | split_attention_agreement(decoder.model)
     return {
         **prefill,
         **matvecs,
