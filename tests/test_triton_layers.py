@@ -107,11 +107,17 @@ def _dequantized(linear) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("nested", [False, True], ids=["nf4", "nf4-double-quant"])
 @pytest.mark.parametrize("case", ["qkv-norm-and-bias", "gated", "residual"])
-def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case):
-    """Three stacked parts (q, k, v of different rows), gate/up, and one weight with a residual;
-    100 columns, so 64-value blocks straddle rows: against bitsandbytes' own dequantization."""
+@pytest.mark.parametrize(
+    "columns,config",
+    [(100, SMALL_BLOCKS), (192, MatvecConfig(block_n=8, block_k=128, num_warps=4))],
+    ids=["blocks-straddle-rows", "whole-blocks-a-tile"],
+)
+def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
+    """Three stacked parts (q, k, v of different rows), gate/up, and one weight with a residual,
+    against bitsandbytes' own dequantization. 100 columns: 64-value blocks straddle rows, and
+    each byte finds its scale. 192: blocks lie in rows and a tile holds two whole blocks (the
+    last tile one, and one masked), one scale load a block."""
     generator = torch.Generator().manual_seed(1)
-    columns = 100
     x = torch.randn(columns, generator=generator).to(dtype)
     norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(dtype))
     shapes = {"qkv-norm-and-bias": [(32, columns), (16, columns), (16, columns)], "gated": [(24, columns)] * 2}
@@ -123,14 +129,14 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
         if case == "qkv-norm-and-bias":
             bias = torch.randn(64, generator=generator).to(dtype)
             expected = F.linear(norm(x), torch.cat(weights), bias)
-            got = nf4_matvec(x, packed, SMALL_BLOCKS, norm=norm, bias=bias)
+            got = nf4_matvec(x, packed, config, norm=norm, bias=bias)
         elif case == "gated":
             expected = F.silu(F.linear(norm(x), weights[0])) * F.linear(norm(x), weights[1])
-            got = nf4_matvec(x, packed, SMALL_BLOCKS, norm=norm, gated=True)
+            got = nf4_matvec(x, packed, config, norm=norm, gated=True)
         else:
             residual = torch.randn(24, generator=generator).to(dtype)
             expected = residual + F.linear(x, weights[0])
-            got = nf4_matvec(x, packed, SMALL_BLOCKS, residual=residual)
+            got = nf4_matvec(x, packed, config, residual=residual)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected, **tolerance)
 
@@ -310,3 +316,6 @@ def test_every_kernel_variant_compiles_for_hopper():
     from hopper_compile import VARIANTS  # noqa: PLC0415  (tests/ is on the path under pytest)
 
     assert done.stdout.count("bytes of sm_90 code") == len(VARIANTS), done.stdout
+    # Where NF4 blocks lie within rows, a block's scale is one load, not one a byte.
+    loads = {line.split(":")[0]: int(line.split(", ")[-1].split()[0]) for line in done.stdout.splitlines()}
+    assert loads["nf4 gate/up"] < loads["nf4 gate/up, blocks straddling rows"], done.stdout

@@ -215,6 +215,7 @@ class NF4Weight:
     rows: tuple[int, ...]
     columns: int
     table: torch.Tensor  # the 16 NF4 values
+    pairs: torch.Tensor  # `nf4_code_pairs(table)`: what the kernel reads
     blocksize: int
     blocksize2: int
     nested: bool
@@ -234,11 +235,21 @@ class NF4Weight:
             rows=tuple(int(state.shape[0]) for state in states),
             columns=int(states[0].shape[1]),
             table=states[0].code,
+            pairs=nf4_code_pairs(states[0].code),
             blocksize=int(states[0].blocksize),
             blocksize2=int(states[0].state2.blocksize) if nested else 1,
             nested=nested,
             dtype=states[0].dtype,
         )
+
+
+def nf4_code_pairs(table: torch.Tensor) -> torch.Tensor:
+    """Per byte value, the NF4 values of both its codes as one int64: the high nibble's fp32
+    bits in the upper half, the low nibble's in the lower, so the kernel decodes a byte with one
+    load instead of two."""
+    bits = table.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    byte = torch.arange(256, device=table.device)
+    return (bits[byte >> 4] << 32) | bits[byte & 15]
 
 
 def nf4_parts_match(linears: list[nn.Module]) -> str:
@@ -278,7 +289,7 @@ def _nf4_matvec_op() -> Any:
         code2: list[torch.Tensor],
         offsets: list[float],
         rows: list[int],
-        table: torch.Tensor,
+        pairs: torch.Tensor,
         norm_weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         residual: torch.Tensor | None,
@@ -306,7 +317,7 @@ def _nf4_matvec_op() -> Any:
             x if bias is None else bias,
             x if residual is None else residual,
             out,
-            table,
+            pairs,
             *part_args,
             rows[0],
             rows[1] if parts > 1 else 0,
@@ -317,12 +328,14 @@ def _nf4_matvec_op() -> Any:
             NESTED=nested,
             BLOCKSIZE=blocksize,
             BLOCKSIZE2=blocksize2,
+            # blocks within rows, whole blocks in a tile: one scale load per block (real models)
+            ALIGNED=columns % blocksize == 0 and block_k % blocksize == 0,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @nf4_matvec.register_fake
-    def _(x, packed, absmax, outer, code2, offsets, rows, table, *rest):  # noqa: ANN001, ANN002, ANN202
+    def _(x, packed, absmax, outer, code2, offsets, rows, pairs, *rest):  # noqa: ANN001, ANN002, ANN202
         gated = rest[4]
         return x.new_empty((rows[0] if gated else sum(rows),))
 
@@ -351,7 +364,7 @@ def nf4_matvec(
         list(weight.code2),
         list(weight.offsets),
         list(weight.rows),
-        weight.table,
+        weight.pairs,
         norm_weight,
         bias,
         residual,

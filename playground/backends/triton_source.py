@@ -150,13 +150,38 @@ def matvec_kernel(
 
 
 @triton.jit
+def nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, ok, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+    """The fp32 scale of NF4 block `block`, as bitsandbytes computes it; NESTED (double quant):
+    a scale is itself code2[byte] * absmax2[its block of blocks] + offset."""
+    if NESTED:
+        quantized = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        outer = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
+        scale = tl.load(code2_ptr + quantized) * outer + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    return scale
+
+
+@triton.jit
+def nf4_values(packed, pairs_ptr, scale, dtype: tl.constexpr):
+    """The two weights of each packed byte (the high nibble's, the even column, first), in fp32,
+    as bitsandbytes dequantizes them: table[code] * scale, rounded to the compute dtype. One
+    load a byte: `pairs_ptr` holds, per byte value, both codes' table values as fp32 bits (high
+    nibble's in the upper half)."""
+    pair = tl.load(pairs_ptr + packed)
+    high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    return (high * scale).to(dtype).to(tl.float32), (low * scale).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def nf4_pair(
     packed_ptr,
     absmax_ptr,
     absmax2_ptr,
     code2_ptr,
     offset,
-    table_ptr,
+    pairs_ptr,
     local_rows,
     half,
     ok,
@@ -167,21 +192,41 @@ def nf4_pair(
     NESTED: tl.constexpr,
 ):
     """The weights at columns 2*half and 2*half + 1 of `local_rows` of one bitsandbytes NF4
-    weight, in fp32, as bitsandbytes dequantizes them: a byte holds the even column's code in
-    its high nibble; a value is table[code] * its block's scale, rounded to the compute dtype.
-    NESTED (double quant): a scale is itself code2[byte] * absmax2[its block of blocks] + offset."""
+    weight (`nf4_values`), for any column count: each byte finds its own block's scale, so
+    blocks may straddle rows."""
     byte = local_rows.to(tl.int64)[:, None] * (K // 2) + half[None, :]
     packed = tl.load(packed_ptr + byte, mask=ok, other=0).to(tl.int32)
-    block = (byte * 2) // BLOCKSIZE
-    if NESTED:
-        quantized = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
-        outer = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
-        scale = tl.load(code2_ptr + quantized) * outer + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
-    high = (tl.load(table_ptr + (packed >> 4)) * scale).to(dtype).to(tl.float32)
-    low = (tl.load(table_ptr + (packed & 15)) * scale).to(dtype).to(tl.float32)
-    return high, low
+    scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, (byte * 2) // BLOCKSIZE, ok, NESTED, BLOCKSIZE2)
+    return nf4_values(packed, pairs_ptr, scale, dtype)
+
+
+@triton.jit
+def nf4_block_tile(
+    packed_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    pairs_ptr,
+    rows3,
+    row_ok3,
+    block_col,
+    half,
+    ok,
+    dtype: tl.constexpr,
+    K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+):
+    """As `nf4_pair`, where blocks lie within rows, on a [rows, blocks, bytes of a block] tile:
+    one scale per row and block, broadcast over its bytes, instead of one load per byte."""
+    block = rows3 * (K // BLOCKSIZE) + block_col
+    scale = nf4_scale(
+        absmax_ptr, absmax2_ptr, code2_ptr, offset, block, row_ok3 & (block_col < K // BLOCKSIZE), NESTED, BLOCKSIZE2
+    )
+    packed = tl.load(packed_ptr + rows3 * (K // 2) + half, mask=ok, other=0).to(tl.int32)
+    return nf4_values(packed, pairs_ptr, scale, dtype)
 
 
 @triton.jit
@@ -191,7 +236,7 @@ def nf4_matvec_kernel(
     bias_ptr,
     res_ptr,
     out_ptr,
-    table_ptr,
+    pairs_ptr,
     packed0,
     absmax0,
     outer0,
@@ -222,6 +267,7 @@ def nf4_matvec_kernel(
     HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
@@ -247,40 +293,52 @@ def nf4_matvec_kernel(
     rstd = 1.0
     if HAS_NORM:
         rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
-    acc_up = acc
-    for start in range(0, K // 2, BLOCK_K // 2):
-        half = start + halves
-        half_ok = half < K // 2
-        even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)[None, :]
-        odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)[None, :]
-        ok = row_ok[:, None] & half_ok[None, :]
-        high, low = nf4_pair(
-            packed,
-            absmax,
-            outer,
-            code,
-            offset,
-            table_ptr,
-            local_rows,
-            half,
-            ok,
-            dtype,
-            K,
-            BLOCKSIZE,
-            BLOCKSIZE2,
-            NESTED,
-        )
-        acc += high * even + low * odd
-        if GATED:
+    if ALIGNED:
+        # Blocks lie within rows and tiles hold whole blocks: tiles are [rows, blocks, bytes of
+        # a block], so a block's scale is loaded once for its bytes.
+        rows3 = local_rows.to(tl.int64)[:, None, None]
+        row_ok3 = row_ok[:, None, None]
+        blocks = tl.arange(0, BLOCK_K // BLOCKSIZE)[None, :, None]
+        inner = tl.arange(0, BLOCKSIZE // 2)[None, None, :]
+        acc3 = tl.zeros([BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2], dtype=tl.float32)
+        acc3_up = acc3
+        for start in range(0, K // BLOCKSIZE, BLOCK_K // BLOCKSIZE):
+            block_col = start + blocks
+            half = block_col * (BLOCKSIZE // 2) + inner
+            half_ok = half < K // 2
+            even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
+            odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
+            ok = row_ok3 & half_ok
+            high, low = nf4_block_tile(
+                packed, absmax, outer, code, offset, pairs_ptr, rows3, row_ok3, block_col, half, ok,
+                dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
+            )  # fmt: skip
+            acc3 += high * even + low * odd
+            if GATED:
+                high, low = nf4_block_tile(
+                    packed1, absmax1, outer1, code1, offset1, pairs_ptr, rows3, row_ok3, block_col, half, ok,
+                    dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                )  # fmt: skip
+                acc3_up += high * even + low * odd
+        total = tl.sum(tl.sum(acc3, axis=2), axis=1)
+        total_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+        acc_up = acc
+        for start in range(0, K // 2, BLOCK_K // 2):
+            half = start + halves
+            half_ok = half < K // 2
+            even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)[None, :]
+            odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)[None, :]
+            ok = row_ok[:, None] & half_ok[None, :]
             high, low = nf4_pair(
-                packed1,
-                absmax1,
-                outer1,
-                code1,
-                offset1,
-                table_ptr,
-                rows,
+                packed,
+                absmax,
+                outer,
+                code,
+                offset,
+                pairs_ptr,
+                local_rows,
                 half,
                 ok,
                 dtype,
@@ -289,10 +347,30 @@ def nf4_matvec_kernel(
                 BLOCKSIZE2,
                 NESTED,
             )
-            acc_up += high * even + low * odd
+            acc += high * even + low * odd
+            if GATED:
+                high, low = nf4_pair(
+                    packed1,
+                    absmax1,
+                    outer1,
+                    code1,
+                    offset1,
+                    pairs_ptr,
+                    rows,
+                    half,
+                    ok,
+                    dtype,
+                    K,
+                    BLOCKSIZE,
+                    BLOCKSIZE2,
+                    NESTED,
+                )
+                acc_up += high * even + low * odd
+        total = tl.sum(acc, axis=1)
+        total_up = tl.sum(acc_up, axis=1)
     finish(
-        tl.sum(acc, axis=1),
-        tl.sum(acc_up, axis=1),
+        total,
+        total_up,
         rows,
         row_ok,
         bias_ptr,
