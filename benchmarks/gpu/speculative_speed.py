@@ -40,7 +40,7 @@ SHAPES = {
 }  # fmt: skip
 
 
-def make_decoder(shape: str, device: str, folder: Path, wide_margin: bool = False) -> Any:
+def make_decoder(shape: str, device: str, folder: Path, wide_margin: bool = False, nf4: bool = False) -> Any:
     """A random bf16 model of `shape` on `device` with the fast path's fused projections and
     static decoder (graph and compiled step on a GPU, eager on a CPU).
 
@@ -49,7 +49,10 @@ def make_decoder(shape: str, device: str, folder: Path, wide_margin: bool = Fals
     wide margin. A random model's top two logits are near ties, and in bf16 a batched pass
     rounds differently from a single step, so its greedy continuation is not reproducible from
     one decode path to another: the oracle's drafts would all be rejected (seen on the H200).
-    The values change nothing in what a pass costs."""
+    The values change nothing in what a pass costs.
+
+    `nf4`: the model saved and loaded again through bitsandbytes NF4 (bf16 compute, as the
+    shipped NF4 config), its projections left unfused, as the app loads an NF4 variant."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -67,7 +70,17 @@ def make_decoder(shape: str, device: str, folder: Path, wide_margin: bool = Fals
             for name, parameter in model.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     parameter.mul_(1e-3)
-    fuse_projections(model)
+    if nf4:
+        from transformers import BitsAndBytesConfig
+
+        model.save_pretrained(folder / f"{shape}-bf16")
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            folder / f"{shape}-bf16", quantization_config=quantization, device_map=device, dtype=torch.bfloat16
+        ).eval()
+    fuse_projections(model)  # plain linear layers only: NF4 ones stay as they are
     on_gpu = device == "cuda"
     return StaticDecoder(model, 2048, use_cuda_graph=on_gpu, compile_step=on_gpu)
 
@@ -147,7 +160,9 @@ def main() -> None:
                         "kept_rate": stats.accept_rate,
                         "tokens_per_pass": (len(reference) - 1) / stats.passes,
                         "equal_to_plain": all(same for _, _, same in runs),
-                        "verify_pass": "graph" if target._verify_graph is not None else target.verify_graph_failure or "eager",
+                        "verify_pass": "graph"
+                        if target._verify_graph is not None
+                        else target.verify_graph_failure or "eager",
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)

@@ -40,6 +40,7 @@ OPTIONS = {
     "triton-layers": {},
     "triton-layers-model-attention": {},
     "triton-layers-no-pdl": {},
+    "triton-layers-nf4": {},  # bitsandbytes NF4 weights through the same layers
     "pdl": {"options": {"triton.enable_pdl": True}},
     # torch.compile takes a mode or options, not both: max-autotune-no-cudagraphs as options.
     "max-autotune-pdl": {"options": {"max_autotune": True, "triton.cudagraphs": False, "triton.enable_pdl": True}},
@@ -105,6 +106,7 @@ def matvec_times(model) -> dict:
     import torch
     from triton.testing import do_bench_cudagraph
 
+    from playground.backends.triton_kernels import NF4Weight
     from playground.backends.triton_layers import MATVECS, matvec_trial
 
     layer = model.model.layers[0]
@@ -113,6 +115,15 @@ def matvec_times(model) -> dict:
         projection, config = layer.projections[name], layer.configs[name]
         weight = projection.weight
         fused_ms = do_bench_cudagraph(functools.partial(matvec_trial(layer.layer, name, projection), config))
+        if isinstance(weight, NF4Weight):  # bytes read: codes and block scales; no cuBLAS matmul
+            size = sum(t.numel() * t.element_size() for t in (*weight.packed, *weight.absmax))
+            out[f"matvec_{name}"] = {
+                "parts": list(weight.rows),
+                "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
+                "fused_us": fused_ms * 1000,
+                "fused_tb_s": size / (fused_ms / 1000) / 1e12,
+            }
+            continue
         x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device="cuda")
         cublas_ms = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x, weight))
         size = weight.numel() * weight.element_size()
@@ -225,7 +236,7 @@ def measure(option: str, shape: str, replays: int) -> dict:
     from benchmarks.gpu.speculative_speed import make_decoder
 
     with_folder = Path("/tmp")
-    decoder = make_decoder(shape, "cuda", with_folder)
+    decoder = make_decoder(shape, "cuda", with_folder, nf4=option == "triton-layers-nf4")
     settings = OPTIONS[option]
     matvecs = {}
     if option.startswith("triton-layers"):
