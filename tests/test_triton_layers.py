@@ -253,6 +253,24 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
     assert calls.count("decode_attention") == layers * (new_tokens - 1)
 
 
+def test_a_compiled_step_over_the_fused_layers_decodes_the_tokens_of_generate(qwen2_folder):
+    """torch.compile, as the app compiles the step on a GPU, around the kernels' ops (they
+    mutate the cache and the split attention's counters): generate's fp32 tokens, and the
+    counters left at zero. (The app's GPU path adds only the CUDA graph, in tests/test_gpu.py.)"""
+    prompt = [3, 14, 15, 9, 26, 5, 35, 8]
+    plain = _fused_model(qwen2_folder)
+    remove_fused_layers(plain)
+    expected = plain.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    model = _fused_model(qwen2_folder)
+    first = model.model.layers[0]
+    first.configs["attention"] = AttentionConfig(4, 4, splits=4)
+    decoder = StaticDecoder(model, 64, use_cuda_graph=False, compile_step=True)
+    params = GenerationParams(temperature=0.0, max_new_tokens=8)
+    assert list(decoder.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
+    assert hasattr(decoder._step_fn, "_torchdynamo_orig_callable")  # the step did go through torch.compile
+    assert not first.attention_counters.any()
+
+
 def test_multi_token_passes_and_removal_give_the_model_s_own_layers(llama_folder):
     model = _fused_model(llama_folder)
     ids = torch.tensor([[3, 14, 15, 9, 26, 5]])
