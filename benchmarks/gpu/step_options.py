@@ -170,6 +170,59 @@ def graph_kernel_profile(decoder, replays: int = 32) -> dict:
     }
 
 
+LAYER_ROLES = ("qkv", "attention", "o", "gate_up", "down")
+
+
+def layer_kernel_times(sequence: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """Each fused layer's five kernels found in a replay's kernel sequence ((name, us) in launch
+    order): an attention kernel, the matvec before it (q/k/v) and the three after (o, gate/up,
+    down). Durations by role, one entry a layer and replay."""
+    roles: dict[str, list[float]] = {role: [] for role in LAYER_ROLES}
+    for index, (name, us) in enumerate(sequence):
+        if "attention_kernel" not in name or index == 0 or index + 3 >= len(sequence):
+            continue
+        around = [sequence[index - 1], *sequence[index + 1 : index + 4]]
+        if not all("matvec_kernel" in kernel for kernel, _ in around):
+            continue
+        roles["attention"].append(us)
+        for role, (_, took) in zip(("qkv", "o", "gate_up", "down"), around, strict=True):
+            roles[role].append(took)
+    return roles
+
+
+def in_place_layer_times(decoder, replays: int = 8) -> dict:
+    """Per role of a layer, the mean time of its kernel inside the replayed graph (the weights
+    come from memory, as in a real step, unlike `matvec_times`' repeated single kernel) and the
+    read rate that gives; from CUPTI's per-kernel records."""
+    import torch
+    from torch.autograd import DeviceType
+
+    from playground.backends.triton_kernels import NF4Weight
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decoder._position.fill_(256)
+        decoder._set_length(256)
+        for _ in range(replays):
+            decoder._graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    roles = layer_kernel_times([(e.name, e.time_range.elapsed_us()) for e in kernels])
+    layer = decoder.model.model.layers[0]
+    out = {}
+    for role, times in roles.items():
+        if not times:
+            continue
+        mean_us = sum(times) / len(times)
+        row = {"us": mean_us, "count": len(times)}
+        if role != "attention":
+            weight = layer.projections[role].weight
+            tensors = (*weight.packed, *weight.absmax) if isinstance(weight, NF4Weight) else (weight,)
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            row["tb_s"] = size / (mean_us / 1e6) / 1e12
+        out[role] = row
+    return {"in_graph_layer_kernels": out}
+
+
 def split_attention_agreement(model) -> dict:
     """The attention kernel with a head's slots shared over 8 programs against one program a
     head, on this model's head shape and a random cache, at positions 256 and 2000: the largest
@@ -291,6 +344,11 @@ def measure(option: str, shape: str, replays: int) -> dict:
         kernels["graph_gap_us_per_token"] = best * 1000 - kernels["graph_kernel_us_per_token"]
     except Exception as err:  # a profiler that cannot see into graphs here: the step's time stands
         kernels = {"graph_kernel_profile_error": str(err).splitlines()[0][:300]}
+    if option.startswith("triton-layers"):
+        try:
+            kernels |= in_place_layer_times(decoder)
+        except Exception as err:
+            kernels["in_graph_layer_kernels_error"] = str(err).splitlines()[0][:300]
     prefill = prefill_ms(decoder) if option in ("default", "triton-layers") else {}
     if option.startswith("triton-layers"):
         matvecs |= fused_against_own_layers(decoder) | split_attention_agreement(decoder.model)
