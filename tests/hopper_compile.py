@@ -61,6 +61,7 @@ def nf4(
         BLOCK_N=8,
         BLOCK_K=512,
         ALIGNED=aligned,
+        TILE_BLOCKS=512 // 64 if aligned else 1,
         USE_PDL=pdl,
     )
     return triton_source.nf4_matvec_kernel, signature, constants

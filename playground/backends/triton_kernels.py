@@ -306,6 +306,7 @@ def _nf4_matvec_op() -> Any:
     ) -> torch.Tensor:
         out_rows = rows[0] if gated else sum(rows)
         out = torch.empty((out_rows,), dtype=x.dtype, device=x.device)
+        aligned = columns % blocksize == 0 and block_k % blocksize == 0
         parts = len(packed)
         pick = [min(index, parts - 1) for index in range(3)]  # unused parts repeat the last
         part_args = []
@@ -329,7 +330,8 @@ def _nf4_matvec_op() -> Any:
             BLOCKSIZE=blocksize,
             BLOCKSIZE2=blocksize2,
             # blocks within rows, whole blocks in a tile: one scale load per block (real models)
-            ALIGNED=columns % blocksize == 0 and block_k % blocksize == 0,
+            ALIGNED=aligned,
+            TILE_BLOCKS=block_k // blocksize if aligned else 1,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out

@@ -175,33 +175,7 @@ def nf4_values(packed, pairs_ptr, scale, dtype: tl.constexpr):
 
 
 @triton.jit
-def nf4_pair(
-    packed_ptr,
-    absmax_ptr,
-    absmax2_ptr,
-    code2_ptr,
-    offset,
-    pairs_ptr,
-    local_rows,
-    half,
-    ok,
-    dtype: tl.constexpr,
-    K: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
-    NESTED: tl.constexpr,
-):
-    """The weights at columns 2*half and 2*half + 1 of `local_rows` of one bitsandbytes NF4
-    weight (`nf4_values`), for any column count: each byte finds its own block's scale, so
-    blocks may straddle rows."""
-    byte = local_rows.to(tl.int64)[:, None] * (K // 2) + half[None, :]
-    packed = tl.load(packed_ptr + byte, mask=ok, other=0).to(tl.int32)
-    scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, (byte * 2) // BLOCKSIZE, ok, NESTED, BLOCKSIZE2)
-    return nf4_values(packed, pairs_ptr, scale, dtype)
-
-
-@triton.jit
-def nf4_block_tile(
+def nf4_tile(
     packed_ptr,
     absmax_ptr,
     absmax2_ptr,
@@ -209,23 +183,31 @@ def nf4_block_tile(
     offset,
     pairs_ptr,
     rows3,
-    row_ok3,
     block_col,
     half,
     ok,
+    block_ok,
     dtype: tl.constexpr,
     K: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    """As `nf4_pair`, where blocks lie within rows, on a [rows, blocks, bytes of a block] tile:
-    one scale per row and block, broadcast over its bytes, instead of one load per byte."""
-    block = rows3 * (K // BLOCKSIZE) + block_col
-    scale = nf4_scale(
-        absmax_ptr, absmax2_ptr, code2_ptr, offset, block, row_ok3 & (block_col < K // BLOCKSIZE), NESTED, BLOCKSIZE2
-    )
-    packed = tl.load(packed_ptr + rows3 * (K // 2) + half, mask=ok, other=0).to(tl.int32)
+    """The weights at columns 2*half and 2*half + 1 of rows `rows3` of one bitsandbytes NF4
+    weight (`nf4_values`), on a [rows, block columns, bytes] tile (`ok`: which are in). ALIGNED
+    (blocks lie within rows, whole blocks in the tile, as in every real model): one scale load
+    per row and block (`block_ok`), broadcast over its bytes; else each byte finds its own
+    block's scale (blocks may straddle rows)."""
+    byte = rows3 * (K // 2) + half
+    packed = tl.load(packed_ptr + byte, mask=ok, other=0).to(tl.int32)
+    if ALIGNED:
+        block = rows3 * (K // BLOCKSIZE) + block_col
+        scale_ok = block_ok
+    else:
+        block = (byte * 2) // BLOCKSIZE
+        scale_ok = ok
+    scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
     return nf4_values(packed, pairs_ptr, scale, dtype)
 
 
@@ -268,6 +250,7 @@ def nf4_matvec_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ALIGNED: tl.constexpr = False,
+    TILE_BLOCKS: tl.constexpr = 1,
     USE_PDL: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
@@ -286,88 +269,41 @@ def nf4_matvec_kernel(
             if first >= rows0 + rows1:
                 packed, absmax, outer, code, offset, base = packed2, absmax2, outer2, code2, offset2, rows0 + rows1
     local_rows = rows - base
-    halves = tl.arange(0, BLOCK_K // 2)
     if USE_PDL:  # the next kernel may launch now; this one waits for the one before
         gdc_launch_dependents()
         gdc_wait()
     rstd = 1.0
     if HAS_NORM:
         rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
-    if ALIGNED:
-        # Blocks lie within rows and tiles hold whole blocks: tiles are [rows, blocks, bytes of
-        # a block], so a block's scale is loaded once for its bytes.
-        rows3 = local_rows.to(tl.int64)[:, None, None]
-        row_ok3 = row_ok[:, None, None]
-        blocks = tl.arange(0, BLOCK_K // BLOCKSIZE)[None, :, None]
-        inner = tl.arange(0, BLOCKSIZE // 2)[None, None, :]
-        acc3 = tl.zeros([BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2], dtype=tl.float32)
-        acc3_up = acc3
-        for start in range(0, K // BLOCKSIZE, BLOCK_K // BLOCKSIZE):
-            block_col = start + blocks
-            half = block_col * (BLOCKSIZE // 2) + inner
-            half_ok = half < K // 2
-            even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
-            odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
-            ok = row_ok3 & half_ok
-            high, low = nf4_block_tile(
-                packed, absmax, outer, code, offset, pairs_ptr, rows3, row_ok3, block_col, half, ok,
-                dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
+    # Tiles are [rows, block columns, bytes]: ALIGNED, TILE_BLOCKS whole NF4 blocks of
+    # BLOCKSIZE / 2 bytes (`nf4_tile` loads a block's scale once); else one column of BLOCK_K / 2.
+    rows3 = local_rows.to(tl.int64)[:, None, None]
+    row_ok3 = row_ok[:, None, None]
+    blocks = tl.arange(0, TILE_BLOCKS)[None, :, None]
+    inner = tl.arange(0, BLOCK_K // (2 * TILE_BLOCKS))[None, None, :]
+    acc = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.float32)
+    acc_up = acc
+    for start in range(0, K // 2, BLOCK_K // 2):
+        block_col = start // (BLOCK_K // (2 * TILE_BLOCKS)) + blocks
+        half = block_col * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
+        half_ok = half < K // 2
+        even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
+        odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
+        ok = row_ok3 & half_ok
+        block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
+        high, low = nf4_tile(
+            packed, absmax, outer, code, offset, pairs_ptr, rows3, block_col, half, ok, block_ok,
+            dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED,
+        )  # fmt: skip
+        acc += high * even + low * odd
+        if GATED:  # gate and up: both parts of N rows, so local rows are rows
+            high, low = nf4_tile(
+                packed1, absmax1, outer1, code1, offset1, pairs_ptr, rows3, block_col, half, ok, block_ok,
+                dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED,
             )  # fmt: skip
-            acc3 += high * even + low * odd
-            if GATED:
-                high, low = nf4_block_tile(
-                    packed1, absmax1, outer1, code1, offset1, pairs_ptr, rows3, row_ok3, block_col, half, ok,
-                    dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
-                )  # fmt: skip
-                acc3_up += high * even + low * odd
-        total = tl.sum(tl.sum(acc3, axis=2), axis=1)
-        total_up = tl.sum(tl.sum(acc3_up, axis=2), axis=1)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
-        acc_up = acc
-        for start in range(0, K // 2, BLOCK_K // 2):
-            half = start + halves
-            half_ok = half < K // 2
-            even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)[None, :]
-            odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)[None, :]
-            ok = row_ok[:, None] & half_ok[None, :]
-            high, low = nf4_pair(
-                packed,
-                absmax,
-                outer,
-                code,
-                offset,
-                pairs_ptr,
-                local_rows,
-                half,
-                ok,
-                dtype,
-                K,
-                BLOCKSIZE,
-                BLOCKSIZE2,
-                NESTED,
-            )
-            acc += high * even + low * odd
-            if GATED:
-                high, low = nf4_pair(
-                    packed1,
-                    absmax1,
-                    outer1,
-                    code1,
-                    offset1,
-                    pairs_ptr,
-                    rows,
-                    half,
-                    ok,
-                    dtype,
-                    K,
-                    BLOCKSIZE,
-                    BLOCKSIZE2,
-                    NESTED,
-                )
-                acc_up += high * even + low * odd
-        total = tl.sum(acc, axis=1)
-        total_up = tl.sum(acc_up, axis=1)
+            acc_up += high * even + low * odd
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    total_up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
     finish(
         total,
         total_up,
