@@ -91,9 +91,12 @@ VARIANTS = {
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),
     # with programmatic dependent launch (griddepcontrol, Hopper's own instructions)
+    "matvec qkv, PDL": matvec(norm=True, bias=True, gated=False, residual=False, pdl=True),
     "matvec gate/up, PDL": matvec(norm=True, bias=False, gated=True, residual=False, pdl=True),
     "matvec o/down, PDL": matvec(norm=False, bias=False, gated=False, residual=True, pdl=True),
     "nf4 qkv, double quant, PDL": nf4(3, nested=True, norm=True, bias=True, gated=False, residual=False, pdl=True),
+    "nf4 gate/up, PDL": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, pdl=True),
+    "nf4 o/down, double quant, PDL": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True, pdl=True),
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),
 }

@@ -16,7 +16,12 @@ tried here, each in its own process so Inductor's caches and settings do not car
   logits move from the model's own layers;
 - `triton-layers-model-attention`: the same with the model's own RoPE, cache update and SDPA in
   place of triton_layers' decode-attention kernel;
-- `triton-layers-no-pdl`: the same without programmatic dependent launch among the choices.
+- `triton-layers-no-pdl`: the same without programmatic dependent launch among the choices;
+- `triton-layers-pdl-all`: the same with every layer kernel launched with it. The load-time
+  picker keeps PDL for a kernel only where that kernel alone, repeated, ran faster with it (on
+  the H200 only gate/up did); but a kernel can start under the one before's tail only if that
+  one is a PDL launch too, so a mix gains little;
+- `triton-layers-nf4`: the model through bitsandbytes NF4 (bf16 compute) and the same layers.
 Per option and shape: ms per token of the captured step, timed with CUDA events over replays
 from position 256 on (a 1024-slot cache), against the bytes a token reads at the measured copy rate.
 
@@ -27,6 +32,7 @@ On the lent GPU:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import subprocess
@@ -40,6 +46,7 @@ OPTIONS = {
     "triton-layers": {},
     "triton-layers-model-attention": {},
     "triton-layers-no-pdl": {},
+    "triton-layers-pdl-all": {},
     "triton-layers-nf4": {},  # bitsandbytes NF4 weights through the same layers
     "pdl": {"options": {"triton.enable_pdl": True}},
     # torch.compile takes a mode or options, not both: max-autotune-no-cudagraphs as options.
@@ -301,8 +308,11 @@ def measure(option: str, shape: str, replays: int) -> dict:
             triton_attention=option != "triton-layers-model-attention",
             pdl=option != "triton-layers-no-pdl",
         )
+        configs = decoder.model.model.layers[0].configs  # one dict, shared by every layer
+        if option == "triton-layers-pdl-all":
+            configs.update({name: dataclasses.replace(config, pdl=True) for name, config in configs.items()})
         matvecs = {"tuning_s": time.perf_counter() - tuning_started, **matvec_times(decoder.model)}
-        chosen = decoder.model.model.layers[0].configs["attention"]
+        chosen = configs["attention"]
         matvecs["attention_config"] = (
             None if chosen is None else [chosen.block_t, chosen.num_warps, chosen.pdl, chosen.splits]
         )

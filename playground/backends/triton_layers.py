@@ -294,11 +294,14 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     """Wrap every decoder layer in a `FusedDecoderLayer`; returns how many. Call only when
     `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first, on the first
     layer's weights. `triton_attention`: False keeps the model's own RoPE, cache update and SDPA;
-    `pdl`: False leaves programmatic dependent launch out of the choice."""
+    `pdl`: False leaves programmatic dependent launch out of the choice; else a layer's kernels
+    all take it or none does, whichever runs a layer's sequence faster."""
     layers = _decoder_layers(model)
     first, projections = layers[0], layer_projections(layers[0])
-    configs: dict[str, Any] = {name: _pick_config(first, name, projections[name], pdl) for name in MATVECS}
-    configs["attention"] = _pick_attention_config(model, pdl) if triton_attention else None
+    configs: dict[str, Any] = {name: _pick_config(first, name, projections[name]) for name in MATVECS}
+    configs["attention"] = _pick_attention_config(model) if triton_attention else None
+    if pdl and projections["qkv"].device.type == "cuda":
+        configs = _with_pdl_if_faster(model, first, projections, configs)
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
@@ -331,7 +334,7 @@ def uses_pdl(model: nn.Module) -> bool:
     return bool(layers) and any(getattr(config, "pdl", False) for config in layers[0].configs.values())
 
 
-def _pick_config(layer: nn.Module, name: str, projection: Projection, pdl: bool) -> MatvecConfig:
+def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecConfig:
     """The fastest launch shape that fits `layer`'s `name` matvec, timed on its `matvec_trial`
     (`_fastest`); off a GPU the first that fits."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
@@ -339,22 +342,22 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection, pdl: bool)
         raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
     if projection.device.type != "cuda":
         return candidates[0]
-    return _fastest(candidates, matvec_trial(layer, name, projection), candidates[0], pdl)
+    return _fastest(candidates, matvec_trial(layer, name, projection), candidates[0])
 
 
-def _pick_attention_config(model: nn.Module, pdl: bool, positions: Sequence[int] = (256, 2048)) -> AttentionConfig:
-    """The fastest candidate for the attention kernel (`_fastest`), timed as one step at each of
-    `positions` of a cache shaped as this model's: a short reply and a long one both count;
-    the default off a GPU."""
-    parameter = next(model.parameters())
-    if parameter.device.type != "cuda":
-        return DEFAULT_ATTENTION
+def attention_trial(
+    model: nn.Module, positions: Sequence[int] = (256, 2048)
+) -> Callable[[AttentionConfig], torch.Tensor]:
+    """The attention kernel as a call of its launch shape, one step at each of `positions` of a
+    cache shaped as this model's (random values), so a short reply and a long one both count:
+    what the pickers time."""
     from types import SimpleNamespace
 
+    parameter = next(model.parameters())
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    device, dtype = parameter.device, parameter.dtype
+    device, dtype = parameter.device, parameter.dtype  # the input embedding's: never quantized
     capacity = max(positions) + 1
     qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     angles = (torch.ones(1, 1, head_dim, device=device, dtype=dtype),) * 2
@@ -373,28 +376,63 @@ def _pick_attention_config(model: nn.Module, pdl: bool, positions: Sequence[int]
         ]
         return outs[-1]
 
-    return _fastest(ATTENTION_CANDIDATES, run, DEFAULT_ATTENTION, pdl)
+    return run
 
 
-def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any, pdl: bool) -> Any:
-    """The candidate whose `run` replays fastest in a CUDA graph (a step replays one, so launch
-    cost counts as it will there); `default` if none runs. `pdl`: the winner is then timed again
-    with programmatic dependent launch, which it keeps if that is faster."""
+def _pick_attention_config(model: nn.Module) -> AttentionConfig:
+    """The fastest candidate for the attention kernel on its `attention_trial` (`_fastest`);
+    the default off a GPU."""
+    if next(model.parameters()).device.type != "cuda":
+        return DEFAULT_ATTENTION
+    return _fastest(ATTENTION_CANDIDATES, attention_trial(model), DEFAULT_ATTENTION)
+
+
+def _with_pdl_if_faster(
+    model: nn.Module, layer: nn.Module, projections: dict[str, Projection], configs: dict[str, Any]
+) -> dict[str, Any]:
+    """`configs` with programmatic dependent launch on every kernel, if a layer's sequence of
+    kernels (q/k/v, attention, o, gate/up, down) replays faster so; else as they are. All or
+    none: a kernel starts under the tail of the one before only when that one is a PDL launch
+    too, so timing each kernel alone, repeated, misjudges it (on the H200 that kept PDL for
+    gate/up alone, and the step did not move)."""
     from triton.testing import do_bench_cudagraph
 
-    def timings(choices: Sequence[Any]) -> dict[Any, float]:
-        timed = {}
-        for candidate in choices:
-            try:
-                run(candidate)  # compiles it, outside the graph
-                timed[candidate] = float(do_bench_cudagraph(functools.partial(run, candidate), rep=20))
-            except Exception:  # a shape the compiler or the device refuses: not a candidate
-                continue
-        return timed
+    trials = {name: matvec_trial(layer, name, projections[name]) for name in MATVECS}
+    attention_run = attention_trial(model) if configs["attention"] is not None else None
+    with_pdl = {
+        name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
+    }
 
-    timed = timings(candidates)
-    best = min(timed, key=timed.__getitem__) if timed else default
-    if not pdl:
-        return best
-    timed = timings([best, dataclasses.replace(best, pdl=True)])
-    return min(timed, key=timed.__getitem__) if timed else best
+    def sequence(chosen: dict[str, Any]) -> Callable[[], None]:
+        def run() -> None:
+            trials["qkv"](chosen["qkv"])
+            if attention_run is not None:
+                attention_run(chosen["attention"])
+            for name in ("o", "gate_up", "down"):
+                trials[name](chosen[name])
+
+        return run
+
+    timed = {}
+    for label, chosen in (("plain", configs), ("pdl", with_pdl)):
+        try:
+            sequence(chosen)()  # compiles the PDL variants, outside the graph
+            timed[label] = float(do_bench_cudagraph(sequence(chosen), rep=20))
+        except Exception:  # a launch the device or the graph refuses: the other choice
+            continue
+    return with_pdl if timed.get("pdl", float("inf")) < timed.get("plain", float("inf")) else configs
+
+
+def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any) -> Any:
+    """The candidate whose `run` replays fastest in a CUDA graph (a step replays one, so launch
+    cost counts as it will there); `default` if none runs."""
+    from triton.testing import do_bench_cudagraph
+
+    timed = {}
+    for candidate in candidates:
+        try:
+            run(candidate)  # compiles it, outside the graph
+            timed[candidate] = float(do_bench_cudagraph(functools.partial(run, candidate), rep=20))
+        except Exception:  # a shape the compiler or the device refuses: not a candidate
+            continue
+    return min(timed, key=timed.__getitem__) if timed else default
