@@ -307,7 +307,7 @@ def test_layers_that_cannot_be_fused_say_why(llama_folder):
     )
     assert unfusable_reason(nf4) == ""
     adapted = get_peft_model(nf4, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert "adapter layers are neither" in unfusable_reason(adapted)
+    assert "LoRA adapter layers left unmerged" in unfusable_reason(adapted)
     # q/k/v left as three matmuls, as for quantized or adapter layers (fusable_groups skips those)
     unfused = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
     assert "q/k/v and gate/up fused, or every projection in NF4" in unfusable_reason(unfused)

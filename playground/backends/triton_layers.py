@@ -89,8 +89,16 @@ def _weights_unfusable(attention: nn.Module, mlp: nn.Module) -> str:
         [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")],
         [getattr(mlp, "down_proj", None)],
     ]
-    if not all(_is_nf4_linear(linear) for group in groups for linear in group):
-        return "fused layers need q/k/v and gate/up fused, or every projection in NF4 (adapter layers are neither)"
+    linears = [linear for group in groups for linear in group]
+    if not all(_is_nf4_linear(linear) for linear in linears):
+        kinds = {type(linear).__name__ for linear in linears}
+        if any(hasattr(linear, "lora_A") for linear in linears):
+            return "fused layers do not run LoRA adapter layers left unmerged (as on a quantized base)"
+        if "Linear8bitLt" in kinds:
+            return "fused layers read plain or NF4 weights, not int8"
+        return (
+            f"fused layers need q/k/v and gate/up fused, or every projection in NF4 (found {', '.join(sorted(kinds))})"
+        )
     for group in groups:
         why = nf4_parts_match(group)
         if why:
