@@ -269,6 +269,7 @@ def test_a_compiled_step_over_the_fused_layers_decodes_the_tokens_of_generate(qw
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
     assert hasattr(decoder._step_fn, "_torchdynamo_orig_callable")  # the step did go through torch.compile
     assert not first.attention_counters.any()
+    assert triton_layers.describe_choices(model) == "each head's slots over 4 programs"
 
 
 def test_multi_token_passes_and_removal_give_the_model_s_own_layers(llama_folder):

@@ -204,6 +204,7 @@ class DecodePath:
     fused: bool = False  # q/k/v and gate/up projections run as one matmul each
     prefill_graphs: bool = False  # prompts go through a captured pass per padded length
     triton_layers: bool = False  # single-token passes through triton_layers' kernels
+    triton_choices: str = ""  # what their load-time timing chose, where it matters to a reader
 
     def describe(self) -> str:
         text = {
@@ -217,6 +218,8 @@ class DecodePath:
             text += ", fused projections"
         if self.triton_layers:
             text += ", norms, SiLU and residual adds inside Triton matvecs, attention in a Triton kernel"
+            if self.triton_choices:
+                text += f" ({self.triton_choices})"
         if self.prefill_graphs:
             text += ", prompts through captured passes"
         return f"{text} ({self.reason})" if self.reason else text
@@ -443,7 +446,6 @@ class StaticDecoder:
             chosen = torch.argmax(scores, dim=-1)
         self._history[:, position] = chosen
         return chosen
-
 
     # -- speculative decoding ----------------------------------------------------------------
     def speculative_tokens(

@@ -291,6 +291,7 @@ class TransformersBackend(Backend):
                 fused=fused,
                 prefill_graphs=prefill_graphs,
                 triton_layers=layers is not None,
+                triton_choices=triton_layers.describe_choices(self.model) if layers is not None else "",
             )
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
 

@@ -342,6 +342,21 @@ def uses_pdl(model: nn.Module) -> bool:
     return bool(layers) and any(getattr(config, "pdl", False) for config in layers[0].configs.values())
 
 
+def describe_choices(model: nn.Module) -> str:
+    """What the installed layers' load-time timing chose that changes how they run: attention
+    slots shared among several programs a head, and programmatic dependent launch."""
+    layers = [layer for layer in _decoder_layers(model) if isinstance(layer, FusedDecoderLayer)]
+    if not layers:
+        return ""
+    attention = layers[0].configs.get("attention")
+    choices = []
+    if attention is not None and attention.splits > 1:
+        choices.append(f"each head's slots over {attention.splits} programs")
+    if uses_pdl(model):
+        choices.append("programmatic dependent launch")
+    return ", ".join(choices)
+
+
 def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecConfig:
     """The fastest launch shape that fits `layer`'s `name` matvec, timed on its `matvec_trial`
     (`_fastest`); off a GPU the first that fits."""
