@@ -145,6 +145,14 @@ def matvec_times(model) -> dict:
     return out
 
 
+def replay_from_256(decoder, replays: int) -> None:
+    """`replays` replays of the step's graph, from position 256 of the cache on."""
+    decoder._position.fill_(256)
+    decoder._set_length(256)
+    for _ in range(replays):
+        decoder._graph.replay()
+
+
 def graph_kernel_profile(decoder, replays: int = 32) -> dict:
     """The kernels inside the step's graph, as CUPTI records them during replays from position
     256: device time per token by kernel, and their sum. The step's time less that sum is time
@@ -154,10 +162,7 @@ def graph_kernel_profile(decoder, replays: int = 32) -> dict:
     from benchmarks.gpu.profile_decode import kernel_times, kind_of
 
     def replay() -> None:
-        decoder._position.fill_(256)
-        decoder._set_length(256)
-        for _ in range(replays):
-            decoder._graph.replay()
+        replay_from_256(decoder, replays)
         torch.cuda.synchronize()
 
     replay()  # warm
@@ -207,10 +212,7 @@ def in_place_layer_times(decoder, replays: int = 8) -> dict:
     from playground.backends.triton_kernels import NF4Weight
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        decoder._position.fill_(256)
-        decoder._set_length(256)
-        for _ in range(replays):
-            decoder._graph.replay()
+        replay_from_256(decoder, replays)
         torch.cuda.synchronize()
     kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
     roles = layer_kernel_times([(e.name, e.time_range.elapsed_us()) for e in kernels])
@@ -232,38 +234,20 @@ def in_place_layer_times(decoder, replays: int = 8) -> dict:
 
 def split_attention_agreement(model) -> dict:
     """The attention kernel with a head's slots shared over 8 programs against one program a
-    head, on this model's head shape and a random cache, at positions 256 and 2000: the largest
-    difference, and whether the counters came back to zero (the in-launch combine's contract)."""
-    from types import SimpleNamespace
-
+    head, on this model's head shape and a random cache (the picker's `attention_trial`), at
+    positions 256 and 2000: the largest difference, and whether the counters came back to zero
+    (the in-launch combine's contract)."""
     import torch
 
-    from playground.backends.triton_kernels import AttentionConfig, attention_counters, decode_attention
+    from playground.backends.triton_kernels import AttentionConfig, attention_counters
+    from playground.backends.triton_layers import attention_trial
 
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, generator=generator, device="cuda", dtype=torch.bfloat16)
-    angles = torch.randn(head_dim, generator=generator, device="cuda")
-    cos_sin = (angles.cos().to(torch.bfloat16).view(1, 1, -1), angles.sin().to(torch.bfloat16).view(1, 1, -1))
-    counters = attention_counters(q_heads, "cuda")
+    counters = attention_counters(model.config.num_attention_heads, "cuda")
     worst = 0.0
     for position in (256, 2000):
-        outs = []
-        for chosen in (AttentionConfig(64, 4), AttentionConfig(32, 2, splits=8)):
-            cache = SimpleNamespace(
-                keys=torch.randn(
-                    1, kv_heads, 2048, head_dim, generator=generator.manual_seed(1), device="cuda"
-                ).bfloat16(),
-                values=torch.randn(
-                    1, kv_heads, 2048, head_dim, generator=generator.manual_seed(2), device="cuda"
-                ).bfloat16(),
-                cumulative_length=torch.zeros((), dtype=torch.long, device="cuda"),
-            )
-            where = torch.tensor([position], device="cuda")
-            outs.append(decode_attention(qkv, cos_sin, cache, where, q_heads, head_dim**-0.5, counters, chosen).float())
-        worst = max(worst, float((outs[0] - outs[1]).abs().max()))
+        run = attention_trial(model, (position,), counters)
+        one, shared = (run(chosen).float() for chosen in (AttentionConfig(64, 4), AttentionConfig(32, 2, splits=8)))
+        worst = max(worst, float((one - shared).abs().max()))
     torch.cuda.synchronize()
     return {"split_attention_max_diff": worst, "split_attention_counters_zero": not bool(counters.any())}
 

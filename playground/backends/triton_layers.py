@@ -336,19 +336,21 @@ def remove_fused_layers(model: nn.Module) -> None:
             layers[index] = layer.layer
 
 
+def _installed_configs(model: nn.Module) -> dict[str, Any]:
+    """The launch shapes the installed fused layers share ({} when none are installed)."""
+    first = _decoder_layers(model)[0]
+    return first.configs if isinstance(first, FusedDecoderLayer) else {}
+
+
 def uses_pdl(model: nn.Module) -> bool:
     """Whether any kernel of the installed layers launches with programmatic dependent launch."""
-    layers = [layer for layer in _decoder_layers(model) if isinstance(layer, FusedDecoderLayer)]
-    return bool(layers) and any(getattr(config, "pdl", False) for config in layers[0].configs.values())
+    return any(getattr(config, "pdl", False) for config in _installed_configs(model).values())
 
 
 def describe_choices(model: nn.Module) -> str:
     """What the installed layers' load-time timing chose that changes how they run: attention
     slots shared among several programs a head, and programmatic dependent launch."""
-    layers = [layer for layer in _decoder_layers(model) if isinstance(layer, FusedDecoderLayer)]
-    if not layers:
-        return ""
-    attention = layers[0].configs.get("attention")
+    attention = _installed_configs(model).get("attention")
     choices = []
     if attention is not None and attention.splits > 1:
         choices.append(f"each head's slots over {attention.splits} programs")
@@ -369,11 +371,12 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecC
 
 
 def attention_trial(
-    model: nn.Module, positions: Sequence[int] = (256, 2048)
+    model: nn.Module, positions: Sequence[int] = (256, 2048), counters: torch.Tensor | None = None
 ) -> Callable[[AttentionConfig], torch.Tensor]:
     """The attention kernel as a call of its launch shape, one step at each of `positions` of a
     cache shaped as this model's (random values), so a short reply and a long one both count:
-    what the pickers time."""
+    what the pickers time. Returns the last step's output; `counters`: the split shares' own
+    (`attention_counters`), for a caller that checks them."""
     from types import SimpleNamespace
 
     parameter = next(model.parameters())
@@ -390,7 +393,7 @@ def attention_trial(
         cumulative_length=torch.zeros((), dtype=torch.long, device=device),
     )
     wheres = [torch.tensor([position], device=device) for position in positions]
-    counters = attention_counters(q_heads, device)
+    counters = attention_counters(q_heads, device) if counters is None else counters
 
     def run(candidate: AttentionConfig) -> torch.Tensor:
         outs = [
@@ -418,32 +421,25 @@ def _with_pdl_if_faster(
     none: a kernel starts under the tail of the one before only when that one is a PDL launch
     too, so timing each kernel alone, repeated, misjudges it (on the H200 that kept PDL for
     gate/up alone, and the step did not move)."""
-    from triton.testing import do_bench_cudagraph
-
     trials = {name: matvec_trial(layer, name, projections[name]) for name in MATVECS}
     attention_run = attention_trial(model) if configs["attention"] is not None else None
     with_pdl = {
         name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
     }
 
-    def sequence(chosen: dict[str, Any]) -> Callable[[], None]:
-        def run() -> None:
-            trials["qkv"](chosen["qkv"])
-            if attention_run is not None:
-                attention_run(chosen["attention"])
-            for name in ("o", "gate_up", "down"):
-                trials[name](chosen[name])
+    choices = {"plain": configs, "pdl": with_pdl}
 
-        return run
+    def sequence(label: str) -> torch.Tensor:
+        chosen = choices[label]
+        trials["qkv"](chosen["qkv"])
+        if attention_run is not None:
+            attention_run(chosen["attention"])
+        for name in ("o", "gate_up"):
+            trials[name](chosen[name])
+        return trials["down"](chosen["down"])
 
-    timed = {}
-    for label, chosen in (("plain", configs), ("pdl", with_pdl)):
-        try:
-            sequence(chosen)()  # compiles the PDL variants, outside the graph
-            timed[label] = float(do_bench_cudagraph(sequence(chosen), rep=20))
-        except Exception:  # a launch the device or the graph refuses: the other choice
-            continue
-    return with_pdl if timed.get("pdl", float("inf")) < timed.get("plain", float("inf")) else configs
+    # plain first: it stays on a tie, and if the PDL launches are refused
+    return choices[_fastest(("plain", "pdl"), sequence, "plain")]
 
 
 def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any) -> Any:
