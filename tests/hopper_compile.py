@@ -40,9 +40,10 @@ def nf4(
     residual: bool,
     pdl: bool = False,
     aligned: bool = True,
+    by_nibble: bool = False,
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
-    signature["pairs_ptr"] = "*i64"
+    signature |= {"table_ptr": "*fp32", "pairs_ptr": "*i64"}
     for index in range(3):
         for name, kind in NF4_PART.items():
             kind = kind if nested or name != "absmax" else "*fp32"
@@ -62,6 +63,7 @@ def nf4(
         BLOCK_K=512,
         ALIGNED=aligned,
         TILE_BLOCKS=512 // 64 if aligned else 1,
+        BY_NIBBLE=by_nibble,
         USE_PDL=pdl,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
@@ -87,6 +89,10 @@ VARIANTS = {
     "nf4 o/down, double quant": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True),
     "nf4 gate/up, blocks straddling rows": nf4(
         2, nested=False, norm=True, bias=False, gated=True, residual=False, aligned=False
+    ),
+    "nf4 gate/up, by nibble": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, by_nibble=True),
+    "nf4 o/down, double quant, by nibble": nf4(
+        1, nested=True, norm=False, bias=False, gated=False, residual=True, by_nibble=True
     ),
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),

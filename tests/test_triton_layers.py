@@ -7,6 +7,7 @@ compiled: test_gpu.py checks them there through the app's fast path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -109,14 +110,20 @@ def _dequantized(linear) -> torch.Tensor:
 @pytest.mark.parametrize("case", ["qkv-norm-and-bias", "gated", "residual"])
 @pytest.mark.parametrize(
     "columns,config",
-    [(100, SMALL_BLOCKS), (192, MatvecConfig(block_n=8, block_k=128, num_warps=4))],
-    ids=["blocks-straddle-rows", "whole-blocks-a-tile"],
+    [
+        (100, SMALL_BLOCKS),
+        (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_lookup="nibble")),
+        (192, MatvecConfig(block_n=8, block_k=128, num_warps=4)),
+        (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="nibble")),
+    ],
+    ids=["blocks-straddle-rows", "blocks-straddle-rows-by-nibble", "whole-blocks-a-tile", "whole-blocks-by-nibble"],
 )
 def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
     """Three stacked parts (q, k, v of different rows), gate/up, and one weight with a residual,
     against bitsandbytes' own dequantization. 100 columns: 64-value blocks straddle rows, and
     each byte finds its scale. 192: blocks lie in rows and a tile holds two whole blocks (the
-    last tile one, and one masked), one scale load a block."""
+    last tile one, and one masked), one scale load a block. Each with both table lookups: a
+    byte's two values at once, or a code's at a time."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(columns, generator=generator).to(dtype)
     norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(dtype))
@@ -223,7 +230,8 @@ def _fused_model(folder, nf4: str = ""):
 )
 def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, arch, weights, splits, monkeypatch):
     """fp32, greedy: the static-cache decoder over fused layers gives generate's tokens one for
-    one (Qwen2's q/k/v biases included; NF4 weights against bitsandbytes' own layers; attention
+    one (Qwen2's q/k/v biases included; NF4 weights against bitsandbytes' own layers, their
+    values looked up a byte or a code at a time; attention
     in one program per head, or its slots shared out over four), and its single-token passes did
     go through the kernels."""
     folder = {"llama": llama_folder, "qwen2": qwen2_folder}[arch]
@@ -242,7 +250,12 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
         counted = lambda *a, name=name, kernel=kernel, **k: calls.append(name) or kernel(*a, **k)  # noqa: E731
         monkeypatch.setattr(triton_layers, name, counted)
     model = _fused_model(folder, nf4)
-    model.model.layers[0].configs["attention"] = AttentionConfig(4, 4, splits=splits)  # every layer's
+    configs = model.model.layers[0].configs  # every layer's
+    configs["attention"] = AttentionConfig(4, 4, splits=splits)
+    if weights == "nf4-double-quant":  # two of the matvecs look their NF4 values up a code at a time
+        for name in ("gate_up", "down"):
+            configs[name] = dataclasses.replace(configs[name], nf4_lookup="nibble")
+        assert "NF4 values looked up a nibble at a time (down, gate_up)" in triton_layers.describe_choices(model)
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected

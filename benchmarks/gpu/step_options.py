@@ -121,14 +121,20 @@ def matvec_times(model) -> dict:
     for name in MATVECS:
         projection, config = layer.projections[name], layer.configs[name]
         weight = projection.weight
-        fused_ms = do_bench_cudagraph(functools.partial(matvec_trial(layer.layer, name, projection), config))
+        trial = matvec_trial(layer.layer, name, projection)
+        fused_ms = do_bench_cudagraph(functools.partial(trial, config))
         if isinstance(weight, NF4Weight):  # bytes read: codes and block scales; no cuBLAS matmul
             size = sum(t.numel() * t.element_size() for t in (*weight.packed, *weight.absmax))
+            # the same launch shape with the other table lookup: what the picker's choice bought
+            other = dataclasses.replace(config, nf4_lookup="byte" if config.nf4_lookup == "nibble" else "nibble")
+            other_ms = do_bench_cudagraph(functools.partial(trial, other))
             out[f"matvec_{name}"] = {
                 "parts": list(weight.rows),
                 "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
+                "nf4_lookup": config.nf4_lookup,
                 "fused_us": fused_ms * 1000,
                 "fused_tb_s": size / (fused_ms / 1000) / 1e12,
+                f"{other.nf4_lookup}_lookup_us": other_ms * 1000,
             }
             continue
         x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device="cuda")

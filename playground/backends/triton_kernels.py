@@ -27,12 +27,16 @@ from torch import nn
 class MatvecConfig:
     """One launch shape of the matvec kernel: rows and columns per program, and warps; `pdl`:
     launched with programmatic dependent launch (Hopper on): the next kernel may launch early,
-    and the plain matvec reads its first weight tile before waiting for the kernel before."""
+    and the plain matvec reads its first weight tile before waiting for the kernel before.
+    `nf4_lookup` (NF4 weights only): "byte" reads both codes' values of a packed byte with one
+    load from a 256-entry table (2 KB); "nibble" reads each code's value from the 16-entry table,
+    two loads a byte, but all of a warp's loads fall in one cache line."""
 
     block_n: int
     block_k: int
     num_warps: int
     pdl: bool = False
+    nf4_lookup: str = "byte"
 
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
@@ -214,8 +218,8 @@ class NF4Weight:
     offsets: tuple[float, ...]
     rows: tuple[int, ...]
     columns: int
-    table: torch.Tensor  # the 16 NF4 values
-    pairs: torch.Tensor  # `nf4_code_pairs(table)`: what the kernel reads
+    table: torch.Tensor  # the 16 NF4 values (fp32): what the kernel reads looking up a nibble
+    pairs: torch.Tensor  # `nf4_code_pairs(table)`: what it reads looking up a byte
     blocksize: int
     blocksize2: int
     nested: bool
@@ -234,7 +238,8 @@ class NF4Weight:
             offsets=tuple(float(state.offset) if nested else 0.0 for state in states),
             rows=tuple(int(state.shape[0]) for state in states),
             columns=int(states[0].shape[1]),
-            table=states[0].code,
+            # a fresh allocation is aligned, so the 64-byte table lies in one 128-byte line
+            table=states[0].code.float().clone(),
             pairs=nf4_code_pairs(states[0].code),
             blocksize=int(states[0].blocksize),
             blocksize2=int(states[0].state2.blocksize) if nested else 1,
@@ -289,7 +294,9 @@ def _nf4_matvec_op() -> Any:
         code2: list[torch.Tensor],
         offsets: list[float],
         rows: list[int],
+        table: torch.Tensor,
         pairs: torch.Tensor,
+        by_nibble: bool,
         norm_weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         residual: torch.Tensor | None,
@@ -318,6 +325,7 @@ def _nf4_matvec_op() -> Any:
             x if bias is None else bias,
             x if residual is None else residual,
             out,
+            table,
             pairs,
             *part_args,
             rows[0],
@@ -332,12 +340,13 @@ def _nf4_matvec_op() -> Any:
             # blocks within rows, whole blocks in a tile: one scale load per block (real models)
             ALIGNED=aligned,
             TILE_BLOCKS=block_k // blocksize if aligned else 1,
+            BY_NIBBLE=by_nibble,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @nf4_matvec.register_fake
-    def _(x, packed, absmax, outer, code2, offsets, rows, pairs, *rest):  # noqa: ANN001, ANN002, ANN202
+    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, by_nibble, *rest):  # noqa: ANN001, ANN002, ANN202
         gated = rest[4]
         return x.new_empty((rows[0] if gated else sum(rows),))
 
@@ -366,7 +375,9 @@ def nf4_matvec(
         list(weight.code2),
         list(weight.offsets),
         list(weight.rows),
+        weight.table,
         weight.pairs,
+        config.nf4_lookup == "nibble",
         norm_weight,
         bias,
         residual,

@@ -349,11 +349,16 @@ def uses_pdl(model: nn.Module) -> bool:
 
 def describe_choices(model: nn.Module) -> str:
     """What the installed layers' load-time timing chose that changes how they run: attention
-    slots shared among several programs a head, and programmatic dependent launch."""
-    attention = _installed_configs(model).get("attention")
+    slots shared among several programs a head, NF4 values looked up a code at a time, and
+    programmatic dependent launch."""
+    configs = _installed_configs(model)
+    attention = configs.get("attention")
     choices = []
     if attention is not None and attention.splits > 1:
         choices.append(f"each head's slots over {attention.splits} programs")
+    by_nibble = sorted(name for name in MATVECS if getattr(configs.get(name), "nf4_lookup", "") == "nibble")
+    if by_nibble:
+        choices.append(f"NF4 values looked up a nibble at a time ({', '.join(by_nibble)})")
     if uses_pdl(model):
         choices.append("programmatic dependent launch")
     return ", ".join(choices)
@@ -361,8 +366,10 @@ def describe_choices(model: nn.Module) -> str:
 
 def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecConfig:
     """The fastest launch shape that fits `layer`'s `name` matvec, timed on its `matvec_trial`
-    (`_fastest`); off a GPU the first that fits."""
+    (`_fastest`); off a GPU the first that fits. NF4 weights try both table lookups with each."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
+    if isinstance(projection.weight, NF4Weight):
+        candidates += [dataclasses.replace(config, nf4_lookup="nibble") for config in candidates]
     if not candidates:
         raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
     if projection.device.type != "cuda":

@@ -163,14 +163,19 @@ def nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, ok, NESTED: tl.
 
 
 @triton.jit
-def nf4_values(packed, pairs_ptr, scale, dtype: tl.constexpr):
+def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, BY_NIBBLE: tl.constexpr):
     """The two weights of each packed byte (the high nibble's, the even column, first), in fp32,
-    as bitsandbytes dequantizes them: table[code] * scale, rounded to the compute dtype. One
-    load a byte: `pairs_ptr` holds, per byte value, both codes' table values as fp32 bits (high
-    nibble's in the upper half)."""
-    pair = tl.load(pairs_ptr + packed)
-    high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    as bitsandbytes dequantizes them: table[code] * scale, rounded to the compute dtype.
+    BY_NIBBLE: each code's value from the 16-entry table (one cache line); else one load a byte:
+    `pairs_ptr` holds, per byte value, both codes' table values as fp32 bits (high nibble's in
+    the upper half)."""
+    if BY_NIBBLE:
+        high = tl.load(table_ptr + (packed >> 4))
+        low = tl.load(table_ptr + (packed & 15))
+    else:
+        pair = tl.load(pairs_ptr + packed)
+        high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        low = pair.to(tl.int32).to(tl.float32, bitcast=True)
     return (high * scale).to(dtype).to(tl.float32), (low * scale).to(dtype).to(tl.float32)
 
 
@@ -181,6 +186,7 @@ def nf4_tile(
     absmax2_ptr,
     code2_ptr,
     offset,
+    table_ptr,
     pairs_ptr,
     rows3,
     block_col,
@@ -193,6 +199,7 @@ def nf4_tile(
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
     ALIGNED: tl.constexpr,
+    BY_NIBBLE: tl.constexpr,
 ):
     """The weights at columns 2*half and 2*half + 1 of rows `rows3` of one bitsandbytes NF4
     weight (`nf4_values`), on a [rows, block columns, bytes] tile (`ok`: which are in). ALIGNED
@@ -208,7 +215,7 @@ def nf4_tile(
         block = (byte * 2) // BLOCKSIZE
         scale_ok = ok
     scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
-    return nf4_values(packed, pairs_ptr, scale, dtype)
+    return nf4_values(packed, table_ptr, pairs_ptr, scale, dtype, BY_NIBBLE)
 
 
 @triton.jit
@@ -218,6 +225,7 @@ def nf4_matvec_kernel(
     bias_ptr,
     res_ptr,
     out_ptr,
+    table_ptr,
     pairs_ptr,
     packed0,
     absmax0,
@@ -251,6 +259,7 @@ def nf4_matvec_kernel(
     BLOCK_K: tl.constexpr,
     ALIGNED: tl.constexpr = False,
     TILE_BLOCKS: tl.constexpr = 1,
+    BY_NIBBLE: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
@@ -292,14 +301,14 @@ def nf4_matvec_kernel(
         ok = row_ok3 & half_ok
         block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
         high, low = nf4_tile(
-            packed, absmax, outer, code, offset, pairs_ptr, rows3, block_col, half, ok, block_ok,
-            dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED,
+            packed, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
+            dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, BY_NIBBLE,
         )  # fmt: skip
         acc += high * even + low * odd
         if GATED:  # gate and up: both parts of N rows, so local rows are rows
             high, low = nf4_tile(
-                packed1, absmax1, outer1, code1, offset1, pairs_ptr, rows3, block_col, half, ok, block_ok,
-                dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED,
+                packed1, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
+                block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, BY_NIBBLE,
             )  # fmt: skip
             acc_up += high * even + low * odd
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
