@@ -252,10 +252,13 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
     model = _fused_model(folder, nf4)
     configs = model.model.layers[0].configs  # every layer's
     configs["attention"] = AttentionConfig(4, 4, splits=splits)
-    if weights == "nf4-double-quant":  # two of the matvecs look their NF4 values up a code at a time
+    if weights == "nf4-double-quant":  # two of the matvecs look their NF4 values up a byte at a time
         for name in ("gate_up", "down"):
-            configs[name] = dataclasses.replace(configs[name], nf4_lookup="nibble")
-        assert "NF4 values looked up a nibble at a time (down, gate_up)" in triton_layers.describe_choices(model)
+            configs[name] = dataclasses.replace(configs[name], nf4_lookup="byte")
+        expected_choice = "NF4 values looked up a nibble at a time, a byte at a time in down, gate_up"
+        assert expected_choice in triton_layers.describe_choices(model)
+    elif weights == "nf4":
+        assert "NF4 values looked up a nibble at a time" in triton_layers.describe_choices(model)
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected
