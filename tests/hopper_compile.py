@@ -41,6 +41,7 @@ def nf4(
     pdl: bool = False,
     aligned: bool = True,
     by_nibble: bool = False,
+    prefetch: bool = False,
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature |= {"table_ptr": "*fp32", "pairs_ptr": "*i64"}
@@ -64,6 +65,7 @@ def nf4(
         ALIGNED=aligned,
         TILE_BLOCKS=512 // 64 if aligned else 1,
         BY_NIBBLE=by_nibble,
+        PREFETCH=prefetch,
         USE_PDL=pdl,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
@@ -93,6 +95,12 @@ VARIANTS = {
     "nf4 gate/up, by nibble": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, by_nibble=True),
     "nf4 o/down, double quant, by nibble": nf4(
         1, nested=True, norm=False, bias=False, gated=False, residual=True, by_nibble=True
+    ),
+    "nf4 gate/up, by nibble, prefetched": nf4(
+        2, nested=False, norm=True, bias=False, gated=True, residual=False, by_nibble=True, prefetch=True
+    ),
+    "nf4 qkv, double quant, prefetched": nf4(
+        3, nested=True, norm=True, bias=True, gated=False, residual=False, prefetch=True
     ),
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),

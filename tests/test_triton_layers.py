@@ -115,15 +115,24 @@ def _dequantized(linear) -> torch.Tensor:
         (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_lookup="nibble")),
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4)),
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="nibble")),
+        (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_prefetch=True)),
+        (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="nibble", nf4_prefetch=True)),
     ],
-    ids=["blocks-straddle-rows", "blocks-straddle-rows-by-nibble", "whole-blocks-a-tile", "whole-blocks-by-nibble"],
+    ids=[
+        "blocks-straddle-rows",
+        "blocks-straddle-rows-by-nibble",
+        "whole-blocks-a-tile",
+        "whole-blocks-by-nibble",
+        "blocks-straddle-rows-prefetched",
+        "whole-blocks-by-nibble-prefetched",
+    ],
 )
 def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
     """Three stacked parts (q, k, v of different rows), gate/up, and one weight with a residual,
     against bitsandbytes' own dequantization. 100 columns: 64-value blocks straddle rows, and
     each byte finds its scale. 192: blocks lie in rows and a tile holds two whole blocks (the
     last tile one, and one masked), one scale load a block. Each with both table lookups: a
-    byte's two values at once, or a code's at a time."""
+    byte's two values at once, or a code's at a time; and with the next step's bytes read ahead."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(columns, generator=generator).to(dtype)
     norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(dtype))
@@ -255,8 +264,10 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
     if weights == "nf4-double-quant":  # two of the matvecs look their NF4 values up a byte at a time
         for name in ("gate_up", "down"):
             configs[name] = dataclasses.replace(configs[name], nf4_lookup="byte")
-        expected_choice = "NF4 values looked up a nibble at a time, a byte at a time in down, gate_up"
-        assert expected_choice in triton_layers.describe_choices(model)
+        configs["qkv"] = dataclasses.replace(configs["qkv"], nf4_prefetch=True)
+        choices = triton_layers.describe_choices(model)
+        assert "NF4 values looked up a nibble at a time, a byte at a time in down, gate_up" in choices
+        assert "NF4 bytes read a step ahead in qkv" in choices
     elif weights == "nf4":
         assert "NF4 values looked up a nibble at a time" in triton_layers.describe_choices(model)
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)

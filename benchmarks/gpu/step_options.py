@@ -125,16 +125,22 @@ def matvec_times(model) -> dict:
         fused_ms = do_bench_cudagraph(functools.partial(trial, config))
         if isinstance(weight, NF4Weight):  # bytes read: codes and block scales; no cuBLAS matmul
             size = sum(t.numel() * t.element_size() for t in (*weight.packed, *weight.absmax))
-            # the same launch shape with the other table lookup: what the picker's choice bought
-            other = dataclasses.replace(config, nf4_lookup="byte" if config.nf4_lookup == "nibble" else "nibble")
-            other_ms = do_bench_cudagraph(functools.partial(trial, other))
+            # the same launch shape with each table lookup, bytes prefetched or not: what the
+            # picker's choice bought
+            variants_us = {}
+            for lookup in ("nibble", "byte"):
+                for prefetch in (False, True):
+                    variant = dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch)
+                    label = lookup + (", prefetched" if prefetch else "")
+                    variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000
             out[f"matvec_{name}"] = {
                 "parts": list(weight.rows),
                 "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
                 "nf4_lookup": config.nf4_lookup,
+                "nf4_prefetch": config.nf4_prefetch,
                 "fused_us": fused_ms * 1000,
                 "fused_tb_s": size / (fused_ms / 1000) / 1e12,
-                f"{other.nf4_lookup}_lookup_us": other_ms * 1000,
+                "variants_us": variants_us,
             }
             continue
         x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device="cuda")

@@ -30,13 +30,15 @@ class MatvecConfig:
     and the plain matvec reads its first weight tile before waiting for the kernel before.
     `nf4_lookup` (NF4 weights only): "byte" reads both codes' values of a packed byte with one
     load from a 256-entry table (2 KB); "nibble" reads each code's value from the 16-entry table,
-    two loads a byte, but all of a warp's loads fall in one cache line."""
+    two loads a byte, but all of a warp's loads fall in one cache line. `nf4_prefetch`: each loop
+    step loads the next step's packed bytes before decoding its own."""
 
     block_n: int
     block_k: int
     num_warps: int
     pdl: bool = False
     nf4_lookup: str = "byte"
+    nf4_prefetch: bool = False
 
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
@@ -297,6 +299,7 @@ def _nf4_matvec_op() -> Any:
         table: torch.Tensor,
         pairs: torch.Tensor,
         by_nibble: bool,
+        prefetch: bool,
         norm_weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         residual: torch.Tensor | None,
@@ -341,12 +344,13 @@ def _nf4_matvec_op() -> Any:
             ALIGNED=aligned,
             TILE_BLOCKS=block_k // blocksize if aligned else 1,
             BY_NIBBLE=by_nibble,
+            PREFETCH=prefetch,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @nf4_matvec.register_fake
-    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, by_nibble, *rest):  # noqa: ANN001, ANN002, ANN202
+    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, by_nibble, prefetch, *rest):  # noqa: ANN001, ANN002, ANN202
         gated = rest[4]
         return x.new_empty((rows[0] if gated else sum(rows),))
 
@@ -378,6 +382,7 @@ def nf4_matvec(
         weight.table,
         weight.pairs,
         config.nf4_lookup == "nibble",
+        config.nf4_prefetch,
         norm_weight,
         bias,
         residual,

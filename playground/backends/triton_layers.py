@@ -366,6 +366,9 @@ def describe_choices(model: nn.Module) -> str:
             choices.append(f"NF4 values looked up a nibble at a time, a byte at a time in {', '.join(by_byte)}")
         else:
             choices.append("NF4 values looked up a nibble at a time")
+        prefetched = sorted(name for name in MATVECS if configs[name].nf4_prefetch)
+        if prefetched:
+            choices.append(f"NF4 bytes read a step ahead in {', '.join(prefetched)}")
     if uses_pdl(model):
         choices.append("programmatic dependent launch")
     return ", ".join(choices)
@@ -374,9 +377,9 @@ def describe_choices(model: nn.Module) -> str:
 def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecConfig:
     """The fastest launch shape that fits `layer`'s `name` matvec, timed on its `matvec_trial`
     (`_fastest`); off a GPU the first that fits. NF4 weights: the shapes are timed looking
-    values up a code at a time, then the fastest also a byte at a time (on the H200 the code
-    at a time won on every 1.7B projection by 13-22%; timing both for every shape doubled the
-    load's tuning, 18 to 37 s)."""
+    values up a code at a time, then the fastest also a byte at a time, and each with the next
+    step's bytes prefetched (on the H200 the code at a time won on every 1.7B projection by
+    13-22%; timing both lookups for every shape doubled the load's tuning, 18 to 37 s)."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
     if nf4:
@@ -387,8 +390,13 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecC
         return candidates[0]
     trial = matvec_trial(layer, name, projection)
     best = _fastest(candidates, trial, candidates[0])
-    if nf4:  # the nibble stays on a tie
-        best = _fastest((best, dataclasses.replace(best, nf4_lookup="byte")), trial, best)
+    if nf4:  # the first stays on a tie
+        variants = [
+            dataclasses.replace(best, nf4_lookup=lookup, nf4_prefetch=prefetch)
+            for prefetch in (False, True)
+            for lookup in ("nibble", "byte")
+        ]
+        best = _fastest(variants, trial, best)
     return best
 
 

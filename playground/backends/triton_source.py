@@ -3,7 +3,7 @@ the rest of the app runs without Triton, and after the tests have switched on it
 
 Shared pieces are `@triton.jit` helpers: the RMSNorm prologue (`rms_rstd`, `matmul_input`), the
 epilogue (`finish`: bias, SiLU(gate) * up, residual add) and bitsandbytes' NF4 dequantization
-(`nf4_pair`). Every rounding follows the model's eager code: a value is rounded to the model's
+(`nf4_bytes`, `nf4_tile`). Every rounding follows the model's eager code: a value is rounded to the model's
 dtype (the output's) wherever the eager code would hold it in that dtype.
 """
 
@@ -180,8 +180,14 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, BY_NIBB
 
 
 @triton.jit
+def nf4_bytes(packed_ptr, rows3, half, ok, K: tl.constexpr):
+    """The packed bytes at `half` of rows `rows3` (two codes each), as int32 (0 where not `ok`)."""
+    return tl.load(packed_ptr + rows3 * (K // 2) + half, mask=ok, other=0).to(tl.int32)
+
+
+@triton.jit
 def nf4_tile(
-    packed_ptr,
+    packed,
     absmax_ptr,
     absmax2_ptr,
     code2_ptr,
@@ -202,12 +208,11 @@ def nf4_tile(
     BY_NIBBLE: tl.constexpr,
 ):
     """The weights at columns 2*half and 2*half + 1 of rows `rows3` of one bitsandbytes NF4
-    weight (`nf4_values`), on a [rows, block columns, bytes] tile (`ok`: which are in). ALIGNED
-    (blocks lie within rows, whole blocks in the tile, as in every real model): one scale load
-    per row and block (`block_ok`), broadcast over its bytes; else each byte finds its own
-    block's scale (blocks may straddle rows)."""
+    weight (`nf4_values`) from its `packed` bytes there (`nf4_bytes`), on a [rows, block
+    columns, bytes] tile (`ok`: which are in). ALIGNED (blocks lie within rows, whole blocks in
+    the tile, as in every real model): one scale load per row and block (`block_ok`), broadcast
+    over its bytes; else each byte finds its own block's scale (blocks may straddle rows)."""
     byte = rows3 * (K // 2) + half
-    packed = tl.load(packed_ptr + byte, mask=ok, other=0).to(tl.int32)
     if ALIGNED:
         block = rows3 * (K // BLOCKSIZE) + block_col
         scale_ok = block_ok
@@ -260,12 +265,14 @@ def nf4_matvec_kernel(
     ALIGNED: tl.constexpr = False,
     TILE_BLOCKS: tl.constexpr = 1,
     BY_NIBBLE: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
     rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
     part 0 is gate and part 1 up, both of N rows. A program's rows lie in one part (the launch
-    shape's row block divides every part's rows)."""
+    shape's row block divides every part's rows). PREFETCH: each loop step loads the next
+    step's packed bytes before it decodes its own, so their reads overlap the decoding."""
     dtype = out_ptr.dtype.element_ty
     first = tl.program_id(0) * BLOCK_N
     rows = first + tl.arange(0, BLOCK_N)
@@ -292,22 +299,40 @@ def nf4_matvec_kernel(
     inner = tl.arange(0, BLOCK_K // (2 * TILE_BLOCKS))[None, None, :]
     acc = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.float32)
     acc_up = acc
+    first_half = blocks * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
+    ahead = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.int32)
+    ahead_up = ahead
+    if PREFETCH:  # the first step's bytes
+        ahead = nf4_bytes(packed, rows3, first_half, row_ok3 & (first_half < K // 2), K)
+        if GATED:
+            ahead_up = nf4_bytes(packed1, rows3, first_half, row_ok3 & (first_half < K // 2), K)
     for start in range(0, K // 2, BLOCK_K // 2):
         block_col = start // (BLOCK_K // (2 * TILE_BLOCKS)) + blocks
         half = block_col * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
         half_ok = half < K // 2
+        ok = row_ok3 & half_ok
+        if PREFETCH:
+            codes, codes_up = ahead, ahead_up
+            next_ok = row_ok3 & (half + BLOCK_K // 2 < K // 2)
+            ahead = nf4_bytes(packed, rows3, half + BLOCK_K // 2, next_ok, K)
+            if GATED:
+                ahead_up = nf4_bytes(packed1, rows3, half + BLOCK_K // 2, next_ok, K)
+        else:
+            codes = nf4_bytes(packed, rows3, half, ok, K)
+            codes_up = codes
+            if GATED:
+                codes_up = nf4_bytes(packed1, rows3, half, ok, K)
         even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
         odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
-        ok = row_ok3 & half_ok
         block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
         high, low = nf4_tile(
-            packed, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
+            codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
             dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, BY_NIBBLE,
         )  # fmt: skip
         acc += high * even + low * odd
         if GATED:  # gate and up: both parts of N rows, so local rows are rows
             high, low = nf4_tile(
-                packed1, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
+                codes_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
                 block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, BY_NIBBLE,
             )  # fmt: skip
             acc_up += high * even + low * odd
