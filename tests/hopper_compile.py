@@ -40,7 +40,7 @@ def nf4(
     residual: bool,
     pdl: bool = False,
     aligned: bool = True,
-    by_nibble: bool = False,
+    lookup: int = 0,  # triton_source.LOOKUP_BYTE, LOOKUP_NIBBLE, LOOKUP_REGISTERS
     prefetch: bool = False,
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
@@ -64,7 +64,7 @@ def nf4(
         BLOCK_K=512,
         ALIGNED=aligned,
         TILE_BLOCKS=512 // 64 if aligned else 1,
-        BY_NIBBLE=by_nibble,
+        LOOKUP=lookup,
         PREFETCH=prefetch,
         USE_PDL=pdl,
     )
@@ -92,15 +92,22 @@ VARIANTS = {
     "nf4 gate/up, blocks straddling rows": nf4(
         2, nested=False, norm=True, bias=False, gated=True, residual=False, aligned=False
     ),
-    "nf4 gate/up, by nibble": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, by_nibble=True),
+    "nf4 gate/up, by nibble": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=1),
     "nf4 o/down, double quant, by nibble": nf4(
-        1, nested=True, norm=False, bias=False, gated=False, residual=True, by_nibble=True
+        1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1
     ),
     "nf4 gate/up, by nibble, prefetched": nf4(
-        2, nested=False, norm=True, bias=False, gated=True, residual=False, by_nibble=True, prefetch=True
+        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=1, prefetch=True
     ),
     "nf4 qkv, double quant, prefetched": nf4(
         3, nested=True, norm=True, bias=True, gated=False, residual=False, prefetch=True
+    ),
+    "nf4 gate/up, registers": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=2),
+    "nf4 qkv, double quant, registers, prefetched": nf4(
+        3, nested=True, norm=True, bias=True, gated=False, residual=False, lookup=2, prefetch=True
+    ),
+    "nf4 o/down, registers, blocks straddling rows": nf4(
+        1, nested=False, norm=False, bias=False, gated=False, residual=True, lookup=2, aligned=False
     ),
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),

@@ -157,6 +157,56 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
     torch.testing.assert_close(got, expected, **tolerance)
 
 
+def test_byte_permutes_give_the_nf4_code_book_value_of_every_code():
+    """The register lookup's program (`nf4_permute`), run instruction by instruction as the GPU
+    runs its PTX: each code of every byte value, in each of the four bytes a call takes, gives
+    bitsandbytes' NF4 value bit for bit; and the PTX the kernel holds is that program."""
+    import random
+    import struct
+
+    import bitsandbytes.functional as bnbf
+
+    from playground.backends import nf4_permute
+
+    book = bnbf.get_4bit_type("nf4", device="cpu")
+    assert tuple(book.tolist()) == nf4_permute.NF4_CODE_BOOK
+    bits = [struct.unpack("<I", struct.pack("<f", value))[0] for value in book.tolist()]
+    rng = random.Random(0)
+    for high in (True, False):
+        program = nf4_permute.program(high)
+        for position in range(4):
+            for value in range(256):
+                packed = [rng.randrange(256) for _ in range(4)]
+                packed[position] = value
+                word = int.from_bytes(bytes(packed), "little")
+                expected = [bits[byte >> 4] if high else bits[byte & 15] for byte in packed]
+                assert nf4_permute.emulate(program, word) == expected, (high, packed)
+        ptx = nf4_permute.ptx(program)
+        assert ptx.count("prmt.b32") == sum(op == "prmt" for op, *_ in program) == 21
+        assert all(f"${k}," in ptx for k in range(4)) and "$4," in ptx
+    from playground.backends import triton_source
+
+    assert triton_source.NF4_HIGH_PTX == nf4_permute.ptx(nf4_permute.program(high=True))
+
+
+def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
+    """The picker times NF4 lookup variants of one launch shape only where their output equals
+    the code-at-a-time lookup's bit for bit; a wrong table does not. The register lookup asks for
+    a GPU."""
+    generator = torch.Generator().manual_seed(2)
+    linears = _nf4_linears([(32, 192)], torch.float32, nested=True)
+    weight = NF4Weight.of(linears)
+    x = torch.randn(192, generator=generator)
+    shape = MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="nibble")
+    run = lambda config: nf4_matvec(x, weight, config)  # noqa: E731
+    reference = run(shape)
+    assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_lookup="byte"), reference)
+    assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_prefetch=True), reference)
+    wrong = dataclasses.replace(weight, table=weight.table.flip(0).contiguous())
+    assert not triton_layers.agrees(lambda config: nf4_matvec(x, wrong, config), shape, reference)
+    assert not weight.registers_lookup_fits()  # a CPU: the interpreter runs no PTX
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("position", [0, 5, 37])
 @pytest.mark.parametrize("splits", [1, 4])
@@ -266,7 +316,7 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
             configs[name] = dataclasses.replace(configs[name], nf4_lookup="byte")
         configs["qkv"] = dataclasses.replace(configs["qkv"], nf4_prefetch=True)
         choices = triton_layers.describe_choices(model)
-        assert "NF4 values looked up a nibble at a time, a byte at a time in down, gate_up" in choices
+        assert "NF4 values looked up a nibble at a time in o, qkv; a byte at a time in down, gate_up" in choices
         assert "NF4 bytes read a step ahead in qkv" in choices
     elif weights == "nf4":
         assert "NF4 values looked up a nibble at a time" in triton_layers.describe_choices(model)

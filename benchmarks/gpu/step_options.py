@@ -125,13 +125,17 @@ def matvec_times(model) -> dict:
         fused_ms = do_bench_cudagraph(functools.partial(trial, config))
         if isinstance(weight, NF4Weight):  # bytes read: codes and block scales; no cuBLAS matmul
             size = sum(t.numel() * t.element_size() for t in (*weight.packed, *weight.absmax))
-            # the same launch shape with each table lookup, bytes prefetched or not: what the
-            # picker's choice bought
-            variants_us = {}
-            for lookup in ("nibble", "byte"):
+            # the same launch shape with each lookup, bytes prefetched or not: what the picker's
+            # choice bought
+            variants_us, variants_agree = {}, {}
+            reference = trial(config)
+            for lookup in ("nibble", "byte", "registers"):
                 for prefetch in (False, True):
                     variant = dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch)
+                    if not projection.fits(variant):
+                        continue
                     label = lookup + (", prefetched" if prefetch else "")
+                    variants_agree[label] = bool(torch.equal(trial(variant), reference))
                     variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000
             out[f"matvec_{name}"] = {
                 "parts": list(weight.rows),
@@ -141,6 +145,7 @@ def matvec_times(model) -> dict:
                 "fused_us": fused_ms * 1000,
                 "fused_tb_s": size / (fused_ms / 1000) / 1e12,
                 "variants_us": variants_us,
+                "variants_agree": variants_agree,  # bit for bit with the picked variant
             }
             continue
         x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device="cuda")

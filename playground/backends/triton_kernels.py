@@ -30,7 +30,9 @@ class MatvecConfig:
     and the plain matvec reads its first weight tile before waiting for the kernel before.
     `nf4_lookup` (NF4 weights only): "byte" reads both codes' values of a packed byte with one
     load from a 256-entry table (2 KB); "nibble" reads each code's value from the 16-entry table,
-    two loads a byte, but all of a warp's loads fall in one cache line. `nf4_prefetch`: each loop
+    two loads a byte, but all of a warp's loads fall in one cache line; "registers" finds them
+    by byte permutes, no loads and no change of layout (`nf4_permute`; GPU only, and only for
+    bitsandbytes' own NF4 code book). `nf4_prefetch`: each loop
     step loads the next step's packed bytes before decoding its own."""
 
     block_n: int
@@ -206,6 +208,10 @@ def fused_matvec(
     )
 
 
+# MatvecConfig.nf4_lookup: the kernel's LOOKUP (triton_source.LOOKUP_BYTE and on)
+NF4_LOOKUPS = {"byte": 0, "nibble": 1, "registers": 2}
+
+
 @dataclass(frozen=True)
 class NF4Weight:
     """One or more bitsandbytes NF4 weights of the same columns, stacked as one matvec reads
@@ -248,6 +254,14 @@ class NF4Weight:
             nested=nested,
             dtype=states[0].dtype,
         )
+
+    def registers_lookup_fits(self) -> bool:
+        """Whether the kernel can find these weights' values by byte permutes (`nf4_permute`):
+        on a GPU (Triton's interpreter runs no PTX), with bitsandbytes' own NF4 code book."""
+        from playground.backends.nf4_permute import NF4_CODE_BOOK
+
+        book = torch.tensor(NF4_CODE_BOOK, dtype=torch.float32)
+        return self.table.device.type == "cuda" and torch.equal(self.table.cpu(), book)
 
 
 def nf4_code_pairs(table: torch.Tensor) -> torch.Tensor:
@@ -298,7 +312,7 @@ def _nf4_matvec_op() -> Any:
         rows: list[int],
         table: torch.Tensor,
         pairs: torch.Tensor,
-        by_nibble: bool,
+        lookup: int,
         prefetch: bool,
         norm_weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -343,14 +357,14 @@ def _nf4_matvec_op() -> Any:
             # blocks within rows, whole blocks in a tile: one scale load per block (real models)
             ALIGNED=aligned,
             TILE_BLOCKS=block_k // blocksize if aligned else 1,
-            BY_NIBBLE=by_nibble,
+            LOOKUP=lookup,
             PREFETCH=prefetch,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @nf4_matvec.register_fake
-    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, by_nibble, prefetch, *rest):  # noqa: ANN001, ANN002, ANN202
+    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, lookup, prefetch, *rest):  # noqa: ANN001, ANN002, ANN202
         gated = rest[4]
         return x.new_empty((rows[0] if gated else sum(rows),))
 
@@ -381,7 +395,7 @@ def nf4_matvec(
         list(weight.rows),
         weight.table,
         weight.pairs,
-        config.nf4_lookup == "nibble",
+        NF4_LOOKUPS[config.nf4_lookup],
         config.nf4_prefetch,
         norm_weight,
         bias,

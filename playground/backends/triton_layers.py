@@ -136,10 +136,15 @@ class Projection:
         return self.weight.table.device if isinstance(self.weight, NF4Weight) else self.weight.device
 
     def fits(self, config: MatvecConfig) -> bool:
-        """Whether `config` can run this matvec: an NF4 program's rows must lie in one part."""
+        """Whether `config` can run this matvec: an NF4 program's rows must lie in one part, and
+        the lookup in registers needs a GPU and bitsandbytes' own code book."""
         if config.block_k > 2 * self.columns:
             return False  # mostly masked columns
-        return not isinstance(self.weight, NF4Weight) or all(rows % config.block_n == 0 for rows in self.parts)
+        if not isinstance(self.weight, NF4Weight):
+            return True
+        if config.nf4_lookup == "registers" and not self.weight.registers_lookup_fits():
+            return False
+        return all(rows % config.block_n == 0 for rows in self.parts)
 
     def matvec(
         self,
@@ -358,14 +363,14 @@ def describe_choices(model: nn.Module) -> str:
         choices.append(f"each head's slots over {attention.splits} programs")
     first = _decoder_layers(model)[0]
     if isinstance(first, FusedDecoderLayer) and isinstance(first.projections["qkv"].weight, NF4Weight):
-        lookups = {name: configs[name].nf4_lookup for name in MATVECS}
-        by_byte = sorted(name for name, lookup in lookups.items() if lookup == "byte")
-        if len(by_byte) == len(lookups):
-            choices.append("NF4 values looked up a byte at a time")
-        elif by_byte:
-            choices.append(f"NF4 values looked up a nibble at a time, a byte at a time in {', '.join(by_byte)}")
+        ways = {"nibble": "a nibble at a time", "byte": "a byte at a time", "registers": "by byte permutes"}
+        groups = {way: sorted(name for name in MATVECS if configs[name].nf4_lookup == way) for way in ways}
+        groups = {way: names for way, names in groups.items() if names}
+        if len(groups) == 1:
+            choices.append(f"NF4 values looked up {ways[next(iter(groups))]}")
         else:
-            choices.append("NF4 values looked up a nibble at a time")
+            parts = [f"{ways[way]} in {', '.join(names)}" for way, names in groups.items()]
+            choices.append("NF4 values looked up " + "; ".join(parts))
         prefetched = sorted(name for name in MATVECS if configs[name].nf4_prefetch)
         if prefetched:
             choices.append(f"NF4 bytes read a step ahead in {', '.join(prefetched)}")
@@ -377,9 +382,10 @@ def describe_choices(model: nn.Module) -> str:
 def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecConfig:
     """The fastest launch shape that fits `layer`'s `name` matvec, timed on its `matvec_trial`
     (`_fastest`); off a GPU the first that fits. NF4 weights: the shapes are timed looking
-    values up a code at a time, then the fastest also a byte at a time, and each with the next
-    step's bytes prefetched (on the H200 the code at a time won on every 1.7B projection by
-    13-22%; timing both lookups for every shape doubled the load's tuning, 18 to 37 s)."""
+    values up a code at a time, then the fastest with each lookup, its bytes prefetched or not
+    (on the H200 the code at a time won on every 1.7B projection by 13-22%; timing both lookups
+    for every shape doubled the load's tuning, 18 to 37 s). Those variants do the same sums, so
+    one whose output differs from the first's in any bit is not taken."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
     if nf4:
@@ -394,9 +400,10 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecC
         variants = [
             dataclasses.replace(best, nf4_lookup=lookup, nf4_prefetch=prefetch)
             for prefetch in (False, True)
-            for lookup in ("nibble", "byte")
+            for lookup in ("nibble", "byte", "registers")
         ]
-        best = _fastest(variants, trial, best)
+        variants = [variant for variant in variants if projection.fits(variant)]
+        best = _fastest(variants, trial, best, agree_with=trial(best))
     return best
 
 
@@ -472,16 +479,29 @@ def _with_pdl_if_faster(
     return choices[_fastest(("plain", "pdl"), sequence, "plain")]
 
 
-def _fastest(candidates: Sequence[Any], run: Callable[[Any], torch.Tensor], default: Any) -> Any:
+def _fastest(
+    candidates: Sequence[Any],
+    run: Callable[[Any], torch.Tensor],
+    default: Any,
+    agree_with: torch.Tensor | None = None,
+) -> Any:
     """The candidate whose `run` replays fastest in a CUDA graph (a step replays one, so launch
-    cost counts as it will there); `default` if none runs."""
+    cost counts as it will there); `default` if none runs. `agree_with`: only candidates whose
+    output equals it bit for bit count (`agrees`)."""
     from triton.testing import do_bench_cudagraph
 
     timed = {}
     for candidate in candidates:
         try:
-            run(candidate)  # compiles it, outside the graph
+            if not agrees(run, candidate, agree_with):  # also compiles it, outside the graph
+                continue
             timed[candidate] = float(do_bench_cudagraph(functools.partial(run, candidate), rep=20))
         except Exception:  # a shape the compiler or the device refuses: not a candidate
             continue
     return min(timed, key=timed.__getitem__) if timed else default
+
+
+def agrees(run: Callable[[Any], torch.Tensor], candidate: Any, reference: torch.Tensor | None) -> bool:
+    """Whether `run(candidate)` gives `reference` bit for bit (True without a reference)."""
+    out = run(candidate)
+    return reference is None or torch.equal(out, reference)

@@ -11,6 +11,17 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from playground.backends import nf4_permute
+
+# How `nf4_values` finds a code's value (MatvecConfig.nf4_lookup): both of a byte's in a
+# 256-entry table of pairs, each code's in the 16-entry table, or byte permutes in registers
+# (bitsandbytes' code book only; not in Triton's interpreter, which runs no PTX).
+LOOKUP_BYTE: tl.constexpr = tl.constexpr(0)
+LOOKUP_NIBBLE: tl.constexpr = tl.constexpr(1)
+LOOKUP_REGISTERS: tl.constexpr = tl.constexpr(2)
+NF4_HIGH_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=True)))
+NF4_LOW_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=False)))
+
 
 @triton.jit
 def rms_rstd(x_ptr, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -163,13 +174,20 @@ def nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, ok, NESTED: tl.
 
 
 @triton.jit
-def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, BY_NIBBLE: tl.constexpr):
+def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP: tl.constexpr):
     """The two weights of each packed byte (the high nibble's, the even column, first), in fp32,
-    as bitsandbytes dequantizes them: table[code] * scale, rounded to the compute dtype.
-    BY_NIBBLE: each code's value from the 16-entry table (one cache line); else one load a byte:
-    `pairs_ptr` holds, per byte value, both codes' table values as fp32 bits (high nibble's in
-    the upper half)."""
-    if BY_NIBBLE:
+    as bitsandbytes dequantizes them: table[code] * scale, rounded to the compute dtype. LOOKUP
+    (see LOOKUP_BYTE): `pairs_ptr` holds, per byte value, both codes' table values as fp32 bits
+    (high nibble's in the upper half); `table_ptr` the 16 values; or `nf4_permute`'s PTX."""
+    if LOOKUP == LOOKUP_REGISTERS:
+        packed_bytes = packed.to(tl.uint8)
+        high = tl.inline_asm_elementwise(
+            NF4_HIGH_PTX, "=r,=r,=r,=r,r", [packed_bytes], dtype=tl.float32, is_pure=True, pack=4
+        )
+        low = tl.inline_asm_elementwise(
+            NF4_LOW_PTX, "=r,=r,=r,=r,r", [packed_bytes], dtype=tl.float32, is_pure=True, pack=4
+        )
+    elif LOOKUP == LOOKUP_NIBBLE:
         high = tl.load(table_ptr + (packed >> 4))
         low = tl.load(table_ptr + (packed & 15))
     else:
@@ -205,7 +223,7 @@ def nf4_tile(
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
     ALIGNED: tl.constexpr,
-    BY_NIBBLE: tl.constexpr,
+    LOOKUP: tl.constexpr,
 ):
     """The weights at columns 2*half and 2*half + 1 of rows `rows3` of one bitsandbytes NF4
     weight (`nf4_values`) from its `packed` bytes there (`nf4_bytes`), on a [rows, block
@@ -220,7 +238,7 @@ def nf4_tile(
         block = (byte * 2) // BLOCKSIZE
         scale_ok = ok
     scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
-    return nf4_values(packed, table_ptr, pairs_ptr, scale, dtype, BY_NIBBLE)
+    return nf4_values(packed, table_ptr, pairs_ptr, scale, dtype, LOOKUP)
 
 
 @triton.jit
@@ -264,7 +282,7 @@ def nf4_matvec_kernel(
     BLOCK_K: tl.constexpr,
     ALIGNED: tl.constexpr = False,
     TILE_BLOCKS: tl.constexpr = 1,
-    BY_NIBBLE: tl.constexpr = False,
+    LOOKUP: tl.constexpr = 0,
     PREFETCH: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
@@ -327,13 +345,13 @@ def nf4_matvec_kernel(
         block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
         high, low = nf4_tile(
             codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
-            dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, BY_NIBBLE,
+            dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
         )  # fmt: skip
         acc += high * even + low * odd
         if GATED:  # gate and up: both parts of N rows, so local rows are rows
             high, low = nf4_tile(
                 codes_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
-                block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, BY_NIBBLE,
+                block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
             )  # fmt: skip
             acc_up += high * even + low * odd
     total = tl.sum(tl.sum(acc, axis=2), axis=1)

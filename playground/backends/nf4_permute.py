@@ -1,0 +1,156 @@
+"""NF4 values looked up in registers: byte permutes (PTX `prmt`) that turn four packed bytes'
+codes into the code book's four fp32 values, with no memory access.
+
+A table lookup in a Triton kernel is a gather, and the compiler gives a gather a register layout
+of its own: the packed bytes then go through shared memory (and barriers) every loop step before
+they are looked up. An inline-asm function applies to each element where it lies, so the bytes
+stay where they were loaded.
+
+How: byte j of every code book value forms a 16-byte "plane" (four registers). `prmt` picks any
+four bytes out of two registers by 3-bit indices, so one `prmt` a half plane gives byte j of four
+values; a third picks each code's half by its top bit. Four planes, then a 4 x 4 byte transpose,
+give the four values. 28 integer instructions for four values.
+
+The program is data (`program`), rendered to PTX for the kernel (`ptx`) and run by `emulate`,
+which the tests check against the code book for every byte.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# bitsandbytes' NF4 code book (`bitsandbytes.functional.get_4bit_type("nf4")`), the 16 values a
+# code stands for, low code first.
+NF4_CODE_BOOK = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+Instruction = tuple[str, str, str | int, str | int, str | int]  # op, destination, operands
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def _planes(book: tuple[float, ...]) -> dict[str, int]:
+    """Byte j of every value, four values a register: `p{j}_{quarter}` holds codes 4q..4q+3."""
+    bits = [_bits(value) for value in book]
+    planes = {}
+    for j in range(4):
+        for quarter in range(4):
+            word = 0
+            for slot in range(4):
+                word |= ((bits[4 * quarter + slot] >> (8 * j)) & 0xFF) << (8 * slot)
+            planes[f"p{j}_{quarter}"] = word
+    return planes
+
+
+def program(high: bool, book: tuple[float, ...] = NF4_CODE_BOOK) -> list[Instruction]:
+    """The instructions from `in` (four packed bytes, byte k of element k) to `out0`..`out3`:
+    the fp32 bits of each byte's high (`high`) or low nibble's value in `book`."""
+    code: list[Instruction] = [("mov", name, value, 0, 0) for name, value in _planes(book).items()]
+    # the four codes as one nibble each, code k in bits 4k..4k+3
+    if high:
+        code += [("shr", "v", "in", 4, 0), ("and", "v", "v", 0x0F0F0F0F, 0)]
+    else:
+        code += [("and", "v", "in", 0x0F0F0F0F, 0)]
+    code += [
+        ("shr", "u", "v", 4, 0),
+        ("or", "u", "u", "v", 0),  # byte 0: code 0 | code 1 << 4; byte 2: code 2 | code 3 << 4
+        ("prmt", "s", "u", "u", 0x0020),
+        ("and", "low3", "s", 0x7777, 0),  # each code's index within its half of the book
+        ("and", "top", "s", 0x8888, 0),
+        ("shr", "top", "top", 1, 0),
+        ("or", "halves", "top", 0x3210, 0),  # byte k from the low half's result, or the high's
+    ]
+    for j in range(4):
+        code += [
+            ("prmt", "lo", f"p{j}_0", f"p{j}_1", "low3"),
+            ("prmt", "hi", f"p{j}_2", f"p{j}_3", "low3"),
+            ("prmt", f"r{j}", "lo", "hi", "halves"),  # byte k: byte j of code k's value
+        ]
+    code += [
+        ("prmt", "x01l", "r0", "r1", 0x5140),
+        ("prmt", "x01h", "r0", "r1", 0x7362),
+        ("prmt", "x23l", "r2", "r3", 0x5140),
+        ("prmt", "x23h", "r2", "r3", 0x7362),
+        ("prmt", "out0", "x01l", "x23l", 0x5410),
+        ("prmt", "out1", "x01l", "x23l", 0x7632),
+        ("prmt", "out2", "x01h", "x23h", 0x5410),
+        ("prmt", "out3", "x01h", "x23h", 0x7632),
+    ]
+    return code
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX `prmt.b32` in its default mode: output byte k is byte (selector nibble k & 7) of
+    b:a, or that byte's sign replicated when the nibble's bit 3 is set."""
+    pool = a | (b << 32)
+    out = 0
+    for k in range(4):
+        nibble = (selector >> (4 * k)) & 0xF
+        byte = (pool >> (8 * (nibble & 7))) & 0xFF
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * k)
+    return out
+
+
+def emulate(code: list[Instruction], packed: int) -> list[int]:
+    """Run `code` on the 32-bit word `packed`; the four outputs' bits."""
+    regs: dict[str, int] = {"in": packed}
+
+    def value(operand: str | int) -> int:
+        return operand if isinstance(operand, int) else regs[operand]
+
+    for op, dst, a, b, c in code:
+        if op == "mov":
+            regs[dst] = value(a)
+        elif op == "shr":
+            regs[dst] = value(a) >> value(b)
+        elif op == "and":
+            regs[dst] = value(a) & value(b)
+        elif op == "or":
+            regs[dst] = value(a) | value(b)
+        elif op == "prmt":
+            regs[dst] = _prmt(value(a), value(b), value(c))
+        else:
+            raise ValueError(op)
+        regs[dst] &= 0xFFFFFFFF
+    return [regs[f"out{k}"] for k in range(4)]
+
+
+def ptx(code: list[Instruction]) -> str:
+    """`code` as the body of a Triton `inline_asm_elementwise` call with four 32-bit outputs
+    ($0..$3) and one input ($4, four packed bytes)."""
+    names = sorted({dst for _, dst, *_ in code if not dst.startswith("out")})
+    operands = {name: f"%nf4_{name}" for name in names} | {f"out{k}": f"${k}" for k in range(4)} | {"in": "$4"}
+
+    def text(operand: str | int) -> str:
+        return f"0x{operand:X}" if isinstance(operand, int) else operands[operand]
+
+    lines = ["{", "  .reg .b32 " + ", ".join(operands[name] for name in names) + ";"]
+    for op, dst, a, b, c in code:
+        if op == "mov":
+            lines.append(f"  mov.b32 {text(dst)}, {text(a)};")
+        elif op == "prmt":
+            lines.append(f"  prmt.b32 {text(dst)}, {text(a)}, {text(b)}, {text(c)};")
+        else:
+            lines.append(f"  {op}.b32 {text(dst)}, {text(a)}, {text(b)};")
+    lines.append("}")
+    return "\n".join(lines)
