@@ -446,9 +446,7 @@ class Backend(ABC):
             raise LoadError(f"its draft variant {draft_id} {why}")
         return draft
 
-    def teacher_forced(
-        self, prompt_ids: list[int], answer_ids: list[int], top_k: int, keep_rows: bool
-    ) -> TeacherForced:
+    def teacher_forced(self, prompt_ids: list[int], answer_ids: list[int], top_k: int, keep_rows: bool) -> TeacherForced:
         """Score `answer_ids` after `prompt_ids` in one forward pass: each answer token's
         log-probability and the `top_k` most likely tokens at its position."""
         import numpy as np

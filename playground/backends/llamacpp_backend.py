@@ -142,9 +142,7 @@ class LlamaCppBackend(Backend):
         stored_type = gguf_file_type(stored)
         target = converted_type(choice, stored_type, on_gpu, llama_cpp.llama_print_system_info().decode())
         if target is None:
-            return stored, [
-                f"weights kept as stored ({stored_type}): convert_weights {choice} needs no conversion here"
-            ]
+            return stored, [f"weights kept as stored ({stored_type}): convert_weights {choice} needs no conversion here"]
         started = time.perf_counter()
         try:
             path, made = converted_gguf(stored, target, cache_dir() / "gguf-converted")
@@ -382,9 +380,7 @@ class LlamaCppBackend(Backend):
         """The draft variant beside this one, on the same device, checked to share its tokenizer."""
         draft_config = self._draft_variant()
         device = "cpu" if self.device == "cpu" else draft_config.device
-        return self._load_draft(
-            LlamaCppBackend(draft_config.model_copy(update={"device": device, "speculative": None}))
-        )
+        return self._load_draft(LlamaCppBackend(draft_config.model_copy(update={"device": device, "speculative": None})))
 
     def _speculative_tokens(
         self, prompt_ids: list[int], params: GenerationParams, should_stop: ShouldStop, stats: SpeculationStats

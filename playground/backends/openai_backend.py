@@ -50,6 +50,7 @@ class OpenAIBackend(Backend):
         self.prompt_logprobs = False
         self.prompt_logprobs_note = "not checked"
 
+
     def _redacted(self, text: str) -> str:
         """A server's words with our key taken out: some echo the Authorization header back."""
         key = self.endpoint.api_key()
@@ -146,16 +147,10 @@ class OpenAIBackend(Backend):
                 generated = self._completion(probe, echo=False)
                 tokens, values = generated.get("tokens") or [], generated.get("token_logprobs") or []
                 if not tokens or not values or values[0] is None:
-                    return (
-                        False,
-                        "the server gives no log-probabilities: scoring, routing by scores and perplexity are off",
-                    )
+                    return False, "the server gives no log-probabilities: scoring, routing by scores and perplexity are off"
                 entries = self._prompt_entries(probe + str(tokens[0]))
             except GenerationError as err:
-                return (
-                    False,
-                    f"the server's log-probabilities could not be read ({err}): scoring and perplexity are off",
-                )
+                return False, f"the server's log-probabilities could not be read ({err}): scoring and perplexity are off"
             if not entries or entries[-1].logprob is None:
                 return False, "the server gives no prompt log-probabilities (echo): scoring and perplexity are off"
             last, expected = entries[-1], float(values[0])
@@ -166,14 +161,8 @@ class OpenAIBackend(Backend):
                     f"the server's prompt log-probabilities failed a self-check (a token it generated at "
                     f"{expected:.3f} came back at {last.logprob:.3f} when echoed): scoring and perplexity are off"
                 )
-            return (
-                True,
-                "the server's prompt log-probabilities passed a self-check: scoring and perplexity run through it",
-            )
-        return (
-            False,
-            "the server's prompt log-probabilities could not be checked (it split every probe otherwise): scoring is off",
-        )
+            return True, "the server's prompt log-probabilities passed a self-check: scoring and perplexity run through it"
+        return False, "the server's prompt log-probabilities could not be checked (it split every probe otherwise): scoring is off"
 
     def _need_prompt_logprobs(self, what: str) -> None:
         if not self.prompt_logprobs:

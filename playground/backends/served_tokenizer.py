@@ -44,11 +44,7 @@ class ServedTokenizer:
         if template:
 
             def text(token: int) -> str:
-                return (
-                    self._llama.detokenize([token], special=True).decode("utf-8", errors="replace")
-                    if token >= 0
-                    else ""
-                )
+                return self._llama.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
             self._chat = Jinja2ChatFormatter(
                 template=template, eos_token=text(self._llama.token_eos()), bos_token=text(self._llama.token_bos())
