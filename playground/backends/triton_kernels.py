@@ -32,8 +32,8 @@ class MatvecConfig:
     load from a 256-entry table (2 KB); "nibble" reads each code's value from the 16-entry table,
     two loads a byte, but all of a warp's loads fall in one cache line; "registers" finds them
     by byte permutes, no loads and no change of layout (`nf4_permute`; GPU only, and only for
-    bitsandbytes' own NF4 code book). `nf4_prefetch`: each loop
-    step loads the next step's packed bytes before decoding its own."""
+    bitsandbytes' own NF4 code book). `nf4_prefetch`: each loop step loads the next step's
+    packed bytes before decoding its own."""
 
     block_n: int
     block_k: int
