@@ -117,6 +117,8 @@ def _dequantized(linear) -> torch.Tensor:
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="nibble")),
         (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_prefetch=True)),
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="nibble", nf4_prefetch=True)),
+        (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_lookup="registers", nf4_prefetch=True)),
+        (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="registers")),
     ],
     ids=[
         "blocks-straddle-rows",
@@ -125,6 +127,8 @@ def _dequantized(linear) -> torch.Tensor:
         "whole-blocks-by-nibble",
         "blocks-straddle-rows-prefetched",
         "whole-blocks-by-nibble-prefetched",
+        "blocks-straddle-rows-registers-prefetched",
+        "whole-blocks-registers",
     ],
 )
 def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
@@ -132,7 +136,9 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
     against bitsandbytes' own dequantization. 100 columns: 64-value blocks straddle rows, and
     each byte finds its scale. 192: blocks lie in rows and a tile holds two whole blocks (the
     last tile one, and one masked), one scale load a block. Each with both table lookups: a
-    byte's two values at once, or a code's at a time; and with the next step's bytes read ahead."""
+    byte's two values at once, or a code's at a time; and with the next step's bytes read ahead.
+    The register lookup's kernel too (its loads shaped to keep the tile's layout), with the
+    16-entry table in the permutes' place: the interpreter runs no PTX."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(columns, generator=generator).to(dtype)
     norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(dtype))
@@ -315,8 +321,10 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
         for name in ("gate_up", "down"):
             configs[name] = dataclasses.replace(configs[name], nf4_lookup="byte")
         configs["qkv"] = dataclasses.replace(configs["qkv"], nf4_prefetch=True)
+        configs["o"] = dataclasses.replace(configs["o"], nf4_lookup="registers")  # the 16 values here
         choices = triton_layers.describe_choices(model)
-        assert "NF4 values looked up a nibble at a time in o, qkv; a byte at a time in down, gate_up" in choices
+        lookups = "a nibble at a time in qkv; a byte at a time in down, gate_up; by byte permutes in o"
+        assert f"NF4 values looked up {lookups}" in choices
         assert "NF4 bytes read a step ahead in qkv" in choices
     elif weights == "nf4":
         assert "NF4 values looked up a nibble at a time" in triton_layers.describe_choices(model)

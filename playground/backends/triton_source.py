@@ -7,6 +7,8 @@ epilogue (`finish`: bias, SiLU(gate) * up, residual add) and bitsandbytes' NF4 d
 dtype (the output's) wherever the eager code would hold it in that dtype.
 """
 
+import os
+
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -19,6 +21,9 @@ from playground.backends import nf4_permute
 LOOKUP_BYTE: tl.constexpr = tl.constexpr(0)
 LOOKUP_NIBBLE: tl.constexpr = tl.constexpr(1)
 LOOKUP_REGISTERS: tl.constexpr = tl.constexpr(2)
+# Triton's interpreter (the CPU tests) runs the register lookup's kernel with the 16-entry table
+# in its place; the permutes themselves are checked by `nf4_permute.emulate`.
+INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 NF4_HIGH_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=True)))
 NF4_LOW_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=False)))
 
@@ -179,7 +184,10 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP:
     as bitsandbytes dequantizes them: table[code] * scale, rounded to the compute dtype. LOOKUP
     (see LOOKUP_BYTE): `pairs_ptr` holds, per byte value, both codes' table values as fp32 bits
     (high nibble's in the upper half); `table_ptr` the 16 values; or `nf4_permute`'s PTX."""
-    if LOOKUP == LOOKUP_REGISTERS:
+    if LOOKUP == LOOKUP_REGISTERS and INTERPRETED:  # no PTX here: the 16 values instead
+        high = tl.load(table_ptr + (packed >> 4))
+        low = tl.load(table_ptr + (packed & 15))
+    elif LOOKUP == LOOKUP_REGISTERS:
         packed_bytes = packed.to(tl.uint8)
         high = tl.inline_asm_elementwise(
             NF4_HIGH_PTX, "=r,=r,=r,=r,r", [packed_bytes], dtype=tl.float32, is_pure=True, pack=4
@@ -231,13 +239,23 @@ def nf4_tile(
     the tile, as in every real model): one scale load per row and block (`block_ok`), broadcast
     over its bytes; else each byte finds its own block's scale (blocks may straddle rows)."""
     byte = rows3 * (K // 2) + half
-    if ALIGNED:
-        block = rows3 * (K // BLOCKSIZE) + block_col
-        scale_ok = block_ok
+    if ALIGNED and LOOKUP == LOOKUP_REGISTERS:
+        # Loaded as [rows, blocks] and broadcast over the bytes: then the compiler keeps the
+        # decoding in the packed bytes' layout (a [rows, blocks, 1] load gets a layout of its
+        # own, and the whole tile was moved into it through shared memory).
+        shape: tl.constexpr = (rows3.shape[0], block_col.shape[1])
+        block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
+        scale_ok = tl.reshape(block_ok, shape)
+        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
+        scale = scale[:, :, None]
     else:
-        block = (byte * 2) // BLOCKSIZE
-        scale_ok = ok
-    scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
+        if ALIGNED:
+            block = rows3 * (K // BLOCKSIZE) + block_col
+            scale_ok = block_ok
+        else:
+            block = (byte * 2) // BLOCKSIZE
+            scale_ok = ok
+        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
     return nf4_values(packed, table_ptr, pairs_ptr, scale, dtype, LOOKUP)
 
 
@@ -340,8 +358,16 @@ def nf4_matvec_kernel(
             codes_up = codes
             if GATED:
                 codes_up = nf4_bytes(packed1, rows3, half, ok, K)
-        even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
-        odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
+        if LOOKUP == LOOKUP_REGISTERS:
+            # x as a [blocks, bytes] load broadcast over the rows, for the reason the scales are
+            # (`nf4_tile`): only these small tiles change layout, not the weights'
+            half2 = tl.reshape(half, (half.shape[1], half.shape[2]))
+            half2_ok = half2 < K // 2
+            even = matmul_input(x_ptr, norm_ptr, 2 * half2, half2_ok, rstd, HAS_NORM)[None, :, :]
+            odd = matmul_input(x_ptr, norm_ptr, 2 * half2 + 1, half2_ok, rstd, HAS_NORM)[None, :, :]
+        else:
+            even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
+            odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
         block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
         high, low = nf4_tile(
             codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
