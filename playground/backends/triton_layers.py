@@ -384,8 +384,8 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecC
     (`_fastest`); off a GPU the first that fits. NF4 weights: the shapes are timed looking
     values up a code at a time, then the fastest with each lookup, its bytes prefetched or not
     (on the H200 the code at a time won on every 1.7B projection by 13-22%; timing both lookups
-    for every shape doubled the load's tuning, 18 to 37 s). Those variants do the same sums, so
-    one whose output differs from the first's in any bit is not taken."""
+    for every shape doubled the load's tuning, 18 to 37 s). Those variants compute the same
+    values, so one whose output differs from the first's beyond rounding is not taken."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
     if nf4:
@@ -487,7 +487,7 @@ def _fastest(
 ) -> Any:
     """The candidate whose `run` replays fastest in a CUDA graph (a step replays one, so launch
     cost counts as it will there); `default` if none runs. `agree_with`: only candidates whose
-    output equals it bit for bit count (`agrees`)."""
+    output agrees with it count (`agrees`)."""
     from triton.testing import do_bench_cudagraph
 
     timed = {}
@@ -502,6 +502,14 @@ def _fastest(
 
 
 def agrees(run: Callable[[Any], torch.Tensor], candidate: Any, reference: torch.Tensor | None) -> bool:
-    """Whether `run(candidate)` gives `reference` bit for bit (True without a reference)."""
+    """Whether `run(candidate)` gives `reference` up to rounding (torch.testing's tolerances for
+    the dtype: the register lookup's tile has another layout, so its sums run in another order);
+    True without a reference."""
     out = run(candidate)
-    return reference is None or torch.equal(out, reference)
+    if reference is None:
+        return True
+    try:
+        torch.testing.assert_close(out, reference)
+    except AssertionError:
+        return False
+    return True
