@@ -3,8 +3,9 @@ the rest of the app runs without Triton, and after the tests have switched on it
 
 Shared pieces are `@triton.jit` helpers: the RMSNorm prologue (`rms_rstd`, `matmul_input`), the
 epilogue (`finish`: bias, SiLU(gate) * up, residual add) and bitsandbytes' NF4 dequantization
-(`nf4_bytes`, `nf4_tile`). Every rounding follows the model's eager code: a value is rounded to the model's
-dtype (the output's) wherever the eager code would hold it in that dtype.
+(`nf4_bytes`, `nf4_tile`, `nf4_values`). Every rounding follows the model's eager code: a value
+is rounded to the model's dtype (the output's) wherever the eager code would hold it in that
+dtype.
 """
 
 import os
