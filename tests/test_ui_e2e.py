@@ -340,9 +340,14 @@ def test_a_session_exports_every_turn_loads_back_and_a_link_preselects(page, tmp
     wait_text(page.locator("#panel-0-chat"), r"lighthouse keeper\.[\s\S]+\w", 60)
     page.locator("#panel-0-stop").click()
     wait_text(page.locator("#panel-0-metrics"), "finish: cancelled", 20)
-    page.locator("#export").click()
     link = page.locator('#export-json a[download="comparison.json"]')
-    link.wait_for(timeout=20_000)
+    # an earlier test's export may still be on the page: wait for this one's link
+    earlier = link.get_attribute("href") if link.count() else None
+    page.locator("#export").click()
+    if earlier is None:
+        link.wait_for(timeout=20_000)
+    else:
+        expect(link).not_to_have_attribute("href", earlier, timeout=20_000)
     saved = httpx.get(link.get_attribute("href"), timeout=10).text
     turns = json.loads(saved)["panels"][0]["turns"]
     assert [t["prompt"] for t in turns] == ["Say hi.", "Write a long story about a lighthouse keeper."]
