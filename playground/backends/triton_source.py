@@ -185,10 +185,7 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP:
     as bitsandbytes dequantizes them: table[code] * scale, rounded to the compute dtype. LOOKUP
     (see LOOKUP_BYTE): `pairs_ptr` holds, per byte value, both codes' table values as fp32 bits
     (high nibble's in the upper half); `table_ptr` the 16 values; or `nf4_permute`'s PTX."""
-    if LOOKUP == LOOKUP_REGISTERS and INTERPRETED:  # no PTX here: the 16 values instead
-        high = tl.load(table_ptr + (packed >> 4))
-        low = tl.load(table_ptr + (packed & 15))
-    elif LOOKUP == LOOKUP_REGISTERS:
+    if LOOKUP == LOOKUP_REGISTERS and not INTERPRETED:
         packed_bytes = packed.to(tl.uint8)
         high = tl.inline_asm_elementwise(
             NF4_HIGH_PTX, "=r,=r,=r,=r,r", [packed_bytes], dtype=tl.float32, is_pure=True, pack=4
@@ -196,13 +193,13 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP:
         low = tl.inline_asm_elementwise(
             NF4_LOW_PTX, "=r,=r,=r,=r,r", [packed_bytes], dtype=tl.float32, is_pure=True, pack=4
         )
-    elif LOOKUP == LOOKUP_NIBBLE:
-        high = tl.load(table_ptr + (packed >> 4))
-        low = tl.load(table_ptr + (packed & 15))
-    else:
+    elif LOOKUP == LOOKUP_BYTE:
         pair = tl.load(pairs_ptr + packed)
         high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    else:  # LOOKUP_NIBBLE, and the register lookup in the interpreter (no PTX there)
+        high = tl.load(table_ptr + (packed >> 4))
+        low = tl.load(table_ptr + (packed & 15))
     return (high * scale).to(dtype).to(tl.float32), (low * scale).to(dtype).to(tl.float32)
 
 
@@ -336,13 +333,14 @@ def nf4_matvec_kernel(
     inner = tl.arange(0, BLOCK_K // (2 * TILE_BLOCKS))[None, None, :]
     acc = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.float32)
     acc_up = acc
-    first_half = blocks * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
     ahead = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.int32)
     ahead_up = ahead
     if PREFETCH:  # the first step's bytes
-        ahead = nf4_bytes(packed, rows3, first_half, row_ok3 & (first_half < K // 2), K)
+        first_half = blocks * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
+        first_ok = row_ok3 & (first_half < K // 2)
+        ahead = nf4_bytes(packed, rows3, first_half, first_ok, K)
         if GATED:
-            ahead_up = nf4_bytes(packed1, rows3, first_half, row_ok3 & (first_half < K // 2), K)
+            ahead_up = nf4_bytes(packed1, rows3, first_half, first_ok, K)
     for start in range(0, K // 2, BLOCK_K // 2):
         block_col = start // (BLOCK_K // (2 * TILE_BLOCKS)) + blocks
         half = block_col * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
@@ -350,10 +348,11 @@ def nf4_matvec_kernel(
         ok = row_ok3 & half_ok
         if PREFETCH:
             codes, codes_up = ahead, ahead_up
-            next_ok = row_ok3 & (half + BLOCK_K // 2 < K // 2)
-            ahead = nf4_bytes(packed, rows3, half + BLOCK_K // 2, next_ok, K)
+            next_half = half + BLOCK_K // 2
+            next_ok = row_ok3 & (next_half < K // 2)
+            ahead = nf4_bytes(packed, rows3, next_half, next_ok, K)
             if GATED:
-                ahead_up = nf4_bytes(packed1, rows3, half + BLOCK_K // 2, next_ok, K)
+                ahead_up = nf4_bytes(packed1, rows3, next_half, next_ok, K)
         else:
             codes = nf4_bytes(packed, rows3, half, ok, K)
             codes_up = codes
