@@ -213,6 +213,14 @@ def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
     wrong = dataclasses.replace(weight, table=weight.table.flip(0).contiguous())
     assert not triton_layers.agrees(lambda config: nf4_matvec(x, wrong, config), shape, reference)
     assert not weight.registers_lookup_fits()  # a CPU: the interpreter runs no PTX
+    # what the picker times at a winning shape: here without the register lookup
+    variants = triton_layers.nf4_variants(shape, triton_layers.Projection(weight, None, weight.rows))
+    assert [(v.nf4_lookup, v.nf4_prefetch) for v in variants] == [
+        ("nibble", False),
+        ("byte", False),
+        ("nibble", True),
+        ("byte", True),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -114,7 +114,7 @@ def matvec_times(model) -> dict:
     from triton.testing import do_bench_cudagraph
 
     from playground.backends.triton_kernels import NF4Weight
-    from playground.backends.triton_layers import MATVECS, agrees, matvec_trial
+    from playground.backends.triton_layers import MATVECS, agrees, matvec_trial, nf4_variants
 
     layer = model.model.layers[0]
     out = {}
@@ -129,14 +129,10 @@ def matvec_times(model) -> dict:
             # choice bought
             variants_us, variants_agree = {}, {}
             reference = trial(config)
-            for lookup in ("nibble", "byte", "registers"):
-                for prefetch in (False, True):
-                    variant = dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch)
-                    if not projection.fits(variant):
-                        continue
-                    label = lookup + (", prefetched" if prefetch else "")
-                    variants_agree[label] = agrees(trial, variant, reference)
-                    variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000
+            for variant in nf4_variants(config, projection):
+                label = variant.nf4_lookup + (", prefetched" if variant.nf4_prefetch else "")
+                variants_agree[label] = agrees(trial, variant, reference)
+                variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000
             out[f"matvec_{name}"] = {
                 "parts": list(weight.rows),
                 "config": [config.block_n, config.block_k, config.num_warps, config.pdl],

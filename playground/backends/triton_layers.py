@@ -397,14 +397,19 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecC
     trial = matvec_trial(layer, name, projection)
     best = _fastest(candidates, trial, candidates[0])
     if nf4:  # the first stays on a tie
-        variants = [
-            dataclasses.replace(best, nf4_lookup=lookup, nf4_prefetch=prefetch)
-            for prefetch in (False, True)
-            for lookup in ("nibble", "byte", "registers")
-        ]
-        variants = [variant for variant in variants if projection.fits(variant)]
-        best = _fastest(variants, trial, best, agree_with=trial(best))
+        best = _fastest(nf4_variants(best, projection), trial, best, agree_with=trial(best))
     return best
+
+
+def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecConfig]:
+    """`config`'s launch shape with each NF4 lookup, its bytes prefetched or not, where they fit
+    `projection`: the 16-entry lookup unprefetched first."""
+    variants = [
+        dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch)
+        for prefetch in (False, True)
+        for lookup in ("nibble", "byte", "registers")
+    ]
+    return [variant for variant in variants if projection.fits(variant)]
 
 
 def attention_trial(
