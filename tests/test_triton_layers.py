@@ -367,6 +367,31 @@ def test_a_compiled_step_over_the_fused_layers_decodes_the_tokens_of_generate(qw
     assert triton_layers.describe_choices(model) == "each head's slots over 4 programs"
 
 
+def test_the_pickers_trials_read_every_layer_s_own_weights_and_cache(llama_folder):
+    """What the launch-shape pickers time: a matvec over each layer's own weight in turn, and
+    attention over one cache per layer, as a step reads them (one weight or cache timed alone
+    stays in L2 and flatters the shapes that read it). The trial returns the last layer's output."""
+    model = _fused_model(llama_folder)
+    remove_fused_layers(model)
+    layers = model.model.layers
+    assert len(layers) > 1
+    config = MatvecConfig(block_n=8, block_k=32, num_warps=4)
+    outputs = {}
+    for label, chosen in {"all": layers, "last": layers[-1:], "first": layers[:1]}.items():
+        torch.manual_seed(0)  # the same random input each time
+        outputs[label] = triton_layers.matvec_trial(chosen, "gate_up")(config)
+    torch.testing.assert_close(outputs["all"], outputs["last"], atol=0, rtol=0)
+    assert not torch.equal(outputs["all"], outputs["first"])
+
+    counters = attention_counters(model.config.num_attention_heads, "cpu")
+    run = triton_layers.attention_trial(model, (5,), counters, caches=3)
+    shape = AttentionConfig(4, 4, splits=2)
+    every = run(shape)  # each cache in turn: the last one's output
+    torch.testing.assert_close(every, run(shape, 2), atol=0, rtol=0)
+    assert not torch.equal(every, run(shape, 0))
+    assert not counters.any()
+
+
 def test_multi_token_passes_and_removal_give_the_model_s_own_layers(llama_folder):
     model = _fused_model(llama_folder)
     ids = torch.tensor([[3, 14, 15, 9, 26, 5]])

@@ -107,22 +107,26 @@ def prefill_ms(decoder) -> dict:
 
 
 def matvec_times(model) -> dict:
-    """Per projection of the first layer: the fused matvec (its picked launch shape, on the
-    picker's own trial call) and cuBLAS's plain matmul of the same weight, each timed in CUDA
-    graphs, with the weight's read rate."""
+    """Per projection: the fused matvec (its picked launch shape, on the picker's own trial
+    call: every layer's weight in turn, so they come from memory as in a step) and cuBLAS's
+    plain matmul of the same weights, each timed in CUDA graphs, per layer, with the weight's read
+    rate."""
     import torch
     from triton.testing import do_bench_cudagraph
 
     from playground.backends.triton_kernels import NF4Weight
     from playground.backends.triton_layers import MATVECS, agrees, matvec_trial, nf4_variants
 
-    layer = model.model.layers[0]
+    fused_layers = list(model.model.layers)
+    layers = [fused.layer for fused in fused_layers]
+    count = len(layers)
+    layer = fused_layers[0]
     out = {}
     for name in MATVECS:
         projection, config = layer.projections[name], layer.configs[name]
         weight = projection.weight
-        trial = matvec_trial(layer.layer, name, projection)
-        fused_ms = do_bench_cudagraph(functools.partial(trial, config))
+        trial = matvec_trial(layers, name)
+        fused_ms = do_bench_cudagraph(functools.partial(trial, config)) / count
         if isinstance(weight, NF4Weight):  # bytes read: codes and block scales; no cuBLAS matmul
             size = sum(t.numel() * t.element_size() for t in (*weight.packed, *weight.absmax))
             # the same launch shape with each lookup, bytes prefetched or not: what the picker's
@@ -132,7 +136,7 @@ def matvec_times(model) -> dict:
             for variant in nf4_variants(config, projection):
                 label = variant.nf4_lookup + (", prefetched" if variant.nf4_prefetch else "")
                 variants_agree[label] = agrees(trial, variant, reference)
-                variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000
+                variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
             out[f"matvec_{name}"] = {
                 "parts": list(weight.rows),
                 "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
@@ -145,7 +149,13 @@ def matvec_times(model) -> dict:
             }
             continue
         x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device="cuda")
-        cublas_ms = do_bench_cudagraph(functools.partial(torch.nn.functional.linear, x, weight))
+        weights = [fused.projections[name].weight for fused in fused_layers]
+
+        def cublas(x=x, weights=weights) -> None:
+            for each in weights:
+                torch.nn.functional.linear(x, each)
+
+        cublas_ms = do_bench_cudagraph(cublas) / count
         size = weight.numel() * weight.element_size()
         out[f"matvec_{name}"] = {
             "shape": list(weight.shape),
@@ -216,9 +226,9 @@ def layer_kernel_times(sequence: list[tuple[str, float]]) -> dict[str, list[floa
 
 
 def in_place_layer_times(decoder, replays: int = 8) -> dict:
-    """Per role of a layer, the mean time of its kernel inside the replayed graph (the weights
-    come from memory, as in a real step, unlike `matvec_times`' repeated single kernel) and the
-    read rate that gives; from CUPTI's per-kernel records."""
+    """Per role of a layer, the mean time of its kernel inside the replayed graph (after the
+    layer's other kernels, as in a real step, where `matvec_times` runs one role's kernels back
+    to back) and the read rate that gives; from CUPTI's per-kernel records."""
     import torch
     from torch.autograd import DeviceType
 

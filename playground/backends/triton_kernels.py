@@ -45,9 +45,15 @@ class MatvecConfig:
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
 # Candidates timed per weight shape. Small row blocks give more programs (a 2048-row weight must
-# spread over 132 multiprocessors), large column blocks more bytes in flight per program.
+# spread over 132 multiprocessors), large column blocks more bytes in flight per program (weights
+# read from memory, as in a step, want more in flight than those timed from L2 did).
 CANDIDATE_CONFIGS = (
     MatvecConfig(2, 1024, 4),
+    MatvecConfig(2, 2048, 4),
+    MatvecConfig(2, 2048, 8),
+    MatvecConfig(4, 1024, 4),
+    MatvecConfig(4, 1024, 8),
+    MatvecConfig(8, 1024, 8),
     MatvecConfig(4, 256, 4),
     MatvecConfig(4, 512, 4),
     MatvecConfig(8, 256, 4),

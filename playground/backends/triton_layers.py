@@ -310,27 +310,39 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     `pdl`: False leaves programmatic dependent launch out of the choice; else a layer's kernels
     all take it or none does, whichever runs a layer's sequence faster."""
     layers = _decoder_layers(model)
-    first, projections = layers[0], layer_projections(layers[0])
-    configs: dict[str, Any] = {name: _pick_config(first, name, projections[name]) for name in MATVECS}
+    projections = layer_projections(layers[0])
+    configs: dict[str, Any] = {name: _pick_config(layers, name, projections[name]) for name in MATVECS}
     configs["attention"] = _pick_attention_config(model) if triton_attention else None
     if pdl and projections["qkv"].device.type == "cuda":
-        configs = _with_pdl_if_faster(model, first, projections, configs)
+        configs = _with_pdl_if_faster(model, layers, configs)
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
     return len(layers)
 
 
-def matvec_trial(layer: nn.Module, name: str, projection: Projection) -> Callable[[MatvecConfig], torch.Tensor]:
-    """`layer`'s `name` matvec (MATVECS) on a random input, and a zero residual where the layer
-    adds one, as a call of the launch shape: what the launch-shape picker times."""
+def matvec_trial(layers: Sequence[nn.Module], name: str) -> Callable[[MatvecConfig], torch.Tensor]:
+    """The `name` matvec (MATVECS) of each of `layers` in turn, on one random input, and a zero
+    residual where the layer adds one, as a call of the launch shape: what the launch-shape
+    picker times. Every layer reads its own weight, as a step does: one weight called again and
+    again sits in the GPU's L2 cache (50 MB on the H200), and a shape timed so was picked for a
+    read rate from L2 that a step never sees (the 1.7B's down projection ran at 4.6 TB/s in such a
+    trial and at 2.9 TB/s inside the step). Returns the last layer's output."""
+    projections = [layer_projections(layer)[name] for layer in layers]
     norm_name, gated = MATVECS[name]
-    norm = getattr(layer, norm_name) if norm_name else None
-    device, dtype = projection.device, projection.dtype
-    x = torch.randn(projection.columns, dtype=dtype, device=device)
-    rows = projection.parts[0] if gated else sum(projection.parts)
-    residual = None if norm is not None or gated else torch.zeros(rows, dtype=dtype, device=device)
-    return lambda config: projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
+    first = projections[0]
+    device, dtype = first.device, first.dtype
+    x = torch.randn(first.columns, dtype=dtype, device=device)
+    rows = first.parts[0] if gated else sum(first.parts)
+    residual = None if norm_name or gated else torch.zeros(rows, dtype=dtype, device=device)
+    norms = [getattr(layer, norm_name) if norm_name else None for layer in layers]
+
+    def run(config: MatvecConfig) -> torch.Tensor:
+        for projection, norm in zip(projections, norms, strict=True):
+            out = projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
+        return out
+
+    return run
 
 
 def remove_fused_layers(model: nn.Module) -> None:
@@ -379,13 +391,14 @@ def describe_choices(model: nn.Module) -> str:
     return ", ".join(choices)
 
 
-def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecConfig:
-    """The fastest launch shape that fits `layer`'s `name` matvec, timed on its `matvec_trial`
-    (`_fastest`); off a GPU the first that fits. NF4 weights: the shapes are timed looking
-    values up a code at a time, then the fastest with each lookup, its bytes prefetched or not
-    (on the H200 the code at a time won on every 1.7B projection by 13-22%; timing both lookups
-    for every shape doubled the load's tuning, 18 to 37 s). Those variants compute the same
-    values, so one whose output differs from the first's beyond rounding is not taken."""
+def _pick_config(layers: Sequence[nn.Module], name: str, projection: Projection) -> MatvecConfig:
+    """The fastest launch shape that fits the `name` matvec (`projection`: the first layer's),
+    timed on its `matvec_trial` over all `layers` (`_fastest`); off a GPU the first that fits.
+    NF4 weights: the shapes are timed looking values up a code at a time, then the fastest with
+    each lookup, its bytes prefetched or not (on the H200 the code at a time won on every 1.7B
+    projection by 13-22%; timing both lookups for every shape doubled the load's tuning, 18 to
+    37 s). Those variants compute the same values, so one whose output differs from the first's
+    beyond rounding is not taken."""
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
     if nf4:
@@ -394,7 +407,7 @@ def _pick_config(layer: nn.Module, name: str, projection: Projection) -> MatvecC
         raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
     if projection.device.type != "cuda":
         return candidates[0]
-    trial = matvec_trial(layer, name, projection)
+    trial = matvec_trial(layers, name)
     best = _fastest(candidates, trial, candidates[0])
     if nf4:  # the first stays on a tie
         best = _fastest(nf4_variants(best, projection), trial, best, agree_with=trial(best))
@@ -413,12 +426,17 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
 
 
 def attention_trial(
-    model: nn.Module, positions: Sequence[int] = (256, 2048), counters: torch.Tensor | None = None
+    model: nn.Module,
+    positions: Sequence[int] = (256, 2048),
+    counters: torch.Tensor | None = None,
+    caches: int = 1,
 ) -> Callable[[AttentionConfig], torch.Tensor]:
     """The attention kernel as a call of its launch shape, one step at each of `positions` of a
     cache shaped as this model's (random values), so a short reply and a long one both count:
     what the pickers time. Returns the last step's output; `counters`: the split shares' own
-    (`attention_counters`), for a caller that checks them."""
+    (`attention_counters`), for a caller that checks them. `caches`: that many caches, each
+    attended in turn, as a step's layers each read their own from memory (one alone stays in
+    L2); fewer where they would take over `TRIAL_CACHE_BYTES`."""
     from types import SimpleNamespace
 
     parameter = next(model.parameters())
@@ -429,22 +447,34 @@ def attention_trial(
     capacity = max(positions) + 1
     qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     angles = (torch.ones(1, 1, head_dim, device=device, dtype=dtype),) * 2
-    cache = SimpleNamespace(
-        keys=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
-        values=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
-        cumulative_length=torch.zeros((), dtype=torch.long, device=device),
-    )
+    cache_bytes = 2 * kv_heads * capacity * head_dim * dtype.itemsize
+    caches = max(1, min(caches, TRIAL_CACHE_BYTES // cache_bytes))
+    made = [
+        SimpleNamespace(
+            keys=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
+            values=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
+            cumulative_length=torch.zeros((), dtype=torch.long, device=device),
+        )
+        for _ in range(caches)
+    ]
     wheres = [torch.tensor([position], device=device) for position in positions]
     counters = attention_counters(q_heads, device) if counters is None else counters
 
-    def run(candidate: AttentionConfig) -> torch.Tensor:
+    def run(candidate: AttentionConfig, cache_index: int | None = None) -> torch.Tensor:
+        """Every cache in turn, or only the `cache_index`th (modulo their number)."""
+        chosen = made if cache_index is None else [made[cache_index % len(made)]]
         outs = [
             decode_attention(qkv, angles, cache, where, q_heads, head_dim**-0.5, counters, candidate)
             for where in wheres
+            for cache in chosen
         ]
         return outs[-1]
 
     return run
+
+
+# The most memory the attention trial's caches take (a 1.7B's 24 caches of 2049 slots: 400 MB).
+TRIAL_CACHE_BYTES = 512 * 1024 * 1024
 
 
 def _pick_attention_config(model: nn.Module) -> AttentionConfig:
@@ -452,33 +482,41 @@ def _pick_attention_config(model: nn.Module) -> AttentionConfig:
     the default off a GPU."""
     if next(model.parameters()).device.type != "cuda":
         return DEFAULT_ATTENTION
-    return _fastest(ATTENTION_CANDIDATES, attention_trial(model), DEFAULT_ATTENTION)
+    caches = len(_decoder_layers(model))
+    return _fastest(ATTENTION_CANDIDATES, attention_trial(model, caches=caches), DEFAULT_ATTENTION)
 
 
-def _with_pdl_if_faster(
-    model: nn.Module, layer: nn.Module, projections: dict[str, Projection], configs: dict[str, Any]
-) -> dict[str, Any]:
-    """`configs` with programmatic dependent launch on every kernel, if a layer's sequence of
-    kernels (q/k/v, attention, o, gate/up, down) replays faster so; else as they are. All or
-    none: a kernel starts under the tail of the one before only when that one is a PDL launch
-    too, so timing each kernel alone, repeated, misjudges it (on the H200 that kept PDL for
-    gate/up alone, and the step did not move)."""
-    trials = {name: matvec_trial(layer, name, projections[name]) for name in MATVECS}
-    attention_run = attention_trial(model) if configs["attention"] is not None else None
+def _with_pdl_if_faster(model: nn.Module, layers: Sequence[nn.Module], configs: dict[str, Any]) -> dict[str, Any]:
+    """`configs` with programmatic dependent launch on every kernel, if the layers' sequence of
+    kernels (q/k/v, attention, o, gate/up, down, layer after layer, each its own weights) replays
+    faster so; else as they are. All or none: a kernel starts under the tail of the one before
+    only when that one is a PDL launch too, so timing each kernel alone, repeated, misjudges it
+    (on the H200 that kept PDL for gate/up alone, and the step did not move)."""
+    projections = [layer_projections(layer) for layer in layers]
+    inputs = {}
+    for name, (norm_name, gated) in MATVECS.items():
+        first = projections[0][name]
+        rows = first.parts[0] if gated else sum(first.parts)
+        x = torch.randn(first.columns, dtype=first.dtype, device=first.device)
+        residual = None if norm_name or gated else torch.zeros(rows, dtype=first.dtype, device=first.device)
+        inputs[name] = (x, residual)
+    attention_run = attention_trial(model, (256,), caches=len(layers)) if configs["attention"] is not None else None
     with_pdl = {
         name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
     }
-
     choices = {"plain": configs, "pdl": with_pdl}
 
     def sequence(label: str) -> torch.Tensor:
         chosen = choices[label]
-        trials["qkv"](chosen["qkv"])
-        if attention_run is not None:
-            attention_run(chosen["attention"])
-        for name in ("o", "gate_up"):
-            trials[name](chosen[name])
-        return trials["down"](chosen["down"])
+        for index, (layer, layer_projection) in enumerate(zip(layers, projections, strict=True)):
+            for name in MATVECS:
+                if name == "o" and attention_run is not None:
+                    attention_run(chosen["attention"], index)
+                norm_name, gated = MATVECS[name]
+                x, residual = inputs[name]
+                norm = getattr(layer, norm_name) if norm_name else None
+                out = layer_projection[name].matvec(x, chosen[name], norm=norm, residual=residual, gated=gated)
+        return out
 
     # plain first: it stays on a tie, and if the PDL launches are refused
     return choices[_fastest(("plain", "pdl"), sequence, "plain")]

@@ -428,10 +428,22 @@ def attention_kernel(
     share = tl.program_id(1)
     group = head // (Q_HEADS // KV_HEADS)
     position = tl.load(position_ptr)
+    dims = tl.arange(0, HEAD_DIM)
+    group_start = group.to(tl.int64) * capacity
+    # This share of slots 0..position-1 (whole slot blocks; the last shares may be empty). Its
+    # first block is loaded before waiting on the kernel before: the slots were written by
+    # earlier replays of the step (complete before this one began), not by that kernel, so with
+    # PDL their reading overlaps its tail. Each later block is loaded one loop step ahead.
+    per_share = tl.cdiv(tl.cdiv(position, SPLITS), BLOCK_T) * BLOCK_T
+    start = share * per_share
+    end = tl.minimum(start + per_share, position)
+    slots = start + tl.arange(0, BLOCK_T)
+    at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
+    keys = tl.load(keys_ptr + at, mask=(slots < end)[:, None], other=0.0)
+    values = tl.load(values_ptr + at, mask=(slots < end)[:, None], other=0.0)
     if USE_PDL:  # the next kernel may launch now; q/k/v come from the kernel before
         gdc_launch_dependents()
         gdc_wait()
-    dims = tl.arange(0, HEAD_DIM)
     # rotate_half: the first half takes minus the second, the second the first
     partner = (dims + HEAD_DIM // 2) % HEAD_DIM
     sign = tl.where(dims < HEAD_DIM // 2, -1.0, 1.0)
@@ -445,14 +457,12 @@ def attention_kernel(
     k_turned = (tl.load(qkv_ptr + k_at + partner).to(tl.float32) * sign * sin).to(dtype).to(tl.float32)
     key = ((tl.load(qkv_ptr + k_at + dims).to(tl.float32) * cos).to(dtype).to(tl.float32) + k_turned).to(dtype)
     value = tl.load(qkv_ptr + (Q_HEADS + KV_HEADS + group) * HEAD_DIM + dims)
-    group_start = group.to(tl.int64) * capacity
     if share == 0 and head % (Q_HEADS // KV_HEADS) == 0:  # one program per kv head writes the slot
         tl.store(keys_ptr + (group_start + position) * HEAD_DIM + dims, key)
         tl.store(values_ptr + (group_start + position) * HEAD_DIM + dims, value)
     tl.store(length_ptr, position + 1)  # the same value from every program
-    # Online softmax over this share of slots 0..position-1 from the cache; the first share
-    # starts from the new token's own score, its slot used from registers, so no program waits
-    # on another's write. Shares are whole slot blocks; the last ones may be empty.
+    # Online softmax over this share of the cache's slots; the first share starts from the new
+    # token's own score, its slot used from registers, so no program waits on another's write.
     query_scaled = query.to(tl.float32) * scale
     own = tl.sum(query_scaled * key.to(tl.float32), axis=0)
     if share == 0:
@@ -463,26 +473,22 @@ def attention_kernel(
         best = own * 0.0 - float("inf")
         total = own * 0.0
         acc = value.to(tl.float32) * 0.0
-    per_share = tl.cdiv(tl.cdiv(position, SPLITS), BLOCK_T) * BLOCK_T
-    start = share * per_share
-    end = tl.minimum(start + per_share, position)
     while start < end:
-        slots = start + tl.arange(0, BLOCK_T)
         filled = slots < end
-        at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
-        # both loads issued before either is used, so their latencies overlap
-        keys = tl.load(keys_ptr + at, mask=filled[:, None], other=0.0)
-        values = tl.load(values_ptr + at, mask=filled[:, None], other=0.0)
         scores = tl.sum(keys.to(tl.float32) * query_scaled[None, :], axis=1)
         scores = tl.where(filled, scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=0))
         shrink = tl.exp(best - new_best)
         weights = tl.exp(scores - new_best)
-        values = values.to(tl.float32)
-        acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
+        acc = acc * shrink + tl.sum(weights[:, None] * values.to(tl.float32), axis=0)
         total = total * shrink + tl.sum(weights, axis=0)
         best = new_best
         start += BLOCK_T
+        # the next block's keys and values, both issued before either is used (none past `end`)
+        slots = start + tl.arange(0, BLOCK_T)
+        at = (group_start + slots)[:, None] * HEAD_DIM + dims[None, :]
+        keys = tl.load(keys_ptr + at, mask=(slots < end)[:, None], other=0.0)
+        values = tl.load(values_ptr + at, mask=(slots < end)[:, None], other=0.0)
     if SPLITS == 1:
         tl.store(out_ptr + head * HEAD_DIM + dims, (acc / total).to(dtype))
     else:
