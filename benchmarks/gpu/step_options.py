@@ -168,6 +168,21 @@ def matvec_times(model) -> dict:
     return out
 
 
+def pdl_sequence_times(model, configs: dict) -> dict:
+    """The layer sequence the load-time PDL choice times, with the picked shapes, as plain
+    launches and as PDL launches: ms per run of every layer's kernels (what the choice saw)."""
+    import dataclasses as dc
+
+    from playground.backends.triton_layers import _fastest, layer_sequence_trial, pdl_choices
+
+    plain = {name: None if c is None else dc.replace(c, pdl=False) for name, c in configs.items()}
+    choices = pdl_choices(plain)
+    layers = [fused.layer for fused in model.model.layers]
+    timings: dict = {}
+    _fastest(tuple(choices), layer_sequence_trial(model, layers, choices), "plain", timings=timings)
+    return timings
+
+
 def replay_from_256(decoder, replays: int) -> None:
     """`replays` replays of the step's graph, from position 256 of the cache on."""
     decoder._position.fill_(256)
@@ -316,6 +331,7 @@ def measure(option: str, shape: str, replays: int) -> dict:
             pdl=option != "triton-layers-no-pdl",
         )
         configs = decoder.model.model.layers[0].configs  # one dict, shared by every layer
+        matvecs["pdl_sequence_ms"] = pdl_sequence_times(decoder.model, configs)
         if option == "triton-layers-pdl-all":
             configs.update({name: dataclasses.replace(config, pdl=True) for name, config in configs.items()})
         matvecs = {"tuning_s": time.perf_counter() - tuning_started, **matvec_times(decoder.model)}

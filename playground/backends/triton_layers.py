@@ -488,10 +488,29 @@ def _pick_attention_config(model: nn.Module) -> AttentionConfig:
 
 def _with_pdl_if_faster(model: nn.Module, layers: Sequence[nn.Module], configs: dict[str, Any]) -> dict[str, Any]:
     """`configs` with programmatic dependent launch on every kernel, if the layers' sequence of
-    kernels (q/k/v, attention, o, gate/up, down, layer after layer, each its own weights) replays
-    faster so; else as they are. All or none: a kernel starts under the tail of the one before
-    only when that one is a PDL launch too, so timing each kernel alone, repeated, misjudges it
-    (on the H200 that kept PDL for gate/up alone, and the step did not move)."""
+    kernels (`layer_sequence_trial`) replays faster so; else as they are. All or none: a kernel
+    starts under the tail of the one before only when that one is a PDL launch too, so timing
+    each kernel alone, repeated, misjudges it (on the H200 that kept PDL for gate/up alone, and
+    the step did not move)."""
+    choices = pdl_choices(configs)
+    # plain first: it stays on a tie, and if the PDL launches are refused
+    return choices[_fastest(tuple(choices), layer_sequence_trial(model, layers, choices), "plain")]
+
+
+def pdl_choices(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`configs` as they are ("plain") and with programmatic dependent launch on every kernel ("pdl")."""
+    with_pdl = {
+        name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
+    }
+    return {"plain": configs, "pdl": with_pdl}
+
+
+def layer_sequence_trial(
+    model: nn.Module, layers: Sequence[nn.Module], choices: dict[str, dict[str, Any]]
+) -> Callable[[str], torch.Tensor]:
+    """The layers' kernels in a step's order (q/k/v, attention, o, gate/up, down, layer after
+    layer, each its own weights and cache) with the launch shapes `choices[label]`, as a call of
+    the label; returns the last output."""
     projections = [layer_projections(layer) for layer in layers]
     inputs = {}
     for name, (norm_name, gated) in MATVECS.items():
@@ -500,11 +519,8 @@ def _with_pdl_if_faster(model: nn.Module, layers: Sequence[nn.Module], configs: 
         x = torch.randn(first.columns, dtype=first.dtype, device=first.device)
         residual = None if norm_name or gated else torch.zeros(rows, dtype=first.dtype, device=first.device)
         inputs[name] = (x, residual)
-    attention_run = attention_trial(model, (256,), caches=len(layers)) if configs["attention"] is not None else None
-    with_pdl = {
-        name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
-    }
-    choices = {"plain": configs, "pdl": with_pdl}
+    uses_attention = next(iter(choices.values()))["attention"] is not None
+    attention_run = attention_trial(model, (256,), caches=len(layers)) if uses_attention else None
 
     def sequence(label: str) -> torch.Tensor:
         chosen = choices[label]
@@ -518,8 +534,7 @@ def _with_pdl_if_faster(model: nn.Module, layers: Sequence[nn.Module], configs: 
                 out = layer_projection[name].matvec(x, chosen[name], norm=norm, residual=residual, gated=gated)
         return out
 
-    # plain first: it stays on a tie, and if the PDL launches are refused
-    return choices[_fastest(("plain", "pdl"), sequence, "plain")]
+    return sequence
 
 
 def _fastest(
@@ -527,10 +542,12 @@ def _fastest(
     run: Callable[[Any], torch.Tensor],
     default: Any,
     agree_with: torch.Tensor | None = None,
+    timings: dict[Any, float] | None = None,
 ) -> Any:
     """The candidate whose `run` replays fastest in a CUDA graph (a step replays one, so launch
     cost counts as it will there); `default` if none runs. `agree_with`: only candidates whose
-    output agrees with it count (`agrees`)."""
+    output agrees with it count (`agrees`). `timings`, where given, receives each timed
+    candidate's ms."""
     from triton.testing import do_bench_cudagraph
 
     timed = {}
@@ -541,6 +558,8 @@ def _fastest(
             timed[candidate] = float(do_bench_cudagraph(functools.partial(run, candidate), rep=20))
         except Exception:  # a shape the compiler or the device refuses: not a candidate
             continue
+    if timings is not None:
+        timings.update(timed)
     return min(timed, key=timed.__getitem__) if timed else default
 
 
