@@ -331,10 +331,11 @@ def measure(option: str, shape: str, replays: int) -> dict:
             pdl=option != "triton-layers-no-pdl",
         )
         configs = decoder.model.model.layers[0].configs  # one dict, shared by every layer
-        matvecs["pdl_sequence_ms"] = pdl_sequence_times(decoder.model, configs)
         if option == "triton-layers-pdl-all":
             configs.update({name: dataclasses.replace(config, pdl=True) for name, config in configs.items()})
-        matvecs = {"tuning_s": time.perf_counter() - tuning_started, **matvec_times(decoder.model)}
+        tuning_s = time.perf_counter() - tuning_started
+        matvecs = {"tuning_s": tuning_s, "pdl_sequence_ms": pdl_sequence_times(decoder.model, configs)}
+        matvecs.update(matvec_times(decoder.model))
         chosen = configs["attention"]
         matvecs["attention_config"] = (
             None if chosen is None else [chosen.block_t, chosen.num_warps, chosen.pdl, chosen.splits]
