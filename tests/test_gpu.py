@@ -288,6 +288,35 @@ def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder):
     )
 
 
+@pytest.mark.parametrize("lookup", ["byte", "nibble", "registers"])
+def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
+    """bf16 NF4 weights, read back one column at a time (x one-hot, so each output is one
+    weight times one): bit for bit bitsandbytes' own dequantization, with each lookup, prefetched
+    or not. On the GPU the kernel rounds a pair of products with one packed conversion, which the
+    interpreter's tests do not run."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from playground.backends.triton_kernels import MatvecConfig, NF4Weight, nf4_matvec
+
+    rows, columns = 64, 256
+    generator = torch.Generator().manual_seed(3)
+    linear = bnb.nn.Linear4bit(columns, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    weight = (torch.randn(rows, columns, generator=generator) * 3).to(torch.bfloat16)
+    linear.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    linear = linear.to("cuda")  # quantizes
+    dequantized = bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+    assert dequantized.dtype == torch.bfloat16
+    packed = NF4Weight.of([linear])
+    for prefetch in (False, True):
+        config = MatvecConfig(8, 128, 4, nf4_lookup=lookup, nf4_prefetch=prefetch)
+        for column in (0, 1, 63, 64, 129, 255):
+            x = torch.zeros(columns, dtype=torch.bfloat16, device="cuda")
+            x[column] = 1.0
+            got = nf4_matvec(x, packed, config)
+            assert torch.equal(got, dequantized[:, column]), (lookup, prefetch, column)
+
+
 # -- token-level divergence on the GPU -----------------------------------------------------------
 def test_gpu_variants_are_diffed_against_a_cpu_reference_and_give_a_token_view(engine, llama_folder):
     """The fast-path bf16 and the NF4 forms read the fp32 CPU reference's answer teacher-forced;
@@ -329,8 +358,12 @@ def test_a_router_on_the_gpu_keeps_its_system_prompt_and_scores_as_a_fresh_pass(
     from playground.router import Router
 
     source = {"path": str(llama_folder)}
-    on_gpu = engine.catalogue.add(router_variant("router-cuda", "transformers", source, TINY_SPEC, dtype="bf16", device="cuda"))
-    on_cpu = engine.catalogue.add(router_variant("router-cpu", "transformers", source, TINY_SPEC, dtype="fp32", device="cpu"))
+    on_gpu = engine.catalogue.add(
+        router_variant("router-cuda", "transformers", source, TINY_SPEC, dtype="bf16", device="cuda")
+    )
+    on_cpu = engine.catalogue.add(
+        router_variant("router-cpu", "transformers", source, TINY_SPEC, dtype="fp32", device="cpu")
+    )
     router = Router(engine, on_gpu.id, calibrated=False)
     router.ensure_loaded()
     fresh, _ = router.score(PROMPT)
@@ -356,7 +389,9 @@ def test_router_scores_on_the_gpu_run_as_one_captured_pass_with_the_plain_number
     from playground.config import GenerationParams
     from playground.router import ROUTE_END, ROUTE_PREFIX
 
-    config = variant(id=f"scorer-{dtype}", backend="transformers", source={"path": str(llama_folder)}, dtype=dtype, device="cuda")
+    config = variant(
+        id=f"scorer-{dtype}", backend="transformers", source={"path": str(llama_folder)}, dtype=dtype, device="cuda"
+    )
     backend = backend_for(config, "auto")
     assert backend.decode_path.name == "cuda-graph"
     continuations = [r + ROUTE_END for r in TINY_SPEC["routes"]]

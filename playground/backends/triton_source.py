@@ -27,6 +27,10 @@ LOOKUP_REGISTERS: tl.constexpr = tl.constexpr(2)
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 NF4_HIGH_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=True)))
 NF4_LOW_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=False)))
+# $2 and $3 rounded to bf16 into one register's upper and lower halves, then each half as fp32 bits.
+BF16_PAIR_ROUND_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 pair; cvt.rn.bf16x2.f32 pair, $2, $3; and.b32 $0, pair, 0xffff0000; shl.b32 $1, pair, 16; }"
+)
 
 
 @triton.jit
@@ -200,7 +204,22 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP:
     else:  # LOOKUP_NIBBLE, and the register lookup in the interpreter (no PTX there)
         high = tl.load(table_ptr + (packed >> 4))
         low = tl.load(table_ptr + (packed & 15))
-    return (high * scale).to(dtype).to(tl.float32), (low * scale).to(dtype).to(tl.float32)
+    return round_pair(high * scale, low * scale, dtype)
+
+
+@triton.jit
+def round_pair(first, second, dtype: tl.constexpr):
+    """Both fp32 values rounded to `dtype` and back to fp32. In bf16 on the GPU one packed
+    conversion rounds the two (the same round to nearest even as two single ones: single
+    conversions run at an eighth of the float rate and were one per NF4 weight) and bit
+    operations widen them again."""
+    if dtype == tl.bfloat16 and not INTERPRETED:
+        first, second = tl.inline_asm_elementwise(
+            BF16_PAIR_ROUND_PTX, "=r,=r,f,f", [first, second], dtype=(tl.float32, tl.float32), is_pure=True, pack=1
+        )
+    else:
+        first, second = first.to(dtype).to(tl.float32), second.to(dtype).to(tl.float32)
+    return first, second
 
 
 @triton.jit
@@ -373,13 +392,16 @@ def nf4_matvec_kernel(
             codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
             dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
         )  # fmt: skip
-        acc += high * even + low * odd
+        # two fused multiply-adds (a sum of the products first took a multiply, an fma and an add)
+        acc += high * even
+        acc += low * odd
         if GATED:  # gate and up: both parts of N rows, so local rows are rows
             high, low = nf4_tile(
                 codes_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
                 block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
             )  # fmt: skip
-            acc_up += high * even + low * odd
+            acc_up += high * even
+            acc_up += low * odd
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
     total_up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
     finish(
