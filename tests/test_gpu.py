@@ -288,6 +288,32 @@ def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder):
     )
 
 
+def test_one_gpu_times_one_variant_s_launch_shapes_at_a_time():
+    """Two loads timing kernels on the same GPU take turns (in the app they are two workers; a
+    file lock serves threads and processes alike): the second starts only after the first ends."""
+    import threading
+    import time
+
+    from playground.backends.triton_layers import timing_lock
+
+    device = torch.device("cuda", 0)
+    held, spans = threading.Event(), {}
+
+    def first() -> None:
+        with timing_lock(device):
+            held.set()
+            time.sleep(0.5)
+            spans["first_released"] = time.monotonic()
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    held.wait(10)
+    with timing_lock(device):
+        spans["second_acquired"] = time.monotonic()
+    worker.join()
+    assert spans["second_acquired"] >= spans["first_released"]
+
+
 @pytest.mark.parametrize("lookup", ["byte", "nibble", "registers"])
 def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
     """bf16 NF4 weights, read back one column at a time (x one-hot, so each output is one

@@ -27,9 +27,12 @@ module knows nothing of sampling: `fast_decode` owns that.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,14 +314,34 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     all take it or none does, whichever runs a layer's sequence faster."""
     layers = _decoder_layers(model)
     projections = layer_projections(layers[0])
-    configs: dict[str, Any] = {name: _pick_config(layers, name, projections[name]) for name in MATVECS}
-    configs["attention"] = _pick_attention_config(model) if triton_attention else None
-    if pdl and projections["qkv"].device.type == "cuda":
-        configs = _with_pdl_if_faster(model, layers, configs)
+    with timing_lock(projections["qkv"].device):
+        configs: dict[str, Any] = {name: _pick_config(layers, name, projections[name]) for name in MATVECS}
+        configs["attention"] = _pick_attention_config(model) if triton_attention else None
+        if pdl and projections["qkv"].device.type == "cuda":
+            configs = _with_pdl_if_faster(model, layers, configs)
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
     return len(layers)
+
+
+@contextlib.contextmanager
+def timing_lock(device: torch.device) -> Iterator[None]:
+    """Held while launch shapes are timed on `device`, so one GPU times one variant's kernels at
+    a time: variants loading together, each in its own worker, timed their kernels against each
+    other's (on the H200 a 3B NF4 variant loaded beside its bf16 twin took programmatic
+    dependent launch, with which the same layer sequence timed alone ran 4% slower). A file lock
+    named by the GPU's UUID, which every worker sees whatever its CUDA_VISIBLE_DEVICES; nothing
+    to hold off a GPU."""
+    if device.type != "cuda":
+        yield
+        return
+    from filelock import FileLock
+
+    # a torch without the property serializes timing over all GPUs: slower loads, right picks
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", "any-gpu")
+    with FileLock(os.path.join(tempfile.gettempdir(), f"playground-kernel-timing-{uuid}.lock")):
+        yield
 
 
 def matvec_trial(layers: Sequence[nn.Module], name: str) -> Callable[[MatvecConfig], torch.Tensor]:
