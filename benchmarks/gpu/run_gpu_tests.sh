@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# All of tests/test_gpu.py on a lent GPU machine (best with two GPUs), faster than one run:
-# while llama-cpp-python's CUDA build runs (run_on_device.sh, BUILD_LLAMA=1), two pytest
-# processes take one GPU each; then the tests that read every GPU's memory through nvml or use
-# both GPUs run with both visible, and those that need llama.cpp once the build is done. The groups
-# are made from the collected ids, so a test added to the file always runs in one of them.
+# All of tests/test_gpu.py on a lent GPU machine (best with two GPUs), in one call of the device
+# tool (600 s at most): while llama-cpp-python's CUDA build runs (run_on_device.sh, BUILD_LLAMA=1),
+# two pytest processes take one GPU each; the second, when its tests are done, waits for the
+# build and runs those that need llama-cpp-python, beside the first's; then the tests that read
+# every GPU's memory through nvml or use both GPUs run alone, with both visible. The groups are
+# made from the collected ids, so a test added to the file always runs in one of them.
 # Usage (repo root, on the machine):
-#   BUILD_LLAMA=1 AFTER_BUILD="bash /tmp/after_build.sh" bash benchmarks/gpu/run_on_device.sh bash benchmarks/gpu/run_gpu_tests.sh
-# (this script writes /tmp/after_build.sh, the llama.cpp test). Logs: $OUT/gpu_tests_{a,b,both,llamacpp}.log
+#   BUILD_LLAMA=1 bash benchmarks/gpu/run_on_device.sh bash benchmarks/gpu/run_gpu_tests.sh
+# Logs: $OUT/gpu_tests_{a,b,llamacpp,both}.log
 set -uo pipefail
 pytest=(python3 -m pytest -p no:cacheprovider -rs -v --timeout 400)
 ids=$(python3 -m pytest -p no:cacheprovider --collect-only -q tests/test_gpu.py | grep '^tests/test_gpu.py::')
@@ -19,20 +20,40 @@ group_llama=$(grep -E "$after" <<<"$ids" | grep -vE "$both")
 rest=$(grep -vE "$both|$after" <<<"$ids")
 group_a=$(grep -E "$heavy" <<<"$rest")
 group_b=$(grep -vE "$heavy" <<<"$rest")
-echo "collected $(wc -l <<<"$ids"): a $(wc -l <<<"$group_a"), b $(wc -l <<<"$group_b"), both $(wc -l <<<"$group_both"), llamacpp $(wc -l <<<"$group_llama")"
-# On a one-GPU machine both groups share it (its memory holds both; the two-GPU tests skip).
+echo "collected $(wc -l <<<"$ids"): a $(wc -l <<<"$group_a"), b $(wc -l <<<"$group_b"), llamacpp $(wc -l <<<"$group_llama"), both $(wc -l <<<"$group_both")"
+
+# run_on_device.sh's build: it logs "build rc=N" when the wheel is made, then installs it here.
+llama_site=/tmp/llama_cuda_site
+wait_for_llama() {
+  local waited=0
+  # no build log: no build was asked for (an earlier call's may be in place)
+  while [ ! -d "$llama_site/llama_cpp" ] && [ -f "$OUT/llama_build.log" ] && [ "$waited" -lt 480 ]; do
+    if grep -q "build rc=" "$OUT/llama_build.log"; then
+      # the wheel is installed after that line: a minute for it, then on either way
+      for _ in $(seq 12); do [ -d "$llama_site/llama_cpp" ] && break; sleep 5; done
+      break
+    fi
+    sleep 5; waited=$((waited + 5))
+  done
+  if [ -d "$llama_site/llama_cpp" ]; then
+    echo "llama-cpp-python with CUDA: there after ${waited} s of waiting"
+  else
+    echo "llama-cpp-python with CUDA: not built"
+  fi
+}
+
+# On a one-GPU machine both processes share it (its memory holds both; the two-GPU tests skip).
 second=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))
 CUDA_VISIBLE_DEVICES=0 "${pytest[@]}" $group_a > "$OUT/gpu_tests_a.log" 2>&1 & pid_a=$!
-CUDA_VISIBLE_DEVICES=$second "${pytest[@]}" $group_b > "$OUT/gpu_tests_b.log" 2>&1 & pid_b=$!
+(
+  CUDA_VISIBLE_DEVICES=$second "${pytest[@]}" $group_b > "$OUT/gpu_tests_b.log" 2>&1; rc_b=$?
+  wait_for_llama >> "$OUT/gpu_tests_llamacpp.log"
+  CUDA_VISIBLE_DEVICES=$second "${pytest[@]}" $group_llama >> "$OUT/gpu_tests_llamacpp.log" 2>&1; rc_llama=$?
+  exit $(( rc_b != 0 || rc_llama != 0 ))
+) & pid_b=$!
 wait $pid_a; rc_a=$?
 wait $pid_b; rc_b=$?
 "${pytest[@]}" $group_both > "$OUT/gpu_tests_both.log" 2>&1; rc_both=$?
-echo "rc a=$rc_a b=$rc_b both=$rc_both"
-for f in a b both; do grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/gpu_tests_$f.log" | tail -5; done
-# Written for run_on_device.sh, which runs it once the build is done. The ids go on one line
-# (echo joins them): one a line made the second a command of its own, and that test never ran.
-cat > /tmp/after_build.sh <<AFTER
-${pytest[*]} $(echo $group_llama) > "$OUT/gpu_tests_llamacpp.log" 2>&1; rc=\$?
-tail -3 "$OUT/gpu_tests_llamacpp.log"; exit \$rc
-AFTER
+echo "rc a=$rc_a b+llamacpp=$rc_b both=$rc_both"
+for f in a b llamacpp both; do grep -E '^(FAILED|ERROR)|passed|failed|llama-cpp-python' "$OUT/gpu_tests_$f.log" | tail -5; done
 [ $rc_a -eq 0 ] && [ $rc_b -eq 0 ] && [ $rc_both -eq 0 ]
