@@ -336,12 +336,26 @@ def timing_lock(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     # a torch without the property serializes timing over all GPUs: slower loads, right picks
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", "any-gpu")
-    with FileLock(os.path.join(tempfile.gettempdir(), f"playground-kernel-timing-{uuid}.lock")):
+    path = os.path.join(tempfile.gettempdir(), f"playground-kernel-timing-{uuid}.lock")
+    lock = FileLock(path, timeout=TIMING_LOCK_WAIT_S, mode=0o666)  # other users' workers too
+    try:
+        lock.acquire()
+    except (Timeout, OSError):  # held past the wait, or a file this user cannot open: time unlocked
         yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# How long a load waits for another's launch-shape timing on the same GPU (one variant's took
+# 20-50 s on the H200 for the 1.7B and 3B shapes) before it times its own regardless.
+TIMING_LOCK_WAIT_S = 600
 
 
 def matvec_trial(layers: Sequence[nn.Module], name: str) -> Callable[[MatvecConfig], torch.Tensor]:
