@@ -42,6 +42,7 @@ def nf4(
     aligned: bool = True,
     lookup: int = 0,  # triton_source.LOOKUP_BYTE, LOOKUP_NIBBLE, LOOKUP_REGISTERS
     prefetch: bool = False,
+    stages: int = 1,
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature |= {"table_ptr": "*fp32", "pairs_ptr": "*i64"}
@@ -66,6 +67,7 @@ def nf4(
         TILE_BLOCKS=512 // 64 if aligned else 1,
         LOOKUP=lookup,
         PREFETCH=prefetch,
+        NUM_STAGES=stages,
         USE_PDL=pdl,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
@@ -108,6 +110,12 @@ VARIANTS = {
     ),
     "nf4 o/down, registers, blocks straddling rows": nf4(
         1, nested=False, norm=False, bias=False, gated=False, residual=True, lookup=2, aligned=False
+    ),
+    "nf4 gate/up, registers, pipelined": nf4(
+        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=2, stages=3
+    ),
+    "nf4 o/down, double quant, by nibble, pipelined": nf4(
+        1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1, stages=3
     ),
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),

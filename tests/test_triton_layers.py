@@ -119,6 +119,8 @@ def _dequantized(linear) -> torch.Tensor:
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="nibble", nf4_prefetch=True)),
         (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_lookup="registers", nf4_prefetch=True)),
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="registers")),
+        (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_lookup="nibble", nf4_stages=3)),
+        (192, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="registers", nf4_stages=3)),
     ],
     ids=[
         "blocks-straddle-rows",
@@ -129,6 +131,8 @@ def _dequantized(linear) -> torch.Tensor:
         "whole-blocks-by-nibble-prefetched",
         "blocks-straddle-rows-registers-prefetched",
         "whole-blocks-registers",
+        "blocks-straddle-rows-by-nibble-pipelined",
+        "whole-blocks-registers-pipelined",
     ],
 )
 def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
@@ -136,7 +140,8 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
     against bitsandbytes' own dequantization. 100 columns: 64-value blocks straddle rows, and
     each byte finds its scale. 192: blocks lie in rows and a tile holds two whole blocks (the
     last tile one, and one masked), one scale load a block. Each with both table lookups: a
-    byte's two values at once, or a code's at a time; and with the next step's bytes read ahead.
+    byte's two values at once, or a code's at a time; with the next step's bytes read ahead, or
+    the loop's loads pipelined three steps deep.
     The register lookup's kernel too (its loads shaped to keep the tile's layout), with the
     16-entry table in the permutes' place: the interpreter runs no PTX."""
     generator = torch.Generator().manual_seed(1)
@@ -208,6 +213,7 @@ def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
     reference = run(shape)
     assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_lookup="byte"), reference)
     assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_prefetch=True), reference)
+    assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_stages=3), reference)
     # its tile in another layout (in the interpreter with the 16 values for the permutes)
     assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_lookup="registers"), reference)
     wrong = dataclasses.replace(weight, table=weight.table.flip(0).contiguous())
@@ -215,11 +221,13 @@ def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
     assert not weight.registers_lookup_fits()  # a CPU: the interpreter runs no PTX
     # what the picker times at a winning shape: here without the register lookup
     variants = triton_layers.nf4_variants(shape, triton_layers.Projection(weight, None, weight.rows))
-    assert [(v.nf4_lookup, v.nf4_prefetch) for v in variants] == [
-        ("nibble", False),
-        ("byte", False),
-        ("nibble", True),
-        ("byte", True),
+    assert [(v.nf4_lookup, v.nf4_prefetch, v.nf4_stages) for v in variants] == [
+        ("nibble", False, 1),
+        ("byte", False, 1),
+        ("nibble", True, 1),
+        ("byte", True, 1),
+        ("nibble", False, 3),
+        ("byte", False, 3),
     ]
 
 
@@ -331,11 +339,13 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
         for name in ("gate_up", "down"):
             configs[name] = dataclasses.replace(configs[name], nf4_lookup="byte")
         configs["qkv"] = dataclasses.replace(configs["qkv"], nf4_prefetch=True)
+        configs["down"] = dataclasses.replace(configs["down"], nf4_stages=3)
         configs["o"] = dataclasses.replace(configs["o"], nf4_lookup="registers")  # the 16 values here
         choices = triton_layers.describe_choices(model)
         lookups = "a nibble at a time in qkv; a byte at a time in down, gate_up; by byte permutes in o"
         assert f"NF4 values looked up {lookups}" in choices
         assert "NF4 bytes read a step ahead in qkv" in choices
+        assert "NF4 loads pipelined in down" in choices
     elif weights == "nf4":
         assert "NF4 values looked up a nibble at a time" in triton_layers.describe_choices(model)
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)

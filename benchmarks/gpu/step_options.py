@@ -135,6 +135,7 @@ def matvec_times(model) -> dict:
             reference = trial(config)
             for variant in nf4_variants(config, projection):
                 label = variant.nf4_lookup + (", prefetched" if variant.nf4_prefetch else "")
+                label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
                 variants_agree[label] = agrees(trial, variant, reference)
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
             out[f"matvec_{name}"] = {
@@ -142,6 +143,7 @@ def matvec_times(model) -> dict:
                 "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
                 "nf4_lookup": config.nf4_lookup,
                 "nf4_prefetch": config.nf4_prefetch,
+                "nf4_stages": config.nf4_stages,
                 "fused_us": fused_ms * 1000,
                 "fused_tb_s": size / (fused_ms / 1000) / 1e12,
                 "variants_us": variants_us,

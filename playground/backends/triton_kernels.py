@@ -33,7 +33,9 @@ class MatvecConfig:
     two loads a byte, but all of a warp's loads fall in one cache line; "registers" finds them
     by byte permutes, no loads and no change of layout (`nf4_permute`; GPU only, and only for
     bitsandbytes' own NF4 code book). `nf4_prefetch`: each loop step loads the next step's
-    packed bytes before decoding its own."""
+    packed bytes before decoding its own. `nf4_stages`: loop steps whose loads are in flight at
+    once, through shared memory (Triton's software pipelining, asynchronous copies on the GPU);
+    1 loads as each step needs them."""
 
     block_n: int
     block_k: int
@@ -41,6 +43,7 @@ class MatvecConfig:
     pdl: bool = False
     nf4_lookup: str = "byte"
     nf4_prefetch: bool = False
+    nf4_stages: int = 1
 
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
@@ -320,6 +323,7 @@ def _nf4_matvec_op() -> Any:
         pairs: torch.Tensor,
         lookup: int,
         prefetch: bool,
+        stages: int,
         norm_weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         residual: torch.Tensor | None,
@@ -365,12 +369,13 @@ def _nf4_matvec_op() -> Any:
             TILE_BLOCKS=block_k // blocksize if aligned else 1,
             LOOKUP=lookup,
             PREFETCH=prefetch,
+            NUM_STAGES=stages,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @nf4_matvec.register_fake
-    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, lookup, prefetch, *rest):  # noqa: ANN001, ANN002, ANN202
+    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, lookup, prefetch, stages, *rest):  # noqa: ANN001, ANN002, ANN202
         gated = rest[4]
         return x.new_empty((rows[0] if gated else sum(rows),))
 
@@ -403,6 +408,7 @@ def nf4_matvec(
         weight.pairs,
         NF4_LOOKUPS[config.nf4_lookup],
         config.nf4_prefetch,
+        config.nf4_stages,
         norm_weight,
         bias,
         residual,

@@ -423,6 +423,9 @@ def describe_choices(model: nn.Module) -> str:
         prefetched = sorted(name for name in MATVECS if configs[name].nf4_prefetch)
         if prefetched:
             choices.append(f"NF4 bytes read a step ahead in {', '.join(prefetched)}")
+        pipelined = sorted(name for name in MATVECS if configs[name].nf4_stages > 1)
+        if pipelined:
+            choices.append(f"NF4 loads pipelined in {', '.join(pipelined)}")
     if uses_pdl(model):
         choices.append("programmatic dependent launch")
     return ", ".join(choices)
@@ -432,7 +435,7 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projection: Projection)
     """The fastest launch shape that fits the `name` matvec (`projection`: the first layer's),
     timed on its `matvec_trial` over all `layers` (`_fastest`); off a GPU the first that fits.
     NF4 weights: the shapes are timed looking values up a code at a time, then the fastest with
-    each lookup, its bytes prefetched or not (on the H200 the code at a time won on every 1.7B
+    each lookup, its bytes prefetched a step ahead, its loads pipelined, or neither (on the H200 the code at a time won on every 1.7B
     projection by 13-22%; timing both lookups for every shape doubled the load's tuning, 18 to
     37 s). Those variants compute the same values, so one whose output differs from the first's
     beyond rounding is not taken."""
@@ -452,14 +455,22 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projection: Projection)
 
 
 def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecConfig]:
-    """`config`'s launch shape with each NF4 lookup, its bytes prefetched or not, where they fit
-    `projection`: the 16-entry lookup unprefetched first."""
+    """`config`'s launch shape with each NF4 lookup, its bytes prefetched a step ahead, or its
+    loads pipelined `NF4_PIPELINE_STAGES` steps deep, or neither, where they fit `projection`:
+    the 16-entry lookup plain first."""
+    ways = ((False, 1), (True, 1), (False, NF4_PIPELINE_STAGES))  # (prefetch, stages)
     variants = [
-        dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch)
-        for prefetch in (False, True)
+        dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch, nf4_stages=stages)
+        for prefetch, stages in ways
         for lookup in ("nibble", "byte", "registers")
     ]
     return [variant for variant in variants if projection.fits(variant)]
+
+
+# Loop steps in flight in the pipelined NF4 variant: its sm_90 build keeps three steps' loads in
+# flight with 9.5 KB of shared memory a program in the register lookup (16 x 256, 4 warps),
+# 75 KB in the 16-entry one, whose table loads are pipelined too.
+NF4_PIPELINE_STAGES = 3
 
 
 def attention_trial(

@@ -319,13 +319,17 @@ def nf4_matvec_kernel(
     TILE_BLOCKS: tl.constexpr = 1,
     LOOKUP: tl.constexpr = 0,
     PREFETCH: tl.constexpr = False,
+    NUM_STAGES: tl.constexpr = 1,
     USE_PDL: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
     rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
     part 0 is gate and part 1 up, both of N rows. A program's rows lie in one part (the launch
     shape's row block divides every part's rows). PREFETCH: each loop step loads the next
-    step's packed bytes before it decodes its own, so their reads overlap the decoding."""
+    step's packed bytes before it decodes its own, so their reads overlap the decoding.
+    NUM_STAGES: Triton pipelines the loop's loads that many steps deep through shared memory
+    (NF4 reads a quarter of bf16's bytes a weight, so a step's loads alone keep too few bytes in
+    flight to cover memory's latency)."""
     dtype = out_ptr.dtype.element_ty
     first = tl.program_id(0) * BLOCK_N
     rows = first + tl.arange(0, BLOCK_N)
@@ -360,7 +364,7 @@ def nf4_matvec_kernel(
         ahead = nf4_bytes(packed, rows3, first_half, first_ok, K)
         if GATED:
             ahead_up = nf4_bytes(packed1, rows3, first_half, first_ok, K)
-    for start in range(0, K // 2, BLOCK_K // 2):
+    for start in tl.range(0, K // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
         block_col = start // (BLOCK_K // (2 * TILE_BLOCKS)) + blocks
         half = block_col * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
         half_ok = half < K // 2
