@@ -317,9 +317,9 @@ def test_one_gpu_times_one_variant_s_launch_shapes_at_a_time():
 @pytest.mark.parametrize("lookup", ["byte", "nibble", "registers"])
 def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
     """bf16 NF4 weights, read back one column at a time (x one-hot, so each output is one
-    weight times one): bit for bit bitsandbytes' own dequantization, with each lookup, prefetched
-    or not. On the GPU the kernel rounds a pair of products with one packed conversion, which the
-    interpreter's tests do not run."""
+    weight times one): bit for bit bitsandbytes' own dequantization, with each lookup, plain,
+    prefetched or pipelined (four loop steps a row). On the GPU the kernel rounds a pair of
+    products with one packed conversion, which the interpreter's tests do not run."""
     bnb = pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbf
 
@@ -334,13 +334,13 @@ def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
     dequantized = bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
     assert dequantized.dtype == torch.bfloat16
     packed = NF4Weight.of([linear])
-    for prefetch in (False, True):
-        config = MatvecConfig(8, 128, 4, nf4_lookup=lookup, nf4_prefetch=prefetch)
+    for prefetch, stages in ((False, 1), (True, 1), (False, 3)):
+        config = MatvecConfig(8, 64, 4, nf4_lookup=lookup, nf4_prefetch=prefetch, nf4_stages=stages)
         for column in (0, 1, 63, 64, 129, 255):
             x = torch.zeros(columns, dtype=torch.bfloat16, device="cuda")
             x[column] = 1.0
             got = nf4_matvec(x, packed, config)
-            assert torch.equal(got, dequantized[:, column]), (lookup, prefetch, column)
+            assert torch.equal(got, dequantized[:, column]), (lookup, prefetch, stages, column)
 
 
 # -- token-level divergence on the GPU -----------------------------------------------------------
