@@ -484,7 +484,8 @@ def attention_trial(
     what the pickers time. Returns the last step's output; `counters`: the split shares' own
     (`attention_counters`), for a caller that checks them. `caches`: that many caches, each
     attended in turn, as a step's layers each read their own from memory (one alone stays in
-    L2); fewer where they would take over `TRIAL_CACHE_BYTES`."""
+    L2); fewer where they would take over `TRIAL_CACHE_BYTES` or a quarter of the GPU's free
+    memory."""
     from types import SimpleNamespace
 
     parameter = next(model.parameters())
@@ -496,7 +497,10 @@ def attention_trial(
     qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     angles = (torch.ones(1, 1, head_dim, device=device, dtype=dtype),) * 2
     cache_bytes = 2 * kv_heads * capacity * head_dim * dtype.itemsize
-    caches = max(1, min(caches, TRIAL_CACHE_BYTES // cache_bytes))
+    budget = TRIAL_CACHE_BYTES
+    if device.type == "cuda":  # a quarter of what is free at most: a nearly full GPU still loads
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 4)
+    caches = max(1, min(caches, budget // cache_bytes))
     made = [
         SimpleNamespace(
             keys=torch.randn(1, kv_heads, capacity, head_dim, dtype=dtype, device=device),
