@@ -313,12 +313,15 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     `pdl`: False leaves programmatic dependent launch out of the choice; else a layer's kernels
     all take it or none does, whichever runs a layer's sequence faster."""
     layers = _decoder_layers(model)
-    projections = layer_projections(layers[0])
-    with timing_lock(projections["qkv"].device):
-        configs: dict[str, Any] = {name: _pick_config(layers, name, projections[name]) for name in MATVECS}
+    first = layer_projections(layers[0])
+    device = first["qkv"].device
+    # every layer's, built once for the trials (off a GPU nothing is timed: the first's serve)
+    projections = [first, *map(layer_projections, layers[1:])] if device.type == "cuda" else [first]
+    with timing_lock(device):
+        configs: dict[str, Any] = {name: _pick_config(layers, name, projections) for name in MATVECS}
         configs["attention"] = _pick_attention_config(model) if triton_attention else None
-        if pdl and projections["qkv"].device.type == "cuda":
-            configs = _with_pdl_if_faster(model, layers, configs)
+        if pdl and device.type == "cuda":
+            configs = _with_pdl_if_faster(model, layers, projections, configs)
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
@@ -341,16 +344,16 @@ def timing_lock(device: torch.device) -> Iterator[None]:
     # a torch without the property serializes timing over all GPUs: slower loads, right picks
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", "any-gpu")
     path = os.path.join(tempfile.gettempdir(), f"playground-kernel-timing-{uuid}.lock")
-    lock = FileLock(path, timeout=TIMING_LOCK_WAIT_S, mode=0o666)  # other users' workers too
+    lock: FileLock | None = FileLock(path, timeout=TIMING_LOCK_WAIT_S, mode=0o666)  # other users' workers too
     try:
         lock.acquire()
     except (Timeout, OSError):  # held past the wait, or a file this user cannot open: time unlocked
-        yield
-        return
+        lock = None
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 # How long a load waits for another's launch-shape timing on the same GPU (one variant's took
@@ -358,28 +361,49 @@ def timing_lock(device: torch.device) -> Iterator[None]:
 TIMING_LOCK_WAIT_S = 600
 
 
-def matvec_trial(layers: Sequence[nn.Module], name: str) -> Callable[[MatvecConfig], torch.Tensor]:
-    """The `name` matvec (MATVECS) of each of `layers` in turn, on one random input, and a zero
-    residual where the layer adds one, as a call of the launch shape: what the launch-shape
-    picker times. Every layer reads its own weight, as a step does: one weight called again and
-    again sits in the GPU's L2 cache (50 MB on the H200), and a shape timed so was picked for a
-    read rate from L2 that a step never sees (the 1.7B's down projection ran at 4.6 TB/s in such a
-    trial and at 2.9 TB/s inside the step). Returns the last layer's output."""
-    projections = [layer_projections(layer)[name] for layer in layers]
+def matvec_trial(
+    layers: Sequence[nn.Module], name: str, projections: Sequence[dict[str, Projection]] | None = None
+) -> Callable[[MatvecConfig], torch.Tensor]:
+    """The `name` matvec (MATVECS) of each of `layers` in turn (`_layer_matvecs`), as a call of
+    the launch shape: what the launch-shape picker times. Every layer reads its own weight, as a
+    step does: one weight called again and again sits in the GPU's L2 cache (50 MB on the H200),
+    and a shape timed so was picked for a read rate from L2 that a step never sees (the 1.7B's
+    down projection ran at 4.6 TB/s in such a trial and at 2.9 TB/s inside the step). Returns
+    the last layer's output."""
+    calls = _layer_matvecs(layers, name, projections)
+
+    def run(config: MatvecConfig) -> torch.Tensor:
+        for call in calls:
+            out = call(config)
+        return out
+
+    return run
+
+
+def _layer_matvecs(
+    layers: Sequence[nn.Module], name: str, projections: Sequence[dict[str, Projection]] | None = None
+) -> list[Callable[[MatvecConfig], torch.Tensor]]:
+    """Each layer's `name` matvec on one random input, and a zero residual where the layer adds
+    one, as a call of the launch shape. `projections`: each layer's `layer_projections`, where
+    the caller has them."""
+    if projections is None:
+        projections = [layer_projections(layer) for layer in layers]
     norm_name, gated = MATVECS[name]
-    first = projections[0]
+    first = projections[0][name]
     device, dtype = first.device, first.dtype
     x = torch.randn(first.columns, dtype=dtype, device=device)
     rows = first.parts[0] if gated else sum(first.parts)
     residual = None if norm_name or gated else torch.zeros(rows, dtype=dtype, device=device)
-    norms = [getattr(layer, norm_name) if norm_name else None for layer in layers]
-
-    def run(config: MatvecConfig) -> torch.Tensor:
-        for projection, norm in zip(projections, norms, strict=True):
-            out = projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
-        return out
-
-    return run
+    return [
+        functools.partial(
+            layer_projection[name].matvec,
+            x,
+            norm=getattr(layer, norm_name) if norm_name else None,
+            residual=residual,
+            gated=gated,
+        )
+        for layer, layer_projection in zip(layers, projections, strict=True)
+    ]
 
 
 def remove_fused_layers(model: nn.Module) -> None:
@@ -431,14 +455,16 @@ def describe_choices(model: nn.Module) -> str:
     return ", ".join(choices)
 
 
-def _pick_config(layers: Sequence[nn.Module], name: str, projection: Projection) -> MatvecConfig:
-    """The fastest launch shape that fits the `name` matvec (`projection`: the first layer's),
-    timed on its `matvec_trial` over all `layers` (`_fastest`); off a GPU the first that fits.
-    NF4 weights: the shapes are timed looking values up a code at a time, then the fastest with
-    each lookup, its bytes prefetched a step ahead, its loads pipelined, or neither (on the H200 the code at a time won on every 1.7B
-    projection by 13-22%; timing both lookups for every shape doubled the load's tuning, 18 to
-    37 s). Those variants compute the same values, so one whose output differs from the first's
-    beyond rounding is not taken."""
+def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[dict[str, Projection]]) -> MatvecConfig:
+    """The fastest launch shape that fits the `name` matvec, timed on its `matvec_trial` over
+    all `layers` (`projections`: each layer's `layer_projections`) on a GPU (`_fastest`); off a
+    GPU the first that fits (only the first layer's projections are needed there). NF4 weights:
+    the shapes are timed looking values up a code at a time, then the fastest with each lookup,
+    its bytes prefetched a step ahead, its loads pipelined, or neither (on the H200 the code at a
+    time won on every 1.7B projection by 13-22%; timing both lookups for every shape doubled the
+    load's tuning, 18 to 37 s). Those variants compute the same values, so one whose output
+    differs from the first's beyond rounding is not taken."""
+    projection = projections[0][name]
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
     if nf4:
@@ -447,7 +473,7 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projection: Projection)
         raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
     if projection.device.type != "cuda":
         return candidates[0]
-    trial = matvec_trial(layers, name)
+    trial = matvec_trial(layers, name, projections)
     best = _fastest(candidates, trial, candidates[0])
     if nf4:  # the first stays on a tie
         best = _fastest(nf4_variants(best, projection), trial, best, agree_with=trial(best))
@@ -538,7 +564,12 @@ def _pick_attention_config(model: nn.Module) -> AttentionConfig:
     return _fastest(ATTENTION_CANDIDATES, attention_trial(model, caches=caches), DEFAULT_ATTENTION)
 
 
-def _with_pdl_if_faster(model: nn.Module, layers: Sequence[nn.Module], configs: dict[str, Any]) -> dict[str, Any]:
+def _with_pdl_if_faster(
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    projections: Sequence[dict[str, Projection]],
+    configs: dict[str, Any],
+) -> dict[str, Any]:
     """`configs` with programmatic dependent launch on every kernel, if the layers' sequence of
     kernels (`layer_sequence_trial`) replays faster so; else as they are. All or none: a kernel
     starts under the tail of the one before only when that one is a PDL launch too, so timing
@@ -546,7 +577,8 @@ def _with_pdl_if_faster(model: nn.Module, layers: Sequence[nn.Module], configs: 
     the step did not move)."""
     choices = pdl_choices(configs)
     # plain first: it stays on a tie, and if the PDL launches are refused
-    return choices[_fastest(tuple(choices), layer_sequence_trial(model, layers, choices), "plain")]
+    trial = layer_sequence_trial(model, layers, choices, projections)
+    return choices[_fastest(tuple(choices), trial, "plain")]
 
 
 def pdl_choices(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -558,32 +590,27 @@ def pdl_choices(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def layer_sequence_trial(
-    model: nn.Module, layers: Sequence[nn.Module], choices: dict[str, dict[str, Any]]
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    choices: dict[str, dict[str, Any]],
+    projections: Sequence[dict[str, Projection]] | None = None,
 ) -> Callable[[str], torch.Tensor]:
     """The layers' kernels in a step's order (q/k/v, attention, o, gate/up, down, layer after
     layer, each its own weights and cache) with the launch shapes `choices[label]`, as a call of
-    the label; returns the last output."""
-    projections = [layer_projections(layer) for layer in layers]
-    inputs = {}
-    for name, (norm_name, gated) in MATVECS.items():
-        first = projections[0][name]
-        rows = first.parts[0] if gated else sum(first.parts)
-        x = torch.randn(first.columns, dtype=first.dtype, device=first.device)
-        residual = None if norm_name or gated else torch.zeros(rows, dtype=first.dtype, device=first.device)
-        inputs[name] = (x, residual)
+    the label; returns the last output. `projections` as for `_layer_matvecs`."""
+    if projections is None:
+        projections = [layer_projections(layer) for layer in layers]
+    calls = {name: _layer_matvecs(layers, name, projections) for name in MATVECS}
     uses_attention = next(iter(choices.values()))["attention"] is not None
     attention_run = attention_trial(model, (256,), caches=len(layers)) if uses_attention else None
 
     def sequence(label: str) -> torch.Tensor:
         chosen = choices[label]
-        for index, (layer, layer_projection) in enumerate(zip(layers, projections, strict=True)):
+        for index in range(len(layers)):
             for name in MATVECS:
                 if name == "o" and attention_run is not None:
                     attention_run(chosen["attention"], index)
-                norm_name, gated = MATVECS[name]
-                x, residual = inputs[name]
-                norm = getattr(layer, norm_name) if norm_name else None
-                out = layer_projection[name].matvec(x, chosen[name], norm=norm, residual=residual, gated=gated)
+                out = calls[name][index](chosen[name])
         return out
 
     return sequence
