@@ -119,18 +119,19 @@ def matvec_times(model) -> dict:
 
     fused_layers = list(model.model.layers)
     layers = [fused.layer for fused in fused_layers]
+    projections = [fused.projections for fused in fused_layers]  # built when they were installed
     count = len(layers)
     layer = fused_layers[0]
     out = {}
     for name in MATVECS:
         projection, config = layer.projections[name], layer.configs[name]
         weight = projection.weight
-        trial = matvec_trial(layers, name)
+        trial = matvec_trial(layers, name, projections)
         fused_ms = do_bench_cudagraph(functools.partial(trial, config)) / count
         if isinstance(weight, NF4Weight):  # bytes read: codes and block scales; no cuBLAS matmul
             size = sum(t.numel() * t.element_size() for t in (*weight.packed, *weight.absmax))
-            # the same launch shape with each lookup, bytes prefetched or not: what the picker's
-            # choice bought
+            # the same launch shape with each lookup, bytes prefetched, loads pipelined or neither:
+            # what the picker's choice bought
             variants_us, variants_agree = {}, {}
             reference = trial(config)
             for variant in nf4_variants(config, projection):
@@ -173,15 +174,15 @@ def matvec_times(model) -> dict:
 def pdl_sequence_times(model, configs: dict) -> dict:
     """The layer sequence the load-time PDL choice times, with the picked shapes, as plain
     launches and as PDL launches: ms per run of every layer's kernels (what the choice saw)."""
-    import dataclasses as dc
-
     from playground.backends.triton_layers import _fastest, layer_sequence_trial, pdl_choices
 
-    plain = {name: None if c is None else dc.replace(c, pdl=False) for name, c in configs.items()}
+    plain = {name: None if c is None else dataclasses.replace(c, pdl=False) for name, c in configs.items()}
     choices = pdl_choices(plain)
     layers = [fused.layer for fused in model.model.layers]
+    projections = [fused.projections for fused in model.model.layers]
     timings: dict = {}
-    _fastest(tuple(choices), layer_sequence_trial(model, layers, choices), "plain", timings=timings)
+    trial = layer_sequence_trial(model, layers, choices, projections)
+    _fastest(tuple(choices), trial, "plain", timings=timings)
     return timings
 
 
