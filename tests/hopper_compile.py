@@ -40,7 +40,7 @@ def nf4(
     residual: bool,
     pdl: bool = False,
     aligned: bool = True,
-    lookup: int = 0,  # triton_source.LOOKUP_BYTE, LOOKUP_NIBBLE, LOOKUP_REGISTERS
+    lookup: int = 0,  # triton_source.LOOKUP_BYTE, LOOKUP_NIBBLE, LOOKUP_REGISTERS, LOOKUP_SCALED
     prefetch: bool = False,
     stages: int = 1,
 ) -> tuple:
@@ -117,6 +117,17 @@ VARIANTS = {
     "nf4 o/down, double quant, by nibble, pipelined": nf4(
         1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1, stages=3
     ),
+    # each block's values scaled once, looked up by byte permutes (bf16 weights)
+    "nf4 gate/up, scaled": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3),
+    "nf4 qkv, double quant, scaled, prefetched": nf4(
+        3, nested=True, norm=True, bias=True, gated=False, residual=False, lookup=3, prefetch=True
+    ),
+    "nf4 o/down, scaled, blocks straddling rows": nf4(
+        1, nested=False, norm=False, bias=False, gated=False, residual=True, lookup=3, aligned=False
+    ),
+    "nf4 gate/up, scaled, pipelined": nf4(
+        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3, stages=3
+    ),
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),
     # with programmatic dependent launch (griddepcontrol, Hopper's own instructions)
@@ -126,6 +137,9 @@ VARIANTS = {
     "nf4 qkv, double quant, PDL": nf4(3, nested=True, norm=True, bias=True, gated=False, residual=False, pdl=True),
     "nf4 gate/up, PDL": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, pdl=True),
     "nf4 o/down, double quant, PDL": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True, pdl=True),
+    "nf4 o/down, double quant, scaled, PDL": nf4(
+        1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=3, pdl=True
+    ),
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),
 }

@@ -121,6 +121,7 @@ def _dequantized(linear) -> torch.Tensor:
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="registers")),
         (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_lookup="nibble", nf4_stages=3)),
         (192, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="registers", nf4_stages=3)),
+        (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="scaled")),
     ],
     ids=[
         "blocks-straddle-rows",
@@ -133,6 +134,7 @@ def _dequantized(linear) -> torch.Tensor:
         "whole-blocks-registers",
         "blocks-straddle-rows-by-nibble-pipelined",
         "whole-blocks-registers-pipelined",
+        "whole-blocks-scaled",
     ],
 )
 def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
@@ -200,6 +202,45 @@ def test_byte_permutes_give_the_nf4_code_book_value_of_every_code():
     assert triton_source.NF4_HIGH_PTX == nf4_permute.ptx(nf4_permute.program(high=True))
 
 
+def test_scaled_byte_permutes_give_bitsandbytes_bf16_value_of_every_code():
+    """The scaled lookup's two programs (`nf4_permute.scaled_*`), run instruction by instruction
+    as the GPU runs their PTX: a block's planes made from its scale, then every byte value in
+    each of the four places of a call, give both codes' values as bitsandbytes dequantizes bf16
+    weights (code book value times scale in fp32, rounded to bf16), bit for bit; and the PTX
+    the kernel holds is those programs."""
+    import random
+    import struct
+
+    import bitsandbytes.functional as bnbf
+
+    from playground.backends import nf4_permute, triton_source
+
+    book = bnbf.get_4bit_type("nf4", device="cpu").float()
+    table, lookup = nf4_permute.scaled_table_program(), nf4_permute.scaled_lookup_program()
+    rng = random.Random(1)
+    for scale in (3.0517578125e-05, 0.0123, 0.5, 1.7, 2.9e3):  # the first a power of two
+        scale_bits = struct.unpack("<I", struct.pack("<f", scale))[0]
+        planes = nf4_permute.emulate(table, {"scale": scale_bits}, outputs=8)
+        registers = {f"low{q}": planes[q] for q in range(4)} | {f"high{q}": planes[4 + q] for q in range(4)}
+        values = (book * torch.tensor(scale)).to(torch.bfloat16).float()
+        bits = values.view(torch.int32).tolist()
+        bits = [value & 0xFFFFFFFF for value in bits]
+        for position in range(4):
+            for value in range(256):
+                packed = [rng.randrange(256) for _ in range(4)]
+                packed[position] = value
+                word = int.from_bytes(bytes(packed), "little")
+                expected = [bits[byte >> 4] for byte in packed] + [bits[byte & 15] for byte in packed]
+                got = nf4_permute.emulate(lookup, registers | {"in": word}, outputs=8)
+                assert got == expected, (scale, packed)
+    assert sum(op in ("mul", "cvt") for op, *_ in table) == 16 + 8
+    assert len(lookup) == 30  # eight weights
+    assert triton_source.NF4_SCALED_TABLE_PTX == nf4_permute.ptx(table, outputs=8, inputs={"scale": 8})
+    lookup_ptx = nf4_permute.ptx(lookup, outputs=8, inputs=nf4_permute.SCALED_LOOKUP_INPUTS)
+    assert triton_source.NF4_SCALED_LOOKUP_PTX == lookup_ptx
+    assert "$8," in lookup_ptx and "$37," in lookup_ptx  # the bytes, and the last plane's first register
+
+
 def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
     """The picker times NF4 lookup variants of one launch shape only where their output equals
     the code-at-a-time lookup's up to rounding; a wrong table does not. The register lookup asks for
@@ -216,9 +257,11 @@ def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
     assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_stages=3), reference)
     # its tile in another layout (in the interpreter with the 16 values for the permutes)
     assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_lookup="registers"), reference)
+    assert triton_layers.agrees(run, dataclasses.replace(shape, nf4_lookup="scaled"), reference)
     wrong = dataclasses.replace(weight, table=weight.table.flip(0).contiguous())
     assert not triton_layers.agrees(lambda config: nf4_matvec(x, wrong, config), shape, reference)
     assert not weight.registers_lookup_fits()  # a CPU: the interpreter runs no PTX
+    assert not weight.scaled_lookup_fits()
     # what the picker times at a winning shape: here without the register lookup
     variants = triton_layers.nf4_variants(shape, triton_layers.Projection(weight, None, weight.rows))
     assert [(v.nf4_lookup, v.nf4_prefetch, v.nf4_stages) for v in variants] == [

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+import torch
+
 # bitsandbytes' NF4 code book (`bitsandbytes.functional.get_4bit_type("nf4")`), the 16 values a
 # code stands for, low code first.
 NF4_CODE_BOOK = (
@@ -97,6 +100,58 @@ def program(high: bool, book: tuple[float, ...] = NF4_CODE_BOOK) -> list[Instruc
     return code
 
 
+def scaled_table_program(book: tuple[float, ...] = NF4_CODE_BOOK) -> list[Instruction]:
+    """From one block's scale (`scale`, fp32 bits) to its 16 values in bf16 as bitsandbytes
+    dequantizes them (book[c] * scale in fp32, rounded to nearest even), as byte planes for
+    `scaled_lookup_program`: `out0`..`out3` the low bytes of values 4q..4q+3, `out4`..`out7`
+    their high bytes. 32 instructions a block instead of a multiply and half a conversion a
+    weight."""
+    code: list[Instruction] = [("mul", f"p{c}", "scale", _bits(value), 0) for c, value in enumerate(book)]
+    code += [("cvt", f"w{j}", f"p{2 * j + 1}", f"p{2 * j}", 0) for j in range(len(book) // 2)]
+    for q in range(4):  # w holds values 2j (lower half) and 2j + 1 (upper half)
+        code += [
+            ("prmt", f"out{q}", f"w{2 * q}", f"w{2 * q + 1}", 0x6420),
+            ("prmt", f"out{4 + q}", f"w{2 * q}", f"w{2 * q + 1}", 0x7531),
+        ]
+    return code
+
+
+def scaled_lookup_program() -> list[Instruction]:
+    """From `in` (four packed bytes, byte k of element k) and one block's planes (`low0`..`low3`,
+    `high0`..`high3`: `scaled_table_program`'s outputs) to `out0`..`out3`, the fp32 bits of each
+    byte's high nibble's value (the even column's), and `out4`..`out7`, its low nibble's. The
+    planes are two bytes deep, not four, and the values come scaled and rounded: 30
+    instructions for eight weights, where `program` takes 56 (and its 16 constants), and a
+    multiply and half a conversion a weight follow."""
+    code: list[Instruction] = [
+        ("and", "index", "in", 0x77777777, 0),  # nibble k: code k's place in its half of the book
+        ("shr", "top", "in", 1, 0),
+        ("and", "top", "top", 0x44444444, 0),
+        ("or", "half", "top", 0x32103210, 0),  # byte k from the lower half's result (k) or the upper's
+        ("shr", "index2", "index", 16, 0),
+        ("shr", "half2", "half", 16, 0),
+    ]
+    # codes in nibble order: byte 0's low and high, byte 1's; then (shifted down) bytes 2 and 3
+    for group, (index, half) in enumerate((("index", "half"), ("index2", "half2"))):
+        for plane in ("low", "high"):
+            code += [
+                ("prmt", "a", f"{plane}0", f"{plane}1", index),
+                ("prmt", "b", f"{plane}2", f"{plane}3", index),
+                ("prmt", f"r{plane}", "a", "b", half),  # byte k: this plane's byte of code k's value
+            ]
+        # a byte's two values as bf16 pairs (low nibble's lower), then each as fp32 bits
+        code += [("prmt", "pair0", "rlow", "rhigh", 0x5140), ("prmt", "pair1", "rlow", "rhigh", 0x7362)]
+        for k, pair in enumerate(("pair0", "pair1")):
+            byte = 2 * group + k
+            code += [("and", f"out{byte}", pair, 0xFFFF0000, 0), ("shl", f"out{4 + byte}", pair, 16, 0)]
+    return code
+
+
+# Operand numbers of the scaled lookup's inline asm: eight results, the packed bytes, then the
+# eight planes, four registers each (four elements a call; a block's planes are the same in all).
+SCALED_LOOKUP_INPUTS = {"in": 8} | {f"low{q}": 9 + 4 * q for q in range(4)} | {f"high{q}": 25 + 4 * q for q in range(4)}
+
+
 def _prmt(a: int, b: int, selector: int) -> int:
     """PTX `prmt.b32` in its default mode: output byte k is byte (selector nibble k & 7) of
     b:a, or that byte's sign replicated when the nibble's bit 3 is set."""
@@ -111,9 +166,10 @@ def _prmt(a: int, b: int, selector: int) -> int:
     return out
 
 
-def emulate(code: list[Instruction], packed: int) -> list[int]:
-    """Run `code` on the 32-bit word `packed`; the four outputs' bits."""
-    regs: dict[str, int] = {"in": packed}
+def emulate(code: list[Instruction], inputs: int | dict[str, int], outputs: int = 4) -> list[int]:
+    """Run `code` on `inputs` (a 32-bit word as `in`, or each input register's bits by name);
+    the bits of its `outputs` results `out0`, `out1`, ..."""
+    regs: dict[str, int] = {"in": inputs} if isinstance(inputs, int) else dict(inputs)
 
     def value(operand: str | int) -> int:
         return operand if isinstance(operand, int) else regs[operand]
@@ -123,26 +179,47 @@ def emulate(code: list[Instruction], packed: int) -> list[int]:
             regs[dst] = value(a)
         elif op == "shr":
             regs[dst] = value(a) >> value(b)
+        elif op == "shl":
+            regs[dst] = value(a) << value(b)
         elif op == "and":
             regs[dst] = value(a) & value(b)
         elif op == "or":
             regs[dst] = value(a) | value(b)
         elif op == "prmt":
             regs[dst] = _prmt(value(a), value(b), value(c))
+        elif op == "mul":  # fp32, rounded to nearest even, as mul.rn.f32
+            regs[dst] = _bits(float(np.float32(_float(value(a))) * np.float32(_float(value(b)))))
+        elif op == "cvt":  # cvt.rn.bf16x2.f32: a's bf16 in the upper half, b's in the lower
+            regs[dst] = (_bf16_bits(value(a)) << 16) | _bf16_bits(value(b))
         else:
             raise ValueError(op)
         regs[dst] &= 0xFFFFFFFF
-    return [regs[f"out{k}"] for k in range(4)]
+    return [regs[f"out{k}"] for k in range(outputs)]
 
 
-def ptx(code: list[Instruction]) -> str:
-    """`code` as the body of a Triton `inline_asm_elementwise` call with four 32-bit outputs
-    ($0..$3) and one input ($4, four packed bytes)."""
+def _float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
+
+
+def _bf16_bits(bits: int) -> int:
+    """fp32 bits rounded to bf16 to nearest even (torch's conversion, as the GPU's cvt.rn)."""
+    value = torch.tensor([bits & 0xFFFFFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    return int(value.to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+
+def ptx(code: list[Instruction], outputs: int = 4, inputs: dict[str, int] | None = None) -> str:
+    """`code` as the body of a Triton `inline_asm_elementwise` call: `outputs` 32-bit results
+    ($0, $1, ...) and its inputs' operand numbers (by default one, `in` = ${outputs}: four
+    packed bytes). A multiply's constant is fp32 bits."""
+    inputs = {"in": outputs} if inputs is None else inputs
     names = sorted({dst for _, dst, *_ in code if not dst.startswith("out")})
-    operands = {name: f"%nf4_{name}" for name in names} | {f"out{k}": f"${k}" for k in range(4)} | {"in": "$4"}
+    operands = {name: f"%nf4_{name}" for name in names} | {f"out{k}": f"${k}" for k in range(outputs)}
+    operands |= {name: f"${index}" for name, index in inputs.items()}
 
-    def text(operand: str | int) -> str:
-        return f"0x{operand:X}" if isinstance(operand, int) else operands[operand]
+    def text(operand: str | int, floating: bool = False) -> str:
+        if isinstance(operand, str):
+            return operands[operand]
+        return f"0f{operand:08X}" if floating else f"0x{operand:X}"
 
     lines = ["{", "  .reg .b32 " + ", ".join(operands[name] for name in names) + ";"]
     for op, dst, a, b, c in code:
@@ -150,6 +227,10 @@ def ptx(code: list[Instruction]) -> str:
             lines.append(f"  mov.b32 {text(dst)}, {text(a)};")
         elif op == "prmt":
             lines.append(f"  prmt.b32 {text(dst)}, {text(a)}, {text(b)}, {text(c)};")
+        elif op == "mul":
+            lines.append(f"  mul.rn.f32 {text(dst)}, {text(a)}, {text(b, floating=True)};")
+        elif op == "cvt":
+            lines.append(f"  cvt.rn.bf16x2.f32 {text(dst)}, {text(a)}, {text(b)};")
         else:
             lines.append(f"  {op}.b32 {text(dst)}, {text(a)}, {text(b)};")
     lines.append("}")

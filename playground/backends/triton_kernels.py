@@ -32,7 +32,9 @@ class MatvecConfig:
     load from a 256-entry table (2 KB); "nibble" reads each code's value from the 16-entry table,
     two loads a byte, but all of a warp's loads fall in one cache line; "registers" finds them
     by byte permutes, no loads and no change of layout (`nf4_permute`; GPU only, and only for
-    bitsandbytes' own NF4 code book). `nf4_prefetch`: each loop step loads the next step's
+    bitsandbytes' own NF4 code book); "scaled" scales and rounds each block's 16 values once,
+    into registers, and finds a weight's there by byte permutes (as "registers", and bf16 weights
+    only). `nf4_prefetch`: each loop step loads the next step's
     packed bytes before decoding its own. `nf4_stages`: loop steps whose loads are in flight at
     once, through shared memory (Triton's software pipelining, asynchronous copies on the GPU);
     1 loads as each step needs them."""
@@ -218,7 +220,7 @@ def fused_matvec(
 
 
 # MatvecConfig.nf4_lookup: the kernel's LOOKUP (triton_source.LOOKUP_BYTE and on)
-NF4_LOOKUPS = {"byte": 0, "nibble": 1, "registers": 2}
+NF4_LOOKUPS = {"byte": 0, "nibble": 1, "registers": 2, "scaled": 3}
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,12 @@ class NF4Weight:
 
         book = torch.tensor(NF4_CODE_BOOK, dtype=torch.float32)
         return self.table.device.type == "cuda" and torch.equal(self.table.cpu(), book)
+
+    def scaled_lookup_fits(self) -> bool:
+        """Whether the kernel can scale each block's values once and look them up in registers
+        (`nf4_permute.scaled_table_program`): as `registers_lookup_fits`, for bf16 weights (the
+        planes hold two bytes a value)."""
+        return self.dtype == torch.bfloat16 and self.registers_lookup_fits()
 
 
 def nf4_code_pairs(table: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,8 @@ class Projection:
             return True
         if config.nf4_lookup == "registers" and not self.weight.registers_lookup_fits():
             return False
+        if config.nf4_lookup == "scaled" and not self.weight.scaled_lookup_fits():
+            return False
         return all(rows % config.block_n == 0 for rows in self.parts)
 
     def matvec(
@@ -436,7 +438,12 @@ def describe_choices(model: nn.Module) -> str:
         choices.append(f"each head's slots over {attention.splits} programs")
     first = _decoder_layers(model)[0]
     if isinstance(first, FusedDecoderLayer) and isinstance(first.projections["qkv"].weight, NF4Weight):
-        ways = {"nibble": "a nibble at a time", "byte": "a byte at a time", "registers": "by byte permutes"}
+        ways = {
+            "nibble": "a nibble at a time",
+            "byte": "a byte at a time",
+            "registers": "by byte permutes",
+            "scaled": "by byte permutes in each block's scaled values",
+        }
         groups = {way: sorted(name for name in MATVECS if configs[name].nf4_lookup == way) for way in ways}
         groups = {way: names for way, names in groups.items() if names}
         if len(groups) == 1:
@@ -488,7 +495,7 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
     variants = [
         dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch, nf4_stages=stages)
         for prefetch, stages in ways
-        for lookup in ("nibble", "byte", "registers")
+        for lookup in ("nibble", "byte", "registers", "scaled")
     ]
     return [variant for variant in variants if projection.fits(variant)]
 

@@ -22,11 +22,21 @@ from playground.backends import nf4_permute
 LOOKUP_BYTE: tl.constexpr = tl.constexpr(0)
 LOOKUP_NIBBLE: tl.constexpr = tl.constexpr(1)
 LOOKUP_REGISTERS: tl.constexpr = tl.constexpr(2)
+# Each block's 16 values scaled and rounded once, into registers (`nf4_permute.scaled_*`), then
+# looked up by byte permutes: bf16 weights with bitsandbytes' code book, on a GPU; elsewhere as
+# LOOKUP_NIBBLE.
+LOOKUP_SCALED: tl.constexpr = tl.constexpr(3)
 # Triton's interpreter (the CPU tests) runs the register lookup's kernel with the 16-entry table
 # in its place; the permutes themselves are checked by `nf4_permute.emulate`.
 INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 NF4_HIGH_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=True)))
 NF4_LOW_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.program(high=False)))
+NF4_SCALED_TABLE_PTX: tl.constexpr = tl.constexpr(
+    nf4_permute.ptx(nf4_permute.scaled_table_program(), outputs=8, inputs={"scale": 8})
+)
+NF4_SCALED_LOOKUP_PTX: tl.constexpr = tl.constexpr(
+    nf4_permute.ptx(nf4_permute.scaled_lookup_program(), outputs=8, inputs=nf4_permute.SCALED_LOOKUP_INPUTS)
+)
 # $2 and $3 rounded to bf16 into one register's upper and lower halves, then each half as fp32 bits.
 BF16_PAIR_ROUND_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .b32 pair; cvt.rn.bf16x2.f32 pair, $2, $3; and.b32 $0, pair, 0xffff0000; shl.b32 $1, pair, 16; }"
@@ -208,6 +218,36 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP:
 
 
 @triton.jit
+def nf4_scaled_values(packed, scale):
+    """`nf4_values` for bf16 weights with bitsandbytes' code book, on a GPU: each block's 16
+    values scaled and rounded once (`scale`: [rows, blocks]), as byte planes in registers, then
+    each packed byte's two looked up by byte permutes (`packed`: [rows, blocks, bytes])."""
+    low0, low1, low2, low3, high0, high1, high2, high3 = tl.inline_asm_elementwise(
+        NF4_SCALED_TABLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,f", [scale], dtype=(tl.int32,) * 8, is_pure=True, pack=1
+    )
+    # four bytes a call: the bytes in one register, each plane as four (all one block's)
+    high, low = tl.inline_asm_elementwise(
+        NF4_SCALED_LOOKUP_PTX,
+        "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 33,
+        [
+            packed.to(tl.uint8),
+            low0[:, :, None],
+            low1[:, :, None],
+            low2[:, :, None],
+            low3[:, :, None],
+            high0[:, :, None],
+            high1[:, :, None],
+            high2[:, :, None],
+            high3[:, :, None],
+        ],
+        dtype=(tl.float32, tl.float32),
+        is_pure=True,
+        pack=4,
+    )
+    return high, low
+
+
+@triton.jit
 def round_pair(first, second, dtype: tl.constexpr):
     """Both fp32 values rounded to `dtype` and back to fp32. In bf16 on the GPU one packed
     conversion rounds the two (the same round to nearest even as two single ones: single
@@ -256,7 +296,7 @@ def nf4_tile(
     the tile, as in every real model): one scale load per row and block (`block_ok`), broadcast
     over its bytes; else each byte finds its own block's scale (blocks may straddle rows)."""
     byte = rows3 * (K // 2) + half
-    if ALIGNED and LOOKUP == LOOKUP_REGISTERS:
+    if ALIGNED and (LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED):
         # Loaded as [rows, blocks] and broadcast over the bytes: then the compiler keeps the
         # decoding in the packed bytes' layout (a [rows, blocks, 1] load gets a layout of its
         # own, and the whole tile was moved into it through shared memory).
@@ -264,7 +304,10 @@ def nf4_tile(
         block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
         scale_ok = tl.reshape(block_ok, shape)
         scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
-        scale = scale[:, :, None]
+        if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:
+            high, low = nf4_scaled_values(packed, scale)
+        else:
+            high, low = nf4_values(packed, table_ptr, pairs_ptr, scale[:, :, None], dtype, LOOKUP)
     else:
         if ALIGNED:
             block = rows3 * (K // BLOCKSIZE) + block_col
@@ -273,7 +316,8 @@ def nf4_tile(
             block = (byte * 2) // BLOCKSIZE
             scale_ok = ok
         scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
-    return nf4_values(packed, table_ptr, pairs_ptr, scale, dtype, LOOKUP)
+        high, low = nf4_values(packed, table_ptr, pairs_ptr, scale, dtype, LOOKUP)
+    return high, low
 
 
 @triton.jit
@@ -381,7 +425,7 @@ def nf4_matvec_kernel(
             codes_up = codes
             if GATED:
                 codes_up = nf4_bytes(packed1, rows3, half, ok, K)
-        if LOOKUP == LOOKUP_REGISTERS:
+        if LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED:
             # x as a [blocks, bytes] load broadcast over the rows, for the reason the scales are
             # (`nf4_tile`): only these small tiles change layout, not the weights'
             half2 = tl.reshape(half, (half.shape[1], half.shape[2]))
