@@ -466,16 +466,17 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     """The fastest launch shape that fits the `name` matvec, timed on its `matvec_trial` over
     all `layers` (`projections`: each layer's `layer_projections`) on a GPU (`_fastest`); off a
     GPU the first that fits (only the first layer's projections are needed there). NF4 weights:
-    the shapes are timed looking values up a code at a time, then the fastest with each lookup,
-    its bytes prefetched a step ahead, its loads pipelined, or neither (on the H200 the code at a
-    time won on every 1.7B projection by 13-22%; timing both lookups for every shape doubled the
-    load's tuning, 18 to 37 s). Those variants compute the same values, so one whose output
-    differs from the first's beyond rounding is not taken."""
+    the shapes are timed with the scaled lookup where it fits (it won on every 1.7B projection
+    on the H200, by 8-25%), else a code at a time; then the fastest with each lookup, its bytes
+    prefetched a step ahead, its loads pipelined, or neither (timing every lookup for every
+    shape doubled the load's tuning, 18 to 37 s). Those variants compute the same values, so one
+    whose output differs from the code at a time's beyond rounding is not taken."""
     projection = projections[0][name]
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
     if nf4:
-        candidates = [dataclasses.replace(config, nf4_lookup="nibble") for config in candidates]
+        lookup = "scaled" if projection.weight.scaled_lookup_fits() else "nibble"
+        candidates = [dataclasses.replace(config, nf4_lookup=lookup) for config in candidates]
     if not candidates:
         raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
     if projection.device.type != "cuda":
@@ -483,7 +484,8 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     trial = matvec_trial(layers, name, projections)
     best = _fastest(candidates, trial, candidates[0])
     if nf4:  # the first stays on a tie
-        best = _fastest(nf4_variants(best, projection), trial, best, agree_with=trial(best))
+        plain = dataclasses.replace(best, nf4_lookup="nibble")
+        best = _fastest(nf4_variants(best, projection), trial, best, agree_with=trial(plain))
     return best
 
 
