@@ -288,6 +288,41 @@ def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder):
     )
 
 
+def test_a_second_load_takes_the_launch_shapes_the_first_timed(llama_folder, tmp_path, monkeypatch):
+    """The first load on the GPU times its kernels' launch shapes and keeps them; a second load
+    of the same model takes them without timing (its decode path says so) and decodes the same
+    tokens; once its fused layers are removed (a failed trial) the kept picks are gone."""
+    import time
+
+    from test_fast_decode import backend_for, reply
+
+    from playground.backends import launch_shape_cache, triton_layers
+    from playground.config import GenerationParams
+
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))
+    config = variant(
+        id="kept-shapes", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32", device="cuda"
+    )
+    started = time.perf_counter()
+    first = backend_for(config, "auto")
+    first_s = time.perf_counter() - started
+    assert first.decode_path.triton_layers and "earlier load" not in first.decode_path.describe()
+    kept = list(launch_shape_cache.folder().glob("*.json"))
+    assert len(kept) == 1
+    started = time.perf_counter()
+    second = backend_for(config, "auto")
+    second_s = time.perf_counter() - started
+    assert "launch shapes as an earlier load timed them" in second.decode_path.describe()
+    assert second.model.model.layers[0].configs == first.model.model.layers[0].configs
+    params = GenerationParams(max_new_tokens=32, temperature=0.0)
+    assert reply(second, params, mode="completion", text="Hello world") == reply(
+        first, params, mode="completion", text="Hello world"
+    )
+    print(f"load with timing {first_s:.1f} s, with kept launch shapes {second_s:.1f} s")
+    triton_layers.remove_fused_layers(second.model)
+    assert not kept[0].exists()
+
+
 def test_one_gpu_times_one_variant_s_launch_shapes_at_a_time():
     """Two loads timing kernels on the same GPU take turns (in the app they are two workers; a
     file lock serves threads and processes alike): the second starts only after the first ends.

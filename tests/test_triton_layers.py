@@ -511,3 +511,71 @@ def test_every_kernel_variant_compiles_for_hopper():
     # Where NF4 blocks lie within rows, a block's scale is one load, not one a byte.
     loads = {line.split(":")[0]: int(line.split(", ")[-1].split()[0]) for line in done.stdout.splitlines()}
     assert loads["nf4 gate/up"] < loads["nf4 gate/up, blocks straddling rows"], done.stdout
+
+
+def test_timed_launch_shapes_are_kept_for_the_next_load_and_anything_odd_times_again(tmp_path, monkeypatch):
+    """Picks stored under a key come back as the same configs; a different description is
+    another key; a missing, corrupt or ill-typed file, or one without every name, is a miss
+    (the load times again), and a forgotten key is gone."""
+    from playground.backends import launch_shape_cache
+    from playground.backends.triton_kernels import AttentionConfig
+
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))
+    names = {"qkv", "o", "gate_up", "down", "attention"}
+    description = {"gpu": ["NVIDIA H200", 9, 0, 132], "layers": 24, "pdl": True}
+    picks = {
+        "qkv": MatvecConfig(16, 512, 8, pdl=True, nf4_lookup="scaled"),
+        "o": MatvecConfig(4, 512, 4, nf4_lookup="scaled", nf4_stages=3),
+        "gate_up": MatvecConfig(8, 512, 4, nf4_prefetch=True),
+        "down": MatvecConfig(8, 1024, 8),
+        "attention": AttentionConfig(32, 2, pdl=True, splits=16),
+    }
+    key = launch_shape_cache.key(description)
+    assert launch_shape_cache.key(description | {"layers": 28}) != key
+    assert launch_shape_cache.load(key, names) is None  # nothing stored yet
+    launch_shape_cache.store(key, picks, description)
+    assert launch_shape_cache.load(key, names) == picks
+    without_attention = dict(picks, attention=None)
+    launch_shape_cache.store(key, without_attention, description)
+    assert launch_shape_cache.load(key, names) == without_attention
+    assert launch_shape_cache.load(key, names | {"lm_head"}) is None
+
+    path = launch_shape_cache.folder() / f"{key}.json"
+    stored = path.read_text()
+    assert list(launch_shape_cache.folder().iterdir()) == [path]  # no temporary file left
+    path.write_text(stored[: len(stored) // 2])
+    assert launch_shape_cache.load(key, names) is None
+    path.write_text(stored.replace('"block_k": 512', '"block_k": "512"'))
+    assert launch_shape_cache.load(key, names) is None
+    path.write_text(stored.replace('"nf4_stages": 3', '"nf4_stages": 3, "unknown": 1'))
+    assert launch_shape_cache.load(key, names) is None
+    launch_shape_cache.forget(key)
+    assert not path.exists()
+    launch_shape_cache.forget(key)  # twice: nothing to drop
+
+    # a cache folder that cannot be made: nothing kept, no error
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "file"))
+    launch_shape_cache.store(key, picks, description)
+    assert launch_shape_cache.load(key, names) is None
+
+
+def test_stored_picks_that_do_not_fit_the_layers_are_not_taken(llama_folder):
+    """A stored pick is checked against the layers it would run (`Projection.fits`): a column
+    block too wide for a projection, a missing matvec or attention config, or an attention config
+    where the model's own attention runs."""
+    from transformers import AutoModelForCausalLM
+
+    from playground.backends.triton_kernels import AttentionConfig
+
+    model = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
+    fuse_projections(model)
+    first = triton_layers.layer_projections(triton_layers._decoder_layers(model)[0])
+    fitting = {name: MatvecConfig(8, 64, 4) for name in triton_layers.MATVECS}
+    assert triton_layers._cached_picks_fit(fitting | {"attention": AttentionConfig(32, 4)}, first, True)
+    assert triton_layers._cached_picks_fit(fitting | {"attention": None}, first, False)
+    assert not triton_layers._cached_picks_fit(fitting | {"attention": None}, first, True)
+    assert not triton_layers._cached_picks_fit(fitting | {"attention": AttentionConfig(32, 4)}, first, False)
+    wide = dict(fitting, qkv=MatvecConfig(8, 4 * first["qkv"].columns, 4))  # mostly masked columns
+    assert not triton_layers._cached_picks_fit(wide | {"attention": AttentionConfig(32, 4)}, first, True)
+    assert not triton_layers._cached_picks_fit(dict(fitting, o=None) | {"attention": None}, first, False)

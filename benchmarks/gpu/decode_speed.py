@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import string
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         "is what kills llama.cpp's workers",
     )
     args = parser.parse_args(argv)
+    # Every variant times its launch shapes as a first load does (load_s), none reads an earlier
+    # run's picks (`launch_shape_cache`); its workers inherit this.
+    os.environ["PLAYGROUND_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-cache-", dir=args.work_dir)
     args.fp32_check = set(filter(None, args.fp32_check.split(",")))
     random.seed(0)
     words = ["".join(random.choices(string.ascii_lowercase, k=7)) for _ in range(PROMPT_TOKENS // 8)]

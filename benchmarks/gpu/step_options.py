@@ -35,8 +35,10 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -430,8 +432,10 @@ def main() -> None:
             continue
         command = [sys.executable, "-m", "benchmarks.gpu.step_options", "--out", "-", "--one", option, shape]
         command += ["--replays", str(args.replays)]
+        # a fresh cache: the picker times (tuning_s), as on a first load (`launch_shape_cache`)
+        environment = dict(os.environ, PLAYGROUND_CACHE_DIR=tempfile.mkdtemp(prefix="step-options-cache-"))
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=environment)
             found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             row = json.loads(found[0]) if found else {"option": option, "shape": shape, "error": done.stderr[-600:]}
         except subprocess.TimeoutExpired:

@@ -21,7 +21,8 @@ NF4: tests/test_triton_layers.py, through Triton's interpreter on a CPU) and bf1
 from the unfused layer by the order of the sums.
 
 Each kernel's launch shape is picked when the layers are installed, by timing the candidates in
-CUDA graphs on the model's own weights; a CPU (the interpreter) takes the first that fits. This
+CUDA graphs on the model's own weights, or taken from an earlier load's timing of the same shapes
+on the same kind of GPU (`launch_shape_cache`); a CPU (the interpreter) takes the first that fits. This
 module knows nothing of sampling: `fast_decode` owns that.
 """
 
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import StaticLayer
 
+from playground.backends import launch_shape_cache
 from playground.backends.triton_kernels import (
     ATTENTION_CANDIDATES,
     CANDIDATE_CONFIGS,
@@ -317,17 +319,67 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     layers = _decoder_layers(model)
     first = layer_projections(layers[0])
     device = first["qkv"].device
-    # every layer's, built once for the trials (off a GPU nothing is timed: the first's serve)
-    projections = [first, *map(layer_projections, layers[1:])] if device.type == "cuda" else [first]
-    with timing_lock(device):
-        configs: dict[str, Any] = {name: _pick_config(layers, name, projections) for name in MATVECS}
-        configs["attention"] = _pick_attention_config(model) if triton_attention else None
-        if pdl and device.type == "cuda":
-            configs = _with_pdl_if_faster(model, layers, projections, configs)
+    configs = None
+    if device.type == "cuda":  # picks timed by an earlier load of this model on this kind of GPU
+        description = _timing_description(model, first, triton_attention, pdl)
+        cache_key = launch_shape_cache.key(description)
+        configs = launch_shape_cache.load(cache_key, {*MATVECS, "attention"})
+        if configs is not None and not _cached_picks_fit(configs, first, triton_attention):
+            configs = None
+        model._launch_shapes = {"cache_key": cache_key, "cached": configs is not None}
+    if configs is None:
+        # every layer's, built once for the trials (off a GPU nothing is timed: the first's serve)
+        projections = [first, *map(layer_projections, layers[1:])] if device.type == "cuda" else [first]
+        with timing_lock(device):
+            configs = {name: _pick_config(layers, name, projections) for name in MATVECS}
+            configs["attention"] = _pick_attention_config(model) if triton_attention else None
+            if pdl and device.type == "cuda":
+                configs = _with_pdl_if_faster(model, layers, projections, configs)
+        if device.type == "cuda":
+            launch_shape_cache.store(cache_key, configs, description)
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
     return len(layers)
+
+
+def _timing_description(
+    model: nn.Module, first: dict[str, Projection], triton_attention: bool, pdl: bool
+) -> dict[str, Any]:
+    """What the timed picks depend on besides the code: the GPU, the layers' shapes and weight
+    formats, and the options timed with (`launch_shape_cache.key` hashes it)."""
+    device = first["qkv"].device
+    properties = torch.cuda.get_device_properties(device)
+    config = model.config
+    projections = {}
+    for name, projection in first.items():
+        weight = projection.weight
+        entry: dict[str, Any] = {"parts": list(projection.parts), "columns": projection.columns}
+        entry["dtype"] = str(projection.dtype)
+        if isinstance(weight, NF4Weight):
+            entry["nf4"] = [weight.blocksize, weight.blocksize2, weight.nested, weight.registers_lookup_fits()]
+        projections[name] = entry
+    return {
+        "gpu": [properties.name, properties.major, properties.minor, properties.multi_processor_count],
+        "layers": len(_decoder_layers(model)),
+        "heads": [config.num_attention_heads, config.num_key_value_heads],
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "projections": projections,
+        "triton_attention": triton_attention,
+        "pdl": pdl,
+    }
+
+
+def _cached_picks_fit(configs: dict[str, Any], first: dict[str, Projection], triton_attention: bool) -> bool:
+    """Whether stored picks can run these layers (a stored file is read, not trusted)."""
+    if any(not isinstance(configs[name], MatvecConfig) or not first[name].fits(configs[name]) for name in MATVECS):
+        return False
+    return isinstance(configs["attention"], AttentionConfig) if triton_attention else configs["attention"] is None
+
+
+def launch_shapes_cached(model: nn.Module) -> bool:
+    """Whether the installed layers' launch shapes came from an earlier load's timing."""
+    return bool(getattr(model, "_launch_shapes", {}).get("cached"))
 
 
 @contextlib.contextmanager
@@ -409,7 +461,11 @@ def _layer_matvecs(
 
 
 def remove_fused_layers(model: nn.Module) -> None:
-    """Put the model's own layers back (a fused path that failed its trial)."""
+    """Put the model's own layers back (a fused path that failed its trial). Their launch
+    shapes are dropped from the cache, so the next load times its own."""
+    shapes = getattr(model, "_launch_shapes", None)
+    if shapes:
+        launch_shape_cache.forget(shapes["cache_key"])
     layers = _decoder_layers(model)
     for index, layer in enumerate(layers):
         if isinstance(layer, FusedDecoderLayer):
@@ -459,6 +515,8 @@ def describe_choices(model: nn.Module) -> str:
             choices.append(f"NF4 loads pipelined in {', '.join(pipelined)}")
     if uses_pdl(model):
         choices.append("programmatic dependent launch")
+    if launch_shapes_cached(model):
+        choices.append("launch shapes as an earlier load timed them")
     return ", ".join(choices)
 
 
