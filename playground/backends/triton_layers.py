@@ -21,9 +21,9 @@ NF4: tests/test_triton_layers.py, through Triton's interpreter on a CPU) and bf1
 from the unfused layer by the order of the sums.
 
 Each kernel's launch shape is picked when the layers are installed, by timing the candidates in
-CUDA graphs on the model's own weights, or taken from an earlier load's timing of the same shapes
-on the same kind of GPU (`launch_shape_cache`); a CPU (the interpreter) takes the first that fits. This
-module knows nothing of sampling: `fast_decode` owns that.
+CUDA graphs on the model's own weights, or taken from an earlier load's timing of the same
+shapes on the same kind of GPU (`launch_shape_cache`); a CPU (the interpreter) takes the first
+that fits. This module knows nothing of sampling: `fast_decode` owns that.
 """
 
 from __future__ import annotations
@@ -312,10 +312,11 @@ MATVECS = {
 
 def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: bool = True) -> int:
     """Wrap every decoder layer in a `FusedDecoderLayer`; returns how many. Call only when
-    `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first, on the first
-    layer's weights. `triton_attention`: False keeps the model's own RoPE, cache update and SDPA;
-    `pdl`: False leaves programmatic dependent launch out of the choice; else a layer's kernels
-    all take it or none does, whichever runs a layer's sequence faster."""
+    `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first, on every
+    layer's weights, unless an earlier load of the same shapes kept its picks
+    (`launch_shape_cache`). `triton_attention`: False keeps the model's own RoPE, cache update
+    and SDPA; `pdl`: False leaves programmatic dependent launch out of the choice; else a
+    layer's kernels all take it or none does, whichever runs a layer's sequence faster."""
     layers = _decoder_layers(model)
     first = layer_projections(layers[0])
     device = first["qkv"].device
@@ -525,7 +526,7 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     all `layers` (`projections`: each layer's `layer_projections`) on a GPU (`_fastest`); off a
     GPU the first that fits (only the first layer's projections are needed there). NF4 weights:
     the shapes are timed with the scaled lookup where it fits (it won on every 1.7B projection
-    on the H200, by 8-25%), else a code at a time; then the fastest with each lookup, its bytes
+    on the H200, by 2-24%), else a code at a time; then the fastest with each lookup, its bytes
     prefetched a step ahead, its loads pipelined, or neither (timing every lookup for every
     shape doubled the load's tuning, 18 to 37 s). Those variants compute the same values, so one
     whose output differs from the code at a time's beyond rounding is not taken."""
