@@ -277,8 +277,11 @@ class NF4Weight:
     def scaled_lookup_fits(self) -> bool:
         """Whether the kernel can scale each block's values once and look them up in registers
         (`nf4_permute.scaled_table_program`): as `registers_lookup_fits`, for bf16 weights (the
-        planes hold two bytes a value)."""
-        return self.dtype == torch.bfloat16 and self.registers_lookup_fits()
+        planes hold two bytes a value), in blocks of 32 weights or more. A lookup takes four
+        packed bytes with one block's planes, so four bytes a thread holds in a row must lie in
+        one block: a block of 16 bytes or more is read 16 at a time."""
+        fits = self.dtype == torch.bfloat16 and self.blocksize >= 32 and self.blocksize % 32 == 0
+        return fits and self.registers_lookup_fits()
 
 
 def nf4_code_pairs(table: torch.Tensor) -> torch.Tensor:
