@@ -104,30 +104,26 @@ VARIANTS = {
     "nf4 qkv, double quant, prefetched": nf4(
         3, nested=True, norm=True, bias=True, gated=False, residual=False, prefetch=True
     ),
-    "nf4 gate/up, registers": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=2),
-    "nf4 qkv, double quant, registers, prefetched": nf4(
-        3, nested=True, norm=True, bias=True, gated=False, residual=False, lookup=2, prefetch=True
-    ),
-    "nf4 o/down, registers, blocks straddling rows": nf4(
-        1, nested=False, norm=False, bias=False, gated=False, residual=True, lookup=2, aligned=False
-    ),
-    "nf4 gate/up, registers, pipelined": nf4(
-        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=2, stages=3
-    ),
     "nf4 o/down, double quant, by nibble, pipelined": nf4(
         1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1, stages=3
     ),
-    # each block's values scaled once, looked up by byte permutes (bf16 weights)
-    "nf4 gate/up, scaled": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3),
-    "nf4 qkv, double quant, scaled, prefetched": nf4(
-        3, nested=True, norm=True, bias=True, gated=False, residual=False, lookup=3, prefetch=True
-    ),
-    "nf4 o/down, scaled, blocks straddling rows": nf4(
-        1, nested=False, norm=False, bias=False, gated=False, residual=True, lookup=3, aligned=False
-    ),
-    "nf4 gate/up, scaled, pipelined": nf4(
-        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3, stages=3
-    ),
+    # the lookups in registers: byte permutes (2), and each block's values scaled once (3, bf16)
+    **{
+        f"nf4 {case}, {name}": nf4(**arguments, lookup=lookup)
+        for name, lookup in (("registers", 2), ("scaled", 3))
+        for case, arguments in {
+            "gate/up": dict(parts=2, nested=False, norm=True, bias=False, gated=True, residual=False),
+            "qkv, double quant, prefetched": dict(
+                parts=3, nested=True, norm=True, bias=True, gated=False, residual=False, prefetch=True
+            ),
+            "o/down, blocks straddling rows": dict(
+                parts=1, nested=False, norm=False, bias=False, gated=False, residual=True, aligned=False
+            ),
+            "gate/up, pipelined": dict(
+                parts=2, nested=False, norm=True, bias=False, gated=True, residual=False, stages=3
+            ),
+        }.items()
+    },
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),
     # with programmatic dependent launch (griddepcontrol, Hopper's own instructions)
