@@ -11,8 +11,12 @@ four bytes out of two registers by 3-bit indices, so one `prmt` a half plane giv
 values; a third picks each code's half by its top bit. Four planes, then a 4 x 4 byte transpose,
 give the four values. 28 integer instructions for four values.
 
-The program is data (`program`), rendered to PTX for the kernel (`ptx`) and run by `emulate`,
-which the tests check against the code book for every byte.
+For bf16 weights the kernel can instead build the planes of each block's own 16 values, scaled
+by the block's scale and rounded once (`scaled_table_program`); then two planes hold a value, and
+a lookup gives weights ready for the multiply-add (`scaled_lookup_program`).
+
+The programs are data, rendered to PTX for the kernel (`ptx`) and run by `emulate`, which the
+tests check against bitsandbytes' values for every byte.
 """
 
 from __future__ import annotations
