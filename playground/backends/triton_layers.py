@@ -320,24 +320,29 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     layers = _decoder_layers(model)
     first = layer_projections(layers[0])
     device = first["qkv"].device
-    configs = None
-    if device.type == "cuda":  # picks timed by an earlier load of this model on this kind of GPU
+    on_gpu = device.type == "cuda"
+    configs, cache_key, description = None, "", {}
+    if on_gpu:  # picks timed by an earlier load of this model on this kind of GPU
         description = _timing_description(model, first, triton_attention, pdl)
         cache_key = launch_shape_cache.key(description)
-        configs = launch_shape_cache.load(cache_key, {*MATVECS, "attention"})
-        if configs is not None and not _cached_picks_fit(configs, first, triton_attention):
-            configs = None
-        model._launch_shapes = {"cache_key": cache_key, "cached": configs is not None}
+        configs = _kept_picks(cache_key, first, triton_attention)
+    cached = configs is not None
     if configs is None:
-        # every layer's, built once for the trials (off a GPU nothing is timed: the first's serve)
-        projections = [first, *map(layer_projections, layers[1:])] if device.type == "cuda" else [first]
         with timing_lock(device):
-            configs = {name: _pick_config(layers, name, projections) for name in MATVECS}
-            configs["attention"] = _pick_attention_config(model) if triton_attention else None
-            if pdl and device.type == "cuda":
-                configs = _with_pdl_if_faster(model, layers, projections, configs)
-        if device.type == "cuda":
-            launch_shape_cache.store(cache_key, configs, description)
+            # a load of the same model that held the lock first has kept its picks by now
+            configs = _kept_picks(cache_key, first, triton_attention) if on_gpu else None
+            cached = configs is not None
+            if configs is None:
+                # every layer's, built once for the trials (off a GPU nothing is timed: the first's serve)
+                projections = [first, *map(layer_projections, layers[1:])] if on_gpu else [first]
+                configs = {name: _pick_config(layers, name, projections) for name in MATVECS}
+                configs["attention"] = _pick_attention_config(model) if triton_attention else None
+                if pdl and on_gpu:
+                    configs = _with_pdl_if_faster(model, layers, projections, configs)
+                if on_gpu:
+                    launch_shape_cache.store(cache_key, configs, description)
+    if on_gpu:
+        model._launch_shapes = {"cache_key": cache_key, "cached": cached}
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
@@ -369,6 +374,12 @@ def _timing_description(
         "triton_attention": triton_attention,
         "pdl": pdl,
     }
+
+
+def _kept_picks(cache_key: str, first: dict[str, Projection], triton_attention: bool) -> dict[str, Any] | None:
+    """The picks an earlier load kept under `cache_key`, where they fit these layers."""
+    configs = launch_shape_cache.load(cache_key, {*MATVECS, "attention"})
+    return configs if configs is not None and _cached_picks_fit(configs, first, triton_attention) else None
 
 
 def _cached_picks_fit(configs: dict[str, Any], first: dict[str, Projection], triton_attention: bool) -> bool:
