@@ -3,11 +3,12 @@ kind of GPU.
 
 Timing the Triton kernels' launch shapes took 53-72 s for the 1.7B shape's NF4 layers on the
 H200, whose whole loads took 60-100 s (benchmarks/RESULTS.md), and the same code meeting the
-same weights' shapes on the same kind of GPU picks the same shapes up to timing noise. A pick is stored under a hash of everything it depends on:
-the GPU's name, compute capability and multiprocessor count (a MIG slice differs from the whole
-GPU), torch's and Triton's versions, the kernel and picker code itself, and the layers' shapes
-and weight formats. Anything else, including a file that cannot be read, times afresh. Delete
-`<cache_dir>/launch-shapes` to time again with unchanged code.
+same weights' shapes on the same kind of GPU picks the same shapes up to timing noise. A pick
+is stored under a hash of everything it depends on: the GPU's name, compute capability and
+multiprocessor count (a MIG slice differs from the whole GPU), torch's and Triton's versions,
+the kernel and picker code itself, and the layers' shapes and weight formats. Anything else,
+including a file that cannot be read, times afresh. Delete `<cache_dir>/launch-shapes` to time
+again with unchanged code.
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ class MatvecConfig:
     by byte permutes, no loads and no change of layout (`nf4_permute`; GPU only, and only for
     bitsandbytes' own NF4 code book); "scaled" scales and rounds each block's 16 values once,
     into registers, and finds a weight's there by byte permutes (as "registers", and bf16 weights
-    only). `nf4_prefetch`: each loop step loads the next step's
-    packed bytes before decoding its own. `nf4_stages`: loop steps whose loads are in flight at
-    once, through shared memory (Triton's software pipelining, asynchronous copies on the GPU);
-    1 loads as each step needs them."""
+    only). `nf4_prefetch`: each loop step loads the next step's packed bytes before decoding its
+    own. `nf4_stages`: loop steps whose loads are in flight at once, through shared memory
+    (Triton's software pipelining, asynchronous copies on the GPU); 1 loads as each step needs
+    them."""
 
     block_n: int
     block_k: int

@@ -320,33 +320,41 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     layers = _decoder_layers(model)
     first = layer_projections(layers[0])
     device = first["qkv"].device
-    on_gpu = device.type == "cuda"
-    configs, cache_key, description = None, "", {}
-    if on_gpu:  # picks timed by an earlier load of this model on this kind of GPU
+    if device.type != "cuda":  # nothing is timed: the first that fits, on the first layer's projections
+        configs = _pick_configs(model, layers, [first], triton_attention, pdl=False)
+    else:
         description = _timing_description(model, first, triton_attention, pdl)
         cache_key = launch_shape_cache.key(description)
-        configs = _kept_picks(cache_key, first, triton_attention)
-    cached = configs is not None
-    if configs is None:
-        with timing_lock(device):
-            # a load of the same model that held the lock first has kept its picks by now
-            configs = _kept_picks(cache_key, first, triton_attention) if on_gpu else None
-            cached = configs is not None
-            if configs is None:
-                # every layer's, built once for the trials (off a GPU nothing is timed: the first's serve)
-                projections = [first, *map(layer_projections, layers[1:])] if on_gpu else [first]
-                configs = {name: _pick_config(layers, name, projections) for name in MATVECS}
-                configs["attention"] = _pick_attention_config(model) if triton_attention else None
-                if pdl and on_gpu:
-                    configs = _with_pdl_if_faster(model, layers, projections, configs)
-                if on_gpu:
+        configs = _kept_picks(cache_key, first, triton_attention)  # an earlier load's
+        cached = configs is not None
+        if not cached:
+            with timing_lock(device):
+                # a load of the same model that held the lock first has kept its picks by now
+                configs = _kept_picks(cache_key, first, triton_attention)
+                cached = configs is not None
+                if not cached:
+                    projections = [first, *map(layer_projections, layers[1:])]  # built once for the trials
+                    configs = _pick_configs(model, layers, projections, triton_attention, pdl)
                     launch_shape_cache.store(cache_key, configs, description)
-    if on_gpu:
         model._launch_shapes = {"cache_key": cache_key, "cached": cached}
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
     return len(layers)
+
+
+def _pick_configs(
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    projections: Sequence[dict[str, Projection]],
+    triton_attention: bool,
+    pdl: bool,
+) -> dict[str, Any]:
+    """Each kernel's launch shape as `_pick_config` and `_pick_attention_config` pick it (timed
+    on a GPU), then PDL on all or none (`pdl`: whichever runs the layers faster; else none)."""
+    configs = {name: _pick_config(layers, name, projections) for name in MATVECS}
+    configs["attention"] = _pick_attention_config(model) if triton_attention else None
+    return _with_pdl_if_faster(model, layers, projections, configs) if pdl else configs
 
 
 def _timing_description(
