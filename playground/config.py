@@ -136,7 +136,7 @@ class CostSpec(_Strict):
 
 
 class LlamaCppOptions(_Strict):
-    n_threads: Annotated[int, Field(ge=0, le=512)] = 0  # 0: one per physical core
+    n_threads: Annotated[int, Field(ge=0, le=512)] = 0  # 0: playground.cpus.usable_cpus()
     n_gpu_layers: Annotated[int, Field(ge=-1)] = -1  # -1: all layers when built with GPU support
     n_batch: Annotated[int, Field(ge=1, le=65_536)] = 512
     # auto: flash attention where layers run on a GPU (llama.cpp's own tools default to it there).

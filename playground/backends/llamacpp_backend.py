@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from playground.backends.base import (
     stable_prefix_length,
 )
 from playground.config import GenerationParams, ModelConfig, SpeculativeSpec
+from playground.cpus import usable_cpus
 from playground.errors import GenerationError, LoadError
 from playground.gguf_types import converted_gguf, converted_type, gguf_file_type
 from playground.paths import cache_dir
@@ -41,12 +41,6 @@ from playground.prompts import render_without_template
 from playground.sources import check_gguf_header, fetch
 
 log = logging.getLogger(__name__)
-
-
-def physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class LlamaCppBackend(Backend):
@@ -157,12 +151,15 @@ class LlamaCppBackend(Backend):
     def _open(self, path: Path, n_ctx: int, n_gpu_layers: int) -> Any:
         import llama_cpp
 
+        threads = self.config.llamacpp.n_threads or usable_cpus()
         try:
             return llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=self.config.llamacpp.n_batch,
-                n_threads=self.config.llamacpp.n_threads or physical_cores(),
+                # Both counts: llama-cpp-python's batch default is every logical CPU of the host.
+                n_threads=threads,
+                n_threads_batch=threads,
                 n_gpu_layers=n_gpu_layers,
                 flash_attn=self._flash_attn(n_gpu_layers),
                 verbose=False,

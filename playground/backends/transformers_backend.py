@@ -52,6 +52,7 @@ from playground.backends.fast_decode import (
     fuse_projections,
 )
 from playground.config import GenerationParams, ModelConfig
+from playground.cpus import limit_torch_threads
 from playground.errors import GenerationError, LoadError
 from playground.paths import cache_dir
 from playground.prompts import render_without_template
@@ -194,6 +195,7 @@ class TransformersBackend(Backend):
     # -- loading ---------------------------------------------------------------------------
     def load(self) -> LoadInfo:
         started = time.perf_counter()
+        limit_torch_threads()
         self.device = resolve_device(self.config)
         dtype = resolve_dtype(self.config, self.device)
         notes: list[str] = []
