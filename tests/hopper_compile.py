@@ -43,6 +43,8 @@ def nf4(
     lookup: int = 0,  # triton_source.LOOKUP_BYTE, LOOKUP_NIBBLE, LOOKUP_REGISTERS, LOOKUP_SCALED
     prefetch: bool = False,
     stages: int = 1,
+    dot: bool = False,
+    splits: int = 1,
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature |= {"table_ptr": "*fp32", "pairs_ptr": "*i64"}
@@ -50,7 +52,14 @@ def nf4(
         for name, kind in NF4_PART.items():
             kind = kind if nested or name != "absmax" else "*fp32"
             signature[f"{name}{index}"] = kind
-    signature |= {"rows0": "i32", "rows1": "i32", "N": "i32", "eps": "fp32"}
+    signature |= {
+        "rows0": "i32",
+        "rows1": "i32",
+        "N": "i32",
+        "eps": "fp32",
+        "partial_ptr": "*fp32",
+        "counter_ptr": "*i32",
+    }
     constants = dict(
         K=2048,
         PARTS=parts,
@@ -61,14 +70,16 @@ def nf4(
         HAS_BIAS=bias,
         GATED=gated,
         HAS_RES=residual,
-        BLOCK_N=8,
-        BLOCK_K=512,
+        BLOCK_N=64 if dot else 8,  # a wgmma program's rows
+        BLOCK_K=256 if dot else 512,
         ALIGNED=aligned,
-        TILE_BLOCKS=512 // 64 if aligned else 1,
+        TILE_BLOCKS=(256 if dot else 512) // 64 if aligned else 1,
         LOOKUP=lookup,
         PREFETCH=prefetch,
         NUM_STAGES=stages,
         USE_PDL=pdl,
+        DOT=dot,
+        SPLITS=splits,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
 
@@ -124,6 +135,22 @@ VARIANTS = {
             ),
         }.items()
     },
+    # tensor cores summing the products, unsplit and with the columns shared by 4 programs
+    "nf4 gate/up, scaled, tensor cores": nf4(
+        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3, dot=True
+    ),
+    "nf4 qkv, double quant, scaled, tensor cores, 4 shares": nf4(
+        3, nested=True, norm=True, bias=True, gated=False, residual=False, lookup=3, dot=True, splits=4
+    ),
+    "nf4 gate/up, scaled, tensor cores, 4 shares, PDL": nf4(
+        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3, dot=True, splits=4, pdl=True
+    ),
+    "nf4 o/down, by nibble, tensor cores, 8 shares": nf4(
+        1, nested=False, norm=False, bias=False, gated=False, residual=True, lookup=1, dot=True, splits=8
+    ),
+    "nf4 o/down, scaled, 4 shares": nf4(
+        1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=3, splits=4
+    ),
     "attention": attention(),
     "attention, slots shared over 8 programs a head": attention(splits=8),
     # with programmatic dependent launch (griddepcontrol, Hopper's own instructions)

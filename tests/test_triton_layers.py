@@ -122,6 +122,9 @@ def _dequantized(linear) -> torch.Tensor:
         (100, MatvecConfig(block_n=8, block_k=32, num_warps=4, nf4_lookup="nibble", nf4_stages=3)),
         (192, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="registers", nf4_stages=3)),
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="scaled")),
+        (192, MatvecConfig(block_n=16, block_k=128, num_warps=4, nf4_lookup="nibble", nf4_dot=True)),
+        (256, MatvecConfig(block_n=16, block_k=64, num_warps=4, nf4_lookup="scaled", nf4_dot=True, nf4_splits=2)),
+        (256, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="nibble", nf4_prefetch=True, nf4_splits=4)),
     ],
     ids=[
         "blocks-straddle-rows",
@@ -135,6 +138,9 @@ def _dequantized(linear) -> torch.Tensor:
         "blocks-straddle-rows-by-nibble-pipelined",
         "whole-blocks-registers-pipelined",
         "whole-blocks-scaled",
+        "tensor-cores",
+        "tensor-cores-columns-split-2-ways",
+        "columns-split-4-ways-prefetched",
     ],
 )
 def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
@@ -143,7 +149,9 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
     each byte finds its scale. 192: blocks lie in rows and a tile holds two whole blocks (the
     last tile one, and one masked), one scale load a block. Each with both table lookups: a
     byte's two values at once, or a code's at a time; with the next step's bytes read ahead, or
-    the loop's loads pipelined three steps deep.
+    the loop's loads pipelined three steps deep; summed by `tl.dot` in the tile's block-fastest
+    order; its columns shared by two or four programs, the last adding their sums (the counters are
+    left at zero for the next call).
     The register lookup's kernel too (its loads shaped to keep the tile's layout), with the
     16-entry table in the permutes' place: the interpreter runs no PTX."""
     generator = torch.Generator().manual_seed(1)
@@ -166,8 +174,28 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
             residual = torch.randn(24, generator=generator).to(dtype)
             expected = residual + F.linear(x, weights[0])
             got = nf4_matvec(x, packed, config, residual=residual)
-    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
+    fp32 = 3e-5 if config.nf4_splits > 1 else 1e-5  # split shares' sums add up in another order
+    tolerance = {"atol": fp32, "rtol": fp32} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected, **tolerance)
+    assert not packed.counters.any()
+
+
+def test_tensor_cores_and_split_columns_take_only_shapes_they_can_run():
+    """The picker offers tensor cores for whole NF4 blocks a tile and 16 rows or more, and
+    splits its columns only in whole loop steps, a power of two of shares."""
+    from playground.backends.triton_layers import NF4_DOT_CONFIGS, Projection
+
+    weight = NF4Weight.of(_nf4_linears([(128, 512)], torch.bfloat16, nested=False))
+    projection = Projection(weight, None, (128,))
+    dot = MatvecConfig(64, 256, 4, nf4_lookup="nibble", nf4_dot=True)
+    assert projection.fits(dot) and projection.fits(dataclasses.replace(dot, nf4_splits=2))
+    assert not projection.fits(dataclasses.replace(dot, nf4_splits=4))  # 128 columns a share
+    assert not projection.fits(dataclasses.replace(dot, block_k=32))  # half an NF4 block a tile
+    assert not projection.fits(dataclasses.replace(dot, block_n=8))  # too few rows for tl.dot
+    assert not projection.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=3))
+    assert projection.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=4))
+    assert [config.nf4_splits for config in NF4_DOT_CONFIGS if projection.fits(config)] == [1, 2]
+    assert not projection.fits(dataclasses.replace(dot, nf4_lookup="scaled"))  # registers: a GPU's
 
 
 def test_byte_permutes_give_the_nf4_code_book_value_of_every_code():
@@ -239,6 +267,17 @@ def test_scaled_byte_permutes_give_bitsandbytes_bf16_value_of_every_code():
     lookup_ptx = nf4_permute.ptx(lookup, outputs=8, inputs=nf4_permute.SCALED_LOOKUP_INPUTS)
     assert triton_source.NF4_SCALED_LOOKUP_PTX == lookup_ptx
     assert "$8," in lookup_ptx and "$37," in lookup_ptx  # the bytes, and the last plane's first register
+    # The paired form for tensor cores: each byte's two values as one bf16 pair, the even
+    # column's (high nibble's) in the lower half, from the same planes.
+    paired = nf4_permute.scaled_lookup_program(paired=True)
+    for _ in range(500):
+        word = rng.getrandbits(32)
+        plain = nf4_permute.emulate(lookup, registers | {"in": word}, outputs=8)
+        pairs = nf4_permute.emulate(paired, registers | {"in": word}, outputs=4)
+        assert pairs == [(plain[k] >> 16) | (plain[4 + k] & 0xFFFF0000) for k in range(4)], word
+    assert len(paired) == 22
+    pairs_ptx = nf4_permute.ptx(paired, outputs=4, inputs=nf4_permute.scaled_lookup_inputs(4))
+    assert triton_source.NF4_SCALED_PAIRS_PTX == pairs_ptx and "$4," in pairs_ptx and "$33," in pairs_ptx
 
 
 def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
@@ -391,6 +430,13 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
         assert "NF4 loads pipelined in down" in choices
     elif weights == "nf4":
         assert "NF4 values looked up a nibble at a time" in triton_layers.describe_choices(model)
+        # tensor cores in gate/up and down, whose 128 columns two programs share, as do q/k/v's
+        configs["gate_up"] = MatvecConfig(16, 64, 4, nf4_lookup="nibble", nf4_dot=True)
+        configs["down"] = MatvecConfig(16, 64, 4, nf4_lookup="nibble", nf4_dot=True, nf4_splits=2)
+        configs["qkv"] = MatvecConfig(8, 32, 4, nf4_lookup="nibble", nf4_splits=2)
+        choices = triton_layers.describe_choices(model)
+        assert "NF4 products summed by tensor cores in down, gate_up" in choices
+        assert "NF4 columns shared by several programs in down, qkv" in choices
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected

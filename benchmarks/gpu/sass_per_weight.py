@@ -8,8 +8,8 @@ first thing to look at before spending device time on a kernel change.
 
     python3 -m benchmarks.gpu.sass_per_weight [--only TEXT] [--extra NAME=VALUE ...]
 
-`--extra` adds compile-time constants the kernel takes (e.g. DOT=1 with
-benchmarks/gpu/experiments/nf4_tensor_core.patch applied).
+`--extra` adds compile-time constants the kernel takes (e.g. `DOT=1` for tensor cores, with
+`--shape 64,256,4`: 64 rows a program for Hopper's wgmma).
 """
 
 from __future__ import annotations

@@ -120,13 +120,15 @@ def scaled_table_program(book: tuple[float, ...] = NF4_CODE_BOOK) -> list[Instru
     return code
 
 
-def scaled_lookup_program() -> list[Instruction]:
+def scaled_lookup_program(paired: bool = False) -> list[Instruction]:
     """From `in` (four packed bytes, byte k of element k) and one block's planes (`low0`..`low3`,
     `high0`..`high3`: `scaled_table_program`'s outputs) to `out0`..`out3`, the fp32 bits of each
     byte's high nibble's value (the even column's), and `out4`..`out7`, its low nibble's. The
     planes are two bytes deep, not four, and the values come scaled and rounded: 30
     instructions for eight weights, where `program` takes 56 (and its 16 constants), and a
-    multiply and half a conversion a weight follow."""
+    multiply and half a conversion a weight follow. `paired`: `out0`..`out3` are each byte's
+    two values as a bf16 pair, the even column's in the lower half, as a tensor-core multiply
+    takes them (22 instructions)."""
     code: list[Instruction] = [
         ("and", "index", "in", 0x77777777, 0),  # nibble k: code k's place in its half of the book
         ("shr", "top", "in", 1, 0),
@@ -143,6 +145,12 @@ def scaled_lookup_program() -> list[Instruction]:
                 ("prmt", "b", f"{plane}2", f"{plane}3", index),
                 ("prmt", f"r{plane}", "a", "b", half),  # byte k: this plane's byte of code k's value
             ]
+        if paired:  # byte k's pair: its high nibble's value (code 2k + 1) in the lower half
+            code += [
+                ("prmt", f"out{2 * group}", "rlow", "rhigh", 0x4051),
+                ("prmt", f"out{2 * group + 1}", "rlow", "rhigh", 0x6273),
+            ]
+            continue
         # a byte's two values as bf16 pairs (low nibble's lower), then each as fp32 bits
         code += [("prmt", "pair0", "rlow", "rhigh", 0x5140), ("prmt", "pair1", "rlow", "rhigh", 0x7362)]
         for k, pair in enumerate(("pair0", "pair1")):
@@ -153,7 +161,13 @@ def scaled_lookup_program() -> list[Instruction]:
 
 # Operand numbers of the scaled lookup's inline asm: eight results, the packed bytes, then the
 # eight planes, four registers each (four elements a call; a block's planes are the same in all).
-SCALED_LOOKUP_INPUTS = {"in": 8} | {f"low{q}": 9 + 4 * q for q in range(4)} | {f"high{q}": 25 + 4 * q for q in range(4)}
+def scaled_lookup_inputs(outputs: int = 8) -> dict[str, int]:
+    return {"in": outputs} | {
+        f"{plane}{q}": outputs + 1 + 4 * (4 * side + q) for side, plane in enumerate(("low", "high")) for q in range(4)
+    }
+
+
+SCALED_LOOKUP_INPUTS = scaled_lookup_inputs(8)
 
 
 def _prmt(a: int, b: int, selector: int) -> int:

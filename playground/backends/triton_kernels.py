@@ -37,7 +37,9 @@ class MatvecConfig:
     only). `nf4_prefetch`: each loop step loads the next step's packed bytes before decoding its
     own. `nf4_stages`: loop steps whose loads are in flight at once, through shared memory
     (Triton's software pipelining, asynchronous copies on the GPU); 1 loads as each step needs
-    them."""
+    them. `nf4_dot`: tensor cores sum the products (whole NF4 blocks in a tile, 16 rows or more;
+    on Hopper a 64-row program uses wgmma), `nf4_splits` programs sharing each row block's
+    columns, the last adding their sums."""
 
     block_n: int
     block_k: int
@@ -46,6 +48,8 @@ class MatvecConfig:
     nf4_lookup: str = "byte"
     nf4_prefetch: bool = False
     nf4_stages: int = 1
+    nf4_dot: bool = False
+    nf4_splits: int = 1
 
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
@@ -243,19 +247,23 @@ class NF4Weight:
     blocksize2: int
     nested: bool
     dtype: torch.dtype  # what the weights dequantize to: the layer's compute dtype
+    # One per row (enough for any row block), zero between launches: the split programs' count.
+    # Made with the weight, before any CUDA graph is captured.
+    counters: torch.Tensor
 
     @classmethod
     def of(cls, linears: list[nn.Module]) -> NF4Weight:
         """From bitsandbytes `Linear4bit` modules quantized alike (checked by `nf4_parts_match`)."""
         states = [linear.weight.quant_state for linear in linears]
         nested = bool(states[0].nested)
+        rows = [int(state.shape[0]) for state in states]
         return cls(
             packed=tuple(linear.weight.data.view(-1) for linear in linears),
             absmax=tuple(state.absmax for state in states),
             outer=tuple(state.state2.absmax if nested else state.absmax for state in states),
             code2=tuple(state.state2.code if nested else state.absmax for state in states),
             offsets=tuple(float(state.offset) if nested else 0.0 for state in states),
-            rows=tuple(int(state.shape[0]) for state in states),
+            rows=tuple(rows),
             columns=int(states[0].shape[1]),
             # a fresh allocation is aligned, so the 64-byte table lies in one 128-byte line
             table=states[0].code.float().clone(),
@@ -264,6 +272,7 @@ class NF4Weight:
             blocksize2=int(states[0].state2.blocksize) if nested else 1,
             nested=nested,
             dtype=states[0].dtype,
+            counters=torch.zeros(sum(rows), dtype=torch.int32, device=states[0].absmax.device),
         )
 
     def registers_lookup_fits(self) -> bool:
@@ -321,7 +330,7 @@ def _nf4_matvec_op() -> Any:
 
     from playground.backends.triton_source import nf4_matvec_kernel
 
-    @custom_op("playground::nf4_matvec", mutates_args=())
+    @custom_op("playground::nf4_matvec", mutates_args=("counters",))
     def nf4_matvec(
         x: torch.Tensor,
         packed: list[torch.Tensor],
@@ -332,9 +341,12 @@ def _nf4_matvec_op() -> Any:
         rows: list[int],
         table: torch.Tensor,
         pairs: torch.Tensor,
+        counters: torch.Tensor,
         lookup: int,
         prefetch: bool,
         stages: int,
+        dot: bool,
+        splits: int,
         norm_weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         residual: torch.Tensor | None,
@@ -357,7 +369,11 @@ def _nf4_matvec_op() -> Any:
         part_args = []
         for index in pick:
             part_args += [packed[index], absmax[index], outer[index], code2[index], offsets[index]]
-        nf4_matvec_kernel[(triton.cdiv(out_rows, block_n),)](
+        # each split program's sums (gate's, then up's); not read back unsplit
+        partials = torch.empty(
+            ((2 if gated else 1) * splits * out_rows,) if splits > 1 else (1,), dtype=torch.float32, device=x.device
+        )
+        nf4_matvec_kernel[(triton.cdiv(out_rows, block_n), splits)](
             x,
             x if norm_weight is None else norm_weight,
             x if bias is None else bias,
@@ -370,6 +386,8 @@ def _nf4_matvec_op() -> Any:
             rows[1] if parts > 1 else 0,
             out_rows,
             eps,
+            partials,
+            counters,
             K=columns,
             PARTS=parts,
             NESTED=nested,
@@ -381,13 +399,16 @@ def _nf4_matvec_op() -> Any:
             LOOKUP=lookup,
             PREFETCH=prefetch,
             NUM_STAGES=stages,
+            DOT=dot,
+            SPLITS=splits,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @nf4_matvec.register_fake
-    def _(x, packed, absmax, outer, code2, offsets, rows, table, pairs, lookup, prefetch, stages, *rest):  # noqa: ANN001, ANN002, ANN202
-        gated = rest[4]
+    def _(x, packed, absmax, outer, code2, offsets, rows, *rest):  # noqa: ANN001, ANN002, ANN202
+        # after table, pairs, counters, lookup, prefetch, stages, dot, splits, norm, bias, residual, eps
+        gated = rest[12]
         return x.new_empty((rows[0] if gated else sum(rows),))
 
     return nf4_matvec
@@ -417,9 +438,12 @@ def nf4_matvec(
         list(weight.rows),
         weight.table,
         weight.pairs,
+        weight.counters,
         NF4_LOOKUPS[config.nf4_lookup],
         config.nf4_prefetch,
         config.nf4_stages,
+        config.nf4_dot,
+        config.nf4_splits,
         norm_weight,
         bias,
         residual,

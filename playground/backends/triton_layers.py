@@ -151,7 +151,22 @@ class Projection:
             return False
         if config.nf4_lookup == "scaled" and not self.weight.scaled_lookup_fits():
             return False
+        if (config.nf4_dot or config.nf4_splits > 1) and not self._dot_fits(config):
+            return False
         return all(rows % config.block_n == 0 for rows in self.parts)
+
+    def _dot_fits(self, config: MatvecConfig) -> bool:
+        """Tensor cores take whole NF4 blocks and 16 rows or more, in 16-bit types on a GPU
+        (fp32 there would go through tf32); split programs, a power of two, take whole loop steps
+        each."""
+        weight = self.weight
+        aligned = self.columns % weight.blocksize == 0 and config.block_k % weight.blocksize == 0
+        splits = config.nf4_splits
+        steps = splits & (splits - 1) == 0 and self.columns % (splits * config.block_k) == 0
+        if not config.nf4_dot:
+            return steps
+        sixteen_bits = weight.dtype in (torch.bfloat16, torch.float16) or self.device.type != "cuda"
+        return aligned and steps and config.block_n >= 16 and sixteen_bits
 
     def matvec(
         self,
@@ -533,6 +548,12 @@ def describe_choices(model: nn.Module) -> str:
         pipelined = sorted(name for name in MATVECS if configs[name].nf4_stages > 1)
         if pipelined:
             choices.append(f"NF4 loads pipelined in {', '.join(pipelined)}")
+        tensor_cores = sorted(name for name in MATVECS if configs[name].nf4_dot)
+        if tensor_cores:
+            choices.append(f"NF4 products summed by tensor cores in {', '.join(tensor_cores)}")
+        shared = sorted(name for name in MATVECS if configs[name].nf4_splits > 1)
+        if shared:
+            choices.append(f"NF4 columns shared by several programs in {', '.join(shared)}")
     if uses_pdl(model):
         choices.append("programmatic dependent launch")
     if launch_shapes_cached(model):
@@ -547,8 +568,9 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     the shapes are timed with the scaled lookup where it fits (it won on every 1.7B projection
     on the H200, by 2-24%), else a code at a time; then the fastest with each lookup, its bytes
     prefetched a step ahead, its loads pipelined, or neither (timing every lookup for every
-    shape doubled the load's tuning, 18 to 37 s). Those variants compute the same values, so one
-    whose output differs from the code at a time's beyond rounding is not taken."""
+    shape doubled the load's tuning, 18 to 37 s); last, that one against tensor cores summing
+    the products (`NF4_DOT_CONFIGS`). Those variants compute the same values, so one whose
+    output differs from the code at a time's beyond rounding is not taken."""
     projection = projections[0][name]
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
@@ -562,8 +584,11 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     trial = matvec_trial(layers, name, projections)
     best = _fastest(candidates, trial, candidates[0])
     if nf4:  # the first stays on a tie
-        plain = dataclasses.replace(best, nf4_lookup="nibble")
-        best = _fastest(nf4_variants(best, projection), trial, best, agree_with=trial(plain))
+        reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
+        best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
+        dot = [dataclasses.replace(config, nf4_lookup=lookup) for config in NF4_DOT_CONFIGS]
+        dot = [config for config in dot if projection.fits(config)]
+        best = _fastest([best, *dot], trial, best, agree_with=reference)
     return best
 
 
@@ -579,6 +604,12 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
     ]
     return [variant for variant in variants if projection.fits(variant)]
 
+
+# Tensor cores summing NF4 products: Triton's Hopper wgmma takes 64 rows a program, so the
+# columns are shared out to give 132 multiprocessors enough programs (a 1.7B down projection
+# has 32 row blocks). In the sm_90 build the K loop takes 4.3-4.7 instructions a weight against
+# the FMA shapes' 7.6-9.2 (benchmarks/gpu/sass_per_weight.py).
+NF4_DOT_CONFIGS = tuple(MatvecConfig(64, 256, 4, nf4_dot=True, nf4_splits=splits) for splits in (1, 2, 4, 8))
 
 # Loop steps in flight in the pipelined NF4 variant: its sm_90 build keeps three steps' loads in
 # flight with 9.5 KB of shared memory a program in the register lookup (16 x 256, 4 warps),

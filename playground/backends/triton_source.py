@@ -37,6 +37,11 @@ NF4_SCALED_TABLE_PTX: tl.constexpr = tl.constexpr(
 NF4_SCALED_LOOKUP_PTX: tl.constexpr = tl.constexpr(
     nf4_permute.ptx(nf4_permute.scaled_lookup_program(), outputs=8, inputs=nf4_permute.SCALED_LOOKUP_INPUTS)
 )
+NF4_SCALED_PAIRS_PTX: tl.constexpr = tl.constexpr(
+    nf4_permute.ptx(
+        nf4_permute.scaled_lookup_program(paired=True), outputs=4, inputs=nf4_permute.scaled_lookup_inputs(4)
+    )
+)
 # $2 and $3 rounded to bf16 into one register's upper and lower halves, then each half as fp32 bits.
 BF16_PAIR_ROUND_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .b32 pair; cvt.rn.bf16x2.f32 pair, $2, $3; and.b32 $0, pair, 0xffff0000; shl.b32 $1, pair, 16; }"
@@ -248,6 +253,33 @@ def nf4_scaled_values(packed, scale):
 
 
 @triton.jit
+def nf4_scaled_pairs(packed, scale):
+    """`nf4_scaled_values` as one int32 a packed byte: its two weights as a bf16 pair, the even
+    column's in the lower half, as a tensor-core multiply takes them."""
+    low0, low1, low2, low3, high0, high1, high2, high3 = tl.inline_asm_elementwise(
+        NF4_SCALED_TABLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,f", [scale], dtype=(tl.int32,) * 8, is_pure=True, pack=1
+    )
+    return tl.inline_asm_elementwise(
+        NF4_SCALED_PAIRS_PTX,
+        "=r,=r,=r,=r" + ",r" * 33,
+        [
+            packed.to(tl.uint8),
+            low0[:, :, None],
+            low1[:, :, None],
+            low2[:, :, None],
+            low3[:, :, None],
+            high0[:, :, None],
+            high1[:, :, None],
+            high2[:, :, None],
+            high3[:, :, None],
+        ],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
 def round_pair(first, second, dtype: tl.constexpr):
     """Both fp32 values rounded to `dtype` and back to fp32. In bf16 on the GPU one packed
     conversion rounds the two (the same round to nearest even as two single ones: single
@@ -321,6 +353,61 @@ def nf4_tile(
 
 
 @triton.jit
+def nf4_dot_tile(
+    packed,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    table_ptr,
+    pairs_ptr,
+    rows3,
+    block_col,
+    half,
+    ok,
+    block_ok,
+    dtype: tl.constexpr,
+    K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    LOOKUP: tl.constexpr,
+):
+    """An ALIGNED tile's weights as a tensor-core multiply's [rows, 2 * bytes] operand, in the
+    model's dtype, its K in `dot_columns`' order: block fastest. Then the wgmma operand layout
+    (four lanes along K) gives each thread all the bytes of one block, whose 16 values the
+    scaled lookup builds once for 64 weights (in the tile's own order, once for 16)."""
+    rows: tl.constexpr = rows3.shape[0]
+    blocks: tl.constexpr = block_col.shape[1]
+    bytes_: tl.constexpr = half.shape[2]
+    if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:
+        shape: tl.constexpr = (rows, blocks)
+        block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
+        block_ok2 = tl.reshape(block_ok, shape)
+        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, block_ok2, NESTED, BLOCKSIZE2)
+        pairs = tl.reshape(tl.permute(nf4_scaled_pairs(packed, scale), (0, 2, 1)), (rows, blocks * bytes_))
+        even = (pairs & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        odd = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        tile = tl.reshape(tl.join(even, odd), (rows, 2 * blocks * bytes_))
+    else:
+        high, low = nf4_tile(
+            packed, absmax_ptr, absmax2_ptr, code2_ptr, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok,
+            block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, True, LOOKUP,
+        )  # fmt: skip
+        tile = tl.reshape(tl.permute(tl.join(high, low), (0, 2, 1, 3)), (rows, 2 * blocks * bytes_)).to(dtype)
+    return tile
+
+
+@triton.jit
+def dot_columns(first, BLOCK_K: tl.constexpr, TILE_BLOCKS: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """The columns of x that `nf4_dot_tile`'s K order holds, from column `first` on: pair p is
+    byte p // TILE_BLOCKS of block p % TILE_BLOCKS, each pair's even column first."""
+    k = tl.arange(0, BLOCK_K)
+    pair = k // 2
+    return first + (pair % TILE_BLOCKS) * BLOCKSIZE + (pair // TILE_BLOCKS) * 2 + k % 2
+
+
+@triton.jit
 def nf4_matvec_kernel(
     x_ptr,
     norm_ptr,
@@ -348,6 +435,8 @@ def nf4_matvec_kernel(
     rows1,
     N,
     eps,
+    partial_ptr,
+    counter_ptr,
     K: tl.constexpr,
     PARTS: tl.constexpr,
     NESTED: tl.constexpr,
@@ -365,6 +454,8 @@ def nf4_matvec_kernel(
     PREFETCH: tl.constexpr = False,
     NUM_STAGES: tl.constexpr = 1,
     USE_PDL: tl.constexpr = False,
+    DOT: tl.constexpr = False,
+    SPLITS: tl.constexpr = 1,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
     rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
@@ -373,7 +464,12 @@ def nf4_matvec_kernel(
     step's packed bytes before it decodes its own, so their reads overlap the decoding.
     NUM_STAGES: Triton pipelines the loop's loads that many steps deep through shared memory
     (NF4 reads a quarter of bf16's bytes a weight, so a step's loads alone keep too few bytes in
-    flight to cover memory's latency)."""
+    flight to cover memory's latency). DOT (ALIGNED): tensor cores sum the products
+    (`nf4_dot_tile`), with x as the one non-zero column of a [K, 16] operand; they leave the
+    decoding fewer instructions a weight. SPLITS: programs share a row block's columns (a DOT
+    program holds 64 rows, too few programs otherwise); each stores its sums in `partial_ptr`
+    [parts of the result, SPLITS, N] and the last to finish, counted in `counter_ptr` (one per
+    row block, zero on entry and left zero), adds them in order and finishes the rows."""
     dtype = out_ptr.dtype.element_ty
     first = tl.program_id(0) * BLOCK_N
     rows = first + tl.arange(0, BLOCK_N)
@@ -400,15 +496,22 @@ def nf4_matvec_kernel(
     inner = tl.arange(0, BLOCK_K // (2 * TILE_BLOCKS))[None, None, :]
     acc = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.float32)
     acc_up = acc
+    lanes = tl.arange(0, 16)[None, :]
+    acc_dot = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    acc_dot_up = acc_dot
     ahead = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.int32)
     ahead_up = ahead
+    # this program's share of the columns, in packed bytes
+    begin = tl.program_id(1) * (K // (2 * SPLITS))
+    end = begin + K // (2 * SPLITS)
     if PREFETCH:  # the first step's bytes
-        first_half = blocks * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
-        first_ok = row_ok3 & (first_half < K // 2)
+        first_half = begin + blocks * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
+        first_ok = row_ok3 & (first_half < end)
         ahead = nf4_bytes(packed, rows3, first_half, first_ok, K)
         if GATED:
             ahead_up = nf4_bytes(packed1, rows3, first_half, first_ok, K)
-    for start in tl.range(0, K // 2, BLOCK_K // 2, num_stages=NUM_STAGES):
+    for step in tl.range(0, K // (2 * SPLITS), BLOCK_K // 2, num_stages=NUM_STAGES):
+        start = begin + step
         block_col = start // (BLOCK_K // (2 * TILE_BLOCKS)) + blocks
         half = block_col * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
         half_ok = half < K // 2
@@ -416,7 +519,7 @@ def nf4_matvec_kernel(
         if PREFETCH:
             codes, codes_up = ahead, ahead_up
             next_half = half + BLOCK_K // 2
-            next_ok = row_ok3 & (next_half < K // 2)
+            next_ok = row_ok3 & (next_half < end)
             ahead = nf4_bytes(packed, rows3, next_half, next_ok, K)
             if GATED:
                 ahead_up = nf4_bytes(packed1, rows3, next_half, next_ok, K)
@@ -436,35 +539,63 @@ def nf4_matvec_kernel(
             even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
             odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
         block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
-        high, low = nf4_tile(
-            codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
-            dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
-        )  # fmt: skip
-        # two fused multiply-adds (a sum of the products first took a multiply, an fma and an add)
-        acc += high * even
-        acc += low * odd
-        if GATED:  # gate and up: both parts of N rows, so local rows are rows
-            high, low = nf4_tile(
-                codes_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
-                block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
+        if DOT:
+            columns = dot_columns(2 * start, BLOCK_K, TILE_BLOCKS, BLOCKSIZE)
+            x_column = matmul_input(x_ptr, norm_ptr, columns, columns < K, rstd, HAS_NORM)
+            x_tile = tl.where(lanes == 0, x_column[:, None], 0.0).to(dtype)
+            tile = nf4_dot_tile(
+                codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
+                dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
             )  # fmt: skip
-            acc_up += high * even
-            acc_up += low * odd
-    total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    total_up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
-    finish(
-        total,
-        total_up,
-        rows,
-        row_ok,
-        bias_ptr,
-        res_ptr,
-        out_ptr,
-        N,
-        HAS_BIAS,
-        GATED,
-        HAS_RES,
-    )
+            acc_dot = tl.dot(tile, x_tile, acc_dot)
+            if GATED:
+                tile = nf4_dot_tile(
+                    codes_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
+                    block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
+                )  # fmt: skip
+                acc_dot_up = tl.dot(tile, x_tile, acc_dot_up)
+        else:
+            high, low = nf4_tile(
+                codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
+                dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
+            )  # fmt: skip
+            # two fused multiply-adds (a sum of the products first took a multiply, an fma and an add)
+            acc += high * even
+            acc += low * odd
+            if GATED:  # gate and up: both parts of N rows, so local rows are rows
+                high, low = nf4_tile(
+                    codes_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
+                    block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, ALIGNED, LOOKUP,
+                )  # fmt: skip
+                acc_up += high * even
+                acc_up += low * odd
+    if DOT:  # the other 15 columns of x's operand are zero
+        total = tl.sum(acc_dot, axis=1)
+        total_up = tl.sum(acc_dot_up, axis=1)
+    else:
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+        total_up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
+    if SPLITS > 1:
+        share = tl.program_id(1)
+        tl.store(partial_ptr + share * N + rows, total, mask=row_ok)
+        if GATED:
+            tl.store(partial_ptr + (SPLITS + share) * N + rows, total_up, mask=row_ok)
+        # as decode_attention's shares: every thread's stores issued before the count that
+        # publishes them (release); the last program reads the others' after it (acquire)
+        tl.debug_barrier()
+        finished = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if finished == SPLITS - 1:
+            shares = tl.arange(0, SPLITS)[:, None]
+            ok2 = row_ok[None, :]
+            at = partial_ptr + shares * N + rows[None, :]
+            total = tl.sum(tl.load(at, mask=ok2, other=0.0, cache_modifier=".cg"), axis=0)
+            if GATED:
+                at = partial_ptr + (SPLITS + shares) * N + rows[None, :]
+                total_up = tl.sum(tl.load(at, mask=ok2, other=0.0, cache_modifier=".cg"), axis=0)
+            finish(total, total_up, rows, row_ok, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS, GATED, HAS_RES)
+            tl.atomic_xchg(counter_ptr + tl.program_id(0), 0)  # ready for the next launch
+    else:
+        finish(total, total_up, rows, row_ok, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS, GATED, HAS_RES)
 
 
 @triton.jit
