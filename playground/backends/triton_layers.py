@@ -542,18 +542,16 @@ def describe_choices(model: nn.Module) -> str:
         else:
             parts = [f"{ways[way]} in {', '.join(names)}" for way, names in groups.items()]
             choices.append("NF4 values looked up " + "; ".join(parts))
-        prefetched = sorted(name for name in MATVECS if configs[name].nf4_prefetch)
-        if prefetched:
-            choices.append(f"NF4 bytes read a step ahead in {', '.join(prefetched)}")
-        pipelined = sorted(name for name in MATVECS if configs[name].nf4_stages > 1)
-        if pipelined:
-            choices.append(f"NF4 loads pipelined in {', '.join(pipelined)}")
-        tensor_cores = sorted(name for name in MATVECS if configs[name].nf4_dot)
-        if tensor_cores:
-            choices.append(f"NF4 products summed by tensor cores in {', '.join(tensor_cores)}")
-        shared = sorted(name for name in MATVECS if configs[name].nf4_splits > 1)
-        if shared:
-            choices.append(f"NF4 columns shared by several programs in {', '.join(shared)}")
+        options = {
+            "NF4 bytes read a step ahead": lambda config: config.nf4_prefetch,
+            "NF4 loads pipelined": lambda config: config.nf4_stages > 1,
+            "NF4 products summed by tensor cores": lambda config: config.nf4_dot,
+            "NF4 columns shared by several programs": lambda config: config.nf4_splits > 1,
+        }
+        for what, chosen in options.items():
+            names = sorted(name for name in MATVECS if chosen(configs[name]))
+            if names:
+                choices.append(f"{what} in {', '.join(names)}")
     if uses_pdl(model):
         choices.append("programmatic dependent launch")
     if launch_shapes_cached(model):
