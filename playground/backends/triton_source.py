@@ -223,60 +223,44 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP:
 
 
 @triton.jit
-def nf4_scaled_values(packed, scale):
-    """`nf4_values` for bf16 weights with bitsandbytes' code book, on a GPU: each block's 16
-    values scaled and rounded once (`scale`: [rows, blocks]), as byte planes in registers, then
-    each packed byte's two looked up by byte permutes (`packed`: [rows, blocks, bytes])."""
+def nf4_scaled_operands(packed, scale):
+    """The scaled lookups' inline asm operands: each block's 16 values scaled and rounded once
+    (`scale`: [rows, blocks]), as eight registers of byte planes, after the packed bytes
+    (`packed`: [rows, blocks, bytes]); four bytes a call take one block's planes."""
     low0, low1, low2, low3, high0, high1, high2, high3 = tl.inline_asm_elementwise(
         NF4_SCALED_TABLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,f", [scale], dtype=(tl.int32,) * 8, is_pure=True, pack=1
     )
-    # four bytes a call: the bytes in one register, each plane as four (all one block's)
-    high, low = tl.inline_asm_elementwise(
-        NF4_SCALED_LOOKUP_PTX,
-        "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 33,
-        [
-            packed.to(tl.uint8),
-            low0[:, :, None],
-            low1[:, :, None],
-            low2[:, :, None],
-            low3[:, :, None],
-            high0[:, :, None],
-            high1[:, :, None],
-            high2[:, :, None],
-            high3[:, :, None],
-        ],
-        dtype=(tl.float32, tl.float32),
-        is_pure=True,
-        pack=4,
+    return (
+        packed.to(tl.uint8),
+        low0[:, :, None],
+        low1[:, :, None],
+        low2[:, :, None],
+        low3[:, :, None],
+        high0[:, :, None],
+        high1[:, :, None],
+        high2[:, :, None],
+        high3[:, :, None],
     )
-    return high, low
+
+
+@triton.jit
+def nf4_scaled_values(packed, scale):
+    """`nf4_values` for bf16 weights with bitsandbytes' code book, on a GPU: each packed byte's
+    two values looked up by byte permutes in its block's planes (`nf4_scaled_operands`)."""
+    constraints: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 33
+    operands = nf4_scaled_operands(packed, scale)
+    return tl.inline_asm_elementwise(
+        NF4_SCALED_LOOKUP_PTX, constraints, operands, dtype=(tl.float32, tl.float32), is_pure=True, pack=4
+    )
 
 
 @triton.jit
 def nf4_scaled_pairs(packed, scale):
     """`nf4_scaled_values` as one int32 a packed byte: its two weights as a bf16 pair, the even
     column's in the lower half, as a tensor-core multiply takes them."""
-    low0, low1, low2, low3, high0, high1, high2, high3 = tl.inline_asm_elementwise(
-        NF4_SCALED_TABLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,f", [scale], dtype=(tl.int32,) * 8, is_pure=True, pack=1
-    )
-    return tl.inline_asm_elementwise(
-        NF4_SCALED_PAIRS_PTX,
-        "=r,=r,=r,=r" + ",r" * 33,
-        [
-            packed.to(tl.uint8),
-            low0[:, :, None],
-            low1[:, :, None],
-            low2[:, :, None],
-            low3[:, :, None],
-            high0[:, :, None],
-            high1[:, :, None],
-            high2[:, :, None],
-            high3[:, :, None],
-        ],
-        dtype=tl.int32,
-        is_pure=True,
-        pack=4,
-    )
+    constraints: tl.constexpr = "=r,=r,=r,=r" + ",r" * 33
+    operands = nf4_scaled_operands(packed, scale)
+    return tl.inline_asm_elementwise(NF4_SCALED_PAIRS_PTX, constraints, operands, dtype=tl.int32, is_pure=True, pack=4)
 
 
 @triton.jit
