@@ -3,8 +3,9 @@
 Torch and llama.cpp count the host's cores. A container limited by a CPU quota (docker
 `--cpus`, a Kubernetes limit, a Hugging Face Space) or pinned to a few cores then runs many more
 threads than it has CPUs, and every small op waits for threads that are not scheduled: decode
-and fine-tune steps become several times slower. Workers and job processes call
-`limit_torch_threads` before any work; llama.cpp's default thread count is `usable_cpus`.
+and fine-tune steps become several times slower. Torch backends call `limit_torch_threads` at
+load (a worker's and a job's models both load through them); llama.cpp's default thread count
+is `usable_cpus`.
 Knows nothing of models.
 """
 
@@ -23,7 +24,7 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         pass
     for v1 in (root / "cpu", root / "cpu,cpuacct", root):
         try:

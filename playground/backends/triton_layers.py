@@ -151,11 +151,11 @@ class Projection:
             return False
         if config.nf4_lookup == "scaled" and not self.weight.scaled_lookup_fits():
             return False
-        if (config.nf4_dot or config.nf4_splits > 1) and not self._dot_fits(config):
+        if (config.nf4_dot or config.nf4_splits > 1) and not self._dot_and_splits_fit(config):
             return False
         return all(rows % config.block_n == 0 for rows in self.parts)
 
-    def _dot_fits(self, config: MatvecConfig) -> bool:
+    def _dot_and_splits_fit(self, config: MatvecConfig) -> bool:
         """Tensor cores take whole NF4 blocks and 16 rows or more, in 16-bit types on a GPU
         (fp32 there would go through tf32); split programs, a power of two, take whole loop steps
         each."""
