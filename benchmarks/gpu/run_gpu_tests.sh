@@ -7,6 +7,8 @@
 # made from the collected ids, so a test added to the file always runs in one of them.
 # Usage (repo root, on the machine):
 #   BUILD_LLAMA=1 bash benchmarks/gpu/run_on_device.sh bash benchmarks/gpu/run_gpu_tests.sh
+# GPU_TEST_GROUPS="a b" (then "both" in a second call on the same warm machine) splits the file
+# over two calls when one would near the tool's 600 s; the default runs every group.
 # Logs: $OUT/gpu_tests_{a,b,llamacpp,both}.log
 set -uo pipefail
 pytest=(python3 -m pytest -p no:cacheprovider -rs -v --timeout 400)
@@ -20,7 +22,10 @@ group_llama=$(grep -E "$after" <<<"$ids" | grep -vE "$both")
 rest=$(grep -vE "$both|$after" <<<"$ids")
 group_a=$(grep -E "$heavy" <<<"$rest")
 group_b=$(grep -vE "$heavy" <<<"$rest")
-echo "collected $(wc -l <<<"$ids"): a $(wc -l <<<"$group_a"), b $(wc -l <<<"$group_b"), llamacpp $(wc -l <<<"$group_llama"), both $(wc -l <<<"$group_both")"
+wanted=" ${GPU_TEST_GROUPS:-a b both} "  # b takes the llama.cpp group after it
+for g in a b both; do [[ "$wanted" == *" $g "* ]] || declare "group_$g="; done
+[[ "$wanted" == *" b "* ]] || group_llama=
+echo "collected $(grep -c . <<<"$ids"): a $(grep -c . <<<"$group_a"), b $(grep -c . <<<"$group_b"), llamacpp $(grep -c . <<<"$group_llama"), both $(grep -c . <<<"$group_both")"
 
 # run_on_device.sh's build: it logs "build rc=N" when the wheel is made, then installs it here.
 llama_site=/tmp/llama_cuda_site
@@ -42,18 +47,21 @@ wait_for_llama() {
   fi
 }
 
+# pytest given no ids would collect the whole suite: a group left out runs nothing.
+run_group() { local ids=$1; shift; [ -z "$ids" ] && { echo "group not asked for"; return 0; }; "${pytest[@]}" $ids "$@"; }
+
 # On a one-GPU machine both processes share it (its memory holds both; the two-GPU tests skip).
 second=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))
-CUDA_VISIBLE_DEVICES=0 "${pytest[@]}" $group_a > "$OUT/gpu_tests_a.log" 2>&1 & pid_a=$!
+CUDA_VISIBLE_DEVICES=0 run_group "$group_a" > "$OUT/gpu_tests_a.log" 2>&1 & pid_a=$!
 (
-  CUDA_VISIBLE_DEVICES=$second "${pytest[@]}" $group_b > "$OUT/gpu_tests_b.log" 2>&1; rc_b=$?
-  wait_for_llama >> "$OUT/gpu_tests_llamacpp.log"
-  CUDA_VISIBLE_DEVICES=$second "${pytest[@]}" $group_llama >> "$OUT/gpu_tests_llamacpp.log" 2>&1; rc_llama=$?
+  CUDA_VISIBLE_DEVICES=$second run_group "$group_b" > "$OUT/gpu_tests_b.log" 2>&1; rc_b=$?
+  [ -n "$group_llama" ] && wait_for_llama >> "$OUT/gpu_tests_llamacpp.log"
+  CUDA_VISIBLE_DEVICES=$second run_group "$group_llama" >> "$OUT/gpu_tests_llamacpp.log" 2>&1; rc_llama=$?
   exit $(( rc_b != 0 || rc_llama != 0 ))
 ) & pid_b=$!
 wait $pid_a; rc_a=$?
 wait $pid_b; rc_b=$?
-"${pytest[@]}" $group_both > "$OUT/gpu_tests_both.log" 2>&1; rc_both=$?
+run_group "$group_both" > "$OUT/gpu_tests_both.log" 2>&1; rc_both=$?
 echo "rc a=$rc_a b+llamacpp=$rc_b both=$rc_both"
 for f in a b llamacpp both; do grep -E '^(FAILED|ERROR)|passed|failed|llama-cpp-python' "$OUT/gpu_tests_$f.log" | tail -5; done
 [ $rc_a -eq 0 ] && [ $rc_b -eq 0 ] && [ $rc_both -eq 0 ]

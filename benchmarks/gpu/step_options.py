@@ -117,7 +117,7 @@ def matvec_times(model) -> dict:
     from triton.testing import do_bench_cudagraph
 
     from playground.backends.triton_kernels import NF4Weight
-    from playground.backends.triton_layers import MATVECS, agrees, matvec_trial, nf4_variants
+    from playground.backends.triton_layers import MATVECS, NF4_DOT_CONFIGS, agrees, matvec_trial, nf4_variants
 
     fused_layers = list(model.model.layers)
     layers = [fused.layer for fused in fused_layers]
@@ -137,8 +137,18 @@ def matvec_times(model) -> dict:
             variants_us, variants_agree = {}, {}
             reference = trial(config)
             for variant in nf4_variants(config, projection):
-                label = variant.nf4_lookup + (", prefetched" if variant.nf4_prefetch else "")
+                label = f"tensor cores, {variant.nf4_splits} shares, " if variant.nf4_dot else ""
+                label += variant.nf4_lookup + (", prefetched" if variant.nf4_prefetch else "")
                 label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
+                variants_agree[label] = agrees(trial, variant, reference)
+                variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
+            # tensor cores summing the products, each column share the picker tries
+            for variant in NF4_DOT_CONFIGS:
+                variant = dataclasses.replace(variant, nf4_lookup=config.nf4_lookup)
+                if variant == config or not projection.fits(variant):
+                    continue
+                label = f"tensor cores {variant.block_n}x{variant.block_k} w{variant.num_warps}, "
+                label += f"{variant.nf4_splits} shares, {variant.nf4_lookup}"
                 variants_agree[label] = agrees(trial, variant, reference)
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
             out[f"matvec_{name}"] = {
@@ -147,6 +157,8 @@ def matvec_times(model) -> dict:
                 "nf4_lookup": config.nf4_lookup,
                 "nf4_prefetch": config.nf4_prefetch,
                 "nf4_stages": config.nf4_stages,
+                "nf4_dot": config.nf4_dot,
+                "nf4_splits": config.nf4_splits,
                 "fused_us": fused_ms * 1000,
                 "fused_tb_s": size / (fused_ms / 1000) / 1e12,
                 "variants_us": variants_us,
