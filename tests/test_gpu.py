@@ -356,8 +356,8 @@ def test_one_gpu_times_one_variant_s_launch_shapes_at_a_time():
 def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
     """bf16 NF4 weights, read back one column at a time (x one-hot, so each output is one
     weight times one): bit for bit bitsandbytes' own dequantization, with each lookup, plain,
-    prefetched or pipelined (four loop steps a row), summed by tensor cores, or its columns
-    shared by several programs. On the GPU the kernel rounds a pair of
+    prefetched or pipelined (four loop steps a row), summed by tensor cores (pipelined too), or
+    its columns shared by several programs. On the GPU the kernel rounds a pair of
     products with one packed conversion, and the scaled lookup rounds each block's values
     ahead, which the interpreter's tests do not run. Columns 0-7 are the four bytes of one
     register, each in its own place."""
@@ -383,6 +383,7 @@ def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
     # over 2 or 4 programs; and FMA programs split 4 ways.
     configs += [MatvecConfig(64, 256, 4, nf4_lookup=lookup, nf4_dot=True)]
     configs += [MatvecConfig(64, 64, 4, nf4_lookup=lookup, nf4_dot=True, nf4_splits=n) for n in (2, 4)]
+    configs += [MatvecConfig(64, 64, 4, nf4_lookup=lookup, nf4_dot=True, nf4_stages=3)]
     configs += [MatvecConfig(8, 64, 4, nf4_lookup=lookup, nf4_splits=4)]
     for config in configs:
         for column in (*range(8), 63, 64, 129, 255):

@@ -276,8 +276,10 @@ def test_scaled_byte_permutes_give_bitsandbytes_bf16_value_of_every_code():
         pairs = nf4_permute.emulate(paired, registers | {"in": word}, outputs=4)
         assert pairs == [(plain[k] >> 16) | (plain[4 + k] & 0xFFFF0000) for k in range(4)], word
     assert len(paired) == 22
-    pairs_ptx = nf4_permute.ptx(paired, outputs=4, inputs=nf4_permute.scaled_lookup_inputs(4))
-    assert triton_source.NF4_SCALED_PAIRS_PTX == pairs_ptx and "$4," in pairs_ptx and "$33," in pairs_ptx
+    # one word of four bytes a call, with its own planes: $4 the word, $5..$12 the planes
+    pairs_ptx = nf4_permute.ptx(paired, outputs=4, inputs=nf4_permute.scaled_lookup_inputs(4, elements=1))
+    assert triton_source.NF4_SCALED_PAIRS_PTX == pairs_ptx and "$4," in pairs_ptx and "$12," in pairs_ptx
+    assert "$13" not in pairs_ptx
 
 
 def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():

@@ -142,13 +142,21 @@ def matvec_times(model) -> dict:
                 label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
                 variants_agree[label] = agrees(trial, variant, reference)
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
-            # tensor cores summing the products, each column share the picker tries
-            for variant in NF4_DOT_CONFIGS:
+            # tensor cores summing the products, each column share the picker tries; with
+            # --nf4-more, their loads pipelined too, and the picked shape's columns shared out
+            more = []
+            if os.environ.get("STEP_NF4_MORE") == "1":
+                more = [dataclasses.replace(dot, nf4_stages=3) for dot in NF4_DOT_CONFIGS]
+                more += [dataclasses.replace(config, nf4_splits=splits) for splits in (2, 4, 8)]
+            for variant in (*NF4_DOT_CONFIGS, *more):
                 variant = dataclasses.replace(variant, nf4_lookup=config.nf4_lookup)
                 if variant == config or not projection.fits(variant):
                     continue
-                label = f"tensor cores {variant.block_n}x{variant.block_k} w{variant.num_warps}, "
+                label = "tensor cores " if variant.nf4_dot else "FMA "
+                label += f"{variant.block_n}x{variant.block_k} w{variant.num_warps}, "
                 label += f"{variant.nf4_splits} shares, {variant.nf4_lookup}"
+                label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
+                label += ", prefetched" if variant.nf4_prefetch else ""
                 variants_agree[label] = agrees(trial, variant, reference)
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
             out[f"matvec_{name}"] = {
@@ -427,6 +435,7 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=256)
     parser.add_argument("--timeout", type=int, default=240, help="seconds per option and shape")
     parser.add_argument("--budget", type=int, default=3600, help="no new run starts after this many seconds")
+    parser.add_argument("--nf4-more", action="store_true", help="NF4: time more tensor-core and split variants")
     parser.add_argument("--one", nargs=2, metavar=("OPTION", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -446,6 +455,8 @@ def main() -> None:
         command += ["--replays", str(args.replays)]
         # a fresh cache: the picker times (tuning_s), as on a first load (`launch_shape_cache`)
         environment = dict(os.environ, PLAYGROUND_CACHE_DIR=tempfile.mkdtemp(prefix="step-options-cache-"))
+        if args.nf4_more:
+            environment["STEP_NF4_MORE"] = "1"
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=environment)
             found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]

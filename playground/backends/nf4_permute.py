@@ -159,11 +159,14 @@ def scaled_lookup_program(paired: bool = False) -> list[Instruction]:
     return code
 
 
-# Operand numbers of the scaled lookup's inline asm: eight results, the packed bytes, then the
-# eight planes, four registers each (four elements a call; a block's planes are the same in all).
-def scaled_lookup_inputs(outputs: int = 8) -> dict[str, int]:
+# Operand numbers of the scaled lookup's inline asm: its results, the packed bytes, then the
+# eight planes, a register each for each of the call's `elements` (four bytes packed by Triton
+# from four elements, whose block's planes must then be the same; or one word of four bytes).
+def scaled_lookup_inputs(outputs: int = 8, elements: int = 4) -> dict[str, int]:
     return {"in": outputs} | {
-        f"{plane}{q}": outputs + 1 + 4 * (4 * side + q) for side, plane in enumerate(("low", "high")) for q in range(4)
+        f"{plane}{q}": outputs + 1 + elements * (4 * side + q)
+        for side, plane in enumerate(("low", "high"))
+        for q in range(4)
     }
 
 

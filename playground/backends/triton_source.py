@@ -37,9 +37,14 @@ NF4_SCALED_TABLE_PTX: tl.constexpr = tl.constexpr(
 NF4_SCALED_LOOKUP_PTX: tl.constexpr = tl.constexpr(
     nf4_permute.ptx(nf4_permute.scaled_lookup_program(), outputs=8, inputs=nf4_permute.SCALED_LOOKUP_INPUTS)
 )
+# One word of four packed bytes a call, each element with its own planes: a tensor-core
+# operand's layout may give a thread's consecutive elements rows of other blocks (wgmma's
+# rows r and r + 8), so Triton's packing of four bytes cannot be trusted to share a block there.
 NF4_SCALED_PAIRS_PTX: tl.constexpr = tl.constexpr(
     nf4_permute.ptx(
-        nf4_permute.scaled_lookup_program(paired=True), outputs=4, inputs=nf4_permute.scaled_lookup_inputs(4)
+        nf4_permute.scaled_lookup_program(paired=True),
+        outputs=4,
+        inputs=nf4_permute.scaled_lookup_inputs(4, elements=1),
     )
 )
 # $2 and $3 rounded to bf16 into one register's upper and lower halves, then each half as fp32 bits.
@@ -223,15 +228,18 @@ def nf4_values(packed, table_ptr, pairs_ptr, scale, dtype: tl.constexpr, LOOKUP:
 
 
 @triton.jit
-def nf4_scaled_operands(packed, scale):
+def nf4_scaled_operands(packed, scale, WORDS: tl.constexpr = False):
     """The scaled lookups' inline asm operands: each block's 16 values scaled and rounded once
     (`scale`: [rows, blocks]), as eight registers of byte planes, after the packed bytes
-    (`packed`: [rows, blocks, bytes]); four bytes a call take one block's planes."""
+    (`packed`: [rows, blocks, bytes]; four bytes a call take one block's planes), or WORDS of
+    four bytes each."""
     low0, low1, low2, low3, high0, high1, high2, high3 = tl.inline_asm_elementwise(
         NF4_SCALED_TABLE_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,f", [scale], dtype=(tl.int32,) * 8, is_pure=True, pack=1
     )
+    if not WORDS:
+        packed = packed.to(tl.uint8)
     return (
-        packed.to(tl.uint8),
+        packed,
         low0[:, :, None],
         low1[:, :, None],
         low2[:, :, None],
@@ -255,12 +263,29 @@ def nf4_scaled_values(packed, scale):
 
 
 @triton.jit
-def nf4_scaled_pairs(packed, scale):
+def nf4_scaled_pairs(words, scale):
     """`nf4_scaled_values` as one int32 a packed byte: its two weights as a bf16 pair, the even
-    column's in the lower half, as a tensor-core multiply takes them."""
-    constraints: tl.constexpr = "=r,=r,=r,=r" + ",r" * 33
-    operands = nf4_scaled_operands(packed, scale)
-    return tl.inline_asm_elementwise(NF4_SCALED_PAIRS_PTX, constraints, operands, dtype=tl.int32, is_pure=True, pack=4)
+    column's in the lower half, as a tensor-core multiply takes them. `words`: [rows, blocks,
+    words] of four packed bytes each (`nf4_words`); returns [rows, blocks, 4 * words], in the
+    bytes' order."""
+    constraints: tl.constexpr = "=r,=r,=r,=r" + ",r" * 9
+    operands = nf4_scaled_operands(words, scale, WORDS=True)
+    pair0, pair1, pair2, pair3 = tl.inline_asm_elementwise(
+        NF4_SCALED_PAIRS_PTX, constraints, operands, dtype=(tl.int32,) * 4, is_pure=True, pack=1
+    )
+    # [..., words, 4]: join's new axis is last, so the pairs 0, 2 and 1, 3 go in first
+    pairs = tl.join(tl.join(pair0, pair2), tl.join(pair1, pair3))
+    return tl.reshape(pairs, (words.shape[0], words.shape[1], 4 * words.shape[2]))
+
+
+@triton.jit
+def nf4_words(packed_ptr, rows3, block_col, row_ok3, K: tl.constexpr, WORDS: tl.constexpr):
+    """Whole NF4 blocks' packed bytes at block columns `block_col` of rows `rows3`, as int32
+    words of four ([rows, blocks, WORDS]; byte k of a word is the k-th of its four: little
+    endian). A row's K / 2 bytes are a whole number of words where its blocks are aligned."""
+    word = block_col * WORDS + tl.arange(0, WORDS)[None, None, :]
+    ok = row_ok3 & (word < K // 8)
+    return tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + rows3 * (K // 8) + word, mask=ok, other=0)
 
 
 @triton.jit
@@ -339,6 +364,7 @@ def nf4_tile(
 @triton.jit
 def nf4_dot_tile(
     packed,
+    words,
     absmax_ptr,
     absmax2_ptr,
     code2_ptr,
@@ -360,16 +386,17 @@ def nf4_dot_tile(
     """An ALIGNED tile's weights as a tensor-core multiply's [rows, 2 * bytes] operand, in the
     model's dtype, its K in `dot_columns`' order: block fastest. Then the wgmma operand layout
     (four lanes along K) gives each thread all the bytes of one block, whose 16 values the
-    scaled lookup builds once for 64 weights (in the tile's own order, once for 16)."""
+    scaled lookup builds once for 64 weights (in the tile's own order, once for 16). `packed`:
+    the tile's bytes; `words`: the same as `nf4_words` (read by the scaled lookup on a GPU)."""
     rows: tl.constexpr = rows3.shape[0]
     blocks: tl.constexpr = block_col.shape[1]
     bytes_: tl.constexpr = half.shape[2]
-    if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:
+    if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:  # the kernel reads words then
         shape: tl.constexpr = (rows, blocks)
         block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
         block_ok2 = tl.reshape(block_ok, shape)
         scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, block_ok2, NESTED, BLOCKSIZE2)
-        pairs = tl.reshape(tl.permute(nf4_scaled_pairs(packed, scale), (0, 2, 1)), (rows, blocks * bytes_))
+        pairs = tl.reshape(tl.permute(nf4_scaled_pairs(words, scale), (0, 2, 1)), (rows, blocks * bytes_))
         even = (pairs & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
         odd = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
         tile = tl.reshape(tl.join(even, odd), (rows, 2 * blocks * bytes_))
@@ -530,15 +557,20 @@ def nf4_matvec_kernel(
             columns = dot_columns(2 * start, BLOCK_K, TILE_BLOCKS, BLOCKSIZE)
             x_column = matmul_input(x_ptr, norm_ptr, columns, columns < K, rstd, HAS_NORM)
             x_tile = tl.where(lanes == 0, x_column[:, None], 0.0).to(dtype)
+            words, words_up = codes, codes_up  # unread unless the lookup takes words
+            if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:  # nf4_dot_tile's asm
+                words = nf4_words(packed, rows3, block_col, row_ok3, K, BLOCKSIZE // 8)
+                if GATED:
+                    words_up = nf4_words(packed1, rows3, block_col, row_ok3, K, BLOCKSIZE // 8)
             tile = nf4_dot_tile(
-                codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
-                dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
+                codes, words, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok,
+                block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
             )  # fmt: skip
             acc_dot = tl.dot(tile, x_tile, acc_dot)
             if GATED:
                 tile = nf4_dot_tile(
-                    codes_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half, ok,
-                    block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
+                    codes_up, words_up, absmax1, outer1, code1, offset1, table_ptr, pairs_ptr, rows3, block_col, half,
+                    ok, block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
                 )  # fmt: skip
                 acc_dot_up = tl.dot(tile, x_tile, acc_dot_up)
         else:
