@@ -196,7 +196,7 @@ def matvec_times(model) -> dict:
 def pdl_sequence_times(model, configs: dict) -> dict:
     """The layer sequence the load-time PDL choice times, with the picked shapes, as plain
     launches and as PDL launches: ms per run of every layer's kernels (what the choice saw)."""
-    from playground.backends.triton_layers import _fastest, layer_sequence_trial, pdl_choices
+    from playground.backends.triton_layers import PDL_TRIAL_ROUNDS, _fastest, layer_sequence_trial, pdl_choices
 
     plain = {name: None if c is None else dataclasses.replace(c, pdl=False) for name, c in configs.items()}
     choices = pdl_choices(plain)
@@ -204,7 +204,7 @@ def pdl_sequence_times(model, configs: dict) -> dict:
     projections = [fused.projections for fused in model.model.layers]
     timings: dict = {}
     trial = layer_sequence_trial(model, layers, choices, projections)
-    _fastest(tuple(choices), trial, "plain", timings=timings)
+    _fastest(tuple(choices), trial, "plain", timings=timings, rounds=PDL_TRIAL_ROUNDS)
     return timings
 
 
