@@ -196,6 +196,12 @@ def test_tensor_cores_and_split_columns_take_only_shapes_they_can_run():
     assert projection.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=4))
     assert [config.nf4_splits for config in NF4_DOT_CONFIGS if projection.fits(config)] == [1, 2]
     assert not projection.fits(dataclasses.replace(dot, nf4_lookup="scaled"))  # registers: a GPU's
+    # bytes that do not start on a word (tensor cores read them four at a time)
+    storage = torch.zeros(weight.packed[0].numel() + 1, dtype=torch.uint8)
+    shifted = storage[1:]
+    shifted.copy_(weight.packed[0])
+    unaligned = Projection(dataclasses.replace(weight, packed=(shifted,)), None, (128,))
+    assert not unaligned.fits(dot) and unaligned.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=4))
 
 
 def test_byte_permutes_give_the_nf4_code_book_value_of_every_code():

@@ -158,10 +158,11 @@ class Projection:
 
     def _dot_and_splits_fit(self, config: MatvecConfig) -> bool:
         """Tensor cores take whole NF4 blocks and 16 rows or more, in 16-bit types on a GPU
-        (fp32 there would go through tf32); split programs, a power of two, take whole loop steps
-        each."""
+        (fp32 there would go through tf32), and bytes that start on a word (read four at a time:
+        `nf4_words`); split programs, a power of two, take whole loop steps each."""
         weight = self.weight
         aligned = self.columns % weight.blocksize == 0 and config.block_k % weight.blocksize == 0
+        aligned = aligned and all(packed.data_ptr() % 4 == 0 for packed in weight.packed)
         splits = config.nf4_splits
         steps = splits & (splits - 1) == 0 and self.columns % (splits * config.block_k) == 0
         if not config.nf4_dot:
