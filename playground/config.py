@@ -145,6 +145,10 @@ class LlamaCppOptions(_Strict):
     # what a router wants, whose decision is all prompt processing. auto: a 2- to 6-bit file
     # on the CPU becomes BF16 where the CPU has bf16 dot products, else F16 (playground.gguf_types).
     convert_weights: ConvertWeights = "no"
+    # llama.cpp's repacking of CPU weights into its AMX, AVX or Arm layouts. auto: off on a CPU
+    # with AMX, where prompt processing with the repacked weights crashed (SIGSEGV) here
+    # (llama.cpp issue 20824); on elsewhere (playground.gguf_types.cpu_repack_wanted).
+    cpu_repack: Literal["auto", "on", "off"] = "auto"
 
 
 SpeculativeMethod = Literal["prompt-lookup", "draft-model"]

@@ -88,6 +88,17 @@ def converted_type(choice: ConvertWeights, stored: str, on_gpu: bool, cpu_featur
     return "BF16" if bf16_units else "F16"
 
 
+def cpu_repack_wanted(choice: str, cpu_features: str) -> bool:
+    """Whether llama.cpp may repack a variant's CPU weights into its extra layouts (AMX tiles,
+    AVX or Arm interleavings). `auto`: not where llama.cpp was built with AMX ("AMX_INT8 = 1"
+    in its system info): on such a CPU (a Xeon with AMX) the embedded 135M's first prompt of
+    more than one token crashed the worker in the AMX matmul, as llama.cpp issue 20824 and
+    DSPy's CI saw with other models."""
+    if choice != "auto":
+        return choice == "on"
+    return "AMX_INT8 = 1" not in cpu_features
+
+
 def converted_gguf(source: Path, quant_type: str, folder: Path) -> tuple[Path, bool]:
     """`source` converted to `quant_type` in `folder`: (path, made_now).
 

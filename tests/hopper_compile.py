@@ -45,6 +45,7 @@ def nf4(
     stages: int = 1,
     dot: bool = False,
     splits: int = 1,
+    pdl_late: bool = False,
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature |= {"table_ptr": "*fp32", "pairs_ptr": "*i64"}
@@ -80,6 +81,7 @@ def nf4(
         USE_PDL=pdl,
         DOT=dot,
         SPLITS=splits,
+        PDL_LATE=pdl_late,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
 
@@ -162,6 +164,45 @@ VARIANTS = {
     "nf4 o/down, double quant, PDL": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True, pdl=True),
     "nf4 o/down, double quant, scaled, PDL": nf4(
         1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=3, pdl=True
+    ),
+    # the next kernel launched only once a program's loop is done; a prefetched first step read
+    # before the wait
+    "nf4 qkv, scaled, prefetched, PDL late": nf4(
+        3,
+        nested=True,
+        norm=True,
+        bias=True,
+        gated=False,
+        residual=False,
+        lookup=3,
+        prefetch=True,
+        pdl=True,
+        pdl_late=True,
+    ),
+    "nf4 gate/up, scaled, pipelined, PDL late": nf4(
+        2,
+        nested=False,
+        norm=True,
+        bias=False,
+        gated=True,
+        residual=False,
+        lookup=3,
+        stages=3,
+        pdl=True,
+        pdl_late=True,
+    ),
+    "nf4 o/down, scaled, tensor cores, 8 shares, PDL late": nf4(
+        1,
+        nested=False,
+        norm=False,
+        bias=False,
+        gated=False,
+        residual=True,
+        lookup=3,
+        dot=True,
+        splits=8,
+        pdl=True,
+        pdl_late=True,
     ),
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),

@@ -161,6 +161,20 @@ def test_embedded_default_in_both_backends(engine, backend):
     assert info.n_params and 1.0e8 < info.n_params < 2.0e8
     assert finished.metrics.completion_tokens >= 3
     assert "paris" in finished.text.lower() or backend == "llamacpp"
+    if backend == "llamacpp":  # on a CPU with AMX the repacked weights crashed this very prompt
+        import llama_cpp
+
+        amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+        assert any("AMX repacking" in note for note in info.notes) == amx, info.notes
+
+
+def test_llama_cpp_repacks_cpu_weights_unless_the_cpu_has_amx():
+    from playground.gguf_types import cpu_repack_wanted
+
+    amx = "AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1"
+    avx2 = "AVX2 = 1 | F16C = 1 | FMA = 1 | LLAMAFILE = 1"
+    assert not cpu_repack_wanted("auto", amx) and cpu_repack_wanted("auto", avx2)
+    assert cpu_repack_wanted("on", amx) and not cpu_repack_wanted("off", avx2)
 
 
 def test_prompt_longer_than_context_is_refused(engine, llama_folder):

@@ -312,6 +312,22 @@ def test_the_pdl_choice_compares_medians_of_timings_taken_in_turns(monkeypatch):
     assert triton_layers._fastest(("plain", "pdl"), run, "plain", rounds=1) == "plain"
 
 
+def test_nf4_layers_also_try_pdl_with_the_next_kernel_launched_after_the_loop():
+    """The PDL choice for NF4 layers has a third sequence: every kernel a PDL launch, the NF4
+    matvecs letting the next one launch only once their loop is done; bf16 layers have two."""
+    from playground.backends.triton_kernels import AttentionConfig
+    from playground.backends.triton_layers import pdl_choices
+
+    configs = {"qkv": MatvecConfig(16, 512, 8, nf4_lookup="scaled"), "attention": AttentionConfig(32, 2, splits=16)}
+    assert list(pdl_choices(configs)) == ["plain", "pdl"]
+    choices = pdl_choices(configs, nf4=True)
+    assert list(choices) == ["plain", "pdl", "pdl, NF4 late"]
+    late = choices["pdl, NF4 late"]
+    assert late["qkv"] == dataclasses.replace(configs["qkv"], pdl=True, nf4_pdl_late=True)
+    assert late["attention"] == dataclasses.replace(configs["attention"], pdl=True)
+    assert not choices["pdl"]["qkv"].nf4_pdl_late and not choices["plain"]["qkv"].pdl
+
+
 def test_a_lookup_variant_counts_only_where_it_gives_the_same_bits():
     """The picker times NF4 lookup variants of one launch shape only where their output equals
     the code-at-a-time lookup's up to rounding; a wrong table does not. The register lookup asks for

@@ -7,6 +7,7 @@ timing sees each one. GPU layers are offloaded only when the build supports it.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import sys
@@ -35,12 +36,38 @@ from playground.backends.base import (
 from playground.config import GenerationParams, ModelConfig, SpeculativeSpec
 from playground.cpus import usable_cpus
 from playground.errors import GenerationError, LoadError
-from playground.gguf_types import converted_gguf, converted_type, gguf_file_type
+from playground.gguf_types import converted_gguf, converted_type, cpu_repack_wanted, gguf_file_type
 from playground.paths import cache_dir
 from playground.prompts import render_without_template
 from playground.sources import check_gguf_header, fetch
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _extra_buffer_types(allowed: bool) -> Iterator[None]:
+    """While a `llama_cpp.Llama` is made: llama.cpp's extra CPU buffer types (repacked weights)
+    allowed or not. llama-cpp-python's Llama takes no `use_extra_bufts`; it starts from
+    `llama_model_default_params()`, so that function is wrapped for the construction (one model
+    is made at a time in a worker)."""
+    if allowed:
+        yield
+        return
+    import llama_cpp.llama as llama_module
+
+    module = llama_module.llama_cpp  # the bindings, as llama.py calls them
+    default = module.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
 
 
 class LlamaCppBackend(Backend):
@@ -54,6 +81,7 @@ class LlamaCppBackend(Backend):
         self._scored_prefix: list[int] = []  # the tokens the last score left in the KV cache
         self._probes: dict[Any, Any] = {}  # stable_prefix_length's tokenized probes
         self.draft: LlamaCppBackend | None = None  # a speculative variant's draft model
+        self._cpu_repack = True  # `llamacpp.cpu_repack` as load() resolves it
 
     def load(self) -> LoadInfo:
         import llama_cpp
@@ -73,6 +101,12 @@ class LlamaCppBackend(Backend):
             )
         n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
         path, notes = self._weights_to_run(weights.path, n_gpu_layers != 0)
+        self._cpu_repack = cpu_repack_wanted(options.cpu_repack, llama_cpp.llama_print_system_info().decode())
+        if not self._cpu_repack and options.cpu_repack == "auto":
+            notes.append(
+                "llama.cpp's AMX repacking of the weights is off on this CPU: with it, prompts crashed the "
+                "worker here (llama.cpp issue 20824); `llamacpp.cpu_repack: on` turns it on"
+            )
         n_ctx = self.config.context_length
         if n_gpu_layers and "torch" in sys.modules:
             # Seen on the lent H100 (benchmarks/gpu/llamacpp_probe.py): with torch's CUDA
@@ -153,17 +187,18 @@ class LlamaCppBackend(Backend):
 
         threads = self.config.llamacpp.n_threads or usable_cpus()
         try:
-            return llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=self.config.llamacpp.n_batch,
-                # Both counts: llama-cpp-python's batch default is every logical CPU of the host.
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers,
-                flash_attn=self._flash_attn(n_gpu_layers),
-                verbose=False,
-            )
+            with _extra_buffer_types(allowed=self._cpu_repack):
+                return llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_batch=self.config.llamacpp.n_batch,
+                    # Both counts: llama-cpp-python's batch default is every logical CPU of the host.
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=n_gpu_layers,
+                    flash_attn=self._flash_attn(n_gpu_layers),
+                    verbose=False,
+                )
         except (ValueError, RuntimeError, OSError) as err:
             raise LoadError(f"llama.cpp could not load {path.name}: {err}") from None
 

@@ -39,7 +39,8 @@ class MatvecConfig:
     (Triton's software pipelining, asynchronous copies on the GPU); 1 loads as each step needs
     them. `nf4_dot`: tensor cores sum the products (whole NF4 blocks in a tile, 16 rows or more;
     on Hopper a 64-row program uses wgmma), `nf4_splits` programs sharing each row block's
-    columns, the last adding their sums."""
+    columns, the last adding their sums. `nf4_pdl_late` (with `pdl`): an NF4 program lets the
+    next kernel launch once its loop is done, not at its start."""
 
     block_n: int
     block_k: int
@@ -50,6 +51,7 @@ class MatvecConfig:
     nf4_stages: int = 1
     nf4_dot: bool = False
     nf4_splits: int = 1
+    nf4_pdl_late: bool = False
 
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
@@ -360,6 +362,7 @@ def _nf4_matvec_op() -> Any:
         block_k: int,
         num_warps: int,
         pdl: bool,
+        pdl_late: bool,
     ) -> torch.Tensor:
         out_rows = rows[0] if gated else sum(rows)
         out = torch.empty((out_rows,), dtype=x.dtype, device=x.device)
@@ -401,6 +404,7 @@ def _nf4_matvec_op() -> Any:
             NUM_STAGES=stages,
             DOT=dot,
             SPLITS=splits,
+            PDL_LATE=pdl_late,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
@@ -457,6 +461,7 @@ def nf4_matvec(
         config.block_k,
         config.num_warps,
         config.pdl,
+        config.nf4_pdl_late,
     )
 
 

@@ -467,6 +467,7 @@ def nf4_matvec_kernel(
     USE_PDL: tl.constexpr = False,
     DOT: tl.constexpr = False,
     SPLITS: tl.constexpr = 1,
+    PDL_LATE: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
     rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
@@ -480,7 +481,9 @@ def nf4_matvec_kernel(
     decoding fewer instructions a weight. SPLITS: programs share a row block's columns (a DOT
     program holds 64 rows, too few programs otherwise); each stores its sums in `partial_ptr`
     [parts of the result, SPLITS, N] and the last to finish, counted in `counter_ptr` (one per
-    row block, zero on entry and left zero), adds them in order and finishes the rows."""
+    row block, zero on entry and left zero), adds them in order and finishes the rows.
+    USE_PDL: the next kernel may launch at a program's start, or (PDL_LATE) once its loop is
+    done; a prefetched first step's bytes are read before the wait for the kernel before."""
     dtype = out_ptr.dtype.element_ty
     first = tl.program_id(0) * BLOCK_N
     rows = first + tl.arange(0, BLOCK_N)
@@ -493,12 +496,8 @@ def nf4_matvec_kernel(
             if first >= rows0 + rows1:
                 packed, absmax, outer, code, offset, base = packed2, absmax2, outer2, code2, offset2, rows0 + rows1
     local_rows = rows - base
-    if USE_PDL:  # the next kernel may launch now; this one waits for the one before
+    if USE_PDL and not PDL_LATE:  # the next kernel may launch now
         gdc_launch_dependents()
-        gdc_wait()
-    rstd = 1.0
-    if HAS_NORM:
-        rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
     # Tiles are [rows, block columns, bytes]: ALIGNED, TILE_BLOCKS whole NF4 blocks of
     # BLOCKSIZE / 2 bytes (`nf4_tile` loads a block's scale once); else one column of BLOCK_K / 2.
     rows3 = local_rows.to(tl.int64)[:, None, None]
@@ -518,12 +517,17 @@ def nf4_matvec_kernel(
     if SPLITS > 1:
         begin = tl.program_id(1) * (K // (2 * SPLITS))
     end = begin + K // (2 * SPLITS)
-    if PREFETCH:  # the first step's bytes
+    if PREFETCH:  # the first step's bytes: no kernel writes weights, so before the wait
         first_half = begin + blocks * (BLOCK_K // (2 * TILE_BLOCKS)) + inner
         first_ok = row_ok3 & (first_half < end)
         ahead = nf4_bytes(packed, rows3, first_half, first_ok, K)
         if GATED:
             ahead_up = nf4_bytes(packed1, rows3, first_half, first_ok, K)
+    if USE_PDL:  # x and the residual come from the kernel before
+        gdc_wait()
+    rstd = 1.0
+    if HAS_NORM:
+        rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
     for step in tl.range(0, K // (2 * SPLITS), BLOCK_K // 2, num_stages=NUM_STAGES):
         start = begin + step
         block_col = start // (BLOCK_K // (2 * TILE_BLOCKS)) + blocks
@@ -588,6 +592,8 @@ def nf4_matvec_kernel(
                 )  # fmt: skip
                 acc_up += high * even
                 acc_up += low * odd
+    if USE_PDL and PDL_LATE:  # the next kernel's programs take room only as this one's finish
+        gdc_launch_dependents()
     if DOT:  # the other 15 columns of x's operand are zero
         total = tl.sum(acc_dot, axis=1)
         total_up = tl.sum(acc_dot_up, axis=1)
