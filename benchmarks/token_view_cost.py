@@ -38,7 +38,7 @@ def _free_port() -> int:
 def _start_server(model: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "playground.llamacpp_server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
          "--n_ctx", "1024", "--model_alias", "smollm2-135m", "--verbose", "False"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

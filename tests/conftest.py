@@ -18,6 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parent.parent  # the repository: what a test's subprocess imports from
 # The tests write their tiny models under the temporary folder: let typed paths reach it (the
 # app's default roots are the home folder and the folder it starts in).
 os.environ.setdefault(
@@ -95,13 +96,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving_gguf(path: Path, alias: str) -> Iterator[str]:
-    """llama-cpp-python's OpenAI-compatible server for one GGUF on 127.0.0.1: its /v1 URL."""
+    """llama-cpp-python's OpenAI-compatible server for one GGUF on 127.0.0.1: its /v1 URL
+    (through playground.llamacpp_server, which leaves out AMX repacking as the app does)."""
     port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "llama_cpp.server",
+            "playground.llamacpp_server",
             "--model",
             str(path),
             "--host",
@@ -117,6 +119,7 @@ def serving_gguf(path: Path, alias: str) -> Iterator[str]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))),
     )
     base = f"http://127.0.0.1:{port}/v1"
     try:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _extra_buffer_types(allowed: bool) -> Iterator[None]:
+def extra_buffer_types(allowed: bool) -> Iterator[None]:
     """While a `llama_cpp.Llama` is made: llama.cpp's extra CPU buffer types (repacked weights)
     allowed or not. llama-cpp-python's Llama takes no `use_extra_bufts`; it starts from
     `llama_model_default_params()`, so that function is wrapped for the construction (one model
@@ -187,7 +187,7 @@ class LlamaCppBackend(Backend):
 
         threads = self.config.llamacpp.n_threads or usable_cpus()
         try:
-            with _extra_buffer_types(allowed=self._cpu_repack):
+            with extra_buffer_types(allowed=self._cpu_repack):
                 return llama_cpp.Llama(
                     model_path=str(path),
                     n_ctx=n_ctx,
