@@ -144,6 +144,18 @@ def server() -> Iterator[str]:
         yield base
 
 
+def direct_llama(path: Path, **options) -> object:
+    """A `llama_cpp.Llama` made directly (a test's reference pass), as the app makes its own: no
+    repacked weights where the CPU has AMX, on which prompts crashed (gguf_types.cpu_repack_wanted)."""
+    import llama_cpp
+
+    from playground.backends.llamacpp_backend import extra_buffer_types
+    from playground.gguf_types import cpu_repack_wanted
+
+    with extra_buffer_types(cpu_repack_wanted("auto", llama_cpp.llama_print_system_info().decode())):
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **options)
+
+
 def variant(**fields) -> object:
     """A validated variant config from keyword fields, as a YAML file would give them."""
     fields.setdefault("display_name", fields["id"])

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import variant
+from conftest import direct_llama, variant
 from test_cli import cli
 
 from playground.divergence import compare_prompts, diff
@@ -41,9 +41,7 @@ def direct_logprobs_hf(folder, ids: list[int]) -> np.ndarray:
 
 
 def direct_logprobs_llamacpp(path, ids: list[int]) -> np.ndarray:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
+    llm = direct_llama(path, n_ctx=256, logits_all=True)
     try:
         llm.eval(ids)
         logits = np.array(llm.scores[: len(ids)], dtype=np.float64)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import EMBEDDED_GGUF, collect, variant
+from conftest import EMBEDDED_GGUF, collect, direct_llama, variant
 
 from playground.backends.base import Request, shared_prefix_length
 from playground.backends.llamacpp_backend import LlamaCppBackend
@@ -179,10 +179,9 @@ def test_llamacpp_scores_match_logits_all(engine):
     router.ensure_loaded()
     probs, _ = router.score(PROMPT)
 
-    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = Llama(model_path=str(EMBEDDED_GGUF), n_ctx=1024, logits_all=True, verbose=False)
+    llm = direct_llama(EMBEDDED_GGUF, n_ctx=1024, logits_all=True)
     fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="<|im_start|>")
     messages = [{"role": "system", "content": ROUTER_SPEC["system_prompt"]}, {"role": "user", "content": PROMPT}]
     base = fmt(messages=messages).prompt + ROUTE_PREFIX
