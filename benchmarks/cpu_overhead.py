@@ -56,9 +56,14 @@ def ours(variant_id: str, max_tokens: int) -> dict:
 
 
 def direct_llamacpp(path: str, context: int, threads: int, max_tokens: int) -> dict:
-    from llama_cpp import Llama
+    import llama_cpp
 
-    llm = Llama(model_path=path, n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
+    from playground.backends.llamacpp_backend import extra_buffer_types
+    from playground.gguf_types import cpu_repack_wanted
+
+    # as the app makes it: no repacked weights on a CPU with AMX, where prompts crashed
+    with extra_buffer_types(cpu_repack_wanted("auto", llama_cpp.llama_print_system_info().decode())):
+        llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
     t0 = time.perf_counter()
     stamps = []
     for chunk in llm.create_chat_completion(
