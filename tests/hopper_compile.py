@@ -167,43 +167,20 @@ VARIANTS = {
     ),
     # the next kernel launched only once a program's loop is done; a prefetched first step read
     # before the wait
-    "nf4 qkv, scaled, prefetched, PDL late": nf4(
-        3,
-        nested=True,
-        norm=True,
-        bias=True,
-        gated=False,
-        residual=False,
-        lookup=3,
-        prefetch=True,
-        pdl=True,
-        pdl_late=True,
-    ),
-    "nf4 gate/up, scaled, pipelined, PDL late": nf4(
-        2,
-        nested=False,
-        norm=True,
-        bias=False,
-        gated=True,
-        residual=False,
-        lookup=3,
-        stages=3,
-        pdl=True,
-        pdl_late=True,
-    ),
-    "nf4 o/down, scaled, tensor cores, 8 shares, PDL late": nf4(
-        1,
-        nested=False,
-        norm=False,
-        bias=False,
-        gated=False,
-        residual=True,
-        lookup=3,
-        dot=True,
-        splits=8,
-        pdl=True,
-        pdl_late=True,
-    ),
+    **{
+        f"nf4 {case}, scaled, PDL late": nf4(**arguments, lookup=3, pdl=True, pdl_late=True)
+        for case, arguments in {
+            "qkv, prefetched": dict(
+                parts=3, nested=True, norm=True, bias=True, gated=False, residual=False, prefetch=True
+            ),
+            "gate/up, pipelined": dict(
+                parts=2, nested=False, norm=True, bias=False, gated=True, residual=False, stages=3
+            ),
+            "o/down, tensor cores, 8 shares": dict(
+                parts=1, nested=False, norm=False, bias=False, gated=False, residual=True, dot=True, splits=8
+            ),
+        }.items()
+    },
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),
 }
