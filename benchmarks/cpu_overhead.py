@@ -58,11 +58,10 @@ def ours(variant_id: str, max_tokens: int) -> dict:
 def direct_llamacpp(path: str, context: int, threads: int, max_tokens: int) -> dict:
     import llama_cpp
 
-    from playground.backends.llamacpp_backend import extra_buffer_types
-    from playground.gguf_types import cpu_repack_wanted
+    from playground.backends.llamacpp_backend import cpu_repack_allowed, extra_buffer_types
 
     # as the app makes it: no repacked weights on a CPU with AMX, where prompts crashed
-    with extra_buffer_types(cpu_repack_wanted("auto", llama_cpp.llama_print_system_info().decode())):
+    with extra_buffer_types(cpu_repack_allowed()):
         llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
     t0 = time.perf_counter()
     stamps = []

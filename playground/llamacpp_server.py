@@ -8,13 +8,9 @@ from __future__ import annotations
 import runpy
 import sys
 
-import llama_cpp
-
-from playground.backends.llamacpp_backend import extra_buffer_types
-from playground.gguf_types import cpu_repack_wanted
+from playground.backends.llamacpp_backend import cpu_repack_allowed, extra_buffer_types
 
 if __name__ == "__main__":
-    allowed = cpu_repack_wanted("auto", llama_cpp.llama_print_system_info().decode())
-    with extra_buffer_types(allowed):  # the server makes its model inside
+    with extra_buffer_types(cpu_repack_allowed()):  # the server makes its model inside
         sys.argv[0] = "llama_cpp.server"
         runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)

@@ -149,10 +149,9 @@ def direct_llama(path: Path, **options) -> object:
     repacked weights where the CPU has AMX, on which prompts crashed (gguf_types.cpu_repack_wanted)."""
     import llama_cpp
 
-    from playground.backends.llamacpp_backend import extra_buffer_types
-    from playground.gguf_types import cpu_repack_wanted
+    from playground.backends.llamacpp_backend import cpu_repack_allowed, extra_buffer_types
 
-    with extra_buffer_types(cpu_repack_wanted("auto", llama_cpp.llama_print_system_info().decode())):
+    with extra_buffer_types(cpu_repack_allowed()):
         return llama_cpp.Llama(model_path=str(path), verbose=False, **options)
 
 

@@ -44,6 +44,14 @@ from playground.sources import check_gguf_header, fetch
 log = logging.getLogger(__name__)
 
 
+def cpu_repack_allowed(choice: str = "auto") -> bool:
+    """`llamacpp.cpu_repack` (`choice`) resolved against this llama.cpp build's CPU features
+    (`cpu_repack_wanted`): what `extra_buffer_types` is given."""
+    import llama_cpp
+
+    return cpu_repack_wanted(choice, llama_cpp.llama_print_system_info().decode())
+
+
 @contextlib.contextmanager
 def extra_buffer_types(allowed: bool) -> Iterator[None]:
     """While a `llama_cpp.Llama` is made: llama.cpp's extra CPU buffer types (repacked weights)
@@ -101,7 +109,7 @@ class LlamaCppBackend(Backend):
             )
         n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
         path, notes = self._weights_to_run(weights.path, n_gpu_layers != 0)
-        self._cpu_repack = cpu_repack_wanted(options.cpu_repack, llama_cpp.llama_print_system_info().decode())
+        self._cpu_repack = cpu_repack_allowed(options.cpu_repack)
         if not self._cpu_repack and options.cpu_repack == "auto":
             notes.append(
                 "llama.cpp's AMX repacking of the weights is off on this CPU: with it, prompts crashed the "
