@@ -196,8 +196,8 @@ def matvec_times(model) -> dict:
 def pdl_sequence_times(model, configs: dict) -> dict:
     """The layer sequence the load-time PDL choice times, with the picked shapes, as plain
     launches and as PDL launches: ms per run of every layer's kernels (what the choice saw)."""
-    from playground.backends.triton_kernels import MatvecConfig, NF4Weight
-    from playground.backends.triton_layers import PDL_TRIAL_ROUNDS, _fastest, layer_sequence_trial, pdl_choices
+    from playground.backends.triton_kernels import MatvecConfig
+    from playground.backends.triton_layers import _with_pdl_if_faster
 
     plain = {}
     for name, config in configs.items():
@@ -206,10 +206,8 @@ def pdl_sequence_times(model, configs: dict) -> dict:
         plain[name] = None if config is None else dataclasses.replace(config, pdl=False)
     layers = [fused.layer for fused in model.model.layers]
     projections = [fused.projections for fused in model.model.layers]
-    choices = pdl_choices(plain, nf4=any(isinstance(p.weight, NF4Weight) for p in projections[0].values()))
     timings: dict = {}
-    trial = layer_sequence_trial(model, layers, choices, projections)
-    _fastest(tuple(choices), trial, "plain", timings=timings, rounds=PDL_TRIAL_ROUNDS)
+    _with_pdl_if_faster(model, layers, projections, plain, timings=timings)  # the load's own choice
     return timings
 
 

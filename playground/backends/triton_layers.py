@@ -690,20 +690,21 @@ def _with_pdl_if_faster(
     layers: Sequence[nn.Module],
     projections: Sequence[dict[str, Projection]],
     configs: dict[str, Any],
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """`configs` with programmatic dependent launch on every kernel, if the layers' sequence of
     kernels (`layer_sequence_trial`) replays faster so; else as they are. All or none: a kernel
     starts under the tail of the one before only when that one is a PDL launch too, so timing
     each kernel alone, repeated, misjudges it (on the H200 that kept PDL for gate/up alone, and
     the step did not move). NF4 layers also try PDL with the next kernel launched only once a
-    program's loop is done (`pdl_choices`)."""
+    program's loop is done (`pdl_choices`). `timings`, where given, receives each choice's ms."""
     choices = pdl_choices(configs, nf4=any(isinstance(p.weight, NF4Weight) for p in projections[0].values()))
     # plain first: it stays on a tie, and if the PDL launches are refused
     trial = layer_sequence_trial(model, layers, choices, projections)
-    return choices[_fastest(tuple(choices), trial, "plain", rounds=PDL_TRIAL_ROUNDS)]
+    return choices[_fastest(tuple(choices), trial, "plain", timings=timings, rounds=PDL_TRIAL_ROUNDS)]
 
 
-# The two sequences' timings are taken in turns, this many each, and their medians compared:
+# The sequences' timings are taken in turns, this many each, and their medians compared:
 # on the H200 the 3B's bf16 sequences differ by about 1%, as much as one timing's noise, and
 # loads of the same code chose PDL in some runs and not in others.
 PDL_TRIAL_ROUNDS = 5
