@@ -23,12 +23,12 @@ MATVEC_ARGS = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr",
 NF4_PART = {"packed": "*u8", "absmax": "*u8", "outer": "*fp32", "code": "*fp32", "offset": "fp32"}
 
 
-def matvec(norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False, splits: int = 1) -> tuple:
-    signature = MATVEC_ARGS | {"N": "i32", "eps": "fp32", "partial_ptr": "*fp32", "counter_ptr": "*i32"}
+def matvec(norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False) -> tuple:
+    signature = MATVEC_ARGS | {"N": "i32", "eps": "fp32"}
     constants = dict(
         K=2048, HAS_NORM=norm, HAS_BIAS=bias, GATED=gated, HAS_RES=residual, BLOCK_N=8, BLOCK_K=512, USE_PDL=pdl
     )
-    return triton_source.matvec_kernel, signature, constants | dict(SPLITS=splits)
+    return triton_source.matvec_kernel, signature, constants
 
 
 def nf4(
@@ -101,9 +101,6 @@ VARIANTS = {
     "matvec qkv": matvec(norm=True, bias=True, gated=False, residual=False),
     "matvec gate/up": matvec(norm=True, bias=False, gated=True, residual=False),
     "matvec o/down": matvec(norm=False, bias=False, gated=False, residual=True),
-    # columns shared by 4 programs, the last adding their sums
-    "matvec o/down, 4 shares": matvec(norm=False, bias=False, gated=False, residual=True, splits=4),
-    "matvec gate/up, 2 shares, PDL": matvec(norm=True, bias=False, gated=True, residual=False, pdl=True, splits=2),
     "nf4 qkv, double quant": nf4(3, nested=True, norm=True, bias=True, gated=False, residual=False),
     "nf4 gate/up": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False),
     "nf4 o/down, double quant": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True),

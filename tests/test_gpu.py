@@ -382,9 +382,9 @@ def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
     # Tensor cores (wgmma, 64 rows) on the tile's block-fastest column order, whole or split
     # over 2 or 4 programs; and FMA programs split 4 ways.
     configs += [MatvecConfig(64, 256, 4, nf4_lookup=lookup, nf4_dot=True)]
-    configs += [MatvecConfig(64, 64, 4, nf4_lookup=lookup, nf4_dot=True, splits=n) for n in (2, 4)]
+    configs += [MatvecConfig(64, 64, 4, nf4_lookup=lookup, nf4_dot=True, nf4_splits=n) for n in (2, 4)]
     configs += [MatvecConfig(64, 64, 4, nf4_lookup=lookup, nf4_dot=True, nf4_stages=3)]
-    configs += [MatvecConfig(8, 64, 4, nf4_lookup=lookup, splits=4)]
+    configs += [MatvecConfig(8, 64, 4, nf4_lookup=lookup, nf4_splits=4)]
     for config in configs:
         for column in (*range(8), 63, 64, 129, 255):
             x = torch.zeros(columns, dtype=torch.bfloat16, device="cuda")
@@ -392,40 +392,6 @@ def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
             got = nf4_matvec(x, packed, config)
             assert torch.equal(got, dequantized[:, column]), (config, column)
         assert not packed.counters.any()  # left at zero for the next launch
-
-
-@pytest.mark.parametrize("pdl", [False, True], ids=["plain-launch", "pdl"])
-def test_a_plain_matvec_split_over_programs_sums_as_the_unsplit_one_in_a_replayed_graph(pdl):
-    """A plain matvec whose columns 2, 4 or 8 programs share (the last adding their sums) in a
-    CUDA graph replayed three times, after the same graph's unsplit matvec: fp32 sums within
-    rounding of the unsplit kernel's, each replay the same, and the counters left at zero. The
-    interpreter's tests run no atomics across real programs; this runs them on the GPU."""
-    from playground.backends.triton_kernels import MatvecConfig, fused_matvec, split_counters
-
-    rows, columns = 256, 11008 // 4  # the 3B's down projection's column count, a quarter
-    generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(rows, columns, generator=generator).to("cuda", torch.float32)
-    x = torch.randn(columns, generator=generator).to("cuda", torch.float32)
-    residual = torch.randn(rows, generator=generator).to("cuda", torch.float32)
-    counters = split_counters(rows, "cuda")
-    unsplit = MatvecConfig(8, 256, 4, pdl=pdl)
-    expected = fused_matvec(x, weight, unsplit, residual=residual, counters=counters)
-    for splits in (2, 4, 8):
-        config = MatvecConfig(8, 256, 4, pdl=pdl, splits=splits)
-        fused_matvec(x, weight, config, residual=residual, counters=counters)  # compiled outside the graph
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            before = fused_matvec(x, weight, unsplit, residual=residual, counters=counters)
-            got = fused_matvec(x, weight, config, residual=residual, counters=counters)
-        replays = []
-        for _ in range(3):
-            graph.replay()
-            replays.append(got.clone())
-        torch.cuda.synchronize()
-        assert torch.equal(before, expected)
-        torch.testing.assert_close(replays[0], expected, atol=1e-4, rtol=1e-5)
-        assert all(torch.equal(replay, replays[0]) for replay in replays), splits
-        assert not counters.any(), splits
 
 
 # -- token-level divergence on the GPU -----------------------------------------------------------

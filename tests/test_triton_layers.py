@@ -8,7 +8,6 @@ compiled: test_gpu.py checks them there through the app's fast path.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,7 +28,6 @@ from playground.backends.triton_kernels import (  # noqa: E402
     decode_attention,
     fused_matvec,
     nf4_matvec,
-    split_counters,
 )
 from playground.backends.triton_layers import (  # noqa: E402
     FusedDecoderLayer,
@@ -58,14 +56,10 @@ class Norm(torch.nn.Module):
 
 # fp16 rather than bf16: the interpreter truncates fp32 to bf16 where a GPU rounds to nearest
 # (half its conversions came out one ulp low), and fp16 takes the kernel's same rounding steps.
-# Split: 100 columns in shares of 50 (a whole step and a masked one) or 25 (one masked step).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ["norm-and-bias", "gated", "residual"])
-@pytest.mark.parametrize("splits", [1, 2, 4], ids=["unsplit", "split-2", "split-4"])
-def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case, splits):
+def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case):
     generator = torch.Generator().manual_seed(0)
-    config = dataclasses.replace(SMALL_BLOCKS, splits=splits)
-    counters = split_counters(2 * ROWS, "cpu")
 
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype)
@@ -75,33 +69,20 @@ def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case, spli
         if case == "norm-and-bias":
             weight, bias = random(ROWS, COLUMNS), random(ROWS)
             expected = F.linear(norm(x), weight, bias)
-            call = functools.partial(fused_matvec, x, weight, config, norm=norm, bias=bias, counters=counters)
+            got = fused_matvec(x, weight, SMALL_BLOCKS, norm=norm, bias=bias)
         elif case == "gated":
             weight = random(2 * ROWS, COLUMNS)
             gate, up = F.linear(norm(x), weight).split(ROWS)
             expected = F.silu(gate) * up
-            call = functools.partial(fused_matvec, x, weight, config, norm=norm, gated=True, counters=counters)
+            got = fused_matvec(x, weight, SMALL_BLOCKS, norm=norm, gated=True)
         else:
             weight, residual = random(ROWS, COLUMNS), random(ROWS)
             expected = residual + F.linear(x, weight)
-            call = functools.partial(fused_matvec, x, weight, config, residual=residual, counters=counters)
-        got, again = call(), call()  # the second on the counters the first left
+            got = fused_matvec(x, weight, SMALL_BLOCKS, residual=residual)
     assert got.dtype == dtype and got.shape == (ROWS,)
     # fp32: only the order of the sums differs. fp16: the same roundings, so an ulp or two apart.
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected, **tolerance)
-    assert torch.equal(again, got) and not counters.any()
-
-
-def test_a_plain_projection_splits_its_columns_only_into_whole_shares():
-    weight = torch.zeros(64, 11008)  # the 3B's down projection: 2^8 x 43 columns
-    projection = triton_layers.Projection(weight, None, (64,), split_counters(64, "cpu"))
-    assert projection.fits(MatvecConfig(8, 2048, 8, splits=8))  # 1376 columns a share, a step masked
-    assert not projection.fits(MatvecConfig(8, 256, 4, splits=3))  # not a power of two
-    short = triton_layers.Projection(torch.zeros(64, 1024), None, (64,), split_counters(64, "cpu"))
-    assert short.fits(MatvecConfig(8, 256, 4, splits=8)) and not short.fits(MatvecConfig(8, 512, 4, splits=8))
-    odd = triton_layers.Projection(torch.zeros(64, 100), None, (64,), split_counters(64, "cpu"))
-    assert odd.fits(MatvecConfig(8, 32, 4, splits=4)) and not odd.fits(MatvecConfig(8, 32, 4, splits=8))
 
 
 def _nf4_linears(shapes: list[tuple[int, int]], dtype: torch.dtype, nested: bool, seed: int = 0) -> list:
@@ -142,8 +123,8 @@ def _dequantized(linear) -> torch.Tensor:
         (192, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="registers", nf4_stages=3)),
         (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="scaled")),
         (192, MatvecConfig(block_n=16, block_k=128, num_warps=4, nf4_lookup="nibble", nf4_dot=True)),
-        (256, MatvecConfig(block_n=16, block_k=64, num_warps=4, nf4_lookup="scaled", nf4_dot=True, splits=2)),
-        (256, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="nibble", nf4_prefetch=True, splits=4)),
+        (256, MatvecConfig(block_n=16, block_k=64, num_warps=4, nf4_lookup="scaled", nf4_dot=True, nf4_splits=2)),
+        (256, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="nibble", nf4_prefetch=True, nf4_splits=4)),
     ],
     ids=[
         "blocks-straddle-rows",
@@ -193,7 +174,7 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
             residual = torch.randn(24, generator=generator).to(dtype)
             expected = residual + F.linear(x, weights[0])
             got = nf4_matvec(x, packed, config, residual=residual)
-    fp32 = 3e-5 if config.splits > 1 else 1e-5  # split shares' sums add up in another order
+    fp32 = 3e-5 if config.nf4_splits > 1 else 1e-5  # split shares' sums add up in another order
     tolerance = {"atol": fp32, "rtol": fp32} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected, **tolerance)
     assert not packed.counters.any()
@@ -207,20 +188,20 @@ def test_tensor_cores_and_split_columns_take_only_shapes_they_can_run():
     weight = NF4Weight.of(_nf4_linears([(128, 512)], torch.bfloat16, nested=False))
     projection = Projection(weight, None, (128,))
     dot = MatvecConfig(64, 256, 4, nf4_lookup="nibble", nf4_dot=True)
-    assert projection.fits(dot) and projection.fits(dataclasses.replace(dot, splits=2))
-    assert not projection.fits(dataclasses.replace(dot, splits=4))  # 128 columns a share
+    assert projection.fits(dot) and projection.fits(dataclasses.replace(dot, nf4_splits=2))
+    assert not projection.fits(dataclasses.replace(dot, nf4_splits=4))  # 128 columns a share
     assert not projection.fits(dataclasses.replace(dot, block_k=32))  # half an NF4 block a tile
     assert not projection.fits(dataclasses.replace(dot, block_n=8))  # too few rows for tl.dot
-    assert not projection.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", splits=3))
-    assert projection.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", splits=4))
-    assert [config.splits for config in NF4_DOT_CONFIGS if projection.fits(config)] == [1, 2]
+    assert not projection.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=3))
+    assert projection.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=4))
+    assert [config.nf4_splits for config in NF4_DOT_CONFIGS if projection.fits(config)] == [1, 2]
     assert not projection.fits(dataclasses.replace(dot, nf4_lookup="scaled"))  # registers: a GPU's
     # bytes that do not start on a word (tensor cores read them four at a time)
     storage = torch.zeros(weight.packed[0].numel() + 1, dtype=torch.uint8)
     shifted = storage[1:]
     shifted.copy_(weight.packed[0])
     unaligned = Projection(dataclasses.replace(weight, packed=(shifted,)), None, (128,))
-    assert not unaligned.fits(dot) and unaligned.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", splits=4))
+    assert not unaligned.fits(dot) and unaligned.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=4))
 
 
 def test_byte_permutes_give_the_nf4_code_book_value_of_every_code():
@@ -463,9 +444,9 @@ def _fused_model(folder, nf4: str = ""):
 def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, arch, weights, splits, monkeypatch):
     """fp32, greedy: the static-cache decoder over fused layers gives generate's tokens one for
     one (Qwen2's q/k/v biases included; NF4 weights against bitsandbytes' own layers, their
-    values looked up a byte or a code at a time; attention in one program per head, or its
-    slots shared out over four, and then plain matvecs' columns shared too), and its
-    single-token passes did go through the kernels."""
+    values looked up a byte or a code at a time; attention
+    in one program per head, or its slots shared out over four), and its single-token passes did
+    go through the kernels."""
     folder = {"llama": llama_folder, "qwen2": qwen2_folder}[arch]
     nf4 = "" if weights == "plain" else weights
     prompt = [3, 14, 15, 9, 26, 5, 35, 8]
@@ -499,15 +480,11 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
         assert "NF4 values looked up a nibble at a time" in triton_layers.describe_choices(model)
         # tensor cores in gate/up and down, whose 128 columns two programs share, as do q/k/v's
         configs["gate_up"] = MatvecConfig(16, 64, 4, nf4_lookup="nibble", nf4_dot=True)
-        configs["down"] = MatvecConfig(16, 64, 4, nf4_lookup="nibble", nf4_dot=True, splits=2)
-        configs["qkv"] = MatvecConfig(8, 32, 4, nf4_lookup="nibble", splits=2)
+        configs["down"] = MatvecConfig(16, 64, 4, nf4_lookup="nibble", nf4_dot=True, nf4_splits=2)
+        configs["qkv"] = MatvecConfig(8, 32, 4, nf4_lookup="nibble", nf4_splits=2)
         choices = triton_layers.describe_choices(model)
         assert "NF4 products summed by tensor cores in down, gate_up" in choices
-        assert "columns shared by several programs in down, qkv" in choices
-    elif splits > 1:  # plain weights: down's and gate/up's columns shared too
-        configs["down"] = MatvecConfig(8, 32, 4, splits=2)
-        configs["gate_up"] = MatvecConfig(8, 16, 4, splits=4)
-        assert "columns shared by several programs in down, gate_up" in triton_layers.describe_choices(model)
+        assert "NF4 columns shared by several programs in down, qkv" in choices
     decoder = StaticDecoder(model, 256, use_cuda_graph=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected
@@ -520,7 +497,7 @@ def test_fused_layers_decode_the_tokens_of_generate(llama_folder, qwen2_folder, 
 
 def test_a_compiled_step_over_the_fused_layers_decodes_the_tokens_of_generate(qwen2_folder):
     """torch.compile, as the app compiles the step on a GPU, around the kernels' ops (they
-    mutate the cache and the split programs' counters): generate's fp32 tokens, and the
+    mutate the cache and the split attention's counters): generate's fp32 tokens, and the
     counters left at zero. (The app's GPU path adds only the CUDA graph, in tests/test_gpu.py.)"""
     prompt = [3, 14, 15, 9, 26, 5, 35, 8]
     plain = _fused_model(qwen2_folder)
@@ -529,14 +506,12 @@ def test_a_compiled_step_over_the_fused_layers_decodes_the_tokens_of_generate(qw
     model = _fused_model(qwen2_folder)
     first = model.model.layers[0]
     first.configs["attention"] = AttentionConfig(4, 4, splits=4)
-    first.configs["down"] = MatvecConfig(8, 32, 4, splits=2)  # its counters are mutated too
     decoder = StaticDecoder(model, 64, use_cuda_graph=False, compile_step=True)
     params = GenerationParams(temperature=0.0, max_new_tokens=8)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
     assert hasattr(decoder._step_fn, "_torchdynamo_orig_callable")  # the step did go through torch.compile
-    assert not first.attention_counters.any() and not first.projections["down"].counters.any()
-    choices = "each head's slots over 4 programs, columns shared by several programs in down"
-    assert triton_layers.describe_choices(model) == choices
+    assert not first.attention_counters.any()
+    assert triton_layers.describe_choices(model) == "each head's slots over 4 programs"
 
 
 def test_the_pickers_trials_read_every_layer_s_own_weights_and_cache(llama_folder):

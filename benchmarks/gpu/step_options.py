@@ -117,14 +117,7 @@ def matvec_times(model) -> dict:
     from triton.testing import do_bench_cudagraph
 
     from playground.backends.triton_kernels import NF4Weight
-    from playground.backends.triton_layers import (
-        MATVECS,
-        NF4_DOT_CONFIGS,
-        PLAIN_SPLITS,
-        agrees,
-        matvec_trial,
-        nf4_variants,
-    )
+    from playground.backends.triton_layers import MATVECS, NF4_DOT_CONFIGS, agrees, matvec_trial, nf4_variants
 
     fused_layers = list(model.model.layers)
     layers = [fused.layer for fused in fused_layers]
@@ -144,7 +137,7 @@ def matvec_times(model) -> dict:
             variants_us, variants_agree = {}, {}
             reference = trial(config)
             for variant in nf4_variants(config, projection):
-                label = f"tensor cores, {variant.splits} shares, " if variant.nf4_dot else ""
+                label = f"tensor cores, {variant.nf4_splits} shares, " if variant.nf4_dot else ""
                 label += variant.nf4_lookup + (", prefetched" if variant.nf4_prefetch else "")
                 label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
                 variants_agree[label] = agrees(trial, variant, reference)
@@ -154,14 +147,14 @@ def matvec_times(model) -> dict:
             more = []
             if os.environ.get("STEP_NF4_MORE") == "1":
                 more = [dataclasses.replace(dot, nf4_stages=3) for dot in NF4_DOT_CONFIGS]
-                more += [dataclasses.replace(config, splits=splits) for splits in (2, 4, 8)]
+                more += [dataclasses.replace(config, nf4_splits=splits) for splits in (2, 4, 8)]
             for variant in (*NF4_DOT_CONFIGS, *more):
                 variant = dataclasses.replace(variant, nf4_lookup=config.nf4_lookup)
                 if variant == config or not projection.fits(variant):
                     continue
                 label = "tensor cores " if variant.nf4_dot else "FMA "
                 label += f"{variant.block_n}x{variant.block_k} w{variant.num_warps}, "
-                label += f"{variant.splits} shares, {variant.nf4_lookup}"
+                label += f"{variant.nf4_splits} shares, {variant.nf4_lookup}"
                 label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
                 label += ", prefetched" if variant.nf4_prefetch else ""
                 variants_agree[label] = agrees(trial, variant, reference)
@@ -173,7 +166,7 @@ def matvec_times(model) -> dict:
                 "nf4_prefetch": config.nf4_prefetch,
                 "nf4_stages": config.nf4_stages,
                 "nf4_dot": config.nf4_dot,
-                "nf4_splits": config.splits,
+                "nf4_splits": config.nf4_splits,
                 "fused_us": fused_ms * 1000,
                 "fused_tb_s": size / (fused_ms / 1000) / 1e12,
                 "variants_us": variants_us,
@@ -189,21 +182,9 @@ def matvec_times(model) -> dict:
 
         cublas_ms = do_bench_cudagraph(cublas) / count
         size = weight.numel() * weight.element_size()
-        # the picked launch shape with its columns unshared and shared by each number the
-        # picker tries: what the split bought, or what it would have
-        splits_us, splits_agree = {}, {}
-        reference = trial(dataclasses.replace(config, splits=1))
-        for splits in (1, *PLAIN_SPLITS):
-            variant = dataclasses.replace(config, splits=splits)
-            if projection.fits(variant):
-                splits_agree[splits] = agrees(trial, variant, reference)
-                splits_us[splits] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
         out[f"matvec_{name}"] = {
             "shape": list(weight.shape),
             "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
-            "splits": config.splits,
-            "splits_us": splits_us,
-            "splits_agree": splits_agree,
             "fused_us": fused_ms * 1000,
             "cublas_us": cublas_ms * 1000,
             "fused_tb_s": size / (fused_ms / 1000) / 1e12,

@@ -38,19 +38,19 @@ class MatvecConfig:
     own. `nf4_stages`: loop steps whose loads are in flight at once, through shared memory
     (Triton's software pipelining, asynchronous copies on the GPU); 1 loads as each step needs
     them. `nf4_dot`: tensor cores sum the products (whole NF4 blocks in a tile, 16 rows or more;
-    on Hopper a 64-row program uses wgmma). `nf4_pdl_late` (with `pdl`): an NF4 program lets
-    the next kernel launch once its loop is done, not at its start. `splits` (either weight):
-    programs sharing each row block's columns, the last adding their sums."""
+    on Hopper a 64-row program uses wgmma), `nf4_splits` programs sharing each row block's
+    columns, the last adding their sums. `nf4_pdl_late` (with `pdl`): an NF4 program lets the
+    next kernel launch once its loop is done, not at its start."""
 
     block_n: int
     block_k: int
     num_warps: int
     pdl: bool = False
-    splits: int = 1
     nf4_lookup: str = "byte"
     nf4_prefetch: bool = False
     nf4_stages: int = 1
     nf4_dot: bool = False
+    nf4_splits: int = 1
     nf4_pdl_late: bool = False
 
 
@@ -167,26 +167,23 @@ def _matvec_op() -> Any:
 
     # An opaque op with a fake (shape-only) twin: torch.compile places the kernel's launch in its
     # graph without tracing into it, and a CUDA graph captures it like any other kernel.
-    @custom_op("playground::fused_matvec", mutates_args=("counters",))
+    @custom_op("playground::fused_matvec", mutates_args=())
     def fused_matvec(
         x: torch.Tensor,
         weight: torch.Tensor,
         norm_weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         residual: torch.Tensor | None,
-        counters: torch.Tensor,
         eps: float,
         gated: bool,
         block_n: int,
         block_k: int,
         num_warps: int,
         pdl: bool,
-        splits: int,
     ) -> torch.Tensor:
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty((rows,), dtype=x.dtype, device=x.device)
-        partials = _split_partials(x, rows, gated, splits)
-        matvec_kernel[(triton.cdiv(rows, block_n), splits)](
+        matvec_kernel[(triton.cdiv(rows, block_n),)](
             x,
             weight,
             x if norm_weight is None else norm_weight,
@@ -195,16 +192,13 @@ def _matvec_op() -> Any:
             out,
             rows,
             eps,
-            partials,
-            counters,
             K=weight.shape[1],
-            SPLITS=splits,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @fused_matvec.register_fake
-    def _(x, weight, norm_weight, bias, residual, counters, eps, gated, *rest):  # noqa: ANN001, ANN002, ANN202
+    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps, pdl):  # noqa: ANN001, ANN202
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         return x.new_empty((rows,))
 
@@ -219,45 +213,16 @@ def fused_matvec(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gated: bool = False,
-    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`weight @ x` for a vector `x` [K], with what the layer does around it: `norm` (an RMSNorm
     module: `weight` and `variance_epsilon`) applied to `x` first, `bias` added, SiLU(gate) * up
-    when `gated` (the weight is gate's rows over up's), then `residual` added. Returns [N].
-    `counters`: `split_counters(weight)`, kept with the weight; without, each call makes its own."""
+    when `gated` (the weight is gate's rows over up's), then `residual` added. Returns [N]."""
     if not torch.compiler.is_compiling():  # registered by the first eager call, before any compile
         _matvec_op()
     norm_weight, eps = _norm_arguments(norm)
-    if counters is None:
-        counters = split_counters(weight.shape[0], weight.device)
     return torch.ops.playground.fused_matvec(
-        x,
-        weight,
-        norm_weight,
-        bias,
-        residual,
-        counters,
-        eps,
-        gated,
-        config.block_n,
-        config.block_k,
-        config.num_warps,
-        config.pdl,
-        config.splits,
+        x, weight, norm_weight, bias, residual, eps, gated, config.block_n, config.block_k, config.num_warps, config.pdl
     )
-
-
-def split_counters(rows: int, device: torch.device | str) -> torch.Tensor:
-    """The zeroed counters a matvec of `rows` rows needs when its columns are shared among
-    programs (`MatvecConfig.splits`): one per row, enough for any row block; the last program
-    of a row block leaves its counter at zero again. Made before any CUDA graph is captured."""
-    return torch.zeros(rows, dtype=torch.int32, device=device)
-
-
-def _split_partials(x: torch.Tensor, rows: int, gated: bool, splits: int) -> torch.Tensor:
-    """Where split programs leave their sums (gate's, then up's); not read back unsplit."""
-    size = (2 if gated else 1) * splits * rows if splits > 1 else 1
-    return torch.empty((size,), dtype=torch.float32, device=x.device)
 
 
 # MatvecConfig.nf4_lookup: the kernel's LOOKUP (triton_source.LOOKUP_BYTE and on)
@@ -309,7 +274,7 @@ class NF4Weight:
             blocksize2=int(states[0].state2.blocksize) if nested else 1,
             nested=nested,
             dtype=states[0].dtype,
-            counters=split_counters(sum(rows), states[0].absmax.device),
+            counters=torch.zeros(sum(rows), dtype=torch.int32, device=states[0].absmax.device),
         )
 
     def registers_lookup_fits(self) -> bool:
@@ -407,7 +372,10 @@ def _nf4_matvec_op() -> Any:
         part_args = []
         for index in pick:
             part_args += [packed[index], absmax[index], outer[index], code2[index], offsets[index]]
-        partials = _split_partials(x, out_rows, gated, splits)
+        # each split program's sums (gate's, then up's); not read back unsplit
+        partials = torch.empty(
+            ((2 if gated else 1) * splits * out_rows,) if splits > 1 else (1,), dtype=torch.float32, device=x.device
+        )
         nf4_matvec_kernel[(triton.cdiv(out_rows, block_n), splits)](
             x,
             x if norm_weight is None else norm_weight,
@@ -479,7 +447,7 @@ def nf4_matvec(
         config.nf4_prefetch,
         config.nf4_stages,
         config.nf4_dot,
-        config.splits,
+        config.nf4_splits,
         norm_weight,
         bias,
         residual,

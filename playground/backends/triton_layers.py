@@ -56,7 +56,6 @@ from playground.backends.triton_kernels import (
     fused_matvec,
     nf4_matvec,
     nf4_parts_match,
-    split_counters,
 )
 
 # Architectures whose layers have the pre-norm Llama shape (norm, attention, add, norm, gated
@@ -124,13 +123,11 @@ def _is_nf4_linear(module: nn.Module | None) -> bool:
 @dataclass(frozen=True)
 class Projection:
     """One of a layer's four matvecs: a plain weight (its parts' rows stacked) or NF4 parts,
-    with the bias of all its parts; `parts` holds each part's rows (q, k, v). `counters`: a
-    plain weight's for split programs (`split_counters`; an NF4 weight holds its own)."""
+    with the bias of all its parts; `parts` holds each part's rows (q, k, v)."""
 
     weight: torch.Tensor | NF4Weight
     bias: torch.Tensor | None
     parts: tuple[int, ...]
-    counters: torch.Tensor | None = None
 
     @property
     def columns(self) -> int:
@@ -150,15 +147,12 @@ class Projection:
         if config.block_k > 2 * self.columns:
             return False  # mostly masked columns
         if not isinstance(self.weight, NF4Weight):
-            # split programs, a power of two, each over whole columns and not mostly masked ones
-            splits = config.splits
-            share = self.columns // splits
-            return splits & (splits - 1) == 0 and self.columns % splits == 0 and config.block_k <= 2 * share
+            return True
         if config.nf4_lookup == "registers" and not self.weight.registers_lookup_fits():
             return False
         if config.nf4_lookup == "scaled" and not self.weight.scaled_lookup_fits():
             return False
-        if (config.nf4_dot or config.splits > 1) and not self._dot_and_splits_fit(config):
+        if (config.nf4_dot or config.nf4_splits > 1) and not self._dot_and_splits_fit(config):
             return False
         return all(rows % config.block_n == 0 for rows in self.parts)
 
@@ -169,7 +163,7 @@ class Projection:
         weight = self.weight
         aligned = self.columns % weight.blocksize == 0 and config.block_k % weight.blocksize == 0
         aligned = aligned and all(packed.data_ptr() % 4 == 0 for packed in weight.packed)
-        splits = config.splits
+        splits = config.nf4_splits
         steps = splits & (splits - 1) == 0 and self.columns % (splits * config.block_k) == 0
         if not config.nf4_dot:
             return steps
@@ -184,11 +178,8 @@ class Projection:
         residual: torch.Tensor | None = None,
         gated: bool = False,
     ) -> torch.Tensor:
-        if isinstance(self.weight, NF4Weight):
-            return nf4_matvec(x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated)
-        return fused_matvec(
-            x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated, counters=self.counters
-        )
+        kernel = nf4_matvec if isinstance(self.weight, NF4Weight) else fused_matvec
+        return kernel(x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated)
 
 
 def layer_projections(layer: nn.Module) -> dict[str, Projection]:
@@ -196,15 +187,11 @@ def layer_projections(layer: nn.Module) -> dict[str, Projection]:
     attention, mlp = layer.self_attn, layer.mlp
     if getattr(attention, "qkv_fused", None) is not None:
         qkv, gate_up = attention.qkv_fused, mlp.gate_up_fused
-
-        def plain(weight: torch.Tensor, bias: torch.Tensor | None, parts: Sequence[int]) -> Projection:
-            return Projection(weight, bias, tuple(parts), split_counters(weight.shape[0], weight.device))
-
         return {
-            "qkv": plain(qkv.weight, qkv.bias, qkv.sizes),
-            "o": plain(attention.o_proj.weight, attention.o_proj.bias, (attention.o_proj.out_features,)),
-            "gate_up": plain(gate_up.weight, gate_up.bias, gate_up.sizes),
-            "down": plain(mlp.down_proj.weight, mlp.down_proj.bias, (mlp.down_proj.out_features,)),
+            "qkv": Projection(qkv.weight, qkv.bias, tuple(qkv.sizes)),
+            "o": Projection(attention.o_proj.weight, attention.o_proj.bias, (attention.o_proj.out_features,)),
+            "gate_up": Projection(gate_up.weight, gate_up.bias, tuple(gate_up.sizes)),
+            "down": Projection(mlp.down_proj.weight, mlp.down_proj.bias, (mlp.down_proj.out_features,)),
         }
 
     def nf4(*linears: nn.Module) -> Projection:
@@ -561,14 +548,12 @@ def describe_choices(model: nn.Module) -> str:
             "NF4 bytes read a step ahead": lambda config: config.nf4_prefetch,
             "NF4 loads pipelined": lambda config: config.nf4_stages > 1,
             "NF4 products summed by tensor cores": lambda config: config.nf4_dot,
+            "NF4 columns shared by several programs": lambda config: config.nf4_splits > 1,
         }
         for what, chosen in options.items():
             names = sorted(name for name in MATVECS if chosen(configs[name]))
             if names:
                 choices.append(f"{what} in {', '.join(names)}")
-    split = sorted(name for name in MATVECS if name in configs and configs[name].splits > 1)
-    if split:
-        choices.append(f"columns shared by several programs in {', '.join(split)}")
     if uses_pdl(model):
         late = any(getattr(config, "nf4_pdl_late", False) for config in _installed_configs(model).values())
         choices.append(
@@ -582,8 +567,7 @@ def describe_choices(model: nn.Module) -> str:
 def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[dict[str, Projection]]) -> MatvecConfig:
     """The fastest launch shape that fits the `name` matvec, timed on its `matvec_trial` over
     all `layers` (`projections`: each layer's `layer_projections`) on a GPU (`_fastest`); off a
-    GPU the first that fits (only the first layer's projections are needed there). Plain
-    weights: then that shape with its columns shared by `PLAIN_SPLITS` programs. NF4 weights:
+    GPU the first that fits (only the first layer's projections are needed there). NF4 weights:
     the shapes are timed with the scaled lookup where it fits (it won on every 1.7B projection
     on the H200, by 2-24%), else a code at a time; then the fastest with each lookup, its bytes
     prefetched a step ahead, its loads pipelined, or neither (timing every lookup for every
@@ -602,20 +586,13 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
         return candidates[0]
     trial = matvec_trial(layers, name, projections)
     best = _fastest(candidates, trial, candidates[0])
-    if not nf4:  # the first stays on a tie; a split whose sums differ beyond rounding is not taken
-        split = [dataclasses.replace(best, splits=splits) for splits in PLAIN_SPLITS]
-        return _fastest([best, *filter(projection.fits, split)], trial, best, agree_with=trial(best))
-    reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
-    best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
-    dot = [dataclasses.replace(config, nf4_lookup=lookup) for config in NF4_DOT_CONFIGS]
-    dot = [config for config in dot if projection.fits(config)]
-    return _fastest([best, *dot], trial, best, agree_with=reference)
-
-
-# A plain matvec's picked launch shape is then timed with its columns shared by this many
-# programs each: a matrix of few, long rows (the 3B's down projection: 2048 of 11008 columns)
-# ran at 3.2 TB/s in the H200's step, against 3.9 for gate/up's 22016 rows.
-PLAIN_SPLITS = (2, 4, 8)
+    if nf4:  # the first stays on a tie
+        reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
+        best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
+        dot = [dataclasses.replace(config, nf4_lookup=lookup) for config in NF4_DOT_CONFIGS]
+        dot = [config for config in dot if projection.fits(config)]
+        best = _fastest([best, *dot], trial, best, agree_with=reference)
+    return best
 
 
 def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecConfig]:
@@ -635,7 +612,7 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
 # columns are shared out to give 132 multiprocessors enough programs (a 1.7B down projection
 # has 32 row blocks). In the sm_90 build the K loop takes 4.3-4.7 instructions a weight against
 # the FMA shapes' 7.6-9.2 (benchmarks/gpu/sass_per_weight.py).
-NF4_DOT_CONFIGS = tuple(MatvecConfig(64, 256, 4, nf4_dot=True, splits=splits) for splits in (1, 2, 4, 8))
+NF4_DOT_CONFIGS = tuple(MatvecConfig(64, 256, 4, nf4_dot=True, nf4_splits=splits) for splits in (1, 2, 4, 8))
 
 # Loop steps in flight in the pipelined NF4 variant: its sm_90 build keeps three steps' loads in
 # flight with 9.5 KB of shared memory a program in the register lookup (16 x 256, 4 warps),

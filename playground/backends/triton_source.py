@@ -109,47 +109,6 @@ def finish(
 
 
 @triton.jit
-def split_finish(
-    total,
-    total_up,
-    rows,
-    row_ok,
-    partial_ptr,
-    counter_ptr,
-    bias_ptr,
-    res_ptr,
-    out_ptr,
-    N,
-    SPLITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr,
-    HAS_RES: tl.constexpr,
-):
-    """`finish` for programs that share a row block's columns (`tl.program_id(1)`: the share):
-    each stores its sums in `partial_ptr` [parts of the result, SPLITS, N]; the last to finish,
-    counted in `counter_ptr` (one per row block, zero on entry and left zero), adds them in the
-    shares' order, so the result does not depend on which finished last, and finishes the rows."""
-    share = tl.program_id(1)
-    tl.store(partial_ptr + share * N + rows, total, mask=row_ok)
-    if GATED:
-        tl.store(partial_ptr + (SPLITS + share) * N + rows, total_up, mask=row_ok)
-    # as decode_attention's shares: every thread's stores issued before the count that
-    # publishes them (release); the last program reads the others' after it (acquire)
-    tl.debug_barrier()
-    finished = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-    if finished == SPLITS - 1:
-        shares = tl.arange(0, SPLITS)[:, None]
-        ok2 = row_ok[None, :]
-        at = partial_ptr + shares * N + rows[None, :]
-        total = tl.sum(tl.load(at, mask=ok2, other=0.0, cache_modifier=".cg"), axis=0)
-        if GATED:
-            at = partial_ptr + (SPLITS + shares) * N + rows[None, :]
-            total_up = tl.sum(tl.load(at, mask=ok2, other=0.0, cache_modifier=".cg"), axis=0)
-        finish(total, total_up, rows, row_ok, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS, GATED, HAS_RES)
-        tl.atomic_xchg(counter_ptr + tl.program_id(0), 0)  # ready for the next launch
-
-
-@triton.jit
 def matvec_kernel(
     x_ptr,
     w_ptr,
@@ -159,8 +118,6 @@ def matvec_kernel(
     out_ptr,
     N,
     eps,
-    partial_ptr,
-    counter_ptr,
     K: tl.constexpr,  # known when compiled: static loops, and Triton's interpreter needs it so
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -169,30 +126,21 @@ def matvec_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
-    SPLITS: tl.constexpr = 1,
 ):
-    """out[N] = w[N, K] @ x (gated: w holds gate's N rows over up's), with `finish`'s work.
-    SPLITS: programs share a row block's columns, K / SPLITS each, as `nf4_matvec_kernel`'s do
-    (`split_finish`): a matrix of few rows and long ones (a down projection) gives too few
-    programs, each with too few loads in flight, to draw on memory's full rate."""
+    """out[N] = w[N, K] @ x (gated: w holds gate's N rows over up's), with `finish`'s work."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     row_start = rows.to(tl.int64)[:, None] * K
+    cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = acc
-    # this program's share of the columns; unsplit, known at compile time
-    begin = 0
-    if SPLITS > 1:
-        begin = tl.program_id(1) * (K // SPLITS)
-    end = begin + K // SPLITS
-    cols = begin + tl.arange(0, BLOCK_K)
     if USE_PDL:
         # Programmatic dependent launch: the next kernel may start now, and this one reads its
         # first weight tile (which no earlier kernel writes) before waiting for the one before
         # to finish, so the weight stream starts under that kernel's tail. Each later tile is
         # loaded one step ahead of its use.
         gdc_launch_dependents()
-        in_bounds = row_ok[:, None] & (cols < end)[None, :]
+        in_bounds = row_ok[:, None] & (cols < K)[None, :]
         weight = tl.load(w_ptr + row_start + cols[None, :], mask=in_bounds, other=0.0)
         weight_up = weight
         if GATED:
@@ -201,11 +149,11 @@ def matvec_kernel(
         rstd = 1.0
         if HAS_NORM:
             rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
-        for step in range(0, K // SPLITS, BLOCK_K):
-            col = step + cols
-            value = matmul_input(x_ptr, norm_ptr, col, col < end, rstd, HAS_NORM)[None, :]
+        for start in range(0, K, BLOCK_K):
+            col = start + cols
+            value = matmul_input(x_ptr, norm_ptr, col, col < K, rstd, HAS_NORM)[None, :]
             ahead = col + BLOCK_K
-            in_bounds = row_ok[:, None] & (ahead < end)[None, :]
+            in_bounds = row_ok[:, None] & (ahead < K)[None, :]
             weight_ahead = tl.load(w_ptr + row_start + ahead[None, :], mask=in_bounds, other=0.0)
             acc += weight.to(tl.float32) * value
             weight = weight_ahead
@@ -217,9 +165,9 @@ def matvec_kernel(
         rstd = 1.0
         if HAS_NORM:
             rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
-        for step in range(0, K // SPLITS, BLOCK_K):
-            col = step + cols
-            col_ok = col < end
+        for start in range(0, K, BLOCK_K):
+            col = start + cols
+            col_ok = col < K
             value = matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM)[None, :]
             in_bounds = row_ok[:, None] & col_ok[None, :]
             weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
@@ -227,15 +175,19 @@ def matvec_kernel(
             if GATED:  # the up projection's rows sit N rows below the gate's
                 weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
                 acc_up += weight_up.to(tl.float32) * value
-    total = tl.sum(acc, axis=1)
-    total_up = tl.sum(acc_up, axis=1)
-    if SPLITS > 1:
-        split_finish(
-            total, total_up, rows, row_ok, partial_ptr, counter_ptr, bias_ptr, res_ptr, out_ptr, N, SPLITS, HAS_BIAS,
-            GATED, HAS_RES,
-        )  # fmt: skip
-    else:
-        finish(total, total_up, rows, row_ok, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS, GATED, HAS_RES)
+    finish(
+        tl.sum(acc, axis=1),
+        tl.sum(acc_up, axis=1),
+        rows,
+        row_ok,
+        bias_ptr,
+        res_ptr,
+        out_ptr,
+        N,
+        HAS_BIAS,
+        GATED,
+        HAS_RES,
+    )
 
 
 @triton.jit
@@ -529,10 +481,9 @@ def nf4_matvec_kernel(
     decoding fewer instructions a weight. SPLITS: programs share a row block's columns (a DOT
     program holds 64 rows, too few programs otherwise); each stores its sums in `partial_ptr`
     [parts of the result, SPLITS, N] and the last to finish, counted in `counter_ptr` (one per
-    row block, zero on entry and left zero), adds them in order and finishes the rows
-    (`split_finish`). USE_PDL: the next kernel may launch at a program's start, or (PDL_LATE)
-    once its loop is done; a prefetched first step's bytes are read before the wait for the
-    kernel before."""
+    row block, zero on entry and left zero), adds them in order and finishes the rows.
+    USE_PDL: the next kernel may launch at a program's start, or (PDL_LATE) once its loop is
+    done; a prefetched first step's bytes are read before the wait for the kernel before."""
     dtype = out_ptr.dtype.element_ty
     first = tl.program_id(0) * BLOCK_N
     rows = first + tl.arange(0, BLOCK_N)
@@ -650,10 +601,24 @@ def nf4_matvec_kernel(
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
         total_up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
     if SPLITS > 1:
-        split_finish(
-            total, total_up, rows, row_ok, partial_ptr, counter_ptr, bias_ptr, res_ptr, out_ptr, N, SPLITS, HAS_BIAS,
-            GATED, HAS_RES,
-        )  # fmt: skip
+        share = tl.program_id(1)
+        tl.store(partial_ptr + share * N + rows, total, mask=row_ok)
+        if GATED:
+            tl.store(partial_ptr + (SPLITS + share) * N + rows, total_up, mask=row_ok)
+        # as decode_attention's shares: every thread's stores issued before the count that
+        # publishes them (release); the last program reads the others' after it (acquire)
+        tl.debug_barrier()
+        finished = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if finished == SPLITS - 1:
+            shares = tl.arange(0, SPLITS)[:, None]
+            ok2 = row_ok[None, :]
+            at = partial_ptr + shares * N + rows[None, :]
+            total = tl.sum(tl.load(at, mask=ok2, other=0.0, cache_modifier=".cg"), axis=0)
+            if GATED:
+                at = partial_ptr + (SPLITS + shares) * N + rows[None, :]
+                total_up = tl.sum(tl.load(at, mask=ok2, other=0.0, cache_modifier=".cg"), axis=0)
+            finish(total, total_up, rows, row_ok, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS, GATED, HAS_RES)
+            tl.atomic_xchg(counter_ptr + tl.program_id(0), 0)  # ready for the next launch
     else:
         finish(total, total_up, rows, row_ok, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS, GATED, HAS_RES)
 
