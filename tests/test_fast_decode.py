@@ -273,3 +273,17 @@ def test_the_static_scorer_gives_the_plain_pass_numbers(tiny_pair):
         assert sorted(fresh._passes) == [16, 32, 64, 128] and fresh.capacity >= len(stable) + 128
         assert fresh.score(stable, sequences, start) == pytest.approx(plain._score_plain(sequences, start), abs=1e-4)
     assert StaticScorer(plain.model, 64, use_cuda_graph=False).warm_up(stable[:20], 2) == [16, 32]  # what fits
+
+
+def test_whole_step_timings_are_taken_in_turns_and_their_medians_compared():
+    """`time_in_turns`, which the load uses to time the captured step with two PDL choices:
+    each run once first, then the rounds back and forth, and each run's median in ms."""
+    import time
+
+    from playground.backends.fast_decode import time_in_turns
+
+    order = []
+    runs = {"slow": lambda: order.append("slow") or time.sleep(0.03), "fast": lambda: order.append("fast")}
+    timed = time_in_turns(runs, lambda: None, rounds=3)
+    assert order == ["slow", "fast", "slow", "fast", "fast", "slow", "slow", "fast"]
+    assert timed["slow"] >= 30 > timed["fast"]

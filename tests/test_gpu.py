@@ -323,6 +323,38 @@ def test_a_second_load_takes_the_launch_shapes_the_first_timed(llama_folder, tmp
     assert not kept[0].exists()
 
 
+def test_a_close_pdl_choice_is_settled_by_timing_the_whole_captured_step(llama_folder, tmp_path, monkeypatch):
+    """With the margin wide open, the load captures its step with the layer trial's PDL choice
+    and with the runner-up, times both, keeps the faster decoder and stores that choice: the
+    decode line gives both times, the kept picks are the installed ones, and the fp32 replies
+    are plain generate's."""
+    from test_fast_decode import backend_for, reply
+
+    from playground.backends import launch_shape_cache, triton_layers
+    from playground.config import GenerationParams
+
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(triton_layers, "WHOLE_STEP_PDL_MARGIN", 100.0)
+    config = variant(
+        id="whole-step", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32", device="cuda"
+    )
+    fast = backend_for(config, "auto")
+    shapes = fast.model._launch_shapes
+    step_ms = shapes["whole_step_ms"]
+    assert set(step_ms) == {"plain", "pdl"} and "PDL decided on the whole step" in fast.decode_path.describe()
+    chosen = shapes["pdl_trial"]["chosen"]
+    assert step_ms[chosen] == min(step_ms.values())  # the faster kept
+    assert triton_layers.uses_pdl(fast.model) == (chosen == "pdl")
+    configs = fast.model.model.layers[0].configs
+    (kept,) = launch_shape_cache.folder().glob("*.json")
+    assert launch_shape_cache.load(kept.stem, set(configs)) == configs
+    plain = backend_for(config, "off")
+    params = GenerationParams(max_new_tokens=32, temperature=0.0)
+    assert reply(fast, params, mode="completion", text="Hello world") == reply(
+        plain, params, mode="completion", text="Hello world"
+    )
+
+
 def test_one_gpu_times_one_variant_s_launch_shapes_at_a_time():
     """Two loads timing kernels on the same GPU take turns (in the app they are two workers; a
     file lock serves threads and processes alike): the second starts only after the first ends.

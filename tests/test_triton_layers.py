@@ -312,6 +312,45 @@ def test_the_pdl_choice_compares_medians_of_timings_taken_in_turns(monkeypatch):
     assert triton_layers._fastest(("plain", "pdl"), run, "plain", rounds=1) == "plain"
 
 
+def test_a_close_pdl_choice_is_settled_on_the_whole_step_and_kept_for_the_next_load(
+    llama_folder, tmp_path, monkeypatch
+):
+    """Where the layer trial timed PDL's runner-up within `WHOLE_STEP_PDL_MARGIN` of its choice,
+    `close_pdl_choice` names it (the backend then times the whole step both ways: test_gpu.py);
+    `use_pdl_choice` puts a choice's launch shapes in every layer; `keep_launch_shapes` stores
+    them for the next load, and the decode line gives the step's times. Further apart, or with
+    no trial in this load (a CPU, or picks an earlier load kept), nothing is asked."""
+    from playground.backends import launch_shape_cache
+
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))
+    model = _fused_model(llama_folder)
+    assert triton_layers.close_pdl_choice(model) is None  # a CPU times nothing
+    configs = model.model.layers[0].configs
+    choices = triton_layers.pdl_choices(dict(configs))
+    description = {"test": "the whole step"}
+    key = launch_shape_cache.key(description)
+    trial = {"choices": choices, "chosen": "plain", "ms": {"plain": 1.991, "pdl": 1.993}}  # the 3B on the H200
+    model._launch_shapes = {"cache_key": key, "cached": False, "description": description, "pdl_trial": trial}
+    assert triton_layers.close_pdl_choice(model) == "pdl"
+
+    triton_layers.use_pdl_choice(model, "pdl")
+    assert all(layer.configs is configs for layer in model.model.layers)  # one dict serves every layer
+    assert configs == choices["pdl"] and triton_layers.uses_pdl(model)
+    triton_layers.keep_launch_shapes(model, {"plain": 2.0104, "pdl": 1.9851})
+    assert launch_shape_cache.load(key, set(configs)) == choices["pdl"]
+    choices_line = triton_layers.describe_choices(model)
+    assert "programmatic dependent launch, PDL decided on the whole step (2.010 ms plain against 1.985 ms pdl)" in (
+        choices_line
+    )
+    triton_layers.use_pdl_choice(model, "plain")
+    assert configs == choices["plain"] and not triton_layers.uses_pdl(model)
+
+    trial["ms"] = {"plain": 1.90, "pdl": 1.96}  # 3% apart: the trial's choice stands
+    assert triton_layers.close_pdl_choice(model) is None
+    model._launch_shapes = {"cache_key": key, "cached": True, "description": description}  # kept picks
+    assert triton_layers.close_pdl_choice(model) is None
+
+
 def test_nf4_layers_also_try_pdl_with_the_next_kernel_launched_after_the_loop():
     """The PDL choice for NF4 layers has a third sequence: every kernel a PDL launch, the NF4
     matvecs letting the next one launch only once their loop is done; bf16 layers have two."""

@@ -21,6 +21,8 @@ the CPU tests compare against `generate`.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,6 +52,27 @@ MIN_PREFILL_TOKENS = 32
 # Padded prompt lengths captured when a cache is made, so a prompt of a new length does not pay
 # a capture (three eager passes) on its first token; longer ones are captured at first use.
 WARM_PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024)
+
+
+def time_in_turns(
+    runs: dict[str, Callable[[], None]],
+    synchronize: Callable[[], None],
+    rounds: int = 5,
+) -> dict[str, float]:
+    """Each run's ms, the median of `rounds` timings taken in turns, back and forth (a drift of
+    the clocks favours neither end); `synchronize` waits for what a run queued (the GPU's work).
+    Each is run once before its first timing."""
+    samples: dict[str, list[float]] = {label: [] for label in runs}
+    for run in runs.values():
+        run()
+    for round_ in range(rounds):
+        for label in list(runs)[:: -1 if round_ % 2 else 1]:
+            synchronize()
+            started = time.perf_counter()
+            runs[label]()
+            synchronize()
+            samples[label].append((time.perf_counter() - started) * 1000)
+    return {label: statistics.median(times) for label, times in samples.items()}
 
 
 def power_of_two_at_least(needed: int, smallest: int) -> int:
@@ -318,6 +341,15 @@ class StaticDecoder:
         with torch.inference_mode():
             self._position.fill_(1)  # warm-up steps write cache slots that every request rewrites
             self._graph, self._graph_logits = capture_graph(self._step_fn, warm_ups=3)
+
+    def replay_steps(self, count: int) -> None:
+        """`count` replays of the captured step from the middle of the cache on (timing: each
+        attends to as many slots as a reply halfway through its room would). The slots they
+        write are rewritten by every request."""
+        assert self._graph is not None, "no captured step"
+        self._position.fill_(max(1, min(self.capacity // 2, self.capacity - count)))
+        for _ in range(count):
+            self._graph.replay()
 
     def _run_step(self) -> torch.Tensor:
         if self._graph is not None:

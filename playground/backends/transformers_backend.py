@@ -50,6 +50,7 @@ from playground.backends.fast_decode import (
     StaticScorer,
     fusable_groups,
     fuse_projections,
+    time_in_turns,
 )
 from playground.config import GenerationParams, ModelConfig
 from playground.cpus import limit_torch_threads
@@ -59,6 +60,9 @@ from playground.prompts import render_without_template
 from playground.sources import Weights, check_hf_folder, fetch, file_sha256
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Step replays a timing of the whole step takes (`_whole_step_pdl_choice`): ~40 ms on the H200
+# for the 1.7B and 3B shapes, five timings of each choice.
+WHOLE_STEP_REPLAYS = 20
 
 
 def resolve_device(config: ModelConfig) -> str:
@@ -268,6 +272,9 @@ class TransformersBackend(Backend):
                     triton_layers.install_fused_layers(self.model, **layers)
                     picked_pdl = triton_layers.uses_pdl(self.model)
                 self._try_decoder(decoder)
+                if layers and use_graph:
+                    decoder = self._whole_step_pdl_choice(decoder, compile_step)
+                    picked_pdl = triton_layers.uses_pdl(self.model)
             except Exception as err:  # any failure of an optional path means: use the next one
                 decoder.release()
                 what = "torch.compile" if compile_step else "CUDA graph" if use_graph else "static cache"
@@ -296,6 +303,39 @@ class TransformersBackend(Backend):
                 triton_choices=triton_layers.describe_choices(self.model) if layers is not None else "",
             )
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
+
+    def _whole_step_pdl_choice(self, decoder: StaticDecoder, compile_step: bool) -> StaticDecoder:
+        """`decoder`, or one whose step takes the PDL trial's runner-up, whichever replays its
+        captured step faster: asked only where the layer trial timed the two within a hair
+        (`triton_layers.close_pdl_choice`), since the step's other kernels (norms, the head)
+        are not in that trial. The choice is stored for the next load of these shapes."""
+        runner_up = triton_layers.close_pdl_choice(self.model)
+        if runner_up is None:
+            return decoder
+        chosen = self.model._launch_shapes["pdl_trial"]["chosen"]
+        triton_layers.use_pdl_choice(self.model, runner_up)
+        other = StaticDecoder(self.model, self._context_length(), True, compile_step)
+        try:
+            self._try_decoder(other)
+            count = WHOLE_STEP_REPLAYS
+            step_ms = time_in_turns(
+                {chosen: lambda: decoder.replay_steps(count), runner_up: lambda: other.replay_steps(count)},
+                torch.cuda.synchronize,
+            )
+        except Exception:  # the runner-up cannot run the step: the trial's choice stands
+            other.release()
+            triton_layers.use_pdl_choice(self.model, chosen)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            return decoder
+        step_ms = {label: ms / count for label, ms in step_ms.items()}
+        faster = runner_up if step_ms[runner_up] < step_ms[chosen] else chosen
+        keep, drop = (other, decoder) if faster == runner_up else (decoder, other)
+        triton_layers.use_pdl_choice(self.model, faster)
+        drop.release()
+        torch.cuda.empty_cache()
+        triton_layers.keep_launch_shapes(self.model, step_ms)
+        return keep
 
     def _unfusable_reason(self) -> str:
         """Why the Triton layers do not fit this model; a model the check itself cannot read

@@ -342,6 +342,7 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
     else:
         description = _timing_description(model, first, triton_attention, pdl)
         cache_key = launch_shape_cache.key(description)
+        pdl_trial: dict[str, Any] = {}  # the PDL choice's sequences, timed (`close_pdl_choice`)
         configs = _kept_picks(cache_key, first, triton_attention)  # an earlier load's
         cached = configs is not None
         if not cached:
@@ -351,9 +352,11 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
                 cached = configs is not None
                 if not cached:
                     projections = [first, *map(layer_projections, layers[1:])]  # built once for the trials
-                    configs = _pick_configs(model, layers, projections, triton_attention, pdl)
+                    configs = _pick_configs(model, layers, projections, triton_attention, pdl, pdl_trial)
                     launch_shape_cache.store(cache_key, configs, description)
-        model._launch_shapes = {"cache_key": cache_key, "cached": cached}
+        model._launch_shapes = {"cache_key": cache_key, "cached": cached, "description": description}
+        if pdl_trial:
+            model._launch_shapes["pdl_trial"] = pdl_trial
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
@@ -366,12 +369,14 @@ def _pick_configs(
     projections: Sequence[dict[str, Projection]],
     triton_attention: bool,
     pdl: bool,
+    pdl_trial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Each kernel's launch shape as `_pick_config` and `_pick_attention_config` pick it (timed
-    on a GPU), then PDL on all or none (`pdl`: whichever runs the layers faster; else none)."""
+    on a GPU), then PDL on all or none (`pdl`: whichever runs the layers faster; else none).
+    `pdl_trial` receives what `_with_pdl_if_faster` timed."""
     configs = {name: _pick_config(layers, name, projections) for name in MATVECS}
     configs["attention"] = _pick_attention_config(model) if triton_attention else None
-    return _with_pdl_if_faster(model, layers, projections, configs) if pdl else configs
+    return _with_pdl_if_faster(model, layers, projections, configs, trial=pdl_trial) if pdl else configs
 
 
 def _timing_description(
@@ -515,6 +520,45 @@ def _installed_configs(model: nn.Module) -> dict[str, Any]:
     return first.configs if isinstance(first, FusedDecoderLayer) else {}
 
 
+# The layer trial's PDL choice stands unless another timed within this share of it; then the
+# whole step is captured with each and its replays timed (transformers_backend). On the H200
+# the 3B's bf16 layers timed 1.991 ms plain against 1.993 with PDL, and its loads decoded at
+# 67.8-68.5% of the bound with plain launches, 70.2% in one that took PDL.
+WHOLE_STEP_PDL_MARGIN = 0.02
+
+
+def close_pdl_choice(model: nn.Module) -> str | None:
+    """The PDL trial's runner-up (`pdl_choices` label), where it timed within
+    `WHOLE_STEP_PDL_MARGIN` of the choice taken in this load's timing; else None (also for
+    launch shapes an earlier load kept)."""
+    trial = getattr(model, "_launch_shapes", {}).get("pdl_trial") or {}
+    times, chosen = trial.get("ms") or {}, trial.get("chosen")
+    others = {label: ms for label, ms in times.items() if label != chosen}
+    if chosen not in times or not others:
+        return None
+    runner_up = min(others, key=others.__getitem__)
+    return runner_up if others[runner_up] <= times[chosen] * (1 + WHOLE_STEP_PDL_MARGIN) else None
+
+
+def use_pdl_choice(model: nn.Module, label: str) -> None:
+    """Every fused layer's launch shapes as the PDL trial's choice `label` has them (one dict
+    serves every layer). Steps compiled or graphs captured before keep what they were made with."""
+    shapes = model._launch_shapes
+    configs = _installed_configs(model)
+    configs.clear()
+    configs.update(shapes["pdl_trial"]["choices"][label])
+    shapes["pdl_trial"]["chosen"] = label
+
+
+def keep_launch_shapes(model: nn.Module, step_ms: dict[str, float] | None = None) -> None:
+    """Store the installed layers' launch shapes as the picks for the next load of these shapes
+    (after the whole step chose between PDL choices: `step_ms`, each choice's, kept with them)."""
+    shapes = model._launch_shapes
+    if step_ms is not None:
+        shapes["whole_step_ms"] = step_ms
+    launch_shape_cache.store(shapes["cache_key"], dict(_installed_configs(model)), shapes["description"])
+
+
 def uses_pdl(model: nn.Module) -> bool:
     """Whether any kernel of the installed layers launches with programmatic dependent launch."""
     return any(getattr(config, "pdl", False) for config in _installed_configs(model).values())
@@ -559,6 +603,10 @@ def describe_choices(model: nn.Module) -> str:
         choices.append(
             "programmatic dependent launch" + (", NF4 kernels letting the next launch after their loop" if late else "")
         )
+    step_ms = getattr(model, "_launch_shapes", {}).get("whole_step_ms")
+    if step_ms:
+        timed = " against ".join(f"{ms:.3f} ms {label}" for label, ms in step_ms.items())
+        choices.append(f"PDL decided on the whole step ({timed})")
     if launch_shapes_cached(model):
         choices.append("launch shapes as an earlier load timed them")
     return ", ".join(choices)
@@ -691,17 +739,25 @@ def _with_pdl_if_faster(
     projections: Sequence[dict[str, Projection]],
     configs: dict[str, Any],
     timings: dict[str, float] | None = None,
+    trial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`configs` with programmatic dependent launch on every kernel, if the layers' sequence of
     kernels (`layer_sequence_trial`) replays faster so; else as they are. All or none: a kernel
     starts under the tail of the one before only when that one is a PDL launch too, so timing
     each kernel alone, repeated, misjudges it (on the H200 that kept PDL for gate/up alone, and
     the step did not move). NF4 layers also try PDL with the next kernel launched only once a
-    program's loop is done (`pdl_choices`). `timings`, where given, receives each choice's ms."""
+    program's loop is done (`pdl_choices`). `timings`, where given, receives each choice's ms;
+    `trial`: the choices ("choices"), the label taken ("chosen") and their ms ("ms")."""
     choices = pdl_choices(configs, nf4=any(isinstance(p.weight, NF4Weight) for p in projections[0].values()))
     # plain first: it stays on a tie, and if the PDL launches are refused
-    trial = layer_sequence_trial(model, layers, choices, projections)
-    return choices[_fastest(tuple(choices), trial, "plain", timings=timings, rounds=PDL_TRIAL_ROUNDS)]
+    sequence = layer_sequence_trial(model, layers, choices, projections)
+    timed: dict[str, float] = {}
+    chosen = _fastest(tuple(choices), sequence, "plain", timings=timed, rounds=PDL_TRIAL_ROUNDS)
+    if timings is not None:
+        timings.update(timed)
+    if trial is not None:
+        trial.update(choices=choices, chosen=chosen, ms=timed)
+    return choices[chosen]
 
 
 # The sequences' timings are taken in turns, this many each, and their medians compared:
