@@ -60,7 +60,7 @@ from playground.prompts import render_without_template
 from playground.sources import Weights, check_hf_folder, fetch, file_sha256
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Step replays a timing of the whole step takes (`_whole_step_pdl_choice`): ~40 ms on the H200
+# Step replays a timing of the whole step takes (`_whole_step_pdl_choice`): 22-43 ms on the H200
 # for the 1.7B and 3B shapes, five timings of each choice.
 WHOLE_STEP_REPLAYS = 20
 
