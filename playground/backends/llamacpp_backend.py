@@ -89,7 +89,6 @@ class LlamaCppBackend(Backend):
         self._scored_prefix: list[int] = []  # the tokens the last score left in the KV cache
         self._probes: dict[Any, Any] = {}  # stable_prefix_length's tokenized probes
         self.draft: LlamaCppBackend | None = None  # a speculative variant's draft model
-        self._cpu_repack = True  # `llamacpp.cpu_repack` as load() resolves it
 
     def load(self) -> LoadInfo:
         import llama_cpp
@@ -109,8 +108,8 @@ class LlamaCppBackend(Backend):
             )
         n_gpu_layers = options.n_gpu_layers if (wants_gpu and can_offload) else 0
         path, notes = self._weights_to_run(weights.path, n_gpu_layers != 0)
-        self._cpu_repack = cpu_repack_allowed(options.cpu_repack)
-        if not self._cpu_repack and options.cpu_repack == "auto":
+        cpu_repack = cpu_repack_allowed(options.cpu_repack)
+        if not cpu_repack and options.cpu_repack == "auto":
             notes.append(
                 "llama.cpp's AMX repacking of the weights is off on this CPU: with it, prompts crashed the "
                 "worker here (llama.cpp issue 20824); `llamacpp.cpu_repack: on` turns it on"
@@ -126,12 +125,12 @@ class LlamaCppBackend(Backend):
                 self.config.id,
                 getattr(sys.modules.get("__main__"), "__file__", "?"),
             )
-        self.llm = self._open(path, n_ctx, n_gpu_layers)
+        self.llm = self._open(path, n_ctx, n_gpu_layers, cpu_repack)
         trained = self.llm._model.n_ctx_train()
         if 0 < trained < n_ctx:  # beyond its trained length a model degrades: reopen (mmap, fast)
             self.llm.close()
             n_ctx = trained
-            self.llm = self._open(path, n_ctx, n_gpu_layers)
+            self.llm = self._open(path, n_ctx, n_gpu_layers, cpu_repack)
         self.device = "cuda" if n_gpu_layers else "cpu"
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template:
@@ -190,12 +189,13 @@ class LlamaCppBackend(Backend):
             f"{'GPU' if on_gpu else 'CPU'} ({how}, by llama.cpp's quantizer; cached at {path})"
         ]
 
-    def _open(self, path: Path, n_ctx: int, n_gpu_layers: int) -> Any:
+    def _open(self, path: Path, n_ctx: int, n_gpu_layers: int, cpu_repack: bool) -> Any:
+        """The llama.cpp model; `cpu_repack`: its CPU weights may be repacked (`extra_buffer_types`)."""
         import llama_cpp
 
         threads = self.config.llamacpp.n_threads or usable_cpus()
         try:
-            with extra_buffer_types(allowed=self._cpu_repack):
+            with extra_buffer_types(allowed=cpu_repack):
                 return llama_cpp.Llama(
                     model_path=str(path),
                     n_ctx=n_ctx,

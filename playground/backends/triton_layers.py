@@ -738,7 +738,6 @@ def _with_pdl_if_faster(
     layers: Sequence[nn.Module],
     projections: Sequence[dict[str, Projection]],
     configs: dict[str, Any],
-    timings: dict[str, float] | None = None,
     trial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`configs` with programmatic dependent launch on every kernel, if the layers' sequence of
@@ -746,15 +745,13 @@ def _with_pdl_if_faster(
     starts under the tail of the one before only when that one is a PDL launch too, so timing
     each kernel alone, repeated, misjudges it (on the H200 that kept PDL for gate/up alone, and
     the step did not move). NF4 layers also try PDL with the next kernel launched only once a
-    program's loop is done (`pdl_choices`). `timings`, where given, receives each choice's ms;
-    `trial`: the choices ("choices"), the label taken ("chosen") and their ms ("ms")."""
+    program's loop is done (`pdl_choices`). `trial`, where given, receives the choices
+    ("choices"), the label taken ("chosen") and each choice's ms ("ms")."""
     choices = pdl_choices(configs, nf4=any(isinstance(p.weight, NF4Weight) for p in projections[0].values()))
     # plain first: it stays on a tie, and if the PDL launches are refused
     sequence = layer_sequence_trial(model, layers, choices, projections)
     timed: dict[str, float] = {}
     chosen = _fastest(tuple(choices), sequence, "plain", timings=timed, rounds=PDL_TRIAL_ROUNDS)
-    if timings is not None:
-        timings.update(timed)
     if trial is not None:
         trial.update(choices=choices, chosen=chosen, ms=timed)
     return choices[chosen]
