@@ -340,6 +340,7 @@ def test_a_close_pdl_choice_is_settled_by_timing_the_whole_captured_step(llama_f
     )
     fast = backend_for(config, "auto")
     shapes = fast.model._launch_shapes
+    assert "whole_step_ms" in shapes, fast.decode_path.reason  # the first GPU run: inference-mode buffers
     step_ms = shapes["whole_step_ms"]
     assert set(step_ms) == {"plain", "pdl"} and "PDL decided on the whole step" in fast.decode_path.describe()
     chosen = shapes["pdl_trial"]["chosen"]

@@ -351,6 +351,69 @@ def test_a_close_pdl_choice_is_settled_on_the_whole_step_and_kept_for_the_next_l
     assert triton_layers.close_pdl_choice(model) is None
 
 
+@pytest.mark.parametrize("runner_up_runs", [True, False])
+def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, tmp_path, monkeypatch, runner_up_runs):
+    """The load's whole-step PDL choice through a real backend's decoders (no graphs on a CPU:
+    the steps run eagerly through the interpreted kernels): both steps run and are timed, the
+    faster decoder is kept with its launch shapes installed and stored; where the runner-up
+    cannot run its step, the trial's choice stands and the decode notes say why. (The first GPU
+    run found the timing writing the step's buffers outside inference mode, and the failure
+    swallowed: test_gpu.py runs it captured.)"""
+    from conftest import variant
+
+    from playground.backends import launch_shape_cache
+    from playground.backends import transformers_backend as tb
+    from playground.backends.fast_decode import time_in_turns
+
+    monkeypatch.setenv("PLAYGROUND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tb, "WHOLE_STEP_REPLAYS", 2)
+    config = variant(id="whole-step-cpu", backend="transformers", source={"path": str(llama_folder)}, dtype="fp32")
+    backend = tb.TransformersBackend(config.model_copy(update={"fast_decode": "on"}))
+    backend.load()
+    prompt = [3, 14, 15, 9]
+    expected = backend.model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    fuse_projections(backend.model)
+    install_fused_layers(backend.model)
+    configs = backend.model.model.layers[0].configs
+    # The interpreter runs no PDL instructions: here the runner-up differs in another launch
+    # shape (the choice's mechanics do not look inside), or in one no kernel accepts.
+    other = AttentionConfig(4, 4, splits=2) if runner_up_runs else AttentionConfig(3, 4)
+    choices = {"plain": dict(configs), "pdl": dict(configs) | {"attention": other}}
+    description = {"test": "the whole step on a CPU"}
+    trial = {"choices": choices, "chosen": "plain", "ms": {"plain": 1.0, "pdl": 1.01}}
+    backend.model._launch_shapes = {
+        "cache_key": launch_shape_cache.key(description),
+        "cached": False,
+        "description": description,
+        "pdl_trial": trial,
+    }
+    decoder = StaticDecoder(backend.model, backend._context_length(), False, False)
+    backend._try_decoder(decoder)
+    timed = []
+
+    def recording(runs, synchronize, rounds=5):
+        timed.append(result := time_in_turns(runs, synchronize, rounds))
+        return result
+
+    monkeypatch.setattr(tb, "time_in_turns", recording)
+    kept, undecided = backend._whole_step_pdl_choice(decoder, compile_step=False)
+    if not runner_up_runs:
+        assert kept is decoder and configs == choices["plain"] and not timed
+        assert undecided.startswith("PDL left as the layer trial chose it: timing the whole step failed:")
+        assert "whole_step_ms" not in backend.model._launch_shapes
+        return
+    assert undecided == ""
+    (step_ms,) = timed
+    faster = min(step_ms, key=step_ms.__getitem__)
+    assert backend.model._launch_shapes["whole_step_ms"] == {label: ms / 2 for label, ms in step_ms.items()}
+    assert (kept is decoder) == (faster == "plain") and kept.capacity > 0
+    assert configs == choices[faster] and trial["chosen"] == faster
+    assert launch_shape_cache.load(launch_shape_cache.key(description), set(configs)) == choices[faster]
+    assert "PDL decided on the whole step" in triton_layers.describe_choices(backend.model)
+    params = GenerationParams(temperature=0.0, max_new_tokens=4)
+    assert list(kept.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
+
+
 def test_nf4_layers_also_try_pdl_with_the_next_kernel_launched_after_the_loop():
     """The PDL choice for NF4 layers has a third sequence: every kernel a PDL launch, the NF4
     matvecs letting the next one launch only once their loop is done; bf16 layers have two."""

@@ -343,13 +343,15 @@ class StaticDecoder:
             self._graph, self._graph_logits = capture_graph(self._step_fn, warm_ups=3)
 
     def replay_steps(self, count: int) -> None:
-        """`count` replays of the captured step from the middle of the cache on (timing: each
-        attends to as many slots as a reply halfway through its room would). The slots they
-        write are rewritten by every request."""
-        assert self._graph is not None, "no captured step"
-        self._position.fill_(max(1, min(self.capacity // 2, self.capacity - count)))
-        for _ in range(count):
-            self._graph.replay()
+        """`count` steps (replays of the captured step, where there is one) from the middle of
+        the cache on (timing: each attends to as many slots as a reply halfway through its room
+        would). The slots they write are rewritten by every request. In inference mode, as a
+        request runs: the buffers were made in it, and may not be written outside it."""
+        assert self.capacity, "no cache: prepare() first"
+        with torch.inference_mode():
+            self._position.fill_(max(1, min(self.capacity // 2, self.capacity - count)))
+            for _ in range(count):
+                self._run_step()
 
     def _run_step(self) -> torch.Tensor:
         if self._graph is not None:

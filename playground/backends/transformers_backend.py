@@ -273,7 +273,8 @@ class TransformersBackend(Backend):
                     picked_pdl = triton_layers.uses_pdl(self.model)
                 self._try_decoder(decoder)
                 if layers and use_graph:
-                    decoder = self._whole_step_pdl_choice(decoder, compile_step)
+                    decoder, undecided = self._whole_step_pdl_choice(decoder, compile_step)
+                    failures.extend([undecided] if undecided else [])
                     picked_pdl = triton_layers.uses_pdl(self.model)
             except Exception as err:  # any failure of an optional path means: use the next one
                 decoder.release()
@@ -304,38 +305,43 @@ class TransformersBackend(Backend):
             )
         return DecodePath("generate", "; ".join([*failures, *self._graph_hint()]), fused=fused)
 
-    def _whole_step_pdl_choice(self, decoder: StaticDecoder, compile_step: bool) -> StaticDecoder:
+    def _whole_step_pdl_choice(self, decoder: StaticDecoder, compile_step: bool) -> tuple[StaticDecoder, str]:
         """`decoder`, or one whose step takes the PDL trial's runner-up, whichever replays its
-        captured step faster: asked only where the layer trial timed the two within a hair
+        step faster; and why the whole step could not decide ("" when it did or was not asked).
+        Asked only where the layer trial timed the two within a hair
         (`triton_layers.close_pdl_choice`), since the step's other kernels (norms, the head)
         are not in that trial. The choice is stored for the next load of these shapes."""
         runner_up = triton_layers.close_pdl_choice(self.model)
         if runner_up is None:
-            return decoder
+            return decoder, ""
         chosen = self.model._launch_shapes["pdl_trial"]["chosen"]
+        on_cuda = self.device == "cuda"
+        synchronize = torch.cuda.synchronize if on_cuda else lambda: None
         triton_layers.use_pdl_choice(self.model, runner_up)
-        other = StaticDecoder(self.model, self._context_length(), True, compile_step)
+        other = StaticDecoder(self.model, self._context_length(), decoder.use_cuda_graph, compile_step)
         try:
             self._try_decoder(other)
             count = WHOLE_STEP_REPLAYS
             step_ms = time_in_turns(
                 {chosen: lambda: decoder.replay_steps(count), runner_up: lambda: other.replay_steps(count)},
-                torch.cuda.synchronize,
+                synchronize,
             )
-        except Exception:  # the runner-up cannot run the step: the trial's choice stands
+        except Exception as err:  # the runner-up cannot run the step: the trial's choice stands
             other.release()
             triton_layers.use_pdl_choice(self.model, chosen)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            return decoder
+            if on_cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            return decoder, f"PDL left as the layer trial chose it: timing the whole step failed: {first_line(err)}"
         step_ms = {label: ms / count for label, ms in step_ms.items()}
         faster = runner_up if step_ms[runner_up] < step_ms[chosen] else chosen
         keep, drop = (other, decoder) if faster == runner_up else (decoder, other)
         triton_layers.use_pdl_choice(self.model, faster)
         drop.release()
-        torch.cuda.empty_cache()
+        if on_cuda:
+            torch.cuda.empty_cache()
         triton_layers.keep_launch_shapes(self.model, step_ms)
-        return keep
+        return keep, ""
 
     def _unfusable_reason(self) -> str:
         """Why the Triton layers do not fit this model; a model the check itself cannot read
