@@ -378,7 +378,9 @@ def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, t
     # The interpreter runs no PDL instructions: here the runner-up differs in another launch
     # shape (the choice's mechanics do not look inside), or in one no kernel accepts.
     other = AttentionConfig(4, 4, splits=2) if runner_up_runs else AttentionConfig(3, 4)
-    choices = {"plain": dict(configs), "pdl": dict(configs) | {"attention": other}}
+    # "plain" is the installed dict itself, as it was when the trial returned its choice
+    choices = {"plain": configs, "pdl": dict(configs) | {"attention": other}}
+    plain = dict(configs)
     description = {"test": "the whole step on a CPU"}
     trial = {"choices": choices, "chosen": "plain", "ms": {"plain": 1.0, "pdl": 1.01}}
     backend.model._launch_shapes = {
@@ -398,7 +400,7 @@ def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, t
     monkeypatch.setattr(tb, "time_in_turns", recording)
     kept, undecided = backend._whole_step_pdl_choice(decoder, compile_step=False)
     if not runner_up_runs:
-        assert kept is decoder and configs == choices["plain"] and not timed
+        assert kept is decoder and configs == plain and not timed
         assert undecided.startswith("PDL left as the layer trial chose it: timing the whole step failed:")
         assert "whole_step_ms" not in backend.model._launch_shapes
         return
@@ -407,8 +409,12 @@ def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, t
     faster = min(step_ms, key=step_ms.__getitem__)
     assert backend.model._launch_shapes["whole_step_ms"] == {label: ms / 2 for label, ms in step_ms.items()}
     assert (kept is decoder) == (faster == "plain") and kept.capacity > 0
-    assert configs == choices[faster] and trial["chosen"] == faster
-    assert launch_shape_cache.load(launch_shape_cache.key(description), set(configs)) == choices[faster]
+    assert configs == (plain if faster == "plain" else choices["pdl"]) and trial["chosen"] == faster
+    assert launch_shape_cache.load(launch_shape_cache.key(description), set(configs)) == configs
+    for label in ("plain", "pdl", "plain", "pdl"):  # back and forth, nothing lost on the way
+        triton_layers.use_pdl_choice(backend.model, label)
+    assert configs == choices["pdl"] and choices["plain"] and configs["attention"] == other
+    triton_layers.use_pdl_choice(backend.model, faster)
     assert "PDL decided on the whole step" in triton_layers.describe_choices(backend.model)
     params = GenerationParams(temperature=0.0, max_new_tokens=4)
     assert list(kept.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()

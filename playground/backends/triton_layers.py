@@ -545,8 +545,14 @@ def use_pdl_choice(model: nn.Module, label: str) -> None:
     serves every layer). Steps compiled or graphs captured before keep what they were made with."""
     shapes = model._launch_shapes
     configs = _installed_configs(model)
+    choices = shapes["pdl_trial"]["choices"]
+    # The installed dict must not be one of the choices, or clearing it empties that choice
+    # (on the H200, switching to "plain" and back to "pdl" left no launch shapes at all).
+    for name, candidate in choices.items():
+        if candidate is configs:
+            choices[name] = dict(candidate)
     configs.clear()
-    configs.update(shapes["pdl_trial"]["choices"][label])
+    configs.update(choices[label])
     shapes["pdl_trial"]["chosen"] = label
 
 
@@ -754,7 +760,7 @@ def _with_pdl_if_faster(
     chosen = _fastest(tuple(choices), sequence, "plain", timings=timed, rounds=PDL_TRIAL_ROUNDS)
     if trial is not None:
         trial.update(choices=choices, chosen=chosen, ms=timed)
-    return choices[chosen]
+    return dict(choices[chosen])  # the layers' own dict, never one of the trial's choices
 
 
 # The sequences' timings are taken in turns, this many each, and their medians compared:
