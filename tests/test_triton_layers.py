@@ -411,9 +411,11 @@ def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, t
     assert (kept is decoder) == (faster == "plain") and kept.capacity > 0
     assert configs == (plain if faster == "plain" else choices["pdl"]) and trial["chosen"] == faster
     assert launch_shape_cache.load(launch_shape_cache.key(description), set(configs)) == configs
+    pdl = dict(choices["pdl"])
     for label in ("plain", "pdl", "plain", "pdl"):  # back and forth, nothing lost on the way
         triton_layers.use_pdl_choice(backend.model, label)
-    assert configs == choices["pdl"] and choices["plain"] and configs["attention"] == other
+        assert configs == {"plain": plain, "pdl": pdl}[label]
+    assert configs["attention"] == other
     triton_layers.use_pdl_choice(backend.model, faster)
     assert "PDL decided on the whole step" in triton_layers.describe_choices(backend.model)
     params = GenerationParams(temperature=0.0, max_new_tokens=4)
