@@ -23,10 +23,21 @@ MATVEC_ARGS = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr",
 NF4_PART = {"packed": "*u8", "absmax": "*u8", "outer": "*fp32", "code": "*fp32", "offset": "fp32"}
 
 
-def matvec(norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False) -> tuple:
+def matvec(
+    norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False, ahead: bool = False, stages: int = 1
+) -> tuple:
     signature = MATVEC_ARGS | {"N": "i32", "eps": "fp32"}
     constants = dict(
-        K=2048, HAS_NORM=norm, HAS_BIAS=bias, GATED=gated, HAS_RES=residual, BLOCK_N=8, BLOCK_K=512, USE_PDL=pdl
+        K=2048,
+        HAS_NORM=norm,
+        HAS_BIAS=bias,
+        GATED=gated,
+        HAS_RES=residual,
+        BLOCK_N=8,
+        BLOCK_K=512,
+        USE_PDL=pdl,
+        AHEAD=ahead,
+        STAGES=stages,
     )
     return triton_source.matvec_kernel, signature, constants
 
@@ -159,6 +170,11 @@ VARIANTS = {
     "matvec qkv, PDL": matvec(norm=True, bias=True, gated=False, residual=False, pdl=True),
     "matvec gate/up, PDL": matvec(norm=True, bias=False, gated=True, residual=False, pdl=True),
     "matvec o/down, PDL": matvec(norm=False, bias=False, gated=False, residual=True, pdl=True),
+    "matvec qkv, x ahead": matvec(norm=True, bias=True, gated=False, residual=False, ahead=True),
+    "matvec gate/up, x ahead, PDL": matvec(norm=True, bias=False, gated=True, residual=False, pdl=True, ahead=True),
+    "matvec o/down, x ahead": matvec(norm=False, bias=False, gated=False, residual=True, ahead=True),
+    "matvec o/down, pipelined": matvec(norm=False, bias=False, gated=False, residual=True, stages=3),
+    "matvec gate/up, pipelined, PDL": matvec(norm=True, bias=False, gated=True, residual=False, pdl=True, stages=2),
     "nf4 qkv, double quant, PDL": nf4(3, nested=True, norm=True, bias=True, gated=False, residual=False, pdl=True),
     "nf4 gate/up, PDL": nf4(2, nested=False, norm=True, bias=False, gated=True, residual=False, pdl=True),
     "nf4 o/down, double quant, PDL": nf4(1, nested=True, norm=False, bias=False, gated=False, residual=True, pdl=True),

@@ -58,27 +58,29 @@ class Norm(torch.nn.Module):
 # (half its conversions came out one ulp low), and fp16 takes the kernel's same rounding steps.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ["norm-and-bias", "gated", "residual"])
-def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case):
+@pytest.mark.parametrize("way", [{}, {"ahead": True}, {"stages": 3}], ids=["plain", "x-ahead", "pipelined"])
+def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case, way):
     generator = torch.Generator().manual_seed(0)
 
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype)
 
     x, norm = random(COLUMNS), Norm(1 + 0.1 * random(COLUMNS))
+    config = dataclasses.replace(SMALL_BLOCKS, **way)
     with torch.no_grad():
         if case == "norm-and-bias":
             weight, bias = random(ROWS, COLUMNS), random(ROWS)
             expected = F.linear(norm(x), weight, bias)
-            got = fused_matvec(x, weight, SMALL_BLOCKS, norm=norm, bias=bias)
+            got = fused_matvec(x, weight, config, norm=norm, bias=bias)
         elif case == "gated":
             weight = random(2 * ROWS, COLUMNS)
             gate, up = F.linear(norm(x), weight).split(ROWS)
             expected = F.silu(gate) * up
-            got = fused_matvec(x, weight, SMALL_BLOCKS, norm=norm, gated=True)
+            got = fused_matvec(x, weight, config, norm=norm, gated=True)
         else:
             weight, residual = random(ROWS, COLUMNS), random(ROWS)
             expected = residual + F.linear(x, weight)
-            got = fused_matvec(x, weight, SMALL_BLOCKS, residual=residual)
+            got = fused_matvec(x, weight, config, residual=residual)
     assert got.dtype == dtype and got.shape == (ROWS,)
     # fp32: only the order of the sums differs. fp16: the same roundings, so an ulp or two apart.
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
@@ -616,12 +618,17 @@ def test_a_compiled_step_over_the_fused_layers_decodes_the_tokens_of_generate(qw
     model = _fused_model(qwen2_folder)
     first = model.model.layers[0]
     first.configs["attention"] = AttentionConfig(4, 4, splits=4)
+    # the plain matvec's ways of loading, through the op's arguments as the GPU picker sets them
+    first.configs["o"] = dataclasses.replace(first.configs["o"], ahead=True)
+    first.configs["down"] = dataclasses.replace(first.configs["down"], stages=2)
     decoder = StaticDecoder(model, 64, use_cuda_graph=False, compile_step=True)
     params = GenerationParams(temperature=0.0, max_new_tokens=8)
     assert list(decoder.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
     assert hasattr(decoder._step_fn, "_torchdynamo_orig_callable")  # the step did go through torch.compile
     assert not first.attention_counters.any()
-    assert triton_layers.describe_choices(model) == "each head's slots over 4 programs"
+    assert triton_layers.describe_choices(model) == (
+        "each head's slots over 4 programs, x read a step ahead in o, loads pipelined in down"
+    )
 
 
 def test_the_pickers_trials_read_every_layer_s_own_weights_and_cache(llama_folder):

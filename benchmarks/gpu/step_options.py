@@ -117,7 +117,14 @@ def matvec_times(model) -> dict:
     from triton.testing import do_bench_cudagraph
 
     from playground.backends.triton_kernels import NF4Weight
-    from playground.backends.triton_layers import MATVECS, NF4_DOT_CONFIGS, agrees, matvec_trial, nf4_variants
+    from playground.backends.triton_layers import (
+        MATVECS,
+        NF4_DOT_CONFIGS,
+        PLAIN_STAGES,
+        agrees,
+        matvec_trial,
+        nf4_variants,
+    )
 
     fused_layers = list(model.model.layers)
     layers = [fused.layer for fused in fused_layers]
@@ -182,9 +189,21 @@ def matvec_times(model) -> dict:
 
         cublas_ms = do_bench_cudagraph(cublas) / count
         size = weight.numel() * weight.element_size()
+        # the picked shape loading each way the picker tries, as plain and PDL launches (a PDL
+        # launch reads its weights a step ahead whatever `ahead` says)
+        variants_us = {}
+        for pdl in (False, True):
+            ways = {"plain": {}, "x ahead": {"ahead": True}, **{f"{n} stages": {"stages": n} for n in PLAIN_STAGES}}
+            for label, way in ways.items():
+                variant = dataclasses.replace(config, pdl=pdl, ahead=False, stages=1, **way)
+                label += ", pdl" if pdl else ""
+                variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
         out[f"matvec_{name}"] = {
             "shape": list(weight.shape),
             "config": [config.block_n, config.block_k, config.num_warps, config.pdl],
+            "ahead": config.ahead,
+            "stages": config.stages,
+            "variants_us": variants_us,
             "fused_us": fused_ms * 1000,
             "cublas_us": cublas_ms * 1000,
             "fused_tb_s": size / (fused_ms / 1000) / 1e12,

@@ -40,7 +40,10 @@ class MatvecConfig:
     them. `nf4_dot`: tensor cores sum the products (whole NF4 blocks in a tile, 16 rows or more;
     on Hopper a 64-row program uses wgmma), `nf4_splits` programs sharing each row block's
     columns, the last adding their sums. `nf4_pdl_late` (with `pdl`): an NF4 program lets the
-    next kernel launch once its loop is done, not at its start."""
+    next kernel launch once its loop is done, not at its start. `ahead` (plain weights only): each
+    loop step loads the next step's x with the next weight tile, and a plain launch reads its
+    weights a step ahead too (`matvec_kernel`'s AHEAD). `stages` (plain weights only): loop
+    steps whose loads are in flight at once, as `nf4_stages`."""
 
     block_n: int
     block_k: int
@@ -52,6 +55,8 @@ class MatvecConfig:
     nf4_dot: bool = False
     nf4_splits: int = 1
     nf4_pdl_late: bool = False
+    ahead: bool = False
+    stages: int = 1
 
 
 DEFAULT_CONFIG = MatvecConfig(16, 128, 4)
@@ -62,6 +67,7 @@ CANDIDATE_CONFIGS = (
     MatvecConfig(2, 1024, 4),
     MatvecConfig(2, 2048, 4),
     MatvecConfig(2, 2048, 8),
+    MatvecConfig(4, 2048, 8),
     MatvecConfig(4, 1024, 4),
     MatvecConfig(4, 1024, 8),
     MatvecConfig(8, 1024, 8),
@@ -180,6 +186,8 @@ def _matvec_op() -> Any:
         block_k: int,
         num_warps: int,
         pdl: bool,
+        ahead: bool,
+        stages: int,
     ) -> torch.Tensor:
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty((rows,), dtype=x.dtype, device=x.device)
@@ -193,12 +201,14 @@ def _matvec_op() -> Any:
             rows,
             eps,
             K=weight.shape[1],
+            AHEAD=ahead,
+            STAGES=stages,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @fused_matvec.register_fake
-    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps, pdl):  # noqa: ANN001, ANN202
+    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps, pdl, ahead, stages):  # noqa: ANN001, ANN202
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         return x.new_empty((rows,))
 
@@ -221,7 +231,19 @@ def fused_matvec(
         _matvec_op()
     norm_weight, eps = _norm_arguments(norm)
     return torch.ops.playground.fused_matvec(
-        x, weight, norm_weight, bias, residual, eps, gated, config.block_n, config.block_k, config.num_warps, config.pdl
+        x,
+        weight,
+        norm_weight,
+        bias,
+        residual,
+        eps,
+        gated,
+        config.block_n,
+        config.block_k,
+        config.num_warps,
+        config.pdl,
+        config.ahead,
+        config.stages,
     )
 
 

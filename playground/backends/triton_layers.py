@@ -572,13 +572,19 @@ def uses_pdl(model: nn.Module) -> bool:
 
 def describe_choices(model: nn.Module) -> str:
     """What the installed layers' load-time timing chose that changes how they run: attention
-    slots shared among several programs a head, how NF4 values are looked up, and
-    programmatic dependent launch."""
+    slots shared among several programs a head, x read a step ahead, how NF4 values are looked
+    up, and programmatic dependent launch."""
     configs = _installed_configs(model)
     attention = configs.get("attention")
     choices = []
     if attention is not None and attention.splits > 1:
         choices.append(f"each head's slots over {attention.splits} programs")
+    ahead = sorted(name for name in MATVECS if getattr(configs.get(name), "ahead", False))
+    if ahead:
+        choices.append(f"x read a step ahead in {', '.join(ahead)}")
+    pipelined = sorted(name for name in MATVECS if getattr(configs.get(name), "stages", 1) > 1)
+    if pipelined:
+        choices.append(f"loads pipelined in {', '.join(pipelined)}")
     first = _decoder_layers(model)[0]
     if isinstance(first, FusedDecoderLayer) and isinstance(first.projections["qkv"].weight, NF4Weight):
         ways = {
@@ -621,7 +627,9 @@ def describe_choices(model: nn.Module) -> str:
 def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[dict[str, Projection]]) -> MatvecConfig:
     """The fastest launch shape that fits the `name` matvec, timed on its `matvec_trial` over
     all `layers` (`projections`: each layer's `layer_projections`) on a GPU (`_fastest`); off a
-    GPU the first that fits (only the first layer's projections are needed there). NF4 weights:
+    GPU the first that fits (only the first layer's projections are needed there). Plain weights:
+    the fastest shape, then it again with x read a step ahead (`MatvecConfig.ahead`) or its loads
+    pipelined `PLAIN_STAGES` steps deep. NF4 weights:
     the shapes are timed with the scaled lookup where it fits (it won on every 1.7B projection
     on the H200, by 2-24%), else a code at a time; then the fastest with each lookup, its bytes
     prefetched a step ahead, its loads pipelined, or neither (timing every lookup for every
@@ -640,6 +648,9 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
         return candidates[0]
     trial = matvec_trial(layers, name, projections)
     best = _fastest(candidates, trial, candidates[0])
+    if not nf4:  # then the winner with x read a step ahead, or pipelined (the first stays on a tie)
+        ways = [dataclasses.replace(best, ahead=True), *(dataclasses.replace(best, stages=n) for n in PLAIN_STAGES)]
+        best = _fastest([best, *ways], trial, best)
     if nf4:  # the first stays on a tie
         reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
         best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
@@ -667,6 +678,10 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
 # has 32 row blocks). In the sm_90 build the K loop takes 4.3-4.7 instructions a weight against
 # the FMA shapes' 7.6-9.2 (benchmarks/gpu/sass_per_weight.py).
 NF4_DOT_CONFIGS = tuple(MatvecConfig(64, 256, 4, nf4_dot=True, nf4_splits=splits) for splits in (1, 2, 4, 8))
+
+# Loop steps in flight in the pipelined plain-weight variants: a 2 x 2048 tile and its x take
+# 12 KB of shared memory a step.
+PLAIN_STAGES = (2, 3)
 
 # Loop steps in flight in the pipelined NF4 variant: its sm_90 build keeps three steps' loads in
 # flight with 9.5 KB of shared memory a program in the register lookup (16 x 256, 4 warps),
