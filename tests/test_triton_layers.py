@@ -424,14 +424,23 @@ def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, t
     assert list(kept.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
 
 
-def test_nf4_layers_also_try_pdl_with_the_next_kernel_launched_after_the_loop():
+def test_the_pdl_choice_tries_x_ahead_for_bf16_and_late_launches_for_nf4():
     """The PDL choice for NF4 layers has a third sequence: every kernel a PDL launch, the NF4
-    matvecs letting the next one launch only once their loop is done; bf16 layers have two."""
+    matvecs letting the next one launch only once their loop is done. bf16 layers have another
+    third: x read a step ahead in each matvec that is not pipelined (none left: two)."""
     from playground.backends.triton_kernels import AttentionConfig
     from playground.backends.triton_layers import pdl_choices
 
+    plain = {"qkv": MatvecConfig(2, 2048, 8), "down": MatvecConfig(2, 2048, 4, stages=3), "attention": None}
+    choices = pdl_choices(plain)
+    assert list(choices) == ["plain", "pdl", "pdl, x ahead"]
+    assert choices["pdl, x ahead"] == {
+        "qkv": MatvecConfig(2, 2048, 8, pdl=True, ahead=True),
+        "down": MatvecConfig(2, 2048, 4, pdl=True, stages=3),
+        "attention": None,
+    }
+    assert list(pdl_choices({"down": MatvecConfig(2, 2048, 4, stages=3)})) == ["plain", "pdl"]
     configs = {"qkv": MatvecConfig(16, 512, 8, nf4_lookup="scaled"), "attention": AttentionConfig(32, 2, splits=16)}
-    assert list(pdl_choices(configs)) == ["plain", "pdl"]
     choices = pdl_choices(configs, nf4=True)
     assert list(choices) == ["plain", "pdl", "pdl, NF4 late"]
     late = choices["pdl, NF4 late"]

@@ -786,8 +786,9 @@ PDL_TRIAL_ROUNDS = 5
 
 def pdl_choices(configs: dict[str, Any], nf4: bool = False) -> dict[str, dict[str, Any]]:
     """`configs` as they are ("plain") and with programmatic dependent launch on every kernel
-    ("pdl"); `nf4`, also with the NF4 matvecs letting the next kernel launch only once a
-    program's loop is done ("pdl, NF4 late"). Why: on the H200 the 1.7B's NF4 layers ran
+    ("pdl"); plain weights, also with x read a step ahead in every matvec that is not
+    pipelined ("pdl, x ahead"); `nf4`, also with the NF4 matvecs letting the next kernel launch
+    only once a program's loop is done ("pdl, NF4 late"). Why: on the H200 the 1.7B's NF4 layers ran
     7-11% slower with PDL (1.29 against 1.43 ms), where bf16 ran 5.6% faster. One guess: NF4
     programs launched early sit waiting on registers and shared memory (up to 168 registers a
     thread) that the kernel before could use."""
@@ -795,6 +796,18 @@ def pdl_choices(configs: dict[str, Any], nf4: bool = False) -> dict[str, dict[st
         name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
     }
     choices = {"plain": configs, "pdl": with_pdl}
+    if not nf4:
+        # A PDL launch reads its weights a step ahead; with x where it is used, its sm_90 loop
+        # waits twice a step (`matvec_kernel`'s AHEAD), which the plain launches' trial of
+        # `ahead` cannot show. Pipelined loops read nothing ahead by hand.
+        ahead = {
+            name: dataclasses.replace(config, ahead=True)
+            if isinstance(config, MatvecConfig) and config.stages == 1
+            else config
+            for name, config in with_pdl.items()
+        }
+        if ahead != with_pdl:
+            choices["pdl, x ahead"] = ahead
     if nf4:
         choices["pdl, NF4 late"] = {
             name: dataclasses.replace(config, nf4_pdl_late=True) if isinstance(config, MatvecConfig) else config
