@@ -195,7 +195,7 @@ def matvec_times(model) -> dict:
         for pdl in (False, True):
             ways = {"plain": {}, "x ahead": {"ahead": True}, **{f"{n} stages": {"stages": n} for n in PLAIN_STAGES}}
             for label, way in ways.items():
-                variant = dataclasses.replace(config, pdl=pdl, ahead=False, stages=1, **way)
+                variant = dataclasses.replace(config, **({"pdl": pdl, "ahead": False, "stages": 1} | way))
                 label += ", pdl" if pdl else ""
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
         out[f"matvec_{name}"] = {
