@@ -424,22 +424,41 @@ def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, t
     assert list(kept.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
 
 
-def test_the_pdl_choice_tries_x_ahead_for_bf16_and_late_launches_for_nf4():
-    """The PDL choice for NF4 layers has a third sequence: every kernel a PDL launch, the NF4
-    matvecs letting the next one launch only once their loop is done. bf16 layers have another
-    third: x read a step ahead in each matvec that is not pipelined (none left: two)."""
+def test_the_pdl_choice_takes_the_pdl_loading_ways_for_bf16_and_tries_late_launches_for_nf4(llama_folder, monkeypatch):
+    """bf16 layers: the "pdl" choice has each matvec loading its weights the way that timed
+    fastest as a PDL launch (`_pdl_loading_ways`: every way of `PLAIN_LOADING_WAYS` tried, from
+    plain, whatever the plain launches' pick was). NF4 layers have a third sequence: every kernel
+    a PDL launch, the NF4 matvecs letting the next one launch only once their loop is done."""
     from playground.backends.triton_kernels import AttentionConfig
-    from playground.backends.triton_layers import pdl_choices
+    from playground.backends.triton_layers import PLAIN_LOADING_WAYS, pdl_choices
 
-    plain = {"qkv": MatvecConfig(2, 2048, 8), "down": MatvecConfig(2, 2048, 4, stages=3), "attention": None}
-    choices = pdl_choices(plain)
-    assert list(choices) == ["plain", "pdl", "pdl, x ahead"]
-    assert choices["pdl, x ahead"] == {
-        "qkv": MatvecConfig(2, 2048, 8, pdl=True, ahead=True),
-        "down": MatvecConfig(2, 2048, 4, pdl=True, stages=3),
-        "attention": None,
-    }
-    assert list(pdl_choices({"down": MatvecConfig(2, 2048, 4, stages=3)})) == ["plain", "pdl"]
+    model = _fused_model(llama_folder)
+    layers = [fused.layer for fused in model.model.layers]
+    projections = [fused.projections for fused in model.model.layers]
+    rows = {"qkv": 2, "o": 4, "gate_up": 8, "down": 16}  # a shape each, to tell them apart
+    plain = {name: MatvecConfig(rows[name], 32, 4, ahead=name == "o") for name in rows} | {"attention": None}
+    timed = {}
+
+    # the GPU's timing (do_bench_cudagraph; the interpreter runs no PDL launch): by name here
+    def fastest(candidates, run, default, **_):
+        name = next(name for name in triton_layers.MATVECS if plain[name] == dataclasses.replace(default, pdl=False))
+        timed[name] = list(candidates)
+        return candidates[-1] if name == "down" else candidates[0]
+
+    monkeypatch.setattr(triton_layers, "_fastest", fastest)
+    with_pdl = triton_layers._pdl_loading_ways(layers, projections, plain)
+    assert set(timed) == set(triton_layers.MATVECS) and len(PLAIN_LOADING_WAYS) == 4
+    assert timed["o"] == [
+        MatvecConfig(4, 32, 4, pdl=True),
+        MatvecConfig(4, 32, 4, pdl=True, ahead=True),
+        MatvecConfig(4, 32, 4, pdl=True, stages=2),
+        MatvecConfig(4, 32, 4, pdl=True, stages=3),
+    ]
+    assert with_pdl["down"] == MatvecConfig(16, 32, 4, pdl=True, stages=3)
+    assert with_pdl["o"] == MatvecConfig(4, 32, 4, pdl=True) and with_pdl["attention"] is None
+    choices = pdl_choices(plain, pdl_configs=with_pdl)
+    assert list(choices) == ["plain", "pdl"] and choices["pdl"] is with_pdl and choices["plain"] is plain
+    assert pdl_choices(plain)["pdl"]["o"] == MatvecConfig(4, 32, 4, pdl=True, ahead=True)  # untimed: as picked
     configs = {"qkv": MatvecConfig(16, 512, 8, nf4_lookup="scaled"), "attention": AttentionConfig(32, 2, splits=16)}
     choices = pdl_choices(configs, nf4=True)
     assert list(choices) == ["plain", "pdl", "pdl, NF4 late"]

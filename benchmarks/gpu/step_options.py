@@ -120,7 +120,7 @@ def matvec_times(model) -> dict:
     from playground.backends.triton_layers import (
         MATVECS,
         NF4_DOT_CONFIGS,
-        PLAIN_STAGES,
+        PLAIN_LOADING_WAYS,
         agrees,
         matvec_trial,
         nf4_variants,
@@ -193,8 +193,8 @@ def matvec_times(model) -> dict:
         # launch reads its weights a step ahead whatever `ahead` says)
         variants_us = {}
         for pdl in (False, True):
-            ways = {"plain": {}, "x ahead": {"ahead": True}, **{f"{n} stages": {"stages": n} for n in PLAIN_STAGES}}
-            for label, way in ways.items():
+            for way in PLAIN_LOADING_WAYS:
+                label = "x ahead" if way.get("ahead") else f"{way['stages']} stages" if "stages" in way else "plain"
                 variant = dataclasses.replace(config, **({"pdl": pdl, "ahead": False, "stages": 1} | way))
                 label += ", pdl" if pdl else ""
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count

@@ -628,8 +628,8 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     """The fastest launch shape that fits the `name` matvec, timed on its `matvec_trial` over
     all `layers` (`projections`: each layer's `layer_projections`) on a GPU (`_fastest`); off a
     GPU the first that fits (only the first layer's projections are needed there). Plain weights:
-    the fastest shape, then it again with x read a step ahead (`MatvecConfig.ahead`) or its loads
-    pipelined `PLAIN_STAGES` steps deep. NF4 weights:
+    the fastest shape, then it loading each of `PLAIN_LOADING_WAYS` (as plain launches; the PDL
+    choice times them again as PDL launches, `_pdl_loading_ways`). NF4 weights:
     the shapes are timed with the scaled lookup where it fits (it won on every 1.7B projection
     on the H200, by 2-24%), else a code at a time; then the fastest with each lookup, its bytes
     prefetched a step ahead, its loads pipelined, or neither (timing every lookup for every
@@ -648,9 +648,9 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
         return candidates[0]
     trial = matvec_trial(layers, name, projections)
     best = _fastest(candidates, trial, candidates[0])
-    if not nf4:  # then the winner with x read a step ahead, or pipelined (the first stays on a tie)
-        ways = [dataclasses.replace(best, ahead=True), *(dataclasses.replace(best, stages=n) for n in PLAIN_STAGES)]
-        best = _fastest([best, *ways], trial, best)
+    if not nf4:  # then the winner loading each way (the first, as timed, stays on a tie)
+        ways = [dataclasses.replace(best, **({"ahead": False, "stages": 1} | way)) for way in PLAIN_LOADING_WAYS]
+        best = _fastest(ways, trial, best)
     if nf4:  # the first stays on a tie
         reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
         best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
@@ -679,9 +679,10 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
 # the FMA shapes' 7.6-9.2 (benchmarks/gpu/sass_per_weight.py).
 NF4_DOT_CONFIGS = tuple(MatvecConfig(64, 256, 4, nf4_dot=True, nf4_splits=splits) for splits in (1, 2, 4, 8))
 
-# Loop steps in flight in the pipelined plain-weight variants: a 2 x 2048 tile and its x take
-# 12 KB of shared memory a step.
-PLAIN_STAGES = (2, 3)
+# How a plain-weight matvec may load (`MatvecConfig.ahead`, `stages`): as its loop needs them,
+# x a step ahead with the weights, or pipelined 2 or 3 steps deep (a 2 x 2048 tile and its x
+# take 12 KB of shared memory a step). On the H200 each won some projection, plain or PDL.
+PLAIN_LOADING_WAYS = ({}, {"ahead": True}, {"stages": 2}, {"stages": 3})
 
 # Loop steps in flight in the pipelined NF4 variant: its sm_90 build keeps three steps' loads in
 # flight with 9.5 KB of shared memory a program in the register lookup (16 x 256, 4 warps),
@@ -768,7 +769,10 @@ def _with_pdl_if_faster(
     the step did not move). NF4 layers also try PDL with the next kernel launched only once a
     program's loop is done (`pdl_choices`). `trial`, where given, receives the choices
     ("choices"), the label taken ("chosen") and each choice's ms ("ms")."""
-    choices = pdl_choices(configs, nf4=any(isinstance(p.weight, NF4Weight) for p in projections[0].values()))
+    nf4 = any(isinstance(p.weight, NF4Weight) for p in projections[0].values())
+    choices = pdl_choices(
+        configs, nf4=nf4, pdl_configs=None if nf4 else _pdl_loading_ways(layers, projections, configs)
+    )
     # plain first: it stays on a tie, and if the PDL launches are refused
     sequence = layer_sequence_trial(model, layers, choices, projections)
     timed: dict[str, float] = {}
@@ -784,30 +788,42 @@ def _with_pdl_if_faster(
 PDL_TRIAL_ROUNDS = 5
 
 
-def pdl_choices(configs: dict[str, Any], nf4: bool = False) -> dict[str, dict[str, Any]]:
+def _pdl_loading_ways(
+    layers: Sequence[nn.Module], projections: Sequence[dict[str, Projection]], configs: dict[str, Any]
+) -> dict[str, Any]:
+    """`configs` with programmatic dependent launch on every kernel, each plain-weight matvec
+    loading its weights the way (`PLAIN_LOADING_WAYS`) that runs its trial fastest as PDL
+    launches. Why: PDL changes which way wins. On the H200 the 3B's down projection took 14.3 us
+    a layer as a plain launch, pipelined or not, but as a PDL launch 16.4 plain and 14.5
+    pipelined 3 steps deep; the plain launches' pick left that to chance."""
+    with_pdl = {}
+    for name, config in configs.items():
+        if isinstance(config, MatvecConfig) and name in MATVECS:
+            ways = [
+                dataclasses.replace(config, **({"pdl": True, "ahead": False, "stages": 1} | way))
+                for way in PLAIN_LOADING_WAYS
+            ]
+            trial = matvec_trial(layers, name, projections)
+            with_pdl[name] = _fastest(ways, trial, dataclasses.replace(config, pdl=True))
+        else:
+            with_pdl[name] = None if config is None else dataclasses.replace(config, pdl=True)
+    return with_pdl
+
+
+def pdl_choices(
+    configs: dict[str, Any], nf4: bool = False, pdl_configs: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """`configs` as they are ("plain") and with programmatic dependent launch on every kernel
-    ("pdl"); plain weights, also with x read a step ahead in every matvec that is not
-    pipelined ("pdl, x ahead"); `nf4`, also with the NF4 matvecs letting the next kernel launch
-    only once a program's loop is done ("pdl, NF4 late"). Why: on the H200 the 1.7B's NF4 layers ran
+    ("pdl"; `pdl_configs`, where given, are those, as `_pdl_loading_ways` times them); `nf4`,
+    also with the NF4 matvecs letting the next kernel launch only once a program's loop is done
+    ("pdl, NF4 late"). Why: on the H200 the 1.7B's NF4 layers ran
     7-11% slower with PDL (1.29 against 1.43 ms), where bf16 ran 5.6% faster. One guess: NF4
     programs launched early sit waiting on registers and shared memory (up to 168 registers a
     thread) that the kernel before could use."""
-    with_pdl = {
+    with_pdl = pdl_configs or {
         name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
     }
     choices = {"plain": configs, "pdl": with_pdl}
-    if not nf4:
-        # A PDL launch reads its weights a step ahead; with x where it is used, its sm_90 loop
-        # waits twice a step (`matvec_kernel`'s AHEAD), which the plain launches' trial of
-        # `ahead` cannot show. Pipelined loops read nothing ahead by hand.
-        ahead = {
-            name: dataclasses.replace(config, ahead=True)
-            if isinstance(config, MatvecConfig) and config.stages == 1
-            else config
-            for name, config in with_pdl.items()
-        }
-        if ahead != with_pdl:
-            choices["pdl, x ahead"] = ahead
     if nf4:
         choices["pdl, NF4 late"] = {
             name: dataclasses.replace(config, nf4_pdl_late=True) if isinstance(config, MatvecConfig) else config
