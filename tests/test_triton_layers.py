@@ -424,47 +424,72 @@ def test_the_backend_times_both_whole_steps_and_keeps_the_faster(llama_folder, t
     assert list(kept.tokens(prompt, params, lambda: False)) == expected[0, len(prompt) :].tolist()
 
 
-def test_the_pdl_choice_takes_the_pdl_loading_ways_for_bf16_and_tries_late_launches_for_nf4(llama_folder, monkeypatch):
-    """bf16 layers: the "pdl" choice has each matvec loading its weights the way that timed
-    fastest as a PDL launch (`_pdl_loading_ways`: every way of `PLAIN_LOADING_WAYS` tried, from
-    plain, whatever the plain launches' pick was). NF4 layers have a third sequence: every kernel
-    a PDL launch, the NF4 matvecs letting the next one launch only once their loop is done."""
-    from playground.backends.triton_kernels import AttentionConfig
-    from playground.backends.triton_layers import PLAIN_LOADING_WAYS, pdl_choices
+def _pdl_ways_timed(model, configs, monkeypatch, winner) -> tuple[dict, dict]:
+    """`_pdl_loading_ways` over `model`'s layers with the GPU's timing (do_bench_cudagraph; the
+    interpreter runs no PDL launch) replaced by `winner(name, candidates)`. Returns its configs
+    and, per matvec, what it was given: (candidates, default, agree_with)."""
+    asked = {}
+    names = iter(name for name, config in configs.items() if name in triton_layers.MATVECS and config is not None)
 
-    model = _fused_model(llama_folder)
-    layers = [fused.layer for fused in model.model.layers]
-    projections = [fused.projections for fused in model.model.layers]
-    rows = {"qkv": 2, "o": 4, "gate_up": 8, "down": 16}  # a shape each, to tell them apart
-    plain = {name: MatvecConfig(rows[name], 32, 4, ahead=name == "o") for name in rows} | {"attention": None}
-    timed = {}
-
-    # the GPU's timing (do_bench_cudagraph; the interpreter runs no PDL launch): by name here
-    def fastest(candidates, run, default, **_):
-        name = next(name for name in triton_layers.MATVECS if plain[name] == dataclasses.replace(default, pdl=False))
-        timed[name] = list(candidates)
-        return candidates[-1] if name == "down" else candidates[0]
+    def fastest(candidates, run, default, agree_with=None, **_):
+        name = next(names)  # in the order of `configs`, as it times them
+        asked[name] = (list(candidates), default, agree_with)
+        return winner(name, list(candidates))
 
     monkeypatch.setattr(triton_layers, "_fastest", fastest)
-    with_pdl = triton_layers._pdl_loading_ways(layers, projections, plain)
-    assert set(timed) == set(triton_layers.MATVECS) and len(PLAIN_LOADING_WAYS) == 4
-    assert timed["o"] == [
+    layers = [fused.layer for fused in model.model.layers]
+    projections = [fused.projections for fused in model.model.layers]
+    return triton_layers._pdl_loading_ways(layers, projections, configs), asked
+
+
+def test_the_pdl_choice_takes_each_matvec_s_fastest_way_as_a_pdl_launch(llama_folder, monkeypatch):
+    """The "pdl" choice has each matvec load its weights the way that timed fastest as a PDL
+    launch (`_pdl_loading_ways`): bf16, every way of `PLAIN_LOADING_WAYS` from plain, whatever
+    the plain launches' pick was; NF4, its picked lookup plain, prefetched and pipelined, and on
+    tensor cores, where it fits, counted only where its output agrees with the pick's. NF4
+    layers have a third sequence: the NF4 matvecs letting the next launch after their loop."""
+    from playground.backends.triton_layers import NF4_LOADING_WAYS, PLAIN_LOADING_WAYS, pdl_choices
+
+    rows = {"qkv": 2, "o": 4, "gate_up": 8, "down": 16}
+    plain = {name: MatvecConfig(rows[name], 32, 4, ahead=name == "o") for name in rows} | {"attention": None}
+    with_pdl, asked = _pdl_ways_timed(
+        _fused_model(llama_folder), plain, monkeypatch, lambda name, ways: ways[-1] if name == "down" else ways[0]
+    )
+    assert set(asked) == set(rows) and len(PLAIN_LOADING_WAYS) == 4
+    assert asked["o"][0] == [
         MatvecConfig(4, 32, 4, pdl=True),
         MatvecConfig(4, 32, 4, pdl=True, ahead=True),
         MatvecConfig(4, 32, 4, pdl=True, stages=2),
         MatvecConfig(4, 32, 4, pdl=True, stages=3),
     ]
+    assert asked["o"][1] == MatvecConfig(4, 32, 4, pdl=True, ahead=True)  # should none run: as picked
     assert with_pdl["down"] == MatvecConfig(16, 32, 4, pdl=True, stages=3)
     assert with_pdl["o"] == MatvecConfig(4, 32, 4, pdl=True) and with_pdl["attention"] is None
     choices = pdl_choices(plain, pdl_configs=with_pdl)
     assert list(choices) == ["plain", "pdl"] and choices["pdl"] is with_pdl and choices["plain"] is plain
     assert pdl_choices(plain)["pdl"]["o"] == MatvecConfig(4, 32, 4, pdl=True, ahead=True)  # untimed: as picked
-    configs = {"qkv": MatvecConfig(16, 512, 8, nf4_lookup="scaled"), "attention": AttentionConfig(32, 2, splits=16)}
-    choices = pdl_choices(configs, nf4=True)
+
+    model = _fused_model(llama_folder, "nf4")
+    nf4 = dict(model.model.layers[0].configs)  # the CPU's picks: the first shape that fits
+    with_pdl, asked = _pdl_ways_timed(model, nf4, monkeypatch, lambda name, ways: ways[-1])
+    for name in rows:
+        ways, default, reference = asked[name]
+        picked = nf4[name]
+        assert ways[0] == default == dataclasses.replace(picked, pdl=True)  # the pick first: it stays on a tie
+        assert all(way.pdl and way.nf4_lookup == picked.nf4_lookup for way in ways)
+        loading = {(way.nf4_prefetch, way.nf4_stages) for way in ways if not way.nf4_dot}
+        assert loading == set(NF4_LOADING_WAYS)
+        projection = model.model.layers[0].projections[name]
+        assert all(projection.fits(way) for way in ways)
+        # each way must agree with the pick's own output on the trial's input
+        trial = triton_layers.matvec_trial([fused.layer for fused in model.model.layers], name)
+        assert reference is not None and reference.shape == trial(picked).shape
+        assert with_pdl[name] == ways[-1]
+    choices = pdl_choices(nf4, nf4=True, pdl_configs=with_pdl)
     assert list(choices) == ["plain", "pdl", "pdl, NF4 late"]
     late = choices["pdl, NF4 late"]
-    assert late["qkv"] == dataclasses.replace(configs["qkv"], pdl=True, nf4_pdl_late=True)
-    assert late["attention"] == dataclasses.replace(configs["attention"], pdl=True)
+    assert late["qkv"] == dataclasses.replace(with_pdl["qkv"], nf4_pdl_late=True)
+    assert late["attention"] == with_pdl["attention"] == dataclasses.replace(nf4["attention"], pdl=True)
     assert not choices["pdl"]["qkv"].nf4_pdl_late and not choices["plain"]["qkv"].pdl
 
 

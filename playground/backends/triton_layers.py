@@ -664,10 +664,9 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
     """`config`'s launch shape with each NF4 lookup, its bytes prefetched a step ahead, or its
     loads pipelined `NF4_PIPELINE_STAGES` steps deep, or neither, where they fit `projection`:
     the 16-entry lookup plain first."""
-    ways = ((False, 1), (True, 1), (False, NF4_PIPELINE_STAGES))  # (prefetch, stages)
     variants = [
         dataclasses.replace(config, nf4_lookup=lookup, nf4_prefetch=prefetch, nf4_stages=stages)
-        for prefetch, stages in ways
+        for prefetch, stages in NF4_LOADING_WAYS
         for lookup in ("nibble", "byte", "registers", "scaled")
     ]
     return [variant for variant in variants if projection.fits(variant)]
@@ -688,6 +687,8 @@ PLAIN_LOADING_WAYS = ({}, {"ahead": True}, {"stages": 2}, {"stages": 3})
 # flight with 9.5 KB of shared memory a program in the register lookup (16 x 256, 4 warps),
 # 75 KB in the 16-entry one, whose table loads are pipelined too.
 NF4_PIPELINE_STAGES = 3
+# How an NF4 matvec may load its bytes: (`nf4_prefetch`, `nf4_stages`).
+NF4_LOADING_WAYS = ((False, 1), (True, 1), (False, NF4_PIPELINE_STAGES))
 
 
 def attention_trial(
@@ -770,9 +771,7 @@ def _with_pdl_if_faster(
     program's loop is done (`pdl_choices`). `trial`, where given, receives the choices
     ("choices"), the label taken ("chosen") and each choice's ms ("ms")."""
     nf4 = any(isinstance(p.weight, NF4Weight) for p in projections[0].values())
-    choices = pdl_choices(
-        configs, nf4=nf4, pdl_configs=None if nf4 else _pdl_loading_ways(layers, projections, configs)
-    )
+    choices = pdl_choices(configs, nf4=nf4, pdl_configs=_pdl_loading_ways(layers, projections, configs))
     # plain first: it stays on a tie, and if the PDL launches are refused
     sequence = layer_sequence_trial(model, layers, choices, projections)
     timed: dict[str, float] = {}
@@ -791,20 +790,33 @@ PDL_TRIAL_ROUNDS = 5
 def _pdl_loading_ways(
     layers: Sequence[nn.Module], projections: Sequence[dict[str, Projection]], configs: dict[str, Any]
 ) -> dict[str, Any]:
-    """`configs` with programmatic dependent launch on every kernel, each plain-weight matvec
-    loading its weights the way (`PLAIN_LOADING_WAYS`) that runs its trial fastest as PDL
-    launches. Why: PDL changes which way wins. On the H200 the 3B's down projection took 14.3 us
-    a layer as a plain launch, pipelined or not, but as a PDL launch 16.4 plain and 14.5
-    pipelined 3 steps deep; the plain launches' pick left that to chance."""
+    """`configs` with programmatic dependent launch on every kernel, each matvec loading its
+    weights the way that runs its trial fastest as PDL launches: plain weights each of
+    `PLAIN_LOADING_WAYS`; NF4 its picked lookup plain, prefetched or pipelined, and on tensor
+    cores (`NF4_DOT_CONFIGS`), where the output agrees with the pick's. Why: PDL changes which
+    way wins. On the H200 the 3B's down projection took 14.3 us a layer as a plain launch,
+    pipelined or not, but as a PDL launch 16.4 plain and 14.5 pipelined 3 steps deep; the plain
+    launches' pick left that to chance. (NF4 layers have lost 4-11% to PDL with the plain picks.)"""
     with_pdl = {}
     for name, config in configs.items():
         if isinstance(config, MatvecConfig) and name in MATVECS:
-            ways = [
-                dataclasses.replace(config, **({"pdl": True, "ahead": False, "stages": 1} | way))
-                for way in PLAIN_LOADING_WAYS
-            ]
+            projection = projections[0][name]
             trial = matvec_trial(layers, name, projections)
-            with_pdl[name] = _fastest(ways, trial, dataclasses.replace(config, pdl=True))
+            first = dataclasses.replace(config, pdl=True)
+            if isinstance(projection.weight, NF4Weight):
+                ways = [
+                    dataclasses.replace(config, nf4_prefetch=prefetch, nf4_stages=stages)
+                    for prefetch, stages in NF4_LOADING_WAYS
+                ]
+                ways += [dataclasses.replace(dot, nf4_lookup=config.nf4_lookup) for dot in NF4_DOT_CONFIGS]
+                ways = [dataclasses.replace(way, pdl=True) for way in ways if projection.fits(way)]
+                with_pdl[name] = _fastest([first, *ways], trial, first, agree_with=trial(config))
+            else:
+                ways = [
+                    dataclasses.replace(config, **({"pdl": True, "ahead": False, "stages": 1} | way))
+                    for way in PLAIN_LOADING_WAYS
+                ]
+                with_pdl[name] = _fastest(ways, trial, first)
         else:
             with_pdl[name] = None if config is None else dataclasses.replace(config, pdl=True)
     return with_pdl
