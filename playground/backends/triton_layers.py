@@ -650,14 +650,13 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     best = _fastest(candidates, trial, candidates[0])
     if not nf4:  # then the winner loading each way (the first, as timed, stays on a tie)
         ways = [dataclasses.replace(best, **({"ahead": False, "stages": 1} | way)) for way in PLAIN_LOADING_WAYS]
-        best = _fastest(ways, trial, best)
-    if nf4:  # the first stays on a tie
-        reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
-        best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
-        dot = [dataclasses.replace(config, nf4_lookup=lookup) for config in NF4_DOT_CONFIGS]
-        dot = [config for config in dot if projection.fits(config)]
-        best = _fastest([best, *dot], trial, best, agree_with=reference)
-    return best
+        return _fastest(ways, trial, best)
+    # NF4: the first stays on a tie
+    reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
+    best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
+    dot = [dataclasses.replace(config, nf4_lookup=lookup) for config in NF4_DOT_CONFIGS]
+    dot = [config for config in dot if projection.fits(config)]
+    return _fastest([best, *dot], trial, best, agree_with=reference)
 
 
 def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecConfig]:

@@ -143,24 +143,7 @@ def matvec_kernel(
     cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = acc
-    if STAGES > 1:
-        if USE_PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        rstd = 1.0
-        if HAS_NORM:
-            rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
-        for start in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            col = start + cols
-            col_ok = col < K
-            value = matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM)[None, :]
-            in_bounds = row_ok[:, None] & col_ok[None, :]
-            weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
-            acc += weight.to(tl.float32) * value
-            if GATED:
-                weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
-                acc_up += weight_up.to(tl.float32) * value
-    elif USE_PDL or AHEAD:
+    if (USE_PDL or AHEAD) and STAGES == 1:
         # Programmatic dependent launch: the next kernel may start now, and this one reads its
         # first weight tile (which no earlier kernel writes) before waiting for the one before
         # to finish, so the weight stream starts under that kernel's tail. Each later tile is
@@ -197,10 +180,13 @@ def matvec_kernel(
             if AHEAD:
                 value = value_ahead
     else:
+        if USE_PDL:  # pipelined (STAGES > 1): nothing is read before the wait
+            gdc_launch_dependents()
+            gdc_wait()
         rstd = 1.0
         if HAS_NORM:
             rstd = rms_rstd(x_ptr, eps, K, BLOCK_K)
-        for start in range(0, K, BLOCK_K):
+        for start in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             col = start + cols
             col_ok = col < K
             value = matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM)[None, :]
