@@ -23,22 +23,17 @@ MATVEC_ARGS = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr",
 NF4_PART = {"packed": "*u8", "absmax": "*u8", "outer": "*fp32", "code": "*fp32", "offset": "fp32"}
 
 
+def layer_work(norm: bool, bias: bool, gated: bool, residual: bool) -> dict:
+    """Both matvec kernels' flags for what the layer does around the matmul."""
+    return dict(HAS_NORM=norm, HAS_BIAS=bias, GATED=gated, HAS_RES=residual)
+
+
 def matvec(
     norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False, ahead: bool = False, stages: int = 1
 ) -> tuple:
     signature = MATVEC_ARGS | {"N": "i32", "eps": "fp32"}
-    constants = dict(
-        K=2048,
-        HAS_NORM=norm,
-        HAS_BIAS=bias,
-        GATED=gated,
-        HAS_RES=residual,
-        BLOCK_N=8,
-        BLOCK_K=512,
-        USE_PDL=pdl,
-        AHEAD=ahead,
-        STAGES=stages,
-    )
+    work = layer_work(norm, bias, gated, residual)
+    constants = dict(K=2048, **work, BLOCK_N=8, BLOCK_K=512, USE_PDL=pdl, AHEAD=ahead, STAGES=stages)
     return triton_source.matvec_kernel, signature, constants
 
 
@@ -78,10 +73,7 @@ def nf4(
         NESTED=nested,
         BLOCKSIZE=64,
         BLOCKSIZE2=256,
-        HAS_NORM=norm,
-        HAS_BIAS=bias,
-        GATED=gated,
-        HAS_RES=residual,
+        **layer_work(norm, bias, gated, residual),
         BLOCK_N=64 if dot else 8,  # a wgmma program's rows
         BLOCK_K=256 if dot else 512,
         ALIGNED=aligned,
