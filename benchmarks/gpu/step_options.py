@@ -124,6 +124,7 @@ def matvec_times(model) -> dict:
         agrees,
         matvec_trial,
         nf4_variants,
+        plain_loading,
     )
 
     fused_layers = list(model.model.layers)
@@ -195,7 +196,7 @@ def matvec_times(model) -> dict:
         for pdl in (False, True):
             for way in PLAIN_LOADING_WAYS:
                 label = "x ahead" if way.get("ahead") else f"{way['stages']} stages" if "stages" in way else "plain"
-                variant = dataclasses.replace(config, **({"pdl": pdl, "ahead": False, "stages": 1} | way))
+                variant = plain_loading(config, way, pdl=pdl)
                 label += ", pdl" if pdl else ""
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
         out[f"matvec_{name}"] = {

@@ -572,8 +572,8 @@ def uses_pdl(model: nn.Module) -> bool:
 
 def describe_choices(model: nn.Module) -> str:
     """What the installed layers' load-time timing chose that changes how they run: attention
-    slots shared among several programs a head, x read a step ahead, how NF4 values are looked
-    up, and programmatic dependent launch."""
+    slots shared among several programs a head, x read a step ahead or loads pipelined, how NF4
+    values are looked up, and programmatic dependent launch."""
     configs = _installed_configs(model)
     attention = configs.get("attention")
     choices = []
@@ -649,8 +649,7 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     trial = matvec_trial(layers, name, projections)
     best = _fastest(candidates, trial, candidates[0])
     if not nf4:  # then the winner loading each way (the first, as timed, stays on a tie)
-        ways = [dataclasses.replace(best, **({"ahead": False, "stages": 1} | way)) for way in PLAIN_LOADING_WAYS]
-        return _fastest(ways, trial, best)
+        return _fastest([plain_loading(best, way) for way in PLAIN_LOADING_WAYS], trial, best)
     # NF4: the first stays on a tie
     reference = trial(dataclasses.replace(best, nf4_lookup="nibble"))
     best = _fastest(nf4_variants(best, projection), trial, best, agree_with=reference)
@@ -681,6 +680,13 @@ NF4_DOT_CONFIGS = tuple(MatvecConfig(64, 256, 4, nf4_dot=True, nf4_splits=splits
 # x a step ahead with the weights, or pipelined 2 or 3 steps deep (a 2 x 2048 tile and its x
 # take 12 KB of shared memory a step). On the H200 each won some projection, plain or PDL.
 PLAIN_LOADING_WAYS = ({}, {"ahead": True}, {"stages": 2}, {"stages": 3})
+
+
+def plain_loading(config: MatvecConfig, way: dict[str, Any], **fields: Any) -> MatvecConfig:
+    """`config` (with `fields` replaced) loading its weights `way`, one of `PLAIN_LOADING_WAYS`:
+    whatever way `config` loaded before is dropped, so {} is the plain loop."""
+    return dataclasses.replace(config, **({"ahead": False, "stages": 1} | fields | way))
+
 
 # Loop steps in flight in the pipelined NF4 variant: its sm_90 build keeps three steps' loads in
 # flight with 9.5 KB of shared memory a program in the register lookup (16 x 256, 4 warps),
@@ -811,10 +817,7 @@ def _pdl_loading_ways(
                 ways = [dataclasses.replace(way, pdl=True) for way in ways if projection.fits(way)]
                 with_pdl[name] = _fastest([first, *ways], trial, first, agree_with=trial(config))
             else:
-                ways = [
-                    dataclasses.replace(config, **({"pdl": True, "ahead": False, "stages": 1} | way))
-                    for way in PLAIN_LOADING_WAYS
-                ]
+                ways = [plain_loading(config, way, pdl=True) for way in PLAIN_LOADING_WAYS]
                 with_pdl[name] = _fastest(ways, trial, first)
         else:
             with_pdl[name] = None if config is None else dataclasses.replace(config, pdl=True)
