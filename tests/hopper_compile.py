@@ -52,6 +52,8 @@ def nf4(
     dot: bool = False,
     splits: int = 1,
     pdl_late: bool = False,
+    halves: int = 1,
+    block_n: int = 8,
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature |= {"table_ptr": "*fp32", "pairs_ptr": "*i64"}
@@ -74,7 +76,7 @@ def nf4(
         BLOCKSIZE=64,
         BLOCKSIZE2=256,
         **layer_work(norm, bias, gated, residual),
-        BLOCK_N=64 if dot else 8,  # a wgmma program's rows
+        BLOCK_N=64 if dot else block_n,  # a wgmma program's rows
         BLOCK_K=256 if dot else 512,
         ALIGNED=aligned,
         TILE_BLOCKS=(256 if dot else 512) // 64 if aligned else 1,
@@ -85,6 +87,7 @@ def nf4(
         DOT=dot,
         SPLITS=splits,
         PDL_LATE=pdl_late,
+        HALVES=halves,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
 
@@ -189,6 +192,26 @@ VARIANTS = {
             ),
         }.items()
     },
+    # whole blocks a thread, read as two half-block tiles (16 rows: a thread's 16 bytes a half)
+    "nf4 gate/up, scaled, whole blocks": nf4(
+        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3, halves=2, block_n=16
+    ),
+    "nf4 qkv, scaled, whole blocks, pipelined, PDL": nf4(
+        3,
+        nested=False,
+        norm=True,
+        bias=True,
+        gated=False,
+        residual=False,
+        lookup=3,
+        halves=2,
+        block_n=16,
+        stages=3,
+        pdl=True,
+    ),  # fmt: skip
+    "nf4 o/down, double quant, by nibble, whole blocks": nf4(
+        1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1, halves=2, block_n=16
+    ),
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),
 }

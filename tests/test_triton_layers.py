@@ -127,6 +127,11 @@ def _dequantized(linear) -> torch.Tensor:
         (192, MatvecConfig(block_n=16, block_k=128, num_warps=4, nf4_lookup="nibble", nf4_dot=True)),
         (256, MatvecConfig(block_n=16, block_k=64, num_warps=4, nf4_lookup="scaled", nf4_dot=True, nf4_splits=2)),
         (256, MatvecConfig(block_n=8, block_k=64, num_warps=4, nf4_lookup="nibble", nf4_prefetch=True, nf4_splits=4)),
+        (192, MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="scaled", nf4_whole_blocks=True)),
+        (
+            256,
+            MatvecConfig(block_n=8, block_k=128, num_warps=2, nf4_lookup="byte", nf4_whole_blocks=True, nf4_stages=3),
+        ),
     ],
     ids=[
         "blocks-straddle-rows",
@@ -143,6 +148,8 @@ def _dequantized(linear) -> torch.Tensor:
         "tensor-cores",
         "tensor-cores-columns-split-2-ways",
         "columns-split-4-ways-prefetched",
+        "whole-blocks-a-thread-in-two-halves",
+        "whole-blocks-a-thread-by-byte-pipelined",
     ],
 )
 def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nested, case, columns, config):
@@ -153,7 +160,8 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
     byte's two values at once, or a code's at a time; with the next step's bytes read ahead, or
     the loop's loads pipelined three steps deep; summed by `tl.dot` in the tile's block-fastest
     order; its columns shared by two or four programs, the last adding their sums (the counters are
-    left at zero for the next call).
+    left at zero for the next call); each block read as two half-block tiles, so that a thread
+    decodes whole blocks.
     The register lookup's kernel too (its loads shaped to keep the tile's layout), with the
     16-entry table in the permutes' place: the interpreter runs no PTX."""
     generator = torch.Generator().manual_seed(1)
@@ -204,6 +212,24 @@ def test_tensor_cores_and_split_columns_take_only_shapes_they_can_run():
     shifted.copy_(weight.packed[0])
     unaligned = Projection(dataclasses.replace(weight, packed=(shifted,)), None, (128,))
     assert not unaligned.fits(dot) and unaligned.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=4))
+
+
+def test_whole_blocks_a_thread_take_only_tiles_of_whole_blocks():
+    """A thread decodes whole NF4 blocks only from tiles of whole blocks (two half-block tiles a
+    step), and not with tensor cores or bytes read a step ahead; the picker's whole-block shapes
+    give each thread 16 bytes of each half."""
+    from playground.backends.triton_layers import NF4_WHOLE_BLOCK_CONFIGS, Projection
+
+    projection = Projection(NF4Weight.of(_nf4_linears([(128, 512)], torch.bfloat16, nested=False)), None, (128,))
+    whole = MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_whole_blocks=True)
+    assert projection.fits(whole) and projection.fits(dataclasses.replace(whole, nf4_stages=3))
+    assert not projection.fits(dataclasses.replace(whole, block_k=32))  # half a block a tile
+    assert not projection.fits(dataclasses.replace(whole, nf4_prefetch=True))
+    assert not projection.fits(dataclasses.replace(whole, block_n=16, nf4_dot=True))
+    straddling = Projection(NF4Weight.of(_nf4_linears([(24, 100)], torch.bfloat16, nested=False)), None, (24,))
+    assert not straddling.fits(dataclasses.replace(whole, block_k=64))  # blocks straddle rows
+    for config in NF4_WHOLE_BLOCK_CONFIGS:
+        assert config.block_n * config.block_k // 4 == 16 * 32 * config.num_warps, config
 
 
 def test_byte_permutes_give_the_nf4_code_book_value_of_every_code():

@@ -120,6 +120,7 @@ def matvec_times(model) -> dict:
     from playground.backends.triton_layers import (
         MATVECS,
         NF4_DOT_CONFIGS,
+        NF4_WHOLE_BLOCK_CONFIGS,
         PLAIN_LOADING_WAYS,
         agrees,
         matvec_trial,
@@ -148,14 +149,22 @@ def matvec_times(model) -> dict:
                 label = f"tensor cores, {variant.nf4_splits} shares, " if variant.nf4_dot else ""
                 label += variant.nf4_lookup + (", prefetched" if variant.nf4_prefetch else "")
                 label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
+                label += ", whole blocks" if variant.nf4_whole_blocks else ""
                 variants_agree[label] = agrees(trial, variant, reference)
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
             # tensor cores summing the products, each column share the picker tries; with
-            # --nf4-more, their loads pipelined too, and the picked shape's columns shared out
+            # --nf4-more, their loads pipelined too, the picked shape's columns shared out, and
+            # the shapes whose threads decode whole blocks, plain and pipelined (by default these
+            # took the 1.7B's run past 220 s)
             more = []
             if os.environ.get("STEP_NF4_MORE") == "1":
                 more = [dataclasses.replace(dot, nf4_stages=3) for dot in NF4_DOT_CONFIGS]
                 more += [dataclasses.replace(config, nf4_splits=splits) for splits in (2, 4, 8)]
+                more += [
+                    dataclasses.replace(shape, nf4_stages=stages)
+                    for shape in NF4_WHOLE_BLOCK_CONFIGS
+                    for stages in (1, 3)
+                ]
             for variant in (*NF4_DOT_CONFIGS, *more):
                 variant = dataclasses.replace(variant, nf4_lookup=config.nf4_lookup)
                 if variant == config or not projection.fits(variant):
@@ -165,6 +174,7 @@ def matvec_times(model) -> dict:
                 label += f"{variant.nf4_splits} shares, {variant.nf4_lookup}"
                 label += f", {variant.nf4_stages} stages" if variant.nf4_stages > 1 else ""
                 label += ", prefetched" if variant.nf4_prefetch else ""
+                label += ", whole blocks" if variant.nf4_whole_blocks else ""
                 variants_agree[label] = agrees(trial, variant, reference)
                 variants_us[label] = do_bench_cudagraph(functools.partial(trial, variant)) * 1000 / count
             out[f"matvec_{name}"] = {
@@ -175,6 +185,7 @@ def matvec_times(model) -> dict:
                 "nf4_stages": config.nf4_stages,
                 "nf4_dot": config.nf4_dot,
                 "nf4_splits": config.nf4_splits,
+                "nf4_whole_blocks": config.nf4_whole_blocks,
                 "fused_us": fused_ms * 1000,
                 "fused_tb_s": size / (fused_ms / 1000) / 1e12,
                 "variants_us": variants_us,

@@ -43,7 +43,10 @@ class MatvecConfig:
     next kernel launch once its loop is done, not at its start. `ahead` (plain weights only): each
     loop step loads the next step's x with the next weight tile, and a plain launch reads its
     weights a step ahead too (`matvec_kernel`'s AHEAD). `stages` (plain weights only): loop
-    steps whose loads are in flight at once, as `nf4_stages`."""
+    steps whose loads are in flight at once, as `nf4_stages`. `nf4_whole_blocks` (NF4 tiles of
+    whole blocks; not with `nf4_dot` or `nf4_prefetch`): a step reads each block's first half,
+    then its last half, as two tiles laid out alike, so one thread decodes both halves of its
+    blocks and builds a block's scaled values once, not once per half."""
 
     block_n: int
     block_k: int
@@ -55,6 +58,7 @@ class MatvecConfig:
     nf4_dot: bool = False
     nf4_splits: int = 1
     nf4_pdl_late: bool = False
+    nf4_whole_blocks: bool = False
     ahead: bool = False
     stages: int = 1
 
@@ -385,6 +389,7 @@ def _nf4_matvec_op() -> Any:
         num_warps: int,
         pdl: bool,
         pdl_late: bool,
+        whole_blocks: bool = False,
     ) -> torch.Tensor:
         out_rows = rows[0] if gated else sum(rows)
         out = torch.empty((out_rows,), dtype=x.dtype, device=x.device)
@@ -427,6 +432,7 @@ def _nf4_matvec_op() -> Any:
             DOT=dot,
             SPLITS=splits,
             PDL_LATE=pdl_late,
+            HALVES=2 if whole_blocks and aligned else 1,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
@@ -484,6 +490,7 @@ def nf4_matvec(
         config.num_warps,
         config.pdl,
         config.nf4_pdl_late,
+        config.nf4_whole_blocks,
     )
 
 

@@ -154,6 +154,8 @@ class Projection:
             return False
         if (config.nf4_dot or config.nf4_splits > 1) and not self._dot_and_splits_fit(config):
             return False
+        if config.nf4_whole_blocks and not self._whole_blocks_fit(config):
+            return False
         return all(rows % config.block_n == 0 for rows in self.parts)
 
     def _dot_and_splits_fit(self, config: MatvecConfig) -> bool:
@@ -169,6 +171,13 @@ class Projection:
             return steps
         sixteen_bits = weight.dtype in (torch.bfloat16, torch.float16) or self.device.type != "cuda"
         return aligned and steps and config.block_n >= 16 and sixteen_bits
+
+    def _whole_blocks_fit(self, config: MatvecConfig) -> bool:
+        """A thread decoding whole blocks reads them in two halves of whole words, from tiles of
+        whole blocks, with neither tensor cores nor bytes read a step ahead."""
+        blocksize = self.weight.blocksize
+        aligned = self.columns % blocksize == 0 and config.block_k % blocksize == 0
+        return aligned and blocksize % 16 == 0 and not (config.nf4_dot or config.nf4_prefetch)
 
     def matvec(
         self,
@@ -605,6 +614,7 @@ def describe_choices(model: nn.Module) -> str:
             "NF4 loads pipelined": lambda config: config.nf4_stages > 1,
             "NF4 products summed by tensor cores": lambda config: config.nf4_dot,
             "NF4 columns shared by several programs": lambda config: config.nf4_splits > 1,
+            "NF4 blocks decoded whole by a thread": lambda config: config.nf4_whole_blocks,
         }
         for what, chosen in options.items():
             names = sorted(name for name in MATVECS if chosen(configs[name]))
@@ -634,13 +644,16 @@ def _pick_config(layers: Sequence[nn.Module], name: str, projections: Sequence[d
     on the H200, by 2-24%), else a code at a time; then the fastest with each lookup, its bytes
     prefetched a step ahead, its loads pipelined, or neither (timing every lookup for every
     shape doubled the load's tuning, 18 to 37 s); last, that one against tensor cores summing
-    the products (`NF4_DOT_CONFIGS`). Those variants compute the same values, so one whose
-    output differs from the code at a time's beyond rounding is not taken."""
+    the products (`NF4_DOT_CONFIGS`). With the scaled lookup the shapes of
+    `NF4_WHOLE_BLOCK_CONFIGS` are timed among the first. Those variants compute the same values,
+    so one whose output differs from the code at a time's beyond rounding is not taken."""
     projection = projections[0][name]
     candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if projection.fits(config)]
     nf4 = isinstance(projection.weight, NF4Weight)
     if nf4:
         lookup = "scaled" if projection.weight.scaled_lookup_fits() else "nibble"
+        if lookup == "scaled":
+            candidates += [config for config in NF4_WHOLE_BLOCK_CONFIGS if projection.fits(config)]
         candidates = [dataclasses.replace(config, nf4_lookup=lookup) for config in candidates]
     if not candidates:
         raise ValueError(f"no launch shape fits a projection of parts {projection.parts}")
@@ -675,6 +688,17 @@ def nf4_variants(config: MatvecConfig, projection: Projection) -> list[MatvecCon
 # has 32 row blocks). In the sm_90 build the K loop takes 4.3-4.7 instructions a weight against
 # the FMA shapes' 7.6-9.2 (benchmarks/gpu/sass_per_weight.py).
 NF4_DOT_CONFIGS = tuple(MatvecConfig(64, 256, 4, nf4_dot=True, nf4_splits=splits) for splits in (1, 2, 4, 8))
+
+# NF4 shapes whose threads decode whole blocks (`MatvecConfig.nf4_whole_blocks`): each half
+# tile gives a thread 16 bytes (rows x columns / 4 >= 16 bytes x threads), half a 64-value block,
+# so a thread holds whole blocks and builds each block's scaled values once for its 64 weights.
+# In the sm_90 build a 1.7B gate/up loop of 16 x 512, 4 warps, takes 6.7 instructions a weight
+# and 127 registers, against 7.2 and 239 reading whole-block tiles
+# (benchmarks/gpu/sass_per_weight.py --extra HALVES=2).
+NF4_WHOLE_BLOCK_CONFIGS = tuple(
+    MatvecConfig(*shape, nf4_whole_blocks=True)
+    for shape in ((2, 2048, 2), (4, 2048, 4), (8, 1024, 4), (16, 512, 4), (32, 256, 4), (8, 2048, 8), (16, 1024, 8))
+)
 
 # How a plain-weight matvec may load (`MatvecConfig.ahead`, `stages`): as its loop needs them,
 # x a step ahead with the weights, or pipelined 2 or 3 steps deep (a 2 x 2048 tile and its x

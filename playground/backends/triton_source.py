@@ -383,6 +383,66 @@ def nf4_tile(
 
 
 @triton.jit
+def nf4_tile_halves(
+    packed,
+    packed2,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    table_ptr,
+    pairs_ptr,
+    rows3,
+    block_col,
+    half,
+    half2,
+    ok,
+    ok2,
+    block_ok,
+    dtype: tl.constexpr,
+    K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    LOOKUP: tl.constexpr,
+):
+    """`nf4_tile` of an ALIGNED tile read as two tiles of the same shape, each block's first
+    bytes (`packed` at `half`) and its last (`packed2` at `half2`): the two take the same
+    layout, so a thread holds both halves of its blocks and builds each block's scaled values
+    once for all its weights (with one tile of whole blocks two threads share a block, and each
+    builds them). Returns both tiles' (high, low)."""
+    if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:
+        shape: tl.constexpr = (rows3.shape[0], block_col.shape[1])
+        block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
+        scale_ok = tl.reshape(block_ok, shape)
+        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
+        constraints: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 33
+        packed, low0, low1, low2, low3, high0, high1, high2, high3 = nf4_scaled_operands(packed, scale)
+        planes = [low0, low1, low2, low3, high0, high1, high2, high3]
+        high, low = tl.inline_asm_elementwise(
+            NF4_SCALED_LOOKUP_PTX, constraints, [packed] + planes, dtype=(tl.float32, tl.float32), is_pure=True, pack=4
+        )
+        high2, low2 = tl.inline_asm_elementwise(
+            NF4_SCALED_LOOKUP_PTX,
+            constraints,
+            [packed2.to(tl.uint8)] + planes,
+            dtype=(tl.float32, tl.float32),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        high, low = nf4_tile(
+            packed, absmax_ptr, absmax2_ptr, code2_ptr, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok,
+            block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, True, LOOKUP,
+        )  # fmt: skip
+        high2, low2 = nf4_tile(
+            packed2, absmax_ptr, absmax2_ptr, code2_ptr, offset, table_ptr, pairs_ptr, rows3, block_col, half2, ok2,
+            block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, True, LOOKUP,
+        )  # fmt: skip
+    return high, low, high2, low2
+
+
+@triton.jit
 def nf4_dot_tile(
     packed,
     words,
@@ -489,6 +549,7 @@ def nf4_matvec_kernel(
     DOT: tl.constexpr = False,
     SPLITS: tl.constexpr = 1,
     PDL_LATE: tl.constexpr = False,
+    HALVES: tl.constexpr = 1,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
     rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
@@ -504,7 +565,9 @@ def nf4_matvec_kernel(
     [parts of the result, SPLITS, N] and the last to finish, counted in `counter_ptr` (one per
     row block, zero on entry and left zero), adds them in order and finishes the rows.
     USE_PDL: the next kernel may launch at a program's start, or (PDL_LATE) once its loop is
-    done; a prefetched first step's bytes are read before the wait for the kernel before."""
+    done; a prefetched first step's bytes are read before the wait for the kernel before.
+    HALVES = 2 (ALIGNED, not DOT or PREFETCH): a step's blocks are read as two tiles of half
+    a block each (`nf4_tile_halves`), so a thread decodes whole blocks."""
     dtype = out_ptr.dtype.element_ty
     first = tl.program_id(0) * BLOCK_N
     rows = first + tl.arange(0, BLOCK_N)
@@ -524,13 +587,15 @@ def nf4_matvec_kernel(
     rows3 = local_rows.to(tl.int64)[:, None, None]
     row_ok3 = row_ok[:, None, None]
     blocks = tl.arange(0, TILE_BLOCKS)[None, :, None]
-    inner = tl.arange(0, BLOCK_K // (2 * TILE_BLOCKS))[None, None, :]
-    acc = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.float32)
+    # the bytes of each block a tile holds: all of them, or (HALVES) half, read twice a step
+    BYTES: tl.constexpr = BLOCK_K // (2 * TILE_BLOCKS * HALVES)
+    inner = tl.arange(0, BYTES)[None, None, :]
+    acc = tl.zeros([BLOCK_N, TILE_BLOCKS, BYTES], dtype=tl.float32)
     acc_up = acc
     lanes = tl.arange(0, 16)[None, :]
     acc_dot = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     acc_dot_up = acc_dot
-    ahead = tl.zeros([BLOCK_N, TILE_BLOCKS, BLOCK_K // (2 * TILE_BLOCKS)], dtype=tl.int32)
+    ahead = tl.zeros([BLOCK_N, TILE_BLOCKS, BYTES], dtype=tl.int32)
     ahead_up = ahead
     # this program's share of the columns, in packed bytes; unsplit, known at compile time (a
     # share read from the program id cost the sm_90 FMA loops 4-7% more instructions)
@@ -598,6 +663,34 @@ def nf4_matvec_kernel(
                     ok, block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
                 )  # fmt: skip
                 acc_dot_up = tl.dot(tile, x_tile, acc_dot_up)
+        elif HALVES == 2:
+            half2 = half + BYTES  # each block's last bytes
+            ok2 = row_ok3 & (half2 < K // 2)
+            if LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED:
+                half2_2d = tl.reshape(half2, (half2.shape[1], half2.shape[2]))
+                even2 = matmul_input(x_ptr, norm_ptr, 2 * half2_2d, half2_2d < K // 2, rstd, HAS_NORM)[None, :, :]
+                odd2 = matmul_input(x_ptr, norm_ptr, 2 * half2_2d + 1, half2_2d < K // 2, rstd, HAS_NORM)[None, :, :]
+            else:
+                even2 = matmul_input(x_ptr, norm_ptr, 2 * half2, half2 < K // 2, rstd, HAS_NORM)
+                odd2 = matmul_input(x_ptr, norm_ptr, 2 * half2 + 1, half2 < K // 2, rstd, HAS_NORM)
+            high, low, high2, low2 = nf4_tile_halves(
+                codes, nf4_bytes(packed, rows3, half2, ok2, K), absmax, outer, code, offset, table_ptr, pairs_ptr,
+                rows3, block_col, half, half2, ok, ok2, block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
+            )  # fmt: skip
+            acc += high * even
+            acc += low * odd
+            acc += high2 * even2
+            acc += low2 * odd2
+            if GATED:
+                high, low, high2, low2 = nf4_tile_halves(
+                    codes_up, nf4_bytes(packed1, rows3, half2, ok2, K), absmax1, outer1, code1, offset1, table_ptr,
+                    pairs_ptr, rows3, block_col, half, half2, ok, ok2, block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2,
+                    NESTED, LOOKUP,
+                )  # fmt: skip
+                acc_up += high * even
+                acc_up += low * odd
+                acc_up += high2 * even2
+                acc_up += low2 * odd2
         else:
             high, low = nf4_tile(
                 codes, absmax, outer, code, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok, block_ok,
