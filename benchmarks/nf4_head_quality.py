@@ -4,7 +4,9 @@ weights at 0.36x of bf16 (#20 asks 0.35x) and leaves the head 30% of its NF4 ste
 Measured on the one real checkpoint here, the embedded SmolLM2-135M-Instruct (its Q4_1 GGUF
 dequantized to fp32 by transformers): next-token KL against that fp32 model, teacher-forced
 over real text (the seed model cards and the README), for NF4 layers with the fp32 head (what
-the app loads), NF4 layers and an NF4 head, and fp32 layers with an NF4 head.
+the app loads), NF4 layers and an NF4 head, and fp32 layers with an NF4 head; and the same with
+an int8 head (a scale a row, bitsandbytes' `int8_vectorwise_quant`: half the bf16 head's bytes,
+as llama.cpp's Q4_K_M keeps its output matrix at 6 bits).
 
     .venv/bin/python -m benchmarks.nf4_head_quality --out benchmarks/results/nf4_head_quality_cpu.json
 
@@ -59,7 +61,15 @@ def main() -> None:
     head = reference.lm_head.weight.detach()
     packed, state = bnb_functional.quantize_4bit(head, blocksize=64, quant_type="nf4")
     head_nf4 = bnb_functional.dequantize_4bit(packed, state)
-    ways = ("nf4 layers, fp32 head", "nf4 layers and head", "fp32 layers, nf4 head")
+    rows_int8, row_scales, _ = bnb_functional.int8_vectorwise_quant(head)
+    head_int8 = bnb_functional.int8_vectorwise_dequant(rows_int8, row_scales)
+    ways = (
+        "nf4 layers, fp32 head",
+        "nf4 layers and head",
+        "fp32 layers, nf4 head",
+        "nf4 layers, int8 head",
+        "fp32 layers, int8 head",
+    )
     kls: dict[str, list[np.ndarray]] = {way: [] for way in ways}
     agree: dict[str, list[np.ndarray]] = {way: [] for way in ways}
     with torch.inference_mode():
@@ -68,9 +78,14 @@ def main() -> None:
             hidden = reference.model(ids).last_hidden_state[0]
             hidden_nf4 = quantized.model(ids).last_hidden_state[0]
             logits = reference.lm_head(hidden)
-            for way, variant in zip(
-                ways, (hidden_nf4 @ head.T, hidden_nf4 @ head_nf4.T, hidden @ head_nf4.T), strict=True
-            ):
+            variants = (
+                hidden_nf4 @ head.T,
+                hidden_nf4 @ head_nf4.T,
+                hidden @ head_nf4.T,
+                hidden_nf4 @ head_int8.T,
+                hidden @ head_int8.T,
+            )
+            for way, variant in zip(ways, variants, strict=True):
                 kl, same = compare(logits, variant)
                 kls[way].append(kl)
                 agree[way].append(same)
@@ -81,6 +96,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct, the embedded Q4_1 GGUF dequantized to fp32 (the reference)",
         "texts": [path.name for path in TEXTS],
         "head_relative_error": float((head_nf4 - head).norm() / head.norm()),
+        "int8_head_relative_error": float((head_int8 - head).norm() / head.norm()),
         "ways": {
             way: {
                 "mean_kl": float(np.concatenate(kls[way]).mean()),

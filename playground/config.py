@@ -24,6 +24,8 @@ DEFAULT_CONFIG_DIR = REPO_ROOT / "model_configs"
 
 BackendName = Literal["transformers", "llamacpp", "scratch_gpt", "openai"]
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
 # auto, cpu, cuda (any GPU: the one with the most free memory), or cuda:N (GPU N, as nvml and
 # nvidia-smi number them).
 def _device(value: str) -> str:
@@ -105,12 +107,17 @@ class Quantization(_Strict):
     # Finding them asks the host in every matmul, which a CUDA graph cannot hold; 0 turns the
     # split off, and the int8 step can then take the fast path.
     int8_outlier_threshold: Annotated[float, Field(ge=0.0, le=1000.0)] = BNB_INT8_THRESHOLD
+    # The token embedding and LM head (bitsandbytes leaves them in the compute dtype): "int8"
+    # holds them as int8 rows with a scale each, weight-only (playground/backends/int8_head.py).
+    head: Literal["keep", "int8"] = "keep"
 
     @model_validator(mode="after")
     def _threshold_is_int8s(self) -> Quantization:
         # Compared with the default, not with the fields set: a dumped and re-read config sets all.
         if self.method != "int8" and self.int8_outlier_threshold != BNB_INT8_THRESHOLD:
             raise ValueError("int8_outlier_threshold applies to method int8 only")
+        if self.method == "none" and self.head != "keep":
+            raise ValueError("quantization.head applies with a quantization method (nf4 or int8)")
         return self
 
 
@@ -132,7 +139,9 @@ class CostSpec(_Strict):
     seconds_per_answer: Annotated[float, Field(ge=0)] | None = None
 
     def usd(self, input_tokens: float, output_tokens: float) -> float:
-        return (input_tokens * self.usd_per_million_input_tokens + output_tokens * self.usd_per_million_output_tokens) / 1e6
+        return (
+            input_tokens * self.usd_per_million_input_tokens + output_tokens * self.usd_per_million_output_tokens
+        ) / 1e6
 
 
 class LlamaCppOptions(_Strict):
@@ -310,7 +319,9 @@ class ModelConfig(_Strict):
             )
         if self.speculative and self.speculative.method not in caps.speculative_methods:
             backends = [b for b in CAPABILITIES if self.speculative.method in CAPABILITIES[b].speculative_methods]
-            raise ValueError(f"speculative method {self.speculative.method} applies to the {' and '.join(backends)} backend(s) only")
+            raise ValueError(
+                f"speculative method {self.speculative.method} applies to the {' and '.join(backends)} backend(s) only"
+            )
         if self.speculative and self.speculative.draft_variant == self.id:
             raise ValueError("a variant cannot be its own draft model")
         if self.router and self.router.escalate_route not in self.router.routes:

@@ -264,9 +264,11 @@ def test_quantized_variants_take_the_fastest_path_that_runs(engine, llama_folder
         assert "inside Triton matvecs" in info.decode
 
 
-def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder):
+@pytest.mark.parametrize("head", ["keep", "int8"])
+def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder, head):
     """An NF4 variant computing in fp32: the Triton layers' replies are bitsandbytes' own
-    `generate`'s, token for token (both dequantize the same codes and scales)."""
+    `generate`'s, token for token (both dequantize the same codes and scales); also with the
+    embedding and head in int8 (`quantization.head`), which the compiled step runs as is."""
     pytest.importorskip("bitsandbytes")
     from test_fast_decode import backend_for, reply
 
@@ -278,9 +280,10 @@ def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder):
         source={"path": str(llama_folder)},
         dtype="fp32",
         device="cuda",
-        quantization={"method": "nf4", "double_quant": True, "compute_dtype": "fp32"},
+        quantization={"method": "nf4", "double_quant": True, "compute_dtype": "fp32", "head": head},
     )
     plain, fast = backend_for(nf4, "off"), backend_for(nf4, "auto")
+    assert fast.decode_path.describe().startswith("fast decode: static KV cache + CUDA graph")
     assert fast.decode_path.triton_layers, fast.decode_path.describe()
     params = GenerationParams(max_new_tokens=48, temperature=0.0)
     assert reply(fast, params, mode="completion", text="Hello world") == reply(

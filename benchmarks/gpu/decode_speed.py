@@ -3,8 +3,8 @@
 Per model, one run: every path is loaded in its own worker, as the app loads it, then the paths are
 timed one after another on the same 256-token prompts, so their ratios hold on a noisy machine.
 Paths: plain `generate` (bf16), our fast path (bf16), bitsandbytes NF4 and int8 through whatever
-path the backend picks for them (`nf4-dq`: NF4 with double quant; `int8-t0`: int8 without the
-outlier split), and llama.cpp with CUDA on an F16 GGUF of the same weights, with flash attention
+path the backend picks for them (`nf4-dq`: NF4 with double quant; `nf4-int8-head`: NF4 with the
+embedding and head in int8, `quantization.head`; `int8-t0`: int8 without the outlier split), and llama.cpp with CUDA on an F16 GGUF of the same weights, with flash attention
 (its tools' default on a GPU) and, as `llamacpp-nofa`, without.
 The figures are the app's own per-reply metrics (time to first token, decode tokens/s, the worker's
 peak allocated GPU memory) plus nvml's view of each worker's memory.
@@ -89,7 +89,7 @@ SHAPES = {
     ),
 }  # fmt: skip
 TINY = Shape("tiny", "llama", 64, 2, 4, 2, 16, 128, 600, True, 10_000.0)
-PATHS = ["generate", "fast", "nf4", "nf4-dq", "int8", "int8-t0", "llamacpp", "llamacpp-nofa"]
+PATHS = ["generate", "fast", "nf4", "nf4-dq", "nf4-int8-head", "int8", "int8-t0", "llamacpp", "llamacpp-nofa"]
 
 
 # -- model files ---------------------------------------------------------------------------------
@@ -213,6 +213,8 @@ def variant_for(path: str, shape: Shape, folder: Path, gguf: Path | None, device
         return base | {"dtype": "fp32", "fast_decode": "off", "id": f"{shape.name}-generate-fp32"}
     if path in ("nf4", "int8"):
         return base | {"quantization": {"method": path}}
+    if path == "nf4-int8-head":
+        return base | {"quantization": {"method": "nf4", "head": "int8"}}
     if path == "nf4-dq":  # NF4 with its per-block scales quantized too (bitsandbytes' double quant)
         return base | {"quantization": {"method": "nf4", "double_quant": True}}
     if path == "int8-t0":  # int8 without the outlier split, so the step can be captured
@@ -334,8 +336,10 @@ def bench_model(shape: Shape, paths: list[str], args: argparse.Namespace, bandwi
                 bound = bandwidth / shape.bytes_per_token(mean_context)
                 figures["bound_tok_s"] = bound
                 figures["share_of_bound"] = figures["decode_tok_s"] / bound
-                if path in ("nf4", "nf4-dq", "int8", "int8-t0", "llamacpp", "llamacpp-nofa") and info.weights_bytes:
-                    untied = 0 if shape.tied else shape.vocab * shape.hidden * 2
+                quantized = ("nf4", "nf4-dq", "nf4-int8-head", "int8", "int8-t0", "llamacpp", "llamacpp-nofa")
+                if path in quantized and info.weights_bytes:
+                    row_bytes = 1 if path == "nf4-int8-head" else 2
+                    untied = 0 if shape.tied else shape.vocab * shape.hidden * row_bytes
                     kv = shape.bytes_per_token(mean_context) - shape.bytes_per_token(0)
                     own = bandwidth / (info.weights_bytes - untied + kv)
                     figures["own_bound_tok_s"] = own

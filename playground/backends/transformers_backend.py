@@ -475,6 +475,13 @@ class TransformersBackend(Backend):
         model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
         if quantization is not None:
             notes.append(self._quantization_summary(model))
+        if self.config.quantization.head == "int8":
+            from playground.backends.int8_head import quantize_embedding_and_head
+
+            try:
+                notes.append(quantize_embedding_and_head(model))
+            except ValueError as err:
+                raise LoadError(str(err)) from None
         if self.config.tokenizer is not None:  # an HF folder fine-tuned from a scratch GPT
             from playground.backends.tiktoken_codec import TiktokenCodec
 
@@ -612,7 +619,13 @@ class TransformersBackend(Backend):
                     try:
                         cached = self._score_cached(request, sequences, start)
                         break
-                    except (_CacheIgnored, TypeError, ValueError, AttributeError, RuntimeError):  # a model of its own code
+                    except (
+                        _CacheIgnored,
+                        TypeError,
+                        ValueError,
+                        AttributeError,
+                        RuntimeError,
+                    ):  # a model of its own code
                         if self._scorer is None:
                             break
                         self._drop_scorer()
