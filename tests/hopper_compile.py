@@ -20,6 +20,7 @@ from playground.backends import triton_source
 HOPPER = GPUTarget("cuda", 90, 32)
 BF16 = "*bf16"
 MATVEC_ARGS = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
+MATVEC_ARGS |= {"scale_ptr": "*fp32"}
 NF4_PART = {"packed": "*u8", "absmax": "*u8", "outer": "*fp32", "code": "*fp32", "offset": "fp32"}
 
 
@@ -29,11 +30,21 @@ def layer_work(norm: bool, bias: bool, gated: bool, residual: bool) -> dict:
 
 
 def matvec(
-    norm: bool, bias: bool, gated: bool, residual: bool, pdl: bool = False, ahead: bool = False, stages: int = 1
+    norm: bool,
+    bias: bool,
+    gated: bool,
+    residual: bool,
+    pdl: bool = False,
+    ahead: bool = False,
+    stages: int = 1,
+    int8_rows: bool = False,
 ) -> tuple:
     signature = MATVEC_ARGS | {"N": "i32", "eps": "fp32"}
+    if int8_rows:  # the int8 head: int8 weights, each row's sum scaled
+        signature |= {"w_ptr": "*i8"}
     work = layer_work(norm, bias, gated, residual)
     constants = dict(K=2048, **work, BLOCK_N=8, BLOCK_K=512, USE_PDL=pdl, AHEAD=ahead, STAGES=stages)
+    constants |= dict(ROW_SCALE=int8_rows)
     return triton_source.matvec_kernel, signature, constants
 
 
@@ -211,6 +222,10 @@ VARIANTS = {
     ),  # fmt: skip
     "nf4 o/down, double quant, by nibble, whole blocks": nf4(
         1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1, halves=2, block_n=16
+    ),
+    "matvec int8 head": matvec(norm=False, bias=False, gated=False, residual=False, int8_rows=True),
+    "matvec int8 head, pipelined": matvec(
+        norm=False, bias=False, gated=False, residual=False, int8_rows=True, stages=3
     ),
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),

@@ -284,6 +284,7 @@ def test_nf4_fast_path_matches_bitsandbytes_generate_in_fp32(llama_folder, head)
     )
     plain, fast = backend_for(nf4, "off"), backend_for(nf4, "auto")
     assert fast.decode_path.describe().startswith("fast decode: static KV cache + CUDA graph")
+    assert ("the int8 head in a Triton matvec" in fast.decode_path.describe()) == (head == "int8")
     assert fast.decode_path.triton_layers, fast.decode_path.describe()
     params = GenerationParams(max_new_tokens=48, temperature=0.0)
     assert reply(fast, params, mode="completion", text="Hello world") == reply(

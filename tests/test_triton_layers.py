@@ -214,6 +214,25 @@ def test_tensor_cores_and_split_columns_take_only_shapes_they_can_run():
     assert not unaligned.fits(dot) and unaligned.fits(MatvecConfig(8, 128, 4, nf4_lookup="nibble", nf4_splits=4))
 
 
+@pytest.mark.parametrize(
+    "config",
+    [MatvecConfig(8, 32, 4), MatvecConfig(8, 32, 4, ahead=True), MatvecConfig(16, 64, 4, stages=3)],
+    ids=["plain", "x-ahead", "pipelined"],
+)
+def test_the_matvec_reads_int8_rows_as_bitsandbytes_dequantizes_them(config):
+    """The int8 head's matvec (`quantization.head`): bitsandbytes' vector-wise int8 rows, each
+    row's sum scaled by its absmax / 127, give the dequantized rows' product; 100 columns leave
+    a masked tail, 40 rows a masked row block."""
+    import bitsandbytes.functional as bnb_functional
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(40, 100, generator=generator)
+    rows, absmax, _ = bnb_functional.int8_vectorwise_quant(weight)
+    x = torch.randn(100, generator=generator)
+    expected = bnb_functional.int8_vectorwise_dequant(rows, absmax) @ x
+    torch.testing.assert_close(fused_matvec(x, rows, config, row_absmax=absmax), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_whole_blocks_a_thread_take_only_tiles_of_whole_blocks():
     """A thread decodes whole NF4 blocks only from tiles of whole blocks (two half-block tiles a
     step), and not with tensor cores or bytes read a step ahead; the picker's whole-block shapes

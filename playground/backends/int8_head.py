@@ -62,15 +62,28 @@ class Int8Embedding(nn.Module):
 
 class Int8Head(nn.Module):
     """The LM head over `Int8Rows`: x times the int8 rows in x's dtype, each row's sum scaled, a
-    vocabulary slice at a time."""
+    vocabulary slice at a time. One token's logits on a GPU (a decode step) come from the Triton
+    matvec reading the int8 rows (`fused_matvec` with `row_absmax`), in the launch shape
+    `config` (`triton_layers` times one at load where it installs its layers): a matmul would
+    first write the rows out in the compute dtype."""
 
     def __init__(self, table: Int8Rows) -> None:
         super().__init__()
+        from playground.backends.triton_kernels import MatvecConfig
+
         self.table = table
         self.out_features, self.in_features = table.rows.shape
+        self.config = MatvecConfig(8, 512, 4)
+        self.config_timed = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows, absmax = self.table.rows, self.table.absmax
+        if hidden.is_cuda and hidden.numel() == self.in_features:
+            from playground.backends.triton_kernels import fused_matvec, triton_available
+
+            if triton_available():
+                logits = fused_matvec(hidden.reshape(-1), rows, self.config, row_absmax=absmax)
+                return logits.view(*hidden.shape[:-1], self.out_features)
         slices = []
         for start in range(0, rows.shape[0], HEAD_ROWS_A_SLICE):
             part = slice(start, start + HEAD_ROWS_A_SLICE)

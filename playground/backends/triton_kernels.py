@@ -192,6 +192,7 @@ def _matvec_op() -> Any:
         pdl: bool,
         ahead: bool,
         stages: int,
+        row_absmax: torch.Tensor | None = None,
     ) -> torch.Tensor:
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         out = torch.empty((rows,), dtype=x.dtype, device=x.device)
@@ -202,17 +203,19 @@ def _matvec_op() -> Any:
             x if bias is None else bias,
             x if residual is None else residual,
             out,
+            x if row_absmax is None else row_absmax,
             rows,
             eps,
             K=weight.shape[1],
             AHEAD=ahead,
             STAGES=stages,
+            ROW_SCALE=row_absmax is not None,
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out
 
     @fused_matvec.register_fake
-    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps, pdl, ahead, stages):  # noqa: ANN001, ANN202
+    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps, pdl, ahead, stages, *scale):  # noqa: ANN001, ANN002, ANN202
         rows = weight.shape[0] // 2 if gated else weight.shape[0]
         return x.new_empty((rows,))
 
@@ -227,10 +230,13 @@ def fused_matvec(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gated: bool = False,
+    row_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`weight @ x` for a vector `x` [K], with what the layer does around it: `norm` (an RMSNorm
     module: `weight` and `variance_epsilon`) applied to `x` first, `bias` added, SiLU(gate) * up
-    when `gated` (the weight is gate's rows over up's), then `residual` added. Returns [N]."""
+    when `gated` (the weight is gate's rows over up's), then `residual` added. Returns [N].
+    `row_absmax` [N] (fp32): `weight` is bitsandbytes' vector-wise int8, each row's sum scaled
+    by its absmax / 127."""
     if not torch.compiler.is_compiling():  # registered by the first eager call, before any compile
         _matvec_op()
     norm_weight, eps = _norm_arguments(norm)
@@ -248,6 +254,7 @@ def fused_matvec(
         config.pdl,
         config.ahead,
         config.stages,
+        row_absmax,
     )
 
 

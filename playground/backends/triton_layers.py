@@ -43,6 +43,7 @@ from torch import nn
 from transformers.cache_utils import StaticLayer
 
 from playground.backends import launch_shape_cache
+from playground.backends.int8_head import Int8Head
 from playground.backends.triton_kernels import (
     ATTENTION_CANDIDATES,
     CANDIDATE_CONFIGS,
@@ -366,10 +367,31 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
         model._launch_shapes = {"cache_key": cache_key, "cached": cached, "description": description}
         if pdl_trial:
             model._launch_shapes["pdl_trial"] = pdl_trial
+        with timing_lock(device):
+            _time_int8_head(model)
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
     for index, layer in enumerate(layers):
         layers[index] = FusedDecoderLayer(layer, configs, counters)
     return len(layers)
+
+
+def _time_int8_head(model: nn.Module) -> None:
+    """An int8 head's launch shape (`quantization.head`), timed on its own rows as the layers'
+    are: the fastest shape, then it loading each of `PLAIN_LOADING_WAYS`. Not kept on disk: a
+    few seconds, beside the layers' tens."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, Int8Head) or head.table.rows.device.type != "cuda":
+        return
+    rows, absmax = head.table.rows, head.table.absmax
+    x = torch.randn(rows.shape[1], dtype=head.table.dtype, device=rows.device)
+
+    def run(config: MatvecConfig) -> torch.Tensor:
+        return fused_matvec(x, rows, config, row_absmax=absmax)
+
+    candidates = [config for config in (DEFAULT_CONFIG, *CANDIDATE_CONFIGS) if config.block_k <= 2 * rows.shape[1]]
+    best = _fastest(candidates, run, head.config)
+    head.config = _fastest([plain_loading(best, way) for way in PLAIN_LOADING_WAYS], run, best)
+    head.config_timed = True
 
 
 def _pick_configs(
@@ -625,6 +647,10 @@ def describe_choices(model: nn.Module) -> str:
         choices.append(
             "programmatic dependent launch" + (", NF4 kernels letting the next launch after their loop" if late else "")
         )
+    head = model.get_output_embeddings()
+    if isinstance(head, Int8Head) and head.config_timed:
+        shape = head.config
+        choices.append(f"the int8 head in a Triton matvec ({shape.block_n} x {shape.block_k}, {shape.num_warps} warps)")
     step_ms = getattr(model, "_launch_shapes", {}).get("whole_step_ms")
     if step_ms:
         timed = " against ".join(f"{ms:.3f} ms {label}" for label, ms in step_ms.items())

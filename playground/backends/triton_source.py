@@ -116,6 +116,7 @@ def matvec_kernel(
     bias_ptr,
     res_ptr,
     out_ptr,
+    scale_ptr,
     N,
     eps,
     K: tl.constexpr,  # known when compiled: static loops, and Triton's interpreter needs it so
@@ -128,8 +129,11 @@ def matvec_kernel(
     USE_PDL: tl.constexpr = False,
     AHEAD: tl.constexpr = False,
     STAGES: tl.constexpr = 1,
+    ROW_SCALE: tl.constexpr = False,
 ):
     """out[N] = w[N, K] @ x (gated: w holds gate's N rows over up's), with `finish`'s work.
+    ROW_SCALE (int8 rows, `int8_head`): each row's sum times its absmax at `scale_ptr` and 1/127,
+    as bitsandbytes' vector-wise int8 dequantizes the row.
     `AHEAD`: each loop step also loads the next step's x (normed) with the next weight tile, and
     a plain launch reads its weights a step ahead as a PDL launch does. Why: in the sm_90 build
     the tile loaded ahead lands in the registers of the one in use, so its load waits for the
@@ -196,8 +200,11 @@ def matvec_kernel(
             if GATED:  # the up projection's rows sit N rows below the gate's
                 weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
                 acc_up += weight_up.to(tl.float32) * value
+    total = tl.sum(acc, axis=1)
+    if ROW_SCALE:
+        total = total * tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * 7.874015718698502e-3
     finish(
-        tl.sum(acc, axis=1),
+        total,
         tl.sum(acc_up, axis=1),
         rows,
         row_ok,
