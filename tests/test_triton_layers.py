@@ -251,6 +251,27 @@ def test_whole_blocks_a_thread_take_only_tiles_of_whole_blocks():
         assert config.block_n * config.block_k // 4 == 16 * 32 * config.num_warps, config
 
 
+def test_byte_permutes_give_every_int8_value_as_fp32_exactly():
+    """The int8 head's conversion (`nf4_permute.int8_program`), run instruction by instruction as
+    the GPU runs its PTX: every int8 value in each of the four bytes a call takes gives its own
+    value in fp32, bit for bit; and the PTX the kernel holds is that program."""
+    import random
+    import struct
+
+    from playground.backends import nf4_permute, triton_source
+
+    rng = random.Random(0)
+    program = nf4_permute.int8_program()
+    for position in range(4):
+        for value in range(256):
+            packed = [rng.randrange(256) for _ in range(4)]
+            packed[position] = value
+            expected = [struct.pack("<f", float(byte - 256 if byte > 127 else byte)) for byte in packed]
+            got = nf4_permute.emulate(program, int.from_bytes(bytes(packed), "little"))
+            assert [struct.pack("<I", bits) for bits in got] == expected, packed
+    assert triton_source.INT8_PTX.value == nf4_permute.ptx(program)
+
+
 def test_byte_permutes_give_the_nf4_code_book_value_of_every_code():
     """The register lookup's program (`nf4_permute`), run instruction by instruction as the GPU
     runs its PTX: each code of every byte value, in each of the four bytes a call takes, gives

@@ -173,6 +173,17 @@ def scaled_lookup_inputs(outputs: int = 8, elements: int = 4) -> dict[str, int]:
 SCALED_LOOKUP_INPUTS = scaled_lookup_inputs(8)
 
 
+def int8_program() -> list[Instruction]:
+    """From `in` (four packed int8, byte k of element k) to `out0`..`out3`, each one's value as
+    fp32 bits, exactly: its byte plus 128 (the sign bit flipped) placed under the exponent of
+    2^23, then 2^23 + 128 taken away. A byte permute and a subtraction a value, where the
+    compiler's conversion (`I2F`) runs at a quarter of the multiply-add rate on Hopper."""
+    code: list[Instruction] = [("xor", "offset", "in", 0x80808080, 0), ("mov", "magic", 0x4B000000, 0, 0)]
+    for k in range(4):  # bytes: value k, then 0, 0, 0x4B (byte 7 of magic:offset)
+        code += [("prmt", f"biased{k}", "offset", "magic", 0x7550 | k), ("sub", f"out{k}", f"biased{k}", 0x4B000080, 0)]
+    return code
+
+
 def _prmt(a: int, b: int, selector: int) -> int:
     """PTX `prmt.b32` in its default mode: output byte k is byte (selector nibble k & 7) of
     b:a, or that byte's sign replicated when the nibble's bit 3 is set."""
@@ -206,6 +217,10 @@ def emulate(code: list[Instruction], inputs: int | dict[str, int], outputs: int 
             regs[dst] = value(a) & value(b)
         elif op == "or":
             regs[dst] = value(a) | value(b)
+        elif op == "xor":
+            regs[dst] = value(a) ^ value(b)
+        elif op == "sub":  # fp32, rounded to nearest even, as sub.rn.f32
+            regs[dst] = _bits(float(np.float32(_float(value(a))) - np.float32(_float(value(b)))))
         elif op == "prmt":
             regs[dst] = _prmt(value(a), value(b), value(c))
         elif op == "mul":  # fp32, rounded to nearest even, as mul.rn.f32
@@ -231,7 +246,7 @@ def _bf16_bits(bits: int) -> int:
 def ptx(code: list[Instruction], outputs: int = 4, inputs: dict[str, int] | None = None) -> str:
     """`code` as the body of a Triton `inline_asm_elementwise` call: `outputs` 32-bit results
     ($0, $1, ...) and its inputs' operand numbers (by default one, `in` = ${outputs}: four
-    packed bytes). A multiply's constant is fp32 bits."""
+    packed bytes). A multiply's or subtraction's constant is fp32 bits."""
     inputs = {"in": outputs} if inputs is None else inputs
     names = sorted({dst for _, dst, *_ in code if not dst.startswith("out")})
     operands = {name: f"%nf4_{name}" for name in names} | {f"out{k}": f"${k}" for k in range(outputs)}
@@ -248,8 +263,8 @@ def ptx(code: list[Instruction], outputs: int = 4, inputs: dict[str, int] | None
             lines.append(f"  mov.b32 {text(dst)}, {text(a)};")
         elif op == "prmt":
             lines.append(f"  prmt.b32 {text(dst)}, {text(a)}, {text(b)}, {text(c)};")
-        elif op == "mul":
-            lines.append(f"  mul.rn.f32 {text(dst)}, {text(a)}, {text(b, floating=True)};")
+        elif op in ("mul", "sub"):
+            lines.append(f"  {op}.rn.f32 {text(dst)}, {text(a)}, {text(b, floating=True)};")
         elif op == "cvt":
             lines.append(f"  cvt.rn.bf16x2.f32 {text(dst)}, {text(a)}, {text(b)};")
         else:

@@ -47,6 +47,8 @@ NF4_SCALED_PAIRS_PTX: tl.constexpr = tl.constexpr(
         inputs=nf4_permute.scaled_lookup_inputs(4, elements=1),
     )
 )
+# Four packed int8 weights to fp32 by byte permutes, not the compiler's quarter-rate conversion.
+INT8_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.int8_program()))
 # $2 and $3 rounded to bf16 into one register's upper and lower halves, then each half as fp32 bits.
 BF16_PAIR_ROUND_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .b32 pair; cvt.rn.bf16x2.f32 pair, $2, $3; and.b32 $0, pair, 0xffff0000; shl.b32 $1, pair, 16; }"
@@ -75,6 +77,15 @@ def matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM: tl.constexpr):
         scale = tl.load(norm_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         value = (scale * (value.to(tl.float32) * rstd).to(dtype).to(tl.float32)).to(dtype)
     return value.to(tl.float32)
+
+
+@triton.jit
+def weight_values(weight, INT8_ROWS: tl.constexpr):
+    """A weight tile in fp32; int8 rows (the int8 head) by byte permutes on a GPU
+    (`nf4_permute.int8_program`: exact, as the conversion is)."""
+    if INT8_ROWS and not INTERPRETED:
+        return tl.inline_asm_elementwise(INT8_PTX, "=r,=r,=r,=r,r", [weight], dtype=tl.float32, is_pure=True, pack=4)
+    return weight.to(tl.float32)
 
 
 @triton.jit
@@ -175,11 +186,11 @@ def matvec_kernel(
             weight_ahead = tl.load(w_ptr + row_start + ahead[None, :], mask=in_bounds, other=0.0)
             if AHEAD:
                 value_ahead = matmul_input(x_ptr, norm_ptr, ahead, ahead < K, rstd, HAS_NORM)[None, :]
-            acc += weight.to(tl.float32) * value
+            acc += weight_values(weight, ROW_SCALE) * value
             weight = weight_ahead
             if GATED:
                 weight_up_ahead = tl.load(w_ptr + row_start + N * K + ahead[None, :], mask=in_bounds, other=0.0)
-                acc_up += weight_up.to(tl.float32) * value
+                acc_up += weight_values(weight_up, ROW_SCALE) * value
                 weight_up = weight_up_ahead
             if AHEAD:
                 value = value_ahead
@@ -196,10 +207,10 @@ def matvec_kernel(
             value = matmul_input(x_ptr, norm_ptr, col, col_ok, rstd, HAS_NORM)[None, :]
             in_bounds = row_ok[:, None] & col_ok[None, :]
             weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
-            acc += weight.to(tl.float32) * value
+            acc += weight_values(weight, ROW_SCALE) * value
             if GATED:  # the up projection's rows sit N rows below the gate's
                 weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
-                acc_up += weight_up.to(tl.float32) * value
+                acc_up += weight_values(weight_up, ROW_SCALE) * value
     total = tl.sum(acc, axis=1)
     if ROW_SCALE:
         total = total * tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * 7.874015718698502e-3
