@@ -36,10 +36,16 @@ class Int8Rows(nn.Module):
         super().__init__()
         import bitsandbytes.functional as bnb_functional
 
-        rows, absmax, _ = bnb_functional.int8_vectorwise_quant(weight.detach())
+        dtype = weight.dtype
+        weight = weight.detach()
+        if weight.is_cuda:  # bitsandbytes' CUDA kernel takes fp16 only (its CPU one any float)
+            if weight.abs().max() > torch.finfo(torch.float16).max:
+                raise ValueError("quantization.head int8: the table holds values beyond fp16's range")
+            weight = weight.to(torch.float16)
+        rows, absmax, _ = bnb_functional.int8_vectorwise_quant(weight)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("absmax", absmax.float(), persistent=False)
-        self.dtype = weight.dtype
+        self.dtype = dtype
 
     def dequantized(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Rows `index` in the model's dtype, as bitsandbytes dequantizes them (in its order:
