@@ -294,8 +294,15 @@ def nf4_scaled_operands(packed, scale, WORDS: tl.constexpr = False):
 def nf4_scaled_values(packed, scale):
     """`nf4_values` for bf16 weights with bitsandbytes' code book, on a GPU: each packed byte's
     two values looked up by byte permutes in its block's planes (`nf4_scaled_operands`)."""
+    packed, low0, low1, low2, low3, high0, high1, high2, high3 = nf4_scaled_operands(packed, scale)
+    return nf4_scaled_lookup(packed, low0, low1, low2, low3, high0, high1, high2, high3)
+
+
+@triton.jit
+def nf4_scaled_lookup(packed, low0, low1, low2, low3, high0, high1, high2, high3):
+    """(high, low) of the packed bytes (uint8) looked up in their blocks' planes."""
     constraints: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 33
-    operands = nf4_scaled_operands(packed, scale)
+    operands = [packed, low0, low1, low2, low3, high0, high1, high2, high3]
     return tl.inline_asm_elementwise(
         NF4_SCALED_LOOKUP_PTX, constraints, operands, dtype=(tl.float32, tl.float32), is_pure=True, pack=4
     )
@@ -349,6 +356,27 @@ def nf4_bytes(packed_ptr, rows3, half, ok, K: tl.constexpr):
 
 
 @triton.jit
+def nf4_block_scales(
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    rows3,
+    block_col,
+    block_ok,
+    K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+):
+    """An ALIGNED tile's scales, one a row and block, as [rows, blocks] (`nf4_scale`)."""
+    shape: tl.constexpr = (rows3.shape[0], block_col.shape[1])
+    block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
+    scale_ok = tl.reshape(block_ok, shape)
+    return nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
+
+
+@triton.jit
 def nf4_tile(
     packed,
     absmax_ptr,
@@ -380,10 +408,9 @@ def nf4_tile(
         # Loaded as [rows, blocks] and broadcast over the bytes: then the compiler keeps the
         # decoding in the packed bytes' layout (a [rows, blocks, 1] load gets a layout of its
         # own, and the whole tile was moved into it through shared memory).
-        shape: tl.constexpr = (rows3.shape[0], block_col.shape[1])
-        block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
-        scale_ok = tl.reshape(block_ok, shape)
-        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
+        scale = nf4_block_scales(
+            absmax_ptr, absmax2_ptr, code2_ptr, offset, rows3, block_col, block_ok, K, BLOCKSIZE, BLOCKSIZE2, NESTED
+        )
         if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:
             high, low = nf4_scaled_values(packed, scale)
         else:
@@ -430,24 +457,12 @@ def nf4_tile_halves(
     once for all its weights (with one tile of whole blocks two threads share a block, and each
     builds them). Returns both tiles' (high, low)."""
     if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:
-        shape: tl.constexpr = (rows3.shape[0], block_col.shape[1])
-        block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
-        scale_ok = tl.reshape(block_ok, shape)
-        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, scale_ok, NESTED, BLOCKSIZE2)
-        constraints: tl.constexpr = "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 33
+        scale = nf4_block_scales(
+            absmax_ptr, absmax2_ptr, code2_ptr, offset, rows3, block_col, block_ok, K, BLOCKSIZE, BLOCKSIZE2, NESTED
+        )
         packed, low0, low1, low2, low3, high0, high1, high2, high3 = nf4_scaled_operands(packed, scale)
-        planes = [low0, low1, low2, low3, high0, high1, high2, high3]
-        high, low = tl.inline_asm_elementwise(
-            NF4_SCALED_LOOKUP_PTX, constraints, [packed] + planes, dtype=(tl.float32, tl.float32), is_pure=True, pack=4
-        )
-        high2, low2 = tl.inline_asm_elementwise(
-            NF4_SCALED_LOOKUP_PTX,
-            constraints,
-            [packed2.to(tl.uint8)] + planes,
-            dtype=(tl.float32, tl.float32),
-            is_pure=True,
-            pack=4,
-        )
+        high, low = nf4_scaled_lookup(packed, low0, low1, low2, low3, high0, high1, high2, high3)
+        high2, low2 = nf4_scaled_lookup(packed2.to(tl.uint8), low0, low1, low2, low3, high0, high1, high2, high3)
     else:
         high, low = nf4_tile(
             packed, absmax_ptr, absmax2_ptr, code2_ptr, offset, table_ptr, pairs_ptr, rows3, block_col, half, ok,
@@ -491,10 +506,9 @@ def nf4_dot_tile(
     blocks: tl.constexpr = block_col.shape[1]
     bytes_: tl.constexpr = half.shape[2]
     if LOOKUP == LOOKUP_SCALED and dtype == tl.bfloat16 and not INTERPRETED:  # the kernel reads words then
-        shape: tl.constexpr = (rows, blocks)
-        block = tl.reshape(rows3 * (K // BLOCKSIZE) + block_col, shape)
-        block_ok2 = tl.reshape(block_ok, shape)
-        scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, block_ok2, NESTED, BLOCKSIZE2)
+        scale = nf4_block_scales(
+            absmax_ptr, absmax2_ptr, code2_ptr, offset, rows3, block_col, block_ok, K, BLOCKSIZE, BLOCKSIZE2, NESTED
+        )
         pairs = tl.reshape(tl.permute(nf4_scaled_pairs(words, scale), (0, 2, 1)), (rows, blocks * bytes_))
         even = (pairs & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
         odd = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
