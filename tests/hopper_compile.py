@@ -204,25 +204,18 @@ VARIANTS = {
         }.items()
     },
     # whole blocks a thread, read as two half-block tiles (16 rows: a thread's 16 bytes a half)
-    "nf4 gate/up, scaled, whole blocks": nf4(
-        2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3, halves=2, block_n=16
-    ),
-    "nf4 qkv, scaled, whole blocks, pipelined, PDL": nf4(
-        3,
-        nested=False,
-        norm=True,
-        bias=True,
-        gated=False,
-        residual=False,
-        lookup=3,
-        halves=2,
-        block_n=16,
-        stages=3,
-        pdl=True,
-    ),  # fmt: skip
-    "nf4 o/down, double quant, by nibble, whole blocks": nf4(
-        1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1, halves=2, block_n=16
-    ),
+    **{
+        f"nf4 {case}, whole blocks": nf4(**arguments, halves=2, block_n=16)
+        for case, arguments in {
+            "gate/up, scaled": dict(parts=2, nested=False, norm=True, bias=False, gated=True, residual=False, lookup=3),
+            "qkv, scaled, pipelined, PDL": dict(
+                parts=3, nested=False, norm=True, bias=True, gated=False, residual=False, lookup=3, stages=3, pdl=True
+            ),
+            "o/down, double quant, by nibble": dict(
+                parts=1, nested=True, norm=False, bias=False, gated=False, residual=True, lookup=1
+            ),
+        }.items()
+    },
     "matvec int8 head": matvec(norm=False, bias=False, gated=False, residual=False, int8_rows=True),
     "matvec int8 head, pipelined": matvec(
         norm=False, bias=False, gated=False, residual=False, int8_rows=True, stages=3
