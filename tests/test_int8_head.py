@@ -12,7 +12,8 @@ from playground.backends.transformers_backend import TransformersBackend
 from playground.config import GenerationParams
 from playground.errors import ConfigError
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+# bitsandbytes is imported inside the tests: it imports Triton, and Triton imported before
+# test_triton_layers switches on its interpreter leaves that file's kernels half interpreted.
 
 
 def _config(folder, head: str, method: str = "nf4"):
@@ -37,6 +38,8 @@ def test_an_int8_head_reads_as_bitsandbytes_dequantizes_and_holds_a_quarter_of_f
     Rows read back as bitsandbytes' int8 dequantization of the original weights, the logits are
     those of the dequantized head, the weights shrink by the table's fp32 bytes less its int8
     bytes and scales, and the load line says what was done."""
+    import bitsandbytes.functional as bnb_functional
+
     from playground.backends.int8_head import Int8Embedding, Int8Head
 
     folder = request.getfixturevalue(folder)
