@@ -24,8 +24,6 @@ DEFAULT_CONFIG_DIR = REPO_ROOT / "model_configs"
 
 BackendName = Literal["transformers", "llamacpp", "scratch_gpt", "openai"]
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-
-
 # auto, cpu, cuda (any GPU: the one with the most free memory), or cuda:N (GPU N, as nvml and
 # nvidia-smi number them).
 def _device(value: str) -> str:
@@ -139,9 +137,7 @@ class CostSpec(_Strict):
     seconds_per_answer: Annotated[float, Field(ge=0)] | None = None
 
     def usd(self, input_tokens: float, output_tokens: float) -> float:
-        return (
-            input_tokens * self.usd_per_million_input_tokens + output_tokens * self.usd_per_million_output_tokens
-        ) / 1e6
+        return (input_tokens * self.usd_per_million_input_tokens + output_tokens * self.usd_per_million_output_tokens) / 1e6
 
 
 class LlamaCppOptions(_Strict):
@@ -319,9 +315,7 @@ class ModelConfig(_Strict):
             )
         if self.speculative and self.speculative.method not in caps.speculative_methods:
             backends = [b for b in CAPABILITIES if self.speculative.method in CAPABILITIES[b].speculative_methods]
-            raise ValueError(
-                f"speculative method {self.speculative.method} applies to the {' and '.join(backends)} backend(s) only"
-            )
+            raise ValueError(f"speculative method {self.speculative.method} applies to the {' and '.join(backends)} backend(s) only")
         if self.speculative and self.speculative.draft_variant == self.id:
             raise ValueError("a variant cannot be its own draft model")
         if self.router and self.router.escalate_route not in self.router.routes:

@@ -4,8 +4,9 @@ Per model, one run: every path is loaded in its own worker, as the app loads it,
 timed one after another on the same 256-token prompts, so their ratios hold on a noisy machine.
 Paths: plain `generate` (bf16), our fast path (bf16), bitsandbytes NF4 and int8 through whatever
 path the backend picks for them (`nf4-dq`: NF4 with double quant; `nf4-int8-head`: NF4 with the
-embedding and head in int8, `quantization.head`; `int8-t0`: int8 without the outlier split), and llama.cpp with CUDA on an F16 GGUF of the same weights, with flash attention
-(its tools' default on a GPU) and, as `llamacpp-nofa`, without.
+embedding and head in int8, `quantization.head`; `int8-t0`: int8 without the outlier split), and
+llama.cpp with CUDA on an F16 GGUF of the same weights, with flash attention (its tools' default
+on a GPU) and, as `llamacpp-nofa`, without.
 The figures are the app's own per-reply metrics (time to first token, decode tokens/s, the worker's
 peak allocated GPU memory) plus nvml's view of each worker's memory.
 

@@ -619,13 +619,7 @@ class TransformersBackend(Backend):
                     try:
                         cached = self._score_cached(request, sequences, start)
                         break
-                    except (
-                        _CacheIgnored,
-                        TypeError,
-                        ValueError,
-                        AttributeError,
-                        RuntimeError,
-                    ):  # a model of its own code
+                    except (_CacheIgnored, TypeError, ValueError, AttributeError, RuntimeError):  # a model of its own code
                         if self._scorer is None:
                             break
                         self._drop_scorer()

@@ -428,6 +428,24 @@ def nf4_tile(
 
 
 @triton.jit
+def nf4_x_pair(x_ptr, norm_ptr, half, rstd, K: tl.constexpr, HAS_NORM: tl.constexpr, LOOKUP: tl.constexpr):
+    """x at the even and odd columns of packed bytes `half` ([1, blocks, bytes]), as the matmul
+    sees it (`matmul_input`). For the register lookups, a [blocks, bytes] load broadcast over
+    the rows, for the reason the scales are (`nf4_tile`): only these small tiles change layout,
+    not the weights'."""
+    if LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED:
+        flat = tl.reshape(half, (half.shape[1], half.shape[2]))
+        flat_ok = flat < K // 2
+        even = matmul_input(x_ptr, norm_ptr, 2 * flat, flat_ok, rstd, HAS_NORM)[None, :, :]
+        odd = matmul_input(x_ptr, norm_ptr, 2 * flat + 1, flat_ok, rstd, HAS_NORM)[None, :, :]
+    else:
+        half_ok = half < K // 2
+        even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
+        odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
+    return even, odd
+
+
+@triton.jit
 def nf4_tile_halves(
     packed,
     packed2,
@@ -664,16 +682,7 @@ def nf4_matvec_kernel(
             codes_up = codes
             if GATED:
                 codes_up = nf4_bytes(packed1, rows3, half, ok, K)
-        if LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED:
-            # x as a [blocks, bytes] load broadcast over the rows, for the reason the scales are
-            # (`nf4_tile`): only these small tiles change layout, not the weights'
-            half2 = tl.reshape(half, (half.shape[1], half.shape[2]))
-            half2_ok = half2 < K // 2
-            even = matmul_input(x_ptr, norm_ptr, 2 * half2, half2_ok, rstd, HAS_NORM)[None, :, :]
-            odd = matmul_input(x_ptr, norm_ptr, 2 * half2 + 1, half2_ok, rstd, HAS_NORM)[None, :, :]
-        else:
-            even = matmul_input(x_ptr, norm_ptr, 2 * half, half_ok, rstd, HAS_NORM)
-            odd = matmul_input(x_ptr, norm_ptr, 2 * half + 1, half_ok, rstd, HAS_NORM)
+        even, odd = nf4_x_pair(x_ptr, norm_ptr, half, rstd, K, HAS_NORM, LOOKUP)
         block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
         if DOT:
             columns = dot_columns(2 * start, BLOCK_K, TILE_BLOCKS, BLOCKSIZE)
@@ -698,13 +707,7 @@ def nf4_matvec_kernel(
         elif HALVES == 2:
             half2 = half + BYTES  # each block's last bytes
             ok2 = row_ok3 & (half2 < K // 2)
-            if LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED:
-                half2_2d = tl.reshape(half2, (half2.shape[1], half2.shape[2]))
-                even2 = matmul_input(x_ptr, norm_ptr, 2 * half2_2d, half2_2d < K // 2, rstd, HAS_NORM)[None, :, :]
-                odd2 = matmul_input(x_ptr, norm_ptr, 2 * half2_2d + 1, half2_2d < K // 2, rstd, HAS_NORM)[None, :, :]
-            else:
-                even2 = matmul_input(x_ptr, norm_ptr, 2 * half2, half2 < K // 2, rstd, HAS_NORM)
-                odd2 = matmul_input(x_ptr, norm_ptr, 2 * half2 + 1, half2 < K // 2, rstd, HAS_NORM)
+            even2, odd2 = nf4_x_pair(x_ptr, norm_ptr, half2, rstd, K, HAS_NORM, LOOKUP)
             high, low, high2, low2 = nf4_tile_halves(
                 codes, nf4_bytes(packed, rows3, half2, ok2, K), absmax, outer, code, offset, table_ptr, pairs_ptr,
                 rows3, block_col, half, half2, ok, ok2, block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
