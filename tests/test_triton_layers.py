@@ -775,6 +775,21 @@ def test_the_pickers_trials_read_every_layer_s_own_weights_and_cache(llama_folde
     assert not counters.any()
 
 
+def test_the_attention_trial_computes_in_the_model_s_dtype_past_int8_and_nf4_tables(llama_folder):
+    """With NF4 layers and the embedding in int8 (`quantization.head`) the model's first
+    parameter is a layer's NF4 bytes: the attention picker's trial still runs in the compute
+    dtype (on the H200 it once made its random cache in uint8 and the load fell back to eager)."""
+    from playground.backends.int8_head import quantize_embedding_and_head
+
+    model = _fused_model(llama_folder, "nf4")
+    remove_fused_layers(model)
+    quantize_embedding_and_head(model)
+    assert next(model.parameters()).dtype == torch.uint8
+    counters = attention_counters(model.config.num_attention_heads, "cpu")
+    out = triton_layers.attention_trial(model, (5,), counters)(AttentionConfig(4, 4))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_multi_token_passes_and_removal_give_the_model_s_own_layers(llama_folder):
     model = _fused_model(llama_folder)
     ids = torch.tensor([[3, 14, 15, 9, 26, 5]])

@@ -761,11 +761,13 @@ def attention_trial(
     memory."""
     from types import SimpleNamespace
 
-    parameter = next(model.parameters())
+    # The compute dtype: the first floating-point parameter's. Not simply the first parameter's:
+    # with `quantization.head: int8` the embedding holds none, and the first is a layer's NF4 bytes.
+    parameter = next(parameter for parameter in model.parameters() if parameter.is_floating_point())
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    device, dtype = parameter.device, parameter.dtype  # the input embedding's: never quantized
+    device, dtype = parameter.device, parameter.dtype
     capacity = max(positions) + 1
     qkv = torch.randn((q_heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     angles = (torch.ones(1, 1, head_dim, device=device, dtype=dtype),) * 2
