@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.gpu.profile_step import busy_us, step_roles, token_breakdown
+from benchmarks.gpu.profile_step import busy_us, exclusive_us, step_roles, token_breakdown
 
 LAYERS = 2
 
@@ -36,8 +36,10 @@ def test_a_step_s_kernels_take_their_roles_by_order():
         step_roles(names[:-3], LAYERS)
 
 
-def test_busy_time_is_the_union_of_the_kernels_intervals():
-    assert busy_us([(0, 10), (8, 18), (30, 35), (31, 33)]) == 23
+def test_each_kernel_is_charged_the_time_it_added_and_the_charges_make_the_busy_time():
+    intervals = [(0, 10), (8, 18), (30, 35), (31, 33)]
+    assert exclusive_us(intervals) == [10, 8, 5, 0]
+    assert busy_us(list(reversed(intervals))) == 23
     assert busy_us([]) == 0
 
 
@@ -50,16 +52,22 @@ def test_a_token_s_time_by_role_busy_and_overlap():
     per_step = 1 + 5 * LAYERS + 2
     assert breakdown["kernels_per_token"] == per_step
     roles = breakdown["roles"]
+    # each kernel runs 10 µs, but the one before it ends 2 µs into it: it added 8
     assert roles["qkv"] == {
         "us_per_token": 10 * LAYERS,
+        "added_us_per_token": 8 * LAYERS,
         "kernels_per_token": LAYERS,
         "us_per_layer": 10,
+        "added_us_per_layer": 8,
         "kernel_names": ["nf4_matvec_kernel"],
     }
-    assert roles["other"]["us_per_token"] == 20 and roles["other"]["us_per_layer"] is None
+    # the embedding, first, added all of its 10 µs
+    assert roles["other"]["us_per_token"] == 20 and roles["other"]["added_us_per_token"] == 18
+    assert roles["other"]["us_per_layer"] is None
     assert roles["head"]["kernel_names"] == ["matvec_kernel"]
     # 13 kernels of 10 µs, each starting 8 µs after the one before: busy 8 * 12 + 10
     assert breakdown["kernel_us_per_token"] == 10 * per_step
     assert breakdown["busy_us_per_token"] == 8 * (per_step - 1) + 10
+    assert sum(role["added_us_per_token"] for role in roles.values()) == breakdown["busy_us_per_token"]
     with pytest.raises(ValueError, match="sequences differ"):
         token_breakdown(kernels[:-1], steps, LAYERS)  # a kernel missing: the steps come out wrong

@@ -59,23 +59,30 @@ def step_roles(names: Sequence[str], layers: int) -> list[str]:
     return roles
 
 
+def exclusive_us(intervals: Sequence[tuple[float, float]]) -> list[float]:
+    """Each (start, end) interval's time past the end of all those that started before it
+    (in start order). Under programmatic dependent launch a kernel starts, and waits, while
+    the one before still runs: this charges each kernel only for the time it added, and the
+    charges add up to the time some kernel ran (`busy_us`)."""
+    charges, reach = [], float("-inf")
+    for start, end in intervals:
+        charges.append(max(0.0, end - max(start, reach)))
+        reach = max(reach, end)
+    return charges
+
+
 def busy_us(intervals: Sequence[tuple[float, float]]) -> float:
     """The length of the union of (start, end) intervals: the time some kernel ran."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end <= reach:
-            continue
-        total += end - max(start, reach)
-        reach = end
-    return total
+    return sum(exclusive_us(sorted(intervals)))
 
 
 def token_breakdown(kernels: Sequence[tuple[str, float, float]], steps: int, layers: int) -> dict[str, Any]:
     """Per token, from the profiled kernels of `steps` replays ((name, start µs, end µs), any
-    order): each role's µs (their own durations) and kernels, the busy time (`busy_us`), and
-    the sum of the kernels' own times. Kernels before the first step (the replays' start
-    position written into the step's buffer) are left out, as many as keep the rest from
-    splitting into `steps` equal steps, and named under "left_out"."""
+    order): each role's µs, as the kernels' own durations ("us_per_token") and as the time
+    they added (`exclusive_us`, "added_us_per_token"), and its kernels; the busy time (the
+    added times' sum) and the sum of the kernels' own times. Kernels before the first step
+    (the replays' start position written into the step's buffer) are left out, as many as keep
+    the rest from splitting into `steps` equal steps, and named under "left_out"."""
     kernels = sorted(kernels, key=lambda kernel: kernel[1])
     if len(kernels) < steps:
         raise ValueError(f"{len(kernels)} kernels for {steps} steps")
@@ -87,34 +94,39 @@ def token_breakdown(kernels: Sequence[tuple[str, float, float]], steps: int, lay
     }
     if len(sequences) > 1:  # every replay runs the same kernels: the split is off
         raise ValueError(f"{len(kernels)} kernels in {steps} steps: the steps' kernel sequences differ")
-    role_us: dict[str, list[float]] = defaultdict(list)
-    busy, own, names = [], [], {}
+    roles = step_roles([name for name, _, _ in kernels[:per_step]], layers)
+    added = exclusive_us([(start, end) for _, start, end in kernels])
+    own_us: dict[str, list[float]] = defaultdict(list)
+    added_us: dict[str, list[float]] = defaultdict(list)
+    busy, own, names = [], [], defaultdict(set)
     for step in range(steps):
-        chunk = kernels[step * per_step : (step + 1) * per_step]
-        roles = step_roles([name for name, _, _ in chunk], layers)
-        totals: dict[str, float] = defaultdict(float)
-        for role, (name, start, end) in zip(roles, chunk, strict=True):
-            totals[role] += end - start
-            names.setdefault(role, set()).add(name)
-        for role, us in totals.items():
-            role_us[role].append(us)
-        busy.append(busy_us([(start, end) for _, start, end in chunk]))
-        own.append(sum(end - start for _, start, end in chunk))
-    counts = defaultdict(int)
-    for role in step_roles([name for name, _, _ in kernels[:per_step]], layers):
-        counts[role] += 1
-    roles = {
-        role: {
-            "us_per_token": statistics.median(values),
-            "kernels_per_token": counts[role],
-            "us_per_layer": statistics.median(values) / layers if role in (*LAYER_MATVECS, "attention") else None,
+        at = slice(step * per_step, (step + 1) * per_step)
+        own_totals: dict[str, float] = defaultdict(float)
+        added_totals: dict[str, float] = defaultdict(float)
+        for role, (name, start, end), charge in zip(roles, kernels[at], added[at], strict=True):
+            own_totals[role] += end - start
+            added_totals[role] += charge
+            names[role].add(name)
+        for role in own_totals:
+            own_us[role].append(own_totals[role])
+            added_us[role].append(added_totals[role])
+        busy.append(sum(added[at]))
+        own.append(sum(end - start for _, start, end in kernels[at]))
+    per_layer = (*LAYER_MATVECS, "attention")
+    breakdown = {}
+    for role in own_us:
+        mine, extra = statistics.median(own_us[role]), statistics.median(added_us[role])
+        breakdown[role] = {
+            "us_per_token": mine,
+            "added_us_per_token": extra,
+            "kernels_per_token": roles.count(role),
+            "us_per_layer": mine / layers if role in per_layer else None,
+            "added_us_per_layer": extra / layers if role in per_layer else None,
             "kernel_names": sorted(names[role])[:4],
         }
-        for role, values in role_us.items()
-    }
     return {
         "kernels_per_token": per_step,
-        "roles": roles,
+        "roles": breakdown,
         "busy_us_per_token": statistics.median(busy),
         "kernel_us_per_token": statistics.median(own),
         "left_out": left_out,
@@ -193,7 +205,7 @@ def print_table(shape_name: str, results: dict[str, dict[str, Any]]) -> None:
             print(f"{shape_name} {path}: {result.get('error')}")
     if not paths:
         return
-    print(f"\n{shape_name}: µs a token (a layer)")
+    print(f"\n{shape_name}: µs a token, the kernels' own / the time they added")
     print(f"{'':22}" + "".join(f"{path:>22}" for path in paths))
     for role in roles:
         cells = []
@@ -202,8 +214,7 @@ def print_table(shape_name: str, results: dict[str, dict[str, Any]]) -> None:
             if entry is None:
                 cells.append(f"{'-':>22}")
                 continue
-            layer = f" ({entry['us_per_layer']:.2f})" if entry["us_per_layer"] is not None else ""
-            cells.append(f"{entry['us_per_token']:>12.1f}{layer:>10}")
+            cells.append(f"{entry['us_per_token']:>11.1f} / {entry['added_us_per_token']:<8.1f}")
         print(f"{role:22}" + "".join(cells))
     for label, key in (
         ("kernels' own sum", "kernel_us_per_token"),
