@@ -65,6 +65,7 @@ def nf4(
     pdl_late: bool = False,
     halves: int = 1,
     block_n: int = 8,
+    x_words: bool = True,  # bf16 x at an aligned address, as on the GPU
 ) -> tuple:
     signature = {name: BF16 for name in ("x_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature |= {"table_ptr": "*fp32", "pairs_ptr": "*i64"}
@@ -99,6 +100,7 @@ def nf4(
         SPLITS=splits,
         PDL_LATE=pdl_late,
         HALVES=halves,
+        X_WORDS=x_words,
     )
     return triton_source.nf4_matvec_kernel, signature, constants
 

@@ -434,6 +434,43 @@ def test_nf4_matvec_weights_round_to_bf16_as_bitsandbytes_dequantizes(lookup):
         assert not packed.counters.any()  # left at zero for the next launch
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["qkv", "gate-up"])
+def test_nf4_matvec_reads_x_in_pairs_as_a_column_at_a_time(gated):
+    """bf16 x and norm at word-aligned addresses: the register lookups' kernel reads each
+    byte's two columns as one word, normalises them and packs them again by PTX (`X_WORDS`);
+    a copy of x at an odd address is read a column at a time. Both give the same bits."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    from playground.backends.triton_kernels import MatvecConfig, NF4Weight, _pairs_readable, nf4_matvec
+
+    rows, columns = 64, 512
+    generator = torch.Generator().manual_seed(4)
+    linears = []
+    for _ in range(2 if gated else 1):
+        linear = bnb.nn.Linear4bit(columns, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        weight = torch.randn(rows, columns, generator=generator).to(torch.bfloat16)
+        linear.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        linears.append(linear.to("cuda"))
+    packed = NF4Weight.of(linears)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(columns).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(columns, generator=generator))
+        x = (torch.randn(columns, generator=generator) * 3).to(torch.bfloat16).cuda()
+        unaligned = torch.empty(columns + 1, dtype=torch.bfloat16, device="cuda")[1:]
+        unaligned.copy_(x)
+        assert _pairs_readable(x, norm.weight) and not _pairs_readable(unaligned, norm.weight)
+        for config in (
+            MatvecConfig(8, 256, 4, nf4_lookup="scaled"),
+            MatvecConfig(16, 512, 4, nf4_lookup="scaled", nf4_whole_blocks=True),
+            MatvecConfig(8, 256, 4, nf4_lookup="registers", nf4_stages=3),
+        ):
+            pairs = nf4_matvec(x, packed, config, norm=norm, gated=gated)
+            single = nf4_matvec(unaligned, packed, config, norm=norm, gated=gated)
+            assert torch.equal(pairs, single), config
+
+
 # -- token-level divergence on the GPU -----------------------------------------------------------
 def test_gpu_variants_are_diffed_against_a_cpu_reference_and_give_a_token_view(engine, llama_folder):
     """The fast-path bf16 and the NF4 forms read the fp32 CPU reference's answer teacher-forced;

@@ -190,6 +190,60 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
     assert not packed.counters.any()
 
 
+@pytest.mark.parametrize("case", ["qkv-norm-and-bias", "gated", "residual"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="scaled"),
+        MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="registers", nf4_stages=3),
+        MatvecConfig(block_n=8, block_k=128, num_warps=4, nf4_lookup="scaled", nf4_whole_blocks=True),
+    ],
+    ids=["scaled", "registers-pipelined", "scaled-whole-blocks"],
+)
+def test_bf16_x_read_in_pairs_gives_what_x_read_a_column_at_a_time_gives(case, config):
+    """bf16 x (and the norm's weight) at a word-aligned address: the register lookups' kernel
+    reads, normalises and moves each byte's two columns as one word (`X_WORDS`). The same x a
+    column at a time (a copy at an odd address, where a word cannot be read) gives the same
+    sums; both are near the layer's own arithmetic (the interpreter truncates to bf16 where
+    torch rounds, and gate times up compounds it: hence a tolerance of 5% of the largest output;
+    a column out of place is far off)."""
+    from playground.backends.triton_kernels import _pairs_readable
+
+    columns = 192
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(columns, generator=generator).to(torch.bfloat16)
+    unaligned = torch.empty(columns + 1, dtype=torch.bfloat16)[1:]
+    unaligned.copy_(x)
+    norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(torch.bfloat16))
+    assert _pairs_readable(x, norm.weight) and not _pairs_readable(unaligned, norm.weight)
+    assert not _pairs_readable(x.to(torch.float16), None)
+    shapes = {"qkv-norm-and-bias": [(32, columns), (16, columns), (16, columns)], "gated": [(24, columns)] * 2}
+    linears = _nf4_linears(shapes.get(case, [(24, columns)]), torch.bfloat16, nested=False)
+    weights = [_dequantized(linear) for linear in linears]
+    packed = NF4Weight.of(linears)
+    bias = torch.randn(64, generator=generator).to(torch.bfloat16)
+    residual = torch.randn(24, generator=generator).to(torch.bfloat16)
+    with torch.no_grad():
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if case == "qkv-norm-and-bias":
+                return nf4_matvec(x, packed, config, norm=norm, bias=bias)
+            if case == "gated":
+                return nf4_matvec(x, packed, config, norm=norm, gated=True)
+            return nf4_matvec(x, packed, config, residual=residual)
+
+        if case == "qkv-norm-and-bias":
+            expected = F.linear(norm(x), torch.cat(weights), bias)
+        elif case == "gated":
+            expected = F.silu(F.linear(norm(x), weights[0])) * F.linear(norm(x), weights[1])
+        else:
+            expected = residual + F.linear(x, weights[0])
+        pairs, single = run(x), run(unaligned)
+    torch.testing.assert_close(pairs, single, atol=0, rtol=0)
+    scale = expected.float().abs().max().item()  # gate times up cancels near zero: a share of the largest
+    torch.testing.assert_close(pairs.float(), expected.float(), atol=0.05 * scale, rtol=0)
+
+
 def test_tensor_cores_and_split_columns_take_only_shapes_they_can_run():
     """The picker offers tensor cores for whole NF4 blocks a tile and 16 rows or more, and
     splits its columns only in whole loop steps, a power of two of shares."""

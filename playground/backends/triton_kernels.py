@@ -357,6 +357,13 @@ def nf4_parts_match(linears: list[nn.Module]) -> str:
     return ""
 
 
+def _pairs_readable(x: torch.Tensor, norm_weight: torch.Tensor | None) -> bool:
+    """Whether the NF4 kernel may read x (and the norm's weight) a bf16 pair a 4-byte word:
+    bf16, and each at an address a word divides (a view may start at any element)."""
+    tensors = [x] if norm_weight is None else [x, norm_weight]
+    return all(tensor.dtype == torch.bfloat16 and tensor.data_ptr() % 4 == 0 for tensor in tensors)
+
+
 @functools.cache
 def _nf4_matvec_op() -> Any:
     """The NF4 matvec kernel's torch op, made at first use (see the module's note)."""
@@ -440,6 +447,7 @@ def _nf4_matvec_op() -> Any:
             SPLITS=splits,
             PDL_LATE=pdl_late,
             HALVES=2 if whole_blocks and aligned else 1,
+            X_WORDS=_pairs_readable(x, norm_weight),
             **_matvec_options(norm_weight, bias, residual, gated, block_n, block_k, num_warps, pdl),
         )
         return out

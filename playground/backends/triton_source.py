@@ -49,6 +49,9 @@ NF4_SCALED_PAIRS_PTX: tl.constexpr = tl.constexpr(
 )
 # Four packed int8 weights to fp32 by byte permutes, not the compiler's quarter-rate conversion.
 INT8_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.int8_program()))
+# $1 and $2 rounded to bf16 into one register's upper and lower halves: a bf16 pair as memory
+# holds x's columns 2i + 1 and 2i.
+BF16_PACK_PTX: tl.constexpr = tl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $2;")
 # $2 and $3 rounded to bf16 into one register's upper and lower halves, then each half as fp32 bits.
 BF16_PAIR_ROUND_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .b32 pair; cvt.rn.bf16x2.f32 pair, $2, $3; and.b32 $0, pair, 0xffff0000; shl.b32 $1, pair, 16; }"
@@ -428,12 +431,54 @@ def nf4_tile(
 
 
 @triton.jit
-def nf4_x_pair(x_ptr, norm_ptr, half, rstd, K: tl.constexpr, HAS_NORM: tl.constexpr, LOOKUP: tl.constexpr):
+def bf16_pack(even, odd):
+    """`even` and `odd` (fp32) rounded to bf16 as one int32, `odd` in the upper half."""
+    if INTERPRETED:  # no PTX there
+        low = even.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        return (odd.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16) | low
+    return tl.inline_asm_elementwise(BF16_PACK_PTX, "=r,f,f", [odd, even], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def x_words(x_ptr, norm_ptr, flat, flat_ok, rstd, HAS_NORM: tl.constexpr):
+    """bf16 x at packed bytes `flat` as the matmul sees it (`matmul_input`), each byte's two
+    columns as one int32 (the even column's in the lower half), as x and the norm's weight
+    are stored: one load a pair, and one word to move where a thread's tile needs it."""
+    words = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + flat, mask=flat_ok, other=0)
+    if HAS_NORM:
+        scales = tl.load(norm_ptr.to(tl.pointer_type(tl.int32)) + flat, mask=flat_ok, other=0)
+        even = (words << 16).to(tl.float32, bitcast=True) * rstd
+        odd = (words & -65536).to(tl.float32, bitcast=True) * rstd
+        even = (scales << 16).to(tl.float32, bitcast=True) * even.to(tl.bfloat16).to(tl.float32)
+        odd = (scales & -65536).to(tl.float32, bitcast=True) * odd.to(tl.bfloat16).to(tl.float32)
+        words = bf16_pack(even, odd)
+    return words
+
+
+@triton.jit
+def nf4_x_pair(
+    x_ptr,
+    norm_ptr,
+    half,
+    rstd,
+    K: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    LOOKUP: tl.constexpr,
+    X_WORDS: tl.constexpr = False,
+):
     """x at the even and odd columns of packed bytes `half` ([1, blocks, bytes]), as the matmul
     sees it (`matmul_input`). For the register lookups, a [blocks, bytes] load broadcast over
     the rows, for the reason the scales are (`nf4_tile`): only these small tiles change layout,
-    not the weights'."""
-    if LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED:
+    not the weights'. X_WORDS (bf16 x and norm weight, 4-byte aligned): a byte's two columns
+    are read, normalised and moved into the tile's layout as one word (`x_words`), and split
+    there: the sm_90 loops then take one exchange through shared memory a step, not two (two
+    barriers, not four), and 4-10% fewer instructions."""
+    if X_WORDS and (LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED):
+        flat = tl.reshape(half, (half.shape[1], half.shape[2]))
+        words = x_words(x_ptr, norm_ptr, flat, flat < K // 2, rstd, HAS_NORM)[None, :, :]
+        even = (words << 16).to(tl.float32, bitcast=True)
+        odd = (words & -65536).to(tl.float32, bitcast=True)
+    elif LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED:
         flat = tl.reshape(half, (half.shape[1], half.shape[2]))
         flat_ok = flat < K // 2
         even = matmul_input(x_ptr, norm_ptr, 2 * flat, flat_ok, rstd, HAS_NORM)[None, :, :]
@@ -600,6 +645,7 @@ def nf4_matvec_kernel(
     SPLITS: tl.constexpr = 1,
     PDL_LATE: tl.constexpr = False,
     HALVES: tl.constexpr = 1,
+    X_WORDS: tl.constexpr = False,
 ):
     """out[N] from up to three NF4 weights of K columns stacked (q, k, v: `rows0`, `rows1`
     rows, then the rest), each read in bitsandbytes' own layout, with `finish`'s work. GATED:
@@ -617,7 +663,8 @@ def nf4_matvec_kernel(
     USE_PDL: the next kernel may launch at a program's start, or (PDL_LATE) once its loop is
     done; a prefetched first step's bytes are read before the wait for the kernel before.
     HALVES = 2 (ALIGNED, not DOT or PREFETCH): a step's blocks are read as two tiles of half
-    a block each (`nf4_tile_halves`), so a thread decodes whole blocks."""
+    a block each (`nf4_tile_halves`), so a thread decodes whole blocks. X_WORDS: x's columns
+    read in pairs (`nf4_x_pair`)."""
     dtype = out_ptr.dtype.element_ty
     first = tl.program_id(0) * BLOCK_N
     rows = first + tl.arange(0, BLOCK_N)
@@ -682,7 +729,7 @@ def nf4_matvec_kernel(
             codes_up = codes
             if GATED:
                 codes_up = nf4_bytes(packed1, rows3, half, ok, K)
-        even, odd = nf4_x_pair(x_ptr, norm_ptr, half, rstd, K, HAS_NORM, LOOKUP)
+        even, odd = nf4_x_pair(x_ptr, norm_ptr, half, rstd, K, HAS_NORM, LOOKUP, X_WORDS)
         block_ok = row_ok3 & (block_col < K // BLOCKSIZE)
         if DOT:
             columns = dot_columns(2 * start, BLOCK_K, TILE_BLOCKS, BLOCKSIZE)
@@ -707,7 +754,7 @@ def nf4_matvec_kernel(
         elif HALVES == 2:
             half2 = half + BYTES  # each block's last bytes
             ok2 = row_ok3 & (half2 < K // 2)
-            even2, odd2 = nf4_x_pair(x_ptr, norm_ptr, half2, rstd, K, HAS_NORM, LOOKUP)
+            even2, odd2 = nf4_x_pair(x_ptr, norm_ptr, half2, rstd, K, HAS_NORM, LOOKUP, X_WORDS)
             high, low, high2, low2 = nf4_tile_halves(
                 codes, nf4_bytes(packed, rows3, half2, ok2, K), absmax, outer, code, offset, table_ptr, pairs_ptr,
                 rows3, block_col, half, half2, ok, ok2, block_ok, dtype, K, BLOCKSIZE, BLOCKSIZE2, NESTED, LOOKUP,
