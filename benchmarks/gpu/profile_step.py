@@ -172,7 +172,8 @@ def profile_path(shape_name: str, path: str, folder: Path, steps: int) -> dict[s
             end.record()
             end.synchronize()
             walls.append(start.elapsed_time(end) * 1000 / steps)
-        activity = [torch.profiler.ProfilerActivity.CUDA]
+        # CPU too: kernels a graph replay runs are reported under its launch, a CPU event
+        activity = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activity) as profiler:
             decoder.replay_steps(steps)
             torch.cuda.synchronize()
