@@ -24,7 +24,7 @@ from torch import nn
 HEAD_ROWS_A_SLICE = 16384
 
 
-# bitsandbytes' 1/127, as its int8 dequantization multiplies by it
+# bitsandbytes' 1/127, as its int8 dequantization multiplies by it (the Triton matvec's too)
 RECIPROCAL_127 = 7.874015718698502e-3
 
 

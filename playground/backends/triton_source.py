@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from playground.backends import nf4_permute
+from playground.backends import int8_head, nf4_permute
 
 # How `nf4_values` finds a code's value (MatvecConfig.nf4_lookup): both of a byte's in a
 # 256-entry table of pairs, each code's in the 16-entry table, or byte permutes in registers
@@ -49,9 +49,8 @@ NF4_SCALED_PAIRS_PTX: tl.constexpr = tl.constexpr(
 )
 # Four packed int8 weights to fp32 by byte permutes, not the compiler's quarter-rate conversion.
 INT8_PTX: tl.constexpr = tl.constexpr(nf4_permute.ptx(nf4_permute.int8_program()))
-# $1 and $2 rounded to bf16 into one register's upper and lower halves: a bf16 pair as memory
-# holds x's columns 2i + 1 and 2i.
-BF16_PACK_PTX: tl.constexpr = tl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $2;")
+# bitsandbytes' 1/127, as its int8 dequantization multiplies a row by it
+RECIPROCAL_127: tl.constexpr = tl.constexpr(int8_head.RECIPROCAL_127)
 # $2 and $3 rounded to bf16 into one register's upper and lower halves, then each half as fp32 bits.
 BF16_PAIR_ROUND_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .b32 pair; cvt.rn.bf16x2.f32 pair, $2, $3; and.b32 $0, pair, 0xffff0000; shl.b32 $1, pair, 16; }"
@@ -216,7 +215,7 @@ def matvec_kernel(
                 acc_up += weight_values(weight_up, ROW_SCALE) * value
     total = tl.sum(acc, axis=1)
     if ROW_SCALE:
-        total = total * tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * 7.874015718698502e-3
+        total = total * tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * RECIPROCAL_127
     finish(
         total,
         tl.sum(acc_up, axis=1),
@@ -431,28 +430,20 @@ def nf4_tile(
 
 
 @triton.jit
-def bf16_pack(even, odd):
-    """`even` and `odd` (fp32) rounded to bf16 as one int32, `odd` in the upper half."""
-    if INTERPRETED:  # no PTX there
-        low = even.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-        return (odd.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16) | low
-    return tl.inline_asm_elementwise(BF16_PACK_PTX, "=r,f,f", [odd, even], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def x_words(x_ptr, norm_ptr, flat, flat_ok, rstd, HAS_NORM: tl.constexpr):
-    """bf16 x at packed bytes `flat` as the matmul sees it (`matmul_input`), each byte's two
-    columns as one int32 (the even column's in the lower half), as x and the norm's weight
-    are stored: one load a pair, and one word to move where a thread's tile needs it."""
+def x_pairs(x_ptr, norm_ptr, flat, flat_ok, rstd, HAS_NORM: tl.constexpr):
+    """bf16 x at the even and odd columns of packed bytes `flat`, as the matmul sees it
+    (`matmul_input`), in fp32: each byte's two columns read as one word, as x and the norm's
+    weight are stored, and normalised as a pair (`round_pair`)."""
     words = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + flat, mask=flat_ok, other=0)
+    even = (words << 16).to(tl.float32, bitcast=True)
+    odd = (words & -65536).to(tl.float32, bitcast=True)
     if HAS_NORM:
         scales = tl.load(norm_ptr.to(tl.pointer_type(tl.int32)) + flat, mask=flat_ok, other=0)
-        even = (words << 16).to(tl.float32, bitcast=True) * rstd
-        odd = (words & -65536).to(tl.float32, bitcast=True) * rstd
-        even = (scales << 16).to(tl.float32, bitcast=True) * even.to(tl.bfloat16).to(tl.float32)
-        odd = (scales & -65536).to(tl.float32, bitcast=True) * odd.to(tl.bfloat16).to(tl.float32)
-        words = bf16_pack(even, odd)
-    return words
+        even, odd = round_pair(even * rstd, odd * rstd, tl.bfloat16)
+        scale_even = (scales << 16).to(tl.float32, bitcast=True)
+        scale_odd = (scales & -65536).to(tl.float32, bitcast=True)
+        even, odd = round_pair(scale_even * even, scale_odd * odd, tl.bfloat16)
+    return even, odd
 
 
 @triton.jit
@@ -470,16 +461,14 @@ def nf4_x_pair(
     sees it (`matmul_input`). For the register lookups, a [blocks, bytes] load broadcast over
     the rows, for the reason the scales are (`nf4_tile`): only these small tiles change layout,
     not the weights'. X_WORDS (bf16 x and norm weight, 4-byte aligned): a byte's two columns
-    are read and normalised as one word (`x_words`), widened to fp32 there, a few a thread, and
-    moved into the tile's layout joined, as one fp32 pair: the sm_90 loops then take one
+    are read as one word and normalised and widened to fp32 there, a few a thread (`x_pairs`),
+    then moved into the tile's layout joined, as one fp32 pair: the sm_90 loops then take one
     exchange through shared memory a step, not two (two barriers, not four), and their threads
     no longer widen each x value they multiply (the exchange moved bf16 values before): 8-19%
     fewer instructions a weight in the 1.7B's shapes."""
     if X_WORDS and (LOOKUP == LOOKUP_REGISTERS or LOOKUP == LOOKUP_SCALED):
         flat = tl.reshape(half, (half.shape[1], half.shape[2]))
-        words = x_words(x_ptr, norm_ptr, flat, flat < K // 2, rstd, HAS_NORM)
-        even = (words << 16).to(tl.float32, bitcast=True)
-        odd = (words & -65536).to(tl.float32, bitcast=True)
+        even, odd = x_pairs(x_ptr, norm_ptr, flat, flat < K // 2, rstd, HAS_NORM)
         # joined, the pair changes layout once, and as fp32 (apart, the compiler moved each
         # before widening it)
         even, odd = tl.split(tl.join(even, odd)[None, :, :, :])
