@@ -107,6 +107,44 @@ def _dequantized(linear) -> torch.Tensor:
     return bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
 
 
+def _nf4_layer_case(case: str, columns: int, dtype: torch.dtype, nested: bool, generator: torch.Generator) -> tuple:
+    """One of a layer's NF4 matvecs on `columns` columns: "qkv-norm-and-bias" (three stacked
+    parts of different rows, the norm first, a bias added), "gated" (gate/up, the norm first) or
+    "residual" (one weight, a residual added). Returns the packed weight, the kernel's call
+    `run(x, norm, config)` and the layer's own arithmetic `expected(x, norm)` on bitsandbytes'
+    dequantized weights; the bias or residual is drawn from `generator`."""
+    shapes = {"qkv-norm-and-bias": [(32, columns), (16, columns), (16, columns)], "gated": [(24, columns)] * 2}
+    linears = _nf4_linears(shapes.get(case, [(24, columns)]), dtype, nested)
+    weights = [_dequantized(linear) for linear in linears]
+    assert weights[0].dtype == dtype
+    packed = NF4Weight.of(linears)
+    if case == "qkv-norm-and-bias":
+        bias = torch.randn(64, generator=generator).to(dtype)
+
+        def run(x, norm, config):  # noqa: ANN001, ANN202
+            return nf4_matvec(x, packed, config, norm=norm, bias=bias)
+
+        def expected(x, norm):  # noqa: ANN001, ANN202
+            return F.linear(norm(x), torch.cat(weights), bias)
+    elif case == "gated":
+
+        def run(x, norm, config):  # noqa: ANN001, ANN202
+            return nf4_matvec(x, packed, config, norm=norm, gated=True)
+
+        def expected(x, norm):  # noqa: ANN001, ANN202
+            return F.silu(F.linear(norm(x), weights[0])) * F.linear(norm(x), weights[1])
+    else:
+        residual = torch.randn(24, generator=generator).to(dtype)
+
+        def run(x, norm, config):  # noqa: ANN001, ANN202
+            return nf4_matvec(x, packed, config, residual=residual)
+
+        def expected(x, norm):  # noqa: ANN001, ANN202
+            return residual + F.linear(x, weights[0])
+
+    return packed, run, expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("nested", [False, True], ids=["nf4", "nf4-double-quant"])
 @pytest.mark.parametrize("case", ["qkv-norm-and-bias", "gated", "residual"])
@@ -167,23 +205,9 @@ def test_the_nf4_matvec_reads_bitsandbytes_weights_as_they_dequantize(dtype, nes
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(columns, generator=generator).to(dtype)
     norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(dtype))
-    shapes = {"qkv-norm-and-bias": [(32, columns), (16, columns), (16, columns)], "gated": [(24, columns)] * 2}
-    linears = _nf4_linears(shapes.get(case, [(24, columns)]), dtype, nested)
-    weights = [_dequantized(linear) for linear in linears]
-    assert weights[0].dtype == dtype
-    packed = NF4Weight.of(linears)
     with torch.no_grad():
-        if case == "qkv-norm-and-bias":
-            bias = torch.randn(64, generator=generator).to(dtype)
-            expected = F.linear(norm(x), torch.cat(weights), bias)
-            got = nf4_matvec(x, packed, config, norm=norm, bias=bias)
-        elif case == "gated":
-            expected = F.silu(F.linear(norm(x), weights[0])) * F.linear(norm(x), weights[1])
-            got = nf4_matvec(x, packed, config, norm=norm, gated=True)
-        else:
-            residual = torch.randn(24, generator=generator).to(dtype)
-            expected = residual + F.linear(x, weights[0])
-            got = nf4_matvec(x, packed, config, residual=residual)
+        packed, run, layer = _nf4_layer_case(case, columns, dtype, nested, generator)
+        expected, got = layer(x, norm), run(x, norm, config)
     fp32 = 3e-5 if config.nf4_splits > 1 else 1e-5  # split shares' sums add up in another order
     tolerance = {"atol": fp32, "rtol": fp32} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected, **tolerance)
@@ -217,28 +241,9 @@ def test_bf16_x_read_in_pairs_gives_what_x_read_a_column_at_a_time_gives(case, c
     norm = Norm((1 + 0.1 * torch.randn(columns, generator=generator)).to(torch.bfloat16))
     assert _pairs_readable(x, norm.weight) and not _pairs_readable(unaligned, norm.weight)
     assert not _pairs_readable(x.to(torch.float16), None)
-    shapes = {"qkv-norm-and-bias": [(32, columns), (16, columns), (16, columns)], "gated": [(24, columns)] * 2}
-    linears = _nf4_linears(shapes.get(case, [(24, columns)]), torch.bfloat16, nested=False)
-    weights = [_dequantized(linear) for linear in linears]
-    packed = NF4Weight.of(linears)
-    bias = torch.randn(64, generator=generator).to(torch.bfloat16)
-    residual = torch.randn(24, generator=generator).to(torch.bfloat16)
     with torch.no_grad():
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            if case == "qkv-norm-and-bias":
-                return nf4_matvec(x, packed, config, norm=norm, bias=bias)
-            if case == "gated":
-                return nf4_matvec(x, packed, config, norm=norm, gated=True)
-            return nf4_matvec(x, packed, config, residual=residual)
-
-        if case == "qkv-norm-and-bias":
-            expected = F.linear(norm(x), torch.cat(weights), bias)
-        elif case == "gated":
-            expected = F.silu(F.linear(norm(x), weights[0])) * F.linear(norm(x), weights[1])
-        else:
-            expected = residual + F.linear(x, weights[0])
-        pairs, single = run(x), run(unaligned)
+        _, run, layer = _nf4_layer_case(case, columns, torch.bfloat16, False, generator)
+        expected, pairs, single = layer(x, norm), run(x, norm, config), run(unaligned, norm, config)
     torch.testing.assert_close(pairs, single, atol=0, rtol=0)
     scale = expected.float().abs().max().item()  # gate times up cancels near zero: a share of the largest
     torch.testing.assert_close(pairs.float(), expected.float(), atol=0.05 * scale, rtol=0)

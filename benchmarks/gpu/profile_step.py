@@ -3,7 +3,7 @@
 Loads a random-weight model of a seed shape through the transformers backend, as a variant
 would load (`--paths fast,nf4,nf4-int8-head`: bf16, NF4, NF4 with the int8 head), lets it time
 its launch shapes and capture its step, then replays the captured step under torch.profiler
-(CUDA activity: CUPTI reports each kernel a graph replay runs) and, apart, times the same
+(CUPTI reports each kernel a graph replay runs) and, apart, times the same
 replays with CUDA events. Each token's kernels are put in their roles by their order in the
 step: a layer's four weight matvecs (q/k/v, o, gate/up, down), its attention, the head, and
 the rest (embedding, last norm, argmax, copies). Printed per role: microseconds a token and a
@@ -63,17 +63,12 @@ def exclusive_us(intervals: Sequence[tuple[float, float]]) -> list[float]:
     """Each (start, end) interval's time past the end of all those that started before it
     (in start order). Under programmatic dependent launch a kernel starts, and waits, while
     the one before still runs: this charges each kernel only for the time it added, and the
-    charges add up to the time some kernel ran (`busy_us`)."""
+    charges add up to the time some kernel ran (the union of the intervals)."""
     charges, reach = [], float("-inf")
     for start, end in intervals:
         charges.append(max(0.0, end - max(start, reach)))
         reach = max(reach, end)
     return charges
-
-
-def busy_us(intervals: Sequence[tuple[float, float]]) -> float:
-    """The length of the union of (start, end) intervals: the time some kernel ran."""
-    return sum(exclusive_us(sorted(intervals)))
 
 
 def token_breakdown(kernels: Sequence[tuple[str, float, float]], steps: int, layers: int) -> dict[str, Any]:
