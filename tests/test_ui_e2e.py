@@ -314,6 +314,29 @@ def test_a_speculative_variant_says_under_its_reply_what_its_drafts_bought(page)
         page.locator("#clear").click()
 
 
+def test_clear_while_an_answer_streams_stops_it_and_starts_a_new_conversation(page):
+    """Clear mid-answer: the answer stops, its last frames do not draw it back, and the next
+    prompt is the first of a new conversation."""
+    set_number(page, "n-panels", 1)
+    open_shared_settings(page)
+    set_number(page, "shared-max_new_tokens", 600)
+    try:
+        page.locator("#prompt textarea").fill("Write a long story about a lighthouse keeper.")
+        page.locator("#send").click()
+        wait_text(page.locator("#panel-0-chat"), r"lighthouse keeper\.[\s\S]+\w", 60)
+        page.locator("#clear").click()
+        page.locator("#send:not([disabled])").wait_for(state="attached", timeout=30_000)
+        assert "lighthouse" not in page.locator("#panel-0-chat").inner_text()
+        assert "finish:" not in page.locator("#panel-0-metrics").inner_text()
+        ask_one_panel(page, "Say hi.", 16)
+        chat = page.locator("#panel-0-chat").inner_text()
+        assert "Say hi." in chat and "lighthouse" not in chat, chat
+    finally:
+        set_number(page, "shared-max_new_tokens", 256)
+        set_number(page, "n-panels", 2)
+        page.locator("#clear").click()
+
+
 def test_unloading_a_variant_while_it_answers_says_so_in_its_panel(page):
     set_number(page, "n-panels", 1)
     open_shared_settings(page)

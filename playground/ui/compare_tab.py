@@ -426,14 +426,14 @@ class CompareTab:
         if not prompt or not prompt.strip():
             yield self._notice("⚠ Type a prompt first.")
             return
-        if session.busy:
+        if not session.idle.is_set():
             yield self._notice("⚠ Still answering the last prompt: wait for it, or press Stop in its panels.")
             return
-        session.busy = True
+        session.idle.clear()
         try:
             yield from self._run(session, prompt, mode, n, values)
         finally:
-            session.busy = False
+            session.idle.set()
 
     def _notice(self, text: str) -> list[Any]:
         """Outputs that change nothing but the notice line."""
@@ -542,7 +542,13 @@ class CompareTab:
         session.last = comparison
 
     def clear(self, request: gr.Request) -> list[Any]:
+        """Empty panels and a new conversation. An answer still streaming is stopped first and
+        waited for: its last frame, drawn after its text ended, would otherwise come after
+        the emptied panels and fill them again."""
         session = self.sessions.get(request)
+        for cancel in session.cancels:
+            cancel.set()
+        session.idle.wait(timeout=30)
         session.histories = [[] for _ in range(MAX_PANELS)]
         session.turns = [[] for _ in range(MAX_PANELS)]
         return [[] for _ in range(MAX_PANELS)] + ["" for _ in range(2 * MAX_PANELS)]

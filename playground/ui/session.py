@@ -16,6 +16,12 @@ from playground.ui.charts import ReplyPoint
 MAX_PANELS = 4
 
 
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class Session:
     key: str = "local"  # Gradio's session hash: this session's turn in the variants' fair queues
@@ -25,7 +31,9 @@ class Session:
     cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event() for _ in range(MAX_PANELS)])
     points: list[ReplyPoint] = field(default_factory=list)
     replies: int = 0
-    busy: bool = False  # a prompt is being answered: a second one is refused, never interleaved
+    # Set while no prompt is being answered: a second one is refused, never interleaved, and
+    # Clear waits for the answer it stops to send its last frame.
+    idle: threading.Event = field(default_factory=_set_event)
     last: Comparison | None = None
     # Blind comparison: the hidden pair (A, B), the prompt asked, and whether it was voted on.
     arena_pair: tuple[str, str] | None = None
