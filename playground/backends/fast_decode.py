@@ -551,9 +551,13 @@ class StaticDecoder:
         return lambda row: choices[row]
 
     def _set_length(self, length: int) -> None:
-        """The cache's next write goes to `length` (each layer's own counter)."""
-        for layer in self.cache.layers:
-            layer.cumulative_length.fill_(length)
+        """The cache's next write goes to `length` (each layer's own counter). All the layers'
+        counters in two launches, not one a layer: a speculative reply sets them before each
+        pass, after the last pass's choices were read back, so the GPU waits for every launch."""
+        counters = [layer.cumulative_length for layer in self.cache.layers]
+        torch._foreach_zero_(counters)
+        if length:
+            torch._foreach_add_(counters, length)
 
     def _single(self, token: int, position: int) -> torch.Tensor:
         """One token at `position` through the step (the graph where there is one): [1, vocab]."""
