@@ -1,17 +1,20 @@
 """Speculative decoding's speed on the GPU as a function of how many drafts are kept (issue 20).
 
-Speed does not depend on weight values, but acceptance does: random weights of the seed shapes
-cannot show how often a real draft is right. So the drafts here come from an oracle that knows
-the target's own greedy continuation (made first by plain decoding) and spoils each drafted
-token with probability 1 - `p`: the pass costs what a real pass costs, and the acceptance is
-set. The real acceptance of each drafter comes from the CPU benchmark on real weights
-(benchmarks/speculative.py: prompt lookup kept 53–80% of its drafts there). Also timed: a draft
-model's step (the 135M shape) beside the target's (the 1.7B shape), for what a draft-model
-pass adds.
+The target loads through the transformers backend as a variant does (`--paths fast,nf4`: bf16 on
+the fast path with its Triton layers, or NF4), so a plain step and a pass of drafts cost here
+what they cost in the app. Speed does not depend on weight values, but acceptance does: random
+weights of the seed shapes cannot show how often a real draft is right. So the drafts come from
+an oracle that knows the target's own greedy continuation (made first by plain decoding) and
+spoils each drafted token with probability 1 - `p`: the pass costs what a real pass costs, and
+the acceptance is set. The real acceptance of each drafter comes from the CPU benchmark on real
+weights (benchmarks/speculative.py: prompt lookup kept 53–80% of its drafts there). Also timed:
+a draft model's step (the 135M shape, also through the backend) beside the target's.
 
-Reported per (p, drafted a pass): decode tok/s against plain decoding on the same decoder, the
-tokens kept per pass, and whether the reply equals the plain one (it must: a spoiled draft is
-rejected, the target's own token is kept).
+Reported per (path, drafted a pass, p): decode tok/s against plain decoding on the same
+decoder, the tokens a pass gives, the milliseconds a pass takes (tokens a pass / tok/s: the
+drafter, the pass and its read-back together), the tokens the pacer decoded plainly because
+drafting did not pay, and whether the reply equals the plain one (it must: a spoiled draft is
+rejected, the target's own token kept).
 
 On the lent GPU:
   bash benchmarks/gpu/run_on_device.sh python3 -m benchmarks.gpu.speculative_speed --out $OUT/speculative_gpu.json
@@ -27,69 +30,54 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-SHAPES = {
-    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
-    # Qwen2.5-3B's layers (grouped heads, head_dim 128) on SmolLM2's vocabulary: a stand-in for
-    # step timings of the layer stack, not of the 3B's 151936-row head
-    "qwen2.5-3b-layers": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-}  # fmt: skip
+from benchmarks.gpu.decode_speed import SHAPES, TINY, Shape, make_model, variant_for
+
+PROMPT_TOKENS = 256
+# The layers' output projections are scaled by this, so the residual stream stays close to the
+# input embedding and the tied head's choice (the input token again) wins by a wide margin. A
+# random model's top two logits are near ties, and in bf16 a batched pass rounds differently
+# from a single step, so its greedy continuation would not be reproducible from one decode path
+# to the other: the oracle's drafts would all be rejected (seen on the H200). The values change
+# nothing in what a step or a pass costs.
+OUTPUT_SCALE = 1e-3
 
 
-def make_decoder(shape: str, device: str, folder: Path, wide_margin: bool = False, nf4: bool = False) -> Any:
-    """A random bf16 model of `shape` on `device` with the fast path's fused projections and
-    static decoder (graph and compiled step on a GPU, eager on a CPU).
-
-    `wide_margin`: each layer's output projections scaled by 1e-3, so the residual stream stays
-    close to the input embedding and the tied head's choice (the input token again) wins by a
-    wide margin. A random model's top two logits are near ties, and in bf16 a batched pass
-    rounds differently from a single step, so its greedy continuation is not reproducible from
-    one decode path to another: the oracle's drafts would all be rejected (seen on the H200).
-    The values change nothing in what a pass costs.
-
-    `nf4`: the model saved and loaded again through bitsandbytes NF4 (bf16 compute, as the
-    shipped NF4 config), its projections left unfused, as the app loads an NF4 variant."""
+def make_target(shape: Shape, folder: Path, device: str) -> None:
+    """decode_speed's random model of `shape`, with a wide greedy margin (OUTPUT_SCALE), saved
+    in `folder` for the backend to load."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from playground.backends.fast_decode import StaticDecoder, fuse_projections
+    model = make_model(shape, folder, device)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                parameter.mul_(OUTPUT_SCALE)
+    model.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
-    config = LlamaConfig(
-        vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=130_000.0, **SHAPES[shape]
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    model.eval()
-    if wide_margin:
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if name.endswith(("o_proj.weight", "down_proj.weight")):
-                    parameter.mul_(1e-3)
-    if nf4:
-        from transformers import BitsAndBytesConfig
 
-        model.save_pretrained(folder / f"{shape}-bf16")
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            folder / f"{shape}-bf16", quantization_config=quantization, device_map=device, dtype=torch.bfloat16
-        ).eval()
-    fuse_projections(model)  # plain linear layers only: NF4 ones stay as they are
-    on_gpu = device == "cuda"
-    return StaticDecoder(model, 2048, use_cuda_graph=on_gpu, compile_step=on_gpu)
+def load_backend(path: str, shape: Shape, folder: Path, device: str) -> Any:
+    """The model in `folder` loaded as the `path` variant (decode_speed.variant_for) is."""
+    from playground.backends.transformers_backend import TransformersBackend
+    from playground.config import parse_config
+
+    config = parse_config(variant_for(path, shape, folder, None, device), f"speculative_speed {shape.name} {path}")
+    backend = TransformersBackend(config)
+    backend.load()
+    return backend
 
 
 class OracleDrafter:
     """Drafts the target's own greedy continuation, each token spoiled with probability 1 - p."""
 
-    def __init__(self, prompt_len: int, reference: list[int], p: float, seed: int = 0) -> None:
-        self.prompt_len, self.reference, self.p = prompt_len, reference, p
+    def __init__(self, prompt_len: int, reference: list[int], p: float, vocab: int, seed: int = 0) -> None:
+        self.prompt_len, self.reference, self.p, self.vocab = prompt_len, reference, p, vocab
         self.random = random.Random(seed)
 
     def begin(self, capacity: int) -> None:
@@ -98,10 +86,11 @@ class OracleDrafter:
     def propose(self, history: list[int], count: int) -> list[int]:
         start = len(history) - self.prompt_len
         drafted = self.reference[start : start + count]
-        return [t if self.random.random() < self.p else (t + 1) % 49152 for t in drafted]
+        return [t if self.random.random() < self.p else (t + 1) % self.vocab for t in drafted]
 
 
-def decode_rate(tokens: Any) -> tuple[list[int], float]:
+def decode_rate(tokens: Iterable[int]) -> tuple[list[int], float]:
+    """The ids and the tok/s after the first (the first comes after the prefill)."""
     stamps, ids = [], []
     for token in tokens:
         ids.append(token)
@@ -109,79 +98,161 @@ def decode_rate(tokens: Any) -> tuple[list[int], float]:
     return ids, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def step_ms(decoder: Any, prompt: list[int], n: int = 64) -> float:
-    """Milliseconds per plain greedy token (pipelined, as replies decode)."""
+def plain_rate(decoder: Any, prompt: Sequence[int], tokens: int, runs: int) -> tuple[list[int], float]:
+    """Plain greedy decoding (pipelined, as replies decode): the first run's ids, the median
+    tok/s of `runs` after two that compile, capture and settle."""
     from playground.config import GenerationParams
 
-    _, rate = decode_rate(decoder.tokens(prompt, GenerationParams(temperature=0.0, max_new_tokens=n), lambda: False))
-    return 1000 / rate
+    params = GenerationParams(temperature=0.0, max_new_tokens=tokens)
+    for _ in range(2):
+        decode_rate(decoder.tokens(prompt, params, lambda: False))
+    measured = [decode_rate(decoder.tokens(prompt, params, lambda: False)) for _ in range(runs)]
+    return measured[0][0], statistics.median(rate for _, rate in measured)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tokens", type=int, default=256, help="greedy tokens per reply")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
-    args = parser.parse_args()
-
+def speculative_rows(
+    decoder: Any,
+    prompt: list[int],
+    reference: list[int],
+    plain: float,
+    vocab: int,
+    drafted: Sequence[int],
+    p_values: Sequence[float],
+    seeds: int,
+) -> list[dict[str, Any]]:
     from playground.backends.base import SpeculationStats
     from playground.config import GenerationParams
 
-    device = "cpu" if args.tiny else "cuda"
-    target_shape = "tiny" if args.tiny else "smollm2-1.7b"
-    params = GenerationParams(temperature=0.0, max_new_tokens=args.tokens)
-    prompt = [(i * 7919) % 49152 for i in range(256)]  # a 256-token prompt, as in the decode runs
-    with tempfile.TemporaryDirectory() as tmp:
-        target = make_decoder(target_shape, device, Path(tmp), wide_margin=True)
-        for _ in range(2):  # compile, capture, settle
-            decode_rate(target.tokens(prompt, params, lambda: False))
-        plain_runs = [decode_rate(target.tokens(prompt, params, lambda: False)) for _ in range(3)]
-        reference = plain_runs[0][0]
-        plain = statistics.median(rate for _, rate in plain_runs)
-        rows = []
-        for num_tokens in (4, 8):
-            for p in (0.5, 0.7, 0.8, 0.9, 1.0):
-                runs = []
-                for seed in range(3):
-                    stats = SpeculationStats("oracle")
-                    drafter = OracleDrafter(len(prompt), reference, p, seed)
-                    ids, rate = decode_rate(
-                        target.speculative_tokens(prompt, params, lambda: False, drafter, num_tokens, stats)
-                    )
-                    runs.append((rate, stats, ids == reference))
-                rate = statistics.median(r for r, _, _ in runs)
-                stats = runs[0][1]
-                rows.append(
-                    {
-                        "drafted_per_pass": num_tokens,
-                        "p_draft_right": p,
-                        "spec_tok_s": rate,
-                        "speedup": rate / plain,
-                        "kept_rate": stats.accept_rate,
-                        "tokens_per_pass": (len(reference) - 1) / stats.passes,
-                        "equal_to_plain": all(same for _, _, same in runs),
-                        "verify_pass": "graph"
-                        if target._verify_graph is not None
-                        else target.verify_graph_failure or "eager",
-                    }
+    params = GenerationParams(temperature=0.0, max_new_tokens=len(reference))
+    rows = []
+    for num_tokens in drafted:
+        # a first reply of this pass length compiles and captures its pass
+        warm = OracleDrafter(len(prompt), reference, 1.0, vocab)
+        decode_rate(decoder.speculative_tokens(prompt, params, lambda: False, warm, num_tokens, SpeculationStats("w")))
+        for p in p_values:
+            runs = []
+            for seed in range(seeds):
+                stats = SpeculationStats("oracle")
+                drafter = OracleDrafter(len(prompt), reference, p, vocab, seed)
+                ids, rate = decode_rate(
+                    decoder.speculative_tokens(prompt, params, lambda: False, drafter, num_tokens, stats)
                 )
-                print(json.dumps(rows[-1]), flush=True)
-        draft_shape = "tiny" if args.tiny else "smollm2-135m"
-        draft = make_decoder(draft_shape, device, Path(tmp))
-        step_ms(draft, prompt)  # compile, capture
-        timing = {"target_step_ms": 1000 / plain, "draft_step_ms": step_ms(draft, prompt)}
+                runs.append((rate, stats, ids == reference))
+            rate = statistics.median(r for r, _, _ in runs)
+            stats = runs[0][1]
+            tokens_per_pass = (len(reference) - 1) / stats.passes
+            rows.append(
+                {
+                    "drafted_per_pass": num_tokens,
+                    "p_draft_right": p,
+                    "spec_tok_s": rate,
+                    "speedup": rate / plain,
+                    "kept_rate": stats.accept_rate,
+                    "tokens_per_pass": tokens_per_pass,
+                    "ms_per_pass": 1000 * tokens_per_pass / rate,
+                    "paused_tokens": stats.paused,
+                    "equal_to_plain": all(same for _, _, same in runs),
+                    "verify_pass": "graph"
+                    if decoder._verify_graph is not None
+                    else decoder.verify_graph_failure or "eager",
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def measure_path(path: str, shape: Shape, folder: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Plain decoding, then the oracle rows, of one path of the target."""
+    import torch
+
+    started = time.perf_counter()
+    backend = load_backend(path, shape, folder, device)
+    try:
+        decoder = backend.decoder
+        if decoder is None:
+            return {"error": f"no static-cache decoder: {backend.decode_path.describe()}"}
+        prompt = [(i * 7919) % (shape.vocab - 1) for i in range(PROMPT_TOKENS)]  # never the end token
+        reference, plain = plain_rate(decoder, prompt, args.tokens, args.runs)
+        result: dict[str, Any] = {
+            "decode": backend.decode_path.describe(),
+            "load_s": time.perf_counter() - started,
+            "plain_tok_s": plain,
+            "plain_ms_per_token": 1000 / plain,
+        }
+        print(f"{shape.name} {path}: plain {plain:.1f} tok/s; {result['decode']}", flush=True)
+        result["rows"] = speculative_rows(
+            decoder, prompt, reference, plain, shape.vocab, args.drafted, args.p_values, args.seeds
+        )
+        return result
+    finally:
+        backend.unload()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--paths", default="fast,nf4", help="decode_speed's paths: fast, nf4, nf4-int8-head, ...")
+    parser.add_argument("--target", default="smollm2-1.7b", choices=sorted(SHAPES))
+    parser.add_argument(
+        "--draft", default="smollm2-135m", help="the draft model's shape, whose step is timed ('' for none)"
+    )
+    parser.add_argument("--tokens", type=int, default=256, help="greedy tokens per reply")
+    parser.add_argument("--runs", type=int, default=3, help="plain replies timed")
+    parser.add_argument("--seeds", type=int, default=3, help="replies per row")
+    parser.add_argument("--drafted", default="4,8", help="drafts a pass, comma-separated")
+    parser.add_argument("--p", dest="p_values", default="0.5,0.7,0.8,0.9,1.0", help="chances a draft is right")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
+    args = parser.parse_args(argv)
+    args.drafted = [int(n) for n in args.drafted.split(",")]
+    args.p_values = [float(p) for p in args.p_values.split(",")]
+
+    import torch
+
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (--tiny checks the script on a CPU)")
+    target = TINY if args.tiny else SHAPES[args.target]
+    paths = ["fast"] if args.tiny else args.paths.split(",")  # bitsandbytes' NF4 needs the GPU
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "commit": commit,
-        "target": target_shape,
-        "draft": draft_shape,
-        "plain_tok_s": plain,
-        **timing,
-        "rows": rows,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "target": target.name,
+        "prompt_tokens": PROMPT_TOKENS,
+        "paths": {},
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / target.name
+        make_target(target, folder, device)
+        for path in paths:
+            try:
+                report["paths"][path] = measure_path(path, target, folder, device, args)
+            except Exception as err:  # one path's failure leaves the others' figures
+                report["paths"][path] = {"error": f"{type(err).__name__}: {err}"}
+            args.out.write_text(json.dumps(report, indent=1))  # a cut-off run keeps what it measured
+        draft = TINY if args.tiny and args.draft else SHAPES.get(args.draft)
+        if draft is not None:
+            draft_folder = Path(tmp) / f"draft-{draft.name}"
+            make_model(draft, draft_folder, device)
+            backend = load_backend("fast", draft, draft_folder, device)
+            try:
+                prompt = [(i * 7919) % (draft.vocab - 1) for i in range(PROMPT_TOKENS)]
+                _, rate = plain_rate(backend.decoder, prompt, min(args.tokens, 64), args.runs)
+                report["draft"] = {
+                    "shape": draft.name,
+                    "step_ms": 1000 / rate,
+                    "decode": backend.decode_path.describe(),
+                }
+            finally:
+                backend.unload()
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
+    summary = {path: {k: v for k, v in result.items() if k != "rows"} for path, result in report["paths"].items()}
+    print(json.dumps({"paths": summary, "draft": report.get("draft")}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -41,6 +41,55 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+DECODER_SHAPES = {
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
+    # Qwen2.5-3B's layers (grouped heads, head_dim 128) on SmolLM2's vocabulary: a stand-in for
+    # step timings of the layer stack, not of the 3B's 151936-row head
+    "qwen2.5-3b-layers": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+}  # fmt: skip
+
+
+def make_decoder(shape: str, device: str, folder: Path, nf4: bool = False) -> Any:
+    """A random bf16 model of `shape` on `device` with the fast path's fused projections and
+    static decoder (graph and compiled step on a GPU, eager on a CPU), built here rather than
+    loaded through the backend, so each option can install its own layers and compile its step.
+
+    `nf4`: the model saved and loaded again through bitsandbytes NF4 (bf16 compute, as the
+    shipped NF4 config), its projections left unfused, as the app loads an NF4 variant."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from playground.backends.fast_decode import StaticDecoder, fuse_projections
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=130_000.0,
+        **DECODER_SHAPES[shape],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model.eval()
+    if nf4:
+        from transformers import BitsAndBytesConfig
+
+        model.save_pretrained(folder / f"{shape}-bf16")
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            folder / f"{shape}-bf16", quantization_config=quantization, device_map=device, dtype=torch.bfloat16
+        ).eval()
+    fuse_projections(model)  # plain linear layers only: NF4 ones stay as they are
+    on_gpu = device == "cuda"
+    return StaticDecoder(model, 2048, use_cuda_graph=on_gpu, compile_step=on_gpu)
+
 
 # In the order they are run (--options), most telling first, so a budget cuts the least.
 OPTIONS = {
@@ -373,8 +422,6 @@ def fused_against_own_layers(decoder) -> dict:
 def measure(option: str, shape: str, replays: int) -> dict:
     """One option on one shape, in this process."""
     import torch
-
-    from benchmarks.gpu.speculative_speed import make_decoder
 
     with_folder = Path("/tmp")
     decoder = make_decoder(shape, "cuda", with_folder, nf4=option == "triton-layers-nf4")
