@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.gpu.profile_step import exclusive_us, step_roles, token_breakdown
+from benchmarks.gpu.profile_step import exclusive_us, pass_breakdown, step_roles, token_breakdown
 
 LAYERS = 2
 
@@ -71,3 +71,17 @@ def test_a_token_s_time_by_role_busy_and_overlap():
     assert sum(role["added_us_per_token"] for role in roles.values()) == breakdown["busy_us_per_token"]
     with pytest.raises(ValueError, match="sequences differ"):
         token_breakdown(kernels[:-1], steps, LAYERS)  # a kernel missing: the steps come out wrong
+
+
+def test_a_pass_s_kernels_by_name_busiest_first_with_its_busy_time():
+    passes = 2
+    one_pass = [("gemm", 0, 30), ("fill", 30, 31), ("gemm", 31, 61), ("sdpa", 61, 71), ("fill", 70, 71)]
+    kernels = [(name, start + 100 * i, end + 100 * i) for i in range(passes) for name, start, end in one_pass]
+    breakdown = pass_breakdown(list(reversed(kernels)), passes, top=2)
+    assert breakdown["kernels_per_pass"] == 5
+    assert breakdown["kernel_us_per_pass"] == 72
+    assert breakdown["busy_us_per_pass"] == 71  # the last fill ran inside sdpa's time
+    assert breakdown["by_kernel"] == [
+        {"name": "gemm", "launches_per_pass": 2, "us_per_pass": 60},
+        {"name": "sdpa", "launches_per_pass": 1, "us_per_pass": 10},
+    ]

@@ -66,6 +66,17 @@ def test_prompt_lookup_gives_plain_greedy_tokens_in_fewer_passes(plain_and_looku
     assert any(note.startswith("speculative decoding: prompt lookup") for note in lookup.load_info.notes)
 
 
+def test_passes_replayed_for_timing_leave_the_next_reply_as_it_was(plain_and_lookup):
+    """replay_passes (benchmarks/gpu/profile_step.py times a pass with it) writes cache slots
+    that the next reply writes over: that reply is still plain decoding's."""
+    plain, lookup = plain_and_lookup
+    params = GenerationParams(temperature=0.0, max_new_tokens=24)
+    expected = _reply(plain, params).token_ids
+    assert _reply(lookup, params).token_ids == expected
+    lookup.decoder.replay_passes(3)
+    assert _reply(lookup, params).token_ids == expected
+
+
 def test_a_sampled_reply_decodes_plainly_and_says_why(plain_and_lookup):
     _, lookup = plain_and_lookup
     end = _reply(lookup, GenerationParams(temperature=0.8, seed=3, max_new_tokens=12))

@@ -12,6 +12,11 @@ intervals) and the gap (wall less busy: launch, ramp-up and dependency waits tha
 covers); kernels launched early under programmatic dependent launch overlap their predecessor,
 so the sum of the kernels' own times can pass the busy time (the overlap).
 
+Then (`--pass-drafts`, 4 by default) a speculative pass of the last token and that many drafts,
+as a reply runs it (its write counters set, its captured graph replayed): its wall time beside
+the step's, and its kernels by name, busiest first. A pass goes through the model's own layers,
+not the Triton ones, so this says what a pass costs over a step and where.
+
   bash benchmarks/gpu/run_on_device.sh python3 -m benchmarks.gpu.profile_step \\
       --models smollm2-1.7b --paths fast,nf4,nf4-int8-head --out $OUT/profile_step.json
 """
@@ -24,7 +29,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +133,84 @@ def token_breakdown(kernels: Sequence[tuple[str, float, float]], steps: int, lay
     }
 
 
+def pass_breakdown(kernels: Sequence[tuple[str, float, float]], passes: int, top: int = 15) -> dict[str, Any]:
+    """Per speculative pass, from the profiled kernels of `passes` passes ((name, start µs,
+    end µs), any order): each kernel name's launches and own µs a pass, the busiest `top`
+    first, and the pass's busy time (the union of the kernels' intervals, `exclusive_us`).
+    A pass runs the model's own layers, whose kernels take no roles by order as a step's do."""
+    kernels = sorted(kernels, key=lambda kernel: kernel[1])
+    launches: dict[str, int] = defaultdict(int)
+    own: dict[str, float] = defaultdict(float)
+    for name, start, end in kernels:
+        launches[name] += 1
+        own[name] += end - start
+    busiest = sorted(own, key=own.__getitem__, reverse=True)[:top]
+    return {
+        "kernels_per_pass": len(kernels) / passes,
+        "busy_us_per_pass": sum(exclusive_us([(start, end) for _, start, end in kernels])) / passes,
+        "kernel_us_per_pass": sum(own.values()) / passes,
+        "by_kernel": [
+            {"name": name, "launches_per_pass": launches[name] / passes, "us_per_pass": own[name] / passes}
+            for name in busiest
+        ],
+    }
+
+
+def profiled_kernels(run: Callable[[], None]) -> list[tuple[str, float, float]]:
+    """The CUDA kernels `run` launched, as (name, start µs, end µs). CPU activity too: kernels a
+    graph replay runs are reported under its launch, a CPU event."""
+    import torch
+
+    activity = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activity) as profiler:
+        run()
+        torch.cuda.synchronize()
+    return [
+        (event.name, event.time_range.start, event.time_range.end)
+        for event in profiler.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.end > event.time_range.start
+    ]
+
+
+def wall_us(run: Callable[[], None], count: int) -> float:
+    """The best of three CUDA-event timings of `run` (which does `count` of something), µs each."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    walls = []
+    for _ in range(3):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        walls.append(start.elapsed_time(end) * 1000 / count)
+    return min(walls)
+
+
+def profile_pass(decoder: Any, vocab: int, drafts: int, passes: int) -> dict[str, Any]:
+    """One short speculative reply (its pass of `drafts` drafts compiled and captured), then
+    `passes` passes timed and profiled as a reply runs them."""
+    from playground.backends.base import SpeculationStats
+    from playground.backends.fast_decode import PromptLookupDrafter
+    from playground.config import GenerationParams
+
+    prompt = [(i * 7919) % (vocab - 1) for i in range(256)]
+    params = GenerationParams(max_new_tokens=8, temperature=0.0)
+    drafter = PromptLookupDrafter(3, drafts)
+    for _ in decoder.speculative_tokens(prompt, params, lambda: False, drafter, drafts, SpeculationStats("p")):
+        pass
+    decoder.replay_passes(8)  # warm
+    result: dict[str, Any] = {
+        "rows": drafts + 1,
+        "graph": decoder._verify_graph is not None,
+        "graph_failure": decoder.verify_graph_failure,
+        "wall_us_per_pass": wall_us(lambda: decoder.replay_passes(passes), passes),
+    }
+    result |= pass_breakdown(profiled_kernels(lambda: decoder.replay_passes(passes)), passes)
+    result["gap_us_per_pass"] = result["wall_us_per_pass"] - result["busy_us_per_pass"]
+    return result
+
+
 def variant_config(path: str, shape_name: str, folder: Path) -> Any:
     from benchmarks.gpu.decode_speed import SHAPES, variant_for
     from playground.config import parse_config
@@ -136,9 +219,10 @@ def variant_config(path: str, shape_name: str, folder: Path) -> Any:
     return parse_config(data, f"profile_step {shape_name} {path}")
 
 
-def profile_path(shape_name: str, path: str, folder: Path, steps: int) -> dict[str, Any]:
+def profile_path(shape_name: str, path: str, folder: Path, steps: int, pass_drafts: int = 0) -> dict[str, Any]:
     """Load `path` of the model in `folder` through the backend, warm it with one reply, then
-    profile and time `steps` replays of its captured step."""
+    profile and time `steps` replays of its captured step; with `pass_drafts`, as many
+    speculative passes of that many drafts too (`profile_pass`)."""
     import torch
 
     from playground.backends.base import Request
@@ -158,27 +242,15 @@ def profile_path(shape_name: str, path: str, folder: Path, steps: int) -> dict[s
         for _ in backend.stream(prompt, params, lambda: False):
             pass
         decoder.replay_steps(16)  # warm
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        walls = []
-        for _ in range(3):
-            start.record()
-            decoder.replay_steps(steps)
-            end.record()
-            end.synchronize()
-            walls.append(start.elapsed_time(end) * 1000 / steps)
-        # CPU too: kernels a graph replay runs are reported under its launch, a CPU event
-        activity = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activity) as profiler:
-            decoder.replay_steps(steps)
-            torch.cuda.synchronize()
-        kernels = [
-            (event.name, event.time_range.start, event.time_range.end)
-            for event in profiler.events()
-            if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.end > event.time_range.start
-        ]
+        step_wall = wall_us(lambda: decoder.replay_steps(steps), steps)
+        kernels = profiled_kernels(lambda: decoder.replay_steps(steps))
         layers = backend.model.config.num_hidden_layers
-        result: dict[str, Any] = {"decode": info.decode, "load_s": load_s, "wall_us_per_token": min(walls)}
+        result: dict[str, Any] = {"decode": info.decode, "load_s": load_s, "wall_us_per_token": step_wall}
+        if pass_drafts:  # before the step's breakdown, which may not fit its roles
+            try:
+                result["pass"] = profile_pass(decoder, backend.model.config.vocab_size, pass_drafts, steps)
+            except Exception as err:  # the step's figures stand without it
+                result["pass"] = {"error": f"{type(err).__name__}: {err}"}
         try:
             result |= token_breakdown(kernels, steps, layers)
         except ValueError as err:  # kept with the kernel names seen, to read what the step was
@@ -222,11 +294,32 @@ def print_table(shape_name: str, results: dict[str, dict[str, Any]]) -> None:
         print(f"{label:22}" + "".join(f"{results[path][key]:>22.1f}" for path in paths))
 
 
+def print_passes(shape_name: str, results: dict[str, dict[str, Any]]) -> None:
+    for path, result in results.items():
+        profiled = result.get("pass")
+        if profiled is None:
+            continue
+        if "error" in profiled:
+            print(f"{shape_name} {path} pass: {profiled['error']}")
+            continue
+        graph = "graph" if profiled["graph"] else f"eager ({profiled['graph_failure'] or 'no graph'})"
+        print(
+            f"\n{shape_name} {path}: a pass of {profiled['rows']} rows ({graph}): wall "
+            f"{profiled['wall_us_per_pass']:.1f} µs, busy {profiled['busy_us_per_pass']:.1f}, "
+            f"{profiled['kernels_per_pass']:.0f} kernels; against a step's wall {result['wall_us_per_token']:.1f}"
+        )
+        for entry in profiled["by_kernel"]:
+            print(f"  {entry['us_per_pass']:>9.1f} µs  {entry['launches_per_pass']:>5.1f}×  {entry['name'][:90]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-1.7b")
     parser.add_argument("--paths", default="fast,nf4,nf4-int8-head")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument(
+        "--pass-drafts", type=int, default=4, help="also profile speculative passes of this many drafts (0: none)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -250,12 +343,13 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             for path in args.paths.split(","):
                 try:
-                    results[path] = profile_path(shape_name, path, folder, args.steps)
+                    results[path] = profile_path(shape_name, path, folder, args.steps, args.pass_drafts)
                 except Exception as err:  # one path's failure leaves the others' figures
                     results[path] = {"error": f"{type(err).__name__}: {err}"}
                 report["models"][shape_name] = results
                 args.out.write_text(json.dumps(report, indent=1))
             print_table(shape_name, results)
+            print_passes(shape_name, results)
     return 0
 
 

@@ -353,6 +353,17 @@ class StaticDecoder:
             for _ in range(count):
                 self._run_step()
 
+    def replay_passes(self, count: int) -> None:
+        """`count` speculative passes of the length the last speculative reply used, from the
+        middle of the cache on, each as a reply's pass runs (the write counters set, then the
+        pass's graph, or the eager pass where none was captured). Timing, as replay_steps; the
+        slots they write are rewritten by every request."""
+        assert self.capacity and self._verify_length, "no pass yet: run a speculative reply first"
+        start = max(1, min(self.capacity // 2, self.capacity - self._verify_length))
+        with torch.inference_mode():
+            for _ in range(count):
+                self._verify([1] * self._verify_length, start)
+
     def _run_step(self) -> torch.Tensor:
         if self._graph is not None:
             self._graph.replay()
