@@ -328,6 +328,7 @@ def test_clear_while_an_answer_streams_stops_it_and_starts_a_new_conversation(pa
         page.locator("#send:not([disabled])").wait_for(state="attached", timeout=30_000)
         assert "lighthouse" not in page.locator("#panel-0-chat").inner_text()
         assert "finish:" not in page.locator("#panel-0-metrics").inner_text()
+        assert "⏳" not in page.locator("#send-status").inner_text()
         ask_one_panel(page, "Say hi.", 16)
         chat = page.locator("#panel-0-chat").inner_text()
         assert "Say hi." in chat and "lighthouse" not in chat, chat
@@ -378,14 +379,20 @@ def test_a_session_exports_every_turn_loads_back_and_a_link_preselects(page, tmp
     assert turns[1]["metrics"]["finish_reason"] == "cancelled"
     markdown = httpx.get(page.locator('#export-md a[download="comparison.md"]').get_attribute("href"), timeout=10).text
     assert "cancelled by Stop (the answer is incomplete)" in markdown and "> Say hi." in markdown
-    # Cleared, then loaded back: the conversation and the settings return.
+    # Loaded back while another answer streams: that answer stops, and the conversation and
+    # the settings return and stay (the answer's last frame does not draw over them).
     page.locator("#clear").click()
     set_number(page, "shared-max_new_tokens", 256)
+    page.locator("#prompt textarea").fill("Write a long story about a dragon.")
+    page.locator("#send").click()
+    wait_text(page.locator("#panel-0-chat"), r"dragon\.[\s\S]+\w", 60)
     session_file = tmp_path / "session.json"
     session_file.write_text(saved)
     upload(page, "load-session", session_file)
-    wait_text(page.locator("#send-status"), r"Loaded the session of .*: 1 panel\(s\), 2 answer\(s\)", 20)
-    wait_text(page.locator("#panel-0-chat"), r"Say hi\.[\s\S]*lighthouse keeper", 10)
+    wait_text(page.locator("#send-status"), r"Loaded the session of .*: 1 panel\(s\), 2 answer\(s\)", 40)
+    page.locator("#send:not([disabled])").wait_for(state="attached", timeout=30_000)
+    chat = wait_text(page.locator("#panel-0-chat"), r"Say hi\.[\s\S]*lighthouse keeper", 10)
+    assert "about a dragon" not in chat
     assert page.locator("#shared-max_new_tokens input").input_value() == "600"
     # A file that is not a session is refused with the reason, and nothing changes.
     (tmp_path / "other.json").write_text('{"hello": 1}')

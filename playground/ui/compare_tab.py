@@ -33,6 +33,9 @@ from playground.ui.tokens import probability_html
 
 SETTINGS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed")
 DEFAULT_PANELS = ("smollm2-135m-gguf", "smollm2-135m-transformers")
+# A send's outputs: Send, status, notice, loaded list and figure, then each panel's chat,
+# metrics, Reload and token view.
+HEAD_OUTPUTS, PANEL_OUTPUTS = 5, 4
 
 
 SETTING_LABELS = {
@@ -239,7 +242,10 @@ class CompareTab:
         clear.click(
             self.clear,
             None,
-            [p.chatbot for p in self.panels] + [p.metrics for p in self.panels] + [p.tokens for p in self.panels],
+            [p.chatbot for p in self.panels]
+            + [p.metrics for p in self.panels]
+            + [p.tokens for p in self.panels]
+            + [self.status],
         )
         self.token_view.change(self.set_token_view, self.token_view, None, queue=False)
         view_inputs = [self.n_panels, self.mode, *self.shared]
@@ -475,9 +481,21 @@ class CompareTab:
             return head + cells
 
         snapshot: list[PanelRun] = []
+        shown: list[Any] = []
+        replaced = session.replaced
         for snapshot in stream_panels(self.engine, runs):
-            yield frame(snapshot, final=False)
+            shown = frame(snapshot, final=False)
+            yield shown
         last = frame(snapshot, final=True)  # drawn before the histories take this turn in
+        # A chat or metrics line the page already shows is not sent again: this frame, which
+        # carries the figure, reached the page after a Clear or a loaded session sent later
+        # (~0.8 s after, seen in the browser test) and drew the finished answer back.
+        for index in range(HEAD_OUTPUTS, len(last), PANEL_OUTPUTS):
+            for cell in (index, index + 1):  # the panel's chat and metrics
+                if shown and last[cell] == shown[cell]:
+                    last[cell] = gr.update()
+        if session.replaced != replaced:  # stopped by Clear or a loaded session, which say so
+            last[1] = last[2] = gr.update()
         self._remember(session, prompt, mode, values, snapshot)
         last[4] = comparison_figure(session.points[-40:]) if session.points else gr.update()
         yield last
@@ -500,7 +518,10 @@ class CompareTab:
             scored = self.engine.score_answer(run.variant_id, list(run.prompt_ids), list(run.token_ids), top_k=5)
         except Exception as err:  # the answer stays; only its token view is missing
             return f"<p>{html.escape(error_text(err))}</p>"
-        return probability_html(scored.tokens) + f'<p class="token-note">scored in {scored.seconds:.2f} s after the answer</p>'
+        return (
+            probability_html(scored.tokens)
+            + f'<p class="token-note">scored in {scored.seconds:.2f} s after the answer</p>'
+        )
 
     def _remember(
         self, session: Session, prompt: str, mode: str, values: tuple[Any, ...], runs: list[PanelRun]
@@ -541,17 +562,22 @@ class CompareTab:
                 )
         session.last = comparison
 
-    def clear(self, request: gr.Request) -> list[Any]:
-        """Empty panels and a new conversation. An answer still streaming is stopped first and
-        waited for: its last frame, drawn after its text ended, would otherwise come after
-        the emptied panels and fill them again."""
-        session = self.sessions.get(request)
+    @staticmethod
+    def _stop_answers(session: Session) -> None:
+        """Stop the answers still streaming and wait for their last frame: drawn after their
+        text ended, it would otherwise come after what replaces the panels and draw over it."""
+        session.replaced += 1
         for cancel in session.cancels:
             cancel.set()
         session.idle.wait(timeout=30)
+
+    def clear(self, request: gr.Request) -> list[Any]:
+        """Empty panels and a new conversation (an answer streaming is stopped first)."""
+        session = self.sessions.get(request)
+        self._stop_answers(session)
         session.histories = [[] for _ in range(MAX_PANELS)]
         session.turns = [[] for _ in range(MAX_PANELS)]
-        return [[] for _ in range(MAX_PANELS)] + ["" for _ in range(2 * MAX_PANELS)]
+        return [[] for _ in range(MAX_PANELS)] + ["" for _ in range(2 * MAX_PANELS)] + [""]
 
     def export(self, request: gr.Request, n: float, mode: str, *values: Any) -> tuple[Any, Any, str]:
         """The whole session: every panel's conversation with the settings and finish reason of
@@ -607,6 +633,7 @@ class CompareTab:
         except (OSError, PlaygroundError) as err:
             return [*unchanged, error_text(err)]
         session = self.sessions.get(request)
+        self._stop_answers(session)  # the loaded conversations replace the one being answered
         missing = [p.variant_id for p in record.panels if p.variant_id and p.variant_id not in self.engine.catalogue]
         updates: list[Any] = [record.n_panels, record.mode]
         updates += [_shown_setting(k, record.settings.get(k)) for k in SETTINGS]

@@ -34,6 +34,7 @@ class Session:
     # Set while no prompt is being answered: a second one is refused, never interleaved, and
     # Clear waits for the answer it stops to send its last frame.
     idle: threading.Event = field(default_factory=_set_event)
+    replaced: int = 0  # panels emptied or loaded: an answer this stopped leaves them the status line
     last: Comparison | None = None
     # Blind comparison: the hidden pair (A, B), the prompt asked, and whether it was voted on.
     arena_pair: tuple[str, str] | None = None
