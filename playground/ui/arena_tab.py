@@ -258,14 +258,7 @@ class ArenaTab:
         session.arena_pair, session.arena_voted, session.arena_prompt = (pair[0], pair[1]), False, ""
 
     def new_pair(self, request: gr.Request) -> list[Any]:
-        """Two ready variants drawn at random. A round still being answered is stopped first
-        and waited for, so its answers cannot come back over the new pair's empty chats (or
-        offer a vote on the old answers)."""
         session = self.sessions.get(request)
-        session.arena_round += 1
-        for cancel in session.arena_cancels:
-            cancel.set()
-        session.arena_idle.wait(timeout=30)
         ready = [v for v, w in list(self.engine.workers.items()) if w.state == "ready"]
         off = [gr.update(interactive=False)] * len(OUTCOME_LABELS)
         if len(ready) < 2:
@@ -283,18 +276,6 @@ class ArenaTab:
         if not prompt or not prompt.strip():
             yield ["⚠ Type a prompt first.", gr.update(), gr.update(), *off]
             return
-        if not session.arena_idle.is_set():
-            yield ["⚠ Still answering the last prompt: wait for both answers, or press New pair.", gr.update(), gr.update(), *off]
-            return
-        session.arena_idle.clear()
-        try:
-            yield from self._answer(session, prompt, tag)
-        finally:
-            session.arena_idle.set()
-
-    def _answer(self, session: Session, prompt: str, tag: str | None) -> Iterator[list[Any]]:
-        off = [gr.update(interactive=False)] * len(OUTCOME_LABELS)
-        round_drawn = session.arena_round
         session.arena_cancels = [threading.Event(), threading.Event()]
         try:
             runs = [
@@ -314,16 +295,12 @@ class ArenaTab:
         session.arena_answers = ("", "")
         snapshot: list[PanelRun] = []
         for snapshot in stream_panels(self.engine, runs):
-            if session.arena_round != round_drawn:  # New pair stopped this round: its page is the new pair's
-                return
             views = [
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": r.text or "…"}] for r in snapshot
             ]
             waiting = [r.queue_position for r in snapshot if r.status == "queued"]
             note = f" (waiting its turn: {ordinal(min(waiting))} in line)" if waiting else ""  # which side stays hidden
             yield [f"Answering…{note}", *views, *off]
-        if session.arena_round != round_drawn:
-            return
         failed = [r for r in snapshot if r.status == "failed"]
         views = [
             [
