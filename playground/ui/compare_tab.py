@@ -487,10 +487,10 @@ class CompareTab:
             shown = frame(snapshot, final=False)
             yield shown
         last = frame(snapshot, final=True)  # drawn before the histories take this turn in
-        # A chat or metrics line the page already shows is not sent again: this frame was drawn
-        # on the page ~0.8 s after a loaded session sent later (seen in the browser test) and
-        # drew the stopped answer back. Our reading of Gradio's client, not checked: an
-        # event's last frame is drawn again when the event ends.
+        # A chat or metrics line the page already shows is not sent again: Gradio sends an
+        # event's last frame again, whole, with the event's end (blocks.py,
+        # handle_streaming_diffs), which came after a loaded session sent since and drew the
+        # stopped answer back (seen in the browser test).
         for index in range(HEAD_OUTPUTS, len(last), PANEL_OUTPUTS):
             for cell in (index, index + 1):  # the panel's chat and metrics
                 if shown and last[cell] == shown[cell]:
