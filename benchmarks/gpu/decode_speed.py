@@ -117,8 +117,9 @@ def filler_tokenizer(vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
 
 
-def make_model(shape: Shape, folder: Path, device: str) -> Any:
-    """Random bf16 weights of `shape`, saved as an HF folder with the filler tokenizer."""
+def make_model(shape: Shape, folder: Path, device: str, output_scale: float = 1.0) -> Any:
+    """Random bf16 weights of `shape`, saved as an HF folder with the filler tokenizer; each
+    layer's output projections (o, down) times `output_scale` where it is not 1."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     eos = shape.vocab - 1
@@ -145,6 +146,10 @@ def make_model(shape: Shape, folder: Path, device: str) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():  # the end-of-sequence logit is 0 while the others spread around it
         model.get_output_embeddings().weight[eos].zero_()
+        if output_scale != 1.0:
+            for name, parameter in model.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    parameter.mul_(output_scale)
     model.generation_config.eos_token_id = eos
     model.save_pretrained(folder)
     filler_tokenizer(shape.vocab).save_pretrained(folder)

@@ -190,11 +190,12 @@ def wall_us(run: Callable[[], None], count: int) -> float:
 def profile_pass(decoder: Any, vocab: int, drafts: int, passes: int) -> dict[str, Any]:
     """One short speculative reply (its pass of `drafts` drafts compiled and captured), then
     `passes` passes timed and profiled as a reply runs them."""
+    from benchmarks.gpu.speculative_speed import filler_prompt
     from playground.backends.base import SpeculationStats
     from playground.backends.fast_decode import PromptLookupDrafter
     from playground.config import GenerationParams
 
-    prompt = [(i * 7919) % (vocab - 1) for i in range(256)]
+    prompt = filler_prompt(vocab)
     params = GenerationParams(max_new_tokens=8, temperature=0.0)
     drafter = PromptLookupDrafter(3, drafts)
     for _ in decoder.speculative_tokens(prompt, params, lambda: False, drafter, drafts, SpeculationStats("p")):

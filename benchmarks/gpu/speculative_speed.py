@@ -51,15 +51,14 @@ def make_target(shape: Shape, folder: Path, device: str) -> None:
     in `folder` for the backend to load."""
     import torch
 
-    model = make_model(shape, folder, device)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                parameter.mul_(OUTPUT_SCALE)
-    model.save_pretrained(folder)
-    del model
+    make_model(shape, folder, device, output_scale=OUTPUT_SCALE)  # written, then dropped
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def filler_prompt(vocab: int) -> list[int]:
+    """A PROMPT_TOKENS-long prompt of spread ids, never the end token (decode_speed's: the last)."""
+    return [(i * 7919) % (vocab - 1) for i in range(PROMPT_TOKENS)]
 
 
 def load_backend(path: str, shape: Shape, folder: Path, device: str) -> Any:
@@ -171,7 +170,7 @@ def measure_path(path: str, shape: Shape, folder: Path, device: str, args: argpa
         decoder = backend.decoder
         if decoder is None:
             return {"error": f"no static-cache decoder: {backend.decode_path.describe()}"}
-        prompt = [(i * 7919) % (shape.vocab - 1) for i in range(PROMPT_TOKENS)]  # never the end token
+        prompt = filler_prompt(shape.vocab)
         reference, plain = plain_rate(decoder, prompt, args.tokens, args.runs)
         result: dict[str, Any] = {
             "decode": backend.decode_path.describe(),
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             make_model(draft, draft_folder, device)
             backend = load_backend("fast", draft, draft_folder, device)
             try:
-                prompt = [(i * 7919) % (draft.vocab - 1) for i in range(PROMPT_TOKENS)]
+                prompt = filler_prompt(draft.vocab)
                 _, rate = plain_rate(backend.decoder, prompt, min(args.tokens, 64), args.runs)
                 report["draft"] = {
                     "shape": draft.name,

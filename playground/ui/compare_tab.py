@@ -443,7 +443,7 @@ class CompareTab:
 
     def _notice(self, text: str) -> list[Any]:
         """Outputs that change nothing but the notice line."""
-        return [gr.update(), gr.update(), text, gr.update(), gr.update()] + [gr.update()] * (4 * MAX_PANELS)
+        return [gr.update(), gr.update(), text, gr.update(), gr.update()] + [gr.update()] * (PANEL_OUTPUTS * MAX_PANELS)
 
     def _run(self, session: Session, prompt: str, mode: str, n: int, values: tuple[Any, ...]) -> Iterator[list[Any]]:
         entries = self._requests(session, prompt, mode, n, values)
