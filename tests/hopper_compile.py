@@ -105,6 +105,15 @@ def nf4(
     return triton_source.nf4_matvec_kernel, signature, constants
 
 
+def rows(norm: bool, bias: bool, gated: bool, residual: bool, stages: int = 1) -> tuple:
+    """The rows kernel (passes of several tokens) in bf16, its dot on tensor cores."""
+    signature = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
+    signature |= {"M": "i32", "N": "i32", "eps": "fp32"}
+    work = layer_work(norm, bias, gated, residual)
+    constants = dict(K=2048, **work, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, STAGES=stages)
+    return triton_source.rows_matvec_kernel, signature, constants
+
+
 def attention(pdl: bool = False, splits: int = 1) -> tuple:
     signature = {name: BF16 for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "keys_ptr", "values_ptr", "out_ptr")}
     signature |= {"position_ptr": "*i64", "length_ptr": "*i64", "scale": "fp32", "capacity": "i32"}
@@ -222,6 +231,9 @@ VARIANTS = {
     "matvec int8 head, pipelined": matvec(
         norm=False, bias=False, gated=False, residual=False, int8_rows=True, stages=3
     ),
+    "rows qkv": rows(norm=True, bias=True, gated=False, residual=False),
+    "rows gate/up, pipelined": rows(norm=True, bias=False, gated=True, residual=False, stages=3),
+    "rows o/down": rows(norm=False, bias=False, gated=False, residual=True),
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),
 }

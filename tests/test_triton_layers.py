@@ -28,6 +28,7 @@ from playground.backends.triton_kernels import (  # noqa: E402
     decode_attention,
     fused_matvec,
     nf4_matvec,
+    rows_matvec,
 )
 from playground.backends.triton_layers import (  # noqa: E402
     FusedDecoderLayer,
@@ -85,6 +86,43 @@ def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case, way)
     # fp32: only the order of the sums differs. fp16: the same roundings, so an ulp or two apart.
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
     torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["norm-and-bias", "gated", "residual"])
+@pytest.mark.parametrize("tokens", [2, 5, 16])
+@pytest.mark.parametrize(
+    "config", [MatvecConfig(16, 32, 4), MatvecConfig(32, 64, 4, stages=3)], ids=["16x32", "32x64-pipelined"]
+)
+def test_a_pass_of_several_tokens_does_for_each_what_the_layer_does(dtype, case, tokens, config):
+    """The rows kernel (a check of drafts): each token's row as the layer computes it, with its
+    own norm and residual; a partial last block of weight rows and of columns."""
+    generator = torch.Generator().manual_seed(1)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    x, norm = random(tokens, COLUMNS), Norm(1 + 0.1 * random(COLUMNS))
+    with torch.no_grad():
+        if case == "norm-and-bias":
+            weight, bias = random(ROWS, COLUMNS), random(ROWS)
+            expected = F.linear(norm(x), weight, bias)
+            got = rows_matvec(x, weight, config, norm=norm, bias=bias)
+        elif case == "gated":
+            weight = random(2 * ROWS, COLUMNS)
+            gate, up = F.linear(norm(x), weight).split(ROWS, dim=-1)
+            expected = F.silu(gate) * up
+            got = rows_matvec(x, weight, config, norm=norm, gated=True)
+        else:
+            weight, residual = random(ROWS, COLUMNS), random(tokens, ROWS)
+            expected = residual + F.linear(x, weight)
+            got = rows_matvec(x, weight, config, residual=residual)
+    assert got.dtype == dtype and got.shape == (tokens, ROWS)
+    # fp32: the sums' order differs, by tiles of 64 columns too (seen: 1.3e-5 off in SiLU's products)
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
+    torch.testing.assert_close(got, expected, **tolerance)
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        rows_matvec(torch.zeros(17, COLUMNS, dtype=dtype), weight, config)
 
 
 def _nf4_linears(shapes: list[tuple[int, int]], dtype: torch.dtype, nested: bool, seed: int = 0) -> list:
@@ -805,8 +843,39 @@ def test_a_compiled_step_over_the_fused_layers_decodes_the_tokens_of_generate(qw
     assert hasattr(decoder._step_fn, "_torchdynamo_orig_callable")  # the step did go through torch.compile
     assert not first.attention_counters.any()
     assert triton_layers.describe_choices(model) == (
-        "each head's slots over 4 programs, x read a step ahead in o, loads pipelined in down"
+        "each head's slots over 4 programs, x read a step ahead in o, loads pipelined in down,"
+        " checks of 2-16 tokens through a Triton kernel of several rows"
     )
+
+
+def test_checks_of_drafts_through_the_rows_kernel_give_the_tokens_of_generate(qwen2_folder, monkeypatch):
+    """fp32, greedy: prompt lookup over the fused layers (Qwen2's biases too), its passes of
+    drafts through the rows kernel under the pass's mask, gives generate's tokens one for one."""
+    from playground.backends.base import SpeculationStats
+    from playground.backends.fast_decode import PromptLookupDrafter
+
+    prompt = [3, 14, 15, 9, 26, 5, 35, 8, 3, 14, 15, 9, 26, 5, 35, 8, 3, 14, 15]  # repeats: drafts to check
+    new_tokens = 12
+    plain = _fused_model(qwen2_folder)
+    remove_fused_layers(plain)
+    expected = plain.generate(
+        torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens
+    )[0, len(prompt) :].tolist()
+    model = _fused_model(qwen2_folder)
+    passes: list[int] = []
+    kernel = triton_layers.rows_matvec
+    monkeypatch.setattr(
+        triton_layers, "rows_matvec", lambda x, *a, **k: passes.append(x.shape[0]) or kernel(x, *a, **k)
+    )
+    decoder = StaticDecoder(model, 256, use_cuda_graph=False)
+    params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
+    stats = SpeculationStats("prompt-lookup")
+    got = list(decoder.speculative_tokens(prompt, params, lambda: False, PromptLookupDrafter(2, 4), 4, stats))
+    assert got == expected
+    # the checks (the token before and up to 4 drafts) took the kernel, four launches a layer;
+    # the 19-token prompt did not
+    assert stats.accepted > 0 and passes and set(passes) <= {2, 3, 4, 5}
+    assert len(passes) % (4 * model.config.num_hidden_layers) == 0
 
 
 def test_the_pickers_trials_read_every_layer_s_own_weights_and_cache(llama_folder):
@@ -849,14 +918,25 @@ def test_the_attention_trial_computes_in_the_model_s_dtype_past_int8_and_nf4_tab
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_multi_token_passes_and_removal_give_the_model_s_own_layers(llama_folder):
+def test_passes_of_several_tokens_take_the_rows_kernel_longer_ones_and_removal_the_model_s_own(
+    llama_folder, monkeypatch
+):
+    """A pass of 2-16 tokens (a check of drafts) goes through the rows kernel, four launches a
+    layer, and gives the model's own logits up to the sums' order; a longer pass (a prompt) and
+    the layers put back give them exactly."""
     model = _fused_model(llama_folder)
-    ids = torch.tensor([[3, 14, 15, 9, 26, 5]])
+    calls: list[int] = []
+    kernel = triton_layers.rows_matvec
+    monkeypatch.setattr(triton_layers, "rows_matvec", lambda x, *a, **k: calls.append(x.shape[0]) or kernel(x, *a, **k))
+    short = torch.tensor([[3, 14, 15, 9, 26, 5]])
+    long = torch.tensor([[(7 * i) % 50 + 1 for i in range(20)]])
     with torch.no_grad():
-        fused_prompt_logits = model(ids).logits  # several tokens: the wrapped layers' own pass
+        fused_short, fused_long = model(short).logits, model(long).logits
+        assert calls == [6] * 4 * model.config.num_hidden_layers  # the long pass took none
         remove_fused_layers(model)
         assert not any(isinstance(layer, FusedDecoderLayer) for layer in model.model.layers)
-        torch.testing.assert_close(model(ids).logits, fused_prompt_logits, atol=0, rtol=0)
+        torch.testing.assert_close(model(long).logits, fused_long, atol=0, rtol=0)
+        torch.testing.assert_close(model(short).logits, fused_short, atol=1e-4, rtol=1e-4)
 
 
 def test_layers_that_cannot_be_fused_say_why(llama_folder):
@@ -976,6 +1056,7 @@ def test_stored_picks_that_do_not_fit_the_layers_are_not_taken(llama_folder):
     fuse_projections(model)
     first = triton_layers.layer_projections(triton_layers._decoder_layers(model)[0])
     fitting = {name: MatvecConfig(8, 64, 4) for name in triton_layers.MATVECS}
+    fitting |= {pick: MatvecConfig(16, 64, 4) for pick in triton_layers.ROWS_PICKS.values()}
     assert triton_layers._cached_picks_fit(fitting | {"attention": AttentionConfig(32, 4)}, first, True)
     assert triton_layers._cached_picks_fit(fitting | {"attention": None}, first, False)
     assert not triton_layers._cached_picks_fit(fitting | {"attention": None}, first, True)
@@ -983,3 +1064,7 @@ def test_stored_picks_that_do_not_fit_the_layers_are_not_taken(llama_folder):
     wide = dict(fitting, qkv=MatvecConfig(8, 4 * first["qkv"].columns, 4))  # mostly masked columns
     assert not triton_layers._cached_picks_fit(wide | {"attention": AttentionConfig(32, 4)}, first, True)
     assert not triton_layers._cached_picks_fit(dict(fitting, o=None) | {"attention": None}, first, False)
+    # passes of several tokens: a shape too wide is refused; none found (None) stays a valid pick
+    wide_rows = dict(fitting, rows_down=MatvecConfig(16, 4 * first["down"].columns, 4))
+    assert not triton_layers._cached_picks_fit(wide_rows | {"attention": None}, first, False)
+    assert triton_layers._cached_picks_fit(dict(fitting, rows_down=None) | {"attention": None}, first, False)

@@ -258,6 +258,111 @@ def fused_matvec(
     )
 
 
+# A pass of this many tokens or fewer (a check of drafts) can go through `rows_matvec`: the
+# smallest tile tensor cores take. Longer passes (prompts) stay on the model's own GEMMs.
+ROWS_MAX = 16
+# Launch shapes timed for `rows_matvec` (block_n of 16 or more: tensor cores' smallest tile).
+# Few: each is compiled for every weight shape at a model's first load.
+ROWS_CANDIDATES = (
+    MatvecConfig(16, 128, 4),
+    MatvecConfig(16, 256, 4),
+    MatvecConfig(32, 128, 4),
+    MatvecConfig(32, 256, 8),
+    MatvecConfig(64, 64, 4),
+    MatvecConfig(16, 128, 4, stages=3),
+    MatvecConfig(32, 128, 4, stages=3),
+)
+
+
+@functools.cache
+def _rows_matvec_op() -> Any:
+    """The rows kernel's torch op, made at first use (as `_matvec_op`)."""
+    import triton
+    from torch.library import custom_op
+
+    from playground.backends.triton_source import rows_matvec_kernel
+
+    @custom_op("playground::rows_matvec", mutates_args=())
+    def rows_matvec(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        norm_weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        gated: bool,
+        block_n: int,
+        block_k: int,
+        num_warps: int,
+        stages: int,
+    ) -> torch.Tensor:
+        rows = weight.shape[0] // 2 if gated else weight.shape[0]
+        x = x.contiguous()
+        out = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
+        rows_matvec_kernel[(triton.cdiv(rows, block_n),)](
+            x,
+            weight,
+            x if norm_weight is None else norm_weight,
+            x if bias is None else bias,
+            x if residual is None else residual.contiguous(),
+            out,
+            x.shape[0],
+            rows,
+            eps,
+            K=weight.shape[1],
+            HAS_NORM=norm_weight is not None,
+            HAS_BIAS=bias is not None,
+            GATED=gated,
+            HAS_RES=residual is not None,
+            BLOCK_M=ROWS_MAX,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            STAGES=stages,
+            num_warps=num_warps,
+        )
+        return out
+
+    @rows_matvec.register_fake
+    def _(x, weight, norm_weight, bias, residual, eps, gated, block_n, block_k, num_warps, stages):  # noqa: ANN001, ANN202
+        rows = weight.shape[0] // 2 if gated else weight.shape[0]
+        return x.new_empty((x.shape[0], rows))
+
+    return rows_matvec
+
+
+def rows_matvec(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    config: MatvecConfig,
+    norm: nn.Module | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
+) -> torch.Tensor:
+    """`fused_matvec` for a pass of M <= ROWS_MAX tokens: `x` [M, K], `residual` [M, N];
+    returns [M, N], each row what `fused_matvec` gives for that token (up to the order of the
+    sums). Each weight is read once for all M. `config`: block_n (16 or more), block_k, warps,
+    stages."""
+    if x.shape[0] > ROWS_MAX:
+        raise ValueError(f"rows_matvec takes at most {ROWS_MAX} tokens, got {x.shape[0]}")
+    if not torch.compiler.is_compiling():  # registered by the first eager call, before any compile
+        _rows_matvec_op()
+    norm_weight, eps = _norm_arguments(norm)
+    return torch.ops.playground.rows_matvec(
+        x,
+        weight,
+        norm_weight,
+        bias,
+        residual,
+        eps,
+        gated,
+        config.block_n,
+        config.block_k,
+        config.num_warps,
+        config.stages,
+    )
+
+
 # MatvecConfig.nf4_lookup: the kernel's LOOKUP (triton_source.LOOKUP_BYTE and on)
 NF4_LOOKUPS = {"byte": 0, "nibble": 1, "registers": 2, "scaled": 3}
 

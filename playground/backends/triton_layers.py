@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import statistics
 import tempfile
@@ -49,6 +50,8 @@ from playground.backends.triton_kernels import (
     CANDIDATE_CONFIGS,
     DEFAULT_ATTENTION,
     DEFAULT_CONFIG,
+    ROWS_CANDIDATES,
+    ROWS_MAX,
     AttentionConfig,
     MatvecConfig,
     NF4Weight,
@@ -57,6 +60,7 @@ from playground.backends.triton_kernels import (
     fused_matvec,
     nf4_matvec,
     nf4_parts_match,
+    rows_matvec,
 )
 
 # Architectures whose layers have the pre-norm Llama shape (norm, attention, add, norm, gated
@@ -191,6 +195,32 @@ class Projection:
         kernel = nf4_matvec if isinstance(self.weight, NF4Weight) else fused_matvec
         return kernel(x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated)
 
+    def rows(
+        self,
+        x: torch.Tensor,
+        config: MatvecConfig,
+        norm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
+        gated: bool = False,
+    ) -> torch.Tensor:
+        """`matvec` for a pass of 2..ROWS_MAX tokens, x [M, K] (plain weights only)."""
+        return rows_matvec(x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated)
+
+    def reference(
+        self,
+        x: torch.Tensor,
+        norm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
+        gated: bool = False,
+    ) -> torch.Tensor:
+        """What the model's own modules compute for `rows` (plain weights): the layer's norm,
+        the linear map, SiLU(gate) * up, the residual. What a rows launch shape must agree with."""
+        out = torch.nn.functional.linear(norm(x) if norm is not None else x, self.weight, self.bias)
+        if gated:
+            gate, up = out.chunk(2, dim=-1)
+            out = torch.nn.functional.silu(gate) * up
+        return out if residual is None else residual + out
+
 
 def layer_projections(layer: nn.Module) -> dict[str, Projection]:
     """The four matvecs of a layer `unfusable_reason` passed: "qkv", "o", "gate_up", "down"."""
@@ -252,7 +282,10 @@ class FusedDecoderLayer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if hidden_states.shape[0] * hidden_states.shape[1] != 1 or position_embeddings is None:
+        tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        if 1 < tokens <= ROWS_MAX and position_embeddings is not None and rows_kernel_picked(self.configs):
+            return self._rows_pass(hidden_states, attention_mask, past_key_values, position_embeddings, **kwargs)
+        if tokens != 1 or position_embeddings is None:
             return self.layer(
                 hidden_states,
                 attention_mask=attention_mask,
@@ -297,6 +330,31 @@ class FusedDecoderLayer(nn.Module):
         out = projections["down"].matvec(activated, configs["down"], residual=hidden)
         return out.view_as(hidden_states)
 
+    def _rows_pass(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """A pass of 2..ROWS_MAX tokens (a check of drafts): the four projections through the
+        rows kernel, each weight read once for every token, with the norms, SiLU(gate) * up and
+        residual adds inside it; attention as the model's own, under the pass's mask. On the
+        H200 the model's own layers took 1.83 ms for a pass of 5 tokens of the 1.7B shape where
+        a step took 1.08 (cuBLAS's GEMMs at about 66% of the copy rate, and ~250 us of small
+        kernels around them: benchmarks/RESULTS.md)."""
+        layer, projections, configs = self.layer, self.projections, self.configs
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        projected = projections["qkv"].rows(x, configs["rows_qkv"], norm=layer.input_layernorm)
+        attended = self._model_attention(projected, position_embeddings, past_key_values, attention_mask, **kwargs)
+        hidden = projections["o"].rows(attended, configs["rows_o"], residual=x)
+        activated = projections["gate_up"].rows(
+            hidden, configs["rows_gate_up"], norm=layer.post_attention_layernorm, gated=True
+        )
+        out = projections["down"].rows(activated, configs["rows_down"], residual=hidden)
+        return out.view_as(hidden_states)
+
     def _model_attention(
         self,
         projected: torch.Tensor,
@@ -305,11 +363,13 @@ class FusedDecoderLayer(nn.Module):
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """RoPE, the cache's own update and SDPA, as the model's attention does them."""
+        """RoPE, the cache's own update and SDPA, as the model's attention does them, for one
+        token's q/k/v [n] or a pass's [M, n]; returns [q] or [M, q]."""
         attention = self.layer.self_attn
         head_dim = attention.head_dim
-        parts = projected.split(self.projections["qkv"].parts)
-        query, key, value = (part.view(1, 1, -1, head_dim).transpose(1, 2) for part in parts)
+        tokens = projected.shape[0] if projected.dim() == 2 else 1
+        parts = projected.view(tokens, -1).split(self.projections["qkv"].parts, dim=-1)
+        query, key, value = (part.reshape(1, tokens, -1, head_dim).transpose(1, 2) for part in parts)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
         if past_key_values is not None:
@@ -317,7 +377,7 @@ class FusedDecoderLayer(nn.Module):
         attended, _ = self._attention(
             attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling, **kwargs
         )
-        return attended.reshape(-1)
+        return attended.reshape(*projected.shape[:-1], -1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -337,6 +397,21 @@ MATVECS = {
 }
 
 
+# The rows kernel's launch shape for each matvec (passes of 2..ROWS_MAX tokens); None where the
+# weights are NF4 (their passes stay on the model's own layers).
+ROWS_PICKS = {name: f"rows_{name}" for name in MATVECS}
+
+
+def rows_kernel_picked(configs: dict[str, Any]) -> bool:
+    """Whether passes of several tokens go through the rows kernel: a shape for each matvec."""
+    return all(configs.get(pick) is not None for pick in ROWS_PICKS.values())
+
+
+# The pass length a rows launch shape is timed at: 4 drafts and the token before them, as the
+# app's prompt-lookup variants check them.
+ROWS_TRIAL_TOKENS = 5
+
+
 def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: bool = True) -> int:
     """Wrap every decoder layer in a `FusedDecoderLayer`; returns how many. Call only when
     `unfusable_reason` is "". On a GPU each kernel's launch shape is timed first, on every
@@ -353,6 +428,7 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
         description = _timing_description(model, first, triton_attention, pdl)
         cache_key = launch_shape_cache.key(description)
         pdl_trial: dict[str, Any] = {}  # the PDL choice's sequences, timed (`close_pdl_choice`)
+        rows_timed: dict[str, float] = {}  # the rows kernel against the model's own matmuls
         configs = _kept_picks(cache_key, first, triton_attention)  # an earlier load's
         cached = configs is not None
         if not cached:
@@ -362,11 +438,13 @@ def install_fused_layers(model: nn.Module, triton_attention: bool = True, pdl: b
                 cached = configs is not None
                 if not cached:
                     projections = [first, *map(layer_projections, layers[1:])]  # built once for the trials
-                    configs = _pick_configs(model, layers, projections, triton_attention, pdl, pdl_trial)
+                    configs = _pick_configs(model, layers, projections, triton_attention, pdl, pdl_trial, rows_timed)
                     launch_shape_cache.store(cache_key, configs, description)
         model._launch_shapes = {"cache_key": cache_key, "cached": cached, "description": description}
         if pdl_trial:
             model._launch_shapes["pdl_trial"] = pdl_trial
+        if rows_timed:
+            model._launch_shapes["rows_ms"] = rows_timed
         with timing_lock(device):
             _time_int8_head(model)
     counters = attention_counters(model.config.num_attention_heads, next(model.parameters()).device)
@@ -401,13 +479,111 @@ def _pick_configs(
     triton_attention: bool,
     pdl: bool,
     pdl_trial: dict[str, Any] | None = None,
+    rows_timed: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Each kernel's launch shape as `_pick_config` and `_pick_attention_config` pick it (timed
-    on a GPU), then PDL on all or none (`pdl`: whichever runs the layers faster; else none).
-    `pdl_trial` receives what `_with_pdl_if_faster` timed."""
+    on a GPU), the rows kernel's (`_pick_rows_configs`), then PDL on all or none (`pdl`:
+    whichever runs the layers faster; else none). `pdl_trial` receives what
+    `_with_pdl_if_faster` timed, `rows_timed` the rows kernel's trial."""
     configs = {name: _pick_config(layers, name, projections) for name in MATVECS}
     configs["attention"] = _pick_attention_config(model) if triton_attention else None
+    configs |= _pick_rows_configs(layers, projections, rows_timed)
     return _with_pdl_if_faster(model, layers, projections, configs, trial=pdl_trial) if pdl else configs
+
+
+def _pick_rows_configs(
+    layers: Sequence[nn.Module], projections: Sequence[dict[str, Projection]], timed: dict[str, float] | None = None
+) -> dict[str, MatvecConfig | None]:
+    """The rows kernel's launch shape for each matvec (ROWS_PICKS): on a GPU the fastest of
+    `ROWS_CANDIDATES` on its `rows_trial` among those whose output agrees with the model's own
+    modules', and all None (passes stay on the model's layers) unless the four together beat
+    the layers' bare matmuls timed alike; off a GPU the first that fits. None for NF4 weights. `timed`,
+    where given, receives both sums ("kernel_ms", "own_ms") once all four were timed."""
+    picks: dict[str, MatvecConfig | None] = {}
+    kernel_ms = own_ms = 0.0
+    for name in MATVECS:
+        projection = projections[0][name]
+        candidates = [config for config in ROWS_CANDIDATES if projection.fits(config)]
+        if isinstance(projection.weight, NF4Weight) or not candidates:
+            return dict.fromkeys(ROWS_PICKS.values())
+        if projection.device.type != "cuda":
+            picks[ROWS_PICKS[name]] = candidates[0]
+            continue
+        run, own, reference = rows_trial(layers, name, projections)
+        candidates = [config for config in candidates if _rows_agree(run, config, reference)]
+        timings: dict[Any, float] = {}
+        best = _fastest(candidates, run, None, timings=timings)
+        if best is None:
+            return dict.fromkeys(ROWS_PICKS.values())
+        picks[ROWS_PICKS[name]] = best
+        _fastest(["own"], lambda _, own=own: own(), None, timings=timings)
+        kernel_ms += timings[best]
+        own_ms += timings.get("own", math.inf)  # matmuls that cannot be timed lose
+    if projections[0]["qkv"].device.type != "cuda":  # nothing timed: the first that fits
+        return picks
+    if timed is not None:
+        timed.update(kernel_ms=kernel_ms, own_ms=own_ms)
+    return picks if rows_kernel_pays(kernel_ms, own_ms) else dict.fromkeys(ROWS_PICKS.values())
+
+
+def rows_kernel_pays(kernel_ms: float, own_ms: float) -> bool:
+    """Whether the rows kernel's four matvecs (their trials' ms summed) beat the layers' bare
+    matmuls timed alike (`rows_trial`); else passes stay on the model's own layers."""
+    return kernel_ms < own_ms
+
+
+def _rows_agree(run: Callable[[MatvecConfig], torch.Tensor], config: MatvecConfig, reference: torch.Tensor) -> bool:
+    """Whether a rows launch shape gives the model's own output up to the sums' order: in fp32
+    within 1e-4 (sums over thousands of columns in tiles of 64-512 drift by more than
+    torch.testing's fp32 default), else torch.testing's tolerances for the dtype. One that fails
+    to compile or run does not agree."""
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if reference.dtype == torch.float32 else {}
+    try:
+        torch.testing.assert_close(run(config), reference, **tolerance)
+    except Exception:
+        return False
+    return True
+
+
+def rows_trial(
+    layers: Sequence[nn.Module],
+    name: str,
+    projections: Sequence[dict[str, Projection]],
+    tokens: int = ROWS_TRIAL_TOKENS,
+) -> tuple[Callable[[MatvecConfig], torch.Tensor], Callable[[], torch.Tensor], torch.Tensor]:
+    """The `name` matvec of each layer in turn for a pass of `tokens` random rows, as a call of
+    a rows launch shape (each layer's own weight, as `matvec_trial`); the same layers' bare
+    matmuls (the linear map alone, on inputs normed beforehand), as a call; and what the
+    model's own modules give for the last layer (`Projection.reference`).
+    Why the bare matmuls: timed eagerly, the modules' norms and SiLU would each be several
+    launches where the compiled pass fuses them into one, and the rows kernel would win on that
+    alone. Against the matmuls it must win on its reads, with its norms and SiLU inside."""
+    norm_name, gated = MATVECS[name]
+    first = projections[0][name]
+    x = torch.randn(tokens, first.columns, dtype=first.dtype, device=first.device)
+    rows = first.parts[0] if gated else sum(first.parts)
+    residual = None if norm_name or gated else torch.zeros(tokens, rows, dtype=first.dtype, device=first.device)
+    calls = [
+        (layer_projection[name], getattr(layer, norm_name) if norm_name else None)
+        for layer, layer_projection in zip(layers, projections, strict=True)
+    ]
+
+    def run(config: MatvecConfig) -> torch.Tensor:
+        for projection, norm in calls:
+            out = projection.rows(x, config, norm=norm, residual=residual, gated=gated)
+        return out
+
+    with torch.no_grad():
+        normed = [norm(x) if norm is not None else x for _, norm in calls]
+        reference = calls[-1][0].reference(x, norm=calls[-1][1], residual=residual, gated=gated)
+
+    @torch.no_grad()
+    def own() -> torch.Tensor:
+        for (projection, _), inputs in zip(calls, normed, strict=True):
+            out = torch.nn.functional.linear(inputs, projection.weight, projection.bias)
+        return out
+
+    return run, own, reference
 
 
 def _timing_description(
@@ -439,7 +615,7 @@ def _timing_description(
 
 def _kept_picks(cache_key: str, first: dict[str, Projection], triton_attention: bool) -> dict[str, Any] | None:
     """The picks an earlier load kept under `cache_key`, where they fit these layers."""
-    configs = launch_shape_cache.load(cache_key, {*MATVECS, "attention"})
+    configs = launch_shape_cache.load(cache_key, {*MATVECS, "attention", *ROWS_PICKS.values()})
     return configs if configs is not None and _cached_picks_fit(configs, first, triton_attention) else None
 
 
@@ -447,6 +623,12 @@ def _cached_picks_fit(configs: dict[str, Any], first: dict[str, Projection], tri
     """Whether stored picks can run these layers (a stored file is read, not trusted)."""
     if any(not isinstance(configs[name], MatvecConfig) or not first[name].fits(configs[name]) for name in MATVECS):
         return False
+    for name, pick in ROWS_PICKS.items():  # a rows shape for plain weights (it may have found none), none for NF4
+        rows = configs[pick]
+        if isinstance(first[name].weight, NF4Weight) and rows is not None:
+            return False
+        if rows is not None and (not isinstance(rows, MatvecConfig) or not first[name].fits(rows)):
+            return False
     return isinstance(configs["attention"], AttentionConfig) if triton_attention else configs["attention"] is None
 
 
@@ -598,7 +780,8 @@ def keep_launch_shapes(model: nn.Module, step_ms: dict[str, float] | None = None
 
 def uses_pdl(model: nn.Module) -> bool:
     """Whether any kernel of the installed layers launches with programmatic dependent launch."""
-    return any(getattr(config, "pdl", False) for config in _installed_configs(model).values())
+    configs = _installed_configs(model)
+    return any(getattr(configs.get(name), "pdl", False) for name in (*MATVECS, "attention"))
 
 
 def describe_choices(model: nn.Module) -> str:
@@ -655,6 +838,14 @@ def describe_choices(model: nn.Module) -> str:
     if step_ms:
         timed = " against ".join(f"{ms:.3f} ms {label}" for label, ms in step_ms.items())
         choices.append(f"PDL decided on the whole step ({timed})")
+    rows_ms = getattr(model, "_launch_shapes", {}).get("rows_ms")
+    timed = ""
+    if rows_ms:
+        timed = f" ({rows_ms['kernel_ms']:.3f} ms against {rows_ms['own_ms']:.3f} for cuBLAS, a pass's matmuls)"
+    if rows_kernel_picked(configs):
+        choices.append(f"checks of 2-{ROWS_MAX} tokens through a Triton kernel of several rows{timed}")
+    elif rows_ms:
+        choices.append(f"checks of several tokens through the model's own layers, faster than a rows kernel{timed}")
     if launch_shapes_cached(model):
         choices.append("launch shapes as an earlier load timed them")
     return ", ".join(choices)
@@ -871,6 +1062,8 @@ def _pdl_loading_ways(
             else:
                 ways = [plain_loading(config, way, pdl=True) for way in PLAIN_LOADING_WAYS]
                 with_pdl[name] = _fastest(ways, trial, first)
+        elif name in ROWS_PICKS.values():  # the rows kernel takes no PDL
+            with_pdl[name] = config
         else:
             with_pdl[name] = None if config is None else dataclasses.replace(config, pdl=True)
     return with_pdl
@@ -886,13 +1079,17 @@ def pdl_choices(
     7-11% slower with PDL (1.29 against 1.43 ms), where bf16 ran 5.6% faster. One guess: NF4
     programs launched early sit waiting on registers and shared memory (up to 168 registers a
     thread) that the kernel before could use."""
+    rows = set(ROWS_PICKS.values())  # the rows kernel takes no PDL
     with_pdl = pdl_configs or {
-        name: None if config is None else dataclasses.replace(config, pdl=True) for name, config in configs.items()
+        name: config if config is None or name in rows else dataclasses.replace(config, pdl=True)
+        for name, config in configs.items()
     }
     choices = {"plain": configs, "pdl": with_pdl}
     if nf4:
         choices["pdl, NF4 late"] = {
-            name: dataclasses.replace(config, nf4_pdl_late=True) if isinstance(config, MatvecConfig) else config
+            name: dataclasses.replace(config, nf4_pdl_late=True)
+            if isinstance(config, MatvecConfig) and name in MATVECS
+            else config
             for name, config in with_pdl.items()
         }
     return choices

@@ -107,6 +107,27 @@ def finish(
     """Store `result` (fp32 sums of `rows`) after the layer's work around the matmul: its bias;
     SiLU(gate) * up where `up` holds the up rows' sums (their bias N rows further on); the
     residual. Each step rounded as the model's eager code rounds it."""
+    finish_at(result, up, rows, row_ok, rows, row_ok, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS, GATED, HAS_RES)
+
+
+@triton.jit
+def finish_at(
+    result,
+    up,
+    rows,
+    row_ok,
+    places,
+    place_ok,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    N,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
+    """`finish` for sums laid out otherwise than the weight's rows: `rows` index the bias,
+    `places` the residual and the output (a pass of several tokens: a token's row of N)."""
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -117,8 +138,8 @@ def finish(
         activated = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
         result = activated * up.to(dtype).to(tl.float32)
     if HAS_RES:
-        result = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) + result.to(dtype).to(tl.float32)
-    tl.store(out_ptr + rows, result.to(dtype), mask=row_ok)
+        result = tl.load(res_ptr + places, mask=place_ok, other=0.0).to(tl.float32) + result.to(dtype).to(tl.float32)
+    tl.store(out_ptr + places, result.to(dtype), mask=place_ok)
 
 
 @triton.jit
@@ -221,6 +242,91 @@ def matvec_kernel(
         tl.sum(acc_up, axis=1),
         rows,
         row_ok,
+        bias_ptr,
+        res_ptr,
+        out_ptr,
+        N,
+        HAS_BIAS,
+        GATED,
+        HAS_RES,
+    )
+
+
+@triton.jit
+def rows_dot(x, weight, acc):
+    """acc + x @ weight.T on tensor cores; fp32 in full precision (tf32 would round the inputs
+    that the model's own fp32 matmul keeps, and the fp32 tests compare tokens one for one)."""
+    if x.dtype == tl.float32:
+        return tl.dot(x, tl.trans(weight), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(weight), acc)
+
+
+@triton.jit
+def rows_matvec_kernel(
+    x_ptr,
+    w_ptr,
+    norm_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    N,
+    eps,
+    K: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr = 1,
+):
+    """out[M, N] = x[M, K] @ w[N, K].T for a pass of M <= BLOCK_M tokens (a speculative check of
+    drafts), with `matvec_kernel`'s work around it, each token's row as that kernel does one:
+    its own RMSNorm, the bias, SiLU(gate) * up, its residual row. Each weight tile is read once
+    for all the rows and multiplied on tensor cores (BLOCK_M of 16: the smallest tile they take;
+    rows past M are zeros and never stored)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_start = rows.to(tl.int64)[:, None] * K
+    tokens = tl.arange(0, BLOCK_M)
+    token_ok = tokens < M
+    cols = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + tokens[:, None] * K
+    rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    if HAS_NORM:  # each token's 1 / sqrt(mean(x^2) + eps), as `rms_rstd` for one
+        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            ok = token_ok[:, None] & (start + cols < K)[None, :]
+            value = tl.load(x_rows + start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            squares += value * value
+        rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = acc
+    for start in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        col = start + cols
+        col_ok = col < K
+        x = tl.load(x_rows + col[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_NORM:  # as `matmul_input`: normalised in fp32, rounded, times the norm's weight, rounded
+            dtype = x.dtype
+            scale = tl.load(norm_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+            x = (scale[None, :] * (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        in_bounds = row_ok[:, None] & col_ok[None, :]
+        weight = tl.load(w_ptr + row_start + col[None, :], mask=in_bounds, other=0.0)
+        acc = rows_dot(x, weight, acc)
+        if GATED:  # the up projection's rows sit N rows below the gate's
+            weight_up = tl.load(w_ptr + row_start + N * K + col[None, :], mask=in_bounds, other=0.0)
+            acc_up = rows_dot(x, weight_up, acc_up)
+    places = tokens[:, None] * N + rows[None, :]
+    place_ok = token_ok[:, None] & row_ok[None, :]
+    finish_at(
+        acc,
+        acc_up,
+        rows[None, :],
+        row_ok[None, :],
+        places,
+        place_ok,
         bias_ptr,
         res_ptr,
         out_ptr,
