@@ -21,12 +21,14 @@ def test_the_oracle_spoils_drafts_at_its_rate_and_never_proposes_past_the_refere
 def test_a_tiny_run_keeps_every_right_draft_and_gives_plain_decoding_s_reply(tmp_path):
     out = tmp_path / "speculative.json"
     assert main(["--tiny", "--out", str(out), "--tokens", "16", "--runs", "1", "--seeds", "1",
-                 "--drafted", "4", "--p", "0.0,1.0"]) == 0  # fmt: skip
+                 "--drafted", "4", "--p", "0.0,1.0", "--paths", "fast,nf4,fast-own-passes"]) == 0  # fmt: skip
     report = json.loads(out.read_text())
-    fast = report["paths"]["fast"]
-    assert fast["plain_tok_s"] > 0 and "static KV cache" in fast["decode"]
-    by_p = {row["p_draft_right"]: row for row in fast["rows"]}
-    assert all(row["equal_to_plain"] for row in fast["rows"]), fast["rows"]
-    assert by_p[1.0]["kept_rate"] == 1.0 and by_p[1.0]["tokens_per_pass"] > 2
+    assert set(report["paths"]) == {"fast", "fast-own-passes"}  # NF4 needs a GPU
+    for path in ("fast", "fast-own-passes"):
+        fast = report["paths"][path]
+        assert fast["plain_tok_s"] > 0 and "static KV cache" in fast["decode"]
+        by_p = {row["p_draft_right"]: row for row in fast["rows"]}
+        assert all(row["equal_to_plain"] for row in fast["rows"]), fast["rows"]
+        assert by_p[1.0]["kept_rate"] == 1.0 and by_p[1.0]["tokens_per_pass"] > 2
     assert by_p[0.0]["kept_rate"] == 0.0
     assert report["draft"]["step_ms"] > 0

@@ -24,6 +24,7 @@ Check on a CPU: python -m benchmarks.gpu.speculative_speed --tiny --out /tmp/s.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -61,14 +62,32 @@ def filler_prompt(vocab: int) -> list[int]:
     return [(i * 7919) % (vocab - 1) for i in range(PROMPT_TOKENS)]
 
 
+# A path with this suffix loads as the path before it, with its passes of drafts kept on the
+# model's own layers (cuBLAS), not the Triton rows kernel: the same run's comparison.
+OWN_PASSES = "-own-passes"
+
+
 def load_backend(path: str, shape: Shape, folder: Path, device: str) -> Any:
-    """The model in `folder` loaded as the `path` variant (decode_speed.variant_for) is."""
+    """The model in `folder` loaded as the `path` variant (decode_speed.variant_for) is; a path
+    ending in OWN_PASSES with the rows kernel left out (launch shapes timed afresh, in a cache
+    folder of its own, so neither load takes the other's picks)."""
+    import os
+    from unittest import mock
+
+    from playground.backends import triton_layers
     from playground.backends.transformers_backend import TransformersBackend
     from playground.config import parse_config
 
-    config = parse_config(variant_for(path, shape, folder, None, device), f"speculative_speed {shape.name} {path}")
+    own_passes = path.endswith(OWN_PASSES)
+    base = path.removesuffix(OWN_PASSES)
+    config = parse_config(variant_for(base, shape, folder, None, device), f"speculative_speed {shape.name} {path}")
     backend = TransformersBackend(config)
-    backend.load()
+    with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.dict(os.environ, {"PLAYGROUND_CACHE_DIR": cache}))
+        if own_passes:
+            left_out = dict.fromkeys(triton_layers.ROWS_PICKS.values())
+            patches.enter_context(mock.patch.object(triton_layers, "_pick_rows_configs", lambda *_, **__: left_out))
+        backend.load()
     return backend
 
 
@@ -192,7 +211,11 @@ def measure_path(path: str, shape: Shape, folder: Path, device: str, args: argpa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--paths", default="fast,nf4", help="decode_speed's paths: fast, nf4, nf4-int8-head, ...")
+    parser.add_argument(
+        "--paths",
+        default="fast,nf4",
+        help=f"decode_speed's paths (fast, nf4, nf4-int8-head, ...); a path{OWN_PASSES}: its passes on the model's own layers",
+    )
     parser.add_argument("--target", default="smollm2-1.7b", choices=sorted(SHAPES))
     parser.add_argument(
         "--draft", default="smollm2-135m", help="the draft model's shape, whose step is timed ('' for none)"
@@ -213,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (--tiny checks the script on a CPU)")
     target = TINY if args.tiny else SHAPES[args.target]
-    paths = ["fast"] if args.tiny else args.paths.split(",")  # bitsandbytes' NF4 needs the GPU
+    paths = args.paths.split(",")
+    if args.tiny:  # bitsandbytes' NF4 needs the GPU
+        paths = [path for path in paths if not path.startswith("nf4")]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
