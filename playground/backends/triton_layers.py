@@ -12,9 +12,10 @@ layer's single-token pass is five kernels (triton_kernels):
 
 The weights are either plain (q/k/v and gate/up fused by fast_decode.fuse_projections first) or
 bitsandbytes NF4, read in bitsandbytes' own layout (double quant too), so an NF4 variant reads a
-quarter of the bytes without a copy of its weights. Passes of several tokens (prefill,
-speculative checks) go through the model's own layer: a matvec reads each weight once per
-token, which only pays at one token.
+quarter of the bytes without a copy of its weights. A pass of 2-16 tokens (a speculative check
+of drafts) with plain weights can take a rows kernel: each weight read once for all its tokens,
+on tensor cores, with the same work around it; it is timed at load against cuBLAS and kept only
+where it wins. Longer passes (prompts) and NF4 passes go through the model's own layers.
 
 Rounding follows the model's eager code step by step, so fp32 tokens match `generate` (plain and
 NF4: tests/test_triton_layers.py, through Triton's interpreter on a CPU) and bf16 results differ
