@@ -105,12 +105,14 @@ def nf4(
     return triton_source.nf4_matvec_kernel, signature, constants
 
 
-def rows(norm: bool, bias: bool, gated: bool, residual: bool, stages: int = 1) -> tuple:
-    """The rows kernel (passes of several tokens) in bf16, its dot on tensor cores."""
+def rows(norm: bool, bias: bool, gated: bool, residual: bool, stages: int = 1, wide: bool = False) -> tuple:
+    """The rows kernel (passes of several tokens) in bf16, its dot on tensor cores; `wide`: 16
+    rows by 512 columns a loop step, else 32 by 128."""
     signature = {name: BF16 for name in ("x_ptr", "w_ptr", "norm_ptr", "bias_ptr", "res_ptr", "out_ptr")}
     signature |= {"M": "i32", "N": "i32", "eps": "fp32"}
     work = layer_work(norm, bias, gated, residual)
-    constants = dict(K=2048, **work, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, STAGES=stages)
+    block = dict(BLOCK_N=16, BLOCK_K=512) if wide else dict(BLOCK_N=32, BLOCK_K=128)
+    constants = dict(K=2048, **work, BLOCK_M=16, **block, STAGES=stages)
     return triton_source.rows_matvec_kernel, signature, constants
 
 
@@ -234,6 +236,7 @@ VARIANTS = {
     "rows qkv": rows(norm=True, bias=True, gated=False, residual=False),
     "rows gate/up, pipelined": rows(norm=True, bias=False, gated=True, residual=False, stages=3),
     "rows o/down": rows(norm=False, bias=False, gated=False, residual=True),
+    "rows o/down, 16 x 512 pipelined": rows(norm=False, bias=False, gated=False, residual=True, stages=3, wide=True),
     "attention, PDL": attention(pdl=True),
     "attention, 16 shares, PDL": attention(pdl=True, splits=16),
 }

@@ -262,7 +262,10 @@ def fused_matvec(
 # smallest tile tensor cores take. Longer passes (prompts) stay on the model's own GEMMs.
 ROWS_MAX = 16
 # Launch shapes timed for `rows_matvec` (block_n of 16 or more: tensor cores' smallest tile).
-# Few: each is compiled for every weight shape at a model's first load.
+# Few: each is compiled for every weight shape at a model's first load. On the H200 the
+# narrow ones (4-16 KB of weights a loop step) lost to cuBLAS by 1.7x on the 1.7B's pass
+# (benchmarks/RESULTS.md), where the step's matvecs win with 8-32 KB in flight a program: so
+# also wide steps, pipelined (a shape whose buffers do not fit is dropped by the trial).
 ROWS_CANDIDATES = (
     MatvecConfig(16, 128, 4),
     MatvecConfig(16, 256, 4),
@@ -271,6 +274,10 @@ ROWS_CANDIDATES = (
     MatvecConfig(64, 64, 4),
     MatvecConfig(16, 128, 4, stages=3),
     MatvecConfig(32, 128, 4, stages=3),
+    MatvecConfig(16, 512, 4),
+    MatvecConfig(16, 512, 8, stages=3),
+    MatvecConfig(16, 1024, 8),
+    MatvecConfig(32, 512, 8, stages=3),
 )
 
 
