@@ -111,6 +111,14 @@ def wait_text(locator, pattern: str, timeout_s: float = 90) -> str:
     raise AssertionError(f"{pattern!r} did not appear; last text: {text!r}")
 
 
+def stays_without(locator, text: str, seconds: float) -> None:
+    """`text` stays out of the locator's text for `seconds` (a late update would bring it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert text not in locator.inner_text()
+        time.sleep(0.2)
+
+
 def ask_one_panel(page, prompt: str, max_new_tokens: int) -> None:
     """One panel, a token limit, one prompt sent and answered to its end."""
     set_number(page, "n-panels", 1)
@@ -619,6 +627,15 @@ def test_blind_vote_updates_the_leaderboard(page, tmp_path):
     upload(page, "votes-import", broken)
     wait_text(page.locator("#votes-status"), r"broken\.json, vote 1: outcome", 20)
     page.screenshot(path=str(DOCS / "blind.png"), full_page=True)
+    # New pair while a round is answered: the round stops, and its answers do not come back
+    # over the new pair, nor its vote buttons.
+    page.locator("#arena-prompt textarea, #arena-prompt input").first.fill("Write a long story about a lighthouse keeper.")
+    page.locator("#arena-send").click()
+    wait_text(page.locator("#arena-a"), r"lighthouse keeper\.[\s\S]+\w", 60)
+    page.locator("#arena-new").click()
+    wait_text(page.locator("#arena-info"), "new pair is ready", 40)
+    stays_without(page.locator("#arena-a"), "lighthouse", 3)
+    expect(page.locator("#vote-a")).to_be_disabled()
 
 
 def test_router_view_decides_answers_and_evaluates(page, tmp_path):

@@ -114,11 +114,17 @@ class ArenaTab:
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", elem_id="arena-prompt", scale=3)
             tag = gr.Dropdown(
-                self.votes.tags(), value=None, allow_custom_value=True, label="category (pick or type; optional)",
-                elem_id="arena-tag", scale=1,
+                self.votes.tags(),
+                value=None,
+                allow_custom_value=True,
+                label="category (pick or type; optional)",
+                elem_id="arena-tag",
+                scale=1,
             )
             session_name = gr.Textbox(
-                label="demo session (kept with each vote)", elem_id="arena-session", scale=1,
+                label="demo session (kept with each vote)",
+                elem_id="arena-session",
+                scale=1,
                 value=time.strftime("session %Y-%m-%d"),
             )
         send = gr.Button("Send to both", variant="primary", elem_id="arena-send")
@@ -156,9 +162,7 @@ class ArenaTab:
         self.board_tag.change(self.pick_tag, self.board_tag, board_outputs)
         style.change(self.pick_style, style, board_outputs)
         export.click(self.export, None, files)
-        import_button.upload(self.import_votes, import_button, votes_status).then(
-            self.pick_style, style, board_outputs
-        )
+        import_button.upload(self.import_votes, import_button, votes_status).then(self.pick_style, style, board_outputs)
         self.tag = tag
 
     def follow_live(self, live: LivePage) -> None:
@@ -247,9 +251,8 @@ class ArenaTab:
             added, known = self.votes.import_file(path)
         except PlaygroundError as err:
             return error_text(PlaygroundError(str(err).replace(path.name, shown)))
-        return (
-            f"Imported {added} vote{'s' if added != 1 else ''} from {html.escape(shown)}"
-            + (f"; {known} already here were skipped." if known else ".")
+        return f"Imported {added} vote{'s' if added != 1 else ''} from {html.escape(shown)}" + (
+            f"; {known} already here were skipped." if known else "."
         )
 
     @staticmethod
@@ -258,7 +261,14 @@ class ArenaTab:
         session.arena_pair, session.arena_voted, session.arena_prompt = (pair[0], pair[1]), False, ""
 
     def new_pair(self, request: gr.Request) -> list[Any]:
+        """Two ready variants drawn at random. A round still being answered is stopped first
+        and waited for, so its answers cannot come back over the new pair's empty chats (or
+        offer a vote on the old answers)."""
         session = self.sessions.get(request)
+        session.arena_round += 1
+        for cancel in session.arena_cancels:
+            cancel.set()
+        session.arena_idle.wait(timeout=30)
         ready = [v for v, w in list(self.engine.workers.items()) if w.state == "ready"]
         off = [gr.update(interactive=False)] * len(OUTCOME_LABELS)
         if len(ready) < 2:
@@ -276,6 +286,27 @@ class ArenaTab:
         if not prompt or not prompt.strip():
             yield ["⚠ Type a prompt first.", gr.update(), gr.update(), *off]
             return
+        if not session.arena_idle.is_set():
+            yield [
+                "⚠ Still answering the last prompt: wait for both answers, or press New pair.",
+                gr.update(),
+                gr.update(),
+                *off,
+            ]
+            return
+        session.arena_idle.clear()
+        try:
+            yield from self._answer(session, prompt, tag)
+        finally:
+            session.arena_idle.set()
+
+    def _answer(self, session: Session, prompt: str, tag: str | None) -> Iterator[list[Any]]:
+        off = [gr.update(interactive=False)] * len(OUTCOME_LABELS)
+        # A stopped round's last frame changes nothing: Gradio sends an event's last frame
+        # again, whole, with its end message (blocks.py, handle_streaming_diffs), and that came
+        # after New pair's frame in the browser tests, drawing the round's answers back.
+        unchanged = [gr.update()] * (3 + len(OUTCOME_LABELS))
+        round_drawn = session.arena_round
         session.arena_cancels = [threading.Event(), threading.Event()]
         try:
             runs = [
@@ -295,12 +326,18 @@ class ArenaTab:
         session.arena_answers = ("", "")
         snapshot: list[PanelRun] = []
         for snapshot in stream_panels(self.engine, runs):
+            if session.arena_round != round_drawn:  # New pair stopped this round: its page is the new pair's
+                yield unchanged
+                return
             views = [
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": r.text or "…"}] for r in snapshot
             ]
             waiting = [r.queue_position for r in snapshot if r.status == "queued"]
             note = f" (waiting its turn: {ordinal(min(waiting))} in line)" if waiting else ""  # which side stays hidden
             yield [f"Answering…{note}", *views, *off]
+        if session.arena_round != round_drawn:
+            yield unchanged
+            return
         failed = [r for r in snapshot if r.status == "failed"]
         views = [
             [
@@ -325,7 +362,13 @@ class ArenaTab:
             a, b = session.arena_pair
             answer_a, answer_b = session.arena_answers
             self.votes.record(
-                a, b, outcome, session.arena_prompt, answer_a=answer_a, answer_b=answer_b, tag=session.arena_tag,
+                a,
+                b,
+                outcome,
+                session.arena_prompt,
+                answer_a=answer_a,
+                answer_b=answer_b,
+                tag=session.arena_tag,
                 session=(session_name or "").strip()[:80],
             )
             session.arena_voted = True

@@ -51,6 +51,8 @@ class Session:
     selected_job: str | None = None  # the Jobs tab's chosen job (None: the newest)
     submitted_job: str | None = None  # the last job started from this page: its start message follows it
     arena_cancels: list[threading.Event] = field(default_factory=lambda: [threading.Event(), threading.Event()])
+    arena_idle: threading.Event = field(default_factory=_set_event)  # set while no blind round is being answered
+    arena_round: int = 0  # pairs drawn: a round's answers stop drawing once a new pair replaced it
     token_view: bool = False  # each answer also drawn token by token, with probabilities
 
 
