@@ -114,17 +114,11 @@ class ArenaTab:
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", elem_id="arena-prompt", scale=3)
             tag = gr.Dropdown(
-                self.votes.tags(),
-                value=None,
-                allow_custom_value=True,
-                label="category (pick or type; optional)",
-                elem_id="arena-tag",
-                scale=1,
+                self.votes.tags(), value=None, allow_custom_value=True, label="category (pick or type; optional)",
+                elem_id="arena-tag", scale=1,
             )
             session_name = gr.Textbox(
-                label="demo session (kept with each vote)",
-                elem_id="arena-session",
-                scale=1,
+                label="demo session (kept with each vote)", elem_id="arena-session", scale=1,
                 value=time.strftime("session %Y-%m-%d"),
             )
         send = gr.Button("Send to both", variant="primary", elem_id="arena-send")
@@ -162,7 +156,9 @@ class ArenaTab:
         self.board_tag.change(self.pick_tag, self.board_tag, board_outputs)
         style.change(self.pick_style, style, board_outputs)
         export.click(self.export, None, files)
-        import_button.upload(self.import_votes, import_button, votes_status).then(self.pick_style, style, board_outputs)
+        import_button.upload(self.import_votes, import_button, votes_status).then(
+            self.pick_style, style, board_outputs
+        )
         self.tag = tag
 
     def follow_live(self, live: LivePage) -> None:
@@ -251,8 +247,9 @@ class ArenaTab:
             added, known = self.votes.import_file(path)
         except PlaygroundError as err:
             return error_text(PlaygroundError(str(err).replace(path.name, shown)))
-        return f"Imported {added} vote{'s' if added != 1 else ''} from {html.escape(shown)}" + (
-            f"; {known} already here were skipped." if known else "."
+        return (
+            f"Imported {added} vote{'s' if added != 1 else ''} from {html.escape(shown)}"
+            + (f"; {known} already here were skipped." if known else ".")
         )
 
     @staticmethod
@@ -287,12 +284,7 @@ class ArenaTab:
             yield ["⚠ Type a prompt first.", gr.update(), gr.update(), *off]
             return
         if not session.arena_idle.is_set():
-            yield [
-                "⚠ Still answering the last prompt: wait for both answers, or press New pair.",
-                gr.update(),
-                gr.update(),
-                *off,
-            ]
+            yield ["⚠ Still answering the last prompt: wait for both answers, or press New pair.", gr.update(), gr.update(), *off]
             return
         session.arena_idle.clear()
         try:
@@ -362,13 +354,7 @@ class ArenaTab:
             a, b = session.arena_pair
             answer_a, answer_b = session.arena_answers
             self.votes.record(
-                a,
-                b,
-                outcome,
-                session.arena_prompt,
-                answer_a=answer_a,
-                answer_b=answer_b,
-                tag=session.arena_tag,
+                a, b, outcome, session.arena_prompt, answer_a=answer_a, answer_b=answer_b, tag=session.arena_tag,
                 session=(session_name or "").strip()[:80],
             )
             session.arena_voted = True
