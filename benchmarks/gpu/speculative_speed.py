@@ -69,8 +69,9 @@ OWN_PASSES = "-own-passes"
 
 def load_backend(path: str, shape: Shape, folder: Path, device: str) -> Any:
     """The model in `folder` loaded as the `path` variant (decode_speed.variant_for) is; a path
-    ending in OWN_PASSES with the rows kernel left out (launch shapes timed afresh, in a cache
-    folder of its own, so neither load takes the other's picks)."""
+    ending in OWN_PASSES with the rows kernel left out, its launch shapes timed afresh in a
+    cache folder of its own (so it takes no picks with the rows kernel in, and leaves none
+    without it for the next load)."""
     import os
     from unittest import mock
 
@@ -82,9 +83,10 @@ def load_backend(path: str, shape: Shape, folder: Path, device: str) -> Any:
     base = path.removesuffix(OWN_PASSES)
     config = parse_config(variant_for(base, shape, folder, None, device), f"speculative_speed {shape.name} {path}")
     backend = TransformersBackend(config)
-    with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as patches:
-        patches.enter_context(mock.patch.dict(os.environ, {"PLAYGROUND_CACHE_DIR": cache}))
+    with contextlib.ExitStack() as patches:
         if own_passes:
+            cache = patches.enter_context(tempfile.TemporaryDirectory())
+            patches.enter_context(mock.patch.dict(os.environ, {"PLAYGROUND_CACHE_DIR": cache}))
             left_out = dict.fromkeys(triton_layers.ROWS_PICKS.values())
             patches.enter_context(mock.patch.object(triton_layers, "_pick_rows_configs", lambda *_, **__: left_out))
         backend.load()
