@@ -55,33 +55,39 @@ class Norm(torch.nn.Module):
         return self.weight * normalised.to(x.dtype)
 
 
+def _random(seed: int, dtype: torch.dtype):
+    """Random tensors of `dtype` from a generator seeded with `seed`, as a call of the shape."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=generator).to(dtype)
+
+
+def _layer_work_case(case: str, x: torch.Tensor, random) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """For `case` ("norm-and-bias", "gated", "residual") and x [K] or [M, K]: a weight, the
+    matvec kernels' keyword arguments, and what the layer computes around its matmul."""
+    norm = Norm(1 + 0.1 * random(COLUMNS))
+    with torch.no_grad():
+        if case == "norm-and-bias":
+            weight, bias = random(ROWS, COLUMNS), random(ROWS)
+            return weight, {"norm": norm, "bias": bias}, F.linear(norm(x), weight, bias)
+        if case == "gated":
+            weight = random(2 * ROWS, COLUMNS)
+            gate, up = F.linear(norm(x), weight).split(ROWS, dim=-1)
+            return weight, {"norm": norm, "gated": True}, F.silu(gate) * up
+        weight, residual = random(ROWS, COLUMNS), random(*x.shape[:-1], ROWS)
+        return weight, {"residual": residual}, residual + F.linear(x, weight)
+
+
 # fp16 rather than bf16: the interpreter truncates fp32 to bf16 where a GPU rounds to nearest
 # (half its conversions came out one ulp low), and fp16 takes the kernel's same rounding steps.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ["norm-and-bias", "gated", "residual"])
 @pytest.mark.parametrize("way", [{}, {"ahead": True}, {"stages": 3}], ids=["plain", "x-ahead", "pipelined"])
 def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case, way):
-    generator = torch.Generator().manual_seed(0)
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(dtype)
-
-    x, norm = random(COLUMNS), Norm(1 + 0.1 * random(COLUMNS))
-    config = dataclasses.replace(SMALL_BLOCKS, **way)
+    random = _random(0, dtype)
+    x = random(COLUMNS)
+    weight, arguments, expected = _layer_work_case(case, x, random)
     with torch.no_grad():
-        if case == "norm-and-bias":
-            weight, bias = random(ROWS, COLUMNS), random(ROWS)
-            expected = F.linear(norm(x), weight, bias)
-            got = fused_matvec(x, weight, config, norm=norm, bias=bias)
-        elif case == "gated":
-            weight = random(2 * ROWS, COLUMNS)
-            gate, up = F.linear(norm(x), weight).split(ROWS)
-            expected = F.silu(gate) * up
-            got = fused_matvec(x, weight, config, norm=norm, gated=True)
-        else:
-            weight, residual = random(ROWS, COLUMNS), random(ROWS)
-            expected = residual + F.linear(x, weight)
-            got = fused_matvec(x, weight, config, residual=residual)
+        got = fused_matvec(x, weight, dataclasses.replace(SMALL_BLOCKS, **way), **arguments)
     assert got.dtype == dtype and got.shape == (ROWS,)
     # fp32: only the order of the sums differs. fp16: the same roundings, so an ulp or two apart.
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}
@@ -97,26 +103,11 @@ def test_the_matvec_does_what_the_layer_does_around_its_matmul(dtype, case, way)
 def test_a_pass_of_several_tokens_does_for_each_what_the_layer_does(dtype, case, tokens, config):
     """The rows kernel (a check of drafts): each token's row as the layer computes it, with its
     own norm and residual; a partial last block of weight rows and of columns."""
-    generator = torch.Generator().manual_seed(1)
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(dtype)
-
-    x, norm = random(tokens, COLUMNS), Norm(1 + 0.1 * random(COLUMNS))
+    random = _random(1, dtype)
+    x = random(tokens, COLUMNS)
+    weight, arguments, expected = _layer_work_case(case, x, random)
     with torch.no_grad():
-        if case == "norm-and-bias":
-            weight, bias = random(ROWS, COLUMNS), random(ROWS)
-            expected = F.linear(norm(x), weight, bias)
-            got = rows_matvec(x, weight, config, norm=norm, bias=bias)
-        elif case == "gated":
-            weight = random(2 * ROWS, COLUMNS)
-            gate, up = F.linear(norm(x), weight).split(ROWS, dim=-1)
-            expected = F.silu(gate) * up
-            got = rows_matvec(x, weight, config, norm=norm, gated=True)
-        else:
-            weight, residual = random(ROWS, COLUMNS), random(tokens, ROWS)
-            expected = residual + F.linear(x, weight)
-            got = rows_matvec(x, weight, config, residual=residual)
+        got = rows_matvec(x, weight, config, **arguments)
     assert got.dtype == dtype and got.shape == (tokens, ROWS)
     # fp32: the sums' order differs, by tiles of 64 columns too (seen: 1.3e-5 off in SiLU's products)
     tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 4e-3, "rtol": 4e-3}

@@ -193,19 +193,13 @@ class Projection:
         residual: torch.Tensor | None = None,
         gated: bool = False,
     ) -> torch.Tensor:
-        kernel = nf4_matvec if isinstance(self.weight, NF4Weight) else fused_matvec
+        """One token's x [K], or a pass's [M, K] of 2..ROWS_MAX tokens (the rows kernel: plain
+        weights only)."""
+        if x.dim() == 2:
+            kernel = rows_matvec
+        else:
+            kernel = nf4_matvec if isinstance(self.weight, NF4Weight) else fused_matvec
         return kernel(x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated)
-
-    def rows(
-        self,
-        x: torch.Tensor,
-        config: MatvecConfig,
-        norm: nn.Module | None = None,
-        residual: torch.Tensor | None = None,
-        gated: bool = False,
-    ) -> torch.Tensor:
-        """`matvec` for a pass of 2..ROWS_MAX tokens, x [M, K] (plain weights only)."""
-        return rows_matvec(x, self.weight, config, norm=norm, bias=self.bias, residual=residual, gated=gated)
 
     def reference(
         self,
@@ -214,7 +208,7 @@ class Projection:
         residual: torch.Tensor | None = None,
         gated: bool = False,
     ) -> torch.Tensor:
-        """What the model's own modules compute for `rows` (plain weights): the layer's norm,
+        """What the model's own modules compute for `matvec` (plain weights): the layer's norm,
         the linear map, SiLU(gate) * up, the residual. What a rows launch shape must agree with."""
         out = torch.nn.functional.linear(norm(x) if norm is not None else x, self.weight, self.bias)
         if gated:
@@ -347,13 +341,13 @@ class FusedDecoderLayer(nn.Module):
         kernels around them: benchmarks/RESULTS.md)."""
         layer, projections, configs = self.layer, self.projections, self.configs
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        projected = projections["qkv"].rows(x, configs["rows_qkv"], norm=layer.input_layernorm)
+        projected = projections["qkv"].matvec(x, configs["rows_qkv"], norm=layer.input_layernorm)
         attended = self._model_attention(projected, position_embeddings, past_key_values, attention_mask, **kwargs)
-        hidden = projections["o"].rows(attended, configs["rows_o"], residual=x)
-        activated = projections["gate_up"].rows(
+        hidden = projections["o"].matvec(attended, configs["rows_o"], residual=x)
+        activated = projections["gate_up"].matvec(
             hidden, configs["rows_gate_up"], norm=layer.post_attention_layernorm, gated=True
         )
-        out = projections["down"].rows(activated, configs["rows_down"], residual=hidden)
+        out = projections["down"].matvec(activated, configs["rows_down"], residual=hidden)
         return out.view_as(hidden_states)
 
     def _model_attention(
@@ -500,28 +494,26 @@ def _pick_rows_configs(
     modules', and all None (passes stay on the model's layers) unless the four together beat
     the layers' bare matmuls timed alike; off a GPU the first that fits. None for NF4 weights. `timed`,
     where given, receives both sums ("kernel_ms", "own_ms") once all four were timed."""
+    first = projections[0]
+    candidates = {name: [config for config in ROWS_CANDIDATES if first[name].fits(config)] for name in MATVECS}
+    if any(isinstance(p.weight, NF4Weight) for p in first.values()) or not all(candidates.values()):
+        return dict.fromkeys(ROWS_PICKS.values())
+    if first["qkv"].device.type != "cuda":  # nothing timed: the first that fits
+        return {ROWS_PICKS[name]: shapes[0] for name, shapes in candidates.items()}
     picks: dict[str, MatvecConfig | None] = {}
     kernel_ms = own_ms = 0.0
-    for name in MATVECS:
-        projection = projections[0][name]
-        candidates = [config for config in ROWS_CANDIDATES if projection.fits(config)]
-        if isinstance(projection.weight, NF4Weight) or not candidates:
-            return dict.fromkeys(ROWS_PICKS.values())
-        if projection.device.type != "cuda":
-            picks[ROWS_PICKS[name]] = candidates[0]
-            continue
+    for name, shapes in candidates.items():
         run, own, reference = rows_trial(layers, name, projections)
-        candidates = [config for config in candidates if _rows_agree(run, config, reference)]
         timings: dict[Any, float] = {}
-        best = _fastest(candidates, run, None, timings=timings)
+        best = _fastest(
+            [config for config in shapes if _rows_agree(run, config, reference)], run, None, timings=timings
+        )
         if best is None:
             return dict.fromkeys(ROWS_PICKS.values())
         picks[ROWS_PICKS[name]] = best
         _fastest(["own"], lambda _, own=own: own(), None, timings=timings)
         kernel_ms += timings[best]
         own_ms += timings.get("own", math.inf)  # matmuls that cannot be timed lose
-    if projections[0]["qkv"].device.type != "cuda":  # nothing timed: the first that fits
-        return picks
     if timed is not None:
         timed.update(kernel_ms=kernel_ms, own_ms=own_ms)
     return picks if rows_kernel_pays(kernel_ms, own_ms) else dict.fromkeys(ROWS_PICKS.values())
@@ -571,7 +563,7 @@ def rows_trial(
 
     def run(config: MatvecConfig) -> torch.Tensor:
         for projection, norm in calls:
-            out = projection.rows(x, config, norm=norm, residual=residual, gated=gated)
+            out = projection.matvec(x, config, norm=norm, residual=residual, gated=gated)
         return out
 
     with torch.no_grad():
@@ -781,8 +773,7 @@ def keep_launch_shapes(model: nn.Module, step_ms: dict[str, float] | None = None
 
 def uses_pdl(model: nn.Module) -> bool:
     """Whether any kernel of the installed layers launches with programmatic dependent launch."""
-    configs = _installed_configs(model)
-    return any(getattr(configs.get(name), "pdl", False) for name in (*MATVECS, "attention"))
+    return any(getattr(config, "pdl", False) for config in _installed_configs(model).values())
 
 
 def describe_choices(model: nn.Module) -> str:
@@ -1088,9 +1079,7 @@ def pdl_choices(
     choices = {"plain": configs, "pdl": with_pdl}
     if nf4:
         choices["pdl, NF4 late"] = {
-            name: dataclasses.replace(config, nf4_pdl_late=True)
-            if isinstance(config, MatvecConfig) and name in MATVECS
-            else config
+            name: dataclasses.replace(config, nf4_pdl_late=True) if isinstance(config, MatvecConfig) else config
             for name, config in with_pdl.items()
         }
     return choices

@@ -308,7 +308,9 @@ def rows_matvec_kernel(
         col = start + cols
         col_ok = col < K
         x = tl.load(x_rows + col[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_NORM:  # as `matmul_input`: normalised in fp32, rounded, times the norm's weight, rounded
+        # As `matmul_input`: normalised in fp32, rounded, times the norm's weight, rounded. Not
+        # that helper itself: its one mask would load the norm's weights once per token row.
+        if HAS_NORM:
             dtype = x.dtype
             scale = tl.load(norm_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
             x = (scale[None, :] * (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
