@@ -217,3 +217,17 @@ def run_job(jobs, kind: str, options: dict, timeout_s: float = 400):
     done = jobs.wait(jobs.submit(kind, options).id, timeout_s=timeout_s)
     assert done.state == "succeeded", done.error
     return done
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed browser test says what its page showed (CI keeps only the printed output)."""
+    outcome = yield
+    report = outcome.get_result()
+    page = getattr(item, "funcargs", {}).get("page")
+    if report.when == "call" and report.failed and page is not None and hasattr(page, "screenshot"):
+        from browser import page_at_failure
+
+        report.sections.append(
+            ("the page at the failure", page_at_failure(page, Path(tempfile.gettempdir()) / "e2e-failures"))
+        )
