@@ -495,9 +495,13 @@ class CompareTab:
             for cell in (index, index + 1):  # the panel's chat and metrics
                 if shown and last[cell] == shown[cell]:
                     last[cell] = gr.update()
-        if session.replaced != replaced:  # stopped by Clear or a loaded session, which say so
-            last[1] = last[2] = gr.update()
         self._remember(session, prompt, mode, values, snapshot)
+        if session.replaced != replaced:
+            # Stopped by Clear or a loaded session, which draw the panels themselves: this last
+            # frame only gives Send back, since Gradio's resend of it could come after theirs
+            # (seen: the stopped story back in a cleared panel).
+            yield [last[0]] + [gr.update()] * (len(last) - 1)
+            return
         last[4] = comparison_figure(session.points[-40:]) if session.points else gr.update()
         yield last
 
