@@ -119,6 +119,11 @@ def _chat_view(
     return [*history, {"role": "user", "content": user}, {"role": "assistant", "content": shown}]
 
 
+def _send_button(busy: bool) -> Any:
+    """Send while nothing is answered; greyed as "Generating…" while an answer streams."""
+    return gr.update(interactive=not busy, value="Generating…" if busy else "Send")
+
+
 def _panel_status(run: PanelRun) -> str:
     if run.status == "loading" and run.loading is not None:
         return f"Loading {run.variant_id}… {load_progress(run.loading)}"
@@ -458,7 +463,7 @@ class CompareTab:
             )
             note = " · panels on one machine share its CPU/GPU, so each runs slower than alone" if local > 1 else ""
             head = [
-                gr.update(interactive=not busy, value="Generating…" if busy else "Send"),
+                _send_button(busy),
                 f"{'⏳ ' if busy else ''}{len(runs)} panel(s), {time.monotonic() - started:.1f} s{note}",
                 gr.update() if busy else "",
                 loaded_markdown(self.engine) if final else gr.update(),
@@ -484,8 +489,17 @@ class CompareTab:
         shown: list[Any] = []
         replaced = session.replaced
         for snapshot in stream_panels(self.engine, runs):
-            shown = frame(snapshot, final=False)
-            yield shown
+            if session.replaced == replaced:  # else stopped by Clear or a loaded session: see below
+                shown = frame(snapshot, final=False)
+                yield shown
+        if session.replaced != replaced:
+            # Clear or a loaded session draw the panels themselves, and this answer's frames from
+            # its stop on could reach the page after theirs (seen: the stopped story back, with
+            # "finish: cancelled", in a cleared panel and over a loaded session). So none is
+            # sent but a last one that only gives Send back. Nor is its token view scored.
+            self._remember(session, prompt, mode, values, snapshot)
+            yield [_send_button(busy=False)] + [gr.update()] * (len(shown) - 1)
+            return
         last = frame(snapshot, final=True)  # drawn before the histories take this turn in
         # A chat or metrics line the page already shows is not sent again: Gradio sends an
         # event's last frame again, whole, with the event's end (blocks.py,
@@ -496,12 +510,6 @@ class CompareTab:
                 if shown and last[cell] == shown[cell]:
                     last[cell] = gr.update()
         self._remember(session, prompt, mode, values, snapshot)
-        if session.replaced != replaced:
-            # Stopped by Clear or a loaded session, which draw the panels themselves: this last
-            # frame only gives Send back, since Gradio's resend of it could come after theirs
-            # (seen: the stopped story back in a cleared panel).
-            yield [last[0]] + [gr.update()] * (len(last) - 1)
-            return
         last[4] = comparison_figure(session.points[-40:]) if session.points else gr.update()
         yield last
 
