@@ -77,6 +77,17 @@ def browser_page() -> Iterator[object]:
                 "console",
                 lambda message: message.type == "error" and page.errors_seen.append(f"console: {message.text}"),
             )
+            # Which requests failed: a console error names only the status.
+            page.on(
+                "response",
+                lambda response: (
+                    response.status >= 400
+                    and page.errors_seen.append(f"response {response.status}: {response.request.method} {response.url}")
+                ),
+            )
+            # The debugger, enabled now, can pause a page busy in JS at failure and say where it is.
+            page.cdp = page.context.new_cdp_session(page)
+            page.cdp.send("Debugger.enable")
             yield page
         finally:
             browser.close()
@@ -96,6 +107,8 @@ def page_at_failure(page: object, shots: Path) -> str:
         lines.append(f"toasts: {[' '.join(t.split())[:200] for t in toasts]}")
     except Exception as err:  # the page may be hung: say so and go on
         lines.append(f"the page did not answer in {time.monotonic() - started:.1f} s: {type(err).__name__}")
+        lines += _paused_stack(page)
+    lines += _busiest_processes()
     shots.mkdir(parents=True, exist_ok=True)
     shot = shots / f"failure-{time.strftime('%H%M%S')}.png"
     try:
@@ -110,3 +123,62 @@ def page_at_failure(page: object, shots: Path) -> str:
         lines.append(f"the app's log, last lines ({LAST_APP_LOG[0]}):")
         lines += ["  " + line for line in LAST_APP_LOG[0].read_text(errors="replace").splitlines()[-40:]]
     return "\n".join(lines)
+
+
+def _paused_stack(page: object) -> list[str]:
+    """Where a page busy in JS is: pause it through the debugger and read its stack."""
+    cdp = getattr(page, "cdp", None)
+    if cdp is None:
+        return []
+    paused: list[dict] = []
+    cdp.once("Debugger.paused", lambda event: paused.append(event))
+    try:
+        cdp.send("Debugger.pause")
+        deadline = time.monotonic() + 5
+        while not paused and time.monotonic() < deadline:
+            page.wait_for_timeout(100)  # lets the sync API deliver the event
+    except Exception as err:
+        return [f"no pause: {type(err).__name__}: {err}"[:300]]
+    if not paused:
+        return ["the debugger did not pause it in 5 s (busy outside JS: layout, paint, or the whole machine)"]
+    lines = [f"paused, reason {paused[0].get('reason')}; its JS stack:"]
+    for frame in paused[0].get("callFrames", [])[:25]:
+        where = frame.get("location", {})
+        lines.append(
+            f"  {frame.get('functionName') or '(anonymous)'} {frame.get('url', '')[-80:]}:"
+            f"{where.get('lineNumber', 0) + 1}:{where.get('columnNumber', 0) + 1}"
+        )
+    try:
+        cdp.send("Debugger.resume")
+    except Exception:
+        pass
+    return lines
+
+
+def _busiest_processes() -> list[str]:
+    """The machine's load and its busiest processes: a starved page looks hung too."""
+    import psutil
+
+    processes = list(psutil.process_iter(["pid", "cmdline", "memory_info"]))
+    for process in processes:
+        try:
+            process.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(1)
+    rows = []
+    for process in processes:
+        try:
+            rows.append((process.cpu_percent(None), process))
+        except psutil.Error:
+            continue
+    memory = psutil.virtual_memory()
+    lines = [
+        f"load average {os.getloadavg()}, memory available {memory.available / 2**30:.1f} of "
+        f"{memory.total / 2**30:.1f} GiB; busiest processes over 1 s:"
+    ]
+    for cpu, process in sorted(rows, key=lambda row: -row[0])[:8]:
+        info = process.info
+        rss = info["memory_info"].rss / 2**20 if info["memory_info"] else 0
+        lines.append(f"  {cpu:5.0f}% {rss:7.0f} MiB pid {info['pid']}: {' '.join(info['cmdline'] or [])[:160]}")
+    return lines
