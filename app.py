@@ -53,6 +53,11 @@ def main() -> None:
             max_file_size=f"{settings.max_upload_mb}mb",
             max_threads=settings.ui_max_events,
             css=CSS,
+            # Gradio would keep every run's inputs and outputs in the browser's localStorage,
+            # read and rewritten whole with each streamed frame: a page that had run many
+            # answers spent a fifth of its time there and fell behind the stream (CI, Blind
+            # tab); prompts and answers left on a shared demo laptop are unwanted too.
+            run_history=False,
         )
     finally:
         jobs.stop()  # its running jobs end and show as interrupted; fine-tunes can resume

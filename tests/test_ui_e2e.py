@@ -220,6 +220,10 @@ def test_both_backends_stream_side_by_side_with_metrics_and_export(page):
     assert [a["variant_id"] for a in exported["answers"]] == ["smollm2-135m-gguf", "smollm2-135m-transformers"]
     assert all(a["metrics"]["completion_tokens"] >= 1 for a in exported["answers"])
     assert page.locator('#export-md a[download="comparison.md"]').count() == 1
+    # No run kept in the browser: Gradio's run history would rewrite it with every frame, and
+    # keep prompts and answers on a shared laptop.
+    kept = page.evaluate("Object.keys(localStorage).filter(k => k.startsWith('gradio:run-history'))")
+    assert kept == [], kept
 
 
 def test_stop_frees_one_panel_while_the_other_streams_on(page):

@@ -2,7 +2,11 @@
 
 Each panel's request runs in its own thread (loading the variant first if needed); the caller
 gets a snapshot of every panel at most every `interval_s`, so a fast model cannot flood the
-browser, while the tokens/s figures still come from the worker's own timing. A panel's Stop
+browser, while the tokens/s figures still come from the worker's own timing. The pace is set
+by the browser's cost per frame, not by the model: Gradio's page refreshes the loading state of
+every component that any event has touched with each frame it gets, so a page that has run many
+events spends tens of milliseconds on one frame (a used page in the browser tests: 76% of a
+core at 10 frames/s during a blind round, and it fell behind on a slower machine). A panel's Stop
 sets its cancel event: only that request ends, at once, and the others stream on.
 """
 
@@ -82,7 +86,10 @@ def _drive(engine: Engine, run: PanelRun, changed: threading.Event) -> None:
         changed.set()
 
 
-def stream_panels(engine: Engine, runs: list[PanelRun], interval_s: float = 0.1) -> Iterator[list[PanelRun]]:
+FRAME_S = 0.25
+
+
+def stream_panels(engine: Engine, runs: list[PanelRun], interval_s: float = FRAME_S) -> Iterator[list[PanelRun]]:
     """Yield copies of all runs as they progress, the last copy once every run has finished."""
     changed = threading.Event()
     threads = [threading.Thread(target=_drive, args=(engine, run, changed), daemon=True) for run in runs]
