@@ -33,6 +33,7 @@ from playground.ui.charts import COST_AXES, cost_quality_figure, router_eval_fig
 from playground.ui.formatting import error_text, load_progress, metrics_line, ordinal, preformatted
 from playground.ui.live import LivePage, VariantView, picker_choices
 from playground.ui.session import Session, Sessions
+from playground.ui.streaming import FRAME_S
 from playground.workers import Finished, TextDelta
 
 NO_PARTNER = "(none: the router answers everything)"
@@ -288,7 +289,7 @@ class RouterTab:
                     yield card, text, f"⏳ queued for {name}: {ordinal(event.position)} in line", "\n".join(trail)
                 elif isinstance(event, TextDelta):
                     text += event.text
-                    if time.monotonic() - last > 0.1:
+                    if time.monotonic() - last > FRAME_S:  # the pace every streamed answer keeps
                         last = time.monotonic()
                         yield card, text, "streaming…", "\n".join(trail)
                 elif isinstance(event, Finished):
