@@ -16,6 +16,12 @@ drafter, the pass and its read-back together), the tokens the pacer decoded plai
 drafting did not pay, and whether the reply equals the plain one (it must: a spoiled draft is
 rejected, the target's own token kept).
 
+`--trace` replays real text instead of a fixed chance (benchmarks/lookup_trace.py): prompt
+lookup's outcome at each position of the embedded 135M's greedy replies to six grounded prompts,
+so how many drafts a pass has, how many are right and where the pacer pauses follow what the
+app's drafter did on that text; each reply against plain decoding of the same prompt and reply
+length. The 1.7B's own replies would differ from the 135M's: this is the nearest stand-in here.
+
 On the lent GPU:
   bash benchmarks/gpu/run_on_device.sh python3 -m benchmarks.gpu.speculative_speed --out $OUT/speculative_gpu.json
 Check on a CPU: python -m benchmarks.gpu.speculative_speed --tiny --out /tmp/s.json
@@ -57,9 +63,9 @@ def make_target(shape: Shape, folder: Path, device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def filler_prompt(vocab: int) -> list[int]:
-    """A PROMPT_TOKENS-long prompt of spread ids, never the end token (decode_speed's: the last)."""
-    return [(i * 7919) % (vocab - 1) for i in range(PROMPT_TOKENS)]
+def filler_prompt(vocab: int, length: int = PROMPT_TOKENS) -> list[int]:
+    """A prompt of spread ids, never the end token (decode_speed's: the last)."""
+    return [(i * 7919) % (vocab - 1) for i in range(length)]
 
 
 # A path with this suffix loads as the path before it, with its passes of drafts kept on the
@@ -107,6 +113,26 @@ class OracleDrafter:
         start = len(history) - self.prompt_len
         drafted = self.reference[start : start + count]
         return [t if self.random.random() < self.p else (t + 1) % self.vocab for t in drafted]
+
+
+class TraceDrafter:
+    """Replays prompt lookup's outcomes on real text (benchmarks/lookup_trace.py): at reply
+    position t it proposes as many drafts as the app's drafter proposed there on the 135M's
+    real reply, the first as many as were right there the target's own tokens, the rest spoiled."""
+
+    def __init__(self, prompt_len: int, reference: list[int], outcomes: list[list[int]], vocab: int) -> None:
+        self.prompt_len, self.reference, self.outcomes, self.vocab = prompt_len, reference, outcomes, vocab
+
+    def begin(self, capacity: int) -> None:
+        return None
+
+    def propose(self, history: list[int], count: int) -> list[int]:
+        start = len(history) - self.prompt_len
+        if start >= len(self.outcomes):
+            return []
+        proposed, right = self.outcomes[start]
+        drafted = self.reference[start : start + min(proposed, count)]
+        return [t if i < right else (t + 1) % self.vocab for i, t in enumerate(drafted)]
 
 
 def decode_rate(tokens: Iterable[int]) -> tuple[list[int], float]:
@@ -181,6 +207,57 @@ def speculative_rows(
     return rows
 
 
+def trace_rows(
+    decoder: Any, vocab: int, traces: list[dict[str, Any]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Each real-text trace replayed: a prompt of the trace's length, a reply of its length,
+    drafts as prompt lookup drafted there; against plain decoding of the same length."""
+    from playground.backends.base import SpeculationStats
+    from playground.config import GenerationParams
+
+    rows = []
+    for index, trace in enumerate(traces):
+        tokens = min(trace["reply_tokens"], args.tokens)
+        if tokens < 2:
+            continue
+        prompt = filler_prompt(vocab, trace["prompt_tokens"])
+        reference, plain = plain_rate(decoder, prompt, tokens, args.runs)
+        params = GenerationParams(temperature=0.0, max_new_tokens=tokens)
+        for num_tokens in args.drafted:
+            outcomes = trace["outcomes"].get(str(num_tokens))
+            if outcomes is None:
+                continue
+            runs = []
+            for _ in range(args.seeds + 1):  # the first compiles and captures this prompt's pass
+                stats = SpeculationStats("trace")
+                drafter = TraceDrafter(len(prompt), reference, outcomes, vocab)
+                ids, rate = decode_rate(
+                    decoder.speculative_tokens(prompt, params, lambda: False, drafter, num_tokens, stats)
+                )
+                runs.append((rate, stats, ids == reference))
+            timed = runs[1:]
+            rate = statistics.median(r for r, _, _ in timed)
+            stats = timed[0][1]
+            rows.append(
+                {
+                    "trace": index,
+                    "kind": trace["kind"],
+                    "prompt_tokens": len(prompt),
+                    "reply_tokens": tokens,
+                    "drafted_per_pass": num_tokens,
+                    "plain_tok_s": plain,
+                    "spec_tok_s": rate,
+                    "speedup": rate / plain,
+                    "kept_rate": stats.accept_rate,
+                    "tokens_per_pass": (tokens - 1) / stats.passes if stats.passes else None,
+                    "paused_tokens": stats.paused,
+                    "equal_to_plain": all(same for _, _, same in runs),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def measure_path(path: str, shape: Shape, folder: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
     """Plain decoding, then the oracle rows, of one path of the target."""
     import torch
@@ -200,9 +277,31 @@ def measure_path(path: str, shape: Shape, folder: Path, device: str, args: argpa
             "plain_ms_per_token": 1000 / plain,
         }
         print(f"{shape.name} {path}: plain {plain:.1f} tok/s; {result['decode']}", flush=True)
-        result["rows"] = speculative_rows(
-            decoder, prompt, reference, plain, shape.vocab, args.drafted, args.p_values, args.seeds
-        )
+        if args.p_values:
+            result["rows"] = speculative_rows(
+                decoder, prompt, reference, plain, shape.vocab, args.drafted, args.p_values, args.seeds
+            )
+        if args.traces:
+            result["trace_rows"] = trace_rows(decoder, shape.vocab, args.traces, args)
+            for num_tokens in args.drafted:
+                speedups = [r["speedup"] for r in result["trace_rows"] if r["drafted_per_pass"] == num_tokens]
+                if speedups:
+                    result.setdefault("trace_summary", {})[str(num_tokens)] = {
+                        "median_speedup": statistics.median(speedups),
+                        "min_speedup": min(speedups),
+                        "max_speedup": max(speedups),
+                        # the time the six replies took together, plainly over speculatively
+                        "pooled_speedup": sum(
+                            r["reply_tokens"] / r["plain_tok_s"]
+                            for r in result["trace_rows"]
+                            if r["drafted_per_pass"] == num_tokens
+                        )
+                        / sum(
+                            r["reply_tokens"] / r["spec_tok_s"]
+                            for r in result["trace_rows"]
+                            if r["drafted_per_pass"] == num_tokens
+                        ),
+                    }
         return result
     finally:
         backend.unload()
@@ -227,10 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="replies per row")
     parser.add_argument("--drafted", default="4,8", help="drafts a pass, comma-separated")
     parser.add_argument("--p", dest="p_values", default="0.5,0.7,0.8,0.9,1.0", help="chances a draft is right")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="benchmarks/lookup_trace.py's JSON: also replay prompt lookup's drafts on real text ('--p \"\"' for these alone)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU: checks the script")
     args = parser.parse_args(argv)
     args.drafted = [int(n) for n in args.drafted.split(",")]
-    args.p_values = [float(p) for p in args.p_values.split(",")]
+    args.p_values = [float(p) for p in args.p_values.split(",") if p]
+    args.traces = json.loads(args.trace.read_text())["traces"] if args.trace else []
 
     import torch
 
@@ -275,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 backend.unload()
     args.out.write_text(json.dumps(report, indent=1))
-    summary = {path: {k: v for k, v in result.items() if k != "rows"} for path, result in report["paths"].items()}
+    summary = {
+        path: {k: v for k, v in result.items() if k not in ("rows", "trace_rows")}
+        for path, result in report["paths"].items()
+    }
     print(json.dumps({"paths": summary, "draft": report.get("draft")}, indent=1))
     return 0
 
