@@ -238,6 +238,9 @@ class ShapeHint(_Strict):
     n_kv_heads: Annotated[int, Field(ge=1)] | None = None
     head_dim: Annotated[int, Field(ge=1)] | None = None
     weights_bytes: Annotated[int, Field(gt=0)] | None = None
+    # The token embedding's and LM head's parameters (one table if tied): a quantized variant
+    # keeps them in its load dtype, so its estimate needs them apart from the rest.
+    embedding_params: Annotated[float, Field(gt=0)] | None = None
 
 
 class AdapterSpec(_Strict):

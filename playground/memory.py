@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ class ModelShape:
     n_kv_heads: int | None
     head_dim: int | None
     file_bytes: int | None = None  # bytes as stored (GGUF) or as the model card gives them
+    # What bitsandbytes leaves unquantized (it quantizes the Linear layers but the LM head):
+    # the token embedding and an untied head (tensors a row per vocabulary entry), and their
+    # rows; the vectors (norms, biases) and any `keep_modules`. None: not known.
+    embedding_params: int | None = None
+    embedding_rows: int | None = None
+    other_kept_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,32 +121,40 @@ def _gguf_shape(path: Path) -> ModelShape:
     return ModelShape(meta["n_params"], meta["n_layers"], meta["n_kv_heads"], meta["head_dim"], meta["file_bytes"])
 
 
-def _safetensors_params(path: Path) -> int:
-    total = 0
-    for name, entry in safetensors_header(path).items():
-        if name != "__metadata__":
-            count = 1
-            for dim in entry["shape"]:
-                count *= dim
-            total += count
-    return total
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    return {name: entry["shape"] for name, entry in safetensors_header(path).items() if name != "__metadata__"}
 
 
-def _hf_folder_shape(folder: Path) -> ModelShape:
+def _kept_by(name: str, keep_modules: list[str]) -> bool:
+    """Whether a tensor is in a module named in `keep_modules` (as bitsandbytes skips them)."""
+    return any(f".{keep}." in f".{name}" for keep in keep_modules)
+
+
+def _hf_folder_shape(folder: Path, keep_modules: list[str]) -> ModelShape:
     check_hf_folder(folder, needs_tokenizer=False)
     config = json.loads((folder / "config.json").read_text())
     config = config.get("text_config", config)
     heads = int(config.get("num_attention_heads", 1))
+    vocab = int(config.get("vocab_size") or 0)
+    params = embedding = rows = other_kept = 0
     files = sorted(folder.glob("*.safetensors"))
-    if files:
-        params = sum(_safetensors_params(f) for f in files)
-    else:  # .bin checkpoints: assume the fp32 they are usually saved in
+    for name, shape in (item for f in files for item in _safetensors_shapes(f).items()):
+        count = math.prod(shape)
+        params += count
+        if len(shape) == 2 and shape[0] == vocab:  # the embedding, or an untied head
+            embedding, rows = embedding + count, rows + shape[0]
+        elif len(shape) < 2 or _kept_by(name, keep_modules):
+            other_kept += count
+    if not files:  # .bin checkpoints: assume the fp32 they are usually saved in
         params = sum(f.stat().st_size for f in folder.glob("*.bin")) // 4
     return ModelShape(
         n_params=params,
         n_layers=int(config.get("num_hidden_layers", 0)),
         n_kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or config.get("hidden_size", 0) // heads),
+        embedding_params=embedding if files and vocab else None,
+        embedding_rows=rows if files and vocab else None,
+        other_kept_params=other_kept,
     )
 
 
@@ -172,13 +187,20 @@ def model_shape(config: ModelConfig, weights: Weights) -> tuple[ModelShape | Non
     if weights.present and weights.kind == "gguf":
         return _gguf_shape(weights.path), "the GGUF file"
     if weights.present and weights.kind == "hf_folder" and (weights.path / "config.json").exists():
-        return _hf_folder_shape(weights.path), "config.json and weight files"
+        return _hf_folder_shape(weights.path, config.quantization.keep_modules), "config.json and weight files"
     if weights.present and weights.kind == "state_dict":
         return _state_dict_shape(weights.path, config), "the state_dict's tensor shapes"
     if config.shape is not None:
         hint = config.shape
         return (
-            ModelShape(int(hint.n_params), hint.n_layers, hint.n_kv_heads, hint.head_dim, hint.weights_bytes),
+            ModelShape(
+                int(hint.n_params),
+                hint.n_layers,
+                hint.n_kv_heads,
+                hint.head_dim,
+                hint.weights_bytes,
+                int(hint.embedding_params) if hint.embedding_params else None,
+            ),
             "the config's shape hint (weights not downloaded)",
         )
     return None, "nothing (weights absent and no shape hint)"
@@ -225,7 +247,10 @@ def pick_gpu(gpus: list[tuple[int, int]], pinned: int | None) -> tuple[int | Non
         return None, None
     if pinned is not None:
         if pinned >= len(gpus):
-            return None, f"device cuda:{pinned} asks for GPU {pinned}, and this machine has {len(gpus)} (0-{len(gpus) - 1})"
+            return (
+                None,
+                f"device cuda:{pinned} asks for GPU {pinned}, and this machine has {len(gpus)} (0-{len(gpus) - 1})",
+            )
         return pinned, None
     return max(range(len(gpus)), key=lambda i: (gpus[i][0], -i)), None
 
@@ -290,13 +315,19 @@ def estimate(
         weight_bytes = shape.file_bytes or shape.n_params
         converted = _converted_bytes_per_weight(config, weights, device)
         if converted:
-            weight_bytes, basis = int(shape.n_params * converted), basis + f"; weights converted ({config.llamacpp.convert_weights})"
+            weight_bytes, basis = (
+                int(shape.n_params * converted),
+                basis + f"; weights converted ({config.llamacpp.convert_weights})",
+            )
         kv_bytes_per = 2  # llama.cpp keeps an f16 KV cache by default
     elif from_hint and shape.file_bytes and config.quantization.method == "none":
         weight_bytes, kv_bytes_per = shape.file_bytes, DTYPE_BYTES[dtype]
+    elif config.quantization.method != "none":
+        weight_bytes, kv_bytes_per = _quantized_bytes(config, shape, dtype), DTYPE_BYTES[dtype]
+        if shape.embedding_params is None:
+            basis += "; embedding and head counted as quantized (their size unknown)"
     else:
-        per_param = QUANT_BYTES.get(config.quantization.method, DTYPE_BYTES[dtype])
-        weight_bytes, kv_bytes_per = int(shape.n_params * per_param), DTYPE_BYTES[dtype]
+        weight_bytes, kv_bytes_per = int(shape.n_params * DTYPE_BYTES[dtype]), DTYPE_BYTES[dtype]
     if shape.n_layers and shape.n_kv_heads and shape.head_dim:
         kv = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * config.context_length * kv_bytes_per
     else:
@@ -312,6 +343,20 @@ def estimate(
         refusal=refusal,
         rooms=rooms_note,
     )
+
+
+def _quantized_bytes(config: ModelConfig, shape: ModelShape, dtype: str) -> int:
+    """A bitsandbytes variant's weights: its Linear layers at the method's bytes a weight; the
+    embedding and head, vectors and `keep_modules` in the load dtype, or the embedding and head
+    as int8 rows with an fp32 scale each (`quantization.head: int8`)."""
+    embedding = shape.embedding_params or 0
+    quantized = shape.n_params - embedding - shape.other_kept_params
+    kept = shape.other_kept_params * DTYPE_BYTES[dtype]
+    if config.quantization.head == "int8":
+        kept += embedding + 4 * (shape.embedding_rows or 0)
+    else:
+        kept += embedding * DTYPE_BYTES[dtype]
+    return int(quantized * QUANT_BYTES[config.quantization.method] + kept)
 
 
 def _converted_bytes_per_weight(config: ModelConfig, weights: Weights, device: str) -> float | None:

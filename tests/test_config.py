@@ -9,7 +9,7 @@ from conftest import variant
 
 from playground.config import DEFAULT_CONFIG_DIR, load_config_dir, load_config_file, validate_params
 from playground.errors import ConfigError, LoadError
-from playground.memory import GpuBudget, gpu_rooms, pick_gpu
+from playground.memory import GpuBudget, estimate, gpu_rooms, pick_gpu
 from playground.sources import config_from_path, locate
 
 SHIPPED = sorted(DEFAULT_CONFIG_DIR.glob("*.yaml"))
@@ -44,6 +44,9 @@ def test_seed_specifics():
     assert configs["nano-compact-3b-qkvfp16"].trust_remote_code is True
     assert not any(c.trust_remote_code for k, c in configs.items() if k != "nano-compact-3b-qkvfp16")
     assert configs["npc-fast-1.7b-nf4"].quantization.method == "nf4"
+    # Its weights are not here: the estimate takes the shape hint, the bf16 embedding apart.
+    nf4, bf16 = estimate(configs["npc-fast-1.7b-nf4"]), estimate(configs["npc-fast-1.7b-bf16"])
+    assert "size unknown" not in nf4.basis and 0.3 < nf4.weights_bytes / bf16.weights_bytes < 0.35
     assert configs["auto-g-nano-1b-sft"].prompt_format == "alpaca"
     assert configs["npc-nano-0.5b-v2-math"].prompt_format == "raw"
     # The embedded default is there with no download, in both backends, from the same file.
