@@ -45,9 +45,9 @@ class ModelShape:
     n_kv_heads: int | None
     head_dim: int | None
     file_bytes: int | None = None  # bytes as stored (GGUF) or as the model card gives them
-    # What bitsandbytes leaves unquantized (it quantizes the Linear layers but the LM head):
-    # the token embedding and an untied head (tensors a row per vocabulary entry), and their
-    # rows; the vectors (norms, biases) and any `keep_modules`. None: not known.
+    # What bitsandbytes leaves unquantized (it quantizes every Linear layer except the LM head):
+    # the token embedding and an untied head (tensors of a row per vocabulary entry) and their
+    # rows; vectors (norms, biases) and any `keep_modules`. None: not known.
     embedding_params: int | None = None
     embedding_rows: int | None = None
     other_kept_params: int = 0
