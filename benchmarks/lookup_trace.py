@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = TransformersBackend(config)
     backend.load()
     params = GenerationParams(temperature=0.0, max_new_tokens=args.tokens)
-    # the ends a reply stops at, as the backend's own generation takes them
-    end = backend.model.generation_config.eos_token_id
-    eos = set(backend.codec.eos_ids) | set(end if isinstance(end, list) else [end] if end is not None else [])
+    eos = backend.end_ids()  # where a reply of the app's stops
     traces = []
     try:
         for kind, text in grounded_prompts():

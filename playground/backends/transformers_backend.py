@@ -733,12 +733,17 @@ class TransformersBackend(Backend):
         probe = self.codec.encode(TOKENIZER_PROBE, add_special_tokens=False)
         return TokenizerProbe(int(self.model.config.vocab_size), tuple(probe))
 
+    def end_ids(self) -> set[int]:
+        """The tokens a reply ends at: the tokenizer's end and the generation config's."""
+        assert self.codec is not None and self.model is not None, "load() first"
+        return set(self.codec.eos_ids) | set(_as_list(self.model.generation_config.eos_token_id))
+
     def stream(self, prompt: Prompt, params: GenerationParams, should_stop: ShouldStop) -> Iterator[Chunk | StreamEnd]:
         assert self.codec is not None and self.model is not None, "load() first"
         codec = self.codec
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        eos = set(codec.eos_ids) | set(_as_list(self.model.generation_config.eos_token_id))
+        eos = self.end_ids()
         spec, stats = self.config.speculative, None
         if self.decoder is not None and self.drafter is not None and spec is not None:
             stats = SpeculationStats(spec.method)
