@@ -156,6 +156,18 @@ def plain_rate(decoder: Any, prompt: Sequence[int], tokens: int, runs: int) -> t
     return measured[0][0], statistics.median(rate for _, rate in measured)
 
 
+def speculative_reply(
+    decoder: Any, prompt: list[int], params: Any, drafter: Any, num_tokens: int, reference: list[int]
+) -> tuple[float, Any, bool]:
+    """One greedy reply with `drafter`'s drafts: its tok/s, its speculation stats, and whether
+    it equals plain decoding's `reference`."""
+    from playground.backends.base import SpeculationStats
+
+    stats = SpeculationStats("benchmark")
+    ids, rate = decode_rate(decoder.speculative_tokens(prompt, params, lambda: False, drafter, num_tokens, stats))
+    return rate, stats, ids == reference
+
+
 def speculative_rows(
     decoder: Any,
     prompt: list[int],
@@ -166,24 +178,27 @@ def speculative_rows(
     p_values: Sequence[float],
     seeds: int,
 ) -> list[dict[str, Any]]:
-    from playground.backends.base import SpeculationStats
     from playground.config import GenerationParams
 
     params = GenerationParams(temperature=0.0, max_new_tokens=len(reference))
     rows = []
     for num_tokens in drafted:
         # a first reply of this pass length compiles and captures its pass
-        warm = OracleDrafter(len(prompt), reference, 1.0, vocab)
-        decode_rate(decoder.speculative_tokens(prompt, params, lambda: False, warm, num_tokens, SpeculationStats("w")))
+        speculative_reply(
+            decoder, prompt, params, OracleDrafter(len(prompt), reference, 1.0, vocab), num_tokens, reference
+        )
         for p in p_values:
-            runs = []
-            for seed in range(seeds):
-                stats = SpeculationStats("oracle")
-                drafter = OracleDrafter(len(prompt), reference, p, vocab, seed)
-                ids, rate = decode_rate(
-                    decoder.speculative_tokens(prompt, params, lambda: False, drafter, num_tokens, stats)
+            runs = [
+                speculative_reply(
+                    decoder,
+                    prompt,
+                    params,
+                    OracleDrafter(len(prompt), reference, p, vocab, seed),
+                    num_tokens,
+                    reference,
                 )
-                runs.append((rate, stats, ids == reference))
+                for seed in range(seeds)
+            ]
             rate = statistics.median(r for r, _, _ in runs)
             stats = runs[0][1]
             tokens_per_pass = (len(reference) - 1) / stats.passes
@@ -212,7 +227,6 @@ def trace_rows(
 ) -> list[dict[str, Any]]:
     """Each real-text trace replayed: a prompt of the trace's length, a reply of its length,
     drafts as prompt lookup drafted there; against plain decoding of the same length."""
-    from playground.backends.base import SpeculationStats
     from playground.config import GenerationParams
 
     rows = []
@@ -227,14 +241,17 @@ def trace_rows(
             outcomes = trace["outcomes"].get(str(num_tokens))
             if outcomes is None:
                 continue
-            runs = []
-            for _ in range(args.seeds + 1):  # the first compiles and captures this prompt's pass
-                stats = SpeculationStats("trace")
-                drafter = TraceDrafter(len(prompt), reference, outcomes, vocab)
-                ids, rate = decode_rate(
-                    decoder.speculative_tokens(prompt, params, lambda: False, drafter, num_tokens, stats)
+            runs = [  # the first compiles and captures this prompt's pass
+                speculative_reply(
+                    decoder,
+                    prompt,
+                    params,
+                    TraceDrafter(len(prompt), reference, outcomes, vocab),
+                    num_tokens,
+                    reference,
                 )
-                runs.append((rate, stats, ids == reference))
+                for _ in range(args.seeds + 1)
+            ]
             timed = runs[1:]
             rate = statistics.median(r for r, _, _ in timed)
             stats = timed[0][1]
@@ -256,6 +273,24 @@ def trace_rows(
             )
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def trace_summary(rows: list[dict[str, Any]], drafted: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Per draft count: the replies' median, least and greatest speed-up, and the pooled one
+    (the time the replies took together, plainly over speculatively)."""
+    summary = {}
+    for num_tokens in drafted:
+        chosen = [r for r in rows if r["drafted_per_pass"] == num_tokens]
+        if chosen:
+            speedups = [r["speedup"] for r in chosen]
+            summary[str(num_tokens)] = {
+                "median_speedup": statistics.median(speedups),
+                "min_speedup": min(speedups),
+                "max_speedup": max(speedups),
+                "pooled_speedup": sum(r["reply_tokens"] / r["plain_tok_s"] for r in chosen)
+                / sum(r["reply_tokens"] / r["spec_tok_s"] for r in chosen),
+            }
+    return summary
 
 
 def measure_path(path: str, shape: Shape, folder: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -283,25 +318,7 @@ def measure_path(path: str, shape: Shape, folder: Path, device: str, args: argpa
             )
         if args.traces:
             result["trace_rows"] = trace_rows(decoder, shape.vocab, args.traces, args)
-            for num_tokens in args.drafted:
-                speedups = [r["speedup"] for r in result["trace_rows"] if r["drafted_per_pass"] == num_tokens]
-                if speedups:
-                    result.setdefault("trace_summary", {})[str(num_tokens)] = {
-                        "median_speedup": statistics.median(speedups),
-                        "min_speedup": min(speedups),
-                        "max_speedup": max(speedups),
-                        # the time the six replies took together, plainly over speculatively
-                        "pooled_speedup": sum(
-                            r["reply_tokens"] / r["plain_tok_s"]
-                            for r in result["trace_rows"]
-                            if r["drafted_per_pass"] == num_tokens
-                        )
-                        / sum(
-                            r["reply_tokens"] / r["spec_tok_s"]
-                            for r in result["trace_rows"]
-                            if r["drafted_per_pass"] == num_tokens
-                        ),
-                    }
+            result["trace_summary"] = trace_summary(result["trace_rows"], args.drafted)
         return result
     finally:
         backend.unload()
